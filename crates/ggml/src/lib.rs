@@ -1,0 +1,26 @@
+//! A safe wrapper over ggml, the tensor library of llama.cpp.
+//!
+//! - [`Context`] / [`Tensor`] / [`Graph`]: build computation graphs; operations check
+//!   the shapes ggml would assert on and return [`Error::Shape`] instead of aborting.
+//! - [`Device`] / [`Backend`] / [`Scheduler`]: pick `cpu`, `cuda:0`, `vulkan:0` through
+//!   ggml's device registry; the scheduler falls back to the CPU for missing ops.
+//! - [`Buffer`]: tensor data on a backend, or CPU tensors used in place from a
+//!   memory-mapped file.
+//! - [`gguf`]: read (every metadata type, tensor infos, in-place data) and write.
+//! - [`quantize`] / [`to_f32`]: f32 rows to any ggml type and back.
+//!
+//! This crate and `ggml-sys` are the only ones in the workspace with `unsafe`.
+
+mod backend;
+mod context;
+mod error;
+pub mod gguf;
+mod quant;
+mod types;
+
+pub use backend::{Backend, Buffer, Device, DeviceKind, HostMemory, Scheduler, set_log_quiet};
+pub use context::{Context, Graph, Tensor};
+pub use error::{Error, Result};
+pub use ggml_sys as sys;
+pub use quant::{quantize, to_f32};
+pub use types::Type;

@@ -1,0 +1,327 @@
+//! Each operation on the CPU backend against a plain Rust computation of the same thing.
+use ggml::{Backend, Context, Result, Scheduler, Tensor, Type};
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Builds a graph with `build`, which declares inputs (with their f32 data) and
+/// returns the output; computes it on a CPU scheduler and returns the output as f32.
+fn run<'c>(ctx: &'c Context, build: impl FnOnce(&'c Context, &mut Vec<(Tensor<'c>, Vec<u8>)>) -> Result<Tensor<'c>>) -> Vec<f32> {
+    let mut inputs = Vec::new();
+    let out = build(ctx, &mut inputs).unwrap();
+    out.set_output();
+    let mut graph = ctx.graph(256).unwrap();
+    graph.expand(out).unwrap();
+    let mut sched = Scheduler::new(Backend::cpu().unwrap(), 2, 256).unwrap();
+    sched.alloc(&graph).unwrap();
+    for (t, data) in &inputs {
+        t.write_bytes(data).unwrap();
+    }
+    sched.compute(&graph).unwrap();
+    out.read_f32().unwrap()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn input<'c>(ctx: &'c Context, inputs: &mut Vec<(Tensor<'c>, Vec<u8>)>, name: &str, ne: &[usize], data: &[f32]) -> Result<Tensor<'c>> {
+    let t = ctx.input(name, Type::F32, ne)?;
+    inputs.push((t, f32_bytes(data)));
+    Ok(t)
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len());
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= tol, "max abs difference {worst} > {tol}\n got {:?}\nwant {:?}", &got[..got.len().min(8)], &want[..want.len().min(8)]);
+}
+
+/// out[n][m] = sum_k a[m][k] * b[n][k]
+fn matmul_ref(a: &[f32], b: &[f32], k: usize, m: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    for j in 0..n {
+        for i in 0..m {
+            out[j * m + i] = (0..k).map(|x| a[i * k + x] * b[j * k + x]).sum();
+        }
+    }
+    out
+}
+
+#[test]
+fn matmul_f32() {
+    let (k, m, n) = (8, 5, 3);
+    let (a, b) = (values(k * m, 1), values(k * n, 2));
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let ta = input(ctx, ins, "a", &[k, m], &a)?;
+        let tb = input(ctx, ins, "b", &[k, n], &b)?;
+        ctx.mul_mat(ta, tb)
+    });
+    assert_close(&got, &matmul_ref(&a, &b, k, m, n), 1e-5);
+}
+
+fn matmul_quantized(ty: Type, tol: f32) {
+    let (k, m, n) = (256, 4, 3);
+    let (a, b) = (values(k * m, 3), values(k * n, 4));
+    let qa = ggml::quantize(ty, &a, k).unwrap();
+    let deq = ggml::to_f32(ty, &qa, k * m).unwrap();
+    // Quantization must stay close to the original values...
+    let qerr = a.iter().zip(&deq).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(qerr < 0.15, "{ty} round trip error {qerr}");
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let ta = ctx.input("a", ty, &[k, m])?;
+        ins.push((ta, qa.clone()));
+        let tb = input(ctx, ins, "b", &[k, n], &b)?;
+        ctx.mul_mat(ta, tb)
+    });
+    // ...and the product must match the product with the dequantized weights (the
+    // CPU also quantizes the activations, hence the tolerance).
+    assert_close(&got, &matmul_ref(&deq, &b, k, m, n), tol);
+}
+
+#[test]
+fn matmul_q8_0() {
+    matmul_quantized(Type::Q8_0, 0.05);
+}
+
+#[test]
+fn matmul_q4_k() {
+    matmul_quantized(Type::Q4_K, 0.05);
+}
+
+#[test]
+fn matmul_rejects_mismatched_shapes() {
+    let ctx = Context::new(8, 0).unwrap();
+    let a = ctx.new_tensor(Type::F32, &[8, 4]).unwrap();
+    let b = ctx.new_tensor(Type::F32, &[7, 3]).unwrap();
+    let err = ctx.mul_mat(a, b).unwrap_err().to_string();
+    assert!(err.contains("mul_mat"), "{err}");
+}
+
+#[test]
+fn soft_max_with_mask() {
+    let (n_kv, n_q, heads) = (6, 4, 2);
+    let x = values(n_kv * n_q * heads, 5);
+    // Causal-like mask: query q sees keys 0..=q+2.
+    let mask: Vec<f32> = (0..n_q).flat_map(|q| (0..n_kv).map(move |k| if k <= q + 2 { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let scale = 0.5;
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let tx = input(ctx, ins, "x", &[n_kv, n_q, heads], &x)?;
+        let tm = input(ctx, ins, "mask", &[n_kv, n_q], &mask)?;
+        ctx.soft_max_ext(tx, Some(tm), scale)
+    });
+    let mut want = vec![0f32; x.len()];
+    for h in 0..heads {
+        for q in 0..n_q {
+            let row = (h * n_q + q) * n_kv;
+            let s: Vec<f32> = (0..n_kv).map(|k| x[row + k] * scale + mask[q * n_kv + k]).collect();
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = s.iter().map(|v| (v - max).exp()).sum();
+            for k in 0..n_kv {
+                want[row + k] = (s[k] - max).exp() / sum;
+            }
+        }
+    }
+    assert_close(&got, &want, 1e-6);
+}
+
+#[test]
+fn rope_neox() {
+    let (d, heads, tokens) = (8, 2, 3);
+    let x = values(d * heads * tokens, 6);
+    let pos = [1i32, 2, 7];
+    let theta = 10000f32;
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let tx = input(ctx, ins, "x", &[d, heads, tokens], &x)?;
+        let tp = ctx.input("pos", Type::I32, &[tokens])?;
+        ins.push((tp, pos.iter().flat_map(|p| p.to_le_bytes()).collect()));
+        ctx.rope_neox(tx, tp, d, theta)
+    });
+    let mut want = x.clone();
+    for t in 0..tokens {
+        for h in 0..heads {
+            let base = (t * heads + h) * d;
+            for i in 0..d / 2 {
+                let angle = pos[t] as f32 * theta.powf(-2.0 * i as f32 / d as f32);
+                let (x0, x1) = (x[base + i], x[base + i + d / 2]);
+                want[base + i] = x0 * angle.cos() - x1 * angle.sin();
+                want[base + i + d / 2] = x0 * angle.sin() + x1 * angle.cos();
+            }
+        }
+    }
+    assert_close(&got, &want, 1e-5);
+}
+
+#[test]
+fn conv2d_im2col() {
+    let (w, h, cin, cout, kk) = (5, 4, 2, 3, 3);
+    let x = values(w * h * cin, 7);
+    let k = values(kk * kk * cin * cout, 8);
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let tk = input(ctx, ins, "k", &[kk, kk, cin, cout], &k)?;
+        let tx = input(ctx, ins, "x", &[w, h, cin, 1], &x)?;
+        ctx.conv_2d(tk, tx, 1, 1)
+    });
+    let mut want = vec![0f32; w * h * cout];
+    for o in 0..cout {
+        for y in 0..h {
+            for xx in 0..w {
+                let mut s = 0f32;
+                for c in 0..cin {
+                    for ky in 0..kk {
+                        for kx in 0..kk {
+                            let (iy, ix) = (y as i64 + ky as i64 - 1, xx as i64 + kx as i64 - 1);
+                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                s += x[(c * h + iy as usize) * w + ix as usize] * k[((o * cin + c) * kk + ky) * kk + kx];
+                            }
+                        }
+                    }
+                }
+                want[(o * h + y) * w + xx] = s;
+            }
+        }
+    }
+    assert_close(&got, &want, 1e-5);
+}
+
+fn gelu_tanh(x: f32) -> f32 {
+    0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044715 * x * x * x)).tanh())
+}
+
+#[test]
+fn gelu_precise_matches_formula() {
+    let x: Vec<f32> = values(64, 9).iter().map(|v| v * 6.0).collect();
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let tx = input(ctx, ins, "x", &[64], &x)?;
+        ctx.gelu_precise(tx)
+    });
+    let want: Vec<f32> = x.iter().map(|&v| gelu_tanh(v)).collect();
+    assert_close(&got, &want, 1e-6);
+}
+
+#[test]
+fn gelu_table_is_close() {
+    let x: Vec<f32> = values(64, 10).iter().map(|v| v * 4.0).collect();
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let tx = input(ctx, ins, "x", &[64], &x)?;
+        ctx.gelu(tx)
+    });
+    let want: Vec<f32> = x.iter().map(|&v| gelu_tanh(v)).collect();
+    assert_close(&got, &want, 1e-2);
+}
+
+#[test]
+fn rms_norm() {
+    let (n, rows) = (16, 3);
+    let x = values(n * rows, 11);
+    let eps = 1e-6;
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let tx = input(ctx, ins, "x", &[n, rows], &x)?;
+        ctx.rms_norm(tx, eps)
+    });
+    let want: Vec<f32> = x
+        .chunks(n)
+        .flat_map(|r| {
+            let ms = r.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            r.iter().map(move |v| v / (ms + eps).sqrt()).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_close(&got, &want, 1e-5);
+}
+
+/// Plain attention with softcap: out[q] = sum_k softmax(cap*tanh(s/cap) + mask) v.
+#[test]
+fn flash_attention_with_softcap() {
+    let (d, n_q, n_kv, heads, kv_heads) = (16, 3, 5, 4, 2);
+    let q = values(d * n_q * heads, 12);
+    let k: Vec<f32> = values(d * n_kv * kv_heads, 13).iter().map(|v| v * 3.0).collect();
+    let v = values(d * n_kv * kv_heads, 14);
+    let (scale, cap) = (0.3f32, 2.0f32);
+    let mask: Vec<f32> = (0..n_q).flat_map(|qi| (0..n_kv).map(move |ki| if ki <= qi + 2 { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let ctx = Context::new(32, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        // q as [d, n_q, heads], k/v as [d, n_kv, kv_heads] (F16 like a KV cache).
+        let tq = input(ctx, ins, "q", &[d, n_q, heads], &q)?;
+        let tk = ctx.cast(input(ctx, ins, "k", &[d, n_kv, kv_heads], &k)?, Type::F16)?;
+        let tv = ctx.cast(input(ctx, ins, "v", &[d, n_kv, kv_heads], &v)?, Type::F16)?;
+        let tm = ctx.cast(input(ctx, ins, "mask", &[n_kv, n_q], &mask)?, Type::F16)?;
+        ctx.flash_attn_ext(tq, tk, tv, Some(tm), scale, cap)
+    });
+    // Result layout: [d, heads, n_q].
+    let f16 = |x: f32| half::f16::from_f32(x).to_f32();
+    let mut want = vec![0f32; d * heads * n_q];
+    for h in 0..heads {
+        let kh = h / (heads / kv_heads);
+        for qi in 0..n_q {
+            let qv = &q[(h * n_q + qi) * d..][..d];
+            let s: Vec<f32> = (0..n_kv)
+                .map(|ki| {
+                    let kv = &k[(kh * n_kv + ki) * d..][..d];
+                    let dot: f32 = qv.iter().zip(kv).map(|(a, b)| a * f16(*b)).sum::<f32>() * scale;
+                    cap * (dot / cap).tanh() + mask[qi * n_kv + ki]
+                })
+                .collect();
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f32> = s.iter().map(|x| (x - max).exp()).collect();
+            let sum: f32 = w.iter().sum();
+            for j in 0..d {
+                let acc: f32 = (0..n_kv).map(|ki| w[ki] * f16(v[(kh * n_kv + ki) * d + j])).sum();
+                want[(qi * heads + h) * d + j] = acc / sum;
+            }
+        }
+    }
+    assert_close(&got, &want, 2e-3);
+}
+
+#[test]
+fn get_rows_and_views() {
+    let (n, rows) = (4, 5);
+    let x = values(n * rows, 15);
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let tx = input(ctx, ins, "x", &[n, rows], &x)?;
+        let ids = ctx.input("ids", Type::I32, &[2])?;
+        ins.push((ids, [3i32, 1].iter().flat_map(|v| v.to_le_bytes()).collect()));
+        ctx.get_rows(tx, ids)
+    });
+    let want: Vec<f32> = [3, 1].iter().flat_map(|&r| x[r * n..(r + 1) * n].to_vec()).collect();
+    assert_close(&got, &want, 0.0);
+
+    let small = ctx.new_tensor(Type::F32, &[4, 2]).unwrap();
+    assert!(ctx.view(small, &[4, 3], &[16], 0).is_err(), "a view past the end must be refused");
+    assert!(ctx.reshape(small, &[3, 3]).is_err());
+}
+
+#[test]
+fn devices_and_backend_names() {
+    let cpu = ggml::Device::find("cpu").unwrap();
+    assert_eq!(cpu.spec(), "cpu");
+    let err = ggml::Device::find("cuda:7").unwrap_err().to_string();
+    assert!(err.contains("cuda:7") && err.contains("cpu"), "{err}");
+}
+
+#[test]
+fn type_names_round_trip() {
+    for ty in Type::ALL {
+        assert_eq!(Type::from_name(ty.name()).unwrap(), ty);
+    }
+    assert!(Type::from_name("q9_9").unwrap_err().to_string().contains("q4_k"));
+    assert!(Type::from_raw(9999).is_err());
+    assert!(ggml::quantize(Type::Q4_K, &[0.0; 100], 100).is_err(), "100 is not a multiple of 256");
+}
