@@ -24,3 +24,10 @@ pub use error::{Error, Result};
 pub use ggml_sys as sys;
 pub use quant::{quantize, to_f32};
 pub use types::Type;
+
+/// Maps a file read-only. Tensor data is then used in place (see [`Buffer::from_host`]).
+/// Like every mmap user, this assumes the file is not truncated while mapped.
+pub fn map_readonly(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: read-only map; see the contract above.
+    unsafe { memmap2::Mmap::map(file) }
+}

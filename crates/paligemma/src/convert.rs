@@ -1,0 +1,361 @@
+//! Hugging Face checkpoint folder -> one self-contained GGUF.
+//!
+//! Reads `config.json`, `tokenizer.json`, `preprocessor_config.json` and the
+//! (possibly sharded) safetensors through memory maps, one tensor at a time, and
+//! accepts the three key layouts seen in the wild (hub repos, transformers 5
+//! `save_pretrained`, transformers 4.5x `save_pretrained`). The output appears only
+//! when complete: an error at any point leaves no partial file.
+use crate::config::{Config, TextArch};
+use crate::{Error, Result};
+use ggml::Type;
+use ggml::gguf::{GgufHeader, GgufWriter, Value};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Conversion options.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// Type of the decoder's (and projector's) weight matrices.
+    pub ty: Type,
+    /// Type of the SigLIP weight matrices.
+    pub vision_ty: Type,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions { ty: Type::F16, vision_ty: Type::F16 }
+    }
+}
+
+/// Types `--type` accepts.
+pub const WEIGHT_TYPES: [Type; 8] = [Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q4_K, Type::Q5_K, Type::Q6_K];
+
+/// Parses a weight type name, listing the accepted ones on error.
+pub fn parse_weight_type(name: &str) -> Result<Type> {
+    let names = || WEIGHT_TYPES.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ");
+    match Type::from_name(name) {
+        Ok(t) if WEIGHT_TYPES.contains(&t) => Ok(t),
+        _ => Err(Error::Invalid(format!("unknown weight type {name:?} (expected one of {})", names()))),
+    }
+}
+
+/// Progress of a conversion, reported once per tensor.
+pub struct Progress<'a> {
+    pub index: usize,
+    pub total: usize,
+    pub name: &'a str,
+    pub ty: Type,
+}
+
+/// What was written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub path: PathBuf,
+    pub tensors: usize,
+    /// Bytes of tensor data per type name.
+    pub bytes_per_type: BTreeMap<String, (usize, u64)>,
+    pub file_size: u64,
+    pub config: Config,
+}
+
+/// How a checkpoint tensor is turned into a GGUF tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transform {
+    None,
+    /// Gemma RMSNorm computes x * (1 + w); store 1 + w as llama.cpp does.
+    PlusOne,
+}
+
+/// One tensor the model needs: GGUF name, HF name (canonical layout), shape in
+/// HF order, transform, and whether it belongs to the vision tower.
+struct Expected {
+    gguf: String,
+    hf: String,
+    shape: Vec<usize>,
+    transform: Transform,
+    vision: bool,
+}
+
+fn expected_tensors(cfg: &Config) -> Vec<Expected> {
+    let mut out = Vec::new();
+    let mut push = |gguf: String, hf: String, shape: Vec<usize>, transform, vision| {
+        out.push(Expected { gguf, hf, shape, transform, vision })
+    };
+    let v = &cfg.vision;
+    let (d, p) = (v.width, v.patch_size);
+    push("v.patch_embd.weight".into(), "vision.embeddings.patch_embedding.weight".into(), vec![d, 3, p, p], Transform::None, true);
+    push("v.patch_embd.bias".into(), "vision.embeddings.patch_embedding.bias".into(), vec![d], Transform::None, true);
+    push("v.position_embd.weight".into(), "vision.embeddings.position_embedding.weight".into(), vec![v.n_patches(), d], Transform::None, true);
+    for i in 0..v.depth {
+        let hf = |s: &str| format!("vision.encoder.layers.{i}.{s}");
+        let gg = |s: &str| format!("v.blk.{i}.{s}");
+        for (g, h, shape) in [
+            ("ln1", "layer_norm1", vec![d]),
+            ("ln2", "layer_norm2", vec![d]),
+            ("attn_q", "self_attn.q_proj", vec![d, d]),
+            ("attn_k", "self_attn.k_proj", vec![d, d]),
+            ("attn_v", "self_attn.v_proj", vec![d, d]),
+            ("attn_out", "self_attn.out_proj", vec![d, d]),
+            ("ffn_up", "mlp.fc1", vec![v.ffn, d]),
+            ("ffn_down", "mlp.fc2", vec![d, v.ffn]),
+        ] {
+            let bias = vec![shape[0]];
+            push(gg(&format!("{g}.weight")), hf(&format!("{h}.weight")), shape, Transform::None, true);
+            push(gg(&format!("{g}.bias")), hf(&format!("{h}.bias")), bias, Transform::None, true);
+        }
+    }
+    push("v.post_ln.weight".into(), "vision.post_layernorm.weight".into(), vec![d], Transform::None, true);
+    push("v.post_ln.bias".into(), "vision.post_layernorm.bias".into(), vec![d], Transform::None, true);
+    let t = &cfg.text;
+    push("mm.weight".into(), "projector.weight".into(), vec![cfg.projection_dim, d], Transform::None, false);
+    push("mm.bias".into(), "projector.bias".into(), vec![cfg.projection_dim], Transform::None, false);
+    let w = t.width;
+    push("token_embd.weight".into(), "text.embed_tokens.weight".into(), vec![t.vocab_size, w], Transform::None, false);
+    let (q, kv) = (t.heads * t.head_dim, t.kv_heads * t.head_dim);
+    for i in 0..t.depth {
+        let hf = |s: &str| format!("text.layers.{i}.{s}.weight");
+        let gg = |s: &str| format!("blk.{i}.{s}.weight");
+        let norm = Transform::PlusOne;
+        push(gg("attn_norm"), hf("input_layernorm"), vec![w], norm, false);
+        push(gg("attn_q"), hf("self_attn.q_proj"), vec![q, w], Transform::None, false);
+        push(gg("attn_k"), hf("self_attn.k_proj"), vec![kv, w], Transform::None, false);
+        push(gg("attn_v"), hf("self_attn.v_proj"), vec![kv, w], Transform::None, false);
+        push(gg("attn_output"), hf("self_attn.o_proj"), vec![w, q], Transform::None, false);
+        match t.arch {
+            // Naming trap: Gemma 1's "post_attention_layernorm" is its pre-MLP norm.
+            TextArch::Gemma => push(gg("ffn_norm"), hf("post_attention_layernorm"), vec![w], norm, false),
+            TextArch::Gemma2 => {
+                push(gg("post_attention_norm"), hf("post_attention_layernorm"), vec![w], norm, false);
+                push(gg("ffn_norm"), hf("pre_feedforward_layernorm"), vec![w], norm, false);
+                push(gg("post_ffw_norm"), hf("post_feedforward_layernorm"), vec![w], norm, false);
+            }
+        }
+        push(gg("ffn_gate"), hf("mlp.gate_proj"), vec![t.ffn, w], Transform::None, false);
+        push(gg("ffn_up"), hf("mlp.up_proj"), vec![t.ffn, w], Transform::None, false);
+        push(gg("ffn_down"), hf("mlp.down_proj"), vec![w, t.ffn], Transform::None, false);
+    }
+    push("output_norm.weight".into(), "text.norm.weight".into(), vec![w], Transform::PlusOne, false);
+    out
+}
+
+/// Maps a checkpoint key of any known layout to our canonical HF-style name:
+/// `vision.*`, `projector.*`, `text.*`. Returns None for keys we do not use.
+pub fn canonical_name(key: &str) -> Option<String> {
+    let key = key.strip_prefix("model.").unwrap_or(key);
+    if let Some(rest) = key.strip_prefix("vision_tower.") {
+        let rest = rest.strip_prefix("vision_model.").unwrap_or(rest);
+        return Some(format!("vision.{rest}"));
+    }
+    if let Some(rest) = key.strip_prefix("multi_modal_projector.linear.") {
+        return Some(format!("projector.{rest}"));
+    }
+    if let Some(rest) = key.strip_prefix("language_model.") {
+        let rest = rest.strip_prefix("model.").unwrap_or(rest);
+        return Some(format!("text.{rest}"));
+    }
+    None
+}
+
+/// The type a tensor is stored as: small and 1-D tensors and position embeddings
+/// stay f32; a row length that is not a whole number of blocks falls back the way
+/// llama.cpp does (K-quants to a 32-wide type, then f16).
+fn storage_type(e: &Expected, opts: &ConvertOptions) -> Type {
+    if e.shape.len() == 1 || e.gguf == "v.position_embd.weight" {
+        return Type::F32;
+    }
+    let wanted = if e.vision { opts.vision_ty } else { opts.ty };
+    let row = *e.shape.last().unwrap();
+    let fallbacks: &[Type] = match wanted {
+        t if t == Type::Q4_K => &[Type::Q4_K, Type::Q5_0, Type::F16],
+        t if t == Type::Q5_K => &[Type::Q5_K, Type::Q5_1, Type::F16],
+        t if t == Type::Q6_K => &[Type::Q6_K, Type::Q8_0, Type::F16],
+        t if t == Type::Q4_0 || t == Type::Q8_0 => &[wanted, Type::F16],
+        _ => &[wanted],
+    };
+    fallbacks.iter().copied().find(|t| row % t.block_size() == 0).unwrap_or(Type::F16)
+}
+
+/// A checkpoint folder opened for reading.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<(PathBuf, memmap2::Mmap)>,
+    /// Canonical name -> (file index, original key).
+    index: BTreeMap<String, (usize, String)>,
+    pub config: Config,
+    pub tokenizer_json: String,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        if !dir.is_dir() {
+            return Err(Error::Checkpoint { path: dir.into(), detail: "not a directory (expected a Hugging Face checkpoint folder)".into() });
+        }
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::Checkpoint { path: dir.into(), detail: "no config.json in this folder".into() });
+        }
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer_json = std::fs::read_to_string(&tok_path).map_err(crate::error::io(&tok_path))?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes())
+            .map_err(|e| Error::Checkpoint { path: tok_path.clone(), detail: format!("not a valid tokenizer.json: {e}") })?;
+
+        let files = safetensors_files(dir)?;
+        let mut index = BTreeMap::new();
+        let mut embed_dtype = None;
+        for (i, (path, map)) in files.iter().enumerate() {
+            let st = SafeTensors::deserialize(map)
+                .map_err(|e| Error::Checkpoint { path: path.clone(), detail: format!("not a valid safetensors file: {e}") })?;
+            for (key, view) in st.tensors() {
+                if let Some(canon) = canonical_name(&key) {
+                    if canon == "text.embed_tokens.weight" {
+                        embed_dtype = Some(view.dtype());
+                    }
+                    if let Some((j, other)) = index.insert(canon.clone(), (i, key.clone())) {
+                        return Err(Error::Checkpoint {
+                            path: path.clone(),
+                            detail: format!("{key:?} and {other:?} (in {}) are the same tensor {canon:?}", files[j].0.display()),
+                        });
+                    }
+                }
+            }
+        }
+        let pp_path = dir.join("preprocessor_config.json");
+        let pp = if pp_path.is_file() {
+            let text = std::fs::read_to_string(&pp_path).map_err(crate::error::io(&pp_path))?;
+            Some(serde_json::from_str::<serde_json::Value>(&text).map_err(|e| Error::Config { path: pp_path.clone(), detail: format!("not valid JSON: {e}") })?)
+        } else {
+            None
+        };
+        let dtype = match embed_dtype {
+            Some(Dtype::BF16) => "bfloat16",
+            Some(Dtype::F16) => "float16",
+            _ => "float32",
+        };
+        let config = Config::from_hf(&config_path, pp.as_ref().map(|p| (pp_path.as_path(), p)), &|t| tokenizer.token_to_id(t), dtype)?;
+        Ok(Checkpoint { dir: dir.into(), files, index, config, tokenizer_json })
+    }
+
+    /// A tensor as f32 values with its HF shape.
+    fn tensor_f32(&self, canon: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (i, key) = self.index.get(canon).ok_or_else(|| Error::Tensor {
+            path: self.dir.clone(),
+            name: canon.into(),
+            detail: "missing from the checkpoint".into(),
+        })?;
+        let (path, map) = &self.files[*i];
+        let st = SafeTensors::deserialize(map).map_err(|e| Error::Checkpoint { path: path.clone(), detail: e.to_string() })?;
+        let view = st.tensor(key).map_err(|e| Error::Tensor { path: path.clone(), name: key.clone(), detail: e.to_string() })?;
+        let data = view.data();
+        let values = match view.dtype() {
+            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes(b.try_into().unwrap()).to_f32()).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes(b.try_into().unwrap()).to_f32()).collect(),
+            other => {
+                return Err(Error::Tensor { path: path.clone(), name: key.clone(), detail: format!("dtype {other:?}, expected F32, F16 or BF16") });
+            }
+        };
+        Ok((view.shape().to_vec(), values))
+    }
+
+    fn check_shape(&self, e: &Expected) -> Result<()> {
+        let (i, key) = self.index.get(&e.hf).ok_or_else(|| Error::Tensor {
+            path: self.dir.clone(),
+            name: e.hf.clone(),
+            detail: format!("missing from the checkpoint (needed for {})", e.gguf),
+        })?;
+        let (path, map) = &self.files[*i];
+        let st = SafeTensors::deserialize(map).map_err(|err| Error::Checkpoint { path: path.clone(), detail: err.to_string() })?;
+        let shape = st.tensor(key).map(|v| v.shape().to_vec()).unwrap_or_default();
+        if shape != e.shape {
+            return Err(Error::Tensor {
+                path: path.clone(),
+                name: key.clone(),
+                detail: format!("shape {shape:?}, expected {:?} from config.json", e.shape),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<(PathBuf, memmap2::Mmap)>> {
+    let index_path = dir.join("model.safetensors.index.json");
+    let names: Vec<PathBuf> = if index_path.is_file() {
+        let text = std::fs::read_to_string(&index_path).map_err(crate::error::io(&index_path))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Config { path: index_path.clone(), detail: format!("not valid JSON: {e}") })?;
+        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
+            path: index_path.clone(),
+            detail: "field weight_map: expected an object".into(),
+        })?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        files
+    } else {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(crate::error::io(dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        files
+    };
+    if names.is_empty() {
+        return Err(Error::Checkpoint { path: dir.into(), detail: "no *.safetensors files".into() });
+    }
+    names
+        .into_iter()
+        .map(|p| {
+            let f = std::fs::File::open(&p).map_err(crate::error::io(&p))?;
+            // SAFETY of the map is the memmap2 contract: read-only, file not modified meanwhile.
+            let map = map_file(&f).map_err(crate::error::io(&p))?;
+            Ok((p, map))
+        })
+        .collect()
+}
+
+fn map_file(f: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    ggml::map_readonly(f)
+}
+
+/// Converts the checkpoint in `dir` to a GGUF at `out`.
+pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<Summary> {
+    let ckpt = Checkpoint::open(dir)?;
+    let cfg = &ckpt.config;
+    let expected = expected_tensors(cfg);
+    for e in &expected {
+        ckpt.check_shape(e)?;
+    }
+
+    let mut header = GgufHeader::new();
+    cfg.write_gguf(&mut header);
+    header.set("general.file_type", Value::String(opts.ty.name().into()));
+    header.set("paligemma.vision_file_type", Value::String(opts.vision_ty.name().into()));
+    header.set("tokenizer.huggingface.json", Value::String(ckpt.tokenizer_json.clone()));
+    let mut plan = Vec::new();
+    for e in &expected {
+        let ty = storage_type(e, opts);
+        let ggml_shape: Vec<usize> = e.shape.iter().rev().copied().collect();
+        header.add_tensor(e.gguf.clone(), ty, &ggml_shape)?;
+        plan.push((e, ty));
+    }
+    let total = plan.len();
+    let mut writer = GgufWriter::create(out, header)?;
+    let mut bytes_per_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for (index, (e, ty)) in plan.iter().enumerate() {
+        progress(Progress { index, total, name: &e.gguf, ty: *ty });
+        let (_, mut values) = ckpt.tensor_f32(&e.hf)?;
+        if e.transform == Transform::PlusOne {
+            values.iter_mut().for_each(|v| *v += 1.0);
+        }
+        let row = *e.shape.last().unwrap();
+        let data = ggml::quantize(*ty, &values, row)?;
+        let entry = bytes_per_type.entry(ty.name().into()).or_default();
+        entry.0 += 1;
+        entry.1 += data.len() as u64;
+        writer.write_tensor(&e.gguf, &data)?;
+    }
+    let file_size = writer.finish()?;
+    Ok(Summary { path: out.into(), tensors: total, bytes_per_type, file_size, config: cfg.clone() })
+}

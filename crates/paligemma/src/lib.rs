@@ -1,0 +1,18 @@
+//! PaliGemma 1 and 2 on ggml.
+//!
+//! - [`convert`]: Hugging Face checkpoint folder -> one self-contained GGUF.
+//! - [`config`]: hyper-parameters (HF `config.json` and GGUF metadata).
+//! - [`preprocess`]: images and raw frames -> pixel values, exactly as the reference.
+//! - [`model`]: loading, the vision tower, the decoder, generation.
+//! - [`tokenizer`]: the prompt layout of the reference and decoding.
+
+pub mod config;
+pub mod model;
+pub mod convert;
+mod error;
+pub mod preprocess;
+pub mod tokenizer;
+
+pub use config::Config;
+pub use model::{GenerateOptions, Generation, ImageEmbedding, KvType, Model, ModelOptions, Timings};
+pub use error::{Error, Result};

@@ -1,0 +1,68 @@
+//! The model's tokenizer, built from the `tokenizer.json` embedded in the GGUF.
+//!
+//! Prompt layout of the reference processor: `<image>` x N, then `<bos>`, the prompt
+//! and `"\n"`, tokenised with `add_special_tokens = false` (the `<bos>` comes from
+//! the literal text). Gemma's tokenizer has no dummy prefix.
+use crate::config::TokenConfig;
+use crate::{Error, Result};
+
+/// Longest prompt text accepted, in bytes (before it is checked against the context).
+pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    tokens: TokenConfig,
+}
+
+impl Tokenizer {
+    pub fn from_json(json: &str, tokens: TokenConfig) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
+        Ok(Tokenizer { inner, tokens })
+    }
+
+    /// Number of ids that have a token.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn config(&self) -> &TokenConfig {
+        &self.tokens
+    }
+
+    /// Tokenises text as is (no special tokens added).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if text.len() > MAX_PROMPT_BYTES {
+            return Err(Error::Prompt(format!("prompt of {} bytes is longer than {MAX_PROMPT_BYTES}", text.len())));
+        }
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text part of the prefix: `<bos>` + prompt + `"\n"`.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        self.encode(&format!("<bos>{prompt}\n"))
+    }
+
+    /// The whole prefix: image tokens, then [`Tokenizer::encode_prompt`].
+    pub fn prefix_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        let mut ids = vec![self.tokens.image_token_id; self.tokens.image_token_count];
+        ids.extend(self.encode_prompt(prompt)?);
+        Ok(ids)
+    }
+
+    /// Decodes generated ids. Special tokens (`<eos>`, `<pad>`...) are dropped;
+    /// `<locNNNN>` and `<segNNN>` stay visible; ids without a token (the padding rows
+    /// of the embedding matrix) are skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let known: Vec<u32> = ids.iter().copied().filter(|&id| self.inner.id_to_token(id).is_some()).collect();
+        self.inner.decode(&known, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+}
