@@ -68,17 +68,21 @@ impl RgbImage {
             )));
         }
         let [r, g, b] = format.rgb_offsets();
+        let alpha = matches!(format, PixelFormat::Rgba | PixelFormat::Bgra).then_some(3);
         let mut out = Vec::with_capacity(width * height * 3);
         for y in 0..height {
             for px in data[y * stride..y * stride + row].chunks_exact(bpp) {
-                out.extend_from_slice(&[px[r], px[g], px[b]]);
+                match alpha {
+                    Some(a) => out.extend_from_slice(&[r, g, b].map(|c| over_white(px[c], px[a]))),
+                    None => out.extend_from_slice(&[px[r], px[g], px[b]]),
+                }
             }
         }
         Ok(RgbImage { width, height, data: out })
     }
 
-    /// Decodes any format the `image` crate reads (PNG, JPEG...), dropping alpha as
-    /// Pillow's `convert("RGB")` does.
+    /// Decodes any format the `image` crate reads (PNG, JPEG...). Transparent
+    /// pixels are composited onto white, as the reference processor does.
     pub fn decode(bytes: &[u8]) -> Result<RgbImage> {
         let img = image::load_from_memory(bytes).map_err(|e| Error::Image(format!("cannot decode image: {e}")))?;
         Self::from_dynamic(&img)
@@ -90,11 +94,22 @@ impl RgbImage {
     }
 
     pub fn from_dynamic(img: &image::DynamicImage) -> Result<RgbImage> {
-        let rgb = img.to_rgb8();
-        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        let (w, h) = (img.width() as usize, img.height() as usize);
         check_size(w, h)?;
-        Ok(RgbImage { width: w, height: h, data: rgb.into_raw() })
+        if !img.color().has_alpha() {
+            return Ok(RgbImage { width: w, height: h, data: img.to_rgb8().into_raw() });
+        }
+        let rgba = img.to_rgba8();
+        let data = rgba.as_raw().chunks_exact(4).flat_map(|p| [0, 1, 2].map(|c| over_white(p[c], p[3]))).collect();
+        Ok(RgbImage { width: w, height: h, data })
     }
+}
+
+/// A channel of a pixel with alpha `a` composited onto white, rounded as
+/// Pillow's `alpha_composite` (what the reference's `convert_rgb` uses).
+fn over_white(c: u8, a: u8) -> u8 {
+    let (c, a) = (c as u32, a as u32);
+    ((c * a + 255 * (255 - a) + 127) / 255) as u8
 }
 
 fn check_size(width: usize, height: usize) -> Result<()> {
@@ -154,38 +169,57 @@ fn clip8(acc: i64) -> u8 {
 }
 
 /// Pillow's `Image.resize((width, height), Image.BICUBIC)` on an RGB image.
+///
+/// Pillow (13) runs the horizontal pass first, unless the height shrinks by more
+/// than twice as many pixels as the width does; the order changes the rounding of
+/// the intermediate image, so it is reproduced here.
 pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
-    let mut cur = img.clone();
-    if width != cur.width {
-        let coeffs = coefficients(cur.width, width);
-        let mut out = vec![0u8; width * cur.height * 3];
-        for y in 0..cur.height {
-            let row = &cur.data[y * cur.width * 3..][..cur.width * 3];
-            for (xx, (xmin, taps)) in coeffs.iter().enumerate() {
-                for c in 0..3 {
-                    let acc = taps.iter().enumerate().fold(1i64 << (PRECISION_BITS - 1), |acc, (i, &k)| {
-                        acc + row[(xmin + i) * 3 + c] as i64 * k as i64
-                    });
-                    out[(y * width + xx) * 3 + c] = clip8(acc);
-                }
-            }
-        }
-        cur = RgbImage { width, height: cur.height, data: out };
+    let shrink_y = img.height as i64 - height as i64;
+    let shrink_x = img.width as i64 - width as i64;
+    let vertical_first = shrink_y > 0 && shrink_y > shrink_x * 2;
+    if vertical_first {
+        horizontal_pass(&vertical_pass(img, height), width)
+    } else {
+        vertical_pass(&horizontal_pass(img, width), height)
     }
-    if height != cur.height {
-        let coeffs = coefficients(cur.height, height);
-        let mut out = vec![0u8; width * height * 3];
-        for (yy, (ymin, taps)) in coeffs.iter().enumerate() {
-            for x in 0..width * 3 {
+}
+
+fn horizontal_pass(img: &RgbImage, width: usize) -> RgbImage {
+    if width == img.width {
+        return img.clone();
+    }
+    let coeffs = coefficients(img.width, width);
+    let mut out = vec![0u8; width * img.height * 3];
+    for y in 0..img.height {
+        let row = &img.data[y * img.width * 3..][..img.width * 3];
+        for (xx, (xmin, taps)) in coeffs.iter().enumerate() {
+            for c in 0..3 {
                 let acc = taps.iter().enumerate().fold(1i64 << (PRECISION_BITS - 1), |acc, (i, &k)| {
-                    acc + cur.data[(ymin + i) * width * 3 + x] as i64 * k as i64
+                    acc + row[(xmin + i) * 3 + c] as i64 * k as i64
                 });
-                out[yy * width * 3 + x] = clip8(acc);
+                out[(y * width + xx) * 3 + c] = clip8(acc);
             }
         }
-        cur = RgbImage { width, height, data: out };
     }
-    cur
+    RgbImage { width, height: img.height, data: out }
+}
+
+fn vertical_pass(img: &RgbImage, height: usize) -> RgbImage {
+    if height == img.height {
+        return img.clone();
+    }
+    let coeffs = coefficients(img.height, height);
+    let row = img.width * 3;
+    let mut out = vec![0u8; row * height];
+    for (yy, (ymin, taps)) in coeffs.iter().enumerate() {
+        for x in 0..row {
+            let acc = taps.iter().enumerate().fold(1i64 << (PRECISION_BITS - 1), |acc, (i, &k)| {
+                acc + img.data[(ymin + i) * row + x] as i64 * k as i64
+            });
+            out[yy * row + x] = clip8(acc);
+        }
+    }
+    RgbImage { width: img.width, height, data: out }
 }
 
 /// Pixel values as the vision tower takes them: [3, size, size] f32, channel-major.

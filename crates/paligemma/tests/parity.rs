@@ -45,3 +45,102 @@ fn f32_matches_reference_per_stage() {
         assert_eq!(generation.tokens, common::ids(&reference["greedy_ids"]), "{name}: greedy ids");
     }
 }
+
+/// Greedy ids and prefix-logit cosine of quantized conversions against the f32 reference.
+/// The fixtures' rows (24 to 96 wide) are too short for 256-wide K-quant blocks, so
+/// `q4_k` exercises the converter's fallback (q5_0, or f16 where 32 does not divide).
+#[test]
+fn quantized_types_stay_close() {
+    let dir = tempfile::tempdir().unwrap();
+    for (ty, min_cos, same_ids) in [(Type::F16, 0.999, 10), (Type::Q8_0, 0.99, 10), (Type::Q4_K, 0.95, 0)] {
+        for name in FIXTURES {
+            let reference = reference_json(name);
+            let gguf = convert_fixture(name, ty, ty, dir.path());
+            let mut model = load(&gguf, KvType::F16);
+            let size = model.config().vision.image_size;
+            let pixels = PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
+            let emb = model.encode_pixels(&pixels).unwrap();
+            let ids = ids(&reference["input_ids"]);
+            let logits = model.prefix_logits(&emb, &ids).unwrap();
+            let cos = cosine(&logits, &reference_tensor(name, "prefix_logits"));
+            let generation = model.generate_ids(&emb, &ids, &GenerateOptions { max_tokens: 10, ..Default::default() }, &mut |_, _| true).unwrap();
+            let want = common::ids(&reference["greedy_ids"]);
+            let same = generation.tokens.iter().zip(&want).take_while(|(a, b)| a == b).count();
+            println!("{name} {ty}: prefix logits cosine {cos:.6}, first {same} greedy ids identical");
+            assert!(cos > min_cos, "{name} {ty}: cosine {cos}");
+            assert!(same >= same_ids, "{name} {ty}: only {same} greedy ids match");
+        }
+    }
+}
+
+/// Bad input never panics and leaves the model usable.
+#[test]
+fn bad_input_is_an_error_and_the_model_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = convert_fixture("pg2_gqa", Type::F16, Type::F16, dir.path());
+    let mut model = load(&gguf, KvType::F16);
+    let reference = reference_json("pg2_gqa");
+    let img = paligemma::preprocess::RgbImage::open(&fixtures_dir().join("images/rgb.png")).unwrap();
+    let emb = model.encode_image(&img).unwrap();
+    let opts = GenerateOptions { max_tokens: 5, ..Default::default() };
+    let before = model.generate(&emb, "detect cat ; dog", &opts, |_, _| true).unwrap();
+
+    // Not an image, empty and absurd frames.
+    assert!(paligemma::preprocess::RgbImage::decode(b"GIF89a nonsense").is_err());
+    assert!(paligemma::preprocess::RgbImage::from_raw(&[], 0, 0, 0, paligemma::preprocess::PixelFormat::Rgb).is_err());
+    assert!(paligemma::preprocess::RgbImage::from_raw(&[0; 300_000], 1, 100_000, 3, paligemma::preprocess::PixelFormat::Rgb).is_err());
+    // Pixel values of the wrong size.
+    let e = model.encode_pixels(&PixelValues::from_chw(14, vec![0.0; 3 * 14 * 14]).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("56x56"), "{e}");
+    // A prompt longer than the context.
+    let long = "cat ".repeat(2000);
+    let e = model.generate(&emb, &long, &opts, |_, _| true).unwrap_err().to_string();
+    assert!(e.contains("exceeds the context"), "{e}");
+    // Too many new tokens for the context.
+    let e = model.generate(&emb, "caption en", &GenerateOptions { max_tokens: 100_000, ..Default::default() }, |_, _| true).unwrap_err().to_string();
+    assert!(e.contains("context"), "{e}");
+
+    let after = model.generate(&emb, "detect cat ; dog", &opts, |_, _| true).unwrap();
+    assert_eq!(before.tokens, after.tokens, "the model still answers the same after errors");
+    assert_eq!(&after.tokens[..], &common::ids(&reference["greedy_ids"])[..5]);
+}
+
+#[test]
+fn other_files_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // A GGUF of another architecture.
+    let path = dir.path().join("llama.gguf");
+    let mut header = ggml::gguf::GgufHeader::new();
+    header.set("general.architecture", ggml::gguf::Value::String("llama".into()));
+    ggml::gguf::GgufWriter::create(&path, header).unwrap().finish().unwrap();
+    let e = Model::load(&path, &ModelOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("llama") && e.contains("paligemma") && e.contains("llama.gguf"), "{e}");
+    // Not a GGUF at all, and a missing file.
+    let png = fixtures_dir().join("images/rgb.png");
+    let e = Model::load(&png, &ModelOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("not a GGUF file"), "{e}");
+    let e = Model::load(dir.path().join("nope.gguf"), &ModelOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("nope.gguf"), "{e}");
+    // A model file with a tensor removed.
+    let good = convert_fixture("pg1", Type::F32, Type::F32, dir.path());
+    let f = ggml::gguf::GgufFile::open(&good).unwrap();
+    let mut header = ggml::gguf::GgufHeader::new();
+    for key in &f.keys {
+        header.set(key.clone(), f.get(key).unwrap().clone());
+    }
+    let kept: Vec<_> = f.tensors.iter().filter(|t| t.name != "blk.1.ffn_up.weight").collect();
+    for t in &kept {
+        header.add_tensor(t.name.clone(), t.ty, &t.shape).unwrap();
+    }
+    let broken = dir.path().join("broken.gguf");
+    let mut w = ggml::gguf::GgufWriter::create(&broken, header).unwrap();
+    for t in &kept {
+        w.write_tensor(&t.name, f.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap();
+    let e = Model::load(&broken, &ModelOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("blk.1.ffn_up.weight") && e.contains("missing"), "{e}");
+    // An unknown device.
+    let e = Model::load(&good, &ModelOptions { device: "cuda:3".into(), ..Default::default() }).err().unwrap().to_string();
+    assert!(e.contains("cuda:3") && e.contains("cpu"), "{e}");
+}

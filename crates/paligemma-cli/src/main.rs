@@ -1,0 +1,267 @@
+//! `paligemma`: convert Hugging Face checkpoints, inspect and run models.
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use paligemma::convert::{ConvertOptions, parse_weight_type};
+use paligemma::preprocess::{PixelValues, RgbImage};
+use paligemma::{GenerateOptions, KvType, Model, ModelOptions};
+use npyz::WriterBuilder;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "paligemma", version, about = "PaliGemma 1 and 2 on ggml: convert, inspect and run models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a Hugging Face checkpoint folder into one self-contained GGUF.
+    Convert {
+        /// Folder with config.json, *.safetensors, tokenizer.json, preprocessor_config.json.
+        hf_dir: PathBuf,
+        /// Output GGUF file.
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Type of the decoder and projector weights: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k.
+        #[arg(long = "type", default_value = "f16")]
+        ty: String,
+        /// Type of the SigLIP weights (same choices).
+        #[arg(long, default_value = "f16")]
+        vision_type: String,
+    },
+    /// Print a model's hyper-parameters, tokenizer summary and tensor table.
+    Info {
+        model: PathBuf,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Answer a prompt about an image.
+    Run {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Image file (PNG, JPEG, ...).
+        #[arg(short, long, required_unless_present = "pixel_values")]
+        image: Option<PathBuf>,
+        /// Prompt, e.g. "caption en", "detect cat ; dog".
+        #[arg(short, long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one JSON object instead of streaming text.
+        #[arg(long)]
+        json: bool,
+        /// Write the f32 logits of the first generated position to this .npy file.
+        #[arg(long)]
+        logits_out: Option<PathBuf>,
+        /// Use these preprocessed pixel values (.npy, f32, [1,]3,S,S) instead of an image.
+        #[arg(long)]
+        pixel_values: Option<PathBuf>,
+    },
+    /// List the compute devices of this build and check that each runs a graph.
+    Devices,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Model file written by `paligemma convert`.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// cpu, cuda:N, vulkan:N or gpu.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// KV cache type: f16, f32, q8_0.
+    #[arg(long, default_value = "f16")]
+    kv_type: String,
+    /// Tokens the KV cache holds (0: image tokens + 512).
+    #[arg(long, default_value_t = 0)]
+    context: usize,
+}
+
+impl LoadArgs {
+    fn load(&self) -> Result<Model> {
+        let opts = ModelOptions { device: self.device.clone(), threads: self.threads, kv_type: self.kv_type.parse::<KvType>()?, context: self.context };
+        Ok(Model::load(&self.model, &opts)?)
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    ggml::set_log_quiet(std::env::var_os("PALIGEMMA_GGML_LOG").is_none());
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Convert { hf_dir, out, ty, vision_type } => convert(&hf_dir, &out, &ty, &vision_type),
+        Command::Info { model, json } => info(&model, json),
+        Command::Run { load, image, prompt, max_tokens, temperature, top_k, top_p, seed, json, logits_out, pixel_values } => {
+            let opts = GenerateOptions { max_tokens, temperature, top_k, top_p, seed };
+            run_prompt(&load, image.as_deref(), pixel_values.as_deref(), &prompt, &opts, json, logits_out.as_deref())
+        }
+        Command::Devices => devices(),
+    }
+}
+
+fn convert(hf_dir: &Path, out: &Path, ty: &str, vision_ty: &str) -> Result<()> {
+    let opts = ConvertOptions { ty: parse_weight_type(ty)?, vision_ty: parse_weight_type(vision_ty)? };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("valid template"));
+    let summary = paligemma::convert::convert(hf_dir, out, &opts, |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.index as u64 + 1);
+        bar.set_message(format!("{} ({})", p.name, p.ty));
+    })?;
+    bar.finish_and_clear();
+    println!("wrote {} ({} tensors, {})", summary.path.display(), summary.tensors, human_bytes(summary.file_size));
+    for (ty, (count, bytes)) in &summary.bytes_per_type {
+        println!("  {ty:>6}: {count:>5} tensors, {}", human_bytes(*bytes));
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    let mut v = n as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if v < 1024.0 {
+            return format!("{v:.1} {unit}");
+        }
+        v /= 1024.0;
+    }
+    format!("{v:.1} TiB")
+}
+
+fn info(path: &Path, json: bool) -> Result<()> {
+    let f = ggml::gguf::GgufFile::open(path)?;
+    let cfg = paligemma::Config::from_gguf(&f)?;
+    let tok_json = f.get("tokenizer.huggingface.json").and_then(|v| v.as_str()).context("no embedded tokenizer")?;
+    let tok = paligemma::tokenizer::Tokenizer::from_json(tok_json, cfg.tokens.clone())?;
+    if json {
+        let tensors: Vec<_> = f.tensors.iter().map(|t| serde_json::json!({"name": t.name, "type": t.ty.name(), "shape": t.shape, "bytes": t.nbytes})).collect();
+        let out = serde_json::json!({"config": cfg, "tokenizer": {"vocab_size": tok.vocab_size()}, "file_size": f.file_size(), "tensors": tensors});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("{}: {} ({}), format version {}", path.display(), cfg.name, cfg.text.arch.name(), f.get("paligemma.format_version").and_then(|v| v.as_u64()).unwrap_or(0));
+    let v = &cfg.vision;
+    println!("vision: {}px, patch {}, width {}, {} layers, {} heads, ffn {}, {} image tokens", v.image_size, v.patch_size, v.width, v.depth, v.heads, v.ffn, v.n_patches());
+    let t = &cfg.text;
+    println!(
+        "text: width {}, {} layers, {} heads / {} kv heads, head_dim {}, ffn {}, vocab {}, context {}",
+        t.width, t.depth, t.heads, t.kv_heads, t.head_dim, t.ffn, t.vocab_size, t.context_length
+    );
+    println!(
+        "      rope theta {}, query scalar {}, softcaps attn {:?} final {:?}, sliding window {:?} on {} layers, embedding scale {}",
+        t.rope_theta, t.query_pre_attn_scalar, t.attn_softcap, t.final_softcap, t.sliding_window,
+        t.sliding_layers.iter().filter(|&&s| s).count(), t.embed_scale
+    );
+    let k = &cfg.tokens;
+    println!(
+        "tokenizer: {} tokens; bos {} eos {} pad {} image {}; loc from {:?}; seg from {:?}",
+        tok.vocab_size(), k.bos, k.eos, k.pad, k.image_token_id, k.loc_first, k.seg_first
+    );
+    println!("tensors: {} ({} file)", f.tensors.len(), human_bytes(f.file_size() as u64));
+    for t in &f.tensors {
+        println!("  {:<32} {:>6} {:?}", t.name, t.ty.name(), t.shape);
+    }
+    Ok(())
+}
+
+fn read_pixel_values(path: &Path, size: usize) -> Result<PixelValues> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..]).with_context(|| format!("{}: not a .npy file", path.display()))?;
+    let data: Vec<f32> = npy.into_vec().with_context(|| format!("{}: expected f32 values", path.display()))?;
+    Ok(PixelValues::from_chw(size, data).with_context(|| path.display().to_string())?)
+}
+
+fn write_npy(path: &Path, values: &[f32]) -> Result<()> {
+    let mut out = Vec::new();
+    {
+        let mut w = npyz::WriteOptions::<f32>::new().default_dtype().shape(&[values.len() as u64]).writer(&mut out).begin_nd()?;
+        w.extend(values.iter().copied())?;
+        w.finish()?;
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+fn run_prompt(
+    load: &LoadArgs,
+    image: Option<&Path>,
+    pixel_values: Option<&Path>,
+    prompt: &str,
+    opts: &GenerateOptions,
+    json: bool,
+    logits_out: Option<&Path>,
+) -> Result<()> {
+    let mut model = load.load()?;
+    let embedding = match (pixel_values, image) {
+        (Some(p), _) => model.encode_pixels(&read_pixel_values(p, model.config().vision.image_size)?)?,
+        (None, Some(i)) => model.encode_image(&RgbImage::open(i)?)?,
+        (None, None) => bail!("give --image or --pixel-values"),
+    };
+    let stdout = std::io::stdout();
+    let generation = model.generate(&embedding, prompt, opts, |_, piece| {
+        if !json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    })?;
+    if let Some(path) = logits_out {
+        write_npy(path, &generation.first_logits)?;
+    }
+    if json {
+        let t = &generation.timings;
+        let out = serde_json::json!({
+            "text": generation.text,
+            "tokens": generation.tokens,
+            "timings_ms": {"preprocess": t.preprocess, "vision": t.vision, "prefill": t.prefill, "decode": t.decode,
+                           "prefix_tokens": t.prefix_tokens, "generated_tokens": t.generated_tokens},
+        });
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+fn devices() -> Result<()> {
+    for device in ggml::Device::all() {
+        let backend = ggml::Backend::on(device)?;
+        // A small matmul on the device, checked against the host.
+        let ctx = ggml::Context::new(8, 64)?;
+        let a = ctx.input("a", ggml::Type::F32, &[4, 2])?;
+        let b = ctx.input("b", ggml::Type::F32, &[4, 1])?;
+        let c = ctx.mul_mat(a, b)?;
+        c.set_output();
+        let mut graph = ctx.graph(64)?;
+        graph.expand(c)?;
+        let mut sched = ggml::Scheduler::new(backend, 1, 64)?;
+        sched.alloc(&graph)?;
+        a.write_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])?;
+        b.write_f32(&[1.0, 0.5, 0.25, 0.125])?;
+        sched.compute(&graph)?;
+        let got = c.read_f32()?;
+        let ok = got == [3.25, 9.25];
+        println!("{:<10} {:<40} {}", device.spec(), device.description(), if ok { "ok" } else { "WRONG RESULT" });
+    }
+    Ok(())
+}
