@@ -667,6 +667,17 @@ impl Context {
         self.same_ctx("cpy", unsafe { sys::ggml_cpy(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
     }
 
+    /// Appends `pad[i]` zeros at the end of dimension i.
+    pub fn pad<'s>(&'s self, a: Tensor<'_>, pad: [usize; 4]) -> Result<Tensor<'s>> {
+        if pad.iter().any(|&p| p > i32::MAX as usize) || a.ty() != Type::F32 {
+            return Err(shape("pad", format!("{:?} {} by {pad:?}", a.shape(), a.ty())));
+        }
+        self.room()?;
+        let [p0, p1, p2, p3] = pad.map(|p| p as i32);
+        // SAFETY: f32 tensor, non-negative pads.
+        self.same_ctx("pad", unsafe { sys::ggml_pad(self.as_ptr(), a.as_ptr(), p0, p1, p2, p3) })
+    }
+
     /// Index of the largest value in each row (I32).
     pub fn argmax<'s>(&'s self, a: Tensor<'_>) -> Result<Tensor<'s>> {
         if a.ne()[2] != 1 || a.ne()[3] != 1 || a.ty() != Type::F32 {

@@ -3,7 +3,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use paligemma::convert::{ConvertOptions, parse_weight_type};
 use paligemma::preprocess::{PixelValues, RgbImage};
-use paligemma::{GenerateOptions, KvType, Model, ModelOptions};
+use paligemma::{GenerateOptions, KvType, Model, ModelOptions, Task};
 use npyz::WriterBuilder;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,9 @@ enum Command {
         /// Type of the SigLIP weights (same choices).
         #[arg(long, default_value = "f16")]
         vision_type: String,
+        /// big_vision's VQ-VAE weights (vae-oid.npz) to store for segmentation masks.
+        #[arg(long)]
+        seg_decoder: Option<PathBuf>,
     },
     /// Print a model's hyper-parameters, tokenizer summary and tensor table.
     Info {
@@ -68,6 +71,20 @@ enum Command {
         /// Use these preprocessed pixel values (.npy, f32, [1,]3,S,S) instead of an image.
         #[arg(long)]
         pixel_values: Option<PathBuf>,
+        /// Divisor of loc bins (1023 as trained; some demos use 1024).
+        #[arg(long, default_value_t = paligemma::output::DEFAULT_LOC_DIVISOR)]
+        loc_divisor: f32,
+    },
+    /// Decode 16 segmentation codes to the mask decoder's raw 64x64 f32 output.
+    DecodeMask {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Sixteen codes, comma-separated (0..127).
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        codes: Vec<u32>,
+        /// Output .npy file (f32, 64x64).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// List the compute devices of this build and check that each runs a graph.
     Devices,
@@ -110,18 +127,24 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Convert { hf_dir, out, ty, vision_type } => convert(&hf_dir, &out, &ty, &vision_type),
+        Command::Convert { hf_dir, out, ty, vision_type, seg_decoder } => convert(&hf_dir, &out, &ty, &vision_type, seg_decoder),
         Command::Info { model, json } => info(&model, json),
-        Command::Run { load, image, prompt, max_tokens, temperature, top_k, top_p, seed, json, logits_out, pixel_values } => {
+        Command::Run { load, image, prompt, max_tokens, temperature, top_k, top_p, seed, json, logits_out, pixel_values, loc_divisor } => {
             let opts = GenerateOptions { max_tokens, temperature, top_k, top_p, seed };
-            run_prompt(&load, image.as_deref(), pixel_values.as_deref(), &prompt, &opts, json, logits_out.as_deref())
+            let inputs = Inputs { image: image.as_deref(), pixel_values: pixel_values.as_deref() };
+            run_prompt(&load, inputs, &prompt, &opts, json, logits_out.as_deref(), loc_divisor)
+        }
+        Command::DecodeMask { load, codes, out } => {
+            let mut model = load.load()?;
+            let mask = model.decode_mask(&codes)?;
+            write_npy(&out, &mask, &[64, 64])
         }
         Command::Devices => devices(),
     }
 }
 
-fn convert(hf_dir: &Path, out: &Path, ty: &str, vision_ty: &str) -> Result<()> {
-    let opts = ConvertOptions { ty: parse_weight_type(ty)?, vision_ty: parse_weight_type(vision_ty)? };
+fn convert(hf_dir: &Path, out: &Path, ty: &str, vision_ty: &str, seg_decoder: Option<PathBuf>) -> Result<()> {
+    let opts = ConvertOptions { ty: parse_weight_type(ty)?, vision_ty: parse_weight_type(vision_ty)?, seg_decoder };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("valid template"));
     let summary = paligemma::convert::convert(hf_dir, out, &opts, |p| {
@@ -191,33 +214,32 @@ fn read_pixel_values(path: &Path, size: usize) -> Result<PixelValues> {
     Ok(PixelValues::from_chw(size, data).with_context(|| path.display().to_string())?)
 }
 
-fn write_npy(path: &Path, values: &[f32]) -> Result<()> {
+fn write_npy(path: &Path, values: &[f32], shape: &[u64]) -> Result<()> {
     let mut out = Vec::new();
     {
-        let mut w = npyz::WriteOptions::<f32>::new().default_dtype().shape(&[values.len() as u64]).writer(&mut out).begin_nd()?;
+        let mut w = npyz::WriteOptions::<f32>::new().default_dtype().shape(shape).writer(&mut out).begin_nd()?;
         w.extend(values.iter().copied())?;
         w.finish()?;
     }
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
-fn run_prompt(
-    load: &LoadArgs,
-    image: Option<&Path>,
-    pixel_values: Option<&Path>,
-    prompt: &str,
-    opts: &GenerateOptions,
-    json: bool,
-    logits_out: Option<&Path>,
-) -> Result<()> {
+/// Where the image comes from.
+struct Inputs<'a> {
+    image: Option<&'a Path>,
+    pixel_values: Option<&'a Path>,
+}
+
+fn run_prompt(load: &LoadArgs, inputs: Inputs<'_>, prompt: &str, opts: &GenerateOptions, json: bool, logits_out: Option<&Path>, loc_divisor: f32) -> Result<()> {
+    let task = Task::parse(prompt)?;
     let mut model = load.load()?;
-    let embedding = match (pixel_values, image) {
+    let embedding = match (inputs.pixel_values, inputs.image) {
         (Some(p), _) => model.encode_pixels(&read_pixel_values(p, model.config().vision.image_size)?)?,
         (None, Some(i)) => model.encode_image(&RgbImage::open(i)?)?,
         (None, None) => bail!("give --image or --pixel-values"),
     };
     let stdout = std::io::stdout();
-    let generation = model.generate(&embedding, prompt, opts, |_, piece| {
+    let answer = model.answer(&embedding, &task, opts, loc_divisor, &mut |_, piece| {
         if !json {
             let mut out = stdout.lock();
             let _ = out.write_all(piece.as_bytes());
@@ -225,20 +247,27 @@ fn run_prompt(
         }
         true
     })?;
+    let generation = &answer.generation;
     if let Some(path) = logits_out {
-        write_npy(path, &generation.first_logits)?;
+        write_npy(path, &generation.first_logits, &[generation.first_logits.len() as u64])?;
     }
     if json {
         let t = &generation.timings;
         let out = serde_json::json!({
             "text": generation.text,
             "tokens": generation.tokens,
+            "task": answer.task.kind(),
+            "result": answer.result,
             "timings_ms": {"preprocess": t.preprocess, "vision": t.vision, "prefill": t.prefill, "decode": t.decode,
                            "prefix_tokens": t.prefix_tokens, "generated_tokens": t.generated_tokens},
         });
         println!("{}", serde_json::to_string(&out)?);
     } else {
         println!();
+        for d in answer.result.detections() {
+            let b = &d.bbox;
+            eprintln!("  {}: x {:.0} y {:.0} w {:.0} h {:.0}{}", d.label, b.x, b.y, b.w, b.h, if d.mask.is_some() { " (mask)" } else { "" });
+        }
     }
     Ok(())
 }

@@ -20,11 +20,13 @@ pub struct ConvertOptions {
     pub ty: Type,
     /// Type of the SigLIP weight matrices.
     pub vision_ty: Type,
+    /// big_vision's VQ-VAE weights (`vae-oid.npz`) for segmentation masks.
+    pub seg_decoder: Option<PathBuf>,
 }
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { ty: Type::F16, vision_ty: Type::F16 }
+        ConvertOptions { ty: Type::F16, vision_ty: Type::F16, seg_decoder: None }
     }
 }
 
@@ -327,6 +329,7 @@ pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, mut progress: impl
     for e in &expected {
         ckpt.check_shape(e)?;
     }
+    let seg = opts.seg_decoder.as_deref().map(crate::segment::SegWeights::from_npz).transpose()?;
 
     let mut header = GgufHeader::new();
     cfg.write_gguf(&mut header);
@@ -340,7 +343,10 @@ pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, mut progress: impl
         header.add_tensor(e.gguf.clone(), ty, &ggml_shape)?;
         plan.push((e, ty));
     }
-    let total = plan.len();
+    if let Some(seg) = &seg {
+        seg.declare(&mut header)?;
+    }
+    let total = plan.len() + seg.as_ref().map_or(0, |s| s.len());
     let mut writer = GgufWriter::create(out, header)?;
     let mut bytes_per_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     for (index, (e, ty)) in plan.iter().enumerate() {
@@ -355,6 +361,14 @@ pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, mut progress: impl
         entry.0 += 1;
         entry.1 += data.len() as u64;
         writer.write_tensor(&e.gguf, &data)?;
+    }
+    for (i, (name, data)) in seg.iter().flat_map(|s| s.tensors()).enumerate() {
+        progress(Progress { index: plan.len() + i, total, name, ty: Type::F32 });
+        let bytes = ggml::quantize(Type::F32, data, data.len())?;
+        let entry = bytes_per_type.entry("f32".into()).or_default();
+        entry.0 += 1;
+        entry.1 += bytes.len() as u64;
+        writer.write_tensor(name, &bytes)?;
     }
     let file_size = writer.finish()?;
     Ok(Summary { path: out.into(), tensors: total, bytes_per_type, file_size, config: cfg.clone() })

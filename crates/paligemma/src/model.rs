@@ -78,6 +78,9 @@ pub struct Timings {
 pub struct ImageEmbedding {
     /// [n_image_tokens, text width], row-major.
     pub features: Vec<f32>,
+    /// Size of the original frame: detections are reported in its pixels.
+    pub width: usize,
+    pub height: usize,
     pub timings: Timings,
 }
 
@@ -138,6 +141,7 @@ pub struct Model {
     threads: usize,
     /// Tensor data types of the file (for reports).
     pub weight_type: String,
+    has_seg_decoder: bool,
 }
 
 /// Looks weights up by name during graph building.
@@ -270,6 +274,7 @@ impl Model {
         }
         let kv_buffer = backend.alloc_tensors(&kv)?;
         let sched = Scheduler::new(backend, threads, GRAPH_SIZE)?;
+        let has_seg_decoder = crate::segment::tensor_names().iter().all(|n| gguf.tensor(n).is_some());
         let weight_type = gguf.get("general.file_type").and_then(|v| v.as_str()).unwrap_or("?").to_string();
         Ok(Model {
             path,
@@ -286,6 +291,7 @@ impl Model {
             device,
             threads,
             weight_type,
+            has_seg_decoder,
         })
     }
 
@@ -319,6 +325,33 @@ impl Model {
         self.kv_type
     }
 
+    /// Whether the file carries the VQ-VAE mask decoder.
+    pub fn has_segmentation(&self) -> bool {
+        self.has_seg_decoder
+    }
+
+    /// Decodes 16 `<segNNN>` codes (0..128) to the decoder's raw 64x64 output, row-major.
+    pub fn decode_mask(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
+        if !self.has_seg_decoder {
+            return Err(Error::Invalid(format!("{} has no segmentation decoder (convert with --seg-decoder vae-oid.npz)", self.path.display())));
+        }
+        let size = self.weights().get("seg.codebook").ne()[1];
+        if codes.len() != crate::segment::CODES || codes.iter().any(|&c| c as usize >= size) {
+            return Err(Error::Invalid(format!("a mask needs {} codes in 0..{size}, got {codes:?}", crate::segment::CODES)));
+        }
+        let ctx = Context::new(1024, 1024)?;
+        let w = self.weights();
+        let input = ctx.input("seg_codes", Type::I32, &[codes.len()])?;
+        let out = crate::segment::build(&ctx, &|name| w.get(name), input)?;
+        out.set_output();
+        let mut graph = ctx.graph(1024)?;
+        graph.expand(out)?;
+        self.sched.alloc(&graph)?;
+        input.write_i32(&codes.iter().map(|&c| c as i32).collect::<Vec<_>>())?;
+        self.sched.compute(&graph)?;
+        Ok(out.read_f32()?)
+    }
+
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
         self.sched.set_n_threads(self.threads);
@@ -335,6 +368,7 @@ impl Model {
         let pre = ms(start);
         let mut emb = self.encode_pixels(&pixels)?;
         emb.timings.preprocess = pre;
+        (emb.width, emb.height) = (image.width, image.height);
         Ok(emb)
     }
 
@@ -342,7 +376,12 @@ impl Model {
     pub fn encode_pixels(&mut self, pixels: &PixelValues) -> Result<ImageEmbedding> {
         let start = Instant::now();
         let stages = self.run_vision(pixels, false)?;
-        Ok(ImageEmbedding { features: stages.projector, timings: Timings { vision: ms(start), ..Default::default() } })
+        Ok(ImageEmbedding {
+            features: stages.projector,
+            width: pixels.size,
+            height: pixels.size,
+            timings: Timings { vision: ms(start), ..Default::default() },
+        })
     }
 
     /// Vision tower and projector outputs, for parity checks.

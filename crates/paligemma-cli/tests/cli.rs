@@ -1,0 +1,65 @@
+//! The `paligemma` binary end to end on a fixture model.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn paligemma(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_paligemma")).args(args).current_dir(root()).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn convert(dir: &Path) -> String {
+    let out = dir.join("pg2.gguf");
+    let (ok, stdout, stderr) = paligemma(&["convert", "tests/fixtures/pg2_gqa/hf", "-o", out.to_str().unwrap(), "--type", "q8_0"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("tensors") && stdout.contains("q8_0") && stdout.contains("f32"), "summary: {stdout}");
+    out.to_str().unwrap().to_string()
+}
+
+#[test]
+fn convert_info_run_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path());
+    let (ok, stdout, stderr) = paligemma(&["info", &model]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("gemma2") && stdout.contains("blk.3.ffn_down.weight") && stdout.contains("tokenizer: 1841 tokens"), "{stdout}");
+
+    for prompt in ["detect cat ; dog", "segment cat", "caption en"] {
+        let logits = dir.path().join("logits.npy");
+        let (ok, stdout, stderr) = paligemma(&[
+            "run", "-m", &model, "-i", "tests/fixtures/images/rgb.png", "-p", prompt, "--max-tokens", "12", "--json",
+            "--logits-out", logits.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        let kind = v["result"]["kind"].as_str().unwrap();
+        let expected = match prompt {
+            "caption en" => "caption",
+            "segment cat" => "segmentation",
+            _ => "detections",
+        };
+        assert_eq!(kind, expected, "{v}");
+        assert!(v["tokens"].as_array().unwrap().len() <= 12);
+        assert!(v["timings_ms"]["vision"].as_f64().unwrap() > 0.0);
+        let npy = std::fs::read(&logits).unwrap();
+        assert_eq!(&npy[1..6], b"NUMPY");
+        assert!(npy.len() > 1856 * 4, "vocab-sized logits");
+    }
+}
+
+#[test]
+fn errors_are_one_line_and_nonzero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = paligemma(&["convert", "tests/fixtures/pg2_gqa/hf", "-o", dir.path().join("x.gguf").to_str().unwrap(), "--type", "q3"]);
+    assert!(!ok && stderr.trim().lines().count() == 1 && stderr.contains("q3"), "{stderr}");
+    let (ok, _, stderr) = paligemma(&["run", "-m", "tests/fixtures/images/rgb.png", "-i", "tests/fixtures/images/rgb.png", "-p", "ocr"]);
+    assert!(!ok && stderr.contains("not a GGUF file"), "{stderr}");
+    let model = convert(dir.path());
+    let (ok, _, stderr) = paligemma(&["run", "-m", &model, "-i", "Cargo.toml", "-p", "ocr"]);
+    assert!(!ok && stderr.contains("cannot decode"), "{stderr}");
+    let (ok, _, stderr) = paligemma(&["decode-mask", "-m", &model, "--codes", "1,2,3", "--out", "/dev/null"]);
+    assert!(!ok && stderr.contains("no segmentation decoder"), "{stderr}");
+}

@@ -1,0 +1,269 @@
+//! Structured results: the model's text parsed for its task. Detections carry
+//! boxes in pixels of the original frame; malformed outputs become warnings with
+//! the raw text kept, never a panic.
+use crate::task::Task;
+
+/// Loc-bin convention: bins 0..=1023 encode round(v * 1023), so v = bin / 1023.
+pub const DEFAULT_LOC_DIVISOR: f32 = 1023.0;
+
+/// A box in pixels of the original frame.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PixelBox {
+    pub x: f32,
+    pub y: f32,
+    pub w: f32,
+    pub h: f32,
+    pub x1: f32,
+    pub y1: f32,
+    pub x2: f32,
+    pub y2: f32,
+}
+
+/// A box normalised to [0, 1] by the frame's width and height.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NormBox {
+    pub x1: f32,
+    pub y1: f32,
+    pub x2: f32,
+    pub y2: f32,
+}
+
+impl NormBox {
+    pub fn to_pixels(&self, width: usize, height: usize) -> PixelBox {
+        let (w, h) = (width as f32, height as f32);
+        let (x1, y1, x2, y2) = (self.x1 * w, self.y1 * h, self.x2 * w, self.y2 * h);
+        PixelBox { x: x1, y: y1, w: x2 - x1, h: y2 - y1, x1, y1, x2, y2 }
+    }
+}
+
+/// A binary mask over the pixels of an object's box.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Mask {
+    /// Box size in pixels (rounded box corners).
+    pub width: usize,
+    pub height: usize,
+    /// Offset of the mask's top-left pixel in the frame.
+    pub x: usize,
+    pub y: usize,
+    /// Row-major run lengths of alternating 0 and 1 pixels, starting with 0s.
+    pub rle: Vec<u32>,
+}
+
+impl Mask {
+    pub fn from_bitmap(x: usize, y: usize, width: usize, height: usize, bits: &[bool]) -> Mask {
+        let mut rle = Vec::new();
+        let (mut current, mut run) = (false, 0u32);
+        for &b in bits {
+            if b != current {
+                rle.push(run);
+                current = b;
+                run = 0;
+            }
+            run += 1;
+        }
+        rle.push(run);
+        Mask { width, height, x, y, rle }
+    }
+
+    pub fn to_bitmap(&self) -> Vec<bool> {
+        let mut bits = Vec::with_capacity(self.width * self.height);
+        for (i, &run) in self.rle.iter().enumerate() {
+            bits.extend(std::iter::repeat_n(i % 2 == 1, run as usize));
+        }
+        bits.resize(self.width * self.height, false);
+        bits
+    }
+}
+
+/// One detected (or segmented) object.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Detection {
+    pub label: String,
+    #[serde(rename = "box")]
+    pub bbox: PixelBox,
+    pub box_norm: NormBox,
+    /// The 16 `<segNNN>` codes, when the output had them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seg_codes: Option<Vec<u32>>,
+    pub mask: Option<Mask>,
+}
+
+/// The parsed answer to a task.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TaskResult {
+    Caption { text: String },
+    Answer { text: String },
+    Ocr { text: String },
+    Text { text: String },
+    Detections { detections: Vec<Detection>, #[serde(default, skip_serializing_if = "Vec::is_empty")] warnings: Vec<String> },
+    Segmentation { detections: Vec<Detection>, #[serde(default, skip_serializing_if = "Vec::is_empty")] warnings: Vec<String> },
+    Error { message: String },
+}
+
+impl TaskResult {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TaskResult::Caption { .. } => "caption",
+            TaskResult::Answer { .. } => "answer",
+            TaskResult::Ocr { .. } => "ocr",
+            TaskResult::Text { .. } => "text",
+            TaskResult::Detections { .. } => "detections",
+            TaskResult::Segmentation { .. } => "segmentation",
+            TaskResult::Error { .. } => "error",
+        }
+    }
+
+    pub fn detections(&self) -> &[Detection] {
+        match self {
+            TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } => detections,
+            _ => &[],
+        }
+    }
+}
+
+/// One piece of model output: a `<locNNNN>` or `<segNNN>` token, or plain text.
+#[derive(Debug, PartialEq)]
+enum Piece<'a> {
+    Loc(u32),
+    Seg(u32),
+    Text(&'a str),
+}
+
+/// Splits text into loc/seg tokens and the text between them.
+fn pieces(s: &str) -> Vec<Piece<'_>> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    let mut text_start = 0usize;
+    let mut offset = 0usize;
+    while let Some(i) = rest.find('<') {
+        let at = &rest[i..];
+        let token = parse_token(at);
+        match token {
+            Some((piece, len)) => {
+                let text = &s[text_start..offset + i];
+                if !text.is_empty() {
+                    out.push(Piece::Text(text));
+                }
+                out.push(piece);
+                offset += i + len;
+                rest = &s[offset..];
+                text_start = offset;
+            }
+            None => {
+                offset += i + 1;
+                rest = &s[offset..];
+            }
+        }
+    }
+    if text_start < s.len() {
+        out.push(Piece::Text(&s[text_start..]));
+    }
+    out
+}
+
+fn parse_token(at: &str) -> Option<(Piece<'static>, usize)> {
+    let digits = |prefix: &str, n: usize| -> Option<u32> {
+        let body = at.strip_prefix(prefix)?;
+        let num = body.get(..n)?;
+        if !num.bytes().all(|b| b.is_ascii_digit()) || body.as_bytes().get(n) != Some(&b'>') {
+            return None;
+        }
+        num.parse().ok()
+    };
+    if let Some(v) = digits("<loc", 4) {
+        return Some((Piece::Loc(v), 9));
+    }
+    digits("<seg", 3).map(|v| (Piece::Seg(v), 8))
+}
+
+/// Parses detection / segmentation output: objects separated by `;`, each four
+/// loc tokens (y1 x1 y2 x2), optional sixteen seg tokens, then the label.
+pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, segmentation: bool) -> TaskResult {
+    let mut detections = Vec::new();
+    let mut warnings = Vec::new();
+    let divisor = if divisor > 0.0 && divisor.is_finite() { divisor } else { DEFAULT_LOC_DIVISOR };
+    for (n, object) in raw.split(';').enumerate() {
+        let object = object.trim();
+        if object.is_empty() {
+            continue;
+        }
+        let mut locs = Vec::new();
+        let mut segs = Vec::new();
+        let mut label = String::new();
+        let mut out_of_place = false;
+        for piece in pieces(object) {
+            match piece {
+                Piece::Loc(v) if label.is_empty() && segs.is_empty() => locs.push(v),
+                Piece::Seg(v) if label.is_empty() => segs.push(v),
+                Piece::Text(t) => {
+                    if !label.is_empty() {
+                        label.push(' ');
+                    }
+                    label.push_str(t.trim());
+                }
+                _ => out_of_place = true,
+            }
+        }
+        let label = label.trim().to_string();
+        if out_of_place {
+            warnings.push(format!("object {}: loc/seg tokens after its label in {object:?}", n + 1));
+        }
+        if locs.len() != 4 {
+            if locs.is_empty() {
+                warnings.push(format!("object {}: label {label:?} with no box in {object:?}", n + 1));
+            } else {
+                warnings.push(format!("object {}: {} loc tokens (expected 4) in {object:?}", n + 1, locs.len()));
+            }
+            continue;
+        }
+        let v = |bin: u32| (bin as f32 / divisor).clamp(0.0, 1.0);
+        let (mut y1, mut x1, mut y2, mut x2) = (v(locs[0]), v(locs[1]), v(locs[2]), v(locs[3]));
+        if y2 < y1 || x2 < x1 {
+            warnings.push(format!("object {}: corners out of order in {object:?} (swapped)", n + 1));
+            if y2 < y1 {
+                std::mem::swap(&mut y1, &mut y2);
+            }
+            if x2 < x1 {
+                std::mem::swap(&mut x1, &mut x2);
+            }
+        }
+        if label.is_empty() {
+            warnings.push(format!("object {}: box without a label in {object:?}", n + 1));
+        }
+        let seg_codes = match (segmentation, segs.len()) {
+            (_, 0) => {
+                if segmentation {
+                    warnings.push(format!("object {}: no seg tokens (expected 16) in {object:?}", n + 1));
+                }
+                None
+            }
+            (_, 16) => Some(segs),
+            (_, k) => {
+                warnings.push(format!("object {}: {k} seg tokens (expected 16) in {object:?}", n + 1));
+                None
+            }
+        };
+        let box_norm = NormBox { x1, y1, x2, y2 };
+        detections.push(Detection { label, bbox: box_norm.to_pixels(width, height), box_norm, seg_codes, mask: None });
+    }
+    if segmentation {
+        TaskResult::Segmentation { detections, warnings }
+    } else {
+        TaskResult::Detections { detections, warnings }
+    }
+}
+
+/// Parses the model's text for `task` on a frame of `width` x `height` pixels.
+/// Segmentation masks are filled in separately by the decoder.
+pub fn parse(task: &Task, raw: &str, width: usize, height: usize, divisor: f32) -> TaskResult {
+    let text = raw.trim().to_string();
+    match task {
+        Task::Caption { .. } | Task::Describe { .. } => TaskResult::Caption { text },
+        Task::Answer { .. } => TaskResult::Answer { text },
+        Task::Ocr => TaskResult::Ocr { text },
+        Task::Question { .. } | Task::Text { .. } => TaskResult::Text { text },
+        Task::Detect { .. } => parse_detections(raw, width, height, divisor, false),
+        Task::Segment { .. } => parse_detections(raw, width, height, divisor, true),
+    }
+}

@@ -1,0 +1,239 @@
+//! big_vision's VQ-VAE mask decoder (weights from `vae-oid.npz`) as a ggml graph,
+//! and pasting its 64x64 output into an object's box.
+//!
+//! Architecture: 16 codes pick 16 codebook vectors laid out 4x4 (row-major); a 1x1
+//! conv to 128 channels + ReLU; two residual blocks (3x3 conv, ReLU, 3x3 conv,
+//! ReLU, 1x1 conv, plus the skip); four transposed convs (kernel 4, stride 2,
+//! PyTorch padding 1) with ReLU, 128 -> 128 -> 64 -> 32 -> 16 channels, 4x4 ->
+//! 64x64; a 1x1 conv to one channel.
+//!
+//! Each transposed conv is computed in f32 as a zero-insertion upsample followed by
+//! an ordinary conv with the spatially flipped kernel (ggml's CPU transposed conv
+//! works in f16, too coarse to match the reference to 1e-4); the converter stores
+//! the kernels already flipped.
+use crate::output::{Mask, NormBox};
+use crate::{Error, Result};
+use ggml::gguf::GgufHeader;
+use ggml::{Context, Tensor, Type};
+use std::path::Path;
+
+/// Side of the decoder's output mask.
+pub const MASK_SIZE: usize = 64;
+pub const CODES: usize = 16;
+const UP_CHANNELS: [usize; 5] = [128, 128, 64, 32, 16];
+
+/// GGUF names of the decoder's tensors, in file order.
+fn gguf_names() -> Vec<String> {
+    let mut names = vec!["seg.codebook".to_string(), "seg.conv_in.weight".into(), "seg.conv_in.bias".into()];
+    for r in 0..2 {
+        for c in 0..3 {
+            names.push(format!("seg.res{r}.conv{c}.weight"));
+            names.push(format!("seg.res{r}.conv{c}.bias"));
+        }
+    }
+    for u in 0..4 {
+        names.push(format!("seg.up{u}.weight"));
+        names.push(format!("seg.up{u}.bias"));
+    }
+    names.push("seg.conv_out.weight".into());
+    names.push("seg.conv_out.bias".into());
+    names
+}
+
+/// The npz key (without any prefix) each GGUF tensor comes from.
+fn npz_key(gguf: &str) -> String {
+    let (layer, part) = gguf.rsplit_once('.').unwrap_or((gguf, ""));
+    let base = match layer {
+        "seg.codebook" => return "_vq_vae._embedding".into(),
+        "seg.conv_in" => "decoder.0".to_string(),
+        "seg.conv_out" => "decoder.12".to_string(),
+        l if l.starts_with("seg.res") => {
+            let r: usize = l[7..8].parse().unwrap_or(0);
+            let c: usize = l[l.len() - 1..].parse().unwrap_or(0);
+            format!("decoder.{}.net.{}", r + 2, c * 2)
+        }
+        l => {
+            let u: usize = l[l.len() - 1..].parse().unwrap_or(0);
+            format!("decoder.{}", 4 + 2 * u)
+        }
+    };
+    format!("{base}.{part}")
+}
+
+/// Decoder weights read from a `vae-oid.npz`, as (GGUF name, ggml shape, f32 data).
+pub struct SegWeights {
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl SegWeights {
+    /// Reads the npz; keys may carry any prefix before `_vq_vae.` / `decoder.`.
+    pub fn from_npz(path: &Path) -> Result<SegWeights> {
+        let err = |detail: String| Error::Checkpoint { path: path.into(), detail };
+        let file = std::fs::File::open(path).map_err(crate::error::io(path))?;
+        let mut npz = npyz::npz::NpzArchive::new(std::io::BufReader::new(file)).map_err(|e| err(format!("not an npz archive: {e}")))?;
+        let names: Vec<String> = npz.array_names().map(String::from).collect();
+        let find = |key: &str| names.iter().find(|n| n.as_str() == key || n.ends_with(&format!(".{key}")) || n.ends_with(&format!("/{key}"))).cloned();
+        let mut tensors = Vec::new();
+        let mut dim = None;
+        for name in gguf_names() {
+            let key = npz_key(&name);
+            let found = find(&key).ok_or_else(|| err(format!("array {key:?} is missing (found: {})", names.join(", "))))?;
+            let array = npz.by_name(&found).map_err(|e| err(format!("{found}: {e}")))?.ok_or_else(|| err(format!("{found}: unreadable")))?;
+            let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
+            let data: Vec<f32> = array.into_vec::<f32>().map_err(|e| err(format!("{found}: expected float32 values ({e})")))?;
+            let expected = expected_shape(&name, *dim.get_or_insert(if name == "seg.codebook" { shape.get(1).copied().unwrap_or(0) } else { 0 }));
+            if shape != expected {
+                return Err(err(format!("array {found:?} has shape {shape:?}, expected {expected:?}")));
+            }
+            let (ggml_shape, data) = if name.starts_with("seg.up") && name.ends_with(".weight") {
+                flip_transposed_kernel(&shape, &data)
+            } else {
+                (shape.iter().rev().copied().collect(), data)
+            };
+            tensors.push((name, ggml_shape, data));
+        }
+        Ok(SegWeights { tensors })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Declares the tensors (all f32) in a GGUF header.
+    pub fn declare(&self, header: &mut GgufHeader) -> Result<()> {
+        for (name, shape, _) in &self.tensors {
+            header.add_tensor(name.clone(), Type::F32, shape)?;
+        }
+        header.set("paligemma.seg.codebook_size", ggml::gguf::Value::U32(self.tensors[0].1[1] as u32));
+        Ok(())
+    }
+
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &[f32])> {
+        self.tensors.iter().map(|(n, _, d)| (n.as_str(), d.as_slice()))
+    }
+}
+
+/// PyTorch shapes of the npz arrays.
+fn expected_shape(name: &str, dim: usize) -> Vec<usize> {
+    let bias = name.ends_with(".bias");
+    let (cout, cin, k) = match name.rsplit_once('.').map_or(name, |(l, _)| l) {
+        "seg.codebook" => return vec![128, dim],
+        "seg.conv_in" => (128, dim, 1),
+        "seg.conv_out" => (1, 16, 1),
+        l if l.starts_with("seg.res") => (128, 128, if l.ends_with('2') { 1 } else { 3 }),
+        l => {
+            let u: usize = l[l.len() - 1..].parse().unwrap_or(0);
+            // ConvTranspose2d weights are [in, out, kh, kw].
+            if bias {
+                return vec![UP_CHANNELS[u + 1]];
+            }
+            return vec![UP_CHANNELS[u], UP_CHANNELS[u + 1], 4, 4];
+        }
+    };
+    if bias { vec![cout] } else { vec![cout, cin, k, k] }
+}
+
+/// A ConvTranspose2d kernel [in, out, kh, kw] as the equivalent conv kernel
+/// [out, in, kh, kw] flipped in space; returned in ggml order [kw, kh, in, out].
+fn flip_transposed_kernel(shape: &[usize], data: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let (cin, cout, kh, kw) = (shape[0], shape[1], shape[2], shape[3]);
+    let mut out = vec![0f32; data.len()];
+    for i in 0..cin {
+        for o in 0..cout {
+            for y in 0..kh {
+                for x in 0..kw {
+                    out[((o * cin + i) * kh + y) * kw + x] = data[((i * cout + o) * kh + (kh - 1 - y)) * kw + (kw - 1 - x)];
+                }
+            }
+        }
+    }
+    (vec![kw, kh, cin, cout], out)
+}
+
+/// Whether a model file has the decoder.
+pub fn tensor_names() -> Vec<String> {
+    gguf_names()
+}
+
+/// Builds the decoder graph on `codes` (I32 [16]); returns [64, 64] f32.
+pub(crate) fn build<'c, 'w>(ctx: &'c Context, w: &dyn Fn(&str) -> Tensor<'w>, codes: Tensor<'_>) -> Result<Tensor<'c>> {
+    let bias = |x: Tensor<'c>, name: &str| -> Result<Tensor<'c>> {
+        let b = w(name);
+        Ok(ctx.add(x, ctx.reshape(b, &[1, 1, b.ne()[0]])?)?)
+    };
+    let conv = |x: Tensor<'c>, layer: &str, pad: usize| -> Result<Tensor<'c>> {
+        let y = ctx.conv_2d(w(&format!("{layer}.weight")), x, 1, pad)?;
+        bias(y, &format!("{layer}.bias"))
+    };
+    let codebook = w("seg.codebook");
+    let dim = codebook.ne()[0];
+    let vectors = ctx.get_rows(codebook, codes)?; // [dim, 16]
+    let mut x = ctx.reshape(ctx.cont(ctx.transpose(vectors)?)?, &[4, 4, dim, 1])?;
+    x = ctx.relu(conv(x, "seg.conv_in", 0)?)?;
+    for r in 0..2 {
+        let skip = x;
+        let mut h = ctx.relu(conv(x, &format!("seg.res{r}.conv0"), 1)?)?;
+        h = ctx.relu(conv(h, &format!("seg.res{r}.conv1"), 1)?)?;
+        h = conv(h, &format!("seg.res{r}.conv2"), 0)?;
+        x = ctx.add(h, skip)?;
+    }
+    for u in 0..4 {
+        let [wd, ht, ch, _] = x.ne();
+        // Zero insertion: each pixel followed by a zero, in x then in y.
+        let z = ctx.pad(ctx.reshape(x, &[1, wd, ht, ch])?, [1, 0, 0, 0])?;
+        let z = ctx.reshape(z, &[2 * wd, 1, ht, ch])?;
+        let z = ctx.pad(z, [0, 1, 0, 0])?;
+        let z = ctx.reshape(z, &[2 * wd, 2 * ht, ch, 1])?;
+        // Transposed conv (k 4, s 2, p 1) == conv with the flipped kernel, padding
+        // k - 1 - p = 2, over the zero-inserted input; the trailing zero row/column
+        // adds one output that is cropped.
+        let y = ctx.conv_2d(w(&format!("seg.up{u}.weight")), z, 1, 2)?; // [2wd+1, 2ht+1, cout]
+        let cout = y.ne()[2];
+        let y = ctx.view(y, &[2 * wd, 2 * ht, cout, 1], &[y.nb()[1], y.nb()[2], y.nb()[3]], 0)?;
+        x = ctx.relu(bias(ctx.cont(y)?, &format!("seg.up{u}.bias"))?)?;
+    }
+    let out = conv(x, "seg.conv_out", 0)?;
+    Ok(ctx.reshape(out, &[MASK_SIZE, MASK_SIZE])?)
+}
+
+/// Pastes a raw 64x64 decoder output into an object's box on a `width` x `height`
+/// frame: box corners rounded to pixels, the mask resized to the box with bilinear
+/// interpolation (half-pixel centres, no antialias) and thresholded at 0.
+pub fn paste(raw: &[f32], norm: &NormBox, width: usize, height: usize) -> Option<Mask> {
+    if raw.len() != MASK_SIZE * MASK_SIZE {
+        return None;
+    }
+    let round = |v: f32, size: usize| ((v * size as f32).round().max(0.0) as usize).min(size);
+    let (x1, x2) = (round(norm.x1, width), round(norm.x2, width));
+    let (y1, y2) = (round(norm.y1, height), round(norm.y2, height));
+    if x2 <= x1 || y2 <= y1 {
+        return None;
+    }
+    let (bw, bh) = (x2 - x1, y2 - y1);
+    let taps = |out: usize| -> Vec<(usize, usize, f32)> {
+        let scale = MASK_SIZE as f32 / out as f32;
+        (0..out)
+            .map(|i| {
+                let src = ((i as f32 + 0.5) * scale - 0.5).max(0.0);
+                let i0 = (src as usize).min(MASK_SIZE - 1);
+                let i1 = if i0 < MASK_SIZE - 1 { i0 + 1 } else { i0 };
+                (i0, i1, src - i0 as f32)
+            })
+            .collect()
+    };
+    let (tx, ty) = (taps(bw), taps(bh));
+    let mut bits = Vec::with_capacity(bw * bh);
+    for &(y0, y1i, ly) in &ty {
+        for &(x0, x1i, lx) in &tx {
+            let v = |y: usize, x: usize| raw[y * MASK_SIZE + x];
+            let top = (1.0 - lx) * v(y0, x0) + lx * v(y0, x1i);
+            let bottom = (1.0 - lx) * v(y1i, x0) + lx * v(y1i, x1i);
+            bits.push((1.0 - ly) * top + ly * bottom > 0.0);
+        }
+    }
+    Some(Mask::from_bitmap(x1, y1, bw, bh, &bits))
+}

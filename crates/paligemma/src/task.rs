@@ -1,0 +1,107 @@
+//! Typed tasks: the prompts PaliGemma was trained with, and which parser reads
+//! the answer.
+use crate::{Error, Result};
+
+/// A prompt for the model. [`Task::prompt`] renders the exact text the model was
+/// trained with; [`Task::parse`] reads any prompt text back into a task (unknown
+/// forms become [`Task::Text`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "task", rename_all = "lowercase")]
+pub enum Task {
+    Caption { lang: String },
+    Describe { lang: String },
+    Ocr,
+    Answer { lang: String, question: String },
+    Question { lang: String, answer: String },
+    Detect { labels: Vec<String> },
+    Segment { labels: Vec<String> },
+    Text { text: String },
+}
+
+/// Splits `a ; b ;c` into labels, dropping empty ones.
+fn labels(list: &str) -> Vec<String> {
+    list.split(';').map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+}
+
+fn check_lang(lang: &str) -> Result<()> {
+    if lang.is_empty() || lang.len() > 16 || !lang.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(Error::Prompt(format!("{lang:?} is not a language code (like en, de, pt-BR)")));
+    }
+    Ok(())
+}
+
+impl Task {
+    /// Reads a prompt: `caption en`, `describe en`, `ocr`, `answer en QUESTION`,
+    /// `question en ANSWER`, `detect A ; B`, `segment A ; B`; anything else is free text.
+    pub fn parse(prompt: &str) -> Result<Task> {
+        let p = prompt.trim();
+        if p.is_empty() {
+            return Err(Error::Prompt("the prompt is empty".into()));
+        }
+        if p.contains(['\n', '\r']) {
+            return Err(Error::Prompt("the prompt contains a line break (PaliGemma prompts are one line)".into()));
+        }
+        let (head, rest) = p.split_once(' ').map_or((p, ""), |(h, r)| (h, r.trim()));
+        let word_then_text = |rest: &str| -> Option<(String, String)> {
+            let (lang, text) = rest.split_once(' ')?;
+            Some((lang.to_string(), text.trim().to_string()))
+        };
+        let task = match head {
+            "caption" | "describe" if !rest.is_empty() && !rest.contains(' ') => {
+                check_lang(rest)?;
+                if head == "caption" { Task::Caption { lang: rest.into() } } else { Task::Describe { lang: rest.into() } }
+            }
+            "ocr" if rest.is_empty() => Task::Ocr,
+            "answer" | "question" => match word_then_text(rest) {
+                Some((lang, text)) if !text.is_empty() && check_lang(&lang).is_ok() => {
+                    if head == "answer" { Task::Answer { lang, question: text } } else { Task::Question { lang, answer: text } }
+                }
+                _ => Task::Text { text: p.into() },
+            },
+            "detect" | "segment" => {
+                let labels = labels(rest);
+                if labels.is_empty() {
+                    return Err(Error::Prompt(format!("{head:?} needs at least one object name, e.g. \"{head} cat ; dog\"")));
+                }
+                if head == "detect" { Task::Detect { labels } } else { Task::Segment { labels } }
+            }
+            _ => Task::Text { text: p.into() },
+        };
+        Ok(task)
+    }
+
+    /// The exact prompt text (without the image tokens, `<bos>` and newline the
+    /// tokenizer adds).
+    pub fn prompt(&self) -> String {
+        match self {
+            Task::Caption { lang } => format!("caption {lang}"),
+            Task::Describe { lang } => format!("describe {lang}"),
+            Task::Ocr => "ocr".into(),
+            Task::Answer { lang, question } => format!("answer {lang} {question}"),
+            Task::Question { lang, answer } => format!("question {lang} {answer}"),
+            Task::Detect { labels } => format!("detect {}", labels.join(" ; ")),
+            Task::Segment { labels } => format!("segment {}", labels.join(" ; ")),
+            Task::Text { text } => text.clone(),
+        }
+    }
+
+    /// Short name used in result messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Task::Caption { .. } => "caption",
+            Task::Describe { .. } => "describe",
+            Task::Ocr => "ocr",
+            Task::Answer { .. } => "answer",
+            Task::Question { .. } => "question",
+            Task::Detect { .. } => "detect",
+            Task::Segment { .. } => "segment",
+            Task::Text { .. } => "text",
+        }
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.prompt())
+    }
+}
