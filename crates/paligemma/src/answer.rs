@@ -34,7 +34,7 @@ impl Model {
                 for d in detections.iter_mut() {
                     if let Some(codes) = &d.seg_codes {
                         let raw = self.decode_mask(codes)?;
-                        d.mask = crate::segment::paste(&raw, &d.box_norm, image.width, image.height);
+                        d.mask = crate::segment::paste(&raw, d.loc_bins, d.loc_divisor, image.width, image.height);
                     }
                 }
             }

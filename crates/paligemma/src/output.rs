@@ -82,6 +82,11 @@ pub struct Detection {
     #[serde(rename = "box")]
     pub bbox: PixelBox,
     pub box_norm: NormBox,
+    /// The loc bins as the model wrote them (y1, x1, y2, x2), and their divisor.
+    #[serde(skip)]
+    pub loc_bins: [u32; 4],
+    #[serde(skip)]
+    pub loc_divisor: f32,
     /// The 16 `<segNNN>` codes, when the output had them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seg_codes: Option<Vec<u32>>,
@@ -219,7 +224,9 @@ pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, se
         }
         let v = |bin: u32| (bin as f32 / divisor).clamp(0.0, 1.0);
         let (mut y1, mut x1, mut y2, mut x2) = (v(locs[0]), v(locs[1]), v(locs[2]), v(locs[3]));
+        let mut loc_bins = [locs[0], locs[1], locs[2], locs[3]];
         if y2 < y1 || x2 < x1 {
+            loc_bins = [locs[0].min(locs[2]), locs[1].min(locs[3]), locs[0].max(locs[2]), locs[1].max(locs[3])];
             warnings.push(format!("object {}: corners out of order in {object:?} (swapped)", n + 1));
             if y2 < y1 {
                 std::mem::swap(&mut y1, &mut y2);
@@ -245,7 +252,8 @@ pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, se
             }
         };
         let box_norm = NormBox { x1, y1, x2, y2 };
-        detections.push(Detection { label, bbox: box_norm.to_pixels(width, height), box_norm, seg_codes, mask: None });
+        let bbox = box_norm.to_pixels(width, height);
+        detections.push(Detection { label, bbox, box_norm, loc_bins, loc_divisor: divisor, seg_codes, mask: None });
     }
     if segmentation {
         TaskResult::Segmentation { detections, warnings }

@@ -136,12 +136,18 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
-/// Per output pixel: first input index and fixed-point taps (Pillow's
-/// `precompute_coeffs` + `normalize_coeffs_8bpc`).
-fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+/// Pillow's bilinear (triangle) filter.
+fn bilinear(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 { 1.0 - x } else { 0.0 }
+}
+
+/// Per output pixel: first input index and normalised filter weights (Pillow's
+/// `precompute_coeffs`: the filter widened by the downscale factor, antialias).
+fn filter_weights(in_size: usize, out_size: usize, filter: fn(f64) -> f64, support: f64) -> Vec<(usize, Vec<f64>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
+    let support = support * filterscale;
     (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
@@ -149,12 +155,21 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
             // C casts truncate toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let weights: Vec<f64> = (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) * ss)).collect();
+            let weights: Vec<f64> = (xmin..xmax).map(|x| filter((x as f64 - center + 0.5) * ss)).collect();
             let total: f64 = weights.iter().sum();
+            (xmin, weights.iter().map(|&w| if total != 0.0 { w / total } else { w }).collect())
+        })
+        .collect()
+}
+
+/// Bicubic weights as fixed-point taps (Pillow's `normalize_coeffs_8bpc`).
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    filter_weights(in_size, out_size, bicubic, 2.0)
+        .into_iter()
+        .map(|(xmin, weights)| {
             let taps = weights
                 .iter()
                 .map(|&w| {
-                    let w = if total != 0.0 { w / total } else { w };
                     let fixed = w * (1u64 << PRECISION_BITS) as f64;
                     (if w < 0.0 { -0.5 + fixed } else { 0.5 + fixed }) as i32
                 })
@@ -164,20 +179,59 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
         .collect()
 }
 
+/// Whether Pillow (13) runs the vertical pass first: when the height shrinks by
+/// more than twice as many pixels as the width does. The order changes rounding.
+fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    let shrink_y = in_h as i64 - out_h as i64;
+    let shrink_x = in_w as i64 - out_w as i64;
+    shrink_y > 0 && shrink_y > shrink_x * 2
+}
+
+/// Pillow's `Image.fromarray(f32 array, "F").resize((out_w, out_h), BILINEAR)`:
+/// double accumulation, f32 storage between and after the passes.
+pub fn resize_f32_bilinear(data: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<f32> {
+    let horizontal = |src: &[f32], w: usize, h: usize| -> Vec<f32> {
+        if out_w == w {
+            return src.to_vec();
+        }
+        let coeffs = filter_weights(w, out_w, bilinear, 1.0);
+        let mut out = Vec::with_capacity(out_w * h);
+        for y in 0..h {
+            for (xmin, k) in &coeffs {
+                out.push(k.iter().enumerate().map(|(i, &k)| src[y * w + xmin + i] as f64 * k).sum::<f64>() as f32);
+            }
+        }
+        out
+    };
+    let vertical = |src: &[f32], w: usize, h: usize| -> Vec<f32> {
+        if out_h == h {
+            return src.to_vec();
+        }
+        let coeffs = filter_weights(h, out_h, bilinear, 1.0);
+        let mut out = Vec::with_capacity(w * out_h);
+        for (ymin, k) in &coeffs {
+            for x in 0..w {
+                out.push(k.iter().enumerate().map(|(i, &k)| src[(ymin + i) * w + x] as f64 * k).sum::<f64>() as f32);
+            }
+        }
+        out
+    };
+    if vertical_first(w, h, out_w, out_h) {
+        horizontal(&vertical(data, w, h), w, out_h)
+    } else {
+        vertical(&horizontal(data, w, h), out_w, h)
+    }
+}
+
 fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 /// Pillow's `Image.resize((width, height), Image.BICUBIC)` on an RGB image.
 ///
-/// Pillow (13) runs the horizontal pass first, unless the height shrinks by more
-/// than twice as many pixels as the width does; the order changes the rounding of
-/// the intermediate image, so it is reproduced here.
+/// The pass order follows Pillow 13 (see `vertical_first`).
 pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
-    let shrink_y = img.height as i64 - height as i64;
-    let shrink_x = img.width as i64 - width as i64;
-    let vertical_first = shrink_y > 0 && shrink_y > shrink_x * 2;
-    if vertical_first {
+    if vertical_first(img.width, img.height, width, height) {
         horizontal_pass(&vertical_pass(img, height), width)
     } else {
         vertical_pass(&horizontal_pass(img, width), height)

@@ -11,7 +11,7 @@
 //! an ordinary conv with the spatially flipped kernel (ggml's CPU transposed conv
 //! works in f16, too coarse to match the reference to 1e-4); the converter stores
 //! the kernels already flipped.
-use crate::output::{Mask, NormBox};
+use crate::output::Mask;
 use crate::{Error, Result};
 use ggml::gguf::GgufHeader;
 use ggml::{Context, Tensor, Type};
@@ -42,9 +42,11 @@ fn gguf_names() -> Vec<String> {
 
 /// The npz key (without any prefix) each GGUF tensor comes from.
 fn npz_key(gguf: &str) -> String {
+    if gguf == "seg.codebook" {
+        return "_vq_vae._embedding".into();
+    }
     let (layer, part) = gguf.rsplit_once('.').unwrap_or((gguf, ""));
     let base = match layer {
-        "seg.codebook" => return "_vq_vae._embedding".into(),
         "seg.conv_in" => "decoder.0".to_string(),
         "seg.conv_out" => "decoder.12".to_string(),
         l if l.starts_with("seg.res") => {
@@ -119,9 +121,11 @@ impl SegWeights {
 
 /// PyTorch shapes of the npz arrays.
 fn expected_shape(name: &str, dim: usize) -> Vec<usize> {
+    if name == "seg.codebook" {
+        return vec![128, dim];
+    }
     let bias = name.ends_with(".bias");
     let (cout, cin, k) = match name.rsplit_once('.').map_or(name, |(l, _)| l) {
-        "seg.codebook" => return vec![128, dim],
         "seg.conv_in" => (128, dim, 1),
         "seg.conv_out" => (1, 16, 1),
         l if l.starts_with("seg.res") => (128, 128, if l.ends_with('2') { 1 } else { 3 }),
@@ -201,39 +205,21 @@ pub(crate) fn build<'c, 'w>(ctx: &'c Context, w: &dyn Fn(&str) -> Tensor<'w>, co
 }
 
 /// Pastes a raw 64x64 decoder output into an object's box on a `width` x `height`
-/// frame: box corners rounded to pixels, the mask resized to the box with bilinear
-/// interpolation (half-pixel centres, no antialias) and thresholded at 0.
-pub fn paste(raw: &[f32], norm: &NormBox, width: usize, height: usize) -> Option<Mask> {
+/// frame the way big_vision's segmentation evaluator does: box corners truncated
+/// to pixels (`int(bin / 1023 * size)`), the mask resized to the box with Pillow's
+/// float bilinear filter (antialiased when shrinking) and thresholded at 0.
+/// `bins` are the loc bins (y1, x1, y2, x2) as the model wrote them.
+pub fn paste(raw: &[f32], bins: [u32; 4], divisor: f32, width: usize, height: usize) -> Option<Mask> {
     if raw.len() != MASK_SIZE * MASK_SIZE {
         return None;
     }
-    let round = |v: f32, size: usize| ((v * size as f32).round().max(0.0) as usize).min(size);
-    let (x1, x2) = (round(norm.x1, width), round(norm.x2, width));
-    let (y1, y2) = (round(norm.y1, height), round(norm.y2, height));
+    let px = |bin: u32, size: usize| (((bin as f64 / divisor as f64).clamp(0.0, 1.0) * size as f64) as usize).min(size);
+    let (y1, x1, y2, x2) = (px(bins[0], height), px(bins[1], width), px(bins[2], height), px(bins[3], width));
     if x2 <= x1 || y2 <= y1 {
         return None;
     }
     let (bw, bh) = (x2 - x1, y2 - y1);
-    let taps = |out: usize| -> Vec<(usize, usize, f32)> {
-        let scale = MASK_SIZE as f32 / out as f32;
-        (0..out)
-            .map(|i| {
-                let src = ((i as f32 + 0.5) * scale - 0.5).max(0.0);
-                let i0 = (src as usize).min(MASK_SIZE - 1);
-                let i1 = if i0 < MASK_SIZE - 1 { i0 + 1 } else { i0 };
-                (i0, i1, src - i0 as f32)
-            })
-            .collect()
-    };
-    let (tx, ty) = (taps(bw), taps(bh));
-    let mut bits = Vec::with_capacity(bw * bh);
-    for &(y0, y1i, ly) in &ty {
-        for &(x0, x1i, lx) in &tx {
-            let v = |y: usize, x: usize| raw[y * MASK_SIZE + x];
-            let top = (1.0 - lx) * v(y0, x0) + lx * v(y0, x1i);
-            let bottom = (1.0 - lx) * v(y1i, x0) + lx * v(y1i, x1i);
-            bits.push((1.0 - ly) * top + ly * bottom > 0.0);
-        }
-    }
+    let resized = crate::preprocess::resize_f32_bilinear(raw, MASK_SIZE, MASK_SIZE, bw, bh);
+    let bits: Vec<bool> = resized.iter().map(|&v| v > 0.0).collect();
     Some(Mask::from_bitmap(x1, y1, bw, bh, &bits))
 }

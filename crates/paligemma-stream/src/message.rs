@@ -1,0 +1,82 @@
+//! The result message (`paligemma.result/1`): one per prompt per analysed frame,
+//! shared by the element's bus messages and the node's Zenoh payloads.
+use paligemma::TaskResult;
+
+pub const SCHEMA: &str = "paligemma.result/1";
+
+/// Who produced a message.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Source {
+    pub node: String,
+    pub camera: String,
+}
+
+/// Identity and timestamps of the analysed frame.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FrameInfo {
+    pub seq: u64,
+    pub pts_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_time_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_time_ns: Option<u64>,
+    pub capture_unix_ns: Option<u64>,
+    pub width: usize,
+    pub height: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PromptInfo {
+    pub id: String,
+    pub text: String,
+    pub task: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub device: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenCounts {
+    pub prompt: usize,
+    pub generated: usize,
+}
+
+/// Milliseconds per stage; `queue` is from the frame's arrival to the start of work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Latency {
+    pub queue: f64,
+    pub preprocess: f64,
+    pub vision: f64,
+    pub prefill: f64,
+    pub decode: f64,
+    pub total: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ResultMessage {
+    pub schema: String,
+    pub source: Source,
+    pub frame: FrameInfo,
+    pub prompt: PromptInfo,
+    pub model: ModelInfo,
+    pub result: TaskResult,
+    pub raw: String,
+    pub tokens: TokenCounts,
+    pub latency_ms: Latency,
+    pub frames_dropped: u64,
+}
+
+impl ResultMessage {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("result messages serialise")
+    }
+
+    pub fn is_error(&self) -> bool {
+        matches!(self.result, TaskResult::Error { .. })
+    }
+}
