@@ -1,0 +1,394 @@
+//! The worker thread: the only code that touches the engine. It takes the newest
+//! sampled frame, encodes it once, answers every standing prompt that is due, and
+//! hands each result message to a sink. Synchronous analyses (the element's `sync`
+//! mode) and ad-hoc questions (the node's `ask`) go before standing work. Engine
+//! errors become error results; the worker never dies of them.
+use crate::message::{Latency, ModelInfo, PromptInfo, ResultMessage, SCHEMA, Source, TokenCounts};
+use crate::prompts::{PromptSet, Schedule, StandingPrompt};
+use crate::sampler::{Frame, Sampler, SamplerConfig};
+use crate::{Error, Result};
+use paligemma::output::DEFAULT_LOC_DIVISOR;
+use paligemma::{GenerateOptions, Model, Task, TaskResult};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Receives every result message (standing prompts, sync analyses, asks).
+pub type Sink = Box<dyn Fn(&ResultMessage) + Send>;
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub source: Source,
+    pub sampler: SamplerConfig,
+    pub loc_divisor: f32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig { source: Source::default(), sampler: SamplerConfig::default(), loc_divisor: DEFAULT_LOC_DIVISOR }
+    }
+}
+
+/// Counters for status reports.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct WorkerStats {
+    pub frames_seen: u64,
+    pub frames_analysed: u64,
+    pub frames_dropped: u64,
+    pub results: u64,
+    pub errors: u64,
+    /// Latency of the last result.
+    pub last_latency_ms: Latency,
+    pub busy: bool,
+}
+
+enum Request {
+    /// Analyse this frame with every standing prompt now; reply with the results.
+    Analyse(Frame, SyncSender<Vec<ResultMessage>>),
+    /// Answer one prompt on this frame.
+    Ask(Frame, StandingPrompt, SyncSender<ResultMessage>),
+}
+
+struct State {
+    sampler: Sampler,
+    requests: VecDeque<Request>,
+    prompts: PromptSet,
+    prompts_changed: bool,
+    stop: bool,
+    stats: WorkerStats,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    /// Bumped by flush and stop: work started under an older epoch is abandoned.
+    epoch: AtomicU64,
+}
+
+/// Handle to the worker thread; dropping it stops the thread.
+pub struct Worker {
+    shared: Arc<Shared>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts the worker with a loaded model.
+    pub fn spawn(model: Model, prompts: PromptSet, config: WorkerConfig, sink: Sink) -> Worker {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                sampler: Sampler::new(config.sampler.clone()),
+                requests: VecDeque::new(),
+                prompts,
+                prompts_changed: false,
+                stop: false,
+                stats: WorkerStats::default(),
+            }),
+            wake: Condvar::new(),
+            epoch: AtomicU64::new(0),
+        });
+        let thread_shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("paligemma-worker".into())
+            .spawn(move || run(model, thread_shared, config, sink))
+            .expect("spawning a thread");
+        Worker { shared, handle: Some(handle) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a frame over without waiting; a frame still waiting is replaced.
+    pub fn submit(&self, frame: Frame) {
+        self.lock().sampler.offer(frame);
+        self.shared.wake.notify_all();
+    }
+
+    /// Whether a frame arriving now should be analysed synchronously (interval,
+    /// change detection); counts it as seen or dropped.
+    pub fn sample_now(&self, frame: &Frame) -> bool {
+        self.lock().sampler.sample_now(frame, Instant::now())
+    }
+
+    /// Analyses a frame with every standing prompt and waits for the results. Returns
+    /// early (with what is done) when flushed or stopped meanwhile.
+    pub fn analyse(&self, frame: Frame) -> Result<Vec<ResultMessage>> {
+        let (tx, rx) = sync_channel(1);
+        {
+            let mut state = self.lock();
+            if state.stop {
+                return Err(Error::Stopped);
+            }
+            state.requests.push_back(Request::Analyse(frame, tx));
+        }
+        self.shared.wake.notify_all();
+        rx.recv().map_err(|_| Error::Stopped)
+    }
+
+    /// Answers one prompt on a frame, waiting at most `timeout`.
+    pub fn ask(&self, frame: Frame, prompt: StandingPrompt, timeout: Duration) -> Result<ResultMessage> {
+        prompt.parsed()?;
+        let (tx, rx) = sync_channel(1);
+        {
+            let mut state = self.lock();
+            if state.stop {
+                return Err(Error::Stopped);
+            }
+            state.requests.push_back(Request::Ask(frame, prompt, tx));
+        }
+        self.shared.wake.notify_all();
+        rx.recv_timeout(timeout).map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => Error::Timeout(timeout.as_millis() as u64),
+            std::sync::mpsc::RecvTimeoutError::Disconnected => Error::Stopped,
+        })
+    }
+
+    /// Replaces the standing prompts (validated by the caller's `PromptSet`).
+    pub fn set_prompts(&self, prompts: PromptSet) {
+        let mut state = self.lock();
+        state.prompts = prompts;
+        state.prompts_changed = true;
+    }
+
+    pub fn prompts(&self) -> PromptSet {
+        self.lock().prompts.clone()
+    }
+
+    /// Drops the waiting frame and abandons the work in progress (seeks, flushes).
+    pub fn flush(&self) {
+        let mut state = self.lock();
+        state.sampler.flush();
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        drop(state);
+        self.shared.wake.notify_all();
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        let state = self.lock();
+        let mut stats = state.stats.clone();
+        stats.frames_seen = state.sampler.seen;
+        stats.frames_dropped = state.sampler.dropped_total;
+        stats
+    }
+
+    /// Whether a frame is waiting or a request is queued.
+    pub fn has_pending(&self) -> bool {
+        let state = self.lock();
+        state.sampler.has_pending() || !state.requests.is_empty()
+    }
+
+    /// Waits until no frame is waiting and nothing is in progress (or `timeout`).
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            if !state.sampler.has_pending() && state.requests.is_empty() && !state.stats.busy {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self.shared.wake.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Stops the thread, abandoning work in progress, and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        {
+            let mut state = self.lock();
+            state.stop = true;
+            state.requests.clear();
+        }
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// What the worker does next.
+enum Job {
+    Request(Request),
+    Standing(Frame, Vec<StandingPrompt>),
+}
+
+fn run(mut model: Model, shared: Arc<Shared>, config: WorkerConfig, sink: Sink) {
+    let info = ModelInfo { name: model.config().name.clone(), ty: model.weight_type.clone(), device: model.device().to_string() };
+    let mut schedule = Schedule::default();
+    let mut analysed = 0u64;
+    loop {
+        let (job, epoch) = {
+            let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if state.stop {
+                    return;
+                }
+                if state.prompts_changed {
+                    schedule.reset();
+                    state.prompts_changed = false;
+                }
+                if let Some(req) = state.requests.pop_front() {
+                    state.stats.busy = true;
+                    break (Job::Request(req), shared.epoch.load(Ordering::SeqCst));
+                }
+                let now = Instant::now();
+                match state.sampler.wait_time(now) {
+                    Some(wait) if wait.is_zero() => {
+                        if let Some(frame) = state.sampler.take(now) {
+                            analysed += 1;
+                            let due: Vec<StandingPrompt> = schedule.due(&state.prompts, analysed, now).into_iter().cloned().collect();
+                            if due.is_empty() {
+                                continue;
+                            }
+                            state.stats.busy = true;
+                            break (Job::Standing(frame, due), shared.epoch.load(Ordering::SeqCst));
+                        }
+                    }
+                    Some(wait) => state = shared.wake.wait_timeout(state, wait).unwrap_or_else(|e| e.into_inner()).0,
+                    None => {
+                        shared.wake.notify_all();
+                        state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
+        };
+        let ctx = JobContext { shared: &shared, config: &config, info: &info, epoch };
+        match job {
+            Job::Standing(frame, due) => {
+                for msg in ctx.analyse(&mut model, &frame, &due) {
+                    sink(&msg);
+                }
+            }
+            Job::Request(Request::Analyse(frame, reply)) => {
+                let prompts = shared.state.lock().unwrap_or_else(|e| e.into_inner()).prompts.prompts.clone();
+                let results = ctx.analyse(&mut model, &frame, &prompts);
+                for msg in &results {
+                    sink(msg);
+                }
+                let _ = reply.send(results);
+            }
+            Job::Request(Request::Ask(frame, prompt, reply)) => {
+                if let Some(msg) = ctx.analyse(&mut model, &frame, std::slice::from_ref(&prompt)).pop() {
+                    sink(&msg);
+                    let _ = reply.send(msg);
+                }
+            }
+        }
+        let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.stats.busy = false;
+        drop(state);
+        shared.wake.notify_all();
+    }
+}
+
+struct JobContext<'a> {
+    shared: &'a Shared,
+    config: &'a WorkerConfig,
+    info: &'a ModelInfo,
+    epoch: u64,
+}
+
+impl JobContext<'_> {
+    fn cancelled(&self) -> bool {
+        self.shared.epoch.load(Ordering::SeqCst) != self.epoch
+    }
+
+    /// Encodes the frame once and answers each prompt; stops early when cancelled.
+    fn analyse(&self, model: &mut Model, frame: &Frame, prompts: &[StandingPrompt]) -> Vec<ResultMessage> {
+        let queue_ms = frame.received.elapsed().as_secs_f64() * 1e3;
+        let started = Instant::now();
+        let embedding = model.encode_image(&frame.image);
+        let mut out = Vec::new();
+        for prompt in prompts {
+            if self.cancelled() {
+                break;
+            }
+            let prompt_start = Instant::now();
+            let outcome = match (&embedding, prompt.parsed()) {
+                (Ok(emb), Ok(task)) => {
+                    let opts = GenerateOptions { max_tokens: prompt.max_tokens, ..Default::default() };
+                    model
+                        .answer(emb, &task, &opts, self.config.loc_divisor, &mut |_, _| !self.cancelled())
+                        .map_err(|e| e.to_string())
+                        .map(|a| (task, a))
+                }
+                (Err(e), _) => Err(e.to_string()),
+                (_, Err(e)) => Err(e.to_string()),
+            };
+            if self.cancelled() {
+                break;
+            }
+            let mut msg = self.message(frame, prompt, queue_ms);
+            match outcome {
+                Ok((task, answer)) => {
+                    let t = &answer.generation.timings;
+                    msg.prompt.task = task.kind().into();
+                    msg.raw = answer.generation.text.clone();
+                    msg.tokens = TokenCounts { prompt: answer.generation.prompt_tokens, generated: answer.generation.tokens.len() };
+                    // The image is encoded once per frame: its cost is reported on the first prompt only.
+                    let first = out.is_empty();
+                    msg.latency_ms = Latency {
+                        queue: queue_ms,
+                        preprocess: if first { t.preprocess } else { 0.0 },
+                        vision: if first { t.vision } else { 0.0 },
+                        prefill: t.prefill,
+                        decode: t.decode,
+                        total: if first { started.elapsed().as_secs_f64() * 1e3 } else { prompt_start.elapsed().as_secs_f64() * 1e3 } + queue_ms,
+                    };
+                    msg.result = answer.result;
+                }
+                Err(message) => {
+                    msg.result = TaskResult::Error { message };
+                    msg.latency_ms.total = prompt_start.elapsed().as_secs_f64() * 1e3 + queue_ms;
+                }
+            }
+            let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            msg.frames_dropped = std::mem::take(&mut state.sampler.dropped);
+            state.stats.results += 1;
+            if msg.is_error() {
+                state.stats.errors += 1;
+            }
+            state.stats.last_latency_ms = msg.latency_ms;
+            if out.is_empty() {
+                state.stats.frames_analysed += 1;
+            }
+            drop(state);
+            out.push(msg);
+        }
+        out
+    }
+
+    fn message(&self, frame: &Frame, prompt: &StandingPrompt, queue_ms: f64) -> ResultMessage {
+        ResultMessage {
+            schema: SCHEMA.into(),
+            source: self.config.source.clone(),
+            frame: frame.info.clone(),
+            prompt: PromptInfo {
+                id: prompt.id.clone(),
+                text: prompt.task.clone(),
+                task: Task::parse(&prompt.task).map(|t| t.kind().to_string()).unwrap_or_default(),
+            },
+            model: self.info.clone(),
+            result: TaskResult::Text { text: String::new() },
+            raw: String::new(),
+            tokens: TokenCounts::default(),
+            latency_ms: Latency { queue: queue_ms, ..Default::default() },
+            frames_dropped: 0,
+        }
+    }
+}

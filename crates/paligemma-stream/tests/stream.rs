@@ -1,0 +1,165 @@
+//! Prompts, sampling and the worker on a fixture model.
+use paligemma::preprocess::RgbImage;
+use paligemma::{Model, ModelOptions};
+use paligemma_stream::message::FrameInfo;
+use paligemma_stream::prompts::Schedule;
+use paligemma_stream::{Frame, PromptSet, ResultMessage, SamplerConfig, StandingPrompt, Worker, WorkerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model(dir: &Path) -> Model {
+    let out = dir.join("m.gguf");
+    let opts = paligemma::convert::ConvertOptions::default();
+    paligemma::convert::convert(&fixtures().join("pg2_gqa/hf"), &out, &opts, |_| {}).unwrap();
+    Model::load(&out, &ModelOptions { threads: 1, ..Default::default() }).unwrap()
+}
+
+fn frame(seq: u64) -> Frame {
+    let img = RgbImage::open(&fixtures().join("images/rgb.png")).unwrap();
+    let info = FrameInfo { seq, pts_ns: Some(seq * 33_333_333), width: img.width, height: img.height, ..Default::default() };
+    Frame::new(info, img)
+}
+
+fn collector() -> (Arc<Mutex<Vec<ResultMessage>>>, paligemma_stream::worker::Sink) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    (got, Box::new(move |m: &ResultMessage| g.lock().unwrap().push(m.clone())))
+}
+
+#[test]
+fn prompt_forms_and_validation() {
+    let set = PromptSet::from_short("caption en|detect person ; car|detect cat", 500, 16).unwrap();
+    let ids: Vec<&str> = set.prompts.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["caption", "detect", "detect2"]);
+    let toml = r#"
+        [[prompt]]
+        id = "people"
+        task = "detect person ; car"
+        every_ms = 2000
+        max_tokens = 24
+        [[prompt]]
+        id = "scene"
+        task = "caption en"
+        every_frames = 5
+    "#;
+    let set = PromptSet::from_toml(toml).unwrap();
+    assert_eq!(set.prompts[0].max_tokens, 24);
+    assert_eq!(set.prompts[1].max_tokens, paligemma_stream::prompts::DEFAULT_MAX_TOKENS);
+    for (bad, why) in [
+        ("[[prompt]]\nid = \"a b\"\ntask = \"ocr\"", "letters"),
+        ("[[prompt]]\nid = \"a\"\ntask = \"detect ;\"", "at least one"),
+        ("[[prompt]]\nid = \"a\"\ntask = \"ocr\"\n[[prompt]]\nid = \"a\"\ntask = \"ocr\"", "twice"),
+        ("[[prompt]]\nid = \"a\"\ntask = \"ocr\"\ncolour = 3", "unknown field"),
+        ("[[prompt]\n", "invalid prompts TOML"),
+    ] {
+        let e = PromptSet::from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad:?}: {e}");
+    }
+    let json = PromptSet::from_json(r#"[{"id":"x","task":"caption en"}]"#).unwrap();
+    assert_eq!(json.prompts[0].task, "caption en");
+    assert!(PromptSet::from_json("{nope").is_err());
+}
+
+#[test]
+fn schedule_honours_time_and_frame_intervals() {
+    let mut set = PromptSet::from_short("caption en", 1000, 8).unwrap();
+    set.prompts.push(StandingPrompt { every_frames: 3, ..StandingPrompt::new("ocr", "ocr") });
+    let mut s = Schedule::default();
+    let t0 = Instant::now();
+    let ids = |v: Vec<&StandingPrompt>| v.iter().map(|p| p.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(s.due(&set, 1, t0)), ["caption", "ocr"]);
+    assert!(ids(s.due(&set, 2, t0 + Duration::from_millis(500))).is_empty());
+    assert_eq!(ids(s.due(&set, 3, t0 + Duration::from_millis(1100))), ["caption"]);
+    assert_eq!(ids(s.due(&set, 4, t0 + Duration::from_millis(1200))), ["ocr"]);
+}
+
+#[test]
+fn worker_answers_standing_prompts_newest_frame_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (got, sink) = collector();
+    let prompts = PromptSet::from_short("detect cat ; dog|caption en", 0, 6).unwrap();
+    let worker = Worker::spawn(model(dir.path()), prompts, WorkerConfig::default(), sink);
+    // A burst of frames: the producer never waits, older frames are dropped.
+    let start = Instant::now();
+    for seq in 0..50 {
+        worker.submit(frame(seq));
+    }
+    assert!(start.elapsed() < Duration::from_millis(500), "submit must not block");
+    assert!(worker.drain(Duration::from_secs(60)));
+    let msgs = got.lock().unwrap().clone();
+    assert!(msgs.len() >= 2 && msgs.len() % 2 == 0, "{} results", msgs.len());
+    assert_eq!(msgs.last().unwrap().frame.seq, 49, "the newest frame is analysed");
+    let det = msgs.iter().find(|m| m.prompt.id == "detect").unwrap();
+    assert_eq!(det.result.kind(), "detections");
+    assert_eq!(det.frame.pts_ns, Some(det.frame.seq * 33_333_333));
+    assert!(det.latency_ms.total > 0.0 && det.tokens.prompt == 22);
+    let stats = worker.stats();
+    assert_eq!(stats.frames_seen, 50);
+    assert!(stats.frames_dropped >= 40, "{stats:?}");
+    assert_eq!(msgs.iter().map(|m| m.frames_dropped).sum::<u64>(), stats.frames_dropped);
+    let v: serde_json::Value = serde_json::from_str(&det.to_json()).unwrap();
+    assert_eq!(v["schema"], "paligemma.result/1");
+}
+
+#[test]
+fn sync_analysis_ask_errors_and_prompt_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_got, sink) = collector();
+    let worker = Worker::spawn(model(dir.path()), PromptSet::from_short("ocr", 0, 4).unwrap(), WorkerConfig::default(), sink);
+    let results = worker.analyse(frame(7)).unwrap();
+    assert_eq!(results.len(), 1);
+    assert_eq!((results[0].frame.seq, results[0].prompt.id.as_str()), (7, "ocr"));
+
+    let ask = worker.ask(frame(8), StandingPrompt::new("ask", "caption en"), Duration::from_secs(30)).unwrap();
+    assert_eq!(ask.result.kind(), "caption");
+    // An invalid prompt is refused before it reaches the engine.
+    assert!(worker.ask(frame(9), StandingPrompt::new("ask", "detect ;"), Duration::from_secs(30)).is_err());
+    // A prompt too long for the context becomes an error result; the worker carries on.
+    let long = StandingPrompt { max_tokens: 4, ..StandingPrompt::new("long", &"cat ".repeat(3000)) };
+    let msg = worker.ask(frame(10), long, Duration::from_secs(30)).unwrap();
+    assert!(msg.is_error(), "{msg:?}");
+    worker.set_prompts(PromptSet::from_short("caption en|detect cat", 0, 4).unwrap());
+    let results = worker.analyse(frame(11)).unwrap();
+    assert_eq!(results.iter().map(|m| m.prompt.id.as_str()).collect::<Vec<_>>(), ["caption", "detect"]);
+}
+
+#[test]
+fn stop_and_flush_return_promptly_mid_inference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (got, sink) = collector();
+    let prompts = PromptSet::from_short("caption en", 0, 400).unwrap();
+    let worker = Worker::spawn(model(dir.path()), prompts, WorkerConfig::default(), sink);
+    worker.submit(frame(1));
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    worker.flush();
+    assert!(worker.drain(Duration::from_secs(5)), "flush abandons the work in progress");
+    assert!(got.lock().unwrap().is_empty(), "abandoned work produces no stale result");
+    worker.submit(frame(2));
+    std::thread::sleep(Duration::from_millis(100));
+    worker.stop();
+    assert!(t.elapsed() < Duration::from_secs(5), "stop took {:?}", t.elapsed());
+}
+
+#[test]
+fn minimum_interval_and_unchanged_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let (got, sink) = collector();
+    let config = WorkerConfig {
+        sampler: SamplerConfig { min_interval: Duration::from_millis(300), skip_unchanged_below: Some(1.0) },
+        ..Default::default()
+    };
+    let worker = Worker::spawn(model(dir.path()), PromptSet::from_short("ocr", 0, 2).unwrap(), config, sink);
+    for seq in 0..5 {
+        worker.submit(frame(seq));
+        assert!(worker.drain(Duration::from_secs(20)));
+    }
+    // The same picture five times: analysed once, the rest skipped as unchanged.
+    assert_eq!(got.lock().unwrap().len(), 1);
+    assert!(worker.stats().frames_dropped >= 4);
+}
