@@ -71,7 +71,7 @@ struct Shared {
 /// Handle to the worker thread; dropping it stops the thread.
 pub struct Worker {
     shared: Arc<Shared>,
-    handle: Option<JoinHandle<()>>,
+    handle: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Worker {
@@ -94,7 +94,7 @@ impl Worker {
             .name("paligemma-worker".into())
             .spawn(move || run(model, thread_shared, config, sink))
             .expect("spawning a thread");
-        Worker { shared, handle: Some(handle) }
+        Worker { shared, handle: Mutex::new(Some(handle)) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -196,12 +196,9 @@ impl Worker {
         }
     }
 
-    /// Stops the thread, abandoning work in progress, and waits for it.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
+    /// Stops the thread, abandoning work in progress, and waits for it. Waiting
+    /// callers of [`Worker::analyse`] and [`Worker::ask`] get [`Error::Stopped`].
+    pub fn stop(&self) {
         {
             let mut state = self.lock();
             state.stop = true;
@@ -209,7 +206,8 @@ impl Worker {
         }
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
         self.shared.wake.notify_all();
-        if let Some(h) = self.handle.take() {
+        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
             let _ = h.join();
         }
     }
@@ -217,7 +215,7 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        self.shutdown();
+        self.stop();
     }
 }
 

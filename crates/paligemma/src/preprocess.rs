@@ -112,6 +112,74 @@ fn over_white(c: u8, a: u8) -> u8 {
     ((c * a + 255 * (255 - a) + 127) / 255) as u8
 }
 
+/// Colour matrix of limited-range YUV video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum YuvMatrix {
+    Bt601,
+    Bt709,
+}
+
+/// A 4:2:0 frame: a full-resolution luma plane and half-resolution chroma, either
+/// as two planes (I420) or interleaved U/V (NV12).
+pub struct Yuv420<'a> {
+    pub width: usize,
+    pub height: usize,
+    pub y: &'a [u8],
+    pub y_stride: usize,
+    /// I420: the U plane; NV12: the interleaved UV plane.
+    pub u: &'a [u8],
+    pub u_stride: usize,
+    /// I420: the V plane; NV12: unused.
+    pub v: &'a [u8],
+    pub v_stride: usize,
+    pub interleaved: bool,
+    pub matrix: YuvMatrix,
+}
+
+impl RgbImage {
+    /// Converts limited-range 4:2:0 video (NV12, I420) to RGB.
+    pub fn from_yuv420(f: &Yuv420<'_>) -> Result<RgbImage> {
+        check_size(f.width, f.height)?;
+        let (cw, ch) = (f.width.div_ceil(2), f.height.div_ceil(2));
+        let short = |plane: &str, len: usize, need: usize| {
+            Error::Image(format!("{plane} plane of {len} bytes is too small for a {}x{} frame ({need} needed)", f.width, f.height))
+        };
+        let need_y = f.y_stride * (f.height - 1) + f.width;
+        let chroma_row = if f.interleaved { cw * 2 } else { cw };
+        let need_u = f.u_stride * (ch - 1) + chroma_row;
+        let need_v = if f.interleaved { 0 } else { f.v_stride * (ch - 1) + cw };
+        if f.y_stride < f.width || f.y.len() < need_y {
+            return Err(short("Y", f.y.len(), need_y));
+        }
+        if f.u_stride < chroma_row || f.u.len() < need_u {
+            return Err(short("U", f.u.len(), need_u));
+        }
+        if !f.interleaved && (f.v_stride < cw || f.v.len() < need_v) {
+            return Err(short("V", f.v.len(), need_v));
+        }
+        let (rv, gu, gv, bu) = match f.matrix {
+            YuvMatrix::Bt601 => (1.596f32, 0.392f32, 0.813f32, 2.017f32),
+            YuvMatrix::Bt709 => (1.793, 0.213, 0.533, 2.112),
+        };
+        let mut data = Vec::with_capacity(f.width * f.height * 3);
+        for row in 0..f.height {
+            for col in 0..f.width {
+                let y = 1.164 * (f.y[row * f.y_stride + col] as f32 - 16.0);
+                let (cr, cc) = (row / 2, col / 2);
+                let (u, v) = if f.interleaved {
+                    (f.u[cr * f.u_stride + 2 * cc], f.u[cr * f.u_stride + 2 * cc + 1])
+                } else {
+                    (f.u[cr * f.u_stride + cc], f.v[cr * f.v_stride + cc])
+                };
+                let (u, v) = (u as f32 - 128.0, v as f32 - 128.0);
+                let px = [y + rv * v, y - gu * u - gv * v, y + bu * u];
+                data.extend(px.map(|c| c.round().clamp(0.0, 255.0) as u8));
+            }
+        }
+        Ok(RgbImage { width: f.width, height: f.height, data })
+    }
+}
+
 fn check_size(width: usize, height: usize) -> Result<()> {
     if width == 0 || height == 0 {
         return Err(Error::Image(format!("empty frame ({width}x{height})")));

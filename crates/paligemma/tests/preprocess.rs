@@ -107,3 +107,23 @@ fn bad_frames_are_errors() {
     let wide = image::DynamicImage::new_rgb8(100_000, 1);
     assert!(RgbImage::from_dynamic(&wide).unwrap_err().to_string().contains("larger than"));
 }
+
+#[test]
+fn yuv420_frames() {
+    use paligemma::preprocess::{Yuv420, YuvMatrix};
+    // Mid-grey Y=126 with neutral chroma is RGB 128 under the limited-range matrix;
+    // a saturated red (Y 81, U 90, V 240 in BT.601) comes back red.
+    let (w, h) = (6, 4);
+    let y = vec![126u8; w * h];
+    let uv = vec![128u8; w * h / 2];
+    let nv12 = Yuv420 { width: w, height: h, y: &y, y_stride: w, u: &uv, u_stride: w, v: &[], v_stride: 0, interleaved: true, matrix: YuvMatrix::Bt601 };
+    let img = RgbImage::from_yuv420(&nv12).unwrap();
+    assert!(img.data.iter().all(|&c| c == 128), "{:?}", &img.data[..6]);
+    let y = vec![81u8; w * h];
+    let (u, v) = (vec![90u8; 9], vec![240u8; 9]);
+    let i420 = Yuv420 { width: w, height: h, y: &y, y_stride: w, u: &u, u_stride: 3, v: &v, v_stride: 3, interleaved: false, matrix: YuvMatrix::Bt601 };
+    let img = RgbImage::from_yuv420(&i420).unwrap();
+    assert!(img.data[0] > 250 && img.data[1] < 5 && img.data[2] < 5, "{:?}", &img.data[..3]);
+    let short = Yuv420 { y: &y[..10], ..i420 };
+    assert!(RgbImage::from_yuv420(&short).unwrap_err().to_string().contains("Y plane"));
+}

@@ -1,0 +1,635 @@
+use super::Mode;
+use crate::result_meta::regions;
+use gst::glib;
+use gst::prelude::*;
+use gst_base::prelude::BaseTransformExtManual;
+use gst_video::prelude::VideoFrameExt;
+use gst::subclass::prelude::*;
+use gst_base::subclass::prelude::*;
+use paligemma::preprocess::{PixelFormat, RgbImage, Yuv420, YuvMatrix};
+use paligemma::{KvType, Model, ModelOptions};
+use paligemma_stream::message::{FrameInfo, Source};
+use paligemma_stream::{Frame, PromptSet, ResultMessage, SamplerConfig, Worker, WorkerConfig};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+static CAT: LazyLock<gst::DebugCategory> =
+    LazyLock::new(|| gst::DebugCategory::new("paligemma", gst::DebugColorFlags::empty(), Some("PaliGemma vision-language model")));
+
+const DEFAULT_PROMPTS: &str = "caption en";
+const DEFAULT_MAX_TOKENS: u32 = 32;
+const DEFAULT_INTERVAL_MS: u64 = 0;
+/// While the worker is busy, frames are converted and offered at most this often.
+const BUSY_OFFER_PERIOD: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone)]
+struct Settings {
+    model: Option<String>,
+    prompts: String,
+    prompts_file: Option<String>,
+    device: String,
+    threads: u32,
+    max_tokens: u32,
+    interval_ms: u64,
+    mode: Mode,
+    attach_meta: bool,
+    post_messages: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            model: None,
+            prompts: DEFAULT_PROMPTS.into(),
+            prompts_file: None,
+            device: "cpu".into(),
+            threads: 0,
+            max_tokens: DEFAULT_MAX_TOKENS,
+            interval_ms: DEFAULT_INTERVAL_MS,
+            mode: Mode::Async,
+            attach_meta: true,
+            post_messages: true,
+        }
+    }
+}
+
+impl Settings {
+    fn prompt_set(&self) -> Result<PromptSet, String> {
+        match &self.prompts_file {
+            Some(path) => PromptSet::from_file(std::path::Path::new(path)).map_err(|e| e.to_string()),
+            None => PromptSet::from_short(&self.prompts, self.interval_ms, self.max_tokens as usize).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Shared with the worker's sink (it runs on the worker thread).
+#[derive(Default)]
+struct Outbox {
+    /// Async mode: results waiting to be attached to the next outgoing buffer.
+    fresh: Mutex<Vec<ResultMessage>>,
+    text: Mutex<TextPad>,
+    /// Worst time one analysis took, for the LATENCY query in sync mode.
+    worst_analysis: Mutex<Option<gst::ClockTime>>,
+}
+
+#[derive(Default)]
+struct TextPad {
+    pad: Option<gst::Pad>,
+    started: bool,
+    segment: Option<gst::Segment>,
+}
+
+struct State {
+    worker: Arc<Worker>,
+    info: Option<gst_video::VideoInfo>,
+    seq: u64,
+    last_offer: Option<Instant>,
+}
+
+pub struct PaliGemma {
+    settings: Mutex<Settings>,
+    state: Mutex<Option<State>>,
+    outbox: Arc<Outbox>,
+}
+
+impl Default for PaliGemma {
+    fn default() -> Self {
+        PaliGemma { settings: Mutex::new(Settings::default()), state: Mutex::new(None), outbox: Arc::new(Outbox::default()) }
+    }
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for PaliGemma {
+    const NAME: &'static str = "GstPaliGemma";
+    type Type = super::PaliGemma;
+    type ParentType = gst_base::BaseTransform;
+}
+
+impl ObjectImpl for PaliGemma {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            vec![
+                glib::ParamSpecString::builder("model")
+                    .nick("Model")
+                    .blurb("PaliGemma GGUF file written by `paligemma convert`")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("prompts")
+                    .nick("Prompts")
+                    .blurb("Standing prompts separated by |, e.g. \"caption en|detect person ; car\" (ignored when prompts-file is set)")
+                    .default_value(Some(DEFAULT_PROMPTS))
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecString::builder("prompts-file")
+                    .nick("Prompts file")
+                    .blurb("TOML file of standing prompts ([[prompt]] id, task, every_ms, every_frames, max_tokens), as the node's configuration")
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecString::builder("device")
+                    .nick("Device")
+                    .blurb("Compute device: cpu, cuda:N, vulkan:N or gpu")
+                    .default_value(Some("cpu"))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("threads")
+                    .nick("Threads")
+                    .blurb("CPU threads for the model (0: all cores)")
+                    .maximum(1024)
+                    .default_value(0)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-tokens")
+                    .nick("Max tokens")
+                    .blurb("Longest answer in tokens (for prompts from the prompts property)")
+                    .minimum(1)
+                    .maximum(4096)
+                    .default_value(DEFAULT_MAX_TOKENS)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt64::builder("interval")
+                    .nick("Interval")
+                    .blurb("Minimum milliseconds between two analysed frames (0: as often as the model keeps up)")
+                    .default_value(DEFAULT_INTERVAL_MS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default::<Mode>("mode", Mode::Async)
+                    .nick("Mode")
+                    .blurb("async: never block, results arrive on later frames (live sources); sync: a sampled frame waits for its results (files)")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecBoolean::builder("attach-meta")
+                    .nick("Attach meta")
+                    .blurb("Attach results as GstVideoRegionOfInterestMeta")
+                    .default_value(true)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecBoolean::builder("post-messages")
+                    .nick("Post messages")
+                    .blurb("Post results as element messages (paligemma-result) on the bus")
+                    .default_value(true)
+                    .mutable_playing()
+                    .build(),
+            ]
+        });
+        PROPERTIES.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut settings = self.settings.lock().unwrap();
+        match pspec.name() {
+            "model" => settings.model = value.get().expect("type checked upstream"),
+            "prompts" => settings.prompts = value.get::<Option<String>>().expect("type checked upstream").unwrap_or_default(),
+            "prompts-file" => settings.prompts_file = value.get().expect("type checked upstream"),
+            "device" => settings.device = value.get::<Option<String>>().expect("type checked upstream").unwrap_or_else(|| "cpu".into()),
+            "threads" => settings.threads = value.get().expect("type checked upstream"),
+            "max-tokens" => settings.max_tokens = value.get().expect("type checked upstream"),
+            "interval" => settings.interval_ms = value.get().expect("type checked upstream"),
+            "mode" => settings.mode = value.get().expect("type checked upstream"),
+            "attach-meta" => settings.attach_meta = value.get().expect("type checked upstream"),
+            "post-messages" => settings.post_messages = value.get().expect("type checked upstream"),
+            other => unreachable!("unknown property {other}"),
+        }
+        // Prompt changes take effect at once while running.
+        if matches!(pspec.name(), "prompts" | "prompts-file" | "max-tokens") {
+            let result = settings.prompt_set();
+            drop(settings);
+            match (result, self.state.lock().unwrap().as_ref()) {
+                (Ok(set), Some(state)) => state.worker.set_prompts(set),
+                (Err(e), Some(_)) => gst::element_imp_warning!(self, gst::LibraryError::Settings, ["Keeping the current prompts: {}", e]),
+                _ => {}
+            }
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let settings = self.settings.lock().unwrap();
+        match pspec.name() {
+            "model" => settings.model.to_value(),
+            "prompts" => settings.prompts.to_value(),
+            "prompts-file" => settings.prompts_file.to_value(),
+            "device" => settings.device.to_value(),
+            "threads" => settings.threads.to_value(),
+            "max-tokens" => settings.max_tokens.to_value(),
+            "interval" => settings.interval_ms.to_value(),
+            "mode" => settings.mode.to_value(),
+            "attach-meta" => settings.attach_meta.to_value(),
+            "post-messages" => settings.post_messages.to_value(),
+            other => unreachable!("unknown property {other}"),
+        }
+    }
+}
+
+impl GstObjectImpl for PaliGemma {}
+
+fn video_caps() -> gst::Caps {
+    gst_video::VideoCapsBuilder::new()
+        .format_list([
+            gst_video::VideoFormat::Rgb,
+            gst_video::VideoFormat::Rgba,
+            gst_video::VideoFormat::Bgrx,
+            gst_video::VideoFormat::Bgra,
+            gst_video::VideoFormat::Nv12,
+            gst_video::VideoFormat::I420,
+        ])
+        .build()
+}
+
+impl ElementImpl for PaliGemma {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static META: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "PaliGemma",
+                "Filter/Analyzer/Video",
+                "Answers standing prompts (captions, detections, masks, OCR, questions) on sampled frames with a PaliGemma model; video passes through untouched",
+                "paligemma-rs developers",
+            )
+        });
+        Some(&*META)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let caps = video_caps();
+            vec![
+                gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &caps).unwrap(),
+                gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &caps).unwrap(),
+                gst::PadTemplate::new(
+                    "text_src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Request,
+                    &gst::Caps::builder("text/x-raw").field("format", "utf8").build(),
+                )
+                .unwrap(),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+
+    fn request_new_pad(&self, templ: &gst::PadTemplate, _name: Option<&str>, _caps: Option<&gst::Caps>) -> Option<gst::Pad> {
+        let mut text = self.outbox.text.lock().unwrap();
+        if text.pad.is_some() {
+            gst::debug!(CAT, imp = self, "text_src already exists");
+            return None;
+        }
+        let pad = gst::Pad::builder_from_template(templ).name("text_src").build();
+        pad.set_active(true).ok()?;
+        self.obj().add_pad(&pad).ok()?;
+        text.pad = Some(pad.clone());
+        text.started = false;
+        Some(pad)
+    }
+
+    fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        // Leaving PAUSED deactivates the pads, which waits for the streaming thread;
+        // in sync mode that thread may be waiting for an analysis: abandon it first.
+        if transition == gst::StateChange::PausedToReady {
+            if let Some(state) = self.state.lock().unwrap().as_ref() {
+                state.worker.flush();
+            }
+        }
+        self.parent_change_state(transition)
+    }
+
+    fn release_pad(&self, pad: &gst::Pad) {
+        let mut text = self.outbox.text.lock().unwrap();
+        if text.pad.as_ref() == Some(pad) {
+            text.pad = None;
+        }
+        drop(text);
+        let _ = pad.set_active(false);
+        let _ = self.obj().remove_pad(pad);
+    }
+}
+
+impl PaliGemma {
+    /// The worker's sink: bus messages, text buffers, and (async) results for the next buffer.
+    fn make_sink(&self, mode: Mode) -> paligemma_stream::worker::Sink {
+        let element = self.obj().downgrade();
+        let outbox = self.outbox.clone();
+        Box::new(move |msg: &ResultMessage| {
+            let Some(element) = element.upgrade() else { return };
+            let imp = element.imp();
+            let (post, attach) = {
+                let s = imp.settings.lock().unwrap();
+                (s.post_messages, s.attach_meta)
+            };
+            let took = gst::ClockTime::from_nseconds((msg.latency_ms.total - msg.latency_ms.queue).max(0.0) as u64 * 1_000_000);
+            {
+                let mut worst = outbox.worst_analysis.lock().unwrap();
+                if worst.is_none_or(|w| took > w) {
+                    *worst = Some(took);
+                }
+            }
+            if post {
+                let _ = element.post_message(result_message(&element, msg));
+            }
+            push_text(&element, &outbox, msg);
+            if attach && mode == Mode::Async {
+                outbox.fresh.lock().unwrap().push(msg.clone());
+            }
+        })
+    }
+
+    fn frame_from_buffer(&self, buf: &gst::BufferRef, info: &gst_video::VideoInfo, seq: u64) -> Result<Frame, String> {
+        let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buf, info).map_err(|e| format!("cannot map the frame: {e}"))?;
+        let (w, h) = (info.width() as usize, info.height() as usize);
+        let plane = |i: u32| frame.plane_data(i).map_err(|e| format!("plane {i}: {e}"));
+        let stride = |i: usize| frame.plane_stride()[i] as usize;
+        let image = match info.format() {
+            gst_video::VideoFormat::Rgb => RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Rgb),
+            gst_video::VideoFormat::Rgba => RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Rgba),
+            gst_video::VideoFormat::Bgrx => RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Bgrx),
+            gst_video::VideoFormat::Bgra => RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Bgra),
+            format @ (gst_video::VideoFormat::Nv12 | gst_video::VideoFormat::I420) => {
+                let matrix = if info.colorimetry().matrix() == gst_video::VideoColorMatrix::Bt709 { YuvMatrix::Bt709 } else { YuvMatrix::Bt601 };
+                let nv12 = format == gst_video::VideoFormat::Nv12;
+                RgbImage::from_yuv420(&Yuv420 {
+                    width: w,
+                    height: h,
+                    y: plane(0)?,
+                    y_stride: stride(0),
+                    u: plane(1)?,
+                    u_stride: stride(1),
+                    v: if nv12 { &[] } else { plane(2)? },
+                    v_stride: if nv12 { 0 } else { stride(2) },
+                    interleaved: nv12,
+                    matrix,
+                })
+            }
+            other => return Err(format!("unsupported format {other:?}")),
+        }
+        .map_err(|e| e.to_string())?;
+        let segment = self.obj().segment();
+        let segment = segment.downcast_ref::<gst::ClockTime>();
+        let pts = buf.pts();
+        let info = FrameInfo {
+            seq,
+            pts_ns: pts.map(|p| p.nseconds()),
+            running_time_ns: segment.and_then(|s| s.to_running_time(pts)).map(|t| t.nseconds()),
+            stream_time_ns: segment.and_then(|s| s.to_stream_time(pts)).map(|t| t.nseconds()),
+            capture_unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).ok().map(|d| d.as_nanos() as u64),
+            width: w,
+            height: h,
+        };
+        Ok(Frame::new(info, image))
+    }
+}
+
+/// The bus message for one result: the prompt, the text, the result as JSON and as
+/// fields, the analysed frame's timestamps and the latency.
+fn result_message(element: &super::PaliGemma, msg: &ResultMessage) -> gst::Message {
+    let detections: Vec<gst::glib::SendValue> = msg
+        .result
+        .detections()
+        .iter()
+        .map(|d| {
+            gst::Structure::builder("detection")
+                .field("label", &d.label)
+                .field("x", d.bbox.x as f64)
+                .field("y", d.bbox.y as f64)
+                .field("width", d.bbox.w as f64)
+                .field("height", d.bbox.h as f64)
+                .field("x1", d.box_norm.x1 as f64)
+                .field("y1", d.box_norm.y1 as f64)
+                .field("x2", d.box_norm.x2 as f64)
+                .field("y2", d.box_norm.y2 as f64)
+                .field("has-mask", d.mask.is_some())
+                .build()
+                .to_send_value()
+        })
+        .collect();
+    let text = match &msg.result {
+        paligemma::TaskResult::Caption { text }
+        | paligemma::TaskResult::Answer { text }
+        | paligemma::TaskResult::Ocr { text }
+        | paligemma::TaskResult::Text { text } => text.clone(),
+        paligemma::TaskResult::Error { message } => message.clone(),
+        _ => msg.raw.clone(),
+    };
+    let clock = |ns: Option<u64>| ns.map(gst::ClockTime::from_nseconds);
+    let s = gst::Structure::builder("paligemma-result")
+        .field("prompt-id", &msg.prompt.id)
+        .field("prompt", &msg.prompt.text)
+        .field("task", &msg.prompt.task)
+        .field("kind", msg.result.kind())
+        .field("text", text)
+        .field("raw", &msg.raw)
+        .field("json", msg.to_json())
+        .field("detections", gst::Array::from_values(detections))
+        .field("frame-seq", msg.frame.seq)
+        .field("pts", clock(msg.frame.pts_ns))
+        .field("running-time", clock(msg.frame.running_time_ns))
+        .field("stream-time", clock(msg.frame.stream_time_ns))
+        .field("latency-ms", msg.latency_ms.total)
+        .field("frames-dropped", msg.frames_dropped)
+        .build();
+    gst::message::Element::builder(s).src(element).build()
+}
+
+/// Pushes a result's text on the text_src pad, timestamped with the analysed frame.
+fn push_text(element: &super::PaliGemma, outbox: &Outbox, msg: &ResultMessage) {
+    let mut text = outbox.text.lock().unwrap();
+    let Some(pad) = text.pad.clone() else { return };
+    if !text.started {
+        let stream_id = pad.create_stream_id(element, Some("text")).to_string();
+        let _ = pad.push_event(gst::event::StreamStart::new(&stream_id));
+        let _ = pad.push_event(gst::event::Caps::new(&gst::Caps::builder("text/x-raw").field("format", "utf8").build()));
+        let segment = text.segment.clone().unwrap_or_else(|| gst::FormattedSegment::<gst::ClockTime>::new().upcast());
+        let _ = pad.push_event(gst::event::Segment::new(&segment));
+        text.started = true;
+    }
+    let body = match &msg.result {
+        paligemma::TaskResult::Detections { detections, .. } | paligemma::TaskResult::Segmentation { detections, .. } => detections
+            .iter()
+            .map(|d| format!("{} ({:.0},{:.0} {:.0}x{:.0})", d.label, d.bbox.x, d.bbox.y, d.bbox.w, d.bbox.h))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => match other {
+            paligemma::TaskResult::Caption { text }
+            | paligemma::TaskResult::Answer { text }
+            | paligemma::TaskResult::Ocr { text }
+            | paligemma::TaskResult::Text { text } => text.clone(),
+            paligemma::TaskResult::Error { message } => format!("error: {message}"),
+            _ => String::new(),
+        },
+    };
+    let line = format!("{}: {}", msg.prompt.id, body);
+    let mut buffer = gst::Buffer::from_mut_slice(line.into_bytes());
+    {
+        let b = buffer.get_mut().expect("new buffer is writable");
+        b.set_pts(msg.frame.pts_ns.map(gst::ClockTime::from_nseconds));
+        b.set_duration(gst::ClockTime::from_seconds(1));
+    }
+    drop(text);
+    if let Err(e) = pad.push(buffer) {
+        gst::debug!(CAT, obj = element, "text_src push: {:?}", e);
+    }
+}
+
+impl BaseTransformImpl for PaliGemma {
+    const MODE: gst_base::subclass::BaseTransformMode = gst_base::subclass::BaseTransformMode::AlwaysInPlace;
+    const PASSTHROUGH_ON_SAME_CAPS: bool = false;
+    const TRANSFORM_IP_ON_PASSTHROUGH: bool = false;
+
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let settings = self.settings.lock().unwrap().clone();
+        let Some(path) = settings.model.clone() else {
+            return Err(gst::error_msg!(gst::ResourceError::NotFound, ["No model: set the model property to a PaliGemma GGUF file"]));
+        };
+        let prompts = settings.prompt_set().map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ["Invalid prompts: {}", e]))?;
+        let obj = self.obj();
+        let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Start, "load", &format!("Loading {path}")).src(&*obj).build());
+        gst::info!(CAT, imp = self, "loading {} on {}", path, settings.device);
+        let opts = ModelOptions { device: settings.device.clone(), threads: settings.threads as usize, kv_type: KvType::F16, context: 0 };
+        let model = match Model::load(&path, &opts) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Error, "load", &e.to_string()).src(&*obj).build());
+                let kind = if std::path::Path::new(&path).exists() { gst::ResourceError::OpenRead } else { gst::ResourceError::NotFound };
+                return Err(gst::error_msg!(kind, ["Cannot load model {}: {}", path, e]));
+            }
+        };
+        let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Complete, "load", &format!("Loaded {path}")).src(&*obj).build());
+        let config = WorkerConfig {
+            source: Source { node: String::new(), camera: obj.name().to_string() },
+            sampler: SamplerConfig { min_interval: Duration::from_millis(settings.interval_ms), skip_unchanged_below: None },
+            ..Default::default()
+        };
+        let worker = Worker::spawn(model, prompts, config, self.make_sink(settings.mode));
+        *self.state.lock().unwrap() = Some(State { worker: Arc::new(worker), info: None, seq: 0, last_offer: None });
+        *self.outbox.worst_analysis.lock().unwrap() = None;
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        // Taking the state first means the streaming thread sees no worker while this
+        // one waits for the worker to abandon its work.
+        let state = self.state.lock().unwrap().take();
+        if let Some(state) = state {
+            state.worker.stop();
+        }
+        self.outbox.fresh.lock().unwrap().clear();
+        let mut text = self.outbox.text.lock().unwrap();
+        text.started = false;
+        Ok(())
+    }
+
+    fn set_caps(&self, incaps: &gst::Caps, _outcaps: &gst::Caps) -> Result<(), gst::LoggableError> {
+        let info = gst_video::VideoInfo::from_caps(incaps).map_err(|_| gst::loggable_error!(CAT, "invalid caps {}", incaps))?;
+        gst::debug!(CAT, imp = self, "caps {}x{} {:?}", info.width(), info.height(), info.format());
+        if let Some(state) = self.state.lock().unwrap().as_mut() {
+            state.info = Some(info);
+        }
+        Ok(())
+    }
+
+    fn sink_event(&self, event: gst::Event) -> bool {
+        match event.view() {
+            gst::EventView::FlushStart(_) => {
+                if let Some(state) = self.state.lock().unwrap().as_ref() {
+                    state.worker.flush();
+                }
+                self.outbox.fresh.lock().unwrap().clear();
+            }
+            gst::EventView::Eos(_) => {
+                // Sync mode has nothing pending (frames wait for their results);
+                // async mode drops work that would arrive after the stream ended.
+                if let Some(state) = self.state.lock().unwrap().as_ref() {
+                    state.worker.flush();
+                }
+            }
+            gst::EventView::Segment(s) => {
+                self.outbox.text.lock().unwrap().segment = Some(s.segment().clone());
+            }
+            _ => {}
+        }
+        self.parent_sink_event(event)
+    }
+
+    fn query(&self, direction: gst::PadDirection, query: &mut gst::QueryRef) -> bool {
+        if direction == gst::PadDirection::Src {
+            if let gst::QueryViewMut::Latency(q) = query.view_mut() {
+                if !BaseTransformImplExt::parent_query(self, direction, q.query_mut()) {
+                    return false;
+                }
+                let (live, min, max) = q.result();
+                let mode = self.settings.lock().unwrap().mode;
+                // Async never delays a buffer. Sync holds a sampled frame for its whole
+                // analysis: report the worst seen so far (0 before the first one).
+                let added = match mode {
+                    Mode::Async => gst::ClockTime::ZERO,
+                    Mode::Sync => self.outbox.worst_analysis.lock().unwrap().unwrap_or(gst::ClockTime::ZERO),
+                };
+                q.set(live, min + added, max.map(|m| m + added));
+                return true;
+            }
+        }
+        BaseTransformImplExt::parent_query(self, direction, query)
+    }
+
+    fn transform_ip(&self, buf: &mut gst::BufferRef) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let (mode, attach) = {
+            let s = self.settings.lock().unwrap();
+            (s.mode, s.attach_meta)
+        };
+        let mut guard = self.state.lock().unwrap();
+        let Some(state) = guard.as_mut() else { return Ok(gst::FlowSuccess::Ok) };
+        let Some(info) = state.info.clone() else { return Ok(gst::FlowSuccess::Ok) };
+        state.seq += 1;
+        let seq = state.seq;
+        match mode {
+            Mode::Async => {
+                // Attach what arrived since the last buffer.
+                let fresh = std::mem::take(&mut *self.outbox.fresh.lock().unwrap());
+                if attach {
+                    for msg in &fresh {
+                        for region in regions(msg) {
+                            region.attach(buf, info.width(), info.height());
+                        }
+                    }
+                }
+                // Convert and offer the frame; while the model is busy, at most every
+                // BUSY_OFFER_PERIOD, so a slow model does not cost a copy per frame.
+                let now = Instant::now();
+                let busy = state.worker.stats().busy;
+                if !busy || state.last_offer.is_none_or(|t| now.duration_since(t) >= BUSY_OFFER_PERIOD) {
+                    match self.frame_from_buffer(buf, &info, seq) {
+                        Ok(frame) => {
+                            state.worker.submit(frame);
+                            state.last_offer = Some(now);
+                        }
+                        Err(e) => gst::warning!(CAT, imp = self, "frame {}: {}", seq, e),
+                    }
+                }
+            }
+            Mode::Sync => {
+                let frame = match self.frame_from_buffer(buf, &info, seq) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        gst::warning!(CAT, imp = self, "frame {}: {}", seq, e);
+                        return Ok(gst::FlowSuccess::Ok);
+                    }
+                };
+                if !state.worker.sample_now(&frame) {
+                    return Ok(gst::FlowSuccess::Ok);
+                }
+                // Analyse without holding the state lock, so a state change can
+                // interrupt it (see change_state).
+                let worker = state.worker.clone();
+                drop(guard);
+                match worker.analyse(frame) {
+                    Ok(results) if attach => {
+                        for msg in &results {
+                            for region in regions(msg) {
+                                region.attach(buf, info.width(), info.height());
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => gst::debug!(CAT, imp = self, "analysis of frame {} abandoned: {}", seq, e),
+                }
+            }
+        }
+        Ok(gst::FlowSuccess::Ok)
+    }
+}

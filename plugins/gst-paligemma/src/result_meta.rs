@@ -1,0 +1,129 @@
+//! How results travel on buffers: one `GstVideoRegionOfInterestMeta` per object
+//! (or one frame-sized region for a caption / answer), with a `paligemma/result`
+//! parameter structure. The overlay reads them back; any other element can too.
+//!
+//! Parameter fields: `prompt-id` (string), `kind` (`detections`, `segmentation`,
+//! `caption`, `answer`, `ocr`, `text`, `error`), `label` (string), `x1 y1 x2 y2`
+//! (f64, normalised box), `text` (string, captions and answers), and for masks
+//! `mask-x mask-y mask-width mask-height` (u32, frame pixels) and `mask-rle`
+//! (string: run lengths of alternating 0/1 pixels, row-major, starting with 0s).
+use paligemma::TaskResult;
+use paligemma_stream::ResultMessage;
+
+pub const PARAM_NAME: &str = "paligemma/result";
+
+/// One thing to draw or report, decoded from a result message or a meta.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Region {
+    pub prompt_id: String,
+    pub kind: String,
+    pub label: String,
+    /// Normalised box.
+    pub x1: f64,
+    pub y1: f64,
+    pub x2: f64,
+    pub y2: f64,
+    pub text: String,
+    pub mask: Option<(u32, u32, u32, u32, Vec<u32>)>,
+    /// Frame size the mask refers to.
+    pub frame: (u32, u32),
+}
+
+/// The regions of a result message.
+pub fn regions(msg: &ResultMessage) -> Vec<Region> {
+    let base = Region {
+        prompt_id: msg.prompt.id.clone(),
+        kind: msg.result.kind().into(),
+        label: String::new(),
+        x1: 0.0,
+        y1: 0.0,
+        x2: 1.0,
+        y2: 1.0,
+        text: String::new(),
+        mask: None,
+        frame: (msg.frame.width as u32, msg.frame.height as u32),
+    };
+    match &msg.result {
+        TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } => detections
+            .iter()
+            .map(|d| Region {
+                label: d.label.clone(),
+                x1: d.box_norm.x1 as f64,
+                y1: d.box_norm.y1 as f64,
+                x2: d.box_norm.x2 as f64,
+                y2: d.box_norm.y2 as f64,
+                mask: d.mask.as_ref().map(|m| (m.x as u32, m.y as u32, m.width as u32, m.height as u32, m.rle.clone())),
+                ..base.clone()
+            })
+            .collect(),
+        TaskResult::Caption { text } | TaskResult::Answer { text } | TaskResult::Ocr { text } | TaskResult::Text { text } => {
+            vec![Region { text: text.clone(), ..base }]
+        }
+        TaskResult::Error { message } => vec![Region { text: message.clone(), ..base }],
+    }
+}
+
+impl Region {
+    pub fn to_structure(&self) -> gst::Structure {
+        let mut s = gst::Structure::builder(PARAM_NAME)
+            .field("prompt-id", &self.prompt_id)
+            .field("kind", &self.kind)
+            .field("label", &self.label)
+            .field("x1", self.x1)
+            .field("y1", self.y1)
+            .field("x2", self.x2)
+            .field("y2", self.y2)
+            .field("text", &self.text)
+            .field("frame-width", self.frame.0)
+            .field("frame-height", self.frame.1)
+            .build();
+        if let Some((x, y, w, h, rle)) = &self.mask {
+            s.set("mask-x", *x);
+            s.set("mask-y", *y);
+            s.set("mask-width", *w);
+            s.set("mask-height", *h);
+            s.set("mask-rle", rle.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+        }
+        s
+    }
+
+    pub fn from_structure(s: &gst::StructureRef) -> Option<Region> {
+        if s.name() != PARAM_NAME {
+            return None;
+        }
+        let mask = match (s.get::<u32>("mask-x"), s.get::<u32>("mask-y"), s.get::<u32>("mask-width"), s.get::<u32>("mask-height"), s.get::<String>("mask-rle")) {
+            (Ok(x), Ok(y), Ok(w), Ok(h), Ok(rle)) => Some((x, y, w, h, rle.split(',').filter_map(|v| v.parse().ok()).collect())),
+            _ => None,
+        };
+        Some(Region {
+            prompt_id: s.get("prompt-id").ok()?,
+            kind: s.get("kind").ok()?,
+            label: s.get("label").unwrap_or_default(),
+            x1: s.get("x1").ok()?,
+            y1: s.get("y1").ok()?,
+            x2: s.get("x2").ok()?,
+            y2: s.get("y2").ok()?,
+            text: s.get("text").unwrap_or_default(),
+            mask,
+            frame: (s.get("frame-width").unwrap_or(0), s.get("frame-height").unwrap_or(0)),
+        })
+    }
+
+    /// Attaches the region to a buffer of `width` x `height` pixels.
+    pub fn attach(&self, buffer: &mut gst::BufferRef, width: u32, height: u32) {
+        let px = |v: f64, size: u32| (v.clamp(0.0, 1.0) * size as f64).round() as u32;
+        let (x, y) = (px(self.x1, width), px(self.y1, height));
+        let (w, h) = (px(self.x2, width).saturating_sub(x), px(self.y2, height).saturating_sub(y));
+        let roi_type = if self.label.is_empty() { self.kind.as_str() } else { self.label.as_str() };
+        let mut meta = gst_video::VideoRegionOfInterestMeta::add(buffer, roi_type, (x, y, w, h));
+        meta.add_param(self.to_structure());
+    }
+
+    /// Regions carried by a buffer's metas.
+    pub fn from_buffer(buffer: &gst::BufferRef) -> Vec<Region> {
+        buffer
+            .iter_meta::<gst_video::VideoRegionOfInterestMeta>()
+            .filter_map(|m| m.params().find_map(Region::from_structure))
+            .collect()
+    }
+}
