@@ -77,6 +77,9 @@ struct TextPad {
     pad: Option<gst::Pad>,
     started: bool,
     segment: Option<gst::Segment>,
+    /// Text buffers are pushed from their own thread: a downstream sink waiting
+    /// to preroll must not block the worker or the video stream.
+    queue: Option<std::sync::mpsc::Sender<ResultMessage>>,
 }
 
 struct State {
@@ -276,6 +279,19 @@ impl ElementImpl for PaliGemma {
         self.obj().add_pad(&pad).ok()?;
         text.pad = Some(pad.clone());
         text.started = false;
+        let (tx, rx) = std::sync::mpsc::channel::<ResultMessage>();
+        let element = self.obj().downgrade();
+        let outbox = self.outbox.clone();
+        std::thread::Builder::new()
+            .name("paligemma-text".into())
+            .spawn(move || {
+                for msg in rx {
+                    let Some(element) = element.upgrade() else { break };
+                    push_text(&element, &outbox, &msg);
+                }
+            })
+            .ok()?;
+        text.queue = Some(tx);
         Some(pad)
     }
 
@@ -294,6 +310,7 @@ impl ElementImpl for PaliGemma {
         let mut text = self.outbox.text.lock().unwrap();
         if text.pad.as_ref() == Some(pad) {
             text.pad = None;
+            text.queue = None;
         }
         drop(text);
         let _ = pad.set_active(false);
@@ -323,7 +340,9 @@ impl PaliGemma {
             if post {
                 let _ = element.post_message(result_message(&element, msg));
             }
-            push_text(&element, &outbox, msg);
+            if let Some(queue) = &outbox.text.lock().unwrap().queue {
+                let _ = queue.send(msg.clone());
+            }
             if attach && mode == Mode::Async {
                 outbox.fresh.lock().unwrap().push(msg.clone());
             }
