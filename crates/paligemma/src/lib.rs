@@ -25,3 +25,6 @@ pub use answer::Answer;
 pub use error::{Error, Result};
 pub use output::TaskResult;
 pub use task::Task;
+
+/// Silences ggml's own log output (warnings and errors still reach stderr unless `quiet`).
+pub use ggml::set_log_quiet as set_backend_log_quiet;

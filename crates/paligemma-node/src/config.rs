@@ -1,0 +1,194 @@
+//! The node's configuration: one TOML file (see `configs/node.toml`), overridable
+//! from the command line.
+use anyhow::{Context, Result, bail};
+use paligemma_stream::{PromptSet, StandingPrompt};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Node name, used in the default key prefix and in messages.
+    #[serde(default = "default_node")]
+    pub node: String,
+    /// Key prefix (default `paligemma/<node>`).
+    pub prefix: Option<String>,
+    /// Encoding of published messages.
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// Seconds between status messages (0: none).
+    #[serde(default = "default_status")]
+    pub status_interval_s: f64,
+    /// Longest an `ask` may take before its reply is an error.
+    #[serde(default = "default_ask_timeout")]
+    pub ask_timeout_ms: u64,
+    /// Longest accepted `ask` prompt, in bytes.
+    #[serde(default = "default_max_prompt")]
+    pub max_prompt_bytes: usize,
+    /// On SIGINT/SIGTERM: finish the work in progress, or drop it.
+    #[serde(default)]
+    pub on_shutdown: OnShutdown,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub zenoh: ZenohConfig,
+    #[serde(rename = "camera", default)]
+    pub cameras: Vec<CameraConfig>,
+}
+
+fn default_node() -> String {
+    "node".into()
+}
+fn default_status() -> f64 {
+    5.0
+}
+fn default_ask_timeout() -> u64 {
+    60_000
+}
+fn default_max_prompt() -> usize {
+    4096
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    #[default]
+    Json,
+    Cbor,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnShutdown {
+    /// Abandon the analysis in progress.
+    #[default]
+    Drop,
+    /// Let the analysis in progress finish and publish it (bounded by 30 s).
+    Finish,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default = "default_kv")]
+    pub kv_type: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_kv() -> String {
+    "f16".into()
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZenohConfig {
+    /// A zenoh JSON5 configuration file; the fields below override it.
+    pub config: Option<PathBuf>,
+    /// `peer` or `client`.
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub listen: Vec<String>,
+    #[serde(default)]
+    pub connect: Vec<String>,
+    /// Multicast scouting (on by default in zenoh).
+    pub multicast_scouting: Option<bool>,
+}
+
+/// Where a camera's frames come from: exactly one of the three.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    pub name: String,
+    /// A GStreamer pipeline; it should end in `appsink name=sink` (one is appended otherwise).
+    pub pipeline: Option<String>,
+    /// A URI (file, RTSP, HTTP...) decoded with `uridecodebin`.
+    pub uri: Option<String>,
+    /// A Zenoh key on which another process publishes frames (JPEG, PNG or raw RGB).
+    pub zenoh_key: Option<String>,
+    /// Minimum milliseconds between analysed frames.
+    #[serde(default)]
+    pub interval_ms: u64,
+    /// Skip frames whose mean change (0..255) to the last analysed one is below this.
+    pub skip_unchanged_below: Option<f32>,
+    #[serde(rename = "prompt", default)]
+    pub prompts: Vec<StandingPrompt>,
+}
+
+impl CameraConfig {
+    pub fn prompt_set(&self) -> Result<PromptSet> {
+        PromptSet::new(self.prompts.clone()).with_context(|| format!("camera {:?}", self.name))
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut cfg: Config = toml::from_str(&text).with_context(|| format!("{}: invalid configuration", path.display()))?;
+        // Relative paths are relative to the configuration file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        if cfg.model.path.is_relative() && !cfg.model.path.exists() {
+            cfg.model.path = base.join(&cfg.model.path);
+        }
+        if let Some(z) = &cfg.zenoh.config {
+            if z.is_relative() && !z.exists() {
+                cfg.zenoh.config = Some(base.join(z));
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn prefix(&self) -> String {
+        self.prefix.clone().unwrap_or_else(|| format!("paligemma/{}", self.node))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.cameras.is_empty() {
+            bail!("no camera configured (add a [[camera]] section or --camera NAME=PIPELINE)");
+        }
+        let mut names = std::collections::HashSet::new();
+        for c in &self.cameras {
+            if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
+                bail!("camera name {:?} must be letters, digits, - or _", c.name);
+            }
+            if !names.insert(&c.name) {
+                bail!("camera {:?} appears twice", c.name);
+            }
+            let sources = [c.pipeline.is_some(), c.uri.is_some(), c.zenoh_key.is_some()].iter().filter(|&&b| b).count();
+            if sources != 1 {
+                bail!("camera {:?} needs exactly one of pipeline, uri or zenoh_key", c.name);
+            }
+            c.prompt_set()?;
+        }
+        Ok(())
+    }
+
+    /// The zenoh session configuration.
+    pub fn zenoh_config(&self) -> Result<zenoh::Config> {
+        let z = &self.zenoh;
+        let mut config = match &z.config {
+            Some(path) => zenoh::Config::from_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            None => zenoh::Config::default(),
+        };
+        let set = |config: &mut zenoh::Config, key: &str, value: String| {
+            config.insert_json5(key, &value).map_err(|e| anyhow::anyhow!("zenoh setting {key} = {value}: {e}"))
+        };
+        if let Some(mode) = &z.mode {
+            set(&mut config, "mode", serde_json::to_string(mode)?)?;
+        }
+        if !z.listen.is_empty() {
+            set(&mut config, "listen/endpoints", serde_json::to_string(&z.listen)?)?;
+        }
+        if !z.connect.is_empty() {
+            set(&mut config, "connect/endpoints", serde_json::to_string(&z.connect)?)?;
+        }
+        if let Some(on) = z.multicast_scouting {
+            set(&mut config, "scouting/multicast/enabled", on.to_string())?;
+        }
+        Ok(config)
+    }
+}

@@ -1,0 +1,434 @@
+//! `paligemma-node`: turns cameras into a stream of PaliGemma answers on Zenoh.
+//!
+//! Keys under the prefix (default `paligemma/<node>`):
+//! - `<prefix>/<camera>/<prompt-id>`: one result message per standing prompt per analysed frame
+//! - `<prefix>/<camera>/errors`: engine errors and bad frames
+//! - `<prefix>/<camera>/status`: periodic counters and latencies
+//! - `<prefix>/<camera>/ask`: queryable; payload a prompt (text, or JSON `{"prompt", "max_tokens"}`)
+//! - `<prefix>/<camera>/prompts`: put a list (TOML or JSON) to replace the standing prompts; get to read it
+//! - liveliness tokens `<prefix>` (the node) and `<prefix>/<camera>`
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use config::{Config, Encoding, OnShutdown};
+use paligemma::{KvType, Model, ModelOptions};
+use paligemma_stream::message::{FrameInfo, Source};
+use paligemma_stream::{Frame, PromptSet, ResultMessage, SamplerConfig, StandingPrompt, Worker, WorkerConfig};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use zenoh::Wait;
+
+mod config;
+mod frames;
+
+#[derive(Parser, Debug)]
+#[command(name = "paligemma-node", version, about = "PaliGemma on cameras, answers on Zenoh", long_about = None)]
+struct Cli {
+    /// Configuration file (TOML; see configs/node.toml). Flags below override it.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Model file (GGUF written by `paligemma convert`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute device: cpu, cuda:N, vulkan:N, gpu.
+    #[arg(long)]
+    device: Option<String>,
+    /// CPU threads (0: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Node name (default prefix paligemma/<node>).
+    #[arg(long)]
+    node: Option<String>,
+    /// Key prefix.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Message encoding.
+    #[arg(long, value_enum)]
+    encoding: Option<Encoding>,
+    /// Zenoh JSON5 configuration file.
+    #[arg(long)]
+    zenoh_config: Option<PathBuf>,
+    /// Zenoh mode: peer or client.
+    #[arg(long)]
+    mode: Option<String>,
+    /// Zenoh endpoints to listen on (repeatable), e.g. tcp/0.0.0.0:7447.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Zenoh endpoints to connect to (repeatable).
+    #[arg(long)]
+    connect: Vec<String>,
+    /// Disable multicast scouting.
+    #[arg(long)]
+    no_multicast_scouting: bool,
+    /// Add a camera: NAME=GSTREAMER-PIPELINE (repeatable; prompts from --prompt).
+    #[arg(long = "camera")]
+    cameras: Vec<String>,
+    /// Standing prompt for cameras added with --camera (repeatable), e.g. "detect person".
+    #[arg(long = "prompt")]
+    prompts: Vec<String>,
+    /// Minimum milliseconds between analysed frames for cameras added with --camera.
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
+}
+
+fn build_config(cli: &Cli) -> Result<Config> {
+    let mut cfg = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => {
+            let model = cli.model.clone().context("give --config FILE or at least --model and --camera")?;
+            toml::from_str::<Config>(&format!("[model]\npath = {:?}\n", model.display().to_string()))?
+        }
+    };
+    if let Some(m) = &cli.model {
+        cfg.model.path = m.clone();
+    }
+    if let Some(d) = &cli.device {
+        cfg.model.device = d.clone();
+    }
+    if let Some(t) = cli.threads {
+        cfg.model.threads = t;
+    }
+    if let Some(n) = &cli.node {
+        cfg.node = n.clone();
+    }
+    if cli.prefix.is_some() {
+        cfg.prefix = cli.prefix.clone();
+    }
+    if let Some(e) = cli.encoding {
+        cfg.encoding = e;
+    }
+    if cli.zenoh_config.is_some() {
+        cfg.zenoh.config = cli.zenoh_config.clone();
+    }
+    if cli.mode.is_some() {
+        cfg.zenoh.mode = cli.mode.clone();
+    }
+    if !cli.listen.is_empty() {
+        cfg.zenoh.listen = cli.listen.clone();
+    }
+    if !cli.connect.is_empty() {
+        cfg.zenoh.connect = cli.connect.clone();
+    }
+    if cli.no_multicast_scouting {
+        cfg.zenoh.multicast_scouting = Some(false);
+    }
+    for cam in &cli.cameras {
+        let (name, pipeline) = cam.split_once('=').context("--camera takes NAME=PIPELINE")?;
+        let prompts = PromptSet::from_short(&cli.prompts.join("|"), 0, paligemma_stream::prompts::DEFAULT_MAX_TOKENS)?;
+        cfg.cameras.push(config::CameraConfig {
+            name: name.into(),
+            pipeline: Some(pipeline.into()),
+            uri: None,
+            zenoh_key: None,
+            interval_ms: cli.interval_ms,
+            skip_unchanged_below: None,
+            prompts: prompts.prompts,
+        });
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Encodes a message in the configured encoding.
+fn encode<T: serde::Serialize>(encoding: Encoding, value: &T) -> (Vec<u8>, zenoh::bytes::Encoding) {
+    match encoding {
+        Encoding::Json => (serde_json::to_vec(value).unwrap_or_default(), zenoh::bytes::Encoding::APPLICATION_JSON),
+        Encoding::Cbor => {
+            let mut out = Vec::new();
+            let _ = ciborium::into_writer(value, &mut out);
+            (out, zenoh::bytes::Encoding::APPLICATION_CBOR)
+        }
+    }
+}
+
+/// An error report on `<prefix>/<camera>/errors`.
+#[derive(serde::Serialize)]
+struct ErrorMessage<'a> {
+    schema: &'static str,
+    source: &'a Source,
+    message: String,
+}
+
+/// Everything a camera needs to publish.
+#[derive(Clone)]
+struct Publisher {
+    session: zenoh::Session,
+    base: String,
+    source: Source,
+    encoding: Encoding,
+}
+
+impl Publisher {
+    fn put<T: serde::Serialize>(&self, key: &str, value: &T) {
+        let (bytes, enc) = encode(self.encoding, value);
+        if let Err(e) = self.session.put(key, bytes).encoding(enc).wait() {
+            tracing::warn!("put {key}: {e}");
+        }
+    }
+
+    fn result(&self, msg: &ResultMessage) {
+        let key = if msg.is_error() { format!("{}/errors", self.base) } else { format!("{}/{}", self.base, msg.prompt.id) };
+        self.put(&key, msg);
+    }
+
+    fn error(&self, message: String) {
+        tracing::warn!("{}: {message}", self.base);
+        self.put(&format!("{}/errors", self.base), &ErrorMessage { schema: "paligemma.error/1", source: &self.source, message });
+    }
+}
+
+/// A running camera: its worker, its newest frame and its frame source.
+struct Camera {
+    name: String,
+    worker: Arc<Worker>,
+    newest: Arc<Mutex<Option<Frame>>>,
+    publisher: Publisher,
+    gst: Option<frames::GstSource>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _token: zenoh::liveliness::LivelinessToken,
+}
+
+/// Hands a frame to the worker and keeps it as the newest for `ask`.
+fn deliver(worker: &Worker, newest: &Mutex<Option<Frame>>, seq: &AtomicU64, image: paligemma::preprocess::RgbImage, pts_ns: Option<u64>) {
+    let info = FrameInfo {
+        seq: seq.fetch_add(1, Ordering::Relaxed),
+        pts_ns,
+        capture_unix_ns: frames::unix_ns(),
+        width: image.width,
+        height: image.height,
+        ..Default::default()
+    };
+    let frame = Frame::new(info, image);
+    *newest.lock().unwrap() = Some(frame.clone());
+    worker.submit(frame);
+}
+
+/// Parses an `ask` payload: plain text, or JSON `{"prompt": ..., "max_tokens": ...}`.
+fn parse_ask(payload: &[u8], max_bytes: usize) -> Result<StandingPrompt> {
+    if payload.len() > max_bytes {
+        bail!("prompt of {} bytes is longer than {max_bytes}", payload.len());
+    }
+    let text = std::str::from_utf8(payload).context("prompt is not UTF-8")?.trim();
+    let (prompt, max_tokens) = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(o)) => (
+            o.get("prompt").and_then(|p| p.as_str()).context("JSON ask without a \"prompt\" string")?.to_string(),
+            o.get("max_tokens").and_then(|m| m.as_u64()).map_or(paligemma_stream::prompts::DEFAULT_MAX_TOKENS, |m| m as usize),
+        ),
+        _ => (text.to_string(), paligemma_stream::prompts::DEFAULT_MAX_TOKENS),
+    };
+    if prompt.trim().is_empty() {
+        bail!("empty prompt");
+    }
+    let p = StandingPrompt { max_tokens, ..StandingPrompt::new("ask", prompt) };
+    PromptSet::new(vec![p.clone()])?;
+    Ok(p)
+}
+
+/// Parses a prompts update: TOML (`[[prompt]]`) or JSON.
+fn parse_prompts(payload: &[u8]) -> Result<PromptSet> {
+    let text = std::str::from_utf8(payload).context("prompts are not UTF-8")?;
+    if text.trim_start().starts_with(['[', '{']) && !text.trim_start().starts_with("[[") {
+        Ok(PromptSet::from_json(text)?)
+    } else {
+        Ok(PromptSet::from_toml(text)?)
+    }
+}
+
+async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh::Session) -> Result<Camera> {
+    let prefix = cfg.prefix();
+    let base = format!("{prefix}/{}", cam.name);
+    let source = Source { node: cfg.node.clone(), camera: cam.name.clone() };
+    let publisher = Publisher { session: session.clone(), base: base.clone(), source: source.clone(), encoding: cfg.encoding };
+    let opts = ModelOptions {
+        device: cfg.model.device.clone(),
+        threads: cfg.model.threads,
+        kv_type: cfg.model.kv_type.parse::<KvType>()?,
+        context: 0,
+    };
+    let model = Model::load(&cfg.model.path, &opts).with_context(|| format!("camera {}", cam.name))?;
+    tracing::info!("camera {}: model {} on {}", cam.name, cfg.model.path.display(), model.device());
+    let worker_config = WorkerConfig {
+        source,
+        sampler: SamplerConfig { min_interval: Duration::from_millis(cam.interval_ms), skip_unchanged_below: cam.skip_unchanged_below },
+        ..Default::default()
+    };
+    let sink_pub = publisher.clone();
+    let worker = Arc::new(Worker::spawn(model, cam.prompt_set()?, worker_config, Box::new(move |m: &ResultMessage| sink_pub.result(m))));
+    let newest: Arc<Mutex<Option<Frame>>> = Arc::new(Mutex::new(None));
+    let seq = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+
+    let gst = if let Some(key) = &cam.zenoh_key {
+        let sub = session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
+        let (w, n, s, p) = (worker.clone(), newest.clone(), seq.clone(), publisher.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Ok(sample) = sub.recv_async().await {
+                let payload = sample.payload().to_bytes();
+                let attachment = sample.attachment().map(|a| a.to_bytes().into_owned());
+                match frames::decode_payload(&payload, attachment.as_deref()) {
+                    Ok(img) => deliver(&w, &n, &s, img, None),
+                    Err(e) => p.error(format!("frame on {}: {e:#}", sample.key_expr())),
+                }
+            }
+        }));
+        None
+    } else {
+        let (w, n, s) = (worker.clone(), newest.clone(), seq.clone());
+        let p = publisher.clone();
+        Some(frames::GstSource::start(cam.pipeline.as_deref(), cam.uri.as_deref(), move |img, pts| deliver(&w, &n, &s, img, pts), move |e| p.error(e))?)
+    };
+
+    // Ad-hoc questions on the newest frame.
+    let ask = session.declare_queryable(format!("{base}/ask")).await.map_err(|e| anyhow::anyhow!("queryable: {e}"))?;
+    let (w, n, enc) = (worker.clone(), newest.clone(), cfg.encoding);
+    let (timeout, max_bytes) = (Duration::from_millis(cfg.ask_timeout_ms), cfg.max_prompt_bytes);
+    tasks.push(tokio::spawn(async move {
+        while let Ok(query) = ask.recv_async().await {
+            let payload = query.payload().map(|p| p.to_bytes().into_owned()).unwrap_or_default();
+            let (w, n) = (w.clone(), n.clone());
+            tokio::spawn(async move {
+                let outcome = async {
+                    let prompt = parse_ask(&payload, max_bytes)?;
+                    let frame = n.lock().unwrap().clone().context("no frame has arrived yet")?;
+                    let msg = tokio::task::spawn_blocking(move || w.ask(frame, prompt, timeout)).await??;
+                    Ok::<_, anyhow::Error>(msg)
+                }
+                .await;
+                let sent = match outcome {
+                    Ok(msg) => {
+                        let (bytes, e) = encode(enc, &msg);
+                        query.reply(query.key_expr().clone(), bytes).encoding(e).await
+                    }
+                    Err(e) => query.reply_err(format!("{e:#}")).await,
+                };
+                if let Err(e) = sent {
+                    tracing::warn!("ask reply: {e}");
+                }
+            });
+        }
+    }));
+
+    // Standing prompts at run time.
+    let prompts_key = format!("{base}/prompts");
+    let sub = session.declare_subscriber(prompts_key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe: {e}"))?;
+    let (w, p) = (worker.clone(), publisher.clone());
+    tasks.push(tokio::spawn(async move {
+        while let Ok(sample) = sub.recv_async().await {
+            if sample.kind() != zenoh::sample::SampleKind::Put {
+                continue;
+            }
+            match parse_prompts(&sample.payload().to_bytes()) {
+                Ok(set) => {
+                    tracing::info!("new standing prompts: {:?}", set.prompts.iter().map(|p| &p.id).collect::<Vec<_>>());
+                    w.set_prompts(set);
+                }
+                Err(e) => p.error(format!("prompts update refused, keeping the current ones: {e:#}")),
+            }
+        }
+    }));
+    let q = session.declare_queryable(prompts_key.as_str()).await.map_err(|e| anyhow::anyhow!("queryable: {e}"))?;
+    let w = worker.clone();
+    tasks.push(tokio::spawn(async move {
+        while let Ok(query) = q.recv_async().await {
+            let body = serde_json::to_vec(&w.prompts()).unwrap_or_default();
+            let _ = query.reply(query.key_expr().clone(), body).encoding(zenoh::bytes::Encoding::APPLICATION_JSON).await;
+        }
+    }));
+
+    // Periodic status.
+    if cfg.status_interval_s > 0.0 {
+        let (w, p) = (worker.clone(), publisher.clone());
+        let period = Duration::from_secs_f64(cfg.status_interval_s);
+        let model = cfg.model.path.display().to_string();
+        let device = cfg.model.device.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let stats = w.stats();
+                let status = serde_json::json!({
+                    "schema": "paligemma.status/1", "source": p.source, "model": model, "device": device,
+                    "frames_seen": stats.frames_seen, "frames_analysed": stats.frames_analysed, "frames_dropped": stats.frames_dropped,
+                    "results": stats.results, "errors": stats.errors, "busy": stats.busy, "latency_ms": stats.last_latency_ms,
+                });
+                p.put(&format!("{}/status", p.base), &status);
+            }
+        }));
+    }
+    let token = session.liveliness().declare_token(base.as_str()).await.map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
+    Ok(Camera { name: cam.name.clone(), worker, newest, publisher, gst, tasks, _token: token })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    gst::init().context("initialising GStreamer")?;
+    let session = zenoh::open(cfg.zenoh_config()?).await.map_err(|e| anyhow::anyhow!("opening the zenoh session: {e}"))?;
+    let prefix = cfg.prefix();
+    let node_token = session.liveliness().declare_token(prefix.as_str()).await.map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
+    let mut cameras = Vec::new();
+    for cam in &cfg.cameras {
+        cameras.push(start_camera(&cfg, cam, &session).await?);
+    }
+    tracing::info!("serving {} camera(s) under {prefix}", cameras.len());
+    println!("paligemma-node: serving {} camera(s) under {prefix}", cameras.len());
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    for cam in &cameras {
+        if let Some(g) = &cam.gst {
+            g.stop();
+        }
+    }
+    for cam in cameras {
+        for t in &cam.tasks {
+            t.abort();
+        }
+        let worker = cam.worker.clone();
+        let finish = cfg.on_shutdown == OnShutdown::Finish;
+        tokio::task::spawn_blocking(move || {
+            if finish {
+                worker.drain(Duration::from_secs(30));
+            }
+            worker.stop();
+        })
+        .await?;
+        drop(cam.newest);
+        drop(cam.publisher);
+        tracing::info!("camera {} stopped", cam.name);
+    }
+    node_token.undeclare().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    session.close().await.map_err(|e| anyhow::anyhow!("closing the session: {e}"))?;
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,zenoh=warn".into())).with_writer(std::io::stderr).init();
+    paligemma_ggml_quiet();
+    let cli = Cli::parse();
+    let result = build_config(&cli).and_then(|cfg| {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        rt.block_on(run(cfg))
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// ggml's own logging is noise for a service.
+fn paligemma_ggml_quiet() {
+    paligemma::set_backend_log_quiet(std::env::var_os("PALIGEMMA_GGML_LOG").is_none());
+}

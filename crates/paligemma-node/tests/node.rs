@@ -1,0 +1,211 @@
+//! The real `paligemma-node` binary on loopback with a fixture model, a
+//! videotestsrc camera and a Zenoh frame source, driven by a separate Zenoh client.
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use zenoh::Wait;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+fn client(port: u16) -> zenoh::Session {
+    let mut c = zenoh::Config::default();
+    c.insert_json5("mode", "\"peer\"").unwrap();
+    c.insert_json5("connect/endpoints", &format!("[\"tcp/127.0.0.1:{port}\"]")).unwrap();
+    c.insert_json5("listen/endpoints", "[]").unwrap();
+    c.insert_json5("scouting/multicast/enabled", "false").unwrap();
+    zenoh::open(c).wait().unwrap()
+}
+
+/// Collects JSON payloads from a subscriber until `pred` matches or the deadline.
+fn wait_for(sub: &zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>, secs: u64, pred: impl Fn(&str, &serde_json::Value) -> bool) -> Option<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Ok(Some(s)) = sub.recv_timeout(Duration::from_millis(200)) {
+            // The test's own puts (frames, prompt lists) arrive here too: skip them.
+            if s.key_expr().as_str().ends_with("/prompts") || s.key_expr().as_str().ends_with("/frames-in") {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&s.payload().to_bytes()).unwrap_or_else(|e| panic!("bad JSON on {}: {e}", s.key_expr()));
+            if pred(s.key_expr().as_str(), &v) {
+                return Some(v);
+            }
+        }
+    }
+    None
+}
+
+fn get(session: &zenoh::Session, key: &str, payload: Vec<u8>) -> Result<serde_json::Value, String> {
+    let replies = session.get(key).payload(payload).timeout(Duration::from_secs(60)).wait().unwrap();
+    let reply = replies.recv_timeout(Duration::from_secs(60)).unwrap().ok_or("no reply")?;
+    match reply.result() {
+        Ok(s) => Ok(serde_json::from_slice(&s.payload().to_bytes()).unwrap()),
+        Err(e) => Err(e.payload().try_to_string().map(|s| s.to_string()).unwrap_or_default()),
+    }
+}
+
+#[test]
+fn node_end_to_end_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let model = dir.path().join("pg2.gguf");
+    paligemma::convert::convert(&fixtures.join("pg2_gqa/hf"), &model, &Default::default(), |_| {}).unwrap();
+    let port = free_port();
+    let prefix = format!("pgtest/{port}");
+    let config = dir.path().join("node.toml");
+    let mut f = std::fs::File::create(&config).unwrap();
+    write!(f, r#"
+node = "test"
+prefix = "{prefix}"
+status_interval_s = 0.5
+ask_timeout_ms = 30000
+[model]
+path = "{model}"
+threads = 1
+[zenoh]
+mode = "peer"
+listen = ["tcp/127.0.0.1:{port}"]
+multicast_scouting = false
+[[camera]]
+name = "cam"
+pipeline = "videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=30/1"
+[[camera.prompt]]
+id = "objects"
+task = "detect cat ; dog"
+max_tokens = 6
+[[camera.prompt]]
+id = "scene"
+task = "caption en"
+max_tokens = 4
+[[camera]]
+name = "zcam"
+zenoh_key = "{prefix}/frames-in"
+[[camera.prompt]]
+id = "text"
+task = "ocr"
+max_tokens = 3
+"#, model = model.display()).unwrap();
+    drop(f);
+    let child = Command::new(env!("CARGO_BIN_EXE_paligemma-node"))
+        .args(["--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut node = Node(child);
+    let session = client(port);
+    let results = session.declare_subscriber(format!("{prefix}/**")).wait().unwrap();
+
+    // Standing prompts on the GStreamer camera.
+    for id in ["objects", "scene"] {
+        let v = wait_for(&results, 60, |k, _| k == format!("{prefix}/cam/{id}")).unwrap_or_else(|| panic!("no {id} result"));
+        assert_eq!(v["schema"], "paligemma.result/1");
+        assert_eq!(v["source"]["camera"], "cam");
+        assert_eq!(v["prompt"]["id"], id);
+        assert!(v["frame"]["width"] == 64 && v["latency_ms"]["total"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    let kind = wait_for(&results, 30, |k, _| k.ends_with("/cam/objects")).unwrap()["result"]["kind"].clone();
+    assert_eq!(kind, "detections");
+    // Status with drop counts: the camera runs at 30 fps, the model answers far fewer.
+    let status = wait_for(&results, 10, |k, _| k.ends_with("/cam/status")).expect("status");
+    println!("status: {status}");
+    assert!(status["frames_seen"].as_u64().unwrap() > 0);
+
+    // Ask on the newest frame.
+    let v = get(&session, &format!("{prefix}/cam/ask"), b"caption en".to_vec()).unwrap();
+    assert_eq!(v["result"]["kind"], "caption");
+    let v = get(&session, &format!("{prefix}/cam/ask"), br#"{"prompt":"detect cat","max_tokens":3}"#.to_vec()).unwrap();
+    assert_eq!(v["result"]["kind"], "detections");
+    assert!(v["tokens"]["generated"].as_u64().unwrap() <= 3);
+    // Bad asks are reply errors.
+    let e = get(&session, &format!("{prefix}/cam/ask"), Vec::new()).unwrap_err();
+    assert!(e.contains("empty prompt"), "{e}");
+    let e = get(&session, &format!("{prefix}/cam/ask"), vec![b'a'; 1 << 20]).unwrap_err();
+    assert!(e.contains("longer than"), "{e}");
+    let e = get(&session, &format!("{prefix}/zcam/ask"), b"ocr".to_vec()).unwrap_err();
+    assert!(e.contains("no frame"), "{e}");
+
+    // Replace the standing prompts; the new one takes effect, get returns it.
+    session.put(format!("{prefix}/cam/prompts"), r#"[{"id":"counting","task":"answer en how many cats?","max_tokens":3}]"#).wait().unwrap();
+    wait_for(&results, 60, |k, _| k.ends_with("/cam/counting")).expect("the new prompt answers");
+    let list = get(&session, &format!("{prefix}/cam/prompts"), Vec::new()).unwrap();
+    assert_eq!(list["prompt"][0]["id"], "counting");
+    // An update that does not parse is reported; the old prompts stay.
+    session.put(format!("{prefix}/cam/prompts"), "[[prompt]]\nid = 'x'\n").wait().unwrap();
+    let err = wait_for(&results, 10, |k, _| k.ends_with("/cam/errors")).expect("error message");
+    assert!(err["message"].as_str().unwrap().contains("keeping the current"), "{err}");
+    wait_for(&results, 60, |k, _| k.ends_with("/cam/counting")).expect("still serving");
+
+    // Zenoh frame source: PNG works, garbage and bad raw frames are errors, serving goes on.
+    let png = std::fs::read(fixtures.join("images/rgb.png")).unwrap();
+    session.put(format!("{prefix}/frames-in"), png.clone()).wait().unwrap();
+    let v = wait_for(&results, 60, |k, _| k.ends_with("/zcam/text")).expect("result for a Zenoh frame");
+    assert_eq!(v["frame"]["width"], 97);
+    session.put(format!("{prefix}/frames-in"), b"not an image".to_vec()).wait().unwrap();
+    let err = wait_for(&results, 10, |k, _| k.ends_with("/zcam/errors")).expect("error for garbage");
+    assert!(err["message"].as_str().unwrap().contains("cannot decode"), "{err}");
+    let mut raw = b"PGRF".to_vec();
+    for v in [8u32, 8, 24] {
+        raw.extend(v.to_le_bytes());
+    }
+    raw.extend(vec![0u8; 50]);
+    session.put(format!("{prefix}/frames-in"), raw).wait().unwrap();
+    let err = wait_for(&results, 10, |k, _| k.ends_with("/zcam/errors")).expect("error for a short raw frame");
+    assert!(err["message"].as_str().unwrap().contains("needs"), "{err}");
+    // A raw frame described by an attachment.
+    let mut pixels = Vec::new();
+    for i in 0..(32 * 16) {
+        pixels.extend([(i % 255) as u8, 100, 200]);
+    }
+    session.put(format!("{prefix}/frames-in"), pixels).attachment(r#"{"width":32,"height":16,"format":"rgb8"}"#).wait().unwrap();
+    let v = wait_for(&results, 60, |k, v| k.ends_with("/zcam/text") && v["frame"]["width"] == 32).expect("raw frame result");
+    assert_eq!(v["frame"]["height"], 16);
+    wait_for(&results, 60, |k, _| k.ends_with("/cam/counting")).expect("the camera is still served");
+
+    // Liveliness of the node and cameras.
+    let alive = session.liveliness().get(format!("{prefix}/**")).timeout(Duration::from_secs(5)).wait().unwrap();
+    let mut keys = Vec::new();
+    while let Ok(Some(r)) = alive.recv_timeout(Duration::from_secs(5)) {
+        if let Ok(s) = r.result() {
+            keys.push(s.key_expr().to_string());
+        }
+    }
+    keys.sort();
+    assert_eq!(keys, [prefix.clone(), format!("{prefix}/cam"), format!("{prefix}/zcam")]);
+
+    // Clean shutdown on SIGTERM.
+    let t = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &node.0.id().to_string()]).status().unwrap().success());
+    let status = loop {
+        if let Some(s) = node.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "node did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    println!("SIGTERM to exit: {:?}", t.elapsed());
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[model]\npath = \"x.gguf\"\n[[camera]]\nname = \"a\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exactly one of pipeline, uri or zenoh_key"), "{err}");
+    std::fs::write(&config, "[model]\npath = \"x.gguf\"\ncolour = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
+}
