@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand};
 use paligemma::convert::{ConvertOptions, parse_weight_type};
 use paligemma::preprocess::{PixelValues, RgbImage};
 use paligemma::{GenerateOptions, KvType, Model, ModelOptions, Task};
+mod bench;
+
 use npyz::WriterBuilder;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -88,6 +90,9 @@ enum Command {
     },
     /// List the compute devices of this build and check that each runs a graph.
     Devices,
+    /// Measure preprocessing, vision, prefill, decode and memory on a model file or
+    /// on random weights of a published shape.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -130,7 +135,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert { hf_dir, out, ty, vision_type, seg_decoder } => convert(&hf_dir, &out, &ty, &vision_type, seg_decoder),
         Command::Info { model, json } => info(&model, json),
         Command::Run { load, image, prompt, max_tokens, temperature, top_k, top_p, seed, json, logits_out, pixel_values, loc_divisor } => {
-            let opts = GenerateOptions { max_tokens, temperature, top_k, top_p, seed };
+            let opts = GenerateOptions { max_tokens, temperature, top_k, top_p, seed, ignore_eos: false };
             let inputs = Inputs { image: image.as_deref(), pixel_values: pixel_values.as_deref() };
             run_prompt(&load, inputs, &prompt, &opts, json, logits_out.as_deref(), loc_divisor)
         }
@@ -140,6 +145,7 @@ fn run(cli: Cli) -> Result<()> {
             write_npy(&out, &mask, &[64, 64])
         }
         Command::Devices => devices(),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 

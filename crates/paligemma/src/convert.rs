@@ -322,20 +322,49 @@ fn map_file(f: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
 }
 
 /// Converts the checkpoint in `dir` to a GGUF at `out`.
-pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<Summary> {
+pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, progress: impl FnMut(Progress<'_>)) -> Result<Summary> {
     let ckpt = Checkpoint::open(dir)?;
-    let cfg = &ckpt.config;
-    let expected = expected_tensors(cfg);
+    let expected = expected_tensors(&ckpt.config);
     for e in &expected {
         ckpt.check_shape(e)?;
     }
-    let seg = opts.seg_decoder.as_deref().map(crate::segment::SegWeights::from_npz).transpose()?;
+    write_model(&ckpt.config, &ckpt.tokenizer_json, opts, out, |e| Ok(ckpt.tensor_f32(&e.hf)?.1), progress)
+}
 
+/// Writes a GGUF of random weights with the shapes of `config` (for benchmarks of
+/// real model sizes without a checkpoint). Values are uniform in +-`scale`, norms
+/// around 1.
+pub fn write_random(config: &Config, tokenizer_json: &str, opts: &ConvertOptions, out: &Path, seed: u64, progress: impl FnMut(Progress<'_>)) -> Result<Summary> {
+    let mut state = seed ^ 0x5DEE_CE66_D1CE_4E5B;
+    write_model(config, tokenizer_json, opts, out, |e| {
+        let n: usize = e.shape.iter().product();
+        let norm = e.shape.len() == 1 && (e.gguf.contains("norm") || e.gguf.contains("ln"));
+        Ok((0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                if norm { 1.0 + 0.1 * u } else { 0.02 * u }
+            })
+            .collect())
+    }, progress)
+}
+
+/// Writes config, tokenizer and the tensors `values` produces (HF layout, f32).
+fn write_model(
+    cfg: &Config,
+    tokenizer_json: &str,
+    opts: &ConvertOptions,
+    out: &Path,
+    mut values: impl FnMut(&Expected) -> Result<Vec<f32>>,
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<Summary> {
+    let expected = expected_tensors(cfg);
+    let seg = opts.seg_decoder.as_deref().map(crate::segment::SegWeights::from_npz).transpose()?;
     let mut header = GgufHeader::new();
     cfg.write_gguf(&mut header);
     header.set("general.file_type", Value::String(opts.ty.name().into()));
     header.set("paligemma.vision_file_type", Value::String(opts.vision_ty.name().into()));
-    header.set("tokenizer.huggingface.json", Value::String(ckpt.tokenizer_json.clone()));
+    header.set("tokenizer.huggingface.json", Value::String(tokenizer_json.to_string()));
     let mut plan = Vec::new();
     for e in &expected {
         let ty = storage_type(e, opts);
@@ -349,25 +378,25 @@ pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, mut progress: impl
     let total = plan.len() + seg.as_ref().map_or(0, |s| s.len());
     let mut writer = GgufWriter::create(out, header)?;
     let mut bytes_per_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
-    for (index, (e, ty)) in plan.iter().enumerate() {
-        progress(Progress { index, total, name: &e.gguf, ty: *ty });
-        let (_, mut values) = ckpt.tensor_f32(&e.hf)?;
-        if e.transform == Transform::PlusOne {
-            values.iter_mut().for_each(|v| *v += 1.0);
-        }
-        let row = *e.shape.last().unwrap();
-        let data = ggml::quantize(*ty, &values, row)?;
+    let mut record = |ty: Type, len: usize| {
         let entry = bytes_per_type.entry(ty.name().into()).or_default();
         entry.0 += 1;
-        entry.1 += data.len() as u64;
-        writer.write_tensor(&e.gguf, &data)?;
+        entry.1 += len as u64;
+    };
+    for (index, (e, ty)) in plan.iter().enumerate() {
+        progress(Progress { index, total, name: &e.gguf, ty: *ty });
+        let mut data = values(e)?;
+        if e.transform == Transform::PlusOne {
+            data.iter_mut().for_each(|v| *v += 1.0);
+        }
+        let bytes = ggml::quantize(*ty, &data, *e.shape.last().unwrap())?;
+        record(*ty, bytes.len());
+        writer.write_tensor(&e.gguf, &bytes)?;
     }
     for (i, (name, data)) in seg.iter().flat_map(|s| s.tensors()).enumerate() {
         progress(Progress { index: plan.len() + i, total, name, ty: Type::F32 });
         let bytes = ggml::quantize(Type::F32, data, data.len())?;
-        let entry = bytes_per_type.entry("f32".into()).or_default();
-        entry.0 += 1;
-        entry.1 += bytes.len() as u64;
+        record(Type::F32, bytes.len());
         writer.write_tensor(name, &bytes)?;
     }
     let file_size = writer.finish()?;

@@ -100,11 +100,13 @@ pub struct GenerateOptions {
     pub top_k: usize,
     pub top_p: f32,
     pub seed: u64,
+    /// Keep generating past `<eos>` (benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 64, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        GenerateOptions { max_tokens: 64, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, ignore_eos: false }
     }
 }
 
@@ -540,7 +542,7 @@ impl Model {
         let mut stopped_at_eos = false;
         while tokens.len() < opts.max_tokens {
             let next = sampler.sample(&logits);
-            if next == eos {
+            if next == eos && !opts.ignore_eos {
                 stopped_at_eos = true;
                 break;
             }

@@ -1,0 +1,162 @@
+//! `paligemma bench`: per-stage timings with warm-up and repetitions, and peak RSS.
+use anyhow::{Context, Result, bail};
+use paligemma::config::{Config, NAMED_SHAPES, TokenConfig};
+use paligemma::convert::{ConvertOptions, parse_weight_type, write_random};
+use paligemma::preprocess::{RgbImage, preprocess};
+use paligemma::{GenerateOptions, KvType, Model, ModelOptions};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// A tokenizer with the real structure (specials, bytes, loc/seg tokens), for random models.
+const BENCH_TOKENIZER: &str = include_str!("../../../tests/fixtures/pg2_gqa/hf/tokenizer.json");
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Model file to measure.
+    #[arg(short, long, conflicts_with = "random")]
+    model: Option<PathBuf>,
+    /// Random weights of a published shape: pg2-3b-224, pg2-3b-448, pg2-10b-224, pg2-28b-224, pg1-3b-224.
+    #[arg(long)]
+    random: Option<String>,
+    /// Decoder weight type for --random.
+    #[arg(long = "type", default_value = "q4_k")]
+    ty: String,
+    /// SigLIP weight type for --random.
+    #[arg(long, default_value = "f16")]
+    vision_type: String,
+    /// Where random models are kept between runs.
+    #[arg(long, default_value = "bench-models")]
+    cache: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, default_value = "f16")]
+    kv_type: String,
+    /// Tokens to decode per repetition.
+    #[arg(long, default_value_t = 20)]
+    decode_tokens: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+fn model_path(args: &BenchArgs) -> Result<PathBuf> {
+    if let Some(m) = &args.model {
+        return Ok(m.clone());
+    }
+    let Some(name) = &args.random else { bail!("give --model FILE or --random SHAPE ({})", NAMED_SHAPES.join(", ")) };
+    let opts = ConvertOptions { ty: parse_weight_type(&args.ty)?, vision_ty: parse_weight_type(&args.vision_type)?, seg_decoder: None };
+    let path = args.cache.join(format!("{name}-{}-v{}.gguf", opts.ty, opts.vision_ty));
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&args.cache).with_context(|| args.cache.display().to_string())?;
+    let tok = tokenizers_ids();
+    let cfg = Config::named(name, tok)?;
+    eprintln!("writing random weights of {name} ({} / vision {}) to {} ...", opts.ty, opts.vision_ty, path.display());
+    let bar = indicatif::ProgressBar::new(0);
+    write_random(&cfg, BENCH_TOKENIZER, &opts, &path, 42, |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.index as u64 + 1);
+    })?;
+    bar.finish_and_clear();
+    Ok(path)
+}
+
+fn tokenizers_ids() -> TokenConfig {
+    // Ids of the bundled tokenizer (see tests/fixtures/tokenizer_cases.json).
+    TokenConfig { image_token_id: 1840, image_token_count: 0, bos: 2, eos: 1, pad: 0, loc_first: Some(688), seg_first: Some(1712) }
+}
+
+#[derive(serde::Serialize)]
+struct Report {
+    model: String,
+    file_bytes: u64,
+    device: String,
+    threads: usize,
+    prefix_tokens: usize,
+    preprocess_ms: f64,
+    vision_ms: f64,
+    prefill_ms: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    frame_ms: f64,
+    peak_rss_bytes: Option<u64>,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let path = model_path(args)?;
+    let file_bytes = std::fs::metadata(&path)?.len();
+    let opts = ModelOptions { device: args.device.clone(), threads: args.threads, kv_type: args.kv_type.parse::<KvType>()?, context: 0 };
+    let mut model = Model::load(&path, &opts)?;
+    // A 640x480 frame with structure (gradients and edges).
+    let (w, h) = (640, 480);
+    let data = (0..w * h).flat_map(|i| { let (x, y) = (i % w, i / w); [(x * 255 / w) as u8, (y * 255 / h) as u8, if (x / 40 + y / 40) % 2 == 0 { 220 } else { 30 }] }).collect();
+    let image = RgbImage { width: w, height: h, data };
+    let ids = model.tokenizer().prefix_ids("caption en")?;
+    let options = GenerateOptions { max_tokens: args.decode_tokens + 1, ignore_eos: true, ..Default::default() };
+    let (mut pre, mut vis, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..args.warmup + args.reps {
+        let t = Instant::now();
+        let pixels = preprocess(&image, &model.config().vision);
+        let pre_ms = t.elapsed().as_secs_f64() * 1e3;
+        let emb = model.encode_pixels(&pixels)?;
+        let g = model.generate_ids(&emb, &ids, &options, &mut |_, _| true)?;
+        if rep >= args.warmup {
+            pre.push(pre_ms);
+            vis.push(emb.timings.vision);
+            prefill.push(g.timings.prefill);
+            // The first token comes from the prefill; the rest are decode steps.
+            decode.push((g.tokens.len().saturating_sub(1)) as f64 / (g.timings.decode / 1e3));
+        }
+    }
+    let (pre, vis, prefill, decode) = (median(pre), median(vis), median(prefill), median(decode));
+    let report = Report {
+        model: path.display().to_string(),
+        file_bytes,
+        device: model.device().to_string(),
+        threads: model.threads(),
+        prefix_tokens: ids.len(),
+        preprocess_ms: pre,
+        vision_ms: vis,
+        prefill_ms: prefill,
+        prefill_tokens_per_s: ids.len() as f64 / (prefill / 1e3),
+        decode_tokens_per_s: decode,
+        frame_ms: pre + vis + prefill + 20.0 / decode * 1e3,
+        peak_rss_bytes: peak_rss(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("model      {} ({:.2} GB), {} with {} threads", report.model, file_bytes as f64 / 1e9, report.device, report.threads);
+        println!("preprocess {:>9.1} ms", report.preprocess_ms);
+        println!("vision     {:>9.1} ms  (SigLIP + projector, {} image tokens)", report.vision_ms, model.config().tokens.image_token_count);
+        println!("prefill    {:>9.1} ms  ({} tokens, {:.1} tokens/s)", report.prefill_ms, report.prefix_tokens, report.prefill_tokens_per_s);
+        println!("decode     {:>9.1} tokens/s", report.decode_tokens_per_s);
+        println!("frame      {:>9.1} ms  (preprocess + vision + prefill + 20 tokens)", report.frame_ms);
+        if let Some(rss) = report.peak_rss_bytes {
+            println!("peak RSS   {:>9.2} GB", rss as f64 / 1e9);
+        }
+    }
+    Ok(())
+}
