@@ -5,6 +5,7 @@ use paligemma::convert::{ConvertOptions, parse_weight_type};
 use paligemma::preprocess::{PixelValues, RgbImage};
 use paligemma::{GenerateOptions, KvType, Model, ModelOptions, Task};
 mod bench;
+mod eval;
 
 use npyz::WriterBuilder;
 use std::io::Write;
@@ -93,6 +94,9 @@ enum Command {
     /// Measure preprocessing, vision, prefill, decode and memory on a model file or
     /// on random weights of a published shape.
     Bench(bench::BenchArgs),
+    /// Evaluate a model on a held-out set of synthetic frames (tests/reference/train_demo.py
+    /// --export-eval): detection recall at IoU >= 0.5, caption and counting accuracy.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(clap::Args)]
@@ -146,6 +150,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Devices => devices(),
         Command::Bench(args) => bench::run(&args),
+        Command::Eval(args) => eval::run(&args),
     }
 }
 
