@@ -107,7 +107,7 @@ struct Report {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let path = model_path(args)?;
     let file_bytes = std::fs::metadata(&path)?.len();
-    let opts = ModelOptions { device: args.device.clone(), threads: args.threads, kv_type: args.kv_type.parse::<KvType>()?, context: 0 };
+    let opts = ModelOptions { device: args.device.clone(), threads: args.threads, kv_type: args.kv_type.parse::<KvType>()?, context: 0, ..Default::default() };
     let mut model = Model::load(&path, &opts)?;
     // A 640x480 frame with structure (gradients and edges).
     let (w, h) = (640, 480);

@@ -189,7 +189,7 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let opts = ModelOptions { device: args.device.clone(), threads: args.threads, kv_type: KvType::F16, context: 0 };
+    let opts = ModelOptions { device: args.device.clone(), threads: args.threads, kv_type: KvType::F16, context: 0, ..Default::default() };
     let mut model = Model::load(&args.model, &opts)?;
     let s = evaluate(&mut model, &args.set, args.limit, args.verbose)?;
     if args.json {

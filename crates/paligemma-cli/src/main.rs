@@ -120,7 +120,7 @@ struct LoadArgs {
 
 impl LoadArgs {
     fn load(&self) -> Result<Model> {
-        let opts = ModelOptions { device: self.device.clone(), threads: self.threads, kv_type: self.kv_type.parse::<KvType>()?, context: self.context };
+        let opts = ModelOptions { device: self.device.clone(), threads: self.threads, kv_type: self.kv_type.parse::<KvType>()?, context: self.context, ..Default::default() };
         Ok(Model::load(&self.model, &opts)?)
     }
 }

@@ -244,7 +244,7 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
         device: cfg.model.device.clone(),
         threads: cfg.model.threads,
         kv_type: cfg.model.kv_type.parse::<KvType>()?,
-        context: 0,
+        ..Default::default()
     };
     let model = Model::load(&cfg.model.path, &opts).with_context(|| format!("camera {}", cam.name))?;
     tracing::info!("camera {}: model {} on {}", cam.name, cfg.model.path.display(), model.device());

@@ -306,54 +306,61 @@ impl JobContext<'_> {
         self.shared.epoch.load(Ordering::SeqCst) != self.epoch
     }
 
-    /// Encodes the frame once and answers each prompt; stops early when cancelled.
+    /// Encodes the frame once and answers its prompts, decoding them together; stops
+    /// early when cancelled. A prompt that fails gets an error result of its own.
     fn analyse(&self, model: &mut Model, frame: &Frame, prompts: &[StandingPrompt]) -> Vec<ResultMessage> {
         let queue_ms = frame.received.elapsed().as_secs_f64() * 1e3;
         let started = Instant::now();
         let embedding = model.encode_image(&frame.image);
-        let mut out = Vec::new();
-        for prompt in prompts {
-            if self.cancelled() {
-                break;
-            }
-            let prompt_start = Instant::now();
-            let outcome = match (&embedding, prompt.parsed()) {
-                (Ok(emb), Ok(task)) => {
-                    let opts = GenerateOptions { max_tokens: prompt.max_tokens, ..Default::default() };
-                    model
-                        .answer(emb, &task, &opts, self.config.loc_divisor, &mut |_, _| !self.cancelled())
-                        .map_err(|e| e.to_string())
-                        .map(|a| (task, a))
+        let parsed: Vec<Result<Task, String>> = prompts.iter().map(|p| p.parsed().map_err(|e| e.to_string())).collect();
+        let mut outcomes: Vec<Option<Result<paligemma::Answer, String>>> = parsed.iter().map(|t| t.clone().err().map(Err)).collect();
+        match &embedding {
+            Err(e) => outcomes.iter_mut().for_each(|o| *o = Some(Err(e.to_string()))),
+            Ok(emb) => {
+                let todo: Vec<usize> = (0..prompts.len()).filter(|&i| outcomes[i].is_none()).collect();
+                let tasks: Vec<(Task, usize)> = todo.iter().map(|&i| (parsed[i].clone().expect("valid"), prompts[i].max_tokens)).collect();
+                match model.answer_batch(emb, &tasks, self.config.loc_divisor, &|| !self.cancelled()) {
+                    Ok(answers) => {
+                        for (&i, a) in todo.iter().zip(answers) {
+                            outcomes[i] = Some(Ok(a));
+                        }
+                    }
+                    // One prompt spoiled the batch: answer them one by one to say which.
+                    Err(_) => {
+                        for (&i, (task, max_tokens)) in todo.iter().zip(&tasks) {
+                            if self.cancelled() {
+                                break;
+                            }
+                            let opts = GenerateOptions { max_tokens: *max_tokens, ..Default::default() };
+                            outcomes[i] = Some(model.answer(emb, task, &opts, self.config.loc_divisor, &mut |_, _| !self.cancelled()).map_err(|e| e.to_string()));
+                        }
+                    }
                 }
-                (Err(e), _) => Err(e.to_string()),
-                (_, Err(e)) => Err(e.to_string()),
-            };
-            if self.cancelled() {
-                break;
             }
+        }
+        if self.cancelled() {
+            return Vec::new();
+        }
+        let total_ms = started.elapsed().as_secs_f64() * 1e3 + queue_ms;
+        let mut out = Vec::new();
+        for (prompt, outcome) in prompts.iter().zip(outcomes) {
             let mut msg = self.message(frame, prompt, queue_ms);
             match outcome {
-                Ok((task, answer)) => {
+                Some(Ok(answer)) => {
                     let t = &answer.generation.timings;
-                    msg.prompt.task = task.kind().into();
+                    msg.prompt.task = answer.task.kind().into();
                     msg.raw = answer.generation.text.clone();
                     msg.tokens = TokenCounts { prompt: answer.generation.prompt_tokens, generated: answer.generation.tokens.len() };
-                    // The image is encoded once per frame: its cost is reported on the first prompt only.
-                    let first = out.is_empty();
-                    msg.latency_ms = Latency {
-                        queue: queue_ms,
-                        preprocess: if first { t.preprocess } else { 0.0 },
-                        vision: if first { t.vision } else { 0.0 },
-                        prefill: t.prefill,
-                        decode: t.decode,
-                        total: if first { started.elapsed().as_secs_f64() * 1e3 } else { prompt_start.elapsed().as_secs_f64() * 1e3 } + queue_ms,
-                    };
+                    // Preprocessing and vision are shared by the frame's prompts, and so
+                    // is the batched decode.
+                    msg.latency_ms = Latency { queue: queue_ms, preprocess: t.preprocess, vision: t.vision, prefill: t.prefill, decode: t.decode, total: total_ms };
                     msg.result = answer.result;
                 }
-                Err(message) => {
+                Some(Err(message)) => {
                     msg.result = TaskResult::Error { message };
-                    msg.latency_ms.total = prompt_start.elapsed().as_secs_f64() * 1e3 + queue_ms;
+                    msg.latency_ms.total = total_ms;
                 }
+                None => continue,
             }
             let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             msg.frames_dropped = std::mem::take(&mut state.sampler.dropped);

@@ -13,6 +13,34 @@ pub struct Answer {
 }
 
 impl Model {
+    /// Answers several tasks on one encoded image, decoding them together in batches
+    /// of up to the model's `max_sequences` (each stops at its own token limit).
+    /// `keep_going` is asked before each token; returning false abandons the work.
+    pub fn answer_batch(
+        &mut self,
+        image: &ImageEmbedding,
+        tasks: &[(Task, usize)],
+        loc_divisor: f32,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<Vec<Answer>> {
+        let mut answers = Vec::with_capacity(tasks.len());
+        for chunk in tasks.chunks(self.max_sequences()) {
+            let prefixes = chunk.iter().map(|(t, _)| self.tokenizer().prefix_ids(&t.prompt())).collect::<Result<Vec<_>>>()?;
+            let max_tokens = chunk.iter().map(|(_, m)| *m).max().unwrap_or(0);
+            let opts = GenerateOptions { max_tokens, ..Default::default() };
+            let mut counts = vec![0usize; chunk.len()];
+            let generations = self.generate_batch(image, &prefixes, &opts, &mut |s, _, _| {
+                counts[s] += 1;
+                counts[s] < chunk[s].1 && keep_going()
+            })?;
+            for ((task, _), generation) in chunk.iter().zip(generations) {
+                let result = self.finish(image, task, &generation, loc_divisor)?;
+                answers.push(Answer { task: task.clone(), generation, result });
+            }
+        }
+        Ok(answers)
+    }
+
     /// Answers a task on an encoded image: detections come back in pixels of the
     /// image's original frame (loc bins divided by `loc_divisor`), segmentation masks
     /// decoded and pasted when the model has the decoder.
@@ -26,6 +54,12 @@ impl Model {
     ) -> Result<Answer> {
         let ids = self.tokenizer().prefix_ids(&task.prompt())?;
         let generation = self.generate_ids(image, &ids, opts, on_token)?;
+        let result = self.finish(image, task, &generation, loc_divisor)?;
+        Ok(Answer { task: task.clone(), generation, result })
+    }
+
+    /// Parses a generation for its task and decodes its masks.
+    fn finish(&mut self, image: &ImageEmbedding, task: &Task, generation: &Generation, loc_divisor: f32) -> Result<TaskResult> {
         let mut result = output::parse(task, &generation.text, image.width, image.height, loc_divisor);
         if let TaskResult::Segmentation { detections, warnings } = &mut result {
             if !self.has_segmentation() && detections.iter().any(|d| d.seg_codes.is_some()) {
@@ -39,6 +73,6 @@ impl Model {
                 }
             }
         }
-        Ok(Answer { task: task.clone(), generation, result })
+        Ok(result)
     }
 }

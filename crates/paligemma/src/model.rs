@@ -52,13 +52,16 @@ pub struct ModelOptions {
     /// CPU threads (0: all available cores).
     pub threads: usize,
     pub kv_type: KvType,
-    /// Tokens the KV cache holds (0: image tokens + 512, at most the model's context).
+    /// Tokens the KV cache holds per sequence (0: image tokens + 512, at most the model's context).
     pub context: usize,
+    /// Prompts that [`Model::generate_batch`] can answer at once (each gets its own
+    /// KV cache region of `context` tokens).
+    pub max_sequences: usize,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { device: "cpu".into(), threads: 0, kv_type: KvType::F16, context: 0 }
+        ModelOptions { device: "cpu".into(), threads: 0, kv_type: KvType::F16, context: 0, max_sequences: 4 }
     }
 }
 
@@ -137,6 +140,7 @@ pub struct Model {
     kv: Context,
     _kv_buffer: Buffer,
     n_ctx: usize,
+    max_sequences: usize,
     kv_type: KvType,
     sched: Scheduler,
     device: String,
@@ -269,10 +273,11 @@ impl Model {
         if opts.kv_type == KvType::Q8_0 && t.head_dim % Type::Q8_0.block_size() != 0 {
             return Err(Error::Invalid(format!("a q8_0 KV cache needs head_dim divisible by 32, this model has {}", t.head_dim)));
         }
+        let max_sequences = opts.max_sequences.max(1);
         let kv = Context::new(2 * t.depth, 0)?;
         for i in 0..t.depth {
-            kv.new_named(&format!("cache_k.{i}"), opts.kv_type.ggml(), &[t.head_dim * t.kv_heads, n_ctx])?;
-            kv.new_named(&format!("cache_v.{i}"), opts.kv_type.ggml(), &[t.head_dim * t.kv_heads, n_ctx])?;
+            kv.new_named(&format!("cache_k.{i}"), opts.kv_type.ggml(), &[t.head_dim * t.kv_heads, n_ctx * max_sequences])?;
+            kv.new_named(&format!("cache_v.{i}"), opts.kv_type.ggml(), &[t.head_dim * t.kv_heads, n_ctx * max_sequences])?;
         }
         let kv_buffer = backend.alloc_tensors(&kv)?;
         let sched = Scheduler::new(backend, threads, GRAPH_SIZE)?;
@@ -288,6 +293,7 @@ impl Model {
             kv,
             _kv_buffer: kv_buffer,
             n_ctx,
+            max_sequences,
             kv_type: opts.kv_type,
             sched,
             device,
@@ -321,6 +327,11 @@ impl Model {
     /// Tokens the KV cache holds.
     pub fn context_size(&self) -> usize {
         self.n_ctx
+    }
+
+    /// Prompts [`Model::generate_batch`] answers at once.
+    pub fn max_sequences(&self) -> usize {
+        self.max_sequences
     }
 
     pub fn kv_type(&self) -> KvType {
@@ -411,91 +422,117 @@ impl Model {
         Ok(VisionStages { vision: if keep_vision { vision.read_f32()? } else { Vec::new() }, projector: projector.read_f32()? })
     }
 
-    /// Runs the decoder over `ids` (image positions take `image`'s features) starting
-    /// at cache position `n_past`, and returns the logits of the last `n_logits`
-    /// positions, [n_logits, vocab] row-major.
-    fn decode_batch(&mut self, image: Option<&ImageEmbedding>, ids: &[u32], n_past: usize, n_logits: usize) -> Result<Vec<f32>> {
+    /// Runs the decoder over a batch and returns the logits of its last
+    /// `batch.n_logits` tokens, [n_logits, vocab] row-major.
+    fn forward(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
         let t = &self.config.text;
-        let n = ids.len();
-        if n_past + n > self.n_ctx {
-            return Err(Error::Prompt(format!(
-                "{} tokens do not fit the context of {} tokens (image tokens included); load the model with a larger context",
-                n_past + n,
-                self.n_ctx
-            )));
-        }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= t.vocab_size) {
+        let n = batch.ids.len();
+        if let Some(&bad) = batch.ids.iter().find(|&&id| id as usize >= t.vocab_size) {
             return Err(Error::Prompt(format!("token id {bad} is outside the vocabulary of {}", t.vocab_size)));
         }
         let image_id = self.config.tokens.image_token_id;
-        let n_image = ids.iter().take_while(|&&id| id == image_id).count();
+        let n_image = batch.ids.iter().take_while(|&&id| id == image_id).count();
         if n_image > 0 {
             let expected = self.config.tokens.image_token_count;
-            let features = image.map_or(0, |e| e.features.len() / t.width);
-            if n_past != 0 || n_image != expected || features != expected {
+            let features = batch.image.map_or(0, |e| e.features.len() / t.width);
+            if !batch.prefix || n_image != expected || features != expected {
                 return Err(Error::Prompt(format!("the prefix needs {expected} image tokens at the start and an image encoding of as many features")));
             }
+        }
+        let span = batch.slots.iter().max().map_or(0, |m| m + 1);
+        let (mut full, mut sliding) = batch.masks(t.sliding_window);
+        // A mask no layer reads would never be allocated.
+        if !t.sliding_layers.iter().any(|&s| s) {
+            sliding = None;
+        }
+        if t.sliding_layers.iter().all(|&s| s) {
+            full = None;
         }
 
         let ctx = Context::new(GRAPH_SIZE, GRAPH_SIZE)?;
         let w = self.weights();
-        let text_ids: Vec<i32> = ids[n_image..].iter().map(|&id| id as i32).collect();
-        let mut inputs = DecodeInputs { image: None, ids: None, pos: None, mask: None };
+        let text_ids: Vec<i32> = batch.ids[n_image..].iter().map(|&id| id as i32).collect();
         let mut parts = Vec::new();
-        if n_image > 0 {
+        let image_in = if n_image > 0 {
             let img = ctx.input("image_features", Type::F32, &[t.width, n_image])?;
-            inputs.image = Some(img);
             parts.push(img);
-        }
-        if !text_ids.is_empty() {
+            Some(img)
+        } else {
+            None
+        };
+        let ids_in = if text_ids.is_empty() {
+            None
+        } else {
             let tid = ctx.input("token_ids", Type::I32, &[text_ids.len()])?;
-            inputs.ids = Some(tid);
             let emb = ctx.get_rows(w.get("token_embd.weight"), tid)?;
             parts.push(ctx.scale(emb, t.embed_scale)?);
-        }
+            Some(tid)
+        };
         let mut x = parts[0];
         for p in &parts[1..] {
             x = ctx.concat(x, *p, 1)?;
         }
         let pos = ctx.input("positions", Type::I32, &[n])?;
-        inputs.pos = Some(pos);
-        let n_kv = n_past + n;
-        // Sliding layers need a mask once a generated token's window excludes older keys.
-        let window = t.sliding_window.filter(|&win| n_past > 0 && n_kv > win);
-        let mask = match window {
-            Some(_) => {
-                let m = ctx.input("sliding_mask", Type::F32, &[n_kv, n])?;
-                inputs.mask = Some(m);
-                Some(ctx.cast(m, Type::F16)?)
+        let slots = ctx.input("slots", Type::I32, &[n])?;
+        let mask_in = |name: &str, m: &Option<Vec<f32>>| -> Result<Option<(Tensor<'_>, Tensor<'_>)>> {
+            match m {
+                Some(_) => {
+                    let t = ctx.input(name, Type::F32, &[span, n])?;
+                    Ok(Some((t, ctx.cast(t, Type::F16)?)))
+                }
+                None => Ok(None),
             }
-            None => None,
         };
+        let full_in = mask_in("full_mask", &full)?;
+        let sliding_in = mask_in("sliding_mask", &sliding)?;
         let kv: Vec<Tensor<'_>> = self.kv.tensors().collect();
         let mut graph = ctx.graph(GRAPH_SIZE)?;
-        let logits = build_decoder(&ctx, &w, &self.config, &mut graph, &kv, x, pos, mask, n_past, n_logits)?;
+        let inputs = DecoderInputs {
+            x,
+            pos,
+            slots,
+            span,
+            full_mask: full_in.map(|m| m.1),
+            sliding_mask: sliding_in.map(|m| m.1),
+            n_logits: batch.n_logits,
+        };
+        let logits = build_decoder(&ctx, &w, &self.config, &mut graph, &kv, inputs)?;
         logits.set_output();
         graph.expand(logits)?;
         self.sched.alloc(&graph)?;
 
-        if let (Some(img), Some(e)) = (inputs.image, image) {
+        if let (Some(img), Some(e)) = (image_in, batch.image) {
             img.write_f32(&e.features)?;
         }
-        if let Some(tid) = inputs.ids {
+        if let Some(tid) = ids_in {
             tid.write_i32(&text_ids)?;
         }
-        // Positions are numbered from 1, as in the reference.
-        let positions: Vec<i32> = (0..n).map(|i| (n_past + i + 1) as i32).collect();
-        pos.write_i32(&positions)?;
-        if let (Some(m), Some(win)) = (inputs.mask, window) {
-            m.write_f32(&sliding_mask(n_past, n, win))?;
+        pos.write_i32(&batch.positions)?;
+        slots.write_i32(&batch.slots.iter().map(|&s| s as i32).collect::<Vec<_>>())?;
+        for (input, values) in [(full_in, &full), (sliding_in, &sliding)] {
+            if let (Some((t, _)), Some(v)) = (input, values) {
+                t.write_f32(v)?;
+            }
         }
         self.sched.compute(&graph)?;
         Ok(logits.read_f32()?)
     }
 
+    /// Checks that a prefix and its answer fit one sequence's cache region.
+    fn check_fits(&self, prefix: usize, max_tokens: usize) -> Result<()> {
+        if prefix + max_tokens > self.n_ctx {
+            return Err(Error::Prompt(format!(
+                "prefix of {prefix} tokens plus {max_tokens} new tokens exceeds the context of {} tokens (image tokens included); load the model with a larger context",
+                self.n_ctx
+            )));
+        }
+        Ok(())
+    }
+
     /// Logits at every prefix position, [n_prefix, vocab], for parity checks.
     pub fn prefix_logits(&mut self, image: &ImageEmbedding, ids: &[u32]) -> Result<Vec<f32>> {
-        self.decode_batch(Some(image), ids, 0, ids.len())
+        self.check_fits(ids.len(), 0)?;
+        self.forward(&Batch::prefix(image, ids, 0, ids.len()))
     }
 
     /// Answers `prompt` about an encoded image. `on_token` sees each generated id and
@@ -519,74 +556,193 @@ impl Model {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(u32, &str) -> bool,
     ) -> Result<Generation> {
-        if ids.len() + opts.max_tokens > self.n_ctx {
-            return Err(Error::Prompt(format!(
-                "prefix of {} tokens plus {} new tokens exceeds the context of {} tokens",
-                ids.len(),
-                opts.max_tokens,
-                self.n_ctx
-            )));
-        }
-        let mut timings = image.timings.clone();
-        timings.prefix_tokens = ids.len();
-        let start = Instant::now();
-        let first_logits = self.decode_batch(Some(image), ids, 0, 1)?;
-        timings.prefill = ms(start);
+        let mut out = self.generate_batch(image, &[ids.to_vec()], opts, &mut |_, id, piece| on_token(id, piece))?;
+        Ok(out.remove(0))
+    }
 
-        let start = Instant::now();
-        let mut sampler = Sampler::new(opts);
-        let eos = self.config.tokens.eos;
-        let mut tokens = Vec::new();
-        let mut text = String::new();
-        let mut logits = first_logits.clone();
-        let mut stopped_at_eos = false;
-        while tokens.len() < opts.max_tokens {
-            let next = sampler.sample(&logits);
-            if next == eos && !opts.ignore_eos {
-                stopped_at_eos = true;
-                break;
-            }
-            tokens.push(next);
-            let full = self.tokenizer.decode(&tokens)?;
-            let piece = full.get(text.len()..).unwrap_or("").to_string();
-            text = full;
-            if !on_token(next, &piece) || tokens.len() == opts.max_tokens {
-                break;
-            }
-            logits = self.decode_batch(None, &[next], ids.len() + tokens.len() - 1, 1)?;
+    /// Answers several prompts on one encoded image: each prefix is prefilled on
+    /// its own, then the decode steps of all unfinished answers run as one batch.
+    /// `on_token` sees (prompt index, id, text piece); returning false stops that answer.
+    pub fn generate_batch(
+        &mut self,
+        image: &ImageEmbedding,
+        prefixes: &[Vec<u32>],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
+    ) -> Result<Vec<Generation>> {
+        if prefixes.is_empty() || prefixes.len() > self.max_sequences {
+            return Err(Error::Invalid(format!("{} prompts in one batch; this model was loaded for 1 to {}", prefixes.len(), self.max_sequences)));
         }
-        timings.decode = ms(start);
-        timings.generated_tokens = tokens.len();
-        Ok(Generation { text, tokens, prompt_tokens: ids.len(), stopped_at_eos, first_logits, timings })
+        for ids in prefixes {
+            self.check_fits(ids.len(), opts.max_tokens)?;
+        }
+        struct Seq {
+            base: usize,
+            prefix: usize,
+            tokens: Vec<u32>,
+            text: String,
+            logits: Vec<f32>,
+            first_logits: Vec<f32>,
+            done: bool,
+            eos: bool,
+            sampler: Sampler,
+            timings: Timings,
+        }
+        let mut seqs = Vec::new();
+        for (s, ids) in prefixes.iter().enumerate() {
+            let start = Instant::now();
+            let base = s * self.n_ctx;
+            let logits = self.forward(&Batch::prefix(image, ids, base, 1))?;
+            let mut timings = image.timings.clone();
+            timings.prefix_tokens = ids.len();
+            timings.prefill = ms(start);
+            seqs.push(Seq {
+                base,
+                prefix: ids.len(),
+                tokens: Vec::new(),
+                text: String::new(),
+                first_logits: logits.clone(),
+                logits,
+                done: opts.max_tokens == 0,
+                eos: false,
+                sampler: Sampler::new(opts),
+                timings,
+            });
+        }
+        let eos = self.config.tokens.eos;
+        let start = Instant::now();
+        loop {
+            // Sample the next token of every unfinished answer.
+            for (s, seq) in seqs.iter_mut().enumerate().filter(|(_, q)| !q.done) {
+                let next = seq.sampler.sample(&seq.logits);
+                if next == eos && !opts.ignore_eos {
+                    seq.eos = true;
+                    seq.done = true;
+                    continue;
+                }
+                seq.tokens.push(next);
+                let full = self.tokenizer.decode(&seq.tokens)?;
+                let piece = full.get(seq.text.len()..).unwrap_or("").to_string();
+                seq.text = full;
+                if !on_token(s, next, &piece) || seq.tokens.len() >= opts.max_tokens {
+                    seq.done = true;
+                }
+            }
+            let active: Vec<usize> = (0..seqs.len()).filter(|&s| !seqs[s].done).collect();
+            if active.is_empty() {
+                break;
+            }
+            // One decode step for all of them.
+            let batch = Batch {
+                image: None,
+                ids: active.iter().map(|&s| *seqs[s].tokens.last().expect("sampled")).collect(),
+                positions: active.iter().map(|&s| (seqs[s].prefix + seqs[s].tokens.len()) as i32).collect(),
+                slots: active.iter().map(|&s| seqs[s].base + seqs[s].prefix + seqs[s].tokens.len() - 1).collect(),
+                seq_base: active.iter().map(|&s| seqs[s].base).collect(),
+                prefix: false,
+                n_logits: active.len(),
+            };
+            let logits = self.forward(&batch)?;
+            let vocab = logits.len() / active.len();
+            for (i, &s) in active.iter().enumerate() {
+                seqs[s].logits = logits[i * vocab..(i + 1) * vocab].to_vec();
+            }
+        }
+        let decode_ms = ms(start);
+        Ok(seqs
+            .into_iter()
+            .map(|mut q| {
+                q.timings.decode = decode_ms;
+                q.timings.generated_tokens = q.tokens.len();
+                Generation { text: q.text, tokens: q.tokens, prompt_tokens: q.prefix, stopped_at_eos: q.eos, first_logits: q.first_logits, timings: q.timings }
+            })
+            .collect())
     }
 }
 
-struct DecodeInputs<'a> {
-    image: Option<Tensor<'a>>,
-    ids: Option<Tensor<'a>>,
-    pos: Option<Tensor<'a>>,
-    mask: Option<Tensor<'a>>,
+/// Tokens to run through the decoder in one graph.
+struct Batch<'a> {
+    /// Features for the image tokens at the start of a prefix.
+    image: Option<&'a ImageEmbedding>,
+    ids: Vec<u32>,
+    /// RoPE positions, numbered from 1 as in the reference.
+    positions: Vec<i32>,
+    /// KV cache slot of each token.
+    slots: Vec<usize>,
+    /// First slot of each token's sequence.
+    seq_base: Vec<usize>,
+    /// A whole prefix of one sequence: its tokens see each other both ways.
+    prefix: bool,
+    n_logits: usize,
+}
+
+impl<'a> Batch<'a> {
+    fn prefix(image: &'a ImageEmbedding, ids: &[u32], base: usize, n_logits: usize) -> Batch<'a> {
+        Batch {
+            image: Some(image),
+            ids: ids.to_vec(),
+            positions: (1..=ids.len() as i32).collect(),
+            slots: (base..base + ids.len()).collect(),
+            seq_base: vec![base; ids.len()],
+            prefix: true,
+            n_logits,
+        }
+    }
+
+    /// The attention masks over cache slots 0..span, [n_tokens][span], or None when
+    /// every token may see every slot. The full mask confines each token to its own
+    /// sequence (the whole prefix both ways; generated tokens causally); the sliding
+    /// mask further keeps a generated token at position q to keys q - W < k <= q
+    /// (the window never cuts the prefix).
+    fn masks(&self, window: Option<usize>) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+        let span = self.slots.iter().max().map_or(0, |m| m + 1);
+        let n = self.ids.len();
+        let prefix_end = |i: usize| if self.prefix { self.seq_base[i] + n } else { self.slots[i] + 1 };
+        let mut full = vec![0f32; span * n];
+        let mut sliding = vec![0f32; span * n];
+        let (mut full_needed, mut sliding_needed) = (false, false);
+        for i in 0..n {
+            let (lo, hi) = (self.seq_base[i], prefix_end(i));
+            for j in 0..span {
+                let visible = j >= lo && j < hi;
+                if !visible {
+                    full[i * span + j] = f32::NEG_INFINITY;
+                    sliding[i * span + j] = f32::NEG_INFINITY;
+                    full_needed = true;
+                    continue;
+                }
+                let key_pos = (j - lo + 1) as i64;
+                let query_pos = self.positions[i] as i64;
+                if let (false, Some(w)) = (self.prefix, window) {
+                    if key_pos + w as i64 <= query_pos {
+                        sliding[i * span + j] = f32::NEG_INFINITY;
+                        sliding_needed = true;
+                    }
+                }
+            }
+        }
+        let sliding_needed = sliding_needed || full_needed;
+        (full_needed.then_some(full), sliding_needed.then_some(sliding))
+    }
+}
+
+/// Graph inputs of the decoder.
+struct DecoderInputs<'a> {
+    /// Embeddings [width, n].
+    x: Tensor<'a>,
+    /// RoPE positions (I32 [n]).
+    pos: Tensor<'a>,
+    /// Cache slot of each token (I32 [n]).
+    slots: Tensor<'a>,
+    /// Cache slots the attention reads: 0..span.
+    span: usize,
+    full_mask: Option<Tensor<'a>>,
+    sliding_mask: Option<Tensor<'a>>,
+    n_logits: usize,
 }
 
 fn ms(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e3
-}
-
-/// Mask of a sliding-window layer for `n` new tokens after `n_past` cached ones:
-/// query q (position n_past + i + 1) sees key k (position j + 1) when q - W < k <= q.
-fn sliding_mask(n_past: usize, n: usize, window: usize) -> Vec<f32> {
-    let n_kv = n_past + n;
-    let mut mask = vec![0f32; n_kv * n];
-    for i in 0..n {
-        let q = n_past + i + 1;
-        for j in 0..n_kv {
-            let k = j + 1;
-            if k > q || k + window <= q {
-                mask[i * n_kv + j] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    mask
 }
 
 /// `layer_norm(x) * w + b` over the innermost dimension.
@@ -643,26 +799,21 @@ fn build_vision<'c>(ctx: &'c Context, w: &Weights<'_>, cfg: &Config, pixels: Ten
     Ok((vision, projected))
 }
 
-/// The Gemma / Gemma 2 decoder over embeddings `x` [width, n] at cache positions
-/// n_past.., writing K/V into the cache. Returns logits of the last `n_logits`
-/// positions [vocab, n_logits].
-#[allow(clippy::too_many_arguments)]
+/// The Gemma / Gemma 2 decoder: writes each token's K/V into its cache slot, attends
+/// over cache slots 0..span with the masks, and returns the logits of the last
+/// `n_logits` tokens [vocab, n_logits].
 fn build_decoder<'c>(
     ctx: &'c Context,
     w: &Weights<'_>,
     cfg: &Config,
     graph: &mut Graph<'_>,
     cache: &[Tensor<'_>],
-    mut x: Tensor<'c>,
-    pos: Tensor<'_>,
-    sliding_mask: Option<Tensor<'_>>,
-    n_past: usize,
-    n_logits: usize,
+    inputs: DecoderInputs<'c>,
 ) -> Result<Tensor<'c>> {
     let t = &cfg.text;
+    let DecoderInputs { mut x, pos, slots, span, full_mask, sliding_mask, n_logits } = inputs;
     let n = x.ne()[1];
     let (hd, heads, kv_heads) = (t.head_dim, t.heads, t.kv_heads);
-    let n_kv = n_past + n;
     let scale = t.query_pre_attn_scalar.powf(-0.5);
     let softcap = t.attn_softcap.unwrap_or(0.0);
     for i in 0..t.depth {
@@ -674,23 +825,18 @@ fn build_decoder<'c>(
         let q = ctx.rope_neox(q, pos, hd, t.rope_theta)?;
         let k = ctx.rope_neox(k, pos, hd, t.rope_theta)?;
 
-        // Append this batch's K/V to the cache, then attend over the whole cache.
+        // Store this batch's K/V in their slots (expanded first, so they run before
+        // the attention reads the cache), then attend over slots 0..span.
         let (ck, cv) = (cache[2 * i], cache[2 * i + 1]);
+        graph.expand(ctx.set_rows(ck, ctx.reshape(k, &[hd * kv_heads, n])?, slots)?)?;
+        graph.expand(ctx.set_rows(cv, v, slots)?)?;
         let row = ck.ty().row_size(hd * kv_heads)?;
-        let k_dst = ctx.view(ck, &[hd * kv_heads, n], &[row], n_past * row)?;
-        let v_dst = ctx.view(cv, &[hd * kv_heads, n], &[row], n_past * row)?;
-        let k_store = ctx.cpy(ctx.reshape(k, &[hd * kv_heads, n])?, k_dst)?;
-        let v_store = ctx.cpy(v, v_dst)?;
         let head_row = ck.ty().row_size(hd)?;
-        let keys = ctx.view(ck, &[hd, n_kv, kv_heads], &[row, head_row], 0)?;
-        let values = ctx.view(cv, &[hd, n_kv, kv_heads], &[row, head_row], 0)?;
-        // The stores must run before the attention reads the cache: expanding them
-        // now puts them earlier in the graph's execution order.
-        graph.expand(k_store)?;
-        graph.expand(v_store)?;
+        let keys = ctx.view(ck, &[hd, span, kv_heads], &[row, head_row], 0)?;
+        let values = ctx.view(cv, &[hd, span, kv_heads], &[row, head_row], 0)?;
 
         let q = ctx.permute(q, [0, 2, 1, 3])?; // [hd, n, heads]
-        let mask = if t.sliding_layers[i] { sliding_mask } else { None };
+        let mask = if t.sliding_layers[i] { sliding_mask } else { full_mask };
         let attn = ctx.flash_attn_ext(q, keys, values, mask, scale, softcap)?; // [hd, heads, n]
         let attn = ctx.reshape(attn, &[hd * heads, n])?;
         let mut o = ctx.mul_mat(p("attn_output"), attn)?;

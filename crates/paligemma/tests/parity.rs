@@ -6,7 +6,7 @@ use paligemma::preprocess::PixelValues;
 use paligemma::{GenerateOptions, KvType, Model, ModelOptions};
 
 fn load(path: &std::path::Path, kv_type: KvType) -> Model {
-    Model::load(path, &ModelOptions { device: std::env::var("PALIGEMMA_TEST_DEVICE").unwrap_or("cpu".into()), threads: 2, kv_type, context: 0 })
+    Model::load(path, &ModelOptions { device: std::env::var("PALIGEMMA_TEST_DEVICE").unwrap_or("cpu".into()), threads: 2, kv_type, context: 0, ..Default::default() })
         .unwrap()
 }
 
@@ -143,4 +143,28 @@ fn other_files_are_refused_with_a_reason() {
     // An unknown device.
     let e = Model::load(&good, &ModelOptions { device: "cuda:3".into(), ..Default::default() }).err().unwrap().to_string();
     assert!(e.contains("cuda:3") && e.contains("cpu"), "{e}");
+}
+
+/// Several prompts on one frame: batched decoding gives each the same answer as
+/// running it alone.
+#[test]
+fn batched_prompts_match_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["pg2_gqa", "pg1"] {
+        let gguf = convert_fixture(name, Type::F32, Type::F32, dir.path());
+        let mut model = load(&gguf, KvType::F32);
+        let img = paligemma::preprocess::RgbImage::open(&fixtures_dir().join("images/rgb.png")).unwrap();
+        let emb = model.encode_image(&img).unwrap();
+        let prompts = ["detect cat ; dog", "caption en", "ocr", "answer en what is in the picture?"];
+        let opts = GenerateOptions { max_tokens: 12, ..Default::default() };
+        let single: Vec<Vec<u32>> = prompts.iter().map(|p| model.generate(&emb, p, &opts, |_, _| true).unwrap().tokens).collect();
+        let prefixes: Vec<Vec<u32>> = prompts.iter().map(|p| model.tokenizer().prefix_ids(p).unwrap()).collect();
+        let mut seen = vec![0usize; prompts.len()];
+        let batch = model.generate_batch(&emb, &prefixes, &opts, &mut |s, _, _| { seen[s] += 1; true }).unwrap();
+        for (i, g) in batch.iter().enumerate() {
+            assert_eq!(g.tokens, single[i], "{name}: prompt {:?}", prompts[i]);
+            assert_eq!(seen[i], g.tokens.len());
+        }
+        assert!(model.generate_batch(&emb, &vec![prefixes[0].clone(); 5], &opts, &mut |_, _, _| true).is_err(), "more prompts than sequences");
+    }
 }

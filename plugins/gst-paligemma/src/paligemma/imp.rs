@@ -499,7 +499,7 @@ impl BaseTransformImpl for PaliGemma {
         let obj = self.obj();
         let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Start, "load", &format!("Loading {path}")).src(&*obj).build());
         gst::info!(CAT, imp = self, "loading {} on {}", path, settings.device);
-        let opts = ModelOptions { device: settings.device.clone(), threads: settings.threads as usize, kv_type: KvType::F16, context: 0 };
+        let opts = ModelOptions { device: settings.device.clone(), threads: settings.threads as usize, kv_type: KvType::F16, context: 0, ..Default::default() };
         let model = match Model::load(&path, &opts) {
             Ok(m) => m,
             Err(e) => {
