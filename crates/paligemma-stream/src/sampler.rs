@@ -76,16 +76,9 @@ impl Sampler {
             return None;
         }
         let frame = self.pending.take()?;
-        if let Some(threshold) = self.config.skip_unchanged_below {
-            let thumb = thumbnail(&frame.image);
-            let unchanged = self.last_thumb.as_ref().is_some_and(|last| {
-                last.iter().zip(&thumb).map(|(a, b)| (a - b).abs()).sum::<f32>() / thumb.len() as f32 <= threshold
-            });
-            if unchanged {
-                self.drop_one();
-                return None;
-            }
-            self.last_thumb = Some(thumb);
+        if !self.changed_enough(&frame) {
+            self.drop_one();
+            return None;
         }
         self.last_taken = Some(now);
         Some(frame)
@@ -100,19 +93,26 @@ impl Sampler {
             self.drop_one();
             return false;
         }
-        if let Some(threshold) = self.config.skip_unchanged_below {
-            let thumb = thumbnail(&frame.image);
-            let unchanged = self.last_thumb.as_ref().is_some_and(|last| {
-                last.iter().zip(&thumb).map(|(a, b)| (a - b).abs()).sum::<f32>() / thumb.len() as f32 <= threshold
-            });
-            if unchanged {
-                self.drop_one();
-                return false;
-            }
-            self.last_thumb = Some(thumb);
+        if !self.changed_enough(frame) {
+            self.drop_one();
+            return false;
         }
         self.last_taken = Some(now);
         true
+    }
+
+    /// Whether a frame differs enough from the last analysed one (always true
+    /// without change detection); remembers it when it does.
+    fn changed_enough(&mut self, frame: &Frame) -> bool {
+        let Some(threshold) = self.config.skip_unchanged_below else { return true };
+        let thumb = thumbnail(&frame.image);
+        let unchanged = self.last_thumb.as_ref().is_some_and(|last| {
+            last.iter().zip(&thumb).map(|(a, b)| (a - b).abs()).sum::<f32>() / thumb.len() as f32 <= threshold
+        });
+        if !unchanged {
+            self.last_thumb = Some(thumb);
+        }
+        !unchanged
     }
 
     /// Drops the waiting frame (flush, seek).
