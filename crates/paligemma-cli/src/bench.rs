@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Timed runs (medians are reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Also decode this many prompts on one frame as one batch (up to 4) and compare
+    /// with running them one after another.
+    #[arg(long, default_value_t = 4)]
+    prompts: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -101,6 +105,9 @@ struct Report {
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: f64,
     frame_ms: f64,
+    batch_prompts: usize,
+    batch_decode_tokens_per_s: f64,
+    batch_speedup: f64,
     peak_rss_bytes: Option<u64>,
 }
 
@@ -131,6 +138,21 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     let (pre, vis, prefill, decode) = (median(pre), median(vis), median(prefill), median(decode));
+    // Several prompts on one frame: their decode steps as one batch.
+    let n = args.prompts.clamp(1, model.max_sequences());
+    let prompts = ["caption en", "detect cat ; dog", "ocr", "answer en what is in the image?"];
+    let prefixes = (0..n).map(|i| model.tokenizer().prefix_ids(prompts[i % prompts.len()])).collect::<paligemma::Result<Vec<_>>>()?;
+    let pixels = preprocess(&image, &model.config().vision);
+    let emb = model.encode_pixels(&pixels)?;
+    let mut batch = Vec::new();
+    for rep in 0..args.warmup + args.reps {
+        let gens = model.generate_batch(&emb, &prefixes, &options, &mut |_, _, _| true)?;
+        let tokens: usize = gens.iter().map(|g| g.tokens.len().saturating_sub(1)).sum();
+        if rep >= args.warmup {
+            batch.push(tokens as f64 / (gens[0].timings.decode / 1e3));
+        }
+    }
+    let batch = median(batch);
     let report = Report {
         model: path.display().to_string(),
         file_bytes,
@@ -143,6 +165,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         prefill_tokens_per_s: ids.len() as f64 / (prefill / 1e3),
         decode_tokens_per_s: decode,
         frame_ms: pre + vis + prefill + 20.0 / decode * 1e3,
+        batch_prompts: n,
+        batch_decode_tokens_per_s: batch,
+        batch_speedup: batch / decode,
         peak_rss_bytes: peak_rss(),
     };
     if args.json {
@@ -154,6 +179,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("prefill    {:>9.1} ms  ({} tokens, {:.1} tokens/s)", report.prefill_ms, report.prefix_tokens, report.prefill_tokens_per_s);
         println!("decode     {:>9.1} tokens/s", report.decode_tokens_per_s);
         println!("frame      {:>9.1} ms  (preprocess + vision + prefill + 20 tokens)", report.frame_ms);
+        println!("batch      {:>9.1} tokens/s decoding {} prompts together ({:.2}x one after another)", report.batch_decode_tokens_per_s, n, report.batch_speedup);
         if let Some(rss) = report.peak_rss_bytes {
             println!("peak RSS   {:>9.2} GB", rss as f64 / 1e9);
         }
