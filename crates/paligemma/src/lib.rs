@@ -1,5 +1,30 @@
 //! PaliGemma 1 and 2 on ggml.
 //!
+//! ```no_run
+//! use paligemma::preprocess::RgbImage;
+//! use paligemma::{GenerateOptions, Model, ModelOptions, Task, TaskResult};
+//!
+//! # fn main() -> paligemma::Result<()> {
+//! // Load a GGUF written by `paligemma convert` (device "cpu", "cuda:0", "vulkan:0"...).
+//! let mut model = Model::load("pg2-3b-224-q4_k.gguf", &ModelOptions { threads: 4, ..Default::default() })?;
+//! // Encode the image once...
+//! let image = model.encode_image(&RgbImage::open("street.jpg".as_ref())?)?;
+//! // ...and ask it anything, streaming tokens as they come.
+//! let task = Task::parse("detect person ; car")?;
+//! let answer = model.answer(&image, &task, &GenerateOptions::default(), 1023.0, &mut |_id, piece| {
+//!     print!("{piece}");
+//!     true
+//! })?;
+//! if let TaskResult::Detections { detections, .. } = &answer.result {
+//!     for d in detections {
+//!         println!("{} at {:?}", d.label, d.bbox); // pixels of the original image
+//!     }
+//! }
+//! println!("vision {:.0} ms, prefill {:.0} ms", answer.generation.timings.vision, answer.generation.timings.prefill);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! - [`convert`]: Hugging Face checkpoint folder -> one self-contained GGUF.
 //! - [`config`]: hyper-parameters (HF `config.json` and GGUF metadata).
 //! - [`preprocess`]: images and raw frames -> pixel values, exactly as the reference.
