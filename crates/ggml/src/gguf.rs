@@ -524,6 +524,12 @@ impl GgufWriter {
         file.sync_all().map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
         let tmp = self.tmp.take().expect("open until finish");
+        // Temporary files are private (0600); the result is an ordinary file.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+        }
         tmp.persist(&self.path).map_err(|e| io(e.error))?;
         Ok(size)
     }
