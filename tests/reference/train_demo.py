@@ -18,7 +18,8 @@ Usage (from the repository root, in the environment of tests/reference/requireme
 
     nice -n 19 python tests/reference/train_demo.py train            # -> /tmp/demo_hf (+ log, checkpoints)
     python tests/reference/train_demo.py eval --model /tmp/demo_hf --n 100
-    python tests/reference/train_demo.py --export-eval DIR N SEED    # held-out PNG frames + truth.jsonl
+    python tests/reference/train_demo.py export-ckpt --work /tmp/demo_train --out /tmp/demo_hf_snapshot
+    python tests/reference/train_demo.py --export-eval DIR N SEED [MAX_BYTES]  # held-out PNGs + truth.jsonl
 
 Everything is a function of --seed: the weights' init, and the training data (batch `step` is rendered
 from a generator seeded with (seed, step)), so a run killed and resumed from its checkpoint continues with
@@ -321,15 +322,25 @@ SPEC = {
 
 
 def sincos_2d(n_side: int, dim: int) -> np.ndarray:
+    """Patch position features: sin / cos of pi * k * v for the patch centre v = (i + 0.5) / n in y and x, with
+    q = dim / 4 frequencies k from 0.5 to n (the same kind of features as the loc embeddings below)."""
     q = dim // 4
-    omega = 1.0 / (100.0 ** (np.arange(q) / q))
-    pos = np.arange(n_side, dtype=np.float64)
-    y, x = np.meshgrid(pos, pos, indexing="ij")
+    k = np.linspace(0.5, n_side, q)
+    v = (np.arange(n_side, dtype=np.float64) + 0.5) / n_side
+    y, x = np.meshgrid(v, v, indexing="ij")
     out = []
     for c in (y.reshape(-1), x.reshape(-1)):
-        a = c[:, None] * omega[None]
+        a = np.pi * c[:, None] * k[None]
         out += [np.sin(a), np.cos(a)]
     return np.concatenate(out, 1)  # [n*n, dim]
+
+
+def loc_features(n_freq: int = 32) -> np.ndarray:
+    """[1024, 2 * n_freq]: sin / cos of pi * k * (bin / 1023), k = 1..n_freq, weighted 1 / k: the inner product
+    of two rows is a smooth kernel of the bins' distance, peaked at 0 (neighbouring bins are similar)."""
+    v = (np.arange(1024) / 1023.0)[:, None]
+    k = np.arange(1, n_freq + 1, dtype=np.float64)[None]
+    return np.concatenate([np.sin(np.pi * k * v) / k, np.cos(np.pi * k * v) / k], 1)
 
 
 def build_model(tok_ids: dict, seed: int):
@@ -350,12 +361,10 @@ def build_model(tok_ids: dict, seed: int):
         # which the tied LM head inherits) and 2-D sin/cos vision position embeddings
         emb = model.get_input_embeddings().weight
         d = emb.shape[1]
-        v = (np.arange(1024) / 1023.0)[:, None]
-        freqs = np.geomspace(0.5, 100.0, 32)[None]
-        feats = np.concatenate([np.sin(2 * np.pi * freqs * v), np.cos(2 * np.pi * freqs * v)], 1)  # [1024, 64]
-        proj = torch.randn(64, d, generator=g, dtype=torch.float64) / 8.0
-        loc = torch.from_numpy(feats) @ proj
-        loc = loc / loc.std() * emb.std().item()
+        feats = torch.from_numpy(loc_features())  # [1024, 64]
+        proj = torch.linalg.qr(torch.randn(d, feats.shape[1], generator=g, dtype=torch.float64))[0].T  # orthonormal rows
+        loc = feats @ proj
+        loc = loc / loc.norm(dim=1).mean() * emb.norm(dim=1).mean().item()
         emb[tok_ids["first_loc"]:tok_ids["first_loc"] + 1024] = loc.float()
         pe = model.model.vision_tower.embeddings.position_embedding.weight
         n_side = SPEC["vision"]["image_size"] // SPEC["vision"]["patch_size"]
@@ -437,6 +446,19 @@ def make_batch(enc: Encoder, rng: np.random.Generator, batch: int):
         tt[i, :npf] = 0
         labels[i, npf - 1:len(s) - 1] = torch.tensor(s[npf:])  # position t predicts token t + 1
     return ids, att, tt, torch.from_numpy(np.stack(pix)), labels
+
+
+class StepBatches:
+    """Batch `step` of a run: a pure function of (seed, step)."""
+
+    def __init__(self, enc, seed, batch, start, steps):
+        self.enc, self.seed, self.batch, self.start, self.steps = enc, seed, batch, start, steps
+
+    def __len__(self):
+        return self.steps - self.start
+
+    def __getitem__(self, i):
+        return make_batch(self.enc, np.random.default_rng([self.seed, self.start + i]), self.batch)
 
 
 def loss_fn(model, batch, tok_ids, loc_sigma: float, loc_smooth: float):
@@ -667,11 +689,14 @@ def cmd_train(args):
     model.train()
     t0 = time.time()
     hist = []
-    for step in range(start, args.steps):
+    # batches are rendered in a worker process (one per step, from default_rng([seed, step])): same data
+    # as rendering them inline, whatever the timing
+    loader = torch.utils.data.DataLoader(StepBatches(enc, args.seed, args.batch, start, args.steps), batch_size=None,
+                                         num_workers=1, prefetch_factor=4)
+    for step, batch in zip(range(start, args.steps), loader):
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = make_batch(enc, np.random.default_rng([args.seed, step]), args.batch)
         loss, m = loss_fn(model, batch, tok_ids, args.loc_sigma, args.loc_smooth)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -709,6 +734,24 @@ def load_hf(model_dir: Path):
     return model.eval(), Encoder(model_dir)
 
 
+def cmd_export_ckpt(args):
+    """The latest checkpoint of a (possibly still running) training as an HF folder."""
+    import torch
+
+    setup_torch(args.threads)
+    work = Path(args.work)
+    st = torch.load(work / "ckpt.pt", weights_only=False)
+    tok_json, tok_ids = build_demo_tokenizer()
+    model = build_model(tok_ids, st["args"]["seed"])
+    model.load_state_dict(st["model"])
+    model.eval()
+    out = Path(args.out)
+    model.save_pretrained(out, safe_serialization=True)
+    n_img = (SPEC["vision"]["image_size"] // SPEC["vision"]["patch_size"]) ** 2
+    write_hf_files(out, tok_json, tok_ids, SPEC["vision"]["image_size"], n_img)
+    print(f"step {st['step']} of {st['args']['steps']} -> {out}")
+
+
 def cmd_eval(args):
     setup_torch(args.threads)
     model, enc = load_hf(Path(args.model))
@@ -725,14 +768,26 @@ def cmd_generate(args):
     print(json.dumps({"text": text, "tokens": ids}))
 
 
-def export_eval(out_dir: Path, n: int, seed: int):
+def export_eval(out_dir: Path, n: int, seed: int, max_bytes: int | None = None):
+    """N held-out frames (frame i is rendered from default_rng([seed, i])) as PNG + truth.jsonl (one line per
+    frame: image, size, objects, and the detect / caption / count prompts with their expected answers; boxes
+    in pixels of the original frame). With max_bytes, frames whose PNG is larger are skipped (the index goes
+    on), which keeps a small committed set small (it then favours frames without noise)."""
+    import io
+
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
-    for i in range(n):
+    i = 0
+    while len(lines) < n:
         sc, truth = eval_item(np.random.default_rng([seed, i]))
-        name = f"frame_{i:04d}.png"
-        Image.fromarray(sc["image"]).save(out_dir / name, optimize=True)
-        lines.append(json.dumps({"image": name, **truth}))
+        buf = io.BytesIO()
+        Image.fromarray(sc["image"]).save(buf, format="PNG", optimize=True)
+        i += 1
+        if max_bytes is not None and buf.tell() > max_bytes:
+            continue
+        name = f"frame_{i - 1:04d}.png"
+        (out_dir / name).write_bytes(buf.getvalue())
+        lines.append(json.dumps({"image": name, "seed": [seed, i - 1], **truth}))
     (out_dir / "truth.jsonl").write_text("\n".join(lines) + "\n")
     total = sum(p.stat().st_size for p in out_dir.iterdir())
     print(f"wrote {n} frames + truth.jsonl to {out_dir} ({total / 1024:.0f} KiB)")
@@ -740,26 +795,29 @@ def export_eval(out_dir: Path, n: int, seed: int):
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--export-eval":
-        if len(sys.argv) != 5:
-            sys.exit("usage: train_demo.py --export-eval DIR N SEED")
-        export_eval(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        if len(sys.argv) not in (5, 6):
+            sys.exit("usage: train_demo.py --export-eval DIR N SEED [MAX_BYTES_PER_FRAME]")
+        export_eval(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+                    int(sys.argv[5]) if len(sys.argv) == 6 else None)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--batch", type=int, default=32)
-    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--lr", type=float, default=6e-4)
     t.add_argument("--min-lr-frac", type=float, default=0.05)
-    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--warmup", type=int, default=150)
     t.add_argument("--wd", type=float, default=0.01)
     t.add_argument("--loc-sigma", type=float, default=10.0, help="Gaussian soft target over loc bins (in bins)")
     t.add_argument("--loc-smooth", type=float, default=0.5, help="weight of the soft loc target")
-    t.add_argument("--threads", type=int, default=2)
+    # one thread: with two, a busy second core (a compile) stalls every parallel region (measured: 0.65 s
+    # per step with one thread against 1 to 10 s with two, on a 2-core machine with a build running)
+    t.add_argument("--threads", type=int, default=1)
     t.add_argument("--work", default="/tmp/demo_train")
     t.add_argument("--out", default="/tmp/demo_hf")
-    t.add_argument("--eval-every", type=int, default=250)
+    t.add_argument("--eval-every", type=int, default=300)
     t.add_argument("--ckpt-every", type=int, default=25)
     t.add_argument("--final-eval", type=int, default=100)
     e = sub.add_parser("eval")
@@ -767,15 +825,19 @@ def main():
     e.add_argument("--n", type=int, default=100)
     e.add_argument("--seed", type=int, default=1003)
     e.add_argument("--show", type=int, default=4)
-    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--threads", type=int, default=1)
     g = sub.add_parser("generate")
     g.add_argument("--model", default="/tmp/demo_hf")
     g.add_argument("--image", required=True)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=48)
-    g.add_argument("--threads", type=int, default=2)
+    g.add_argument("--threads", type=int, default=1)
+    x = sub.add_parser("export-ckpt")
+    x.add_argument("--work", default="/tmp/demo_train")
+    x.add_argument("--out", default="/tmp/demo_hf")
+    x.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}[args.cmd](args)
+    {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export-ckpt": cmd_export_ckpt}[args.cmd](args)
 
 
 if __name__ == "__main__":
