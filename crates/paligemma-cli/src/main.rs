@@ -300,7 +300,7 @@ fn devices() -> Result<()> {
         b.write_f32(&[1.0, 0.5, 0.25, 0.125])?;
         sched.compute(&graph)?;
         let got = c.read_f32()?;
-        let ok = got == [3.25, 9.25];
+        let ok = got == [3.25, 10.75];
         println!("{:<10} {:<40} {}", device.spec(), device.description(), if ok { "ok" } else { "WRONG RESULT" });
     }
     Ok(())
