@@ -63,3 +63,11 @@ fn errors_are_one_line_and_nonzero() {
     let (ok, _, stderr) = paligemma(&["decode-mask", "-m", &model, "--codes", "1,2,3", "--out", "/dev/null"]);
     assert!(!ok && stderr.contains("no segmentation decoder"), "{stderr}");
 }
+
+#[test]
+fn devices_lists_a_working_cpu() {
+    let (ok, stdout, stderr) = paligemma(&["devices"]);
+    assert!(ok, "{stderr}");
+    let cpu = stdout.lines().find(|l| l.starts_with("cpu ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(cpu.ends_with(" ok"), "{cpu}");
+}
