@@ -82,6 +82,8 @@ pub struct Scores {
     /// Captions naming exactly the scene's (colour, shape) pairs.
     pub captions_objects: usize,
     pub counts_correct: usize,
+    /// Per label: (boxes, found).
+    pub per_label: std::collections::BTreeMap<String, (usize, usize)>,
 }
 
 impl Scores {
@@ -147,6 +149,7 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
         let mut used = vec![false; found.len()];
         for b in &t.detect.boxes {
             s.boxes += 1;
+            s.per_label.entry(b.label.clone()).or_default().0 += 1;
             let truth_box = [b.x1, b.y1, b.x2, b.y2];
             let best = found
                 .iter()
@@ -157,6 +160,7 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
             if let Some((i, v)) = best.filter(|(_, v)| *v >= 0.5) {
                 used[i] = true;
                 s.boxes_found += 1;
+                s.per_label.entry(b.label.clone()).or_default().1 += 1;
                 s.detections_correct += 1;
                 let _ = v;
             }
@@ -201,6 +205,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     } else {
         println!("frames                      {}", s.frames);
         println!("detection recall @ IoU 0.5  {:.1}% ({} of {} boxes)", 100.0 * s.recall(), s.boxes_found, s.boxes);
+        for (label, (n, found)) in &s.per_label {
+            println!("  recall for {label:<9}       {:.1}% ({found} of {n})", 100.0 * *found as f64 / (*n).max(1) as f64);
+        }
         println!("detection precision         {:.1}%", 100.0 * s.precision());
         println!("captions exact              {:.1}%", 100.0 * s.rate(s.captions_exact));
         println!("captions right objects      {:.1}%", 100.0 * s.rate(s.captions_objects));

@@ -8,11 +8,11 @@ use gst::prelude::*;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let model = args.next().ok_or("usage: print-results MODEL.gguf [SOURCE] [PROMPTS]")?;
-    let source = args.next().unwrap_or_else(|| "videotestsrc num-buffers=90 pattern=ball".into());
+    let source = args.next().unwrap_or_else(|| "videotestsrc is-live=true num-buffers=150 pattern=ball".into());
     let prompts = args.next().unwrap_or_else(|| "caption en|detect ball".into());
     gst::init()?;
     gstpaligemma::plugin_register_static()?;
-    let desc = format!("{source} ! videoconvert ! paligemma model={model} prompts=\"{prompts}\" mode=sync interval=500 ! fakesink");
+    let desc = format!("{source} ! videoconvert ! paligemma model={model} prompts=\"{prompts}\" mode=sync interval=250 ! fakesink");
     let pipeline = gst::parse::launch(&desc)?;
     pipeline.set_state(gst::State::Playing)?;
     let bus = pipeline.bus().ok_or("no bus")?;
