@@ -255,3 +255,19 @@ fn text_pad_carries_timestamped_answers() {
     assert_eq!(buf.pts(), Some(gst::ClockTime::ZERO));
     pipeline.set_state(gst::State::Null).unwrap();
 }
+
+#[test]
+fn async_eos_does_not_wait_for_pending_results() {
+    let model = init();
+    // A long answer is in progress when the 5-frame file ends: EOS goes through at
+    // once and the pending work is dropped.
+    let desc = format!(
+        "videotestsrc num-buffers=5 ! video/x-raw,width=64,height=48 ! paligemma model={} threads=1 mode=async prompts=\"caption en\" max-tokens=480 ! fakesink",
+        model.display()
+    );
+    let (pipeline, msgs, took) = run_pipeline(&desc, Duration::from_secs(30));
+    pipeline.set_state(gst::State::Null).unwrap();
+    println!("async EOS after {took:?}, {} results", msgs.len());
+    assert!(took < Duration::from_secs(3), "EOS waited for the model: {took:?}");
+    assert!(msgs.is_empty(), "the 480-token answer in progress at EOS was dropped, not posted");
+}
