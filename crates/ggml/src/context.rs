@@ -337,8 +337,8 @@ fn count_new_nodes(t: Tensor<'_>) -> usize {
 /// Operations. Each mirrors the ggml function of the same name and checks the
 /// conditions ggml would assert on.
 impl Context {
+    /// Wraps an op's result; callers check `room` before calling ggml.
     fn same_ctx<'s>(&'s self, op: &'static str, raw: *mut sys::ggml_tensor) -> Result<Tensor<'s>> {
-        self.room()?;
         self.wrap(op, raw)
     }
 
