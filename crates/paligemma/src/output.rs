@@ -119,6 +119,15 @@ impl TaskResult {
         }
     }
 
+    /// The text of a caption, answer, OCR or free-text result, or an error's message.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            TaskResult::Caption { text } | TaskResult::Answer { text } | TaskResult::Ocr { text } | TaskResult::Text { text } => Some(text),
+            TaskResult::Error { message } => Some(message),
+            TaskResult::Detections { .. } | TaskResult::Segmentation { .. } => None,
+        }
+    }
+
     pub fn detections(&self) -> &[Detection] {
         match self {
             TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } => detections,

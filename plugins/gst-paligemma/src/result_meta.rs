@@ -56,10 +56,7 @@ pub fn regions(msg: &ResultMessage) -> Vec<Region> {
                 ..base.clone()
             })
             .collect(),
-        TaskResult::Caption { text } | TaskResult::Answer { text } | TaskResult::Ocr { text } | TaskResult::Text { text } => {
-            vec![Region { text: text.clone(), ..base }]
-        }
-        TaskResult::Error { message } => vec![Region { text: message.clone(), ..base }],
+        other => vec![Region { text: other.text().unwrap_or_default().to_string(), ..base }],
     }
 }
 

@@ -417,14 +417,7 @@ fn result_message(element: &super::PaliGemma, msg: &ResultMessage) -> gst::Messa
                 .to_send_value()
         })
         .collect();
-    let text = match &msg.result {
-        paligemma::TaskResult::Caption { text }
-        | paligemma::TaskResult::Answer { text }
-        | paligemma::TaskResult::Ocr { text }
-        | paligemma::TaskResult::Text { text } => text.clone(),
-        paligemma::TaskResult::Error { message } => message.clone(),
-        _ => msg.raw.clone(),
-    };
+    let text = msg.result.text().unwrap_or(&msg.raw).to_string();
     let clock = |ns: Option<u64>| ns.map(gst::ClockTime::from_nseconds);
     let s = gst::Structure::builder("paligemma-result")
         .field("prompt-id", &msg.prompt.id)
@@ -463,14 +456,8 @@ fn push_text(element: &super::PaliGemma, outbox: &Outbox, msg: &ResultMessage) {
             .map(|d| format!("{} ({:.0},{:.0} {:.0}x{:.0})", d.label, d.bbox.x, d.bbox.y, d.bbox.w, d.bbox.h))
             .collect::<Vec<_>>()
             .join("; "),
-        other => match other {
-            paligemma::TaskResult::Caption { text }
-            | paligemma::TaskResult::Answer { text }
-            | paligemma::TaskResult::Ocr { text }
-            | paligemma::TaskResult::Text { text } => text.clone(),
-            paligemma::TaskResult::Error { message } => format!("error: {message}"),
-            _ => String::new(),
-        },
+        paligemma::TaskResult::Error { message } => format!("error: {message}"),
+        other => other.text().unwrap_or_default().to_string(),
     };
     let line = format!("{}: {}", msg.prompt.id, body);
     let mut buffer = gst::Buffer::from_mut_slice(line.into_bytes());
