@@ -141,6 +141,11 @@ fn expected_tensors(cfg: &Config) -> Vec<Expected> {
     out
 }
 
+/// Every tensor a model of `cfg` has: GGUF name and shape in ggml order.
+pub(crate) fn tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    expected_tensors(cfg).into_iter().map(|e| (e.gguf, e.shape.into_iter().rev().collect())).collect()
+}
+
 /// Maps a checkpoint key of any known layout to our canonical HF-style name:
 /// `vision.*`, `projector.*`, `text.*`. Returns None for keys we do not use.
 pub fn canonical_name(key: &str) -> Option<String> {
@@ -178,12 +183,19 @@ fn storage_type(e: &Expected, opts: &ConvertOptions) -> Type {
     fallbacks.iter().copied().find(|t| row % t.block_size() == 0).unwrap_or(Type::F16)
 }
 
+/// A checkpoint tensor: its file, its key there, its shape.
+struct Entry {
+    file: usize,
+    key: String,
+    shape: Vec<usize>,
+}
+
 /// A checkpoint folder opened for reading.
 pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<(PathBuf, memmap2::Mmap)>,
-    /// Canonical name -> (file index, original key).
-    index: BTreeMap<String, (usize, String)>,
+    /// Canonical name -> where it is, read once from the headers.
+    index: BTreeMap<String, Entry>,
     pub config: Config,
     pub tokenizer_json: String,
 }
@@ -213,10 +225,11 @@ impl Checkpoint {
                     if canon == "text.embed_tokens.weight" {
                         embed_dtype = Some(view.dtype());
                     }
-                    if let Some((j, other)) = index.insert(canon.clone(), (i, key.clone())) {
+                    let entry = Entry { file: i, key: key.clone(), shape: view.shape().to_vec() };
+                    if let Some(other) = index.insert(canon.clone(), entry) {
                         return Err(Error::Checkpoint {
                             path: path.clone(),
-                            detail: format!("{key:?} and {other:?} (in {}) are the same tensor {canon:?}", files[j].0.display()),
+                            detail: format!("{key:?} and {:?} (in {}) are the same tensor {canon:?}", other.key, files[other.file].0.display()),
                         });
                     }
                 }
@@ -240,12 +253,12 @@ impl Checkpoint {
 
     /// A tensor as f32 values with its HF shape.
     fn tensor_f32(&self, canon: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let (i, key) = self.index.get(canon).ok_or_else(|| Error::Tensor {
+        let Entry { file, key, .. } = self.index.get(canon).ok_or_else(|| Error::Tensor {
             path: self.dir.clone(),
             name: canon.into(),
             detail: "missing from the checkpoint".into(),
         })?;
-        let (path, map) = &self.files[*i];
+        let (path, map) = &self.files[*file];
         let st = SafeTensors::deserialize(map).map_err(|e| Error::Checkpoint { path: path.clone(), detail: e.to_string() })?;
         let view = st.tensor(key).map_err(|e| Error::Tensor { path: path.clone(), name: key.clone(), detail: e.to_string() })?;
         let data = view.data();
@@ -261,19 +274,16 @@ impl Checkpoint {
     }
 
     fn check_shape(&self, e: &Expected) -> Result<()> {
-        let (i, key) = self.index.get(&e.hf).ok_or_else(|| Error::Tensor {
+        let entry = self.index.get(&e.hf).ok_or_else(|| Error::Tensor {
             path: self.dir.clone(),
             name: e.hf.clone(),
             detail: format!("missing from the checkpoint (needed for {})", e.gguf),
         })?;
-        let (path, map) = &self.files[*i];
-        let st = SafeTensors::deserialize(map).map_err(|err| Error::Checkpoint { path: path.clone(), detail: err.to_string() })?;
-        let shape = st.tensor(key).map(|v| v.shape().to_vec()).unwrap_or_default();
-        if shape != e.shape {
+        if entry.shape != e.shape {
             return Err(Error::Tensor {
-                path: path.clone(),
-                name: key.clone(),
-                detail: format!("shape {shape:?}, expected {:?} from config.json", e.shape),
+                path: self.files[entry.file].0.clone(),
+                name: entry.key.clone(),
+                detail: format!("shape {:?}, expected {:?} from config.json", entry.shape, e.shape),
             });
         }
         Ok(())

@@ -163,58 +163,6 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// The tensors every model must have, given its configuration.
-fn required_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
-    let v = &cfg.vision;
-    let t = &cfg.text;
-    let mut out = vec![
-        ("v.patch_embd.weight".to_string(), vec![v.patch_size, v.patch_size, 3, v.width]),
-        ("v.patch_embd.bias".into(), vec![v.width]),
-        ("v.position_embd.weight".into(), vec![v.width, v.n_patches()]),
-        ("v.post_ln.weight".into(), vec![v.width]),
-        ("v.post_ln.bias".into(), vec![v.width]),
-        ("mm.weight".into(), vec![v.width, cfg.projection_dim]),
-        ("mm.bias".into(), vec![cfg.projection_dim]),
-        ("token_embd.weight".into(), vec![t.width, t.vocab_size]),
-        ("output_norm.weight".into(), vec![t.width]),
-    ];
-    for i in 0..v.depth {
-        for (n, shape) in [
-            ("ln1", vec![v.width, v.width]),
-            ("ln2", vec![v.width, v.width]),
-            ("attn_q", vec![v.width, v.width]),
-            ("attn_k", vec![v.width, v.width]),
-            ("attn_v", vec![v.width, v.width]),
-            ("attn_out", vec![v.width, v.width]),
-            ("ffn_up", vec![v.width, v.ffn]),
-            ("ffn_down", vec![v.ffn, v.width]),
-        ] {
-            out.push((format!("v.blk.{i}.{n}.bias"), vec![shape[1]]));
-            out.push((format!("v.blk.{i}.{n}.weight"), if n.starts_with("ln") { vec![v.width] } else { shape }));
-        }
-    }
-    let (q, kv) = (t.heads * t.head_dim, t.kv_heads * t.head_dim);
-    for i in 0..t.depth {
-        let mut layer = vec![
-            ("attn_norm", vec![t.width]),
-            ("attn_q", vec![t.width, q]),
-            ("attn_k", vec![t.width, kv]),
-            ("attn_v", vec![t.width, kv]),
-            ("attn_output", vec![q, t.width]),
-            ("ffn_norm", vec![t.width]),
-            ("ffn_gate", vec![t.width, t.ffn]),
-            ("ffn_up", vec![t.width, t.ffn]),
-            ("ffn_down", vec![t.ffn, t.width]),
-        ];
-        if t.arch == TextArch::Gemma2 {
-            layer.push(("post_attention_norm", vec![t.width]));
-            layer.push(("post_ffw_norm", vec![t.width]));
-        }
-        out.extend(layer.into_iter().map(|(n, s)| (format!("blk.{i}.{n}.weight"), s)));
-    }
-    out
-}
-
 impl Model {
     /// Loads a GGUF written by `paligemma convert`.
     pub fn load(path: impl AsRef<Path>, opts: &ModelOptions) -> Result<Model> {
@@ -229,7 +177,7 @@ impl Model {
         let tokenizer = Tokenizer::from_json(json, config.tokens.clone())?;
 
         // Check every tensor the graphs use before touching a backend.
-        for (name, shape) in required_tensors(&config) {
+        for (name, shape) in crate::convert::tensor_shapes(&config) {
             let info = gguf.tensor(&name).ok_or_else(|| model_err(format!("tensor {name} is missing")))?;
             let mut got = info.shape.clone();
             got.resize(shape.len().max(got.len()), 1);
