@@ -67,13 +67,16 @@ impl Device {
         let found = if want == "gpu" {
             all.iter().find(|d| matches!(d.kind(), DeviceKind::Gpu | DeviceKind::IntegratedGpu))
         } else {
-            let want = if want.contains(':') { want } else if want.ends_with(|c: char| c.is_ascii_digit()) || want == "cpu" { want } else { format!("{want}:0") };
+            let want = if want.contains(':') {
+                want
+            } else if want.ends_with(|c: char| c.is_ascii_digit()) || want == "cpu" {
+                want
+            } else {
+                format!("{want}:0")
+            };
             all.iter().find(|d| d.spec() == want || d.name().to_ascii_lowercase() == want)
         };
-        found.copied().ok_or_else(|| Error::NoSuchDevice {
-            spec: spec.to_string(),
-            available: all.iter().map(|d| d.spec()).collect::<Vec<_>>().join(", "),
-        })
+        found.copied().ok_or_else(|| Error::NoSuchDevice { spec: spec.to_string(), available: all.iter().map(|d| d.spec()).collect::<Vec<_>>().join(", ") })
     }
 }
 
@@ -266,9 +269,7 @@ impl Scheduler {
         }
         let mut raw: Vec<sys::ggml_backend_t> = backends.iter().map(|b| b.as_ptr()).collect();
         // SAFETY: valid backends, the last is the CPU as ggml requires.
-        let ptr = unsafe {
-            sys::ggml_backend_sched_new(raw.as_mut_ptr(), std::ptr::null_mut(), raw.len() as i32, graph_size, false, true)
-        };
+        let ptr = unsafe { sys::ggml_backend_sched_new(raw.as_mut_ptr(), std::ptr::null_mut(), raw.len() as i32, graph_size, false, true) };
         let ptr = NonNull::new(ptr).ok_or_else(|| Error::BackendInit("scheduler".into()))?;
         Ok(Scheduler { ptr, backends })
     }
@@ -339,4 +340,3 @@ pub fn set_log_quiet(quiet: bool) {
     // SAFETY: both callbacks are valid for the program's lifetime.
     unsafe { sys::ggml_log_set(Some(if quiet { silent } else { filter }), std::ptr::null_mut()) };
 }
-

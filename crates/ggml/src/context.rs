@@ -51,9 +51,7 @@ impl Context {
     }
 
     fn wrap(&self, op: &'static str, raw: *mut sys::ggml_tensor) -> Result<Tensor<'_>> {
-        NonNull::new(raw)
-            .map(|ptr| Tensor { ptr, _ctx: PhantomData })
-            .ok_or_else(|| shape(op, "ggml returned no tensor"))
+        NonNull::new(raw).map(|ptr| Tensor { ptr, _ctx: PhantomData }).ok_or_else(|| shape(op, "ggml returned no tensor"))
     }
 
     /// A new tensor with shape `ne` in ggml order (innermost dimension first, 1 to 4 dims).
@@ -103,8 +101,7 @@ impl Context {
     pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
         let c = CString::new(name).ok()?;
         // SAFETY: valid context and C string.
-        NonNull::new(unsafe { sys::ggml_get_tensor(self.as_ptr(), c.as_ptr()) })
-            .map(|ptr| Tensor { ptr, _ctx: PhantomData })
+        NonNull::new(unsafe { sys::ggml_get_tensor(self.as_ptr(), c.as_ptr()) }).map(|ptr| Tensor { ptr, _ctx: PhantomData })
     }
 
     /// A new graph with room for `size` nodes.
@@ -468,8 +465,19 @@ impl Context {
         // SAFETY: checked as ggml_rope_impl asserts.
         let raw = unsafe {
             sys::ggml_rope_ext(
-                self.as_ptr(), a.as_ptr(), pos.as_ptr(), std::ptr::null_mut(), n_dims as i32,
-                sys::GGML_ROPE_TYPE_NEOX as i32, 0, theta, 1.0, 0.0, 1.0, 0.0, 0.0,
+                self.as_ptr(),
+                a.as_ptr(),
+                pos.as_ptr(),
+                std::ptr::null_mut(),
+                n_dims as i32,
+                sys::GGML_ROPE_TYPE_NEOX as i32,
+                0,
+                theta,
+                1.0,
+                0.0,
+                1.0,
+                0.0,
+                0.0,
             )
         };
         self.same_ctx("rope", raw)
@@ -477,9 +485,7 @@ impl Context {
 
     /// Fused attention: q [d, n_q, H], k/v [d, n_kv, H_kv] (F16 or F32), mask F16
     /// [n_kv, n_q]. Result: [d, H, n_q].
-    pub fn flash_attn_ext<'s>(
-        &'s self, q: Tensor<'_>, k: Tensor<'_>, v: Tensor<'_>, mask: Option<Tensor<'_>>, scale: f32, softcap: f32,
-    ) -> Result<Tensor<'s>> {
+    pub fn flash_attn_ext<'s>(&'s self, q: Tensor<'_>, k: Tensor<'_>, v: Tensor<'_>, mask: Option<Tensor<'_>>, scale: f32, softcap: f32) -> Result<Tensor<'s>> {
         let (qn, kn, vn) = (q.ne(), k.ne(), v.ne());
         if qn[0] != kn[0] || kn[1] != vn[1] || kn[2] != vn[2] || qn[2] % kn[2] != 0 {
             return Err(shape("flash_attn_ext", format!("q {:?} k {:?} v {:?}", q.shape(), k.shape(), v.shape())));
@@ -512,9 +518,8 @@ impl Context {
         let (s, p) = (stride as i32, pad as i32);
         let patch_ty = if kernel.ty() == Type::F16 { Type::F16 } else { Type::F32 };
         // SAFETY: shapes checked. Result [cin*kh*kw, ow, oh, n].
-        let cols = self.same_ctx("im2col", unsafe {
-            sys::ggml_im2col(self.as_ptr(), kernel.as_ptr(), input.as_ptr(), s, s, p, p, 1, 1, true, patch_ty.raw())
-        })?;
+        let cols =
+            self.same_ctx("im2col", unsafe { sys::ggml_im2col(self.as_ptr(), kernel.as_ptr(), input.as_ptr(), s, s, p, p, 1, 1, true, patch_ty.raw()) })?;
         let c = cols.ne();
         let cols2 = self.reshape(cols, &[c[0], c[1] * c[2] * c[3]])?;
         let k2 = self.reshape(kernel, &[k[0] * k[1] * k[2], k[3]])?;
@@ -531,9 +536,7 @@ impl Context {
         }
         self.room()?;
         // SAFETY: shapes checked.
-        self.same_ctx("conv_transpose_2d", unsafe {
-            sys::ggml_conv_transpose_2d_p0(self.as_ptr(), kernel.as_ptr(), input.as_ptr(), stride as i32)
-        })
+        self.same_ctx("conv_transpose_2d", unsafe { sys::ggml_conv_transpose_2d_p0(self.as_ptr(), kernel.as_ptr(), input.as_ptr(), stride as i32) })
     }
 
     fn room_for(&self, n: usize) -> Result<()> {

@@ -34,7 +34,11 @@ pub enum Error {
     #[error("gguf: {path}: {detail}")]
     Gguf { path: PathBuf, detail: String },
     #[error("gguf: {path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

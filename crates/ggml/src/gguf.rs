@@ -333,20 +333,14 @@ fn parse(path: &Path, map: memmap2::Mmap) -> Result<GgufFile> {
         if end.is_none_or(|e| e > data.len()) {
             return Err(r.err(format!(
                 "tensor {:?} data ({} bytes at offset {}) runs past the end of the file ({} bytes)",
-                t.name, t.nbytes, data_offset + t.offset, data.len()
+                t.name,
+                t.nbytes,
+                data_offset + t.offset,
+                data.len()
             )));
         }
     }
-    Ok(GgufFile {
-        path: path.to_path_buf(),
-        map: Arc::new(map),
-        version,
-        alignment,
-        data_offset,
-        metadata,
-        keys,
-        tensors,
-    })
+    Ok(GgufFile { path: path.to_path_buf(), map: Arc::new(map), version, alignment, data_offset, metadata, keys, tensors })
 }
 
 /// Writes a GGUF file: metadata and tensor infos first, then the tensor data one
@@ -476,14 +470,7 @@ impl GgufWriter {
         header.write_header(&mut head).map_err(|e| Error::Gguf { path: path.clone(), detail: e.to_string() })?;
         head.resize(head.len().next_multiple_of(DEFAULT_ALIGNMENT), 0);
         out.write_all(&head).map_err(io)?;
-        Ok(GgufWriter {
-            path,
-            tmp: Some(tmp),
-            out: Some(out),
-            pending: header.tensors.into(),
-            written: 0,
-            alignment: DEFAULT_ALIGNMENT,
-        })
+        Ok(GgufWriter { path, tmp: Some(tmp), out: Some(out), pending: header.tensors.into(), written: 0, alignment: DEFAULT_ALIGNMENT })
     }
 
     /// Name of the next tensor whose data is expected.

@@ -22,11 +22,7 @@ pub fn quantize(ty: Type, data: &[f32], n_per_row: usize) -> Result<Vec<u8>> {
     let mut out = vec![0u8; rows * row_bytes];
     // SAFETY: the output holds rows * row_size bytes, the input rows * n_per_row floats,
     // n_per_row is a whole number of blocks (row_size checked it).
-    let written = unsafe {
-        sys::ggml_quantize_chunk(
-            ty.raw(), data.as_ptr(), out.as_mut_ptr().cast(), 0, rows as i64, n_per_row as i64, std::ptr::null(),
-        )
-    };
+    let written = unsafe { sys::ggml_quantize_chunk(ty.raw(), data.as_ptr(), out.as_mut_ptr().cast(), 0, rows as i64, n_per_row as i64, std::ptr::null()) };
     if written != out.len() {
         return Err(err(format!("ggml wrote {written} bytes, expected {}", out.len())));
     }

@@ -42,21 +42,30 @@ impl Type {
     /// Parses the lower-case ggml name (`f16`, `q8_0`, `q4_k`...).
     pub fn from_name(name: &str) -> Result<Type> {
         let lower = name.to_ascii_lowercase();
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|t| t.name() == lower)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
-                Error::UnknownTypeName(name.to_string(), names.join(", "))
-            })
+        Self::ALL.iter().copied().find(|t| t.name() == lower).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+            Error::UnknownTypeName(name.to_string(), names.join(", "))
+        })
     }
 
     /// The types this crate offers by name.
     pub const ALL: [Type; 16] = [
-        Type::F32, Type::F16, Type::BF16, Type::Q4_0, Type::Q4_1, Type::Q5_0, Type::Q5_1,
-        Type::Q8_0, Type::Q2_K, Type::Q3_K, Type::Q4_K, Type::Q5_K, Type::Q6_K, Type::I8,
-        Type::I16, Type::I32,
+        Type::F32,
+        Type::F16,
+        Type::BF16,
+        Type::Q4_0,
+        Type::Q4_1,
+        Type::Q5_0,
+        Type::Q5_1,
+        Type::Q8_0,
+        Type::Q2_K,
+        Type::Q3_K,
+        Type::Q4_K,
+        Type::Q5_K,
+        Type::Q6_K,
+        Type::I8,
+        Type::I16,
+        Type::I32,
     ];
 
     pub fn raw(self) -> sys::ggml_type {
@@ -98,10 +107,7 @@ impl Type {
     pub fn row_size(self, n: usize) -> Result<usize> {
         let block = self.block_size();
         if n % block != 0 {
-            return Err(crate::error::shape(
-                "row_size",
-                format!("{} elements per row is not a multiple of {}'s block size {block}", n, self.name()),
-            ));
+            return Err(crate::error::shape("row_size", format!("{} elements per row is not a multiple of {}'s block size {block}", n, self.name())));
         }
         Ok(n / block * self.type_size())
     }
@@ -110,9 +116,7 @@ impl Type {
     pub fn nbytes(self, shape: &[usize]) -> Result<usize> {
         let Some((&first, rest)) = shape.split_first() else { return Ok(self.type_size()) };
         let row = self.row_size(first)?;
-        rest.iter()
-            .try_fold(row, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| crate::error::shape("nbytes", format!("{shape:?} overflows")))
+        rest.iter().try_fold(row, |acc, &d| acc.checked_mul(d)).ok_or_else(|| crate::error::shape("nbytes", format!("{shape:?} overflows")))
     }
 }
 

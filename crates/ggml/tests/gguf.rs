@@ -1,6 +1,6 @@
 //! GGUF round trips and malformed files.
-use ggml::gguf::{GgufFile, GgufHeader, GgufWriter, Value};
 use ggml::Type;
+use ggml::gguf::{GgufFile, GgufHeader, GgufWriter, Value};
 use std::path::Path;
 
 fn sample_metadata() -> Vec<(&'static str, Value)> {

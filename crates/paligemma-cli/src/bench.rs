@@ -118,7 +118,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut model = Model::load(&path, &opts)?;
     // A 640x480 frame with structure (gradients and edges).
     let (w, h) = (640, 480);
-    let data = (0..w * h).flat_map(|i| { let (x, y) = (i % w, i / w); [(x * 255 / w) as u8, (y * 255 / h) as u8, if (x / 40 + y / 40) % 2 == 0 { 220 } else { 30 }] }).collect();
+    let data = (0..w * h)
+        .flat_map(|i| {
+            let (x, y) = (i % w, i / w);
+            [(x * 255 / w) as u8, (y * 255 / h) as u8, if (x / 40 + y / 40) % 2 == 0 { 220 } else { 30 }]
+        })
+        .collect();
     let image = RgbImage { width: w, height: h, data };
     let ids = model.tokenizer().prefix_ids("caption en")?;
     let options = GenerateOptions { max_tokens: args.decode_tokens + 1, ignore_eos: true, ..Default::default() };
@@ -179,7 +184,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("prefill    {:>9.1} ms  ({} tokens, {:.1} tokens/s)", report.prefill_ms, report.prefix_tokens, report.prefill_tokens_per_s);
         println!("decode     {:>9.1} tokens/s", report.decode_tokens_per_s);
         println!("frame      {:>9.1} ms  (preprocess + vision + prefill + 20 tokens)", report.frame_ms);
-        println!("batch      {:>9.1} tokens/s decoding {} prompts together ({:.2}x one after another)", report.batch_decode_tokens_per_s, n, report.batch_speedup);
+        println!(
+            "batch      {:>9.1} tokens/s decoding {} prompts together ({:.2}x one after another)",
+            report.batch_decode_tokens_per_s, n, report.batch_speedup
+        );
         if let Some(rss) = report.peak_rss_bytes {
             println!("peak RSS   {:>9.2} GB", rss as f64 / 1e9);
         }

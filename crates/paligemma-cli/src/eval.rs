@@ -186,7 +186,10 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
             s.counts_correct += 1;
         }
         if verbose {
-            println!("{}: {:?} -> {:?} | {:?} (truth {:?}) | {:?} -> {answer:?} (truth {})", t.image, t.detect.prompt, det.generation.text, cap_text, t.caption.text, t.count.prompt, t.count.count);
+            println!(
+                "{}: {:?} -> {:?} | {:?} (truth {:?}) | {:?} -> {answer:?} (truth {})",
+                t.image, t.detect.prompt, det.generation.text, cap_text, t.caption.text, t.count.prompt, t.count.count
+            );
         }
     }
     Ok(s)
@@ -222,11 +225,10 @@ mod tests {
 
     #[test]
     fn caption_pairs_and_iou() {
-        assert_eq!(caption_objects("a red circle and two blue squares"), vec![
-            ("blue".into(), "square".into()),
-            ("blue".into(), "square".into()),
-            ("red".into(), "circle".into())
-        ]);
+        assert_eq!(
+            caption_objects("a red circle and two blue squares"),
+            vec![("blue".into(), "square".into()), ("blue".into(), "square".into()), ("red".into(), "circle".into())]
+        );
         assert!((iou([0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0]) - 1.0 / 3.0).abs() < 1e-6);
         assert_eq!(iou([0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]), 0.0);
     }

@@ -120,7 +120,13 @@ struct LoadArgs {
 
 impl LoadArgs {
     fn load(&self) -> Result<Model> {
-        let opts = ModelOptions { device: self.device.clone(), threads: self.threads, kv_type: self.kv_type.parse::<KvType>()?, context: self.context, ..Default::default() };
+        let opts = ModelOptions {
+            device: self.device.clone(),
+            threads: self.threads,
+            kv_type: self.kv_type.parse::<KvType>()?,
+            context: self.context,
+            ..Default::default()
+        };
         Ok(Model::load(&self.model, &opts)?)
     }
 }
@@ -193,9 +199,24 @@ fn info(path: &Path, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("{}: {} ({}), format version {}", path.display(), cfg.name, cfg.text.arch.name(), f.get("paligemma.format_version").and_then(|v| v.as_u64()).unwrap_or(0));
+    println!(
+        "{}: {} ({}), format version {}",
+        path.display(),
+        cfg.name,
+        cfg.text.arch.name(),
+        f.get("paligemma.format_version").and_then(|v| v.as_u64()).unwrap_or(0)
+    );
     let v = &cfg.vision;
-    println!("vision: {}px, patch {}, width {}, {} layers, {} heads, ffn {}, {} image tokens", v.image_size, v.patch_size, v.width, v.depth, v.heads, v.ffn, v.n_patches());
+    println!(
+        "vision: {}px, patch {}, width {}, {} layers, {} heads, ffn {}, {} image tokens",
+        v.image_size,
+        v.patch_size,
+        v.width,
+        v.depth,
+        v.heads,
+        v.ffn,
+        v.n_patches()
+    );
     let t = &cfg.text;
     println!(
         "text: width {}, {} layers, {} heads / {} kv heads, head_dim {}, ffn {}, vocab {}, context {}",
@@ -203,13 +224,24 @@ fn info(path: &Path, json: bool) -> Result<()> {
     );
     println!(
         "      rope theta {}, query scalar {}, softcaps attn {:?} final {:?}, sliding window {:?} on {} layers, embedding scale {}",
-        t.rope_theta, t.query_pre_attn_scalar, t.attn_softcap, t.final_softcap, t.sliding_window,
-        t.sliding_layers.iter().filter(|&&s| s).count(), t.embed_scale
+        t.rope_theta,
+        t.query_pre_attn_scalar,
+        t.attn_softcap,
+        t.final_softcap,
+        t.sliding_window,
+        t.sliding_layers.iter().filter(|&&s| s).count(),
+        t.embed_scale
     );
     let k = &cfg.tokens;
     println!(
         "tokenizer: {} tokens; bos {} eos {} pad {} image {}; loc from {:?}; seg from {:?}",
-        tok.vocab_size(), k.bos, k.eos, k.pad, k.image_token_id, k.loc_first, k.seg_first
+        tok.vocab_size(),
+        k.bos,
+        k.eos,
+        k.pad,
+        k.image_token_id,
+        k.loc_first,
+        k.seg_first
     );
     println!("tensors: {} ({} file)", f.tensors.len(), human_bytes(f.file_size() as u64));
     for t in &f.tensors {
@@ -241,7 +273,15 @@ struct Inputs<'a> {
     pixel_values: Option<&'a Path>,
 }
 
-fn run_prompt(load: &LoadArgs, inputs: Inputs<'_>, prompt: &str, opts: &GenerateOptions, json: bool, logits_out: Option<&Path>, loc_divisor: f32) -> Result<()> {
+fn run_prompt(
+    load: &LoadArgs,
+    inputs: Inputs<'_>,
+    prompt: &str,
+    opts: &GenerateOptions,
+    json: bool,
+    logits_out: Option<&Path>,
+    loc_divisor: f32,
+) -> Result<()> {
     let task = Task::parse(prompt)?;
     let mut model = load.load()?;
     let embedding = match (inputs.pixel_values, inputs.image) {

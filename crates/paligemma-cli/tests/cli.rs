@@ -30,8 +30,18 @@ fn convert_info_run_json() {
     for prompt in ["detect cat ; dog", "segment cat", "caption en"] {
         let logits = dir.path().join("logits.npy");
         let (ok, stdout, stderr) = paligemma(&[
-            "run", "-m", &model, "-i", "tests/fixtures/images/rgb.png", "-p", prompt, "--max-tokens", "12", "--json",
-            "--logits-out", logits.to_str().unwrap(),
+            "run",
+            "-m",
+            &model,
+            "-i",
+            "tests/fixtures/images/rgb.png",
+            "-p",
+            prompt,
+            "--max-tokens",
+            "12",
+            "--json",
+            "--logits-out",
+            logits.to_str().unwrap(),
         ]);
         assert!(ok, "{stderr}");
         let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
@@ -78,9 +88,8 @@ fn devices_lists_a_working_cpu() {
 /// regression anywhere from pixels to parsed boxes.
 #[test]
 fn demo_model_evaluation() {
-    let (ok, stdout, stderr) = paligemma(&[
-        "eval", "-m", "models/demo/paligemma2-demo-f16.gguf", "--set", "tests/fixtures/demo_eval", "--threads", "2", "--json",
-    ]);
+    let (ok, stdout, stderr) =
+        paligemma(&["eval", "-m", "models/demo/paligemma2-demo-f16.gguf", "--set", "tests/fixtures/demo_eval", "--threads", "2", "--json"]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let ball = &v["scores"]["per_label"]["ball"];

@@ -60,7 +60,12 @@ pub struct GstSource {
 impl GstSource {
     /// Builds the pipeline: `pipeline` as given (an appsink named `sink` is added
     /// when it has none) or `uridecodebin` for a URI.
-    pub fn start(pipeline: Option<&str>, uri: Option<&str>, on_frame: impl Fn(RgbImage, Option<u64>) + Send + 'static, on_error: impl Fn(String) + Send + Sync + 'static) -> Result<GstSource> {
+    pub fn start(
+        pipeline: Option<&str>,
+        uri: Option<&str>,
+        on_frame: impl Fn(RgbImage, Option<u64>) + Send + 'static,
+        on_error: impl Fn(String) + Send + Sync + 'static,
+    ) -> Result<GstSource> {
         const TAIL: &str = "videoconvert ! video/x-raw,format=RGB ! appsink name=sink";
         let desc = match (pipeline, uri) {
             (Some(p), _) if p.contains("appsink") => p.to_string(),

@@ -240,12 +240,8 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
     let base = format!("{prefix}/{}", cam.name);
     let source = Source { node: cfg.node.clone(), camera: cam.name.clone() };
     let publisher = Publisher { session: session.clone(), base: base.clone(), source: source.clone(), encoding: cfg.encoding };
-    let opts = ModelOptions {
-        device: cfg.model.device.clone(),
-        threads: cfg.model.threads,
-        kv_type: cfg.model.kv_type.parse::<KvType>()?,
-        ..Default::default()
-    };
+    let opts =
+        ModelOptions { device: cfg.model.device.clone(), threads: cfg.model.threads, kv_type: cfg.model.kv_type.parse::<KvType>()?, ..Default::default() };
     let model = Model::load(&cfg.model.path, &opts).with_context(|| format!("camera {}", cam.name))?;
     tracing::info!("camera {}: model {} on {}", cam.name, cfg.model.path.display(), model.device());
     let worker_config = WorkerConfig {
@@ -415,7 +411,10 @@ async fn run(cfg: Config) -> Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,zenoh=warn".into())).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,zenoh=warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
     paligemma_ggml_quiet();
     let cli = Cli::parse();
     let result = build_config(&cli).and_then(|cfg| {

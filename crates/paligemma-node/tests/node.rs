@@ -28,7 +28,11 @@ fn client(port: u16) -> zenoh::Session {
 }
 
 /// Collects JSON payloads from a subscriber until `pred` matches or the deadline.
-fn wait_for(sub: &zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>, secs: u64, pred: impl Fn(&str, &serde_json::Value) -> bool) -> Option<serde_json::Value> {
+fn wait_for(
+    sub: &zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>,
+    secs: u64,
+    pred: impl Fn(&str, &serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         if let Ok(Some(s)) = sub.recv_timeout(Duration::from_millis(200)) {
@@ -64,7 +68,9 @@ fn node_end_to_end_on_loopback() {
     let prefix = format!("pgtest/{port}");
     let config = dir.path().join("node.toml");
     let mut f = std::fs::File::create(&config).unwrap();
-    write!(f, r#"
+    write!(
+        f,
+        r#"
 node = "test"
 prefix = "{prefix}"
 status_interval_s = 0.5
@@ -94,13 +100,12 @@ zenoh_key = "{prefix}/frames-in"
 id = "text"
 task = "ocr"
 max_tokens = 3
-"#, model = model.display()).unwrap();
+"#,
+        model = model.display()
+    )
+    .unwrap();
     drop(f);
-    let child = Command::new(env!("CARGO_BIN_EXE_paligemma-node"))
-        .args(["--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
     let mut node = Node(child);
     let session = client(port);
     let results = session.declare_subscriber(format!("{prefix}/**")).wait().unwrap();

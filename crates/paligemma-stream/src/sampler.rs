@@ -106,9 +106,8 @@ impl Sampler {
     fn changed_enough(&mut self, frame: &Frame) -> bool {
         let Some(threshold) = self.config.skip_unchanged_below else { return true };
         let thumb = thumbnail(&frame.image);
-        let unchanged = self.last_thumb.as_ref().is_some_and(|last| {
-            last.iter().zip(&thumb).map(|(a, b)| (a - b).abs()).sum::<f32>() / thumb.len() as f32 <= threshold
-        });
+        let unchanged =
+            self.last_thumb.as_ref().is_some_and(|last| last.iter().zip(&thumb).map(|(a, b)| (a - b).abs()).sum::<f32>() / thumb.len() as f32 <= threshold);
         if !unchanged {
             self.last_thumb = Some(thumb);
         }

@@ -90,10 +90,8 @@ impl Worker {
             epoch: AtomicU64::new(0),
         });
         let thread_shared = shared.clone();
-        let handle = std::thread::Builder::new()
-            .name("paligemma-worker".into())
-            .spawn(move || run(model, thread_shared, config, sink))
-            .expect("spawning a thread");
+        let handle =
+            std::thread::Builder::new().name("paligemma-worker".into()).spawn(move || run(model, thread_shared, config, sink)).expect("spawning a thread");
         Worker { shared, handle: Mutex::new(Some(handle)) }
     }
 
@@ -332,7 +330,8 @@ impl JobContext<'_> {
                                 break;
                             }
                             let opts = GenerateOptions { max_tokens: *max_tokens, ..Default::default() };
-                            outcomes[i] = Some(model.answer(emb, task, &opts, self.config.loc_divisor, &mut |_, _| !self.cancelled()).map_err(|e| e.to_string()));
+                            outcomes[i] =
+                                Some(model.answer(emb, task, &opts, self.config.loc_divisor, &mut |_, _| !self.cancelled()).map_err(|e| e.to_string()));
                         }
                     }
                 }
@@ -353,7 +352,8 @@ impl JobContext<'_> {
                     msg.tokens = TokenCounts { prompt: answer.generation.prompt_tokens, generated: answer.generation.tokens.len() };
                     // Preprocessing and vision are shared by the frame's prompts, and so
                     // is the batched decode.
-                    msg.latency_ms = Latency { queue: queue_ms, preprocess: t.preprocess, vision: t.vision, prefill: t.prefill, decode: t.decode, total: total_ms };
+                    msg.latency_ms =
+                        Latency { queue: queue_ms, preprocess: t.preprocess, vision: t.vision, prefill: t.prefill, decode: t.decode, total: total_ms };
                     msg.result = answer.result;
                 }
                 Some(Err(message)) => {

@@ -150,10 +150,7 @@ fn stop_and_flush_return_promptly_mid_inference() {
 fn minimum_interval_and_unchanged_frames() {
     let dir = tempfile::tempdir().unwrap();
     let (got, sink) = collector();
-    let config = WorkerConfig {
-        sampler: SamplerConfig { min_interval: Duration::from_millis(300), skip_unchanged_below: Some(1.0) },
-        ..Default::default()
-    };
+    let config = WorkerConfig { sampler: SamplerConfig { min_interval: Duration::from_millis(300), skip_unchanged_below: Some(1.0) }, ..Default::default() };
     let worker = Worker::spawn(model(dir.path()), PromptSet::from_short("ocr", 0, 2).unwrap(), config, sink);
     for seq in 0..5 {
         worker.submit(frame(seq));

@@ -1,8 +1,8 @@
 //! From a task to a structured result: generate, parse, decode masks.
+use crate::Result;
 use crate::model::{GenerateOptions, Generation, ImageEmbedding, Model};
 use crate::output::{self, TaskResult};
 use crate::task::Task;
-use crate::Result;
 
 /// A task answered on one image.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -16,13 +16,7 @@ impl Model {
     /// Answers several tasks on one encoded image, decoding them together in batches
     /// of up to the model's `max_sequences` (each stops at its own token limit).
     /// `keep_going` is asked before each token; returning false abandons the work.
-    pub fn answer_batch(
-        &mut self,
-        image: &ImageEmbedding,
-        tasks: &[(Task, usize)],
-        loc_divisor: f32,
-        keep_going: &dyn Fn() -> bool,
-    ) -> Result<Vec<Answer>> {
+    pub fn answer_batch(&mut self, image: &ImageEmbedding, tasks: &[(Task, usize)], loc_divisor: f32, keep_going: &dyn Fn() -> bool) -> Result<Vec<Answer>> {
         let mut answers = Vec::with_capacity(tasks.len());
         for chunk in tasks.chunks(self.max_sequences()) {
             let prefixes = chunk.iter().map(|(t, _)| self.tokenizer().prefix_ids(&t.prompt())).collect::<Result<Vec<_>>>()?;

@@ -144,9 +144,7 @@ impl Fields<'_> {
         match self.obj.get(key) {
             None | Some(Json::Null) => Ok(default),
             Some(Json::Number(n)) => Ok([n.as_f64().unwrap_or(0.0) as f32; 3]),
-            Some(Json::Array(a)) if a.len() == 3 && a.iter().all(Json::is_number) => {
-                Ok([0, 1, 2].map(|i| a[i].as_f64().unwrap_or(0.0) as f32))
-            }
+            Some(Json::Array(a)) if a.len() == 3 && a.iter().all(Json::is_number) => Ok([0, 1, 2].map(|i| a[i].as_f64().unwrap_or(0.0) as f32)),
             Some(_) => Err(self.err(key, "three numbers")),
         }
     }
@@ -165,15 +163,9 @@ impl Config {
     /// Builds the configuration from an HF checkpoint's `config.json` and (optional)
     /// `preprocessor_config.json`. Token ids come from the tokenizer (`lookup`);
     /// `weights_dtype` is the dtype of the stored embedding matrix.
-    pub fn from_hf(
-        config_path: &Path,
-        preprocessor: Option<(&Path, &Json)>,
-        lookup: &dyn Fn(&str) -> Option<u32>,
-        weights_dtype: &str,
-    ) -> Result<Config> {
+    pub fn from_hf(config_path: &Path, preprocessor: Option<(&Path, &Json)>, lookup: &dyn Fn(&str) -> Option<u32>, weights_dtype: &str) -> Result<Config> {
         let text = std::fs::read_to_string(config_path).map_err(crate::error::io(config_path))?;
-        let root: Json = serde_json::from_str(&text)
-            .map_err(|e| Error::Config { path: config_path.into(), detail: format!("not valid JSON: {e}") })?;
+        let root: Json = serde_json::from_str(&text).map_err(|e| Error::Config { path: config_path.into(), detail: format!("not valid JSON: {e}") })?;
         let cfg_err = |detail: String| Error::Config { path: config_path.into(), detail };
         match root.get("model_type").and_then(Json::as_str) {
             Some("paligemma") => {}
@@ -301,11 +293,8 @@ impl Config {
             loc_first: lookup("<loc0000>"),
             seg_first: lookup("<seg000>"),
         };
-        let projection_dim = vision_obj
-            .get("projection_dim")
-            .and_then(Json::as_u64)
-            .or(root.get("projection_dim").and_then(Json::as_u64))
-            .map_or(width, |d| d as usize);
+        let projection_dim =
+            vision_obj.get("projection_dim").and_then(Json::as_u64).or(root.get("projection_dim").and_then(Json::as_u64)).map_or(width, |d| d as usize);
         if projection_dim != width {
             return Err(cfg_err(format!("projection_dim {projection_dim} differs from text hidden_size {width}")));
         }
@@ -376,12 +365,8 @@ impl Config {
             None => return Err(err("no general.architecture key: not a model file".into())),
         }
         let get = |key: &str| f.get(key).ok_or_else(|| err(format!("metadata key {key} is missing")));
-        let int = |key: &str| -> Result<usize> {
-            get(key)?.as_u64().map(|v| v as usize).ok_or_else(|| err(format!("metadata key {key} is not an integer")))
-        };
-        let float = |key: &str| -> Result<f32> {
-            get(key)?.as_f64().map(|v| v as f32).ok_or_else(|| err(format!("metadata key {key} is not a number")))
-        };
+        let int = |key: &str| -> Result<usize> { get(key)?.as_u64().map(|v| v as usize).ok_or_else(|| err(format!("metadata key {key} is not an integer"))) };
+        let float = |key: &str| -> Result<f32> { get(key)?.as_f64().map(|v| v as f32).ok_or_else(|| err(format!("metadata key {key} is not a number"))) };
         let f3 = |key: &str| -> Result<[f32; 3]> {
             let a = get(key)?.as_array().filter(|a| a.len() == 3).ok_or_else(|| err(format!("metadata key {key} is not 3 numbers")))?;
             let v: Vec<f32> = a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect();
@@ -398,10 +383,8 @@ impl Config {
         };
         let nonzero = |x: f32| (x != 0.0).then_some(x);
         let depth = int("paligemma.text.block_count")?;
-        let sliding_layers: Vec<bool> = get("paligemma.text.attention.sliding_layers")?
-            .as_array()
-            .map(|a| a.iter().map(|b| b.as_bool().unwrap_or(false)).collect())
-            .unwrap_or_default();
+        let sliding_layers: Vec<bool> =
+            get("paligemma.text.attention.sliding_layers")?.as_array().map(|a| a.iter().map(|b| b.as_bool().unwrap_or(false)).collect()).unwrap_or_default();
         if sliding_layers.len() != depth {
             return Err(err(format!("paligemma.text.attention.sliding_layers has {} entries for {depth} layers", sliding_layers.len())));
         }

@@ -81,9 +81,7 @@ struct Expected {
 
 fn expected_tensors(cfg: &Config) -> Vec<Expected> {
     let mut out = Vec::new();
-    let mut push = |gguf: String, hf: String, shape: Vec<usize>, transform, vision| {
-        out.push(Expected { gguf, hf, shape, transform, vision })
-    };
+    let mut push = |gguf: String, hf: String, shape: Vec<usize>, transform, vision| out.push(Expected { gguf, hf, shape, transform, vision });
     let v = &cfg.vision;
     let (d, p) = (v.width, v.patch_size);
     push("v.patch_embd.weight".into(), "vision.embeddings.patch_embedding.weight".into(), vec![d, 3, p, p], Transform::None, true);
@@ -218,8 +216,8 @@ impl Checkpoint {
         let mut index = BTreeMap::new();
         let mut embed_dtype = None;
         for (i, (path, map)) in files.iter().enumerate() {
-            let st = SafeTensors::deserialize(map)
-                .map_err(|e| Error::Checkpoint { path: path.clone(), detail: format!("not a valid safetensors file: {e}") })?;
+            let st =
+                SafeTensors::deserialize(map).map_err(|e| Error::Checkpoint { path: path.clone(), detail: format!("not a valid safetensors file: {e}") })?;
             for (key, view) in st.tensors() {
                 if let Some(canon) = canonical_name(&key) {
                     if canon == "text.embed_tokens.weight" {
@@ -238,7 +236,10 @@ impl Checkpoint {
         let pp_path = dir.join("preprocessor_config.json");
         let pp = if pp_path.is_file() {
             let text = std::fs::read_to_string(&pp_path).map_err(crate::error::io(&pp_path))?;
-            Some(serde_json::from_str::<serde_json::Value>(&text).map_err(|e| Error::Config { path: pp_path.clone(), detail: format!("not valid JSON: {e}") })?)
+            Some(
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .map_err(|e| Error::Config { path: pp_path.clone(), detail: format!("not valid JSON: {e}") })?,
+            )
         } else {
             None
         };
@@ -253,11 +254,8 @@ impl Checkpoint {
 
     /// A tensor as f32 values with its HF shape.
     fn tensor_f32(&self, canon: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let Entry { file, key, .. } = self.index.get(canon).ok_or_else(|| Error::Tensor {
-            path: self.dir.clone(),
-            name: canon.into(),
-            detail: "missing from the checkpoint".into(),
-        })?;
+        let Entry { file, key, .. } =
+            self.index.get(canon).ok_or_else(|| Error::Tensor { path: self.dir.clone(), name: canon.into(), detail: "missing from the checkpoint".into() })?;
         let (path, map) = &self.files[*file];
         let st = SafeTensors::deserialize(map).map_err(|e| Error::Checkpoint { path: path.clone(), detail: e.to_string() })?;
         let view = st.tensor(key).map_err(|e| Error::Tensor { path: path.clone(), name: key.clone(), detail: e.to_string() })?;
@@ -294,12 +292,12 @@ fn safetensors_files(dir: &Path) -> Result<Vec<(PathBuf, memmap2::Mmap)>> {
     let index_path = dir.join("model.safetensors.index.json");
     let names: Vec<PathBuf> = if index_path.is_file() {
         let text = std::fs::read_to_string(&index_path).map_err(crate::error::io(&index_path))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Config { path: index_path.clone(), detail: format!("not valid JSON: {e}") })?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
-            path: index_path.clone(),
-            detail: "field weight_map: expected an object".into(),
-        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Config { path: index_path.clone(), detail: format!("not valid JSON: {e}") })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Config { path: index_path.clone(), detail: "field weight_map: expected an object".into() })?;
         let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
@@ -344,19 +342,33 @@ pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, progress: impl FnM
 /// Writes a GGUF of random weights with the shapes of `config` (for benchmarks of
 /// real model sizes without a checkpoint). Values are uniform in +-`scale`, norms
 /// around 1.
-pub fn write_random(config: &Config, tokenizer_json: &str, opts: &ConvertOptions, out: &Path, seed: u64, progress: impl FnMut(Progress<'_>)) -> Result<Summary> {
+pub fn write_random(
+    config: &Config,
+    tokenizer_json: &str,
+    opts: &ConvertOptions,
+    out: &Path,
+    seed: u64,
+    progress: impl FnMut(Progress<'_>),
+) -> Result<Summary> {
     let mut state = seed ^ 0x5DEE_CE66_D1CE_4E5B;
-    write_model(config, tokenizer_json, opts, out, |e| {
-        let n: usize = e.shape.iter().product();
-        let norm = e.shape.len() == 1 && (e.gguf.contains("norm") || e.gguf.contains("ln"));
-        Ok((0..n)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let u = ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                if norm { 1.0 + 0.1 * u } else { 0.02 * u }
-            })
-            .collect())
-    }, progress)
+    write_model(
+        config,
+        tokenizer_json,
+        opts,
+        out,
+        |e| {
+            let n: usize = e.shape.iter().product();
+            let norm = e.shape.len() == 1 && (e.gguf.contains("norm") || e.gguf.contains("ln"));
+            Ok((0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let u = ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                    if norm { 1.0 + 0.1 * u } else { 0.02 * u }
+                })
+                .collect())
+        },
+        progress,
+    )
 }
 
 /// Writes config, tokenizer and the tensors `values` produces (HF layout, f32).

@@ -6,7 +6,11 @@ pub enum Error {
     #[error(transparent)]
     Ggml(#[from] ggml::Error),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {detail}")]
     Config { path: PathBuf, detail: String },
     #[error("{path}: tensor {name:?}: {detail}")]

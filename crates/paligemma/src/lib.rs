@@ -33,21 +33,21 @@
 //!   pixels, masks through the [`segment`] decoder).
 //! - [`tokenizer`]: the prompt layout of the reference and decoding.
 
-pub mod config;
-pub mod model;
-pub mod output;
-pub mod segment;
-pub mod task;
 mod answer;
+pub mod config;
 pub mod convert;
 mod error;
+pub mod model;
+pub mod output;
 pub mod preprocess;
+pub mod segment;
+pub mod task;
 pub mod tokenizer;
 
-pub use config::Config;
-pub use model::{GenerateOptions, Generation, ImageEmbedding, KvType, Model, ModelOptions, Timings};
 pub use answer::Answer;
+pub use config::Config;
 pub use error::{Error, Result};
+pub use model::{GenerateOptions, Generation, ImageEmbedding, KvType, Model, ModelOptions, Timings};
 pub use output::TaskResult;
 pub use task::Task;
 

@@ -337,12 +337,7 @@ impl Model {
     pub fn encode_pixels(&mut self, pixels: &PixelValues) -> Result<ImageEmbedding> {
         let start = Instant::now();
         let stages = self.run_vision(pixels, false)?;
-        Ok(ImageEmbedding {
-            features: stages.projector,
-            width: pixels.size,
-            height: pixels.size,
-            timings: Timings { vision: ms(start), ..Default::default() },
-        })
+        Ok(ImageEmbedding { features: stages.projector, width: pixels.size, height: pixels.size, timings: Timings { vision: ms(start), ..Default::default() } })
     }
 
     /// Vision tower and projector outputs, for parity checks.
@@ -435,15 +430,7 @@ impl Model {
         let sliding_in = mask_in("sliding_mask", &sliding)?;
         let kv: Vec<Tensor<'_>> = self.kv.tensors().collect();
         let mut graph = ctx.graph(GRAPH_SIZE)?;
-        let inputs = DecoderInputs {
-            x,
-            pos,
-            slots,
-            span,
-            full_mask: full_in.map(|m| m.1),
-            sliding_mask: sliding_in.map(|m| m.1),
-            n_logits: batch.n_logits,
-        };
+        let inputs = DecoderInputs { x, pos, slots, span, full_mask: full_in.map(|m| m.1), sliding_mask: sliding_in.map(|m| m.1), n_logits: batch.n_logits };
         let logits = build_decoder(&ctx, &w, &self.config, &mut graph, &kv, inputs)?;
         logits.set_output();
         graph.expand(logits)?;

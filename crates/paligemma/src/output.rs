@@ -97,13 +97,31 @@ pub struct Detection {
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum TaskResult {
-    Caption { text: String },
-    Answer { text: String },
-    Ocr { text: String },
-    Text { text: String },
-    Detections { detections: Vec<Detection>, #[serde(default, skip_serializing_if = "Vec::is_empty")] warnings: Vec<String> },
-    Segmentation { detections: Vec<Detection>, #[serde(default, skip_serializing_if = "Vec::is_empty")] warnings: Vec<String> },
-    Error { message: String },
+    Caption {
+        text: String,
+    },
+    Answer {
+        text: String,
+    },
+    Ocr {
+        text: String,
+    },
+    Text {
+        text: String,
+    },
+    Detections {
+        detections: Vec<Detection>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        warnings: Vec<String>,
+    },
+    Segmentation {
+        detections: Vec<Detection>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        warnings: Vec<String>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 impl TaskResult {
@@ -264,11 +282,7 @@ pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, se
         let bbox = box_norm.to_pixels(width, height);
         detections.push(Detection { label, bbox, box_norm, loc_bins, loc_divisor: divisor, seg_codes, mask: None });
     }
-    if segmentation {
-        TaskResult::Segmentation { detections, warnings }
-    } else {
-        TaskResult::Detections { detections, warnings }
-    }
+    if segmentation { TaskResult::Segmentation { detections, warnings } } else { TaskResult::Detections { detections, warnings } }
 }
 
 /// Parses the model's text for `task` on a frame of `width` x `height` pixels.

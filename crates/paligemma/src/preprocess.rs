@@ -62,10 +62,7 @@ impl RgbImage {
         }
         let needed = stride * (height - 1) + row;
         if data.len() < needed {
-            return Err(Error::Image(format!(
-                "a {width}x{height} {format:?} frame with stride {stride} needs {needed} bytes, got {}",
-                data.len()
-            )));
+            return Err(Error::Image(format!("a {width}x{height} {format:?} frame with stride {stride} needs {needed} bytes, got {}", data.len())));
         }
         let [r, g, b] = format.rgb_offsets();
         let alpha = matches!(format, PixelFormat::Rgba | PixelFormat::Bgra).then_some(3);
@@ -284,11 +281,7 @@ pub fn resize_f32_bilinear(data: &[f32], w: usize, h: usize, out_w: usize, out_h
         }
         out
     };
-    if vertical_first(w, h, out_w, out_h) {
-        horizontal(&vertical(data, w, h), w, out_h)
-    } else {
-        vertical(&horizontal(data, w, h), out_w, h)
-    }
+    if vertical_first(w, h, out_w, out_h) { horizontal(&vertical(data, w, h), w, out_h) } else { vertical(&horizontal(data, w, h), out_w, h) }
 }
 
 fn clip8(acc: i64) -> u8 {
@@ -316,9 +309,7 @@ fn horizontal_pass(img: &RgbImage, width: usize) -> RgbImage {
         let row = &img.data[y * img.width * 3..][..img.width * 3];
         for (xx, (xmin, taps)) in coeffs.iter().enumerate() {
             for c in 0..3 {
-                let acc = taps.iter().enumerate().fold(1i64 << (PRECISION_BITS - 1), |acc, (i, &k)| {
-                    acc + row[(xmin + i) * 3 + c] as i64 * k as i64
-                });
+                let acc = taps.iter().enumerate().fold(1i64 << (PRECISION_BITS - 1), |acc, (i, &k)| acc + row[(xmin + i) * 3 + c] as i64 * k as i64);
                 out[(y * width + xx) * 3 + c] = clip8(acc);
             }
         }
@@ -335,9 +326,7 @@ fn vertical_pass(img: &RgbImage, height: usize) -> RgbImage {
     let mut out = vec![0u8; row * height];
     for (yy, (ymin, taps)) in coeffs.iter().enumerate() {
         for x in 0..row {
-            let acc = taps.iter().enumerate().fold(1i64 << (PRECISION_BITS - 1), |acc, (i, &k)| {
-                acc + img.data[(ymin + i) * row + x] as i64 * k as i64
-            });
+            let acc = taps.iter().enumerate().fold(1i64 << (PRECISION_BITS - 1), |acc, (i, &k)| acc + img.data[(ymin + i) * row + x] as i64 * k as i64);
             out[yy * row + x] = clip8(acc);
         }
     }

@@ -54,7 +54,11 @@ impl Task {
             "ocr" if rest.is_empty() => Task::Ocr,
             "answer" | "question" => match word_then_text(rest) {
                 Some((lang, text)) if !text.is_empty() && check_lang(&lang).is_ok() => {
-                    if head == "answer" { Task::Answer { lang, question: text } } else { Task::Question { lang, answer: text } }
+                    if head == "answer" {
+                        Task::Answer { lang, question: text }
+                    } else {
+                        Task::Question { lang, answer: text }
+                    }
                 }
                 _ => Task::Text { text: p.into() },
             },

@@ -69,18 +69,39 @@ fn gguf_name(canon: &str, gemma1: bool) -> String {
         }
     }
     let (prefix, layers, table): (&str, &str, &[(&str, &str)]) = if canon.starts_with("vision.") {
-        ("v.blk", "vision.encoder.layers.", &[
-            ("layer_norm1", "ln1"), ("layer_norm2", "ln2"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
-            ("self_attn.v_proj", "attn_v"), ("self_attn.out_proj", "attn_out"), ("mlp.fc1", "ffn_up"), ("mlp.fc2", "ffn_down"),
-        ])
+        (
+            "v.blk",
+            "vision.encoder.layers.",
+            &[
+                ("layer_norm1", "ln1"),
+                ("layer_norm2", "ln2"),
+                ("self_attn.q_proj", "attn_q"),
+                ("self_attn.k_proj", "attn_k"),
+                ("self_attn.v_proj", "attn_v"),
+                ("self_attn.out_proj", "attn_out"),
+                ("mlp.fc1", "ffn_up"),
+                ("mlp.fc2", "ffn_down"),
+            ],
+        )
     } else {
-        ("blk", "text.layers.", &[
-            ("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
-            ("self_attn.o_proj", "attn_output"), ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm"),
-            ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
-            // Gemma 1's post_attention_layernorm is its pre-MLP norm.
-            ("post_attention_layernorm", if gemma1 { "ffn_norm" } else { "post_attention_norm" }),
-        ])
+        (
+            "blk",
+            "text.layers.",
+            &[
+                ("input_layernorm", "attn_norm"),
+                ("self_attn.q_proj", "attn_q"),
+                ("self_attn.k_proj", "attn_k"),
+                ("self_attn.v_proj", "attn_v"),
+                ("self_attn.o_proj", "attn_output"),
+                ("pre_feedforward_layernorm", "ffn_norm"),
+                ("post_feedforward_layernorm", "post_ffw_norm"),
+                ("mlp.gate_proj", "ffn_gate"),
+                ("mlp.up_proj", "ffn_up"),
+                ("mlp.down_proj", "ffn_down"),
+                // Gemma 1's post_attention_layernorm is its pre-MLP norm.
+                ("post_attention_layernorm", if gemma1 { "ffn_norm" } else { "post_attention_norm" }),
+            ],
+        )
     };
     let rest = canon.strip_prefix(layers).unwrap_or_else(|| panic!("{canon}"));
     let (layer, rest) = rest.split_once('.').unwrap();
@@ -106,8 +127,7 @@ fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, (Vec<usiz
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> =
-        st.tensors().into_iter().map(|(k, v)| (k, (v.shape().to_vec(), v.data().to_vec()))).collect();
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = st.tensors().into_iter().map(|(k, v)| (k, (v.shape().to_vec(), v.data().to_vec()))).collect();
     edit(&mut tensors);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()

@@ -6,8 +6,11 @@ use paligemma::preprocess::PixelValues;
 use paligemma::{GenerateOptions, KvType, Model, ModelOptions};
 
 fn load(path: &std::path::Path, kv_type: KvType) -> Model {
-    Model::load(path, &ModelOptions { device: std::env::var("PALIGEMMA_TEST_DEVICE").unwrap_or("cpu".into()), threads: 2, kv_type, context: 0, ..Default::default() })
-        .unwrap()
+    Model::load(
+        path,
+        &ModelOptions { device: std::env::var("PALIGEMMA_TEST_DEVICE").unwrap_or("cpu".into()), threads: 2, kv_type, context: 0, ..Default::default() },
+    )
+    .unwrap()
 }
 
 /// Tolerance on max |diff| / std(reference); looser on non-CPU backends.
@@ -160,7 +163,12 @@ fn batched_prompts_match_one_by_one() {
         let single: Vec<Vec<u32>> = prompts.iter().map(|p| model.generate(&emb, p, &opts, |_, _| true).unwrap().tokens).collect();
         let prefixes: Vec<Vec<u32>> = prompts.iter().map(|p| model.tokenizer().prefix_ids(p).unwrap()).collect();
         let mut seen = vec![0usize; prompts.len()];
-        let batch = model.generate_batch(&emb, &prefixes, &opts, &mut |s, _, _| { seen[s] += 1; true }).unwrap();
+        let batch = model
+            .generate_batch(&emb, &prefixes, &opts, &mut |s, _, _| {
+                seen[s] += 1;
+                true
+            })
+            .unwrap();
         for (i, g) in batch.iter().enumerate() {
             assert_eq!(g.tokens, single[i], "{name}: prompt {:?}", prompts[i]);
             assert_eq!(seen[i], g.tokens.len());

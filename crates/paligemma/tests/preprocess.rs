@@ -27,8 +27,16 @@ impl Reference {
 
 fn vision(size: usize) -> VisionConfig {
     VisionConfig {
-        image_size: size, patch_size: 14, width: 8, depth: 1, heads: 1, ffn: 8, ln_eps: 1e-6,
-        image_mean: [0.5; 3], image_std: [0.5; 3], rescale: 1.0 / 255.0,
+        image_size: size,
+        patch_size: 14,
+        width: 8,
+        depth: 1,
+        heads: 1,
+        ffn: 8,
+        ln_eps: 1e-6,
+        image_mean: [0.5; 3],
+        image_std: [0.5; 3],
+        rescale: 1.0 / 255.0,
     }
 }
 
@@ -74,7 +82,9 @@ fn pixel_values_match_reference_processor() {
 fn raw_frames_with_stride_and_channel_orders() {
     let img = RgbImage::open(&fixtures_dir().join("images/rgb.png")).unwrap();
     let (w, h) = (img.width, img.height);
-    for (format, order) in [(PixelFormat::Rgb, [0, 1, 2, 9]), (PixelFormat::Bgr, [2, 1, 0, 9]), (PixelFormat::Bgrx, [2, 1, 0, 3]), (PixelFormat::Rgba, [0, 1, 2, 3])] {
+    for (format, order) in
+        [(PixelFormat::Rgb, [0, 1, 2, 9]), (PixelFormat::Bgr, [2, 1, 0, 9]), (PixelFormat::Bgrx, [2, 1, 0, 3]), (PixelFormat::Rgba, [0, 1, 2, 3])]
+    {
         let bpp = format.bytes_per_pixel();
         let stride = w * bpp + 13;
         let mut raw = vec![0u8; stride * h];
@@ -103,7 +113,9 @@ fn bad_frames_are_errors() {
     let tall = image::DynamicImage::new_rgb8(1, 30_000);
     let mut png = Vec::new();
     tall.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
-    if let Err(e) = RgbImage::decode(&png) { panic!("30000 px is within the limit: {e}") }
+    if let Err(e) = RgbImage::decode(&png) {
+        panic!("30000 px is within the limit: {e}")
+    }
     let wide = image::DynamicImage::new_rgb8(100_000, 1);
     assert!(RgbImage::from_dynamic(&wide).unwrap_err().to_string().contains("larger than"));
 }

@@ -69,15 +69,22 @@ fn pasting_matches_big_vision_on_non_square_frames() {
         }
         let mask = mask.unwrap_or_else(|| panic!("{name}: no mask"));
         let b = &want["box_px"];
-        assert_eq!((mask.x, mask.y, mask.x + mask.width, mask.y + mask.height),
-            (b["x1"].as_u64().unwrap() as usize, b["y1"].as_u64().unwrap() as usize, b["x2"].as_u64().unwrap() as usize, b["y2"].as_u64().unwrap() as usize), "{name}: box");
+        assert_eq!(
+            (mask.x, mask.y, mask.x + mask.width, mask.y + mask.height),
+            (b["x1"].as_u64().unwrap() as usize, b["y1"].as_u64().unwrap() as usize, b["x2"].as_u64().unwrap() as usize, b["y2"].as_u64().unwrap() as usize),
+            "{name}: box"
+        );
         let mut got = vec![false; w * h];
         for (i, bit) in mask.to_bitmap().into_iter().enumerate() {
             got[(mask.y + i / mask.width) * w + mask.x + i % mask.width] = bit;
         }
         let want_bits = frame_bits(&want["rle"], w, h);
-        let near_zero: std::collections::HashSet<usize> = case["big_vision_eval"].get("near_zero").or(case.get("near_zero"))
-            .and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect()).unwrap_or_default();
+        let near_zero: std::collections::HashSet<usize> = case["big_vision_eval"]
+            .get("near_zero")
+            .or(case.get("near_zero"))
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect())
+            .unwrap_or_default();
         let wrong: Vec<usize> = (0..w * h).filter(|&i| got[i] != want_bits[i] && !near_zero.contains(&i)).collect();
         assert!(wrong.is_empty(), "{name}: {} pixels differ (first {:?})", wrong.len(), &wrong[..wrong.len().min(5)]);
     }

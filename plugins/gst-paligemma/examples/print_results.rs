@@ -24,7 +24,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     println!("{} [{}] {}", pts.map_or("-".into(), |p| p.to_string()), s.get::<&str>("prompt-id")?, s.get::<&str>("text")?);
                     for d in s.get::<gst::Array>("detections")?.iter() {
                         let d = d.get::<gst::Structure>()?;
-                        println!("    {} at x {:.0} y {:.0} w {:.0} h {:.0}", d.get::<&str>("label")?, d.get::<f64>("x")?, d.get::<f64>("y")?, d.get::<f64>("width")?, d.get::<f64>("height")?);
+                        println!(
+                            "    {} at x {:.0} y {:.0} w {:.0} h {:.0}",
+                            d.get::<&str>("label")?,
+                            d.get::<f64>("x")?,
+                            d.get::<f64>("y")?,
+                            d.get::<f64>("width")?,
+                            d.get::<f64>("height")?
+                        );
                     }
                 }
             }

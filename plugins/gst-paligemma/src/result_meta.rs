@@ -88,7 +88,8 @@ impl Region {
         if s.name() != PARAM_NAME {
             return None;
         }
-        let mask = match (s.get::<u32>("mask-x"), s.get::<u32>("mask-y"), s.get::<u32>("mask-width"), s.get::<u32>("mask-height"), s.get::<String>("mask-rle")) {
+        let mask = match (s.get::<u32>("mask-x"), s.get::<u32>("mask-y"), s.get::<u32>("mask-width"), s.get::<u32>("mask-height"), s.get::<String>("mask-rle"))
+        {
             (Ok(x), Ok(y), Ok(w), Ok(h), Ok(rle)) => Some((x, y, w, h, rle.split(',').filter_map(|v| v.parse().ok()).collect())),
             _ => None,
         };
@@ -118,9 +119,6 @@ impl Region {
 
     /// Regions carried by a buffer's metas.
     pub fn from_buffer(buffer: &gst::BufferRef) -> Vec<Region> {
-        buffer
-            .iter_meta::<gst_video::VideoRegionOfInterestMeta>()
-            .filter_map(|m| m.params().find_map(Region::from_structure))
-            .collect()
+        buffer.iter_meta::<gst_video::VideoRegionOfInterestMeta>().filter_map(|m| m.params().find_map(Region::from_structure)).collect()
     }
 }

@@ -217,9 +217,9 @@ fn latency_query_reports_the_mode() {
         let bus = pipeline.bus().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            let got = bus.timed_pop(gst::ClockTime::from_mseconds(100)).is_some_and(|m| {
-                matches!(m.view(), gst::MessageView::Element(e) if e.structure().is_some_and(|s| s.name() == "paligemma-result"))
-            });
+            let got = bus
+                .timed_pop(gst::ClockTime::from_mseconds(100))
+                .is_some_and(|m| matches!(m.view(), gst::MessageView::Element(e) if e.structure().is_some_and(|s| s.name() == "paligemma-result")));
             if got {
                 break;
             }

@@ -7,7 +7,12 @@ fn overlay_draws_boxes_where_results_say() {
     gstpaligemma::plugin_register_static().unwrap();
     let (w, h) = (160u32, 120u32);
     let mut harness = gst_check::Harness::new("paligemmaoverlay");
-    let caps_bgrx = gst::Caps::builder("video/x-raw").field("format", "BGRx").field("width", w as i32).field("height", h as i32).field("framerate", gst::Fraction::new(30, 1)).build();
+    let caps_bgrx = gst::Caps::builder("video/x-raw")
+        .field("format", "BGRx")
+        .field("width", w as i32)
+        .field("height", h as i32)
+        .field("framerate", gst::Fraction::new(30, 1))
+        .build();
     harness.set_src_caps(caps_bgrx);
     let region = Region {
         prompt_id: "detect".into(),
@@ -21,7 +26,18 @@ fn overlay_draws_boxes_where_results_say() {
         mask: None,
         frame: (w, h),
     };
-    let caption = Region { prompt_id: "caption".into(), kind: "caption".into(), label: String::new(), text: "a cat".into(), x1: 0.0, y1: 0.0, x2: 1.0, y2: 1.0, mask: None, frame: (w, h) };
+    let caption = Region {
+        prompt_id: "caption".into(),
+        kind: "caption".into(),
+        label: String::new(),
+        text: "a cat".into(),
+        x1: 0.0,
+        y1: 0.0,
+        x2: 1.0,
+        y2: 1.0,
+        mask: None,
+        frame: (w, h),
+    };
     let mut buf = gst::Buffer::from_mut_slice(vec![40u8; (w * h * 4) as usize]);
     region.attach(buf.get_mut().unwrap(), w, h);
     caption.attach(buf.get_mut().unwrap(), w, h);

@@ -17,10 +17,7 @@ pub type Color = [u8; 3];
 
 /// A stable, well-separated colour per label.
 pub fn label_color(label: &str) -> Color {
-    const PALETTE: [Color; 8] = [
-        [255, 64, 64], [64, 220, 64], [64, 128, 255], [255, 200, 0],
-        [255, 64, 255], [0, 220, 220], [255, 140, 0], [160, 100, 255],
-    ];
+    const PALETTE: [Color; 8] = [[255, 64, 64], [64, 220, 64], [64, 128, 255], [255, 200, 0], [255, 64, 255], [0, 220, 220], [255, 140, 0], [160, 100, 255]];
     let h = label.bytes().fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
     PALETTE[h as usize % PALETTE.len()]
 }

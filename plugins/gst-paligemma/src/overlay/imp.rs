@@ -2,8 +2,8 @@ use super::draw::{Canvas, label_color};
 use crate::result_meta::Region;
 use gst::glib;
 use gst::subclass::prelude::*;
-use gst_video::prelude::VideoFrameExt;
 use gst_base::subclass::prelude::*;
+use gst_video::prelude::VideoFrameExt;
 use std::collections::BTreeMap;
 use std::sync::{LazyLock, Mutex};
 

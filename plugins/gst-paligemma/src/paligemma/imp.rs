@@ -2,10 +2,10 @@ use super::Mode;
 use crate::result_meta::regions;
 use gst::glib;
 use gst::prelude::*;
-use gst_base::prelude::BaseTransformExtManual;
-use gst_video::prelude::VideoFrameExt;
 use gst::subclass::prelude::*;
+use gst_base::prelude::BaseTransformExtManual;
 use gst_base::subclass::prelude::*;
+use gst_video::prelude::VideoFrameExt;
 use paligemma::preprocess::{PixelFormat, RgbImage, Yuv420, YuvMatrix};
 use paligemma::{KvType, Model, ModelOptions};
 use paligemma_stream::message::{FrameInfo, Source};
@@ -112,11 +112,7 @@ impl ObjectImpl for PaliGemma {
     fn properties() -> &'static [glib::ParamSpec] {
         static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             vec![
-                glib::ParamSpecString::builder("model")
-                    .nick("Model")
-                    .blurb("PaliGemma GGUF file written by `paligemma convert`")
-                    .mutable_ready()
-                    .build(),
+                glib::ParamSpecString::builder("model").nick("Model").blurb("PaliGemma GGUF file written by `paligemma convert`").mutable_ready().build(),
                 glib::ParamSpecString::builder("prompts")
                     .nick("Prompts")
                     .blurb("Standing prompts separated by |, e.g. \"caption en|detect person ; car\" (ignored when prompts-file is set)")
@@ -451,11 +447,9 @@ fn push_text(element: &super::PaliGemma, outbox: &Outbox, msg: &ResultMessage) {
         text.started = true;
     }
     let body = match &msg.result {
-        paligemma::TaskResult::Detections { detections, .. } | paligemma::TaskResult::Segmentation { detections, .. } => detections
-            .iter()
-            .map(|d| format!("{} ({:.0},{:.0} {:.0}x{:.0})", d.label, d.bbox.x, d.bbox.y, d.bbox.w, d.bbox.h))
-            .collect::<Vec<_>>()
-            .join("; "),
+        paligemma::TaskResult::Detections { detections, .. } | paligemma::TaskResult::Segmentation { detections, .. } => {
+            detections.iter().map(|d| format!("{} ({:.0},{:.0} {:.0}x{:.0})", d.label, d.bbox.x, d.bbox.y, d.bbox.w, d.bbox.h)).collect::<Vec<_>>().join("; ")
+        }
         paligemma::TaskResult::Error { message } => format!("error: {message}"),
         other => other.text().unwrap_or_default().to_string(),
     };
