@@ -235,8 +235,9 @@ def count_prompt(shape: str, plural_form: bool) -> str:
     return f"answer en how many {plural(shape) if plural_form else shape}?"
 
 
-def sample_task(rng: np.random.Generator, scene) -> tuple[str, str]:
-    """A (prompt, target) pair for a scene."""
+def sample_task(rng: np.random.Generator, scene, mix: tuple[float, float] = (0.5, 0.75)) -> tuple[str, str]:
+    """A (prompt, target) pair for a scene. For shape scenes, `mix` = (p_detect, p_detect + p_caption); the
+    rest are counting questions."""
     present = sorted({o["label"] for o in scene["objects"]})
     r = rng.random()
     if scene["kind"] == "ball":
@@ -248,7 +249,7 @@ def sample_task(rng: np.random.Generator, scene) -> tuple[str, str]:
             return count_prompt("ball", rng.random() < 0.7), "1"
         shape = SHAPES[int(rng.integers(0, 3))]
         return count_prompt(shape, rng.random() < 0.7), "0"
-    if r < 0.5:
+    if r < mix[0]:
         if rng.random() < 0.05:
             classes = ["ball"]
         else:
@@ -262,7 +263,7 @@ def sample_task(rng: np.random.Generator, scene) -> tuple[str, str]:
                 rest = [s for s in SHAPES if s != first]
                 classes.append(rest[int(rng.integers(0, 2))])
         return "detect " + " ; ".join(classes), detect_target(scene, classes)[0]
-    if r < 0.75:
+    if r < mix[1]:
         return "caption en", caption_of(scene)
     shape = present[int(rng.integers(0, len(present)))] if rng.random() < 0.75 else SHAPES[int(rng.integers(0, 3))]
     n = sum(o["label"] == shape for o in scene["objects"])
@@ -424,13 +425,13 @@ class Encoder:
             assert r2["input_ids"][0].tolist() == self.prefix_ids(prompt)
 
 
-def make_batch(enc: Encoder, rng: np.random.Generator, batch: int):
+def make_batch(enc: Encoder, rng: np.random.Generator, batch: int, mix: tuple[float, float]):
     import torch
 
     seqs, n_prefix, pix = [], [], []
     for _ in range(batch):
         sc = render_scene(rng)
-        prompt, target = sample_task(rng, sc)
+        prompt, target = sample_task(rng, sc, mix)
         p, s = enc.prefix_ids(prompt), enc.suffix_ids(target)
         seqs.append(p + s)
         n_prefix.append(len(p))
@@ -451,14 +452,14 @@ def make_batch(enc: Encoder, rng: np.random.Generator, batch: int):
 class StepBatches:
     """Batch `step` of a run: a pure function of (seed, step)."""
 
-    def __init__(self, enc, seed, batch, start, steps):
-        self.enc, self.seed, self.batch, self.start, self.steps = enc, seed, batch, start, steps
+    def __init__(self, enc, seed, batch, start, steps, mix):
+        self.enc, self.seed, self.batch, self.start, self.steps, self.mix = enc, seed, batch, start, steps, mix
 
     def __len__(self):
         return self.steps - self.start
 
     def __getitem__(self, i):
-        return make_batch(self.enc, np.random.default_rng([self.seed, self.start + i]), self.batch)
+        return make_batch(self.enc, np.random.default_rng([self.seed, self.start + i]), self.batch, self.mix)
 
 
 def loss_fn(model, batch, tok_ids, loc_sigma: float, loc_smooth: float):
@@ -685,13 +686,17 @@ def cmd_train(args):
         start = st["step"]
         log(f"resumed from {ckpt} at step {start}")
     else:
+        if args.init_from:
+            model.load_state_dict(torch.load(args.init_from, weights_only=False)["model"])
+            log(f"weights from {args.init_from}")
         log(f"start: {n_params} parameters ({n_params / 1e6:.2f} M), tokens {tok_ids}, spec {SPEC}, args {run_args}")
     model.train()
     t0 = time.time()
     hist = []
     # batches are rendered in a worker process (one per step, from default_rng([seed, step])): same data
     # as rendering them inline, whatever the timing
-    loader = torch.utils.data.DataLoader(StepBatches(enc, args.seed, args.batch, start, args.steps), batch_size=None,
+    loader = torch.utils.data.DataLoader(StepBatches(enc, args.seed, args.batch, start, args.steps,
+                                                     (args.p_detect, args.p_detect + args.p_caption)), batch_size=None,
                                          num_workers=1, prefetch_factor=4)
     for step, batch in zip(range(start, args.steps), loader):
         lr = lr_at(step, args)
@@ -812,6 +817,9 @@ def main():
     t.add_argument("--wd", type=float, default=0.01)
     t.add_argument("--loc-sigma", type=float, default=10.0, help="Gaussian soft target over loc bins (in bins)")
     t.add_argument("--loc-smooth", type=float, default=0.5, help="weight of the soft loc target")
+    t.add_argument("--init-from", default="", help="start from the weights of this checkpoint (a second stage)")
+    t.add_argument("--p-detect", type=float, default=0.5, help="share of detect prompts on shape frames")
+    t.add_argument("--p-caption", type=float, default=0.25, help="share of caption prompts on shape frames")
     # one thread: with two, a busy second core (a compile) stalls every parallel region (measured: 0.65 s
     # per step with one thread against 1 to 10 s with two, on a 2-core machine with a build running)
     t.add_argument("--threads", type=int, default=1)

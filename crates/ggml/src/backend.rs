@@ -1,6 +1,6 @@
 //! Devices, backends, buffers and the backend scheduler.
 use crate::context::{Context, Graph, Tensor};
-use crate::{Error, Result, sys};
+use crate::{Error, Result, Type, sys};
 use std::ffi::CStr;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -78,6 +78,82 @@ impl Device {
         };
         found.copied().ok_or_else(|| Error::NoSuchDevice { spec: spec.to_string(), available: all.iter().map(|d| d.spec()).collect::<Vec<_>>().join(", ") })
     }
+
+    /// The device's extra buffer types, beside its default one: on the CPU, `CPU_REPACK`
+    /// stores weights in interleaved layouts that its matrix kernels read faster.
+    pub fn extra_buffer_types(&self) -> Vec<BufferType> {
+        // SAFETY: looks up the optional `ggml_backend_dev_get_extra_bufts` entry point of the
+        // device's registry (signature fixed by ggml-backend.h); it returns a static,
+        // null-terminated array.
+        unsafe {
+            let reg = sys::ggml_backend_dev_backend_reg(self.0);
+            let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_dev_get_extra_bufts".as_ptr());
+            if f.is_null() {
+                return Vec::new();
+            }
+            let f: sys::ggml_backend_dev_get_extra_bufts_t = std::mem::transmute(f);
+            let Some(f) = f else { return Vec::new() };
+            let mut p = f(self.0);
+            let mut out = Vec::new();
+            while !p.is_null() && !(*p).is_null() {
+                out.push(BufferType(*p));
+                p = p.add(1);
+            }
+            out
+        }
+    }
+}
+
+/// A kind of buffer: a backend's default one, or a device's extra one (see
+/// [`Device::extra_buffer_types`]).
+#[derive(Clone, Copy)]
+pub struct BufferType(sys::ggml_backend_buffer_type_t);
+
+// SAFETY: buffer types are static registry entries.
+unsafe impl Send for BufferType {}
+unsafe impl Sync for BufferType {}
+
+impl BufferType {
+    pub fn name(&self) -> String {
+        // SAFETY: static string of a registered buffer type.
+        unsafe { CStr::from_ptr(sys::ggml_backend_buft_name(self.0)) }.to_string_lossy().into_owned()
+    }
+
+    /// Whether `device` runs a matrix multiplication whose weight, of type `ty` and shape
+    /// `ne`, is stored in this buffer type (an extra type may take only some types and
+    /// shapes, e.g. rows in multiples of 8). Asked the way llama.cpp asks: with a
+    /// metadata-only `mul_mat` whose weight sits in an empty buffer of this type.
+    pub fn supports_weight(&self, device: Device, ty: Type, ne: &[usize]) -> bool {
+        let probe = || -> Result<bool> {
+            let ctx = Context::new(3, 0)?;
+            let w = ctx.new_tensor(ty, ne)?;
+            let x = ctx.new_tensor(Type::F32, &[ne[0], 1])?;
+            let op = ctx.mul_mat(w, x)?;
+            // SAFETY: a zero-size buffer only carries its type; the weight points at it during
+            // the query and is detached before the buffer is freed.
+            unsafe {
+                let buf = sys::ggml_backend_buft_alloc_buffer(self.0, 0);
+                if buf.is_null() {
+                    return Ok(false);
+                }
+                (*w.as_ptr()).buffer = buf;
+                let ok = sys::ggml_backend_dev_supports_op(device.0, op.as_ptr());
+                (*w.as_ptr()).buffer = std::ptr::null_mut();
+                sys::ggml_backend_buffer_free(buf);
+                Ok(ok)
+            }
+        };
+        ne.len() == 2 && probe().unwrap_or(false)
+    }
+
+    /// Allocates one buffer of this type for every tensor of `ctx`.
+    pub fn alloc_tensors(&self, ctx: &Context) -> Result<Buffer> {
+        let bytes: usize = ctx.tensors().map(|t| t.nbytes()).sum();
+        // SAFETY: valid context and buffer type; null return handled.
+        let ptr = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.as_ptr(), self.0) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| Error::BufferAlloc { backend: self.name(), bytes })?;
+        Ok(Buffer { ptr, _host: None })
+    }
 }
 
 impl std::fmt::Debug for Device {
@@ -140,13 +216,15 @@ impl Backend {
         }
     }
 
+    /// The backend's default buffer type (device memory for a GPU).
+    pub fn buffer_type(&self) -> BufferType {
+        // SAFETY: valid backend.
+        BufferType(unsafe { sys::ggml_backend_get_default_buffer_type(self.as_ptr()) })
+    }
+
     /// Allocates one buffer on this backend for every tensor of `ctx`.
     pub fn alloc_tensors(&self, ctx: &Context) -> Result<Buffer> {
-        let bytes: usize = ctx.tensors().map(|t| t.nbytes()).sum();
-        // SAFETY: valid context and backend; null return handled.
-        let ptr = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.as_ptr(), self.as_ptr()) };
-        let ptr = NonNull::new(ptr).ok_or_else(|| Error::BufferAlloc { backend: self.device.spec(), bytes })?;
-        Ok(Buffer { ptr, _host: None })
+        self.buffer_type().alloc_tensors(ctx)
     }
 
     /// Computes a graph whose tensors are all allocated, on this backend alone.

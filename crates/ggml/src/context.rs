@@ -374,6 +374,14 @@ impl Context {
         self.same_ctx("mul", unsafe { sys::ggml_mul(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
     }
 
+    /// `a / b`, `b` broadcast like in [`Context::mul`].
+    pub fn div<'s>(&'s self, a: Tensor<'_>, b: Tensor<'_>) -> Result<Tensor<'s>> {
+        Self::broadcast_check("div", a, b)?;
+        self.room()?;
+        // SAFETY: broadcast checked.
+        self.same_ctx("div", unsafe { sys::ggml_div(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
+    }
+
     /// `a * s`.
     pub fn scale<'s>(&'s self, a: Tensor<'_>, s: f32) -> Result<Tensor<'s>> {
         self.room()?;
@@ -388,20 +396,33 @@ impl Context {
         self.same_ctx("gelu", unsafe { sys::ggml_gelu(self.as_ptr(), a.as_ptr()) })
     }
 
-    /// GELU with the tanh approximation, computed in f32 from primitives:
-    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`. ggml's own `gelu` reads a
-    /// table indexed by the f16-rounded input (about 1e-3 relative error), too coarse
-    /// to match a reference to 1e-4.
+    /// GELU with the tanh approximation, `0.5 x (1 + tanh(u))` with
+    /// `u = sqrt(2/pi) (x + 0.044715 x^3)`, computed in f32 from primitives. ggml's own
+    /// `gelu` reads a table indexed by the f16-rounded input (about 1e-3 relative error),
+    /// too coarse to match a reference to 1e-4; and its `tanh` is scalar libm. So it is
+    /// written with ggml's vectorised SiLU: `0.5 (1 + tanh(u)) = sigmoid(2u)` and
+    /// `x sigmoid(2u) = silu(2u) / d` with `d = 2u / x = 2 sqrt(2/pi) (1 + 0.044715 x^2)`,
+    /// which is never below 1.59, so the division is safe for every x.
     pub fn gelu_precise<'s>(&'s self, x: Tensor<'_>) -> Result<Tensor<'s>> {
-        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-        let x2 = self.mul(x, x)?;
-        let x3 = self.mul(x2, x)?;
-        let inner = self.add(x, self.scale(x3, 0.044715)?)?;
-        let t = self.tanh(self.scale(inner, SQRT_2_OVER_PI)?)?;
+        const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
+        let x2 = self.sqr(x)?;
         self.room()?;
-        // SAFETY: any tensor. 0.5 * t + 0.5
-        let half = self.same_ctx("scale_bias", unsafe { sys::ggml_scale_bias(self.as_ptr(), t.as_ptr(), 0.5, 0.5) })?;
-        self.mul(x, half)
+        // SAFETY: any tensor. d = TWO_SQRT_2_OVER_PI * (1 + 0.044715 x^2)
+        let d = self.same_ctx("scale_bias", unsafe { sys::ggml_scale_bias(self.as_ptr(), x2.as_ptr(), TWO_SQRT_2_OVER_PI * 0.044715, TWO_SQRT_2_OVER_PI) })?;
+        let two_u = self.mul(x, d)?;
+        self.div(self.silu(two_u)?, d)
+    }
+
+    pub fn sqr<'s>(&'s self, a: Tensor<'_>) -> Result<Tensor<'s>> {
+        self.room()?;
+        // SAFETY: any tensor.
+        self.same_ctx("sqr", unsafe { sys::ggml_sqr(self.as_ptr(), a.as_ptr()) })
+    }
+
+    pub fn silu<'s>(&'s self, a: Tensor<'_>) -> Result<Tensor<'s>> {
+        self.room()?;
+        // SAFETY: any tensor.
+        self.same_ctx("silu", unsafe { sys::ggml_silu(self.as_ptr(), a.as_ptr()) })
     }
 
     pub fn tanh<'s>(&'s self, a: Tensor<'_>) -> Result<Tensor<'s>> {

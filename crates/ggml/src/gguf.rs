@@ -296,7 +296,9 @@ fn parse(path: &Path, map: memmap2::Mmap) -> Result<GgufFile> {
         None => DEFAULT_ALIGNMENT,
         Some(v) => match v.as_u64() {
             Some(a) if a.is_power_of_two() => a as usize,
-            _ => return Err(r.err(format!("general.alignment is {v:?}, expected a power of two"))),
+            _ => {
+                return Err(r.err(format!("general.alignment is {v:?}, expected a power of two")));
+            }
         },
     };
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);

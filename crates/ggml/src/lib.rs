@@ -18,7 +18,7 @@ pub mod gguf;
 mod quant;
 mod types;
 
-pub use backend::{Backend, Buffer, Device, DeviceKind, HostMemory, Scheduler, set_log_quiet};
+pub use backend::{Backend, Buffer, BufferType, Device, DeviceKind, HostMemory, Scheduler, set_log_quiet};
 pub use context::{Context, Graph, Tensor};
 pub use error::{Error, Result};
 pub use ggml_sys as sys;

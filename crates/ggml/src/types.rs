@@ -114,7 +114,9 @@ impl Type {
 
     /// Bytes of a tensor of this type with the given shape (ggml order, innermost first).
     pub fn nbytes(self, shape: &[usize]) -> Result<usize> {
-        let Some((&first, rest)) = shape.split_first() else { return Ok(self.type_size()) };
+        let Some((&first, rest)) = shape.split_first() else {
+            return Ok(self.type_size());
+        };
         let row = self.row_size(first)?;
         rest.iter().try_fold(row, |acc, &d| acc.checked_mul(d)).ok_or_else(|| crate::error::shape("nbytes", format!("{shape:?} overflows")))
     }

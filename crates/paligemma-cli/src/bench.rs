@@ -47,6 +47,9 @@ pub struct BenchArgs {
     /// with running them one after another.
     #[arg(long, default_value_t = 4)]
     prompts: usize,
+    /// Use every weight in place from the file (no repacked CPU layouts).
+    #[arg(long)]
+    no_repack: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -98,6 +101,8 @@ struct Report {
     file_bytes: u64,
     device: String,
     threads: usize,
+    /// Extra buffer types holding repacked weights, with their tensor counts.
+    repacked: Vec<(String, usize)>,
     prefix_tokens: usize,
     preprocess_ms: f64,
     vision_ms: f64,
@@ -114,7 +119,13 @@ struct Report {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let path = model_path(args)?;
     let file_bytes = std::fs::metadata(&path)?.len();
-    let opts = ModelOptions { device: args.device.clone(), threads: args.threads, kv_type: args.kv_type.parse::<KvType>()?, context: 0, ..Default::default() };
+    let opts = ModelOptions {
+        device: args.device.clone(),
+        threads: args.threads,
+        kv_type: args.kv_type.parse::<KvType>()?,
+        repack: !args.no_repack,
+        ..Default::default()
+    };
     let mut model = Model::load(&path, &opts)?;
     // A 640x480 frame with structure (gradients and edges).
     let (w, h) = (640, 480);
@@ -163,6 +174,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         file_bytes,
         device: model.device().to_string(),
         threads: model.threads(),
+        repacked: model.repacked().to_vec(),
         prefix_tokens: ids.len(),
         preprocess_ms: pre,
         vision_ms: vis,
@@ -179,6 +191,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("model      {} ({:.2} GB), {} with {} threads", report.model, file_bytes as f64 / 1e9, report.device, report.threads);
+        for (buft, n) in &report.repacked {
+            println!("repacked   {n} matrices into {buft}");
+        }
         println!("preprocess {:>9.1} ms", report.preprocess_ms);
         println!("vision     {:>9.1} ms  (SigLIP + projector, {} image tokens)", report.vision_ms, model.config().tokens.image_token_count);
         println!("prefill    {:>9.1} ms  ({} tokens, {:.1} tokens/s)", report.prefill_ms, report.prefix_tokens, report.prefill_tokens_per_s);

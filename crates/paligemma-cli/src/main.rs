@@ -116,6 +116,10 @@ struct LoadArgs {
     /// Tokens the KV cache holds (0: image tokens + 512).
     #[arg(long, default_value_t = 0)]
     context: usize,
+    /// Use every CPU weight in place from the file instead of repacking the matrices the
+    /// CPU kernels read faster interleaved (q4_0, q4_k).
+    #[arg(long)]
+    no_repack: bool,
 }
 
 impl LoadArgs {
@@ -125,6 +129,7 @@ impl LoadArgs {
             threads: self.threads,
             kv_type: self.kv_type.parse::<KvType>()?,
             context: self.context,
+            repack: !self.no_repack,
             ..Default::default()
         };
         Ok(Model::load(&self.model, &opts)?)

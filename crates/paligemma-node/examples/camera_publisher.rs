@@ -52,7 +52,9 @@ fn main() -> Result<()> {
     pipeline.set_state(gst::State::Playing)?;
     let mut sent = 0u64;
     while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(5)) {
-        let Some(buffer) = sample.buffer() else { continue };
+        let Some(buffer) = sample.buffer() else {
+            continue;
+        };
         let map = buffer.map_readable()?;
         publisher.put(map.as_slice().to_vec()).wait().map_err(|e| anyhow::anyhow!("{e}"))?;
         sent += 1;

@@ -90,9 +90,15 @@ impl GstSource {
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
                     let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                    let (Some(buffer), Some(caps)) = (sample.buffer(), sample.caps()) else { return Ok(gst::FlowSuccess::Ok) };
-                    let Ok(info) = gst_video::VideoInfo::from_caps(caps) else { return Ok(gst::FlowSuccess::Ok) };
-                    let Ok(map) = buffer.map_readable() else { return Ok(gst::FlowSuccess::Ok) };
+                    let (Some(buffer), Some(caps)) = (sample.buffer(), sample.caps()) else {
+                        return Ok(gst::FlowSuccess::Ok);
+                    };
+                    let Ok(info) = gst_video::VideoInfo::from_caps(caps) else {
+                        return Ok(gst::FlowSuccess::Ok);
+                    };
+                    let Ok(map) = buffer.map_readable() else {
+                        return Ok(gst::FlowSuccess::Ok);
+                    };
                     let stride = info.stride()[0] as usize;
                     if let Ok(img) = RgbImage::from_raw(&map, info.width() as usize, info.height() as usize, stride, PixelFormat::Rgb) {
                         on_frame(img, buffer.pts().map(|p| p.nseconds()));

@@ -104,7 +104,9 @@ impl Sampler {
     /// Whether a frame differs enough from the last analysed one (always true
     /// without change detection); remembers it when it does.
     fn changed_enough(&mut self, frame: &Frame) -> bool {
-        let Some(threshold) = self.config.skip_unchanged_below else { return true };
+        let Some(threshold) = self.config.skip_unchanged_below else {
+            return true;
+        };
         let thumb = thumbnail(&frame.image);
         let unchanged =
             self.last_thumb.as_ref().is_some_and(|last| last.iter().zip(&thumb).map(|(a, b)| (a - b).abs()).sum::<f32>() / thumb.len() as f32 <= threshold);

@@ -169,8 +169,12 @@ impl Config {
         let cfg_err = |detail: String| Error::Config { path: config_path.into(), detail };
         match root.get("model_type").and_then(Json::as_str) {
             Some("paligemma") => {}
-            Some(other) => return Err(cfg_err(format!("model_type is {other:?}, expected \"paligemma\""))),
-            None => return Err(cfg_err("field model_type is missing (expected \"paligemma\")".into())),
+            Some(other) => {
+                return Err(cfg_err(format!("model_type is {other:?}, expected \"paligemma\"")));
+            }
+            None => {
+                return Err(cfg_err("field model_type is missing (expected \"paligemma\")".into()));
+            }
         }
         let null = Json::Object(Default::default());
         let text_obj = root.get("text_config").unwrap_or(&null);
@@ -178,7 +182,9 @@ impl Config {
         let arch = match text_obj.get("model_type").and_then(Json::as_str).unwrap_or("gemma") {
             "gemma" => TextArch::Gemma,
             "gemma2" => TextArch::Gemma2,
-            other => return Err(cfg_err(format!("field text_config.model_type is {other:?}, expected \"gemma\" or \"gemma2\""))),
+            other => {
+                return Err(cfg_err(format!("field text_config.model_type is {other:?}, expected \"gemma\" or \"gemma2\"")));
+            }
         };
         let t = Fields { path: config_path, section: "text_config.", obj: text_obj };
         let v = Fields { path: config_path, section: "vision_config.", obj: vision_obj };
@@ -361,7 +367,9 @@ impl Config {
         let err = |detail: String| Error::Model { path: f.path().into(), detail };
         match f.get("general.architecture").and_then(Value::as_str) {
             Some(ARCHITECTURE) => {}
-            Some(other) => return Err(err(format!("architecture is {other:?}, expected {ARCHITECTURE:?}"))),
+            Some(other) => {
+                return Err(err(format!("architecture is {other:?}, expected {ARCHITECTURE:?}")));
+            }
             None => return Err(err("no general.architecture key: not a model file".into())),
         }
         let get = |key: &str| f.get(key).ok_or_else(|| err(format!("metadata key {key} is missing")));
@@ -379,7 +387,9 @@ impl Config {
         let arch = match get("paligemma.text_arch")?.as_str() {
             Some("gemma") => TextArch::Gemma,
             Some("gemma2") => TextArch::Gemma2,
-            other => return Err(err(format!("paligemma.text_arch is {other:?}, expected \"gemma\" or \"gemma2\""))),
+            other => {
+                return Err(err(format!("paligemma.text_arch is {other:?}, expected \"gemma\" or \"gemma2\"")));
+            }
         };
         let nonzero = |x: f32| (x != 0.0).then_some(x);
         let depth = int("paligemma.text.block_count")?;

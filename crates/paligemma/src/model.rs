@@ -57,11 +57,16 @@ pub struct ModelOptions {
     /// Prompts that [`Model::generate_batch`] can answer at once (each gets its own
     /// KV cache region of `context` tokens).
     pub max_sequences: usize,
+    /// On the CPU, store the matrices whose type the CPU's extra buffer types take
+    /// (q4_0, q4_k, iq4_nl on x86 with AVX2) in their interleaved layouts, as llama.cpp
+    /// does by default: faster prompt processing and batched decoding, at the cost of a
+    /// copy of those weights in memory instead of using the mapped file in place.
+    pub repack: bool,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { device: "cpu".into(), threads: 0, kv_type: KvType::F16, context: 0, max_sequences: 4 }
+        ModelOptions { device: "cpu".into(), threads: 0, kv_type: KvType::F16, context: 0, max_sequences: 4, repack: true }
     }
 }
 
@@ -133,10 +138,7 @@ pub struct Model {
     path: PathBuf,
     config: Config,
     tokenizer: Tokenizer,
-    weights: Context,
-    /// Position of each weight in `weights`' tensor list.
-    index: HashMap<String, usize>,
-    _weight_buffer: Buffer,
+    weights: WeightStore,
     kv: Context,
     _kv_buffer: Buffer,
     n_ctx: usize,
@@ -150,6 +152,92 @@ pub struct Model {
     has_seg_decoder: bool,
 }
 
+/// Name of the repacked copy of the token embedding used as the LM head.
+const LM_HEAD: &str = "lm_head.repacked";
+
+/// The weights of a model: tensor metadata in contexts, data in buffers.
+struct WeightStore {
+    /// Tensors used in place from the mapped file (or copied to the device), then the
+    /// repacked ones.
+    contexts: Vec<Context>,
+    /// Position of each weight in the concatenated tensor lists of `contexts`.
+    index: HashMap<String, usize>,
+    _buffers: Vec<Buffer>,
+    /// Names of the extra buffer types used, with how many tensors each holds.
+    repacked: Vec<(String, usize)>,
+}
+
+impl WeightStore {
+    fn load(gguf: &GgufFile, backend: &Backend, repack: bool) -> Result<WeightStore> {
+        let path = gguf.path();
+        // Matrices the CPU may repack: every 2-D weight read only by matrix products (the
+        // token embedding is also gathered by row, the mask decoder's tensors by their own ops).
+        let extra = if repack && backend.is_cpu() { backend.device().extra_buffer_types() } else { Vec::new() };
+        let repack_group = |info: &ggml::gguf::TensorInfo| extra.iter().position(|b| b.supports_weight(backend.device(), info.ty, &info.shape)).map(|g| g + 1);
+        let mut groups: Vec<Vec<(String, &ggml::gguf::TensorInfo)>> = vec![Vec::new(); 1 + extra.len()];
+        for info in &gguf.tensors {
+            let matrix = info.shape.len() == 2 && info.name != "token_embd.weight" && !info.name.starts_with("seg.");
+            let g = if matrix { repack_group(info) } else { None };
+            groups[g.unwrap_or(0)].push((info.name.clone(), info));
+            // The tied LM head reads the whole embedding: like llama.cpp, it gets a repacked
+            // copy of its own while the row lookups keep using the file.
+            if info.name == "token_embd.weight"
+                && let Some(g) = repack_group(info)
+            {
+                groups[g].push((LM_HEAD.to_string(), info));
+            }
+        }
+        let mut store = WeightStore { contexts: Vec::new(), index: HashMap::new(), _buffers: Vec::new(), repacked: Vec::new() };
+        for (g, infos) in groups.iter().enumerate() {
+            if infos.is_empty() && g > 0 {
+                continue;
+            }
+            let ctx = Context::new(infos.len() + 1, 0)?;
+            for (name, info) in infos {
+                ctx.new_named(name, info.ty, &info.shape)?;
+                store.index.insert(name.clone(), store.index.len());
+            }
+            let buffer = if g == 0 && backend.is_cpu() {
+                let buffer = Buffer::from_host(gguf.mmap())?;
+                for (t, (_, info)) in ctx.tensors().zip(infos) {
+                    buffer.place(t, gguf.data_offset + info.offset)?;
+                }
+                buffer
+            } else {
+                let buft = if g == 0 { backend.buffer_type() } else { extra[g - 1] };
+                let buffer = buft.alloc_tensors(&ctx)?;
+                // Read with plain file reads: touching the mapping would leave those pages
+                // counted in the process's memory beside the copy.
+                let mut file = std::fs::File::open(path).map_err(crate::error::io(path))?;
+                let mut data = Vec::new();
+                for (t, (_, info)) in ctx.tensors().zip(infos) {
+                    data.resize(t.nbytes(), 0);
+                    read_at(&mut file, (gguf.data_offset + info.offset) as u64, &mut data).map_err(crate::error::io(path))?;
+                    t.write_bytes(&data)?;
+                }
+                if g > 0 {
+                    store.repacked.push((buft.name(), infos.len()));
+                }
+                buffer
+            };
+            buffer.set_weights_usage();
+            store._buffers.push(buffer);
+            store.contexts.push(ctx);
+        }
+        Ok(store)
+    }
+
+    fn all(&self) -> Vec<Tensor<'_>> {
+        self.contexts.iter().flat_map(|c| c.tensors()).collect()
+    }
+}
+
+fn read_at(file: &mut std::fs::File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(buf)
+}
+
 /// Looks weights up by name during graph building.
 struct Weights<'a> {
     all: Vec<Tensor<'a>>,
@@ -160,6 +248,11 @@ impl<'a> Weights<'a> {
     fn get(&self, name: &str) -> Tensor<'a> {
         // Every name used by the graphs was checked to exist at load time.
         self.all[self.index[name]]
+    }
+
+    /// The LM head: the token embedding (tied), or its repacked copy.
+    fn lm_head(&self) -> Tensor<'a> {
+        self.get(if self.index.contains_key(LM_HEAD) { LM_HEAD } else { "token_embd.weight" })
     }
 }
 
@@ -190,28 +283,9 @@ impl Model {
         let backend = Backend::new(&opts.device)?;
         let device = backend.device().spec();
 
-        // Weights: metadata in one context; data used in place from the mapped file
-        // on the CPU, copied to the device otherwise.
-        let weights = Context::new(gguf.tensors.len() + 1, 0)?;
-        let mut index = HashMap::new();
-        for (i, info) in gguf.tensors.iter().enumerate() {
-            weights.new_named(&info.name, info.ty, &info.shape)?;
-            index.insert(info.name.clone(), i);
-        }
-        let weight_buffer = if backend.is_cpu() {
-            let buffer = Buffer::from_host(gguf.mmap())?;
-            for (t, info) in weights.tensors().zip(&gguf.tensors) {
-                buffer.place(t, gguf.data_offset + info.offset)?;
-            }
-            buffer
-        } else {
-            let buffer = backend.alloc_tensors(&weights)?;
-            for (t, info) in weights.tensors().zip(&gguf.tensors) {
-                t.write_bytes(gguf.tensor_data(info))?;
-            }
-            buffer
-        };
-        weight_buffer.set_weights_usage();
+        // Weights: data used in place from the mapped file on the CPU (or repacked),
+        // copied to the device otherwise.
+        let weights = WeightStore::load(&gguf, &backend, opts.repack)?;
 
         let t = &config.text;
         let n_ctx = match opts.context {
@@ -236,8 +310,6 @@ impl Model {
             config,
             tokenizer,
             weights,
-            index,
-            _weight_buffer: weight_buffer,
             kv,
             _kv_buffer: kv_buffer,
             n_ctx,
@@ -253,6 +325,12 @@ impl Model {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The extra buffer types holding repacked weights, with how many tensors each holds
+    /// (empty when nothing was repacked).
+    pub fn repacked(&self) -> &[(String, usize)] {
+        &self.weights.repacked
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -319,7 +397,7 @@ impl Model {
     }
 
     fn weights(&self) -> Weights<'_> {
-        Weights { all: self.weights.tensors().collect(), index: &self.index }
+        Weights { all: self.weights.all(), index: &self.weights.index }
     }
 
     /// Preprocesses an image and encodes it.
@@ -467,7 +545,19 @@ impl Model {
     /// Logits at every prefix position, [n_prefix, vocab], for parity checks.
     pub fn prefix_logits(&mut self, image: &ImageEmbedding, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_fits(ids.len(), 0)?;
-        self.forward(&Batch::prefix(image, ids, 0, ids.len()))
+        let mut logits = self.forward(&Batch::prefix(image, ids, 0, ids.len()))?;
+        self.final_softcap(&mut logits);
+        Ok(logits)
+    }
+
+    /// Gemma 2's final logit softcap, `cap * tanh(logits / cap)`. The decoder graph leaves
+    /// it out: it is monotonic, so greedy decoding takes the argmax of the raw logits,
+    /// and only sampling with a temperature and the reported first logits need it (a
+    /// vocabulary of tanh per token would cost more than the attention of a decode step).
+    fn final_softcap(&self, logits: &mut [f32]) {
+        if let Some(cap) = self.config.text.final_softcap {
+            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+        }
     }
 
     /// Answers `prompt` about an encoded image. `on_token` sees each generated id and
@@ -528,6 +618,8 @@ impl Model {
             let start = Instant::now();
             let base = s * self.n_ctx;
             let logits = self.forward(&Batch::prefix(image, ids, base, 1))?;
+            let mut first_logits = logits.clone();
+            self.final_softcap(&mut first_logits);
             let mut timings = image.timings.clone();
             timings.prefix_tokens = ids.len();
             timings.prefill = ms(start);
@@ -536,11 +628,11 @@ impl Model {
                 prefix: ids.len(),
                 tokens: Vec::new(),
                 text: String::new(),
-                first_logits: logits.clone(),
+                first_logits,
                 logits,
                 done: opts.max_tokens == 0,
                 eos: false,
-                sampler: Sampler::new(opts),
+                sampler: Sampler::new(opts, self.config.text.final_softcap),
                 timings,
             });
         }
@@ -632,7 +724,9 @@ impl<'a> Batch<'a> {
     fn masks(&self, window: Option<usize>) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
         let span = self.slots.iter().max().map_or(0, |m| m + 1);
         let n = self.ids.len();
-        let prefix_end = |i: usize| if self.prefix { self.seq_base[i] + n } else { self.slots[i] + 1 };
+        let prefix_end = |i: usize| {
+            if self.prefix { self.seq_base[i] + n } else { self.slots[i] + 1 }
+        };
         let mut full = vec![0f32; span * n];
         let mut sliding = vec![0f32; span * n];
         let (mut full_needed, mut sliding_needed) = (false, false);
@@ -792,15 +886,14 @@ fn build_decoder<'c>(
     let n_logits = n_logits.clamp(1, n);
     let last = ctx.view(x, &[t.width, n_logits], &[x.nb()[1]], (n - n_logits) * x.nb()[1])?;
     let h = rms_norm(ctx, last, w.get("output_norm.weight"), t.rms_eps)?;
-    let mut logits = ctx.mul_mat(w.get("token_embd.weight"), h)?; // tied LM head
-    if let Some(cap) = t.final_softcap {
-        logits = ctx.scale(ctx.tanh(ctx.scale(logits, 1.0 / cap)?)?, cap)?;
-    }
-    Ok(logits)
+    // Logits before the final softcap: see `Model::final_softcap`.
+    Ok(ctx.mul_mat(w.lm_head(), h)?)
 }
 
 /// Greedy or temperature / top-k / top-p sampling with a seeded generator.
 struct Sampler {
+    /// Applied to the logits before sampling with a temperature.
+    softcap: Option<f32>,
     temperature: f32,
     top_k: usize,
     top_p: f32,
@@ -808,8 +901,8 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn new(opts: &GenerateOptions) -> Sampler {
-        Sampler { temperature: opts.temperature, top_k: opts.top_k, top_p: opts.top_p, state: opts.seed ^ 0x9E37_79B9_7F4A_7C15 }
+    fn new(opts: &GenerateOptions, softcap: Option<f32>) -> Sampler {
+        Sampler { softcap, temperature: opts.temperature, top_k: opts.top_k, top_p: opts.top_p, state: opts.seed ^ 0x9E37_79B9_7F4A_7C15 }
     }
 
     /// splitmix64, mapped to [0, 1).
@@ -822,12 +915,16 @@ impl Sampler {
         (z >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// Picks the next token from raw logits (before the final softcap).
     fn sample(&mut self, logits: &[f32]) -> u32 {
+        // The softcap is monotonic: the greedy choice is the same with or without it (up to
+        // ties among logits so large that their capped values round to the same f32).
         let argmax = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best }).0;
         if self.temperature <= 0.0 {
             return argmax as u32;
         }
-        let mut cand: Vec<(usize, f32)> = logits.iter().copied().enumerate().filter(|(_, l)| l.is_finite()).collect();
+        let cap = |l: f32| self.softcap.map_or(l, |c| c * (l / c).tanh());
+        let mut cand: Vec<(usize, f32)> = logits.iter().map(|&l| cap(l)).enumerate().filter(|(_, l)| l.is_finite()).collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1));
         if self.top_k > 0 {
             cand.truncate(self.top_k);

@@ -36,7 +36,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             gst::MessageView::Eos(_) => break,
-            gst::MessageView::Error(e) => return Err(format!("{} ({:?})", e.error(), e.debug()).into()),
+            gst::MessageView::Error(e) => {
+                return Err(format!("{} ({:?})", e.error(), e.debug()).into());
+            }
             _ => {}
         }
     }

@@ -153,7 +153,9 @@ fn run_pipeline(desc: &str, until: Duration) -> (gst::Pipeline, Vec<gst::Structu
     pipeline.set_state(gst::State::Playing).unwrap();
     let mut msgs = Vec::new();
     while start.elapsed() < until {
-        let Some(m) = bus.timed_pop(gst::ClockTime::from_mseconds(50)) else { continue };
+        let Some(m) = bus.timed_pop(gst::ClockTime::from_mseconds(50)) else {
+            continue;
+        };
         match m.view() {
             gst::MessageView::Eos(_) => break,
             gst::MessageView::Error(e) => panic!("{} {:?}", e.error(), e.debug()),

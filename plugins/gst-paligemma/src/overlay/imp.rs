@@ -77,7 +77,9 @@ impl BaseTransformImpl for PaliGemmaOverlay {
 
     fn transform_ip(&self, buf: &mut gst::BufferRef) -> Result<gst::FlowSuccess, gst::FlowError> {
         let mut state = self.state.lock().unwrap();
-        let Some(info) = state.info.clone() else { return Err(gst::FlowError::NotNegotiated) };
+        let Some(info) = state.info.clone() else {
+            return Err(gst::FlowError::NotNegotiated);
+        };
         let mut arrived: BTreeMap<String, Vec<Region>> = BTreeMap::new();
         for r in Region::from_buffer(buf) {
             arrived.entry(r.prompt_id.clone()).or_default().push(r);

@@ -282,7 +282,9 @@ impl ElementImpl for PaliGemma {
             .name("paligemma-text".into())
             .spawn(move || {
                 for msg in rx {
-                    let Some(element) = element.upgrade() else { break };
+                    let Some(element) = element.upgrade() else {
+                        break;
+                    };
                     push_text(&element, &outbox, &msg);
                 }
             })
@@ -320,7 +322,9 @@ impl PaliGemma {
         let element = self.obj().downgrade();
         let outbox = self.outbox.clone();
         Box::new(move |msg: &ResultMessage| {
-            let Some(element) = element.upgrade() else { return };
+            let Some(element) = element.upgrade() else {
+                return;
+            };
             let imp = element.imp();
             let (post, attach) = {
                 let s = imp.settings.lock().unwrap();
@@ -573,8 +577,12 @@ impl BaseTransformImpl for PaliGemma {
             (s.mode, s.attach_meta)
         };
         let mut guard = self.state.lock().unwrap();
-        let Some(state) = guard.as_mut() else { return Ok(gst::FlowSuccess::Ok) };
-        let Some(info) = state.info.clone() else { return Ok(gst::FlowSuccess::Ok) };
+        let Some(state) = guard.as_mut() else {
+            return Ok(gst::FlowSuccess::Ok);
+        };
+        let Some(info) = state.info.clone() else {
+            return Ok(gst::FlowSuccess::Ok);
+        };
         state.seq += 1;
         let seq = state.seq;
         match mode {
