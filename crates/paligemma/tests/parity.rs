@@ -176,3 +176,38 @@ fn batched_prompts_match_one_by_one() {
         assert!(model.generate_batch(&emb, &vec![prefixes[0].clone(); 5], &opts, &mut |_, _, _| true).is_err(), "more prompts than sequences");
     }
 }
+
+/// Matrices repacked into the CPU's interleaved layouts compute what the same weights
+/// used in place from the file compute (the kernels differ, the arithmetic does not).
+#[test]
+fn repacked_weights_match_in_place() {
+    if std::env::var("PALIGEMMA_TEST_DEVICE").is_ok_and(|d| d != "cpu") {
+        return; // repacking is a CPU layout
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut repacked_any = false;
+    for name in FIXTURES {
+        let reference = reference_json(name);
+        let gguf = convert_fixture(name, Type::Q4_0, Type::Q4_0, dir.path());
+        let run = |repack: bool| {
+            let mut model = Model::load(&gguf, &ModelOptions { threads: 2, repack, ..Default::default() }).unwrap();
+            let size = model.config().vision.image_size;
+            let pixels = PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
+            let emb = model.encode_pixels(&pixels).unwrap();
+            let ids = ids(&reference["input_ids"]);
+            let logits = model.prefix_logits(&emb, &ids).unwrap();
+            let tokens = model.generate_ids(&emb, &ids, &GenerateOptions { max_tokens: 10, ..Default::default() }, &mut |_, _| true).unwrap().tokens;
+            (model.repacked().iter().map(|(_, n)| n).sum::<usize>(), emb.features, logits, tokens)
+        };
+        let (n_repacked, features, logits, tokens) = run(true);
+        let (n_plain, plain_features, plain_logits, plain_tokens) = run(false);
+        let (vision, prefix) = (rel_max_diff(&features, &plain_features), rel_max_diff(&logits, &plain_logits));
+        println!("{name}: {n_repacked} matrices repacked; projector {vision:.2e}, prefix logits {prefix:.2e} from the in-place weights");
+        assert_eq!(n_plain, 0);
+        repacked_any |= n_repacked > 0;
+        assert!(vision < 1e-3 && prefix < 1e-3, "{name}: repacked weights give other results ({vision:e}, {prefix:e})");
+        assert_eq!(tokens, plain_tokens, "{name}: greedy ids");
+    }
+    #[cfg(target_arch = "x86_64")]
+    assert!(!std::arch::is_x86_feature_detected!("avx2") || repacked_any, "ggml repacks q4_0 on any CPU with AVX2");
+}
