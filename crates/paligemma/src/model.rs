@@ -460,14 +460,15 @@ impl Model {
                 return Err(Error::Prompt(format!("the prefix needs {expected} image tokens at the start and an image encoding of as many features")));
             }
         }
-        let span = batch.slots.iter().max().map_or(0, |m| m + 1);
-        let (mut full, mut sliding) = batch.masks(t.sliding_window);
+        let mut runs = batch.runs(t.sliding_window);
         // A mask no layer reads would never be allocated.
-        if !t.sliding_layers.iter().any(|&s| s) {
-            sliding = None;
-        }
-        if t.sliding_layers.iter().all(|&s| s) {
-            full = None;
+        for run in &mut runs {
+            if !t.sliding_layers.iter().any(|&s| s) {
+                run.sliding = None;
+            }
+            if t.sliding_layers.iter().all(|&s| s) {
+                run.full = None;
+            }
         }
 
         let ctx = Context::new(GRAPH_SIZE, GRAPH_SIZE)?;
@@ -495,20 +496,24 @@ impl Model {
         }
         let pos = ctx.input("positions", Type::I32, &[n])?;
         let slots = ctx.input("slots", Type::I32, &[n])?;
-        let mask_in = |name: &str, m: &Option<Vec<f32>>| -> Result<Option<(Tensor<'_>, Tensor<'_>)>> {
-            match m {
-                Some(_) => {
-                    let t = ctx.input(name, Type::F32, &[span, n])?;
-                    Ok(Some((t, ctx.cast(t, Type::F16)?)))
+        // Masks as f32 inputs (written below), read by the attention as f16.
+        let mut mask_inputs = Vec::new();
+        let mut attention = Vec::new();
+        for (r, run) in runs.iter().enumerate() {
+            let mut masks = [None, None];
+            for (slot, (kind, m)) in masks.iter_mut().zip([("full", &run.full), ("sliding", &run.sliding)]) {
+                if let Some(values) = m {
+                    let input = ctx.input(&format!("{kind}_mask.{r}"), Type::F32, &[run.kv, run.len])?;
+                    mask_inputs.push((input, values));
+                    *slot = Some(ctx.cast(input, Type::F16)?);
                 }
-                None => Ok(None),
             }
-        };
-        let full_in = mask_in("full_mask", &full)?;
-        let sliding_in = mask_in("sliding_mask", &sliding)?;
+            let [full, sliding] = masks;
+            attention.push(RunAttention { base: run.base, first: run.first, len: run.len, kv: run.kv, full, sliding });
+        }
         let kv: Vec<Tensor<'_>> = self.kv.tensors().collect();
         let mut graph = ctx.graph(GRAPH_SIZE)?;
-        let inputs = DecoderInputs { x, pos, slots, span, full_mask: full_in.map(|m| m.1), sliding_mask: sliding_in.map(|m| m.1), n_logits: batch.n_logits };
+        let inputs = DecoderInputs { x, pos, slots, runs: attention, n_logits: batch.n_logits };
         let logits = build_decoder(&ctx, &w, &self.config, &mut graph, &kv, inputs)?;
         logits.set_output();
         graph.expand(logits)?;
@@ -522,10 +527,8 @@ impl Model {
         }
         pos.write_i32(&batch.positions)?;
         slots.write_i32(&batch.slots.iter().map(|&s| s as i32).collect::<Vec<_>>())?;
-        for (input, values) in [(full_in, &full), (sliding_in, &sliding)] {
-            if let (Some((t, _)), Some(v)) = (input, values) {
-                t.write_f32(v)?;
-            }
+        for (input, values) in mask_inputs {
+            input.write_f32(values)?;
         }
         self.sched.compute(&graph)?;
         Ok(logits.read_f32()?)
@@ -721,38 +724,66 @@ impl<'a> Batch<'a> {
     /// sequence (the whole prefix both ways; generated tokens causally); the sliding
     /// mask further keeps a generated token at position q to keys q - W < k <= q
     /// (the window never cuts the prefix).
-    fn masks(&self, window: Option<usize>) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
-        let span = self.slots.iter().max().map_or(0, |m| m + 1);
-        let n = self.ids.len();
-        let prefix_end = |i: usize| {
-            if self.prefix { self.seq_base[i] + n } else { self.slots[i] + 1 }
-        };
-        let mut full = vec![0f32; span * n];
-        let mut sliding = vec![0f32; span * n];
-        let (mut full_needed, mut sliding_needed) = (false, false);
-        for i in 0..n {
-            let (lo, hi) = (self.seq_base[i], prefix_end(i));
-            for j in 0..span {
-                let visible = j >= lo && j < hi;
-                if !visible {
-                    full[i * span + j] = f32::NEG_INFINITY;
-                    sliding[i * span + j] = f32::NEG_INFINITY;
-                    full_needed = true;
-                    continue;
-                }
-                let key_pos = (j - lo + 1) as i64;
-                let query_pos = self.positions[i] as i64;
-                if let (false, Some(w)) = (self.prefix, window) {
-                    if key_pos + w as i64 <= query_pos {
-                        sliding[i * span + j] = f32::NEG_INFINITY;
+    /// Splits the batch into runs of consecutive tokens of one sequence. Each run attends
+    /// only to its own sequence's cache region (not to the slots of the others), with masks
+    /// only where some key in that region is hidden from some query of the run.
+    fn runs(&self, window: Option<usize>) -> Vec<Run> {
+        let mut runs: Vec<Run> = Vec::new();
+        for i in 0..self.ids.len() {
+            match runs.last_mut() {
+                Some(run) if run.base == self.seq_base[i] => run.len += 1,
+                _ => runs.push(Run { base: self.seq_base[i], first: i, len: 1, kv: 0, full: None, sliding: None }),
+            }
+        }
+        for run in &mut runs {
+            let queries = run.first..run.first + run.len;
+            run.kv = queries.clone().map(|i| self.slots[i] - run.base + 1).max().unwrap_or(0);
+            // A prefix sees itself both ways; a generated token sees the slots up to its own.
+            let visible_end = |i: usize| if self.prefix { run.len } else { self.slots[i] - run.base + 1 };
+            let mut full = vec![0f32; run.kv * run.len];
+            let mut sliding = vec![0f32; run.kv * run.len];
+            let (mut full_needed, mut sliding_needed) = (false, false);
+            for (q, i) in queries.enumerate() {
+                for j in 0..run.kv {
+                    if j >= visible_end(i) {
+                        full[q * run.kv + j] = f32::NEG_INFINITY;
+                        sliding[q * run.kv + j] = f32::NEG_INFINITY;
+                        full_needed = true;
+                    } else if let (false, Some(w)) = (self.prefix, window)
+                        && (j + 1 + w) as i64 <= self.positions[i] as i64
+                    {
+                        sliding[q * run.kv + j] = f32::NEG_INFINITY;
                         sliding_needed = true;
                     }
                 }
             }
+            run.full = full_needed.then_some(full);
+            run.sliding = (sliding_needed || full_needed).then_some(sliding);
         }
-        let sliding_needed = sliding_needed || full_needed;
-        (full_needed.then_some(full), sliding_needed.then_some(sliding))
+        runs
     }
+}
+
+/// Consecutive tokens of one sequence in a batch: they attend to the cache slots
+/// `base..base + kv`, through masks [len, kv] where needed.
+struct Run {
+    base: usize,
+    /// Position of the run's first token in the batch.
+    first: usize,
+    len: usize,
+    kv: usize,
+    full: Option<Vec<f32>>,
+    sliding: Option<Vec<f32>>,
+}
+
+/// A run in the graph: its masks as f16 tensors.
+struct RunAttention<'a> {
+    base: usize,
+    first: usize,
+    len: usize,
+    kv: usize,
+    full: Option<Tensor<'a>>,
+    sliding: Option<Tensor<'a>>,
 }
 
 /// Graph inputs of the decoder.
@@ -763,10 +794,8 @@ struct DecoderInputs<'a> {
     pos: Tensor<'a>,
     /// Cache slot of each token (I32 [n]).
     slots: Tensor<'a>,
-    /// Cache slots the attention reads: 0..span.
-    span: usize,
-    full_mask: Option<Tensor<'a>>,
-    sliding_mask: Option<Tensor<'a>>,
+    /// The sequences of the batch, each attending to its own cache region.
+    runs: Vec<RunAttention<'a>>,
     n_logits: usize,
 }
 
@@ -840,7 +869,7 @@ fn build_decoder<'c>(
     inputs: DecoderInputs<'c>,
 ) -> Result<Tensor<'c>> {
     let t = &cfg.text;
-    let DecoderInputs { mut x, pos, slots, span, full_mask, sliding_mask, n_logits } = inputs;
+    let DecoderInputs { mut x, pos, slots, runs, n_logits } = inputs;
     let n = x.ne()[1];
     let (hd, heads, kv_heads) = (t.head_dim, t.heads, t.kv_heads);
     let scale = t.query_pre_attn_scalar.powf(-0.5);
@@ -855,19 +884,26 @@ fn build_decoder<'c>(
         let k = ctx.rope_neox(k, pos, hd, t.rope_theta)?;
 
         // Store this batch's K/V in their slots (expanded first, so they run before
-        // the attention reads the cache), then attend over slots 0..span.
+        // the attention reads the cache), then each sequence attends to its own region.
         let (ck, cv) = (cache[2 * i], cache[2 * i + 1]);
         graph.expand(ctx.set_rows(ck, ctx.reshape(k, &[hd * kv_heads, n])?, slots)?)?;
         graph.expand(ctx.set_rows(cv, v, slots)?)?;
         let row = ck.ty().row_size(hd * kv_heads)?;
         let head_row = ck.ty().row_size(hd)?;
-        let keys = ctx.view(ck, &[hd, span, kv_heads], &[row, head_row], 0)?;
-        let values = ctx.view(cv, &[hd, span, kv_heads], &[row, head_row], 0)?;
-
         let q = ctx.permute(q, [0, 2, 1, 3])?; // [hd, n, heads]
-        let mask = if t.sliding_layers[i] { sliding_mask } else { full_mask };
-        let attn = ctx.flash_attn_ext(q, keys, values, mask, scale, softcap)?; // [hd, heads, n]
-        let attn = ctx.reshape(attn, &[hd * heads, n])?;
+        let mut attn: Option<Tensor<'c>> = None;
+        for run in &runs {
+            let q = if run.len == n { q } else { ctx.view(q, &[hd, run.len, heads], &[q.nb()[1], q.nb()[2]], run.first * q.nb()[1])? };
+            let keys = ctx.view(ck, &[hd, run.kv, kv_heads], &[row, head_row], run.base * row)?;
+            let values = ctx.view(cv, &[hd, run.kv, kv_heads], &[row, head_row], run.base * row)?;
+            let mask = if t.sliding_layers[i] { run.sliding } else { run.full };
+            let a = ctx.flash_attn_ext(q, keys, values, mask, scale, softcap)?; // [hd, heads, len]
+            attn = Some(match attn {
+                Some(prev) => ctx.concat(prev, a, 2)?,
+                None => a,
+            });
+        }
+        let attn = ctx.reshape(attn.ok_or_else(|| Error::Invalid("an empty batch".into()))?, &[hd * heads, n])?;
         let mut o = ctx.mul_mat(p("attn_output"), attn)?;
         if t.arch == TextArch::Gemma2 {
             o = rms_norm(ctx, o, p("post_attention_norm"), t.rms_eps)?;
