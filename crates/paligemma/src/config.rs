@@ -6,8 +6,9 @@ use ggml::gguf::{GgufFile, GgufHeader, Value};
 use serde_json::Value as Json;
 use std::path::Path;
 
-/// Version of our GGUF layout; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of our GGUF layout; bumped on any incompatible change. Version 2 may pad
+/// weight rows with zero columns; version 1 files (never padded) still load.
+pub const FORMAT_VERSION: u32 = 2;
 pub const ARCHITECTURE: &str = "paligemma";
 
 /// The text decoder family: PaliGemma 1 uses Gemma, PaliGemma 2 Gemma 2.
@@ -381,8 +382,8 @@ impl Config {
             v.try_into().map_err(|_| err(format!("metadata key {key} is not 3 numbers")))
         };
         let version = int("paligemma.format_version")?;
-        if version as u32 != FORMAT_VERSION {
-            return Err(err(format!("format version {version}, this build reads version {FORMAT_VERSION}: reconvert the checkpoint")));
+        if !(1..=FORMAT_VERSION).contains(&(version as u32)) {
+            return Err(err(format!("format version {version}, this build reads versions 1 to {FORMAT_VERSION}: reconvert the checkpoint")));
         }
         let arch = match get("paligemma.text_arch")?.as_str() {
             Some("gemma") => TextArch::Gemma,

@@ -274,7 +274,7 @@ impl Model {
             let info = gguf.tensor(&name).ok_or_else(|| model_err(format!("tensor {name} is missing")))?;
             let mut got = info.shape.clone();
             got.resize(shape.len().max(got.len()), 1);
-            if got != shape {
+            if got != shape && !crate::convert::is_padded_matrix(&name, &got, &shape, info.ty.block_size()) {
                 return Err(model_err(format!("tensor {name} has shape {:?}, expected {shape:?}", info.shape)));
             }
         }
@@ -814,8 +814,11 @@ fn rms_norm<'c>(ctx: &'c Context, x: Tensor<'_>, w: Tensor<'_>, eps: f32) -> Res
 }
 
 /// `w x + b`.
+/// `w x + b`. A weight whose rows were padded with zero columns (see the converter)
+/// gets its input padded with zeros to match.
 fn linear<'c>(ctx: &'c Context, x: Tensor<'_>, w: Tensor<'_>, b: Option<Tensor<'_>>) -> Result<Tensor<'c>> {
-    let y = ctx.mul_mat(w, x)?;
+    let (k, have) = (w.ne()[0], x.ne()[0]);
+    let y = if k > have { ctx.mul_mat(w, ctx.pad(x, [k - have, 0, 0, 0])?)? } else { ctx.mul_mat(w, x)? };
     Ok(match b {
         Some(b) => ctx.add(y, b)?,
         None => y,
@@ -877,9 +880,9 @@ fn build_decoder<'c>(
     for i in 0..t.depth {
         let p = |s: &str| w.get(&format!("blk.{i}.{s}.weight"));
         let h = rms_norm(ctx, x, p("attn_norm"), t.rms_eps)?;
-        let q = ctx.reshape(ctx.mul_mat(p("attn_q"), h)?, &[hd, heads, n])?;
-        let k = ctx.reshape(ctx.mul_mat(p("attn_k"), h)?, &[hd, kv_heads, n])?;
-        let v = ctx.mul_mat(p("attn_v"), h)?; // [hd * kv_heads, n]
+        let q = ctx.reshape(linear(ctx, h, p("attn_q"), None)?, &[hd, heads, n])?;
+        let k = ctx.reshape(linear(ctx, h, p("attn_k"), None)?, &[hd, kv_heads, n])?;
+        let v = linear(ctx, h, p("attn_v"), None)?; // [hd * kv_heads, n]
         let q = ctx.rope_neox(q, pos, hd, t.rope_theta)?;
         let k = ctx.rope_neox(k, pos, hd, t.rope_theta)?;
 
@@ -904,16 +907,16 @@ fn build_decoder<'c>(
             });
         }
         let attn = ctx.reshape(attn.ok_or_else(|| Error::Invalid("an empty batch".into()))?, &[hd * heads, n])?;
-        let mut o = ctx.mul_mat(p("attn_output"), attn)?;
+        let mut o = linear(ctx, attn, p("attn_output"), None)?;
         if t.arch == TextArch::Gemma2 {
             o = rms_norm(ctx, o, p("post_attention_norm"), t.rms_eps)?;
         }
         x = ctx.add(x, o)?;
 
         let h = rms_norm(ctx, x, p("ffn_norm"), t.rms_eps)?;
-        let gate = ctx.gelu_precise(ctx.mul_mat(p("ffn_gate"), h)?)?;
-        let up = ctx.mul_mat(p("ffn_up"), h)?;
-        let mut down = ctx.mul_mat(p("ffn_down"), ctx.mul(gate, up)?)?;
+        let gate = ctx.gelu_precise(linear(ctx, h, p("ffn_gate"), None)?)?;
+        let up = linear(ctx, h, p("ffn_up"), None)?;
+        let mut down = linear(ctx, ctx.mul(gate, up)?, p("ffn_down"), None)?;
         if t.arch == TextArch::Gemma2 {
             down = rms_norm(ctx, down, p("post_ffw_norm"), t.rms_eps)?;
         }

@@ -215,4 +215,9 @@ fn quantized_types_fall_back_where_rows_do_not_fit() {
     assert_eq!(ty("blk.0.ffn_up.weight"), Type::Q5_0, "64-wide rows cannot hold 256-wide K blocks");
     assert_eq!(ty("v.blk.0.attn_q.weight"), Type::Q8_0);
     assert_eq!(ty("v.patch_embd.weight"), Type::F16, "14-wide kernel rows fall back to f16");
+    // 48-wide rows fit no q8_0 block: the matrix is stored padded with zero columns.
+    let down = f.tensor("v.blk.0.ffn_down.weight").unwrap();
+    assert_eq!((down.ty, down.shape.clone()), (Type::Q8_0, vec![64, 32]));
+    let rows = ggml::to_f32(down.ty, f.tensor_data(down), 64 * 32).unwrap();
+    assert!(rows.chunks(64).all(|r| r[48..].iter().all(|&v| v == 0.0)), "padding columns are zero");
 }

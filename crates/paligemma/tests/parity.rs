@@ -51,11 +51,14 @@ fn f32_matches_reference_per_stage() {
 
 /// Greedy ids and prefix-logit cosine of quantized conversions against the f32 reference.
 /// The fixtures' rows (24 to 96 wide) are too short for 256-wide K-quant blocks, so
-/// `q4_k` exercises the converter's fallback (q5_0, or f16 where 32 does not divide).
+/// `q4_k` exercises the converter's fallback (q5_0, or f16 where 32 does not divide),
+/// and `q4_0` / `q8_0` its zero-padded rows (SigLIP's 48-wide `ffn_down` here). 4-bit
+/// blocks of these tiny random matrices lose the most (q4_0 cosine 0.83 on pg2_gqa,
+/// 0.834 with an f16 vision tower: the padding costs nothing).
 #[test]
 fn quantized_types_stay_close() {
     let dir = tempfile::tempdir().unwrap();
-    for (ty, min_cos, same_ids) in [(Type::F16, 0.999, 10), (Type::Q8_0, 0.99, 10), (Type::Q4_K, 0.95, 0)] {
+    for (ty, min_cos, same_ids) in [(Type::F16, 0.999, 10), (Type::Q8_0, 0.99, 10), (Type::Q4_K, 0.95, 0), (Type::Q4_0, 0.8, 0)] {
         for name in FIXTURES {
             let reference = reference_json(name);
             let gguf = convert_fixture(name, ty, ty, dir.path());
