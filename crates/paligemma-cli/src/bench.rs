@@ -114,6 +114,8 @@ struct Report {
     batch_decode_tokens_per_s: f64,
     batch_speedup: f64,
     peak_rss_bytes: Option<u64>,
+    kv_cache_bytes: usize,
+    compute_buffer_bytes: usize,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -186,6 +188,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         batch_decode_tokens_per_s: batch,
         batch_speedup: batch / decode,
         peak_rss_bytes: peak_rss(),
+        kv_cache_bytes: model.kv_cache_bytes(),
+        compute_buffer_bytes: model.compute_buffer_bytes(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -204,7 +208,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             report.batch_decode_tokens_per_s, n, report.batch_speedup
         );
         if let Some(rss) = report.peak_rss_bytes {
-            println!("peak RSS   {:>9.2} GB", rss as f64 / 1e9);
+            println!(
+                "peak RSS   {:>9.2} GB  ({:.2}x the file; KV cache {:.2} GB for {} sequences, compute buffers {:.2} GB)",
+                rss as f64 / 1e9,
+                rss as f64 / file_bytes as f64,
+                report.kv_cache_bytes as f64 / 1e9,
+                model.max_sequences(),
+                report.compute_buffer_bytes as f64 / 1e9
+            );
         }
     }
     Ok(())

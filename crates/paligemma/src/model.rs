@@ -140,7 +140,7 @@ pub struct Model {
     tokenizer: Tokenizer,
     weights: WeightStore,
     kv: Context,
-    _kv_buffer: Buffer,
+    kv_buffer: Buffer,
     n_ctx: usize,
     max_sequences: usize,
     kv_type: KvType,
@@ -311,7 +311,7 @@ impl Model {
             tokenizer,
             weights,
             kv,
-            _kv_buffer: kv_buffer,
+            kv_buffer: kv_buffer,
             n_ctx,
             max_sequences,
             kv_type: opts.kv_type,
@@ -358,6 +358,16 @@ impl Model {
     /// Prompts [`Model::generate_batch`] answers at once.
     pub fn max_sequences(&self) -> usize {
         self.max_sequences
+    }
+
+    /// Bytes of the KV cache (every sequence region).
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.kv_buffer.size()
+    }
+
+    /// Bytes of compute buffers the scheduler holds (the largest graph run so far).
+    pub fn compute_buffer_bytes(&self) -> usize {
+        self.sched.buffer_sizes().iter().map(|(_, n)| n).sum()
     }
 
     pub fn kv_type(&self) -> KvType {
