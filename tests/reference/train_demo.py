@@ -17,6 +17,8 @@ vocabulary). Images go through the same Pillow bicubic resize as PaliGemmaProces
 Usage (from the repository root, in the environment of tests/reference/requirements.txt, no torchvision):
 
     nice -n 19 python tests/reference/train_demo.py train            # -> /tmp/demo_hf (+ log, checkpoints)
+    # further stages start from a checkpoint's weights (a fresh optimizer and schedule, their own seed):
+    python tests/reference/train_demo.py train --work W2 --out O2 --init-from /tmp/demo_train/ckpt.pt --seed 1 ...
     python tests/reference/train_demo.py eval --model /tmp/demo_hf --n 100
     python tests/reference/train_demo.py export-ckpt --work /tmp/demo_train --out /tmp/demo_hf_snapshot
     python tests/reference/train_demo.py --export-eval DIR N SEED [MAX_BYTES]  # held-out PNGs + truth.jsonl
