@@ -67,13 +67,8 @@ impl Device {
         let found = if want == "gpu" {
             all.iter().find(|d| matches!(d.kind(), DeviceKind::Gpu | DeviceKind::IntegratedGpu))
         } else {
-            let want = if want.contains(':') {
-                want
-            } else if want.ends_with(|c: char| c.is_ascii_digit()) || want == "cpu" {
-                want
-            } else {
-                format!("{want}:0")
-            };
+            let complete = want.contains(':') || want.ends_with(|c: char| c.is_ascii_digit()) || want == "cpu";
+            let want = if complete { want } else { format!("{want}:0") };
             all.iter().find(|d| d.spec() == want || d.name().to_ascii_lowercase() == want)
         };
         found.copied().ok_or_else(|| Error::NoSuchDevice { spec: spec.to_string(), available: all.iter().map(|d| d.spec()).collect::<Vec<_>>().join(", ") })

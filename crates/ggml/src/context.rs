@@ -425,12 +425,6 @@ impl Context {
         self.same_ctx("silu", unsafe { sys::ggml_silu(self.as_ptr(), a.as_ptr()) })
     }
 
-    pub fn tanh<'s>(&'s self, a: Tensor<'_>) -> Result<Tensor<'s>> {
-        self.room()?;
-        // SAFETY: any tensor.
-        self.same_ctx("tanh", unsafe { sys::ggml_tanh(self.as_ptr(), a.as_ptr()) })
-    }
-
     pub fn relu<'s>(&'s self, a: Tensor<'_>) -> Result<Tensor<'s>> {
         self.room()?;
         // SAFETY: any tensor.

@@ -188,13 +188,19 @@ fn storage(e: &Expected, opts: &ConvertOptions) -> (Type, usize) {
         return (ty, row);
     }
     let last = chain[chain.len() - 1];
-    if e.shape.len() == 2 && e.gguf != "token_embd.weight" { (last, row.next_multiple_of(last.block_size())) } else { (Type::F16, row) }
+    if paddable(&e.gguf, e.shape.len()) { (last, row.next_multiple_of(last.block_size())) } else { (Type::F16, row) }
+}
+
+/// Whether [`storage`] may pad a tensor's rows: weight matrices only, and not the token
+/// embedding, which is also read by row.
+fn paddable(name: &str, dims: usize) -> bool {
+    dims == 2 && name != "token_embd.weight"
 }
 
 /// Whether a stored weight of shape `got` (ggml order) holds the matrix of shape `want`
 /// with its rows padded by [`storage`] for a type of `block`-wide blocks.
 pub(crate) fn is_padded_matrix(name: &str, got: &[usize], want: &[usize], block: usize) -> bool {
-    got.len() == 2 && want.len() == 2 && name != "token_embd.weight" && got[1] == want[1] && got[0] > want[0] && got[0] == want[0].next_multiple_of(block)
+    paddable(name, want.len()) && got.len() == 2 && got[1] == want[1] && got[0] > want[0] && got[0] == want[0].next_multiple_of(block)
 }
 
 /// Rows of `row` values, each followed by zeros up to `stored` values.

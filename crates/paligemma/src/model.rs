@@ -311,7 +311,7 @@ impl Model {
             tokenizer,
             weights,
             kv,
-            kv_buffer: kv_buffer,
+            kv_buffer,
             n_ctx,
             max_sequences,
             kv_type: opts.kv_type,
@@ -470,16 +470,7 @@ impl Model {
                 return Err(Error::Prompt(format!("the prefix needs {expected} image tokens at the start and an image encoding of as many features")));
             }
         }
-        let mut runs = batch.runs(t.sliding_window);
-        // A mask no layer reads would never be allocated.
-        for run in &mut runs {
-            if !t.sliding_layers.iter().any(|&s| s) {
-                run.sliding = None;
-            }
-            if t.sliding_layers.iter().all(|&s| s) {
-                run.full = None;
-            }
-        }
+        let runs = batch.runs(t.sliding_window);
 
         let ctx = Context::new(GRAPH_SIZE, GRAPH_SIZE)?;
         let w = self.weights();
@@ -506,20 +497,22 @@ impl Model {
         }
         let pos = ctx.input("positions", Type::I32, &[n])?;
         let slots = ctx.input("slots", Type::I32, &[n])?;
-        // Masks as f32 inputs (written below), read by the attention as f16.
+        // Masks as f32 inputs (written below), read by the attention as f16. A mask no
+        // layer reads would never be allocated.
+        let read = [t.sliding_layers.iter().any(|&s| !s), t.sliding_layers.iter().any(|&s| s)];
         let mut mask_inputs = Vec::new();
         let mut attention = Vec::new();
         for (r, run) in runs.iter().enumerate() {
             let mut masks = [None, None];
-            for (slot, (kind, m)) in masks.iter_mut().zip([("full", &run.full), ("sliding", &run.sliding)]) {
-                if let Some(values) = m {
+            for ((slot, read), (kind, m)) in masks.iter_mut().zip(read).zip([("full", &run.full), ("sliding", &run.sliding)]) {
+                if let (true, Some(values)) = (read, m) {
                     let input = ctx.input(&format!("{kind}_mask.{r}"), Type::F32, &[run.kv, run.len])?;
                     mask_inputs.push((input, values));
                     *slot = Some(ctx.cast(input, Type::F16)?);
                 }
             }
             let [full, sliding] = masks;
-            attention.push(RunAttention { base: run.base, first: run.first, len: run.len, kv: run.kv, full, sliding });
+            attention.push(Run { base: run.base, first: run.first, len: run.len, kv: run.kv, full, sliding });
         }
         let kv: Vec<Tensor<'_>> = self.kv.tensors().collect();
         let mut graph = ctx.graph(GRAPH_SIZE)?;
@@ -569,7 +562,7 @@ impl Model {
     /// vocabulary of tanh per token would cost more than the attention of a decode step).
     fn final_softcap(&self, logits: &mut [f32]) {
         if let Some(cap) = self.config.text.final_softcap {
-            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+            logits.iter_mut().for_each(|l| *l = softcap(*l, cap));
         }
     }
 
@@ -729,16 +722,14 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// The attention masks over cache slots 0..span, [n_tokens][span], or None when
-    /// every token may see every slot. The full mask confines each token to its own
-    /// sequence (the whole prefix both ways; generated tokens causally); the sliding
-    /// mask further keeps a generated token at position q to keys q - W < k <= q
-    /// (the window never cuts the prefix).
     /// Splits the batch into runs of consecutive tokens of one sequence. Each run attends
     /// only to its own sequence's cache region (not to the slots of the others), with masks
-    /// only where some key in that region is hidden from some query of the run.
-    fn runs(&self, window: Option<usize>) -> Vec<Run> {
-        let mut runs: Vec<Run> = Vec::new();
+    /// [len][kv] only where some key in that region is hidden from some query of the run:
+    /// the full mask lets the prefix see itself both ways and generated tokens see keys up
+    /// to their own; the sliding mask further keeps a generated token at position q to keys
+    /// q - W < k <= q (the window never cuts the prefix).
+    fn runs(&self, window: Option<usize>) -> Vec<Run<Vec<f32>>> {
+        let mut runs: Vec<Run<Vec<f32>>> = Vec::new();
         for i in 0..self.ids.len() {
             match runs.last_mut() {
                 Some(run) if run.base == self.seq_base[i] => run.len += 1,
@@ -775,25 +766,16 @@ impl<'a> Batch<'a> {
 }
 
 /// Consecutive tokens of one sequence in a batch: they attend to the cache slots
-/// `base..base + kv`, through masks [len, kv] where needed.
-struct Run {
+/// `base..base + kv`, through masks [len, kv] where needed. The masks are values
+/// (`Vec<f32>`) when the batch is planned, f16 tensors in the graph.
+struct Run<M> {
     base: usize,
     /// Position of the run's first token in the batch.
     first: usize,
     len: usize,
     kv: usize,
-    full: Option<Vec<f32>>,
-    sliding: Option<Vec<f32>>,
-}
-
-/// A run in the graph: its masks as f16 tensors.
-struct RunAttention<'a> {
-    base: usize,
-    first: usize,
-    len: usize,
-    kv: usize,
-    full: Option<Tensor<'a>>,
-    sliding: Option<Tensor<'a>>,
+    full: Option<M>,
+    sliding: Option<M>,
 }
 
 /// Graph inputs of the decoder.
@@ -805,7 +787,7 @@ struct DecoderInputs<'a> {
     /// Cache slot of each token (I32 [n]).
     slots: Tensor<'a>,
     /// The sequences of the batch, each attending to its own cache region.
-    runs: Vec<RunAttention<'a>>,
+    runs: Vec<Run<Tensor<'a>>>,
     n_logits: usize,
 }
 
@@ -823,7 +805,6 @@ fn rms_norm<'c>(ctx: &'c Context, x: Tensor<'_>, w: Tensor<'_>, eps: f32) -> Res
     Ok(ctx.mul(ctx.rms_norm(x, eps)?, w)?)
 }
 
-/// `w x + b`.
 /// `w x + b`. A weight whose rows were padded with zero columns (see the converter)
 /// gets its input padded with zeros to match.
 fn linear<'c>(ctx: &'c Context, x: Tensor<'_>, w: Tensor<'_>, b: Option<Tensor<'_>>) -> Result<Tensor<'c>> {
@@ -939,6 +920,11 @@ fn build_decoder<'c>(
     Ok(ctx.mul_mat(w.lm_head(), h)?)
 }
 
+/// `cap * tanh(l / cap)`.
+fn softcap(l: f32, cap: f32) -> f32 {
+    cap * (l / cap).tanh()
+}
+
 /// Greedy or temperature / top-k / top-p sampling with a seeded generator.
 struct Sampler {
     /// Applied to the logits before sampling with a temperature.
@@ -972,7 +958,7 @@ impl Sampler {
         if self.temperature <= 0.0 {
             return argmax as u32;
         }
-        let cap = |l: f32| self.softcap.map_or(l, |c| c * (l / c).tanh());
+        let cap = |l: f32| self.softcap.map_or(l, |c| softcap(l, c));
         let mut cand: Vec<(usize, f32)> = logits.iter().map(|&l| cap(l)).enumerate().filter(|(_, l)| l.is_finite()).collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1));
         if self.top_k > 0 {
