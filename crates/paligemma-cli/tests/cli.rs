@@ -83,20 +83,22 @@ fn devices_lists_a_working_cpu() {
 }
 
 /// The bundled demo model on the committed held-out frames, through the engine and
-/// the parsers. It was trained briefly (see tests/reference/README.md): it finds the
-/// videotestsrc-like ball reliably, the drawn shapes not yet; these floors catch a
-/// regression anywhere from pixels to parsed boxes.
+/// the parsers. On them it finds every box and names the objects of 23 of the 24 captions
+/// (tests/reference/README.md has the 200-frame figures); these floors, a little under
+/// that, catch a regression anywhere from pixels to parsed boxes.
 #[test]
 fn demo_model_evaluation() {
     let (ok, stdout, stderr) =
         paligemma(&["eval", "-m", "models/demo/paligemma2-demo-f16.gguf", "--set", "tests/fixtures/demo_eval", "--threads", "2", "--json"]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let ball = &v["scores"]["per_label"]["ball"];
-    let ball_recall = ball[1].as_f64().unwrap() / ball[0].as_f64().unwrap();
     println!("{v}");
-    assert!(ball_recall >= 0.8, "ball recall {ball_recall}");
-    assert!(v["detection_precision_iou50"].as_f64().unwrap() >= 0.8);
-    assert!(v["count_accuracy"].as_f64().unwrap() >= 0.5);
-    assert!(v["caption_objects"].as_f64().unwrap() >= 0.35);
+    for (label, found) in v["scores"]["per_label"].as_object().unwrap() {
+        let recall = found[1].as_f64().unwrap() / found[0].as_f64().unwrap();
+        assert!(recall >= 0.8, "{label} recall {recall}");
+    }
+    assert!(v["detection_recall_iou50"].as_f64().unwrap() >= 0.9);
+    assert!(v["detection_precision_iou50"].as_f64().unwrap() >= 0.9);
+    assert!(v["caption_objects"].as_f64().unwrap() >= 0.85);
+    assert!(v["count_accuracy"].as_f64().unwrap() >= 0.75);
 }
