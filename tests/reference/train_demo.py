@@ -385,6 +385,16 @@ def build_model(tok_ids: dict, seed: int):
 # ---------------------------------------------------------------------------------------------
 
 
+def squash(arr: np.ndarray, size: int) -> np.ndarray:
+    """The processor's resize: Pillow bicubic of the uint8 frame to size x size."""
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
+
+
+def normalise(u8: np.ndarray) -> np.ndarray:
+    """The processor's pixel values, f32 in [-1, 1], channels last."""
+    return ((u8.astype(np.float32) / 255.0) - 0.5) / 0.5
+
+
 class Encoder:
     def __init__(self, hf_dir: Path):
         from transformers import AutoProcessor
@@ -405,8 +415,7 @@ class Encoder:
         return self._cache[s]
 
     def pixels(self, arr: np.ndarray) -> np.ndarray:
-        u8 = np.asarray(Image.fromarray(arr).resize((self.size, self.size), Image.BICUBIC))
-        return ((u8.astype(np.float32) / 255.0) - 0.5) / 0.5
+        return normalise(squash(arr, self.size))
 
     def prefix_ids(self, prompt: str) -> list[int]:
         return [self.image_id] * self.n_img + [self.bos] + self.text_ids(prompt + "\n")
@@ -431,7 +440,11 @@ class Encoder:
 
 AUX_CLASSES = ["circle", "square", "triangle", "ball"]  # patch classes 1..4 (0: no object centre here)
 AUX_COLOURS = ["red", "green", "blue", "yellow", "white", "grey"]
-AUX_OUT = 1 + len(AUX_CLASSES) + len(AUX_COLOURS) + 4 + len(AUX_CLASSES)  # class, colour, box, coverage
+# the auxiliary head's outputs: class logits (0 = none), colour logits, box, coverage logits
+AUX_CLS = slice(0, 1 + len(AUX_CLASSES))
+AUX_COL = slice(AUX_CLS.stop, AUX_CLS.stop + len(AUX_COLOURS))
+AUX_BOX = slice(AUX_COL.stop, AUX_COL.stop + 4)
+AUX_COV = slice(AUX_BOX.stop, AUX_BOX.stop + len(AUX_CLASSES))
 
 
 def aux_targets(scene, n_side: int) -> dict[str, np.ndarray]:
@@ -515,7 +528,7 @@ class AuxHead:
         import torch
 
         torch.manual_seed(seed + 2)
-        self.linear = torch.nn.Linear(SPEC["vision"]["hidden_size"], AUX_OUT)
+        self.linear = torch.nn.Linear(SPEC["vision"]["hidden_size"], AUX_COV.stop)
         self.features = None
         model.model.multi_modal_projector.register_forward_pre_hook(self._keep)
 
@@ -523,33 +536,35 @@ class AuxHead:
         self.features = args[0]
 
     def loss(self, t: dict):
+        import torch
         import torch.nn.functional as F
 
-        import torch
-
-        o = self.linear(self.features)  # [B, N, AUX_OUT]
-        a, b, c = 1 + len(AUX_CLASSES), 1 + len(AUX_CLASSES) + len(AUX_COLOURS), 5 + len(AUX_CLASSES) + len(AUX_COLOURS)
+        o = self.linear(self.features)  # [B, N, AUX_COV.stop]
         # most patches hold no object centre: weigh them down, or "nothing here" is all the head learns
         weight = torch.tensor([0.1] + [1.0] * len(AUX_CLASSES))
-        cls = F.cross_entropy(o[..., :a].flatten(0, 1), t["cls"].flatten(), weight=weight)
+        cls = F.cross_entropy(o[..., AUX_CLS].flatten(0, 1), t["cls"].flatten(), weight=weight)
         pos = t["cls"] > 0
-        col = F.cross_entropy(o[..., a:b][pos], t["col"][pos])
-        box = (o[..., b:c][pos].sigmoid() - t["box"][pos]).abs().sum(-1).mean()
-        cov = F.binary_cross_entropy_with_logits(o[..., c:], t["cov"])
-        acc = (o[..., 1:a][pos].argmax(-1) + 1 == t["cls"][pos]).float().mean()  # the class, where there is one
+        col = F.cross_entropy(o[..., AUX_COL][pos], t["col"][pos])
+        box = (o[..., AUX_BOX][pos].sigmoid() - t["box"][pos]).abs().sum(-1).mean()
+        cov = F.binary_cross_entropy_with_logits(o[..., AUX_COV], t["cov"])
+        acc = (self._class_at(o, pos) == t["cls"][pos] - 1).float().mean()
         return cls + col + 5 * box + cov, {"aux_cls_acc": acc.item(), "aux_box_l1": box.item() / 4}
+
+    @staticmethod
+    def _class_at(o, pos):
+        """The head's object class (index into AUX_CLASSES) at the patches `pos`, "none" left out."""
+        return o[..., AUX_CLS][..., 1:][pos].argmax(-1)
 
     def confusion(self, t: dict):
         """Rows: the true class of each object centre patch; columns: the head's class there."""
         pos = t["cls"] > 0
-        pred = self.linear(self.features)[..., 1:1 + len(AUX_CLASSES)][pos].argmax(-1)
+        pred = self._class_at(self.linear(self.features), pos)
         m = np.zeros((len(AUX_CLASSES), len(AUX_CLASSES)), np.int64)
         np.add.at(m, (t["cls"][pos].numpy() - 1, pred.numpy()), 1)
         return m
 
 
-def loss_fn(model, batch, tok_ids, loc_sigma: float, loc_smooth: float, aux: AuxHead | None = None,
-            aux_weight: float = 0.0):
+def loss_fn(model, batch, tok_ids, loc_sigma: float, loc_smooth: float, aux: AuxHead, aux_weight: float):
     import torch
     import torch.nn.functional as F
 
@@ -580,7 +595,7 @@ def loss_fn(model, batch, tok_ids, loc_sigma: float, loc_smooth: float, aux: Aux
                "txt_acc": acc[~is_loc].mean().item() if (~is_loc).any() else float("nan"),
                "aux_cls_acc": float("nan"), "aux_box_l1": float("nan")}
     loss = loss_tok.mean()
-    if aux is not None and aux_weight > 0:
+    if aux_weight > 0:
         aux_loss, m = aux.loss(aux_t)
         metrics.update(m)
         loss = loss + aux_weight * aux_loss
@@ -839,16 +854,26 @@ def cmd_train(args):
 def _pool_frame(key: tuple[int, int]):
     sc = render_scene(np.random.default_rng(list(key)))
     size = SPEC["vision"]["image_size"]
-    u8 = np.asarray(Image.fromarray(sc["image"]).resize((size, size), Image.BICUBIC))  # the processor's resize
-    return u8, aux_targets(sc, size // SPEC["vision"]["patch_size"])
+    return squash(sc["image"], size), aux_targets(sc, size // SPEC["vision"]["patch_size"])
 
 
-def render_pool(spec: list[str], workers: int) -> dict[str, np.ndarray]:
+def pool_part(text: str) -> tuple[int, int]:
+    """`--pool SEED:COUNT`."""
+    seed, sep, count = text.partition(":")
+    try:
+        if sep and int(count) > 0:
+            return int(seed), int(count)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected SEED:COUNT with a positive COUNT, got {text!r}")
+
+
+def render_pool(spec: list[tuple[int, int]], workers: int) -> dict[str, np.ndarray]:
     """Frames `SEED:COUNT` (frame i from default_rng([SEED, i])), squashed to the model's size, with their
     per-patch targets; rendered once, in `workers` processes, and reused for every epoch."""
     from multiprocessing import Pool
 
-    keys = [(int(seed), i) for seed, count in (x.split(":") for x in spec) for i in range(int(count))]
+    keys = [(seed, i) for seed, count in spec for i in range(count)]
     with Pool(workers) as p:
         frames = p.map(_pool_frame, keys, chunksize=64)
     out = {"u8": np.stack([u8 for u8, _ in frames])}
@@ -868,15 +893,16 @@ def cmd_pretrain_vision(args):
     aux = AuxHead(model, args.seed)
     vt = model.model.vision_tower
     t0 = time.time()
-    pool = {k: torch.from_numpy(v) for k, v in render_pool(args.pool, args.workers).items()}
+    pool = render_pool(args.pool, args.workers)
     n = len(pool["u8"])
     n_train = n - args.held_out
     print(f"pool: {n} frames ({n_train} to train on, the last {args.held_out} held out), {time.time() - t0:.0f} s",
           flush=True)
 
     def batch(idx):
-        pix = ((pool["u8"][idx].float() / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
-        return pix, {k: pool[k][idx] for k in ("cls", "col", "box", "cov")}
+        idx = idx.numpy()
+        pix = torch.from_numpy(normalise(pool["u8"][idx]).transpose(0, 3, 1, 2).copy())
+        return pix, {k: torch.from_numpy(pool[k][idx]) for k in ("cls", "col", "box", "cov")}
 
     params = [*vt.parameters(), *aux.linear.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -1014,7 +1040,7 @@ def main():
     t.add_argument("--final-eval", type=int, default=100)
     v = sub.add_parser("pretrain-vision")
     v.add_argument("--seed", type=int, default=0, help="the model's init (as `train --seed`) and the batch order")
-    v.add_argument("--pool", action="append", default=None,
+    v.add_argument("--pool", action="append", type=pool_part, default=None,
                    help="SEED:COUNT frames to train on (repeatable; default 51:24000 and 50:12000)")
     v.add_argument("--held-out", type=int, default=512, help="the last frames of the pool, for the accuracy")
     v.add_argument("--steps", type=int, default=8000)
@@ -1042,7 +1068,7 @@ def main():
     x.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if args.cmd == "pretrain-vision" and args.pool is None:
-        args.pool = ["51:24000", "50:12000"]
+        args.pool = [(51, 24000), (50, 12000)]
     {"train": cmd_train, "pretrain-vision": cmd_pretrain_vision, "eval": cmd_eval, "generate": cmd_generate,
      "export-ckpt": cmd_export_ckpt}[args.cmd](args)
 
