@@ -72,7 +72,7 @@ fn model_path(args: &BenchArgs) -> Result<PathBuf> {
         return Ok(m.clone());
     }
     let Some(name) = &args.random else { bail!("give --model FILE or --random SHAPE ({})", NAMED_SHAPES.join(", ")) };
-    let opts = ConvertOptions { ty: parse_weight_type(&args.ty)?, vision_ty: parse_weight_type(&args.vision_type)?, seg_decoder: None };
+    let opts = ConvertOptions { ty: parse_weight_type(&args.ty)?, vision_ty: parse_weight_type(&args.vision_type)?, seg_decoder: None, cancel: None };
     let path = args.cache.join(format!("{name}-{}-v{}.gguf", opts.ty, opts.vision_ty));
     if path.exists() {
         return Ok(path);

@@ -10,6 +10,8 @@ mod eval;
 use npyz::WriterBuilder;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 #[derive(Parser)]
 #[command(name = "paligemma", version, about = "PaliGemma 1 and 2 on ggml: convert, inspect and run models")]
@@ -77,6 +79,9 @@ enum Command {
         /// Divisor of loc bins (1023 as trained; some demos use 1024).
         #[arg(long, default_value_t = paligemma::output::DEFAULT_LOC_DIVISOR)]
         loc_divisor: f32,
+        /// Largest image accepted, in pixels (width x height), checked before decoding.
+        #[arg(long, default_value_t = paligemma::preprocess::DEFAULT_MAX_PIXELS)]
+        max_pixels: usize,
     },
     /// Decode 16 segmentation codes to the mask decoder's raw 64x64 f32 output.
     DecodeMask {
@@ -149,9 +154,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Convert { hf_dir, out, ty, vision_type, seg_decoder } => convert(&hf_dir, &out, &ty, &vision_type, seg_decoder),
         Command::Info { model, json } => info(&model, json),
-        Command::Run { load, image, prompt, max_tokens, temperature, top_k, top_p, seed, json, logits_out, pixel_values, loc_divisor } => {
+        Command::Run { load, image, prompt, max_tokens, temperature, top_k, top_p, seed, json, logits_out, pixel_values, loc_divisor, max_pixels } => {
             let opts = GenerateOptions { max_tokens, temperature, top_k, top_p, seed, ignore_eos: false };
-            let inputs = Inputs { image: image.as_deref(), pixel_values: pixel_values.as_deref() };
+            let inputs = Inputs { image: image.as_deref(), pixel_values: pixel_values.as_deref(), max_pixels };
             run_prompt(&load, inputs, &prompt, &opts, json, logits_out.as_deref(), loc_divisor)
         }
         Command::DecodeMask { load, codes, out } => {
@@ -166,15 +171,31 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn convert(hf_dir: &Path, out: &Path, ty: &str, vision_ty: &str, seg_decoder: Option<PathBuf>) -> Result<()> {
-    let opts = ConvertOptions { ty: parse_weight_type(ty)?, vision_ty: parse_weight_type(vision_ty)?, seg_decoder };
+    // SIGINT, SIGTERM and SIGHUP stop the conversion between two tensors, so that the
+    // writer removes its partial file before the process exits.
+    let cancel = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+        signal_hook::flag::register(signal, cancel.clone()).context("installing a signal handler")?;
+    }
+    let opts = ConvertOptions { ty: parse_weight_type(ty)?, vision_ty: parse_weight_type(vision_ty)?, seg_decoder, cancel: Some(cancel) };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("valid template"));
     let summary = paligemma::convert::convert(hf_dir, out, &opts, |p| {
         bar.set_length(p.total as u64);
         bar.set_position(p.index as u64 + 1);
         bar.set_message(format!("{} ({})", p.name, p.ty));
-    })?;
+    });
     bar.finish_and_clear();
+    let summary = match summary {
+        Err(paligemma::Error::Interrupted) => {
+            eprintln!("interrupted: {} was not written", out.display());
+            std::process::exit(130);
+        }
+        other => other?,
+    };
+    for note in &summary.notes {
+        eprintln!("note: {note}");
+    }
     println!("wrote {} ({} tensors, {})", summary.path.display(), summary.tensors, human_bytes(summary.file_size));
     for (ty, (count, bytes)) in &summary.bytes_per_type {
         println!("  {ty:>6}: {count:>5} tensors, {}", human_bytes(*bytes));
@@ -195,9 +216,7 @@ fn human_bytes(n: u64) -> String {
 
 fn info(path: &Path, json: bool) -> Result<()> {
     let f = ggml::gguf::GgufFile::open(path)?;
-    let cfg = paligemma::Config::from_gguf(&f)?;
-    let tok_json = f.get("tokenizer.huggingface.json").and_then(|v| v.as_str()).context("no embedded tokenizer")?;
-    let tok = paligemma::tokenizer::Tokenizer::from_json(tok_json, cfg.tokens.clone())?;
+    let (cfg, tok) = paligemma::validate::model_file(&f)?;
     if json {
         let tensors: Vec<_> = f.tensors.iter().map(|t| serde_json::json!({"name": t.name, "type": t.ty.name(), "shape": t.shape, "bytes": t.nbytes})).collect();
         let out = serde_json::json!({"config": cfg, "tokenizer": {"vocab_size": tok.vocab_size()}, "file_size": f.file_size(), "tensors": tensors});
@@ -256,7 +275,8 @@ fn info(path: &Path, json: bool) -> Result<()> {
 }
 
 fn read_pixel_values(path: &Path, size: usize) -> Result<PixelValues> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    // 3 channels of f32 plus the header.
+    let bytes = paligemma::read_input_file(path, 3 * 4 * size * size + 4096)?;
     let npy = npyz::NpyFile::new(&bytes[..]).with_context(|| format!("{}: not a .npy file", path.display()))?;
     let data: Vec<f32> = npy.into_vec().with_context(|| format!("{}: expected f32 values", path.display()))?;
     Ok(PixelValues::from_chw(size, data).with_context(|| path.display().to_string())?)
@@ -276,6 +296,7 @@ fn write_npy(path: &Path, values: &[f32], shape: &[u64]) -> Result<()> {
 struct Inputs<'a> {
     image: Option<&'a Path>,
     pixel_values: Option<&'a Path>,
+    max_pixels: usize,
 }
 
 fn run_prompt(
@@ -291,7 +312,7 @@ fn run_prompt(
     let mut model = load.load()?;
     let embedding = match (inputs.pixel_values, inputs.image) {
         (Some(p), _) => model.encode_pixels(&read_pixel_values(p, model.config().vision.image_size)?)?,
-        (None, Some(i)) => model.encode_image(&RgbImage::open(i)?)?,
+        (None, Some(i)) => model.encode_image(&RgbImage::open_limited(i, inputs.max_pixels)?)?,
         (None, None) => bail!("give --image or --pixel-values"),
     };
     let stdout = std::io::stdout();

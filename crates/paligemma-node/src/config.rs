@@ -24,6 +24,10 @@ pub struct Config {
     /// Longest accepted `ask` prompt, in bytes.
     #[serde(default = "default_max_prompt")]
     pub max_prompt_bytes: usize,
+    /// Largest frame (width x height) accepted from a camera's Zenoh key; larger ones
+    /// are refused from their header, before decoding.
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: usize,
     /// On SIGINT/SIGTERM: finish the work in progress, or drop it.
     #[serde(default)]
     pub on_shutdown: OnShutdown,
@@ -45,6 +49,9 @@ fn default_ask_timeout() -> u64 {
 }
 fn default_max_prompt() -> usize {
     4096
+}
+fn default_max_pixels() -> usize {
+    paligemma::preprocess::DEFAULT_MAX_PIXELS
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]

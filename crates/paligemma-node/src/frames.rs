@@ -1,55 +1,12 @@
-//! Frame sources: a GStreamer pipeline ending in an appsink, or frames published
-//! on a Zenoh key (JPEG, PNG, or raw RGB with a small header or an attachment).
+//! Frame sources: a GStreamer pipeline ending in an appsink (frames published on a
+//! Zenoh key are decoded by `paligemma_stream::payload`).
 use anyhow::{Context, Result, anyhow, bail};
 use gst::prelude::*;
 use paligemma::preprocess::{PixelFormat, RgbImage};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Raw frame header: `PGRF`, then width, height and stride as little-endian u32,
-/// then packed RGB rows.
-pub const RAW_MAGIC: &[u8; 4] = b"PGRF";
-pub const RAW_HEADER: usize = 16;
-
 pub fn unix_ns() -> Option<u64> {
     SystemTime::now().duration_since(UNIX_EPOCH).ok().map(|d| d.as_nanos() as u64)
-}
-
-/// Description of a raw frame carried in a sample's attachment (JSON).
-#[derive(serde::Deserialize)]
-struct RawAttachment {
-    width: usize,
-    height: usize,
-    stride: Option<usize>,
-    #[serde(default = "rgb8")]
-    format: String,
-}
-
-fn rgb8() -> String {
-    "rgb8".into()
-}
-
-/// Decodes a frame payload: an encoded image, a `PGRF` raw frame, or raw pixels
-/// described by a JSON attachment.
-pub fn decode_payload(payload: &[u8], attachment: Option<&[u8]>) -> Result<RgbImage> {
-    if let Some(att) = attachment {
-        if let Ok(raw) = serde_json::from_slice::<RawAttachment>(att) {
-            let format = match raw.format.to_ascii_lowercase().as_str() {
-                "rgb8" | "rgb" => PixelFormat::Rgb,
-                "bgr8" | "bgr" => PixelFormat::Bgr,
-                "rgba8" | "rgba" => PixelFormat::Rgba,
-                "bgra8" | "bgra" => PixelFormat::Bgra,
-                other => bail!("raw frame format {other:?} (expected rgb8, bgr8, rgba8 or bgra8)"),
-            };
-            let stride = raw.stride.unwrap_or(raw.width * format.bytes_per_pixel());
-            return Ok(RgbImage::from_raw(payload, raw.width, raw.height, stride, format)?);
-        }
-    }
-    if payload.len() >= RAW_HEADER && &payload[..4] == RAW_MAGIC {
-        let u = |i: usize| u32::from_le_bytes(payload[i..i + 4].try_into().unwrap()) as usize;
-        let (w, h, stride) = (u(4), u(8), u(12));
-        return RgbImage::from_raw(&payload[RAW_HEADER..], w, h, stride, PixelFormat::Rgb).context("raw PGRF frame");
-    }
-    Ok(RgbImage::decode(payload)?)
 }
 
 /// A GStreamer pipeline feeding frames to a callback from its streaming thread.

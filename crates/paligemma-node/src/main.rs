@@ -7,12 +7,12 @@
 //! - `<prefix>/<camera>/ask`: queryable; payload a prompt (text, or JSON `{"prompt", "max_tokens"}`)
 //! - `<prefix>/<camera>/prompts`: put a list (TOML or JSON) to replace the standing prompts; get to read it
 //! - liveliness tokens `<prefix>` (the node) and `<prefix>/<camera>`
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
 use config::{Config, Encoding, OnShutdown};
 use paligemma::{KvType, Model, ModelOptions};
 use paligemma_stream::message::{FrameInfo, Source};
-use paligemma_stream::{Frame, PromptSet, ResultMessage, SamplerConfig, StandingPrompt, Worker, WorkerConfig};
+use paligemma_stream::{Frame, PromptSet, ResultMessage, SamplerConfig, Worker, WorkerConfig, payload};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -70,6 +70,9 @@ struct Cli {
     /// Minimum milliseconds between analysed frames for cameras added with --camera.
     #[arg(long, default_value_t = 0)]
     interval_ms: u64,
+    /// Largest frame (width x height) accepted on a camera's Zenoh key.
+    #[arg(long)]
+    max_pixels: Option<usize>,
 }
 
 fn build_config(cli: &Cli) -> Result<Config> {
@@ -109,6 +112,9 @@ fn build_config(cli: &Cli) -> Result<Config> {
     }
     if !cli.connect.is_empty() {
         cfg.zenoh.connect = cli.connect.clone();
+    }
+    if let Some(n) = cli.max_pixels {
+        cfg.max_pixels = n;
     }
     if cli.no_multicast_scouting {
         cfg.zenoh.multicast_scouting = Some(false);
@@ -157,6 +163,9 @@ struct Publisher {
     base: String,
     source: Source,
     encoding: Encoding,
+    /// Errors reported outside the worker (bad frames, refused updates, restarted
+    /// tasks), counted in status beside the worker's own.
+    errors: Arc<AtomicU64>,
 }
 
 impl Publisher {
@@ -174,6 +183,7 @@ impl Publisher {
 
     fn error(&self, message: String) {
         tracing::warn!("{}: {message}", self.base);
+        self.errors.fetch_add(1, Ordering::Relaxed);
         self.put(&format!("{}/errors", self.base), &ErrorMessage { schema: "paligemma.error/1", source: &self.source, message });
     }
 }
@@ -187,6 +197,41 @@ struct Camera {
     gst: Option<frames::GstSource>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     _token: zenoh::liveliness::LivelinessToken,
+}
+
+/// Runs one of a camera's tasks and keeps it running: a task that fails or panics is
+/// reported on `<camera>/errors`, counted in status and started again (a subscriber
+/// dropped with it is declared anew), so that one hostile message cannot silence a
+/// camera. It ends when the task returns `Ok` (the session closed) or is aborted.
+fn supervise<F, Fut>(publisher: Publisher, what: &'static str, task: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    /// Aborts the running attempt when the supervisor itself is aborted.
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    tokio::spawn(async move {
+        loop {
+            let attempt = tokio::spawn(task());
+            let _guard = AbortOnDrop(attempt.abort_handle());
+            match attempt.await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => publisher.error(format!("{what} failed, restarting it: {e:#}")),
+                Err(e) if e.is_panic() => {
+                    let payload = e.into_panic();
+                    let why = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default();
+                    publisher.error(format!("{what} panicked, restarting it: {why}"));
+                }
+                Err(_) => return,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
 }
 
 /// Hands a frame to the worker and keeps it as the newest for `ask`.
@@ -204,42 +249,11 @@ fn deliver(worker: &Worker, newest: &Mutex<Option<Frame>>, seq: &AtomicU64, imag
     worker.submit(frame);
 }
 
-/// Parses an `ask` payload: plain text, or JSON `{"prompt": ..., "max_tokens": ...}`.
-fn parse_ask(payload: &[u8], max_bytes: usize) -> Result<StandingPrompt> {
-    if payload.len() > max_bytes {
-        bail!("prompt of {} bytes is longer than {max_bytes}", payload.len());
-    }
-    let text = std::str::from_utf8(payload).context("prompt is not UTF-8")?.trim();
-    let (prompt, max_tokens) = match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(serde_json::Value::Object(o)) => (
-            o.get("prompt").and_then(|p| p.as_str()).context("JSON ask without a \"prompt\" string")?.to_string(),
-            o.get("max_tokens").and_then(|m| m.as_u64()).map_or(paligemma_stream::prompts::DEFAULT_MAX_TOKENS, |m| m as usize),
-        ),
-        _ => (text.to_string(), paligemma_stream::prompts::DEFAULT_MAX_TOKENS),
-    };
-    if prompt.trim().is_empty() {
-        bail!("empty prompt");
-    }
-    let p = StandingPrompt { max_tokens, ..StandingPrompt::new("ask", prompt) };
-    PromptSet::new(vec![p.clone()])?;
-    Ok(p)
-}
-
-/// Parses a prompts update: TOML (`[[prompt]]`) or JSON.
-fn parse_prompts(payload: &[u8]) -> Result<PromptSet> {
-    let text = std::str::from_utf8(payload).context("prompts are not UTF-8")?;
-    if text.trim_start().starts_with(['[', '{']) && !text.trim_start().starts_with("[[") {
-        Ok(PromptSet::from_json(text)?)
-    } else {
-        Ok(PromptSet::from_toml(text)?)
-    }
-}
-
 async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh::Session) -> Result<Camera> {
     let prefix = cfg.prefix();
     let base = format!("{prefix}/{}", cam.name);
     let source = Source { node: cfg.node.clone(), camera: cam.name.clone() };
-    let publisher = Publisher { session: session.clone(), base: base.clone(), source: source.clone(), encoding: cfg.encoding };
+    let publisher = Publisher { session: session.clone(), base: base.clone(), source: source.clone(), encoding: cfg.encoding, errors: Arc::default() };
     let opts =
         ModelOptions { device: cfg.model.device.clone(), threads: cfg.model.threads, kv_type: cfg.model.kv_type.parse::<KvType>()?, ..Default::default() };
     let model = Model::load(&cfg.model.path, &opts).with_context(|| format!("camera {}", cam.name))?;
@@ -256,16 +270,21 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
     let mut tasks = Vec::new();
 
     let gst = if let Some(key) = &cam.zenoh_key {
-        let sub = session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
         let (w, n, s, p) = (worker.clone(), newest.clone(), seq.clone(), publisher.clone());
-        tasks.push(tokio::spawn(async move {
-            while let Ok(sample) = sub.recv_async().await {
-                let payload = sample.payload().to_bytes();
-                let attachment = sample.attachment().map(|a| a.to_bytes().into_owned());
-                match frames::decode_payload(&payload, attachment.as_deref()) {
-                    Ok(img) => deliver(&w, &n, &s, img, None),
-                    Err(e) => p.error(format!("frame on {}: {e:#}", sample.key_expr())),
+        let (session, key, max_pixels) = (session.clone(), key.clone(), cfg.max_pixels);
+        tasks.push(supervise(publisher.clone(), "the frame subscriber", move || {
+            let (w, n, s, p, session, key) = (w.clone(), n.clone(), s.clone(), p.clone(), session.clone(), key.clone());
+            async move {
+                let sub = session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
+                while let Ok(sample) = sub.recv_async().await {
+                    let payload = sample.payload().to_bytes();
+                    let attachment = sample.attachment().map(|a| a.to_bytes().into_owned());
+                    match payload::decode_frame(&payload, attachment.as_deref(), max_pixels) {
+                        Ok(img) => deliver(&w, &n, &s, img, None),
+                        Err(e) => p.error(format!("frame on {} refused: {e:#}", sample.key_expr())),
+                    }
                 }
+                Ok(())
             }
         }));
         None
@@ -285,7 +304,7 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
             let (w, n) = (w.clone(), n.clone());
             tokio::spawn(async move {
                 let outcome = async {
-                    let prompt = parse_ask(&payload, max_bytes)?;
+                    let prompt = payload::parse_ask(&payload, max_bytes)?;
                     let frame = n.lock().unwrap().clone().context("no frame has arrived yet")?;
                     let msg = tokio::task::spawn_blocking(move || w.ask(frame, prompt, timeout)).await??;
                     Ok::<_, anyhow::Error>(msg)
@@ -307,20 +326,24 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
 
     // Standing prompts at run time.
     let prompts_key = format!("{base}/prompts");
-    let sub = session.declare_subscriber(prompts_key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe: {e}"))?;
-    let (w, p) = (worker.clone(), publisher.clone());
-    tasks.push(tokio::spawn(async move {
-        while let Ok(sample) = sub.recv_async().await {
-            if sample.kind() != zenoh::sample::SampleKind::Put {
-                continue;
-            }
-            match parse_prompts(&sample.payload().to_bytes()) {
-                Ok(set) => {
-                    tracing::info!("new standing prompts: {:?}", set.prompts.iter().map(|p| &p.id).collect::<Vec<_>>());
-                    w.set_prompts(set);
+    let (w, p, session2, key) = (worker.clone(), publisher.clone(), session.clone(), prompts_key.clone());
+    tasks.push(supervise(publisher.clone(), "the prompts subscriber", move || {
+        let (w, p, session, key) = (w.clone(), p.clone(), session2.clone(), key.clone());
+        async move {
+            let sub = session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
+            while let Ok(sample) = sub.recv_async().await {
+                if sample.kind() != zenoh::sample::SampleKind::Put {
+                    continue;
                 }
-                Err(e) => p.error(format!("prompts update refused, keeping the current ones: {e:#}")),
+                match payload::parse_prompts(&sample.payload().to_bytes()) {
+                    Ok(set) => {
+                        tracing::info!("new standing prompts: {:?}", set.prompts.iter().map(|p| &p.id).collect::<Vec<_>>());
+                        w.set_prompts(set);
+                    }
+                    Err(e) => p.error(format!("prompts update refused, keeping the current ones: {e:#}")),
+                }
             }
+            Ok(())
         }
     }));
     let q = session.declare_queryable(prompts_key.as_str()).await.map_err(|e| anyhow::anyhow!("queryable: {e}"))?;
@@ -346,7 +369,7 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
                 let status = serde_json::json!({
                     "schema": "paligemma.status/1", "source": p.source, "model": model, "device": device,
                     "frames_seen": stats.frames_seen, "frames_analysed": stats.frames_analysed, "frames_dropped": stats.frames_dropped,
-                    "results": stats.results, "errors": stats.errors, "busy": stats.busy, "latency_ms": stats.last_latency_ms,
+                    "results": stats.results, "errors": stats.errors + p.errors.load(Ordering::Relaxed), "busy": stats.busy, "latency_ms": stats.last_latency_ms,
                 });
                 p.put(&format!("{}/status", p.base), &status);
             }

@@ -75,6 +75,7 @@ node = "test"
 prefix = "{prefix}"
 status_interval_s = 0.5
 ask_timeout_ms = 30000
+max_pixels = 1000000
 [model]
 path = "{model}"
 threads = 1
@@ -175,6 +176,30 @@ max_tokens = 3
     let v = wait_for(&results, 60, |k, v| k.ends_with("/zcam/text") && v["frame"]["width"] == 32).expect("raw frame result");
     assert_eq!(v["frame"]["height"], 16);
     wait_for(&results, 60, |k, _| k.ends_with("/cam/counting")).expect("the camera is still served");
+
+    // Hostile frames: a stride whose arithmetic wraps (it used to kill the subscriber
+    // task for good) and an image over max_pixels, refused from its header. Each is an
+    // error message, counted in status, and the camera analyses the next frame.
+    session.put(format!("{prefix}/frames-in"), vec![0u8; 9]).attachment(r#"{"width":1,"height":3,"stride":9223372036854775808}"#).wait().unwrap();
+    let err = wait_for(&results, 10, |k, _| k.ends_with("/zcam/errors")).expect("error for a wrapping stride");
+    assert!(err["message"].as_str().unwrap().contains("more than 2^64"), "{err}");
+    let mut big = Vec::new();
+    image::GrayImage::new(2000, 1000).write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png).unwrap();
+    session.put(format!("{prefix}/frames-in"), big).wait().unwrap();
+    let err = wait_for(&results, 10, |k, _| k.ends_with("/zcam/errors")).expect("error for a frame over max_pixels");
+    assert!(err["message"].as_str().unwrap().contains("2000x1000 is larger than the limit of 1000000 pixels"), "{err}");
+    session.put(format!("{prefix}/frames-in"), png.clone()).wait().unwrap();
+    wait_for(&results, 60, |k, v| k.ends_with("/zcam/text") && v["frame"]["width"] == 97).expect("the Zenoh camera still analyses frames");
+    let status = wait_for(&results, 10, |k, v| k.ends_with("/zcam/status") && v["errors"].as_u64().unwrap() >= 4).expect("errors counted in status");
+    println!("zcam status: {status}");
+
+    // Prompt ids that are the node's own keys are refused.
+    for id in ["status", "prompts", "errors", "ask"] {
+        session.put(format!("{prefix}/cam/prompts"), format!(r#"[{{"id":"{id}","task":"caption en"}}]"#)).wait().unwrap();
+        let err = wait_for(&results, 10, |k, _| k.ends_with("/cam/errors")).expect("error for a reserved id");
+        assert!(err["message"].as_str().unwrap().contains("is reserved"), "{id}: {err}");
+    }
+    wait_for(&results, 60, |k, _| k.ends_with("/cam/counting")).expect("the old prompts stay");
 
     // Liveliness of the node and cameras.
     let alive = session.liveliness().get(format!("{prefix}/**")).timeout(Duration::from_secs(5)).wait().unwrap();

@@ -6,8 +6,10 @@
 //! - [`worker`]: the thread that owns the engine, encodes each sampled frame once
 //!   and answers every due prompt on it.
 //! - [`message`]: the result message (`paligemma.result/1`).
+//! - [`payload`]: frames and prompts from network bytes, bounded and checked.
 
 pub mod message;
+pub mod payload;
 pub mod prompts;
 pub mod sampler;
 pub mod worker;
@@ -22,6 +24,8 @@ pub use worker::{Worker, WorkerConfig, WorkerStats};
 pub enum Error {
     #[error("prompts: {0}")]
     Prompts(String),
+    #[error("frame: {0}")]
+    Frame(String),
     #[error(transparent)]
     Engine(#[from] paligemma::Error),
     #[error("the worker has stopped")]

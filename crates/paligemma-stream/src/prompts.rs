@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 pub const DEFAULT_MAX_TOKENS: usize = 32;
 const MAX_ID_LEN: usize = 64;
+/// Ids a standing prompt may not have: the node's own keys beside the result keys
+/// (`<camera>/<prompt-id>`), and the id of ad-hoc questions.
+pub const RESERVED_IDS: [&str; 4] = ["status", "prompts", "errors", "ask"];
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,7 +54,8 @@ impl StandingPrompt {
         Task::parse(&self.task).map_err(|e| Error::Prompts(format!("prompt {:?}: {e}", self.id)))
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the id's characters, the token limit and the task.
+    pub fn validate(&self) -> Result<()> {
         if self.id.is_empty() || self.id.len() > MAX_ID_LEN || !self.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(Error::Prompts(format!("prompt id {:?} must be 1 to {MAX_ID_LEN} letters, digits, - or _", self.id)));
         }
@@ -80,6 +84,13 @@ impl PromptSet {
         let mut seen = std::collections::HashSet::new();
         for p in &self.prompts {
             p.validate()?;
+            if RESERVED_IDS.contains(&p.id.as_str()) {
+                return Err(Error::Prompts(format!(
+                    "prompt id {:?} is reserved (the node publishes {} on keys of those names)",
+                    p.id,
+                    RESERVED_IDS.join(", ")
+                )));
+            }
             if !seen.insert(&p.id) {
                 return Err(Error::Prompts(format!("prompt id {:?} appears twice", p.id)));
             }

@@ -266,20 +266,20 @@ fn run(mut model: Model, shared: Arc<Shared>, config: WorkerConfig, sink: Sink) 
         let ctx = JobContext { shared: &shared, config: &config, info: &info, epoch };
         match job {
             Job::Standing(frame, due) => {
-                for msg in ctx.analyse(&mut model, &frame, &due) {
+                for msg in ctx.analyse_contained(&mut model, &frame, &due) {
                     sink(&msg);
                 }
             }
             Job::Request(Request::Analyse(frame, reply)) => {
                 let prompts = shared.state.lock().unwrap_or_else(|e| e.into_inner()).prompts.prompts.clone();
-                let results = ctx.analyse(&mut model, &frame, &prompts);
+                let results = ctx.analyse_contained(&mut model, &frame, &prompts);
                 for msg in &results {
                     sink(msg);
                 }
                 let _ = reply.send(results);
             }
             Job::Request(Request::Ask(frame, prompt, reply)) => {
-                if let Some(msg) = ctx.analyse(&mut model, &frame, std::slice::from_ref(&prompt)).pop() {
+                if let Some(msg) = ctx.analyse_contained(&mut model, &frame, std::slice::from_ref(&prompt)).pop() {
                     sink(&msg);
                     let _ = reply.send(msg);
                 }
@@ -302,6 +302,25 @@ struct JobContext<'a> {
 impl JobContext<'_> {
     fn cancelled(&self) -> bool {
         self.shared.epoch.load(Ordering::SeqCst) != self.epoch
+    }
+
+    /// [`JobContext::analyse`], with a panic anywhere below it turned into an error
+    /// result per prompt: the worker thread, and the camera or element it serves, go on.
+    fn analyse_contained(&self, model: &mut Model, frame: &Frame, prompts: &[StandingPrompt]) -> Vec<ResultMessage> {
+        let panic = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.analyse(model, frame, prompts))) {
+            Ok(out) => return out,
+            Err(panic) => panic,
+        };
+        let why = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+        tracing::error!("the engine panicked on frame {}: {why}", frame.info.seq);
+        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.stats.results += prompts.len() as u64;
+        state.stats.errors += prompts.len() as u64;
+        drop(state);
+        prompts
+            .iter()
+            .map(|p| ResultMessage { result: TaskResult::Error { message: format!("internal error in the engine: {why}") }, ..self.message(frame, p, 0.0) })
+            .collect()
     }
 
     /// Encodes the frame once and answers its prompts, decoding them together; stops

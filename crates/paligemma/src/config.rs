@@ -121,7 +121,8 @@ impl Fields<'_> {
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         match self.obj.get(key) {
             None | Some(Json::Null) => Ok(default),
-            Some(v) => v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| self.err(key, "a positive integer")),
+            // Every count is stored as a u32 in the GGUF.
+            Some(v) => v.as_u64().filter(|&n| n > 0 && n <= u32::MAX as u64).map(|n| n as usize).ok_or_else(|| self.err(key, "a positive integer below 2^32")),
         }
     }
 
@@ -167,6 +168,18 @@ impl Config {
     pub fn from_hf(config_path: &Path, preprocessor: Option<(&Path, &Json)>, lookup: &dyn Fn(&str) -> Option<u32>, weights_dtype: &str) -> Result<Config> {
         let text = std::fs::read_to_string(config_path).map_err(crate::error::io(config_path))?;
         let root: Json = serde_json::from_str(&text).map_err(|e| Error::Config { path: config_path.into(), detail: format!("not valid JSON: {e}") })?;
+        Self::from_hf_json(config_path, &root, preprocessor, lookup, weights_dtype)
+    }
+
+    /// [`Config::from_hf`] of an already parsed `config.json` (`config_path` names it
+    /// in errors).
+    pub fn from_hf_json(
+        config_path: &Path,
+        root: &Json,
+        preprocessor: Option<(&Path, &Json)>,
+        lookup: &dyn Fn(&str) -> Option<u32>,
+        weights_dtype: &str,
+    ) -> Result<Config> {
         let cfg_err = |detail: String| Error::Config { path: config_path.into(), detail };
         match root.get("model_type").and_then(Json::as_str) {
             Some("paligemma") => {}
@@ -189,7 +202,7 @@ impl Config {
         };
         let t = Fields { path: config_path, section: "text_config.", obj: text_obj };
         let v = Fields { path: config_path, section: "vision_config.", obj: vision_obj };
-        let r = Fields { path: config_path, section: "", obj: &root };
+        let r = Fields { path: config_path, section: "", obj: root };
 
         // Defaults of transformers' PaliGemmaConfig / Gemma2Config / SiglipVisionConfig
         // for keys that hub configs leave out.
@@ -199,6 +212,10 @@ impl Config {
         };
         let width = t.usize_or("hidden_size", d_width)?;
         let depth = t.usize_or("num_hidden_layers", d_depth)?;
+        // Bounded before the per-layer list below is built from it.
+        if depth > crate::validate::MAX_LAYERS {
+            return Err(t.err("num_hidden_layers", &format!("at most {} layers", crate::validate::MAX_LAYERS)));
+        }
         let heads = t.usize_or("num_attention_heads", d_heads)?;
         let kv_heads = t.usize_or("num_key_value_heads", d_kv)?;
         let head_dim = t.usize_or("head_dim", 256)?;
@@ -288,7 +305,7 @@ impl Config {
         }
         let token = |name: &str| lookup(name).ok_or_else(|| Error::Tokenizer(format!("the tokenizer has no {name} token")));
         let image_token_id = match root.get("image_token_id").or(root.get("image_token_index")) {
-            Some(id) => id.as_u64().ok_or_else(|| r.err("image_token_id", "an integer"))? as u32,
+            Some(id) => id.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| r.err("image_token_id", "a token id below 2^32"))?,
             None => token("<image>")?,
         };
         let tokens = TokenConfig {
@@ -306,7 +323,9 @@ impl Config {
             return Err(cfg_err(format!("projection_dim {projection_dim} differs from text hidden_size {width}")));
         }
         let name = root.get("_name_or_path").and_then(Json::as_str).filter(|s| !s.is_empty()).unwrap_or("paligemma").to_string();
-        Ok(Config { name, vision, projection_dim, text: text_cfg, tokens })
+        let config = Config { name, vision, projection_dim, text: text_cfg, tokens };
+        config.validate().map_err(|problem| cfg_err(format!("invalid hyper-parameters: {problem}")))?;
+        Ok(config)
     }
 
     /// Writes the configuration as GGUF metadata.
@@ -374,7 +393,13 @@ impl Config {
             None => return Err(err("no general.architecture key: not a model file".into())),
         }
         let get = |key: &str| f.get(key).ok_or_else(|| err(format!("metadata key {key} is missing")));
-        let int = |key: &str| -> Result<usize> { get(key)?.as_u64().map(|v| v as usize).ok_or_else(|| err(format!("metadata key {key} is not an integer"))) };
+        let int = |key: &str| -> Result<usize> {
+            get(key)?
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .map(|v| v as usize)
+                .ok_or_else(|| err(format!("metadata key {key} is not an integer below 2^32")))
+        };
         let float = |key: &str| -> Result<f32> { get(key)?.as_f64().map(|v| v as f32).ok_or_else(|| err(format!("metadata key {key} is not a number"))) };
         let f3 = |key: &str| -> Result<[f32; 3]> {
             let a = get(key)?.as_array().filter(|a| a.len() == 3).ok_or_else(|| err(format!("metadata key {key} is not 3 numbers")))?;
@@ -394,11 +419,10 @@ impl Config {
         };
         let nonzero = |x: f32| (x != 0.0).then_some(x);
         let depth = int("paligemma.text.block_count")?;
-        let sliding_layers: Vec<bool> =
-            get("paligemma.text.attention.sliding_layers")?.as_array().map(|a| a.iter().map(|b| b.as_bool().unwrap_or(false)).collect()).unwrap_or_default();
-        if sliding_layers.len() != depth {
-            return Err(err(format!("paligemma.text.attention.sliding_layers has {} entries for {depth} layers", sliding_layers.len())));
-        }
+        let sliding_layers: Vec<bool> = get("paligemma.text.attention.sliding_layers")?
+            .as_array()
+            .and_then(|a| a.iter().map(Value::as_bool).collect())
+            .ok_or_else(|| err("metadata key paligemma.text.attention.sliding_layers is not an array of bools".into()))?;
         let vision = VisionConfig {
             image_size: int("paligemma.vision.image_size")?,
             patch_size: int("paligemma.vision.patch_size")?,
@@ -411,9 +435,6 @@ impl Config {
             image_std: f3("paligemma.vision.image_std")?,
             rescale: float("paligemma.vision.rescale_factor")?,
         };
-        if vision.patch_size == 0 || vision.image_size % vision.patch_size != 0 || vision.heads == 0 || vision.width % vision.heads != 0 {
-            return Err(err(format!("inconsistent vision hyper-parameters: {vision:?}")));
-        }
         let text = TextConfig {
             arch,
             width: int("paligemma.text.embedding_length")?,
@@ -433,24 +454,21 @@ impl Config {
             vocab_size: int("paligemma.text.vocab_size")?,
             embed_scale: float("paligemma.text.embedding_scale")?,
         };
-        if text.kv_heads == 0 || text.heads % text.kv_heads != 0 || text.head_dim % 2 != 0 {
-            return Err(err(format!("inconsistent text hyper-parameters: {} heads, {} kv heads, head_dim {}", text.heads, text.kv_heads, text.head_dim)));
-        }
-        let opt_id = |key: &str| f.get(key).and_then(Value::as_u64).map(|v| v as u32);
+        let id = |key: &str| int(key).map(|v| v as u32);
+        let opt_id = |key: &str| f.get(key).map(|_| id(key)).transpose();
         let tokens = TokenConfig {
-            image_token_id: int("paligemma.image_token_id")? as u32,
+            image_token_id: id("paligemma.image_token_id")?,
             image_token_count: int("paligemma.image_token_count")?,
-            bos: int("tokenizer.ggml.bos_token_id")? as u32,
-            eos: int("tokenizer.ggml.eos_token_id")? as u32,
-            pad: int("tokenizer.ggml.padding_token_id")? as u32,
-            loc_first: opt_id("paligemma.loc_token_first"),
-            seg_first: opt_id("paligemma.seg_token_first"),
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?,
+            pad: id("tokenizer.ggml.padding_token_id")?,
+            loc_first: opt_id("paligemma.loc_token_first")?,
+            seg_first: opt_id("paligemma.seg_token_first")?,
         };
-        if tokens.image_token_count != vision.n_patches() {
-            return Err(err(format!("image_token_count {} but the vision tower makes {} patches", tokens.image_token_count, vision.n_patches())));
-        }
         let name = f.get("general.name").and_then(Value::as_str).unwrap_or("paligemma").to_string();
-        Ok(Config { name, projection_dim: int("paligemma.projection_dim")?, vision, text, tokens })
+        let config = Config { name, projection_dim: int("paligemma.projection_dim")?, vision, text, tokens };
+        config.validate().map_err(|problem| err(format!("invalid hyper-parameters: {problem}")))?;
+        Ok(config)
     }
 }
 

@@ -12,6 +12,8 @@ use ggml::gguf::{GgufHeader, GgufWriter, Value};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Conversion options.
 #[derive(Clone, Debug)]
@@ -22,11 +24,14 @@ pub struct ConvertOptions {
     pub vision_ty: Type,
     /// big_vision's VQ-VAE weights (`vae-oid.npz`) for segmentation masks.
     pub seg_decoder: Option<PathBuf>,
+    /// Set (by a signal handler) to stop between two tensors: the conversion then
+    /// fails with [`Error::Interrupted`] and leaves no partial file.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { ty: Type::F16, vision_ty: Type::F16, seg_decoder: None }
+        ConvertOptions { ty: Type::F16, vision_ty: Type::F16, seg_decoder: None, cancel: None }
     }
 }
 
@@ -59,6 +64,8 @@ pub struct Summary {
     pub bytes_per_type: BTreeMap<String, (usize, u64)>,
     pub file_size: u64,
     pub config: Config,
+    /// What the user should know (checkpoint files that were ignored...).
+    pub notes: Vec<String>,
 }
 
 /// How a checkpoint tensor is turned into a GGUF tensor.
@@ -140,7 +147,7 @@ fn expected_tensors(cfg: &Config) -> Vec<Expected> {
 }
 
 /// Every tensor a model of `cfg` has: GGUF name and shape in ggml order.
-pub(crate) fn tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+pub fn tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     expected_tensors(cfg).into_iter().map(|e| (e.gguf, e.shape.into_iter().rev().collect())).collect()
 }
 
@@ -226,6 +233,8 @@ pub struct Checkpoint {
     index: BTreeMap<String, Entry>,
     pub config: Config,
     pub tokenizer_json: String,
+    /// Files of the folder that were not read, and why.
+    pub notes: Vec<String>,
 }
 
 impl Checkpoint {
@@ -242,7 +251,7 @@ impl Checkpoint {
         let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes())
             .map_err(|e| Error::Checkpoint { path: tok_path.clone(), detail: format!("not a valid tokenizer.json: {e}") })?;
 
-        let files = safetensors_files(dir)?;
+        let (files, notes) = safetensors_files(dir)?;
         let mut index = BTreeMap::new();
         let mut embed_dtype = None;
         for (i, (path, map)) in files.iter().enumerate() {
@@ -279,7 +288,7 @@ impl Checkpoint {
             _ => "float32",
         };
         let config = Config::from_hf(&config_path, pp.as_ref().map(|p| (pp_path.as_path(), p)), &|t| tokenizer.token_to_id(t), dtype)?;
-        Ok(Checkpoint { dir: dir.into(), files, index, config, tokenizer_json })
+        Ok(Checkpoint { dir: dir.into(), files, index, config, tokenizer_json, notes })
     }
 
     /// A tensor as f32 values with its HF shape.
@@ -318,41 +327,68 @@ impl Checkpoint {
     }
 }
 
-fn safetensors_files(dir: &Path) -> Result<Vec<(PathBuf, memmap2::Mmap)>> {
-    let index_path = dir.join("model.safetensors.index.json");
-    let names: Vec<PathBuf> = if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path).map_err(crate::error::io(&index_path))?;
+/// The checkpoint's weight files, found as transformers finds them: the shards named
+/// by `model.safetensors.index.json`, or else `model.safetensors`. Any other
+/// `*.safetensors` (an adapter, a second copy) is left alone and listed in the notes.
+fn safetensors_files(dir: &Path) -> Result<(Vec<(PathBuf, memmap2::Mmap)>, Vec<String>)> {
+    const INDEX: &str = "model.safetensors.index.json";
+    const SINGLE: &str = "model.safetensors";
+    let index_path = dir.join(INDEX);
+    let names: Vec<String> = if index_path.is_file() {
+        let text = String::from_utf8(crate::read_input_file(&index_path, 64 << 20)?)
+            .map_err(|_| Error::Config { path: index_path.clone(), detail: "not UTF-8".into() })?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::Config { path: index_path.clone(), detail: format!("not valid JSON: {e}") })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| Error::Config { path: index_path.clone(), detail: "field weight_map: expected an object".into() })?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+        let mut files = Vec::new();
+        for (key, file) in map {
+            let name = file.as_str().filter(|f| is_plain_file_name(f)).ok_or_else(|| Error::Config {
+                path: index_path.clone(),
+                detail: format!("weight_map[{key:?}] is {file}, expected the name of a file in this folder"),
+            })?;
+            files.push(name.to_string());
+        }
         files.sort();
         files.dedup();
         files
+    } else if dir.join(SINGLE).is_file() {
+        vec![SINGLE.to_string()]
     } else {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(crate::error::io(dir))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        files
+        return Err(Error::Checkpoint { path: dir.into(), detail: format!("no {INDEX} and no {SINGLE} (the files transformers reads)") });
     };
     if names.is_empty() {
-        return Err(Error::Checkpoint { path: dir.into(), detail: "no *.safetensors files".into() });
+        return Err(Error::Config { path: index_path, detail: "weight_map names no file".into() });
     }
-    names
+    let mut notes = Vec::new();
+    let mut others: Vec<String> = std::fs::read_dir(dir)
+        .map_err(crate::error::io(dir))?
+        .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+        .filter(|n| n.ends_with(".safetensors") && !names.contains(n))
+        .collect();
+    others.sort();
+    for other in others {
+        notes.push(format!("ignored {other}: not a weight file of the model (transformers reads {})", if names.len() > 1 { INDEX } else { SINGLE }));
+    }
+    let files = names
         .into_iter()
-        .map(|p| {
+        .map(|name| {
+            let p = dir.join(name);
             let f = std::fs::File::open(&p).map_err(crate::error::io(&p))?;
             // SAFETY of the map is the memmap2 contract: read-only, file not modified meanwhile.
             let map = map_file(&f).map_err(crate::error::io(&p))?;
             Ok((p, map))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((files, notes))
+}
+
+/// A file name without a directory part (an index naming `../x` or `/etc/x` is refused).
+fn is_plain_file_name(name: &str) -> bool {
+    let path = Path::new(name);
+    !name.is_empty() && path.file_name().is_some_and(|f| f == path.as_os_str())
 }
 
 fn map_file(f: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
@@ -366,7 +402,9 @@ pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, progress: impl FnM
     for e in &expected {
         ckpt.check_shape(e)?;
     }
-    write_model(&ckpt.config, &ckpt.tokenizer_json, opts, out, |e| Ok(ckpt.tensor_f32(&e.hf)?.1), progress)
+    let mut summary = write_model(&ckpt.config, &ckpt.tokenizer_json, opts, out, |e| Ok(ckpt.tensor_f32(&e.hf)?.1), progress)?;
+    summary.notes = ckpt.notes;
+    Ok(summary)
 }
 
 /// Writes a GGUF of random weights with the shapes of `config` (for benchmarks of
@@ -410,6 +448,10 @@ fn write_model(
     mut values: impl FnMut(&Expected) -> Result<Vec<f32>>,
     mut progress: impl FnMut(Progress<'_>),
 ) -> Result<Summary> {
+    // The file must pass what the loader checks: validated before anything is written,
+    // and every count then fits the u32 it is stored as.
+    let invalid = |detail: String| Error::Invalid(format!("refusing to write {}: {detail}", out.display()));
+    cfg.validate().map_err(|p| invalid(format!("invalid hyper-parameters: {p}")))?;
     let expected = expected_tensors(cfg);
     let seg = opts.seg_decoder.as_deref().map(crate::segment::SegWeights::from_npz).transpose()?;
     let mut header = GgufHeader::new();
@@ -428,6 +470,7 @@ fn write_model(
     if let Some(seg) = &seg {
         seg.declare(&mut header)?;
     }
+    crate::validate::tensors(cfg, header.tensors()).map_err(invalid)?;
     let total = plan.len() + seg.as_ref().map_or(0, |s| s.len());
     let mut writer = GgufWriter::create(out, header)?;
     let mut bytes_per_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
@@ -436,7 +479,11 @@ fn write_model(
         entry.0 += 1;
         entry.1 += len as u64;
     };
+    let cancelled = || opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
     for (index, (e, ty, row)) in plan.iter().enumerate() {
+        if cancelled() {
+            return Err(Error::Interrupted);
+        }
         progress(Progress { index, total, name: &e.gguf, ty: *ty });
         let mut data = values(e)?;
         if e.transform == Transform::PlusOne {
@@ -453,6 +500,9 @@ fn write_model(
         record(Type::F32, bytes.len());
         writer.write_tensor(name, &bytes)?;
     }
+    if cancelled() {
+        return Err(Error::Interrupted);
+    }
     let file_size = writer.finish()?;
-    Ok(Summary { path: out.into(), tensors: total, bytes_per_type, file_size, config: cfg.clone() })
+    Ok(Summary { path: out.into(), tensors: total, bytes_per_type, file_size, config: cfg.clone(), notes: Vec::new() })
 }

@@ -27,6 +27,8 @@ pub enum Error {
     Prompt(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("interrupted")]
+    Interrupted,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

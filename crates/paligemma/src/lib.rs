@@ -32,21 +32,25 @@
 //! - [`task`] / [`output`]: typed prompts and structured results (detections in
 //!   pixels, masks through the [`segment`] decoder).
 //! - [`tokenizer`]: the prompt layout of the reference and decoding.
+//! - [`validate`]: what a model file must satisfy before any graph is built from it.
 
 mod answer;
 pub mod config;
 pub mod convert;
 mod error;
+mod input_file;
 pub mod model;
 pub mod output;
 pub mod preprocess;
 pub mod segment;
 pub mod task;
 pub mod tokenizer;
+pub mod validate;
 
 pub use answer::Answer;
 pub use config::Config;
 pub use error::{Error, Result};
+pub use input_file::read_input_file;
 pub use model::{GenerateOptions, Generation, ImageEmbedding, KvType, Model, ModelOptions, Timings};
 pub use output::TaskResult;
 pub use task::Task;

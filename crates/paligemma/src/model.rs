@@ -261,23 +261,8 @@ impl Model {
     pub fn load(path: impl AsRef<Path>, opts: &ModelOptions) -> Result<Model> {
         let path = path.as_ref().to_path_buf();
         let gguf = GgufFile::open(&path)?;
-        let config = Config::from_gguf(&gguf)?;
-        let model_err = |detail: String| Error::Model { path: path.clone(), detail };
-        let json = gguf
-            .get("tokenizer.huggingface.json")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| model_err("no tokenizer.huggingface.json: the tokenizer is missing".into()))?;
-        let tokenizer = Tokenizer::from_json(json, config.tokens.clone())?;
-
-        // Check every tensor the graphs use before touching a backend.
-        for (name, shape) in crate::convert::tensor_shapes(&config) {
-            let info = gguf.tensor(&name).ok_or_else(|| model_err(format!("tensor {name} is missing")))?;
-            let mut got = info.shape.clone();
-            got.resize(shape.len().max(got.len()), 1);
-            if got != shape && !crate::convert::is_padded_matrix(&name, &got, &shape, info.ty.block_size()) {
-                return Err(model_err(format!("tensor {name} has shape {:?}, expected {shape:?}", info.shape)));
-            }
-        }
+        // Everything the graphs rely on is checked before touching a backend.
+        let (config, tokenizer) = crate::validate::model_file(&gguf)?;
 
         let threads = if opts.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { opts.threads };
         let backend = Backend::new(&opts.device)?;
@@ -539,7 +524,7 @@ impl Model {
 
     /// Checks that a prefix and its answer fit one sequence's cache region.
     fn check_fits(&self, prefix: usize, max_tokens: usize) -> Result<()> {
-        if prefix + max_tokens > self.n_ctx {
+        if prefix.checked_add(max_tokens).is_none_or(|n| n > self.n_ctx) {
             return Err(Error::Prompt(format!(
                 "prefix of {prefix} tokens plus {max_tokens} new tokens exceeds the context of {} tokens (image tokens included); load the model with a larger context",
                 self.n_ctx
@@ -604,6 +589,12 @@ impl Model {
         if prefixes.is_empty() || prefixes.len() > self.max_sequences {
             return Err(Error::Invalid(format!("{} prompts in one batch; this model was loaded for 1 to {}", prefixes.len(), self.max_sequences)));
         }
+        if !(opts.temperature.is_finite() && opts.temperature >= 0.0) || !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
+            return Err(Error::Invalid(format!(
+                "sampling with temperature {} and top-p {}: expected a finite temperature >= 0 and top-p in (0, 1]",
+                opts.temperature, opts.top_p
+            )));
+        }
         for ids in prefixes {
             self.check_fits(ids.len(), opts.max_tokens)?;
         }
@@ -638,7 +629,7 @@ impl Model {
                 logits,
                 done: opts.max_tokens == 0,
                 eos: false,
-                sampler: Sampler::new(opts, self.config.text.final_softcap),
+                sampler: Sampler::new(opts, self.config.text.final_softcap, self.answer_tokens()),
                 timings,
             });
         }
@@ -647,7 +638,7 @@ impl Model {
         loop {
             // Sample the next token of every unfinished answer.
             for (s, seq) in seqs.iter_mut().enumerate().filter(|(_, q)| !q.done) {
-                let next = seq.sampler.sample(&seq.logits);
+                let next = seq.sampler.sample(&mut seq.logits);
                 if next == eos && !opts.ignore_eos {
                     seq.eos = true;
                     seq.done = true;
@@ -690,6 +681,34 @@ impl Model {
                 Generation { text: q.text, tokens: q.tokens, prompt_tokens: q.prefix, stopped_at_eos: q.eos, first_logits: q.first_logits, timings: q.timings }
             })
             .collect())
+    }
+}
+
+impl Model {
+    /// The ids an answer may not contain: those only a prefix holds.
+    fn answer_tokens(&self) -> AnswerTokens {
+        let k = &self.config.tokens;
+        AnswerTokens { excluded: [k.image_token_id, k.pad, k.bos] }
+    }
+}
+
+/// The ids a sampler never picks: `<image>`, `<pad>` and `<bos>` (an `<image>` in an
+/// answer would make the next decode step fail and lose the answer; the others mean
+/// nothing there). Ids past the tokenizer's vocabulary (the embedding's padding rows)
+/// stay allowed, as in the reference: the text decoder skips them.
+#[derive(Clone, Debug)]
+struct AnswerTokens {
+    excluded: [u32; 3],
+}
+
+impl AnswerTokens {
+    /// Sets the logits of every id that cannot be part of an answer to -inf.
+    fn mask(&self, logits: &mut [f32]) {
+        for &id in &self.excluded {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
     }
 }
 
@@ -933,11 +952,12 @@ struct Sampler {
     top_k: usize,
     top_p: f32,
     state: u64,
+    allowed: AnswerTokens,
 }
 
 impl Sampler {
-    fn new(opts: &GenerateOptions, softcap: Option<f32>) -> Sampler {
-        Sampler { softcap, temperature: opts.temperature, top_k: opts.top_k, top_p: opts.top_p, state: opts.seed ^ 0x9E37_79B9_7F4A_7C15 }
+    fn new(opts: &GenerateOptions, softcap: Option<f32>, allowed: AnswerTokens) -> Sampler {
+        Sampler { softcap, temperature: opts.temperature, top_k: opts.top_k, top_p: opts.top_p, state: opts.seed ^ 0x9E37_79B9_7F4A_7C15, allowed }
     }
 
     /// splitmix64, mapped to [0, 1).
@@ -950,8 +970,10 @@ impl Sampler {
         (z >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Picks the next token from raw logits (before the final softcap).
-    fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Picks the next token from raw logits (before the final softcap), never one
+    /// that cannot be part of an answer.
+    fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.allowed.mask(logits);
         // The softcap is monotonic: the greedy choice is the same with or without it (up to
         // ties among logits so large that their capped values round to the same f32).
         let argmax = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best }).0;

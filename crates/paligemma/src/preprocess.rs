@@ -10,8 +10,9 @@
 use crate::config::VisionConfig;
 use crate::{Error, Result};
 
-/// Largest accepted frame side; guards against absurd allocations.
-pub const MAX_SIDE: usize = 1 << 15;
+/// Largest frame accepted unless the caller sets its own limit: 8192 x 8192 pixels
+/// (a 4K frame is 8.3 M). Checked from an encoded image's header before decoding.
+pub const DEFAULT_MAX_PIXELS: usize = 8192 * 8192;
 
 /// Byte order of a raw frame's pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,14 +55,15 @@ pub struct RgbImage {
 impl RgbImage {
     /// Copies a raw frame with `stride` bytes per row into packed RGB.
     pub fn from_raw(data: &[u8], width: usize, height: usize, stride: usize, format: PixelFormat) -> Result<RgbImage> {
-        check_size(width, height)?;
+        check_size(width, height, DEFAULT_MAX_PIXELS)?;
         let bpp = format.bytes_per_pixel();
         let row = width * bpp;
         if stride < row {
             return Err(Error::Image(format!("stride {stride} is smaller than a row of {width} {format:?} pixels ({row} bytes)")));
         }
-        let needed = stride * (height - 1) + row;
-        if data.len() < needed {
+        let needed = plane_bytes(stride, height, row);
+        if needed.is_none_or(|n| data.len() < n) {
+            let needed = needed.map_or("more than 2^64".into(), |n| n.to_string());
             return Err(Error::Image(format!("a {width}x{height} {format:?} frame with stride {stride} needs {needed} bytes, got {}", data.len())));
         }
         let [r, g, b] = format.rgb_offsets();
@@ -78,27 +80,55 @@ impl RgbImage {
         Ok(RgbImage { width, height, data: out })
     }
 
-    /// Decodes any format the `image` crate reads (PNG, JPEG...). Transparent
-    /// pixels are composited onto white, as the reference processor does.
+    /// Decodes any format the `image` crate reads (PNG, JPEG...), up to
+    /// [`DEFAULT_MAX_PIXELS`]. Transparent pixels are composited onto white, as the
+    /// reference processor does.
     pub fn decode(bytes: &[u8]) -> Result<RgbImage> {
-        let img = image::load_from_memory(bytes).map_err(|e| Error::Image(format!("cannot decode image: {e}")))?;
-        Self::from_dynamic(&img)
+        Self::decode_limited(bytes, DEFAULT_MAX_PIXELS)
     }
 
+    /// [`RgbImage::decode`] of an image of at most `max_pixels`, checked from its
+    /// header before anything is decoded.
+    pub fn decode_limited(bytes: &[u8], max_pixels: usize) -> Result<RgbImage> {
+        let cannot = |e: image::ImageError| Error::Image(format!("cannot decode image: {e}"));
+        let reader = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::Image(format!("cannot read image: {e}")));
+        let (w, h) = reader()?.into_dimensions().map_err(cannot)?;
+        check_size(w as usize, h as usize, max_pixels)?;
+        // The decoders may allocate beyond the pixels themselves (16-bit samples,
+        // alpha); anything far past that is refused by the decoder too.
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some((w as u64 * h as u64 * 16).max(1 << 20));
+        let mut decoder = reader()?;
+        decoder.limits(limits);
+        Ok(Self::rgb_of(&decoder.decode().map_err(cannot)?))
+    }
+
+    /// Reads and decodes an image file of at most [`DEFAULT_MAX_PIXELS`].
     pub fn open(path: &std::path::Path) -> Result<RgbImage> {
-        let bytes = std::fs::read(path).map_err(crate::error::io(path))?;
-        Self::decode(&bytes).map_err(|e| Error::Image(format!("{}: {e}", path.display())))
+        Self::open_limited(path, DEFAULT_MAX_PIXELS)
     }
 
+    /// Reads and decodes an image file of at most `max_pixels`: regular files only,
+    /// of at most the size of such an image uncompressed.
+    pub fn open_limited(path: &std::path::Path, max_pixels: usize) -> Result<RgbImage> {
+        let bytes = crate::read_input_file(path, max_pixels.saturating_mul(4).saturating_add(1 << 20))?;
+        Self::decode_limited(&bytes, max_pixels).map_err(|e| Error::Image(format!("{}: {e}", path.display())))
+    }
+
+    /// An image decoded by the `image` crate, of at most [`DEFAULT_MAX_PIXELS`].
     pub fn from_dynamic(img: &image::DynamicImage) -> Result<RgbImage> {
+        check_size(img.width() as usize, img.height() as usize, DEFAULT_MAX_PIXELS)?;
+        Ok(Self::rgb_of(img))
+    }
+
+    fn rgb_of(img: &image::DynamicImage) -> RgbImage {
         let (w, h) = (img.width() as usize, img.height() as usize);
-        check_size(w, h)?;
         if !img.color().has_alpha() {
-            return Ok(RgbImage { width: w, height: h, data: img.to_rgb8().into_raw() });
+            return RgbImage { width: w, height: h, data: img.to_rgb8().into_raw() };
         }
         let rgba = img.to_rgba8();
         let data = rgba.as_raw().chunks_exact(4).flat_map(|p| [0, 1, 2].map(|c| over_white(p[c], p[3]))).collect();
-        Ok(RgbImage { width: w, height: h, data })
+        RgbImage { width: w, height: h, data }
     }
 }
 
@@ -136,23 +166,21 @@ pub struct Yuv420<'a> {
 impl RgbImage {
     /// Converts limited-range 4:2:0 video (NV12, I420) to RGB.
     pub fn from_yuv420(f: &Yuv420<'_>) -> Result<RgbImage> {
-        check_size(f.width, f.height)?;
+        check_size(f.width, f.height, DEFAULT_MAX_PIXELS)?;
         let (cw, ch) = (f.width.div_ceil(2), f.height.div_ceil(2));
-        let short = |plane: &str, len: usize, need: usize| {
-            Error::Image(format!("{plane} plane of {len} bytes is too small for a {}x{} frame ({need} needed)", f.width, f.height))
-        };
-        let need_y = f.y_stride * (f.height - 1) + f.width;
         let chroma_row = if f.interleaved { cw * 2 } else { cw };
-        let need_u = f.u_stride * (ch - 1) + chroma_row;
-        let need_v = if f.interleaved { 0 } else { f.v_stride * (ch - 1) + cw };
-        if f.y_stride < f.width || f.y.len() < need_y {
-            return Err(short("Y", f.y.len(), need_y));
-        }
-        if f.u_stride < chroma_row || f.u.len() < need_u {
-            return Err(short("U", f.u.len(), need_u));
-        }
-        if !f.interleaved && (f.v_stride < cw || f.v.len() < need_v) {
-            return Err(short("V", f.v.len(), need_v));
+        let planes = [("Y", f.y, f.y_stride, f.height, f.width), ("U", f.u, f.u_stride, ch, chroma_row), ("V", f.v, f.v_stride, ch, cw)];
+        for (plane, data, stride, rows, row) in planes.into_iter().take(if f.interleaved { 2 } else { 3 }) {
+            let need = plane_bytes(stride, rows, row);
+            if stride < row || need.is_none_or(|n| data.len() < n) {
+                let need = need.map_or("more than 2^64".into(), |n| n.to_string());
+                return Err(Error::Image(format!(
+                    "{plane} plane of {} bytes with stride {stride} is too small for a {}x{} frame ({need} needed)",
+                    data.len(),
+                    f.width,
+                    f.height
+                )));
+            }
         }
         let (rv, gu, gv, bu) = match f.matrix {
             YuvMatrix::Bt601 => (1.596f32, 0.392f32, 0.813f32, 2.017f32),
@@ -177,14 +205,21 @@ impl RgbImage {
     }
 }
 
-fn check_size(width: usize, height: usize) -> Result<()> {
+/// Checks a frame's size: not empty, at most `max_pixels` pixels.
+pub fn check_size(width: usize, height: usize, max_pixels: usize) -> Result<()> {
     if width == 0 || height == 0 {
         return Err(Error::Image(format!("empty frame ({width}x{height})")));
     }
-    if width > MAX_SIDE || height > MAX_SIDE {
-        return Err(Error::Image(format!("frame {width}x{height} is larger than {MAX_SIDE} pixels on a side")));
+    if width.checked_mul(height).is_none_or(|n| n > max_pixels) {
+        return Err(Error::Image(format!("frame {width}x{height} is larger than the limit of {max_pixels} pixels")));
     }
     Ok(())
+}
+
+/// Bytes a plane of `rows` rows of `row` bytes, `stride` bytes apart, spans (the last
+/// row needs no padding); None when that overflows.
+fn plane_bytes(stride: usize, rows: usize, row: usize) -> Option<usize> {
+    stride.checked_mul(rows.saturating_sub(1))?.checked_add(row)
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;

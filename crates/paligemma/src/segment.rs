@@ -62,6 +62,9 @@ fn npz_key(gguf: &str) -> String {
     format!("{base}.{part}")
 }
 
+/// Largest `vae-oid.npz` read (the published one is 11 MB).
+const MAX_NPZ_BYTES: usize = 1 << 30;
+
 /// Decoder weights read from a `vae-oid.npz`, as (GGUF name, ggml shape, f32 data).
 pub struct SegWeights {
     tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
@@ -70,9 +73,14 @@ pub struct SegWeights {
 impl SegWeights {
     /// Reads the npz; keys may carry any prefix before `_vq_vae.` / `decoder.`.
     pub fn from_npz(path: &Path) -> Result<SegWeights> {
+        let bytes = crate::read_input_file(path, MAX_NPZ_BYTES)?;
+        Self::from_npz_bytes(path, &bytes)
+    }
+
+    /// [`SegWeights::from_npz`] of the bytes of a file (`path` names it in errors).
+    pub fn from_npz_bytes(path: &Path, bytes: &[u8]) -> Result<SegWeights> {
         let err = |detail: String| Error::Checkpoint { path: path.into(), detail };
-        let file = std::fs::File::open(path).map_err(crate::error::io(path))?;
-        let mut npz = npyz::npz::NpzArchive::new(std::io::BufReader::new(file)).map_err(|e| err(format!("not an npz archive: {e}")))?;
+        let mut npz = npyz::npz::NpzArchive::new(std::io::Cursor::new(bytes)).map_err(|e| err(format!("not an npz archive: {e}")))?;
         let names: Vec<String> = npz.array_names().map(String::from).collect();
         let find = |key: &str| names.iter().find(|n| n.as_str() == key || n.ends_with(&format!(".{key}")) || n.ends_with(&format!("/{key}"))).cloned();
         let mut tensors = Vec::new();
@@ -82,11 +90,13 @@ impl SegWeights {
             let found = find(&key).ok_or_else(|| err(format!("array {key:?} is missing (found: {})", names.join(", "))))?;
             let array = npz.by_name(&found).map_err(|e| err(format!("{found}: {e}")))?.ok_or_else(|| err(format!("{found}: unreadable")))?;
             let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
-            let data: Vec<f32> = array.into_vec::<f32>().map_err(|e| err(format!("{found}: expected float32 values ({e})")))?;
+            // The shape is checked before the data is read: an array's header may claim
+            // any size.
             let expected = expected_shape(&name, *dim.get_or_insert(if name == "seg.codebook" { shape.get(1).copied().unwrap_or(0) } else { 0 }));
-            if shape != expected {
+            if shape != expected || dim.is_some_and(|d| d > crate::validate::MAX_WIDTH) {
                 return Err(err(format!("array {found:?} has shape {shape:?}, expected {expected:?}")));
             }
+            let data: Vec<f32> = array.into_vec::<f32>().map_err(|e| err(format!("{found}: expected float32 values ({e})")))?;
             let (ggml_shape, data) = if name.starts_with("seg.up") && name.ends_with(".weight") {
                 flip_transposed_kernel(&shape, &data)
             } else {
@@ -161,6 +171,21 @@ fn flip_transposed_kernel(shape: &[usize], data: &[f32]) -> (Vec<usize>, Vec<f32
 /// Whether a model file has the decoder.
 pub fn tensor_names() -> Vec<String> {
     gguf_names()
+}
+
+/// Every decoder tensor with its shape in a model file (ggml order), for a codebook
+/// of `dim`-wide vectors.
+pub(crate) fn gguf_shapes(dim: usize) -> Vec<(String, Vec<usize>)> {
+    gguf_names()
+        .into_iter()
+        .map(|name| {
+            let shape = expected_shape(&name, dim);
+            // Transposed-conv kernels are stored flipped, [kw, kh, in, out].
+            let ggml =
+                if shape.len() == 4 && name.starts_with("seg.up") { vec![shape[3], shape[2], shape[0], shape[1]] } else { shape.into_iter().rev().collect() };
+            (name, ggml)
+        })
+        .collect()
 }
 
 /// Builds the decoder graph on `codes` (I32 [16]); returns [64, 64] f32.

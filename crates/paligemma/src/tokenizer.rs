@@ -16,7 +16,11 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_json(json: &str, tokens: TokenConfig) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
+        // The tokenizers crate may panic on some malformed files; a model file is input
+        // to a host process, so that becomes an error too.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json.as_bytes()))
+            .map_err(|_| Error::Tokenizer("invalid tokenizer.json: the tokenizer library rejected it".into()))?;
+        let inner = parsed.map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
         Ok(Tokenizer { inner, tokens })
     }
 

@@ -138,7 +138,7 @@ fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, (Vec<usiz
 
 fn convert_err(dir: &Path, ty: &str) -> String {
     let out = dir.parent().unwrap().join("out.gguf");
-    let result = parse_weight_type(ty).and_then(|ty| convert(dir, &out, &ConvertOptions { ty, vision_ty: Type::F16, seg_decoder: None }, |_| {}));
+    let result = parse_weight_type(ty).and_then(|ty| convert(dir, &out, &ConvertOptions { ty, vision_ty: Type::F16, seg_decoder: None, cancel: None }, |_| {}));
     let err = result.expect_err("conversion must fail").to_string();
     assert!(!out.exists(), "no partial output after: {err}");
     let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap()).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).filter(|n| n != "hf").collect();

@@ -94,7 +94,7 @@ fn bad_input_is_an_error_and_the_model_survives() {
     // Not an image, empty and absurd frames.
     assert!(paligemma::preprocess::RgbImage::decode(b"GIF89a nonsense").is_err());
     assert!(paligemma::preprocess::RgbImage::from_raw(&[], 0, 0, 0, paligemma::preprocess::PixelFormat::Rgb).is_err());
-    assert!(paligemma::preprocess::RgbImage::from_raw(&[0; 300_000], 1, 100_000, 3, paligemma::preprocess::PixelFormat::Rgb).is_err());
+    assert!(paligemma::preprocess::RgbImage::from_raw(&[0; 300_000], 100_000, 100_000, 300_000, paligemma::preprocess::PixelFormat::Rgb).is_err());
     // Pixel values of the wrong size.
     let e = model.encode_pixels(&PixelValues::from_chw(14, vec![0.0; 3 * 14 * 14]).unwrap()).unwrap_err().to_string();
     assert!(e.contains("56x56"), "{e}");

@@ -105,19 +105,18 @@ fn raw_frames_with_stride_and_channel_orders() {
 fn bad_frames_are_errors() {
     let err = |r: paligemma::Result<RgbImage>| r.unwrap_err().to_string();
     assert!(err(RgbImage::from_raw(&[], 0, 0, 0, PixelFormat::Rgb)).contains("empty frame"));
-    assert!(err(RgbImage::from_raw(&[0; 10], 1, 100_000, 3, PixelFormat::Rgb)).contains("larger than"));
+    assert!(err(RgbImage::from_raw(&[0; 10], 100_000, 100_000, 300_000, PixelFormat::Rgb)).contains("larger than"));
     assert!(err(RgbImage::from_raw(&[0; 10], 4, 4, 12, PixelFormat::Rgb)).contains("needs 48 bytes"));
     assert!(err(RgbImage::from_raw(&[0; 100], 4, 4, 8, PixelFormat::Rgb)).contains("stride 8"));
     assert!(err(RgbImage::decode(b"definitely not an image")).contains("cannot decode"));
-    // A 1x100000 PNG is refused before any resize work.
+    // The pixel limit is checked from the header, before any decoding or resize work.
     let tall = image::DynamicImage::new_rgb8(1, 30_000);
     let mut png = Vec::new();
     tall.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
     if let Err(e) = RgbImage::decode(&png) {
         panic!("30000 px is within the limit: {e}")
     }
-    let wide = image::DynamicImage::new_rgb8(100_000, 1);
-    assert!(RgbImage::from_dynamic(&wide).unwrap_err().to_string().contains("larger than"));
+    assert!(err(RgbImage::decode_limited(&png, 29_999)).contains("1x30000 is larger than the limit of 29999 pixels"));
 }
 
 #[test]

@@ -11,7 +11,7 @@ fn reference() -> serde_json::Value {
 
 fn model_with_decoder(dir: &std::path::Path) -> Model {
     let out = dir.join("seg.gguf");
-    let opts = ConvertOptions { ty: Type::F32, vision_ty: Type::F32, seg_decoder: Some(fixtures_dir().join("vae/vae-random.npz")) };
+    let opts = ConvertOptions { ty: Type::F32, vision_ty: Type::F32, seg_decoder: Some(fixtures_dir().join("vae/vae-random.npz")), cancel: None };
     convert(&fixtures_dir().join("pg2_gqa/hf"), &out, &opts, |_| {}).unwrap();
     Model::load(&out, &ModelOptions { threads: 2, ..Default::default() }).unwrap()
 }
@@ -117,7 +117,7 @@ fn bad_npz_is_an_error() {
     let bogus = dir.path().join("vae.npz");
     std::fs::write(&bogus, b"PK\x03\x04 not really").unwrap();
     let out = dir.path().join("x.gguf");
-    let opts = ConvertOptions { ty: Type::F16, vision_ty: Type::F16, seg_decoder: Some(bogus.clone()) };
+    let opts = ConvertOptions { ty: Type::F16, vision_ty: Type::F16, seg_decoder: Some(bogus.clone()), cancel: None };
     let e = convert(&fixtures_dir().join("pg2_gqa/hf"), &out, &opts, |_| {}).unwrap_err().to_string();
     assert!(e.contains("vae.npz"), "{e}");
     assert!(!out.exists());

@@ -6,7 +6,9 @@
 //! `caption`, `answer`, `ocr`, `text`, `error`), `label` (string), `x1 y1 x2 y2`
 //! (f64, normalised box), `text` (string, captions and answers), and for masks
 //! `mask-x mask-y mask-width mask-height` (u32, frame pixels) and `mask-rle`
-//! (string: run lengths of alternating 0/1 pixels, row-major, starting with 0s).
+//! (string: run lengths of alternating 0/1 pixels, row-major, starting with 0s), and
+//! `active-prompts` (array of strings: the ids of the standing prompts in force when
+//! the result was attached, so that a reader can forget the results of removed prompts).
 use paligemma::TaskResult;
 use paligemma_stream::ResultMessage;
 
@@ -27,11 +29,14 @@ pub struct Region {
     pub mask: Option<(u32, u32, u32, u32, Vec<u32>)>,
     /// Frame size the mask refers to.
     pub frame: (u32, u32),
+    /// Ids of the standing prompts in force when the region was attached.
+    pub active_prompts: Vec<String>,
 }
 
-/// The regions of a result message.
-pub fn regions(msg: &ResultMessage) -> Vec<Region> {
+/// The regions of a result message, attached while the prompts `active` are in force.
+pub fn regions(msg: &ResultMessage, active: &[String]) -> Vec<Region> {
     let base = Region {
+        active_prompts: active.to_vec(),
         prompt_id: msg.prompt.id.clone(),
         kind: msg.result.kind().into(),
         label: String::new(),
@@ -73,6 +78,7 @@ impl Region {
             .field("text", &self.text)
             .field("frame-width", self.frame.0)
             .field("frame-height", self.frame.1)
+            .field("active-prompts", gst::Array::new(&self.active_prompts))
             .build();
         if let Some((x, y, w, h, rle)) = &self.mask {
             s.set("mask-x", *x);
@@ -104,6 +110,7 @@ impl Region {
             text: s.get("text").unwrap_or_default(),
             mask,
             frame: (s.get("frame-width").unwrap_or(0), s.get("frame-height").unwrap_or(0)),
+            active_prompts: s.get::<gst::Array>("active-prompts").map(|a| a.iter().filter_map(|v| v.get::<String>().ok()).collect()).unwrap_or_default(),
         })
     }
 

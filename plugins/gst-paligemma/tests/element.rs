@@ -146,6 +146,73 @@ fn missing_and_corrupt_models_fail_the_state_change() {
     }
 }
 
+/// A copy of `model` with one tensor's type or one metadata value changed.
+fn corrupted(model: &Path, out: &Path, tensor_type: Option<(&str, ggml::Type)>, meta: Option<(&str, ggml::gguf::Value)>) {
+    let file = ggml::gguf::GgufFile::open(model).unwrap();
+    file.rewrite(out, |metadata, tensors| {
+        for (key, value) in metadata.iter_mut() {
+            if let Some((_, v)) = meta.as_ref().filter(|(k, _)| k == key) {
+                *value = v.clone();
+            }
+        }
+        for (name, ty, _) in tensors.iter_mut() {
+            if let Some((_, t)) = tensor_type.filter(|(n, _)| n == name) {
+                *ty = t;
+            }
+        }
+    })
+    .unwrap();
+}
+
+/// Files that made ggml abort or crash the whole application (a norm stored as q4_0,
+/// a matrix as i16, a negative epsilon) are refused by the element with an error
+/// message naming the problem; the application goes on, and the same pipeline plays
+/// once it is given a sound model.
+#[test]
+fn a_corrupted_model_is_an_error_message_and_the_application_goes_on() {
+    let model = init();
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(Option<(&str, ggml::Type)>, Option<(&str, ggml::gguf::Value)>, &str); 3] = [
+        (Some(("blk.0.attn_norm.weight", ggml::Type::Q4_0)), None, "blk.0.attn_norm.weight is q4_0"),
+        (Some(("blk.1.ffn_up.weight", ggml::Type::I16)), None, "blk.1.ffn_up.weight is i16"),
+        (None, Some(("paligemma.vision.attention.layer_norm_epsilon", ggml::gguf::Value::F32(-1.0))), "layer_norm_epsilon is -1"),
+    ];
+    let pipeline =
+        gst::parse::launch("videotestsrc num-buffers=3 ! video/x-raw,width=64,height=48 ! paligemma name=pg mode=sync threads=1 max-tokens=4 ! fakesink")
+            .unwrap()
+            .downcast::<gst::Pipeline>()
+            .unwrap();
+    let element = pipeline.by_name("pg").unwrap();
+    let bus = pipeline.bus().unwrap();
+    for (i, (tensor, meta, why)) in cases.into_iter().enumerate() {
+        let bad = dir.path().join(format!("bad{i}.gguf"));
+        corrupted(model, &bad, tensor, meta);
+        element.set_property("model", bad.to_str().unwrap());
+        assert!(pipeline.set_state(gst::State::Playing).is_err(), "{why}");
+        let err = std::iter::from_fn(|| bus.pop())
+            .find_map(|m| match m.view() {
+                gst::MessageView::Error(e) => Some(format!("{} {:?}", e.error(), e.debug())),
+                _ => None,
+            })
+            .expect("an error message");
+        assert!(err.contains(why), "expected {why:?} in {err}");
+        pipeline.set_state(gst::State::Null).unwrap();
+    }
+    element.set_property("model", model.to_str().unwrap());
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let mut answers = 0;
+    for m in bus.iter_timed(gst::ClockTime::from_seconds(60)) {
+        match m.view() {
+            gst::MessageView::Eos(_) => break,
+            gst::MessageView::Error(e) => panic!("{} {:?}", e.error(), e.debug()),
+            gst::MessageView::Element(e) if e.structure().is_some_and(|s| s.name() == "paligemma-result") => answers += 1,
+            _ => {}
+        }
+    }
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(answers > 0, "the pipeline answered once given a sound model");
+}
+
 fn run_pipeline(desc: &str, until: Duration) -> (gst::Pipeline, Vec<gst::Structure>, Duration) {
     let pipeline = gst::parse::launch(desc).unwrap().downcast::<gst::Pipeline>().unwrap();
     let bus = pipeline.bus().unwrap();

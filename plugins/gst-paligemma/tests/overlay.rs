@@ -25,6 +25,7 @@ fn overlay_draws_boxes_where_results_say() {
         text: String::new(),
         mask: None,
         frame: (w, h),
+        active_prompts: Vec::new(),
     };
     let caption = Region {
         prompt_id: "caption".into(),
@@ -37,6 +38,7 @@ fn overlay_draws_boxes_where_results_say() {
         y2: 1.0,
         mask: None,
         frame: (w, h),
+        active_prompts: Vec::new(),
     };
     let mut buf = gst::Buffer::from_mut_slice(vec![40u8; (w * h * 4) as usize]);
     region.attach(buf.get_mut().unwrap(), w, h);
@@ -69,4 +71,57 @@ fn overlay_draws_boxes_where_results_say() {
     let path = dir.join("overlay.png");
     image::RgbImage::from_raw(w, h, rgb).unwrap().save(&path).unwrap();
     assert!(std::fs::metadata(&path).unwrap().len() > 0);
+}
+
+/// Regions of prompts that were removed are no longer drawn: each result carries
+/// the ids of the prompts in force, and the newest list wins.
+#[test]
+fn overlay_forgets_regions_of_removed_prompts() {
+    gst::init().unwrap();
+    gstpaligemma::plugin_register_static().unwrap();
+    let (w, h) = (64u32, 64u32);
+    let mut harness = gst_check::Harness::new("paligemmaoverlay");
+    harness.set_src_caps(
+        gst::Caps::builder("video/x-raw")
+            .field("format", "RGBA")
+            .field("width", w as i32)
+            .field("height", h as i32)
+            .field("framerate", gst::Fraction::new(30, 1))
+            .build(),
+    );
+    let region = |id: &str, x1: f64, active: &[&str]| Region {
+        prompt_id: id.into(),
+        kind: "detections".into(),
+        label: id.into(),
+        x1,
+        y1: 0.5,
+        x2: x1 + 0.25,
+        y2: 0.9,
+        text: String::new(),
+        mask: None,
+        frame: (w, h),
+        active_prompts: active.iter().map(|s| s.to_string()).collect(),
+    };
+    let blank = || gst::Buffer::from_mut_slice(vec![0u8; (w * h * 4) as usize]);
+    // Left edge pixel of a box starting at x1 (rows 32..57).
+    let drawn = |buf: &gst::Buffer, x1: f64| {
+        let map = buf.map_readable().unwrap();
+        let x = (x1 * w as f64).round() as usize;
+        map[(45 * w as usize + x) * 4..][..3] != [0, 0, 0]
+    };
+    let mut buf = blank();
+    region("old", 0.0, &["old", "new"]).attach(buf.get_mut().unwrap(), w, h);
+    region("new", 0.5, &["old", "new"]).attach(buf.get_mut().unwrap(), w, h);
+    harness.push(buf).unwrap();
+    let out = harness.pull().unwrap();
+    assert!(drawn(&out, 0.0) && drawn(&out, 0.5), "both prompts drawn");
+    // The prompts change to just "new": its next result says so.
+    let mut buf = blank();
+    region("new", 0.5, &["new"]).attach(buf.get_mut().unwrap(), w, h);
+    harness.push(buf).unwrap();
+    let out = harness.pull().unwrap();
+    assert!(!drawn(&out, 0.0), "the removed prompt's box is gone");
+    assert!(drawn(&out, 0.5));
+    harness.push(blank()).unwrap();
+    assert!(!drawn(&harness.pull().unwrap(), 0.0), "and stays gone");
 }

@@ -31,7 +31,7 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
 /// Converts a fixture's HF folder to a GGUF of the given types in `dir`.
 pub fn convert_fixture(name: &str, ty: Type, vision_ty: Type, dir: &Path) -> PathBuf {
     let out = dir.join(format!("{name}-{ty}.gguf"));
-    let opts = ConvertOptions { ty, vision_ty, seg_decoder: None };
+    let opts = ConvertOptions { ty, vision_ty, seg_decoder: None, cancel: None };
     convert(&fixtures_dir().join(name).join("hf"), &out, &opts, |_| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
     out
 }

@@ -13,7 +13,8 @@ static CAT: LazyLock<gst::DebugCategory> =
 #[derive(Default)]
 struct State {
     info: Option<gst_video::VideoInfo>,
-    /// Newest regions per prompt id; replaced when a buffer brings new ones.
+    /// Newest regions per prompt id; replaced when a buffer brings new ones, dropped
+    /// when a buffer's regions say their prompt is no longer in force.
     latest: BTreeMap<String, Vec<Region>>,
 }
 
@@ -83,6 +84,12 @@ impl BaseTransformImpl for PaliGemmaOverlay {
         let mut arrived: BTreeMap<String, Vec<Region>> = BTreeMap::new();
         for r in Region::from_buffer(buf) {
             arrived.entry(r.prompt_id.clone()).or_default().push(r);
+        }
+        // Results attached with the list of prompts in force: forget the regions of
+        // prompts that no longer exist (the newest list wins).
+        if let Some(active) = arrived.values().flatten().map(|r| &r.active_prompts).find(|a| !a.is_empty()) {
+            let active = active.clone();
+            state.latest.retain(|id, _| active.contains(id));
         }
         state.latest.extend(arrived);
         let mut frame = gst_video::VideoFrameRef::from_buffer_ref_writable(buf, &info).map_err(|_| gst::FlowError::Error)?;

@@ -34,6 +34,7 @@ struct Settings {
     mode: Mode,
     attach_meta: bool,
     post_messages: bool,
+    max_pixels: u64,
 }
 
 impl Default for Settings {
@@ -49,6 +50,7 @@ impl Default for Settings {
             mode: Mode::Async,
             attach_meta: true,
             post_messages: true,
+            max_pixels: paligemma::preprocess::DEFAULT_MAX_PIXELS as u64,
         }
     }
 }
@@ -168,6 +170,13 @@ impl ObjectImpl for PaliGemma {
                     .default_value(true)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecUInt64::builder("max-pixels")
+                    .nick("Max pixels")
+                    .blurb("Largest frame analysed (width x height); larger frames pass through unanalysed, with a warning")
+                    .minimum(1)
+                    .default_value(paligemma::preprocess::DEFAULT_MAX_PIXELS as u64)
+                    .mutable_playing()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -186,6 +195,7 @@ impl ObjectImpl for PaliGemma {
             "mode" => settings.mode = value.get().expect("type checked upstream"),
             "attach-meta" => settings.attach_meta = value.get().expect("type checked upstream"),
             "post-messages" => settings.post_messages = value.get().expect("type checked upstream"),
+            "max-pixels" => settings.max_pixels = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
         // Prompt changes take effect at once while running.
@@ -213,6 +223,7 @@ impl ObjectImpl for PaliGemma {
             "mode" => settings.mode.to_value(),
             "attach-meta" => settings.attach_meta.to_value(),
             "post-messages" => settings.post_messages.to_value(),
+            "max-pixels" => settings.max_pixels.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -352,6 +363,8 @@ impl PaliGemma {
     fn frame_from_buffer(&self, buf: &gst::BufferRef, info: &gst_video::VideoInfo, seq: u64) -> Result<Frame, String> {
         let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buf, info).map_err(|e| format!("cannot map the frame: {e}"))?;
         let (w, h) = (info.width() as usize, info.height() as usize);
+        let max_pixels = usize::try_from(self.settings.lock().unwrap().max_pixels).unwrap_or(usize::MAX);
+        paligemma::preprocess::check_size(w, h, max_pixels).map_err(|e| e.to_string())?;
         let plane = |i: u32| frame.plane_data(i).map_err(|e| format!("plane {i}: {e}"));
         let stride = |i: usize| frame.plane_stride()[i] as usize;
         let image = match info.format() {
@@ -392,6 +405,11 @@ impl PaliGemma {
         };
         Ok(Frame::new(info, image))
     }
+}
+
+/// Ids of the worker's standing prompts.
+fn prompt_ids(worker: &Worker) -> Vec<String> {
+    worker.prompts().prompts.into_iter().map(|p| p.id).collect()
 }
 
 /// The bus message for one result: the prompt, the text, the result as JSON and as
@@ -589,9 +607,10 @@ impl BaseTransformImpl for PaliGemma {
             Mode::Async => {
                 // Attach what arrived since the last buffer.
                 let fresh = std::mem::take(&mut *self.outbox.fresh.lock().unwrap());
-                if attach {
+                if attach && !fresh.is_empty() {
+                    let active = prompt_ids(&state.worker);
                     for msg in &fresh {
-                        for region in regions(msg) {
+                        for region in regions(msg, &active) {
                             region.attach(buf, info.width(), info.height());
                         }
                     }
@@ -627,8 +646,9 @@ impl BaseTransformImpl for PaliGemma {
                 drop(guard);
                 match worker.analyse(frame) {
                     Ok(results) if attach => {
+                        let active = prompt_ids(&worker);
                         for msg in &results {
-                            for region in regions(msg) {
+                            for region in regions(msg, &active) {
                                 region.attach(buf, info.width(), info.height());
                             }
                         }

@@ -1,0 +1,89 @@
+//! Bytes from the network turned into frames and prompts: a frame payload (an
+//! encoded image, a `PGRF` raw frame, or raw pixels described by a JSON attachment),
+//! an `ask` payload, a standing-prompts update. Each is bounded and checked before
+//! anything is allocated from it; every malformed input is an error, never a panic.
+use crate::prompts::{DEFAULT_MAX_TOKENS, PromptSet, StandingPrompt};
+use crate::{Error, Result};
+use paligemma::preprocess::{PixelFormat, RgbImage, check_size};
+
+/// Raw frame header: `PGRF`, then width, height and stride as little-endian u32,
+/// then packed RGB rows.
+pub const RAW_MAGIC: &[u8; 4] = b"PGRF";
+pub const RAW_HEADER: usize = 16;
+
+/// Description of a raw frame carried in a sample's attachment (JSON).
+#[derive(serde::Deserialize)]
+struct RawAttachment {
+    width: usize,
+    height: usize,
+    stride: Option<usize>,
+    #[serde(default = "rgb8")]
+    format: String,
+}
+
+fn rgb8() -> String {
+    "rgb8".into()
+}
+
+fn frame_err(detail: impl std::fmt::Display) -> Error {
+    Error::Frame(detail.to_string())
+}
+
+/// Decodes a frame payload of at most `max_pixels`: raw pixels described by a JSON
+/// attachment, a `PGRF` raw frame, or an encoded image (PNG, JPEG), whose size is
+/// checked from its header before decoding.
+pub fn decode_frame(payload: &[u8], attachment: Option<&[u8]>, max_pixels: usize) -> Result<RgbImage> {
+    if let Some(raw) = attachment.and_then(|a| serde_json::from_slice::<RawAttachment>(a).ok()) {
+        let format = match raw.format.to_ascii_lowercase().as_str() {
+            "rgb8" | "rgb" => PixelFormat::Rgb,
+            "bgr8" | "bgr" => PixelFormat::Bgr,
+            "rgba8" | "rgba" => PixelFormat::Rgba,
+            "bgra8" | "bgra" => PixelFormat::Bgra,
+            other => return Err(frame_err(format!("raw frame format {other:?} (expected rgb8, bgr8, rgba8 or bgra8)"))),
+        };
+        check_size(raw.width, raw.height, max_pixels)?;
+        let stride = raw.stride.unwrap_or(raw.width * format.bytes_per_pixel());
+        return Ok(RgbImage::from_raw(payload, raw.width, raw.height, stride, format)?);
+    }
+    if payload.len() >= RAW_HEADER && &payload[..4] == RAW_MAGIC {
+        let u = |i: usize| u32::from_le_bytes([payload[i], payload[i + 1], payload[i + 2], payload[i + 3]]) as usize;
+        let (w, h, stride) = (u(4), u(8), u(12));
+        check_size(w, h, max_pixels).map_err(|e| frame_err(format!("raw PGRF frame: {e}")))?;
+        return RgbImage::from_raw(&payload[RAW_HEADER..], w, h, stride, PixelFormat::Rgb).map_err(|e| frame_err(format!("raw PGRF frame: {e}")));
+    }
+    Ok(RgbImage::decode_limited(payload, max_pixels)?)
+}
+
+/// Parses an `ask` payload of at most `max_bytes`: plain text, or JSON
+/// `{"prompt": ..., "max_tokens": ...}`.
+pub fn parse_ask(payload: &[u8], max_bytes: usize) -> Result<StandingPrompt> {
+    let bad = |detail: String| Error::Prompts(detail);
+    if payload.len() > max_bytes {
+        return Err(bad(format!("prompt of {} bytes is longer than {max_bytes}", payload.len())));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| bad("prompt is not UTF-8".into()))?.trim();
+    let (prompt, max_tokens) = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(o)) => {
+            let prompt = o.get("prompt").and_then(|p| p.as_str()).ok_or_else(|| bad("JSON ask without a \"prompt\" string".into()))?;
+            let max_tokens = match o.get("max_tokens") {
+                None => DEFAULT_MAX_TOKENS,
+                Some(m) => m.as_u64().and_then(|m| usize::try_from(m).ok()).ok_or_else(|| bad(format!("max_tokens {m} is not a count")))?,
+            };
+            (prompt.to_string(), max_tokens)
+        }
+        _ => (text.to_string(), DEFAULT_MAX_TOKENS),
+    };
+    if prompt.trim().is_empty() {
+        return Err(bad("empty prompt".into()));
+    }
+    let p = StandingPrompt { max_tokens, ..StandingPrompt::new("ask", prompt) };
+    p.validate()?;
+    Ok(p)
+}
+
+/// Parses a standing-prompts update: TOML (`[[prompt]]`) or JSON.
+pub fn parse_prompts(payload: &[u8]) -> Result<PromptSet> {
+    let text = std::str::from_utf8(payload).map_err(|_| Error::Prompts("prompts are not UTF-8".into()))?;
+    let start = text.trim_start();
+    if start.starts_with(['[', '{']) && !start.starts_with("[[") { PromptSet::from_json(text) } else { PromptSet::from_toml(text) }
+}
