@@ -316,8 +316,11 @@ fn parse(path: &Path, map: memmap2::Mmap, len: usize) -> Result<GgufFile> {
     }
     let n_tensors = r.u64(&|| "the tensor count".into())?;
     let n_kv = r.u64(&|| "the metadata count".into())?;
-    if n_tensors > MAX_ITEMS || n_kv > MAX_ITEMS {
-        return Err(r.err(format!("implausible header: {n_tensors} tensors, {n_kv} metadata entries")));
+    // Each tensor info takes at least 32 bytes and each metadata entry 13: counts the
+    // rest of the file cannot hold are refused before anything is reserved for them.
+    let rest = (data.len() - r.pos) as u64;
+    if n_tensors > MAX_ITEMS || n_kv > MAX_ITEMS || n_tensors * 32 + n_kv * 13 > rest {
+        return Err(r.err(format!("implausible header: {n_tensors} tensors and {n_kv} metadata entries in {rest} bytes")));
     }
     let mut metadata = BTreeMap::new();
     let mut keys = Vec::new();

@@ -14,6 +14,9 @@ use std::time::Instant;
 /// Nodes a graph may have; PaliGemma 2 28B's decoder needs about 2,500.
 const GRAPH_SIZE: usize = 16 * 1024;
 
+/// Most prompts one batch may decode together (each has a KV cache region).
+pub const MAX_SEQUENCES: usize = 256;
+
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvType {
@@ -279,6 +282,12 @@ impl Model {
         };
         if opts.kv_type == KvType::Q8_0 && t.head_dim % Type::Q8_0.block_size() != 0 {
             return Err(Error::Invalid(format!("a q8_0 KV cache needs head_dim divisible by 32, this model has {}", t.head_dim)));
+        }
+        if n_ctx == 0 || n_ctx > t.context_length {
+            return Err(Error::Invalid(format!("a context of {n_ctx} tokens: this model takes 1 to {}", t.context_length)));
+        }
+        if opts.max_sequences > MAX_SEQUENCES {
+            return Err(Error::Invalid(format!("{} sequences: at most {MAX_SEQUENCES} are supported", opts.max_sequences)));
         }
         let max_sequences = opts.max_sequences.max(1);
         let kv = Context::new(2 * t.depth, 0)?;

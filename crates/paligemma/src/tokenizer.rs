@@ -16,8 +16,10 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_json(json: &str, tokens: TokenConfig) -> Result<Tokenizer> {
-        // The tokenizers crate may panic on some malformed files; a model file is input
-        // to a host process, so that becomes an error too.
+        // The tokenizers crate panics on some malformed files (a control character inside
+        // a string of its decoder section): the JSON is checked first, and a panic that
+        // still happens becomes an error too, since a model file is input to a host process.
+        serde_json::from_str::<serde::de::IgnoredAny>(json).map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
         let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json.as_bytes()))
             .map_err(|_| Error::Tokenizer("invalid tokenizer.json: the tokenizer library rejected it".into()))?;
         let inner = parsed.map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;

@@ -50,6 +50,9 @@ fn every_reported_model_crash_is_a_named_error() {
         ("bias as f16", vec![], vec![("v.blk.0.attn_q.bias", Type::F16)], "tensor v.blk.0.attn_q.bias is f16"),
         ("position table as f16", vec![], vec![("v.position_embd.weight", Type::F16)], "tensor v.position_embd.weight is f16"),
         ("embedding as i32", vec![], vec![("token_embd.weight", Type::I32)], "tensor token_embd.weight is i32"),
+        ("embedding as f64", vec![], vec![("token_embd.weight", Type::from_raw(28).unwrap())], "tensor token_embd.weight is f64"),
+        ("matrix as q8_1", vec![], vec![("mm.weight", Type::from_raw(9).unwrap())], "tensor mm.weight is q8_1"),
+        ("position table as q4_0", vec![], vec![("v.position_embd.weight", Type::Q4_0)], "tensor v.position_embd.weight is q4_0"),
         // Hyper-parameters ggml asserts on, or that size allocations.
         (
             "negative epsilon",
