@@ -245,7 +245,7 @@ fn deliver(worker: &Worker, newest: &Mutex<Option<Frame>>, seq: &AtomicU64, imag
         ..Default::default()
     };
     let frame = Frame::new(info, image);
-    *newest.lock().unwrap() = Some(frame.clone());
+    *newest.lock().unwrap_or_else(|e| e.into_inner()) = Some(frame.clone());
     worker.submit(frame);
 }
 
@@ -294,33 +294,38 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
         Some(frames::GstSource::start(cam.pipeline.as_deref(), cam.uri.as_deref(), move |img, pts| deliver(&w, &n, &s, img, pts), move |e| p.error(e))?)
     };
 
-    // Ad-hoc questions on the newest frame.
-    let ask = session.declare_queryable(format!("{base}/ask")).await.map_err(|e| anyhow::anyhow!("queryable: {e}"))?;
-    let (w, n, enc) = (worker.clone(), newest.clone(), cfg.encoding);
+    // Ad-hoc questions on the newest frame, each answered in a task of its own.
+    let (w, n, enc, session2, key) = (worker.clone(), newest.clone(), cfg.encoding, session.clone(), format!("{base}/ask"));
     let (timeout, max_bytes) = (Duration::from_millis(cfg.ask_timeout_ms), cfg.max_prompt_bytes);
-    tasks.push(tokio::spawn(async move {
-        while let Ok(query) = ask.recv_async().await {
-            let payload = query.payload().map(|p| p.to_bytes().into_owned()).unwrap_or_default();
-            let (w, n) = (w.clone(), n.clone());
-            tokio::spawn(async move {
-                let outcome = async {
-                    let prompt = payload::parse_ask(&payload, max_bytes)?;
-                    let frame = n.lock().unwrap().clone().context("no frame has arrived yet")?;
-                    let msg = tokio::task::spawn_blocking(move || w.ask(frame, prompt, timeout)).await??;
-                    Ok::<_, anyhow::Error>(msg)
-                }
-                .await;
-                let sent = match outcome {
-                    Ok(msg) => {
-                        let (bytes, e) = encode(enc, &msg);
-                        query.reply(query.key_expr().clone(), bytes).encoding(e).await
+    tasks.push(supervise(publisher.clone(), "the ask queryable", move || {
+        let (w, n, session, key) = (w.clone(), n.clone(), session2.clone(), key.clone());
+        async move {
+            let ask = session.declare_queryable(key.as_str()).await.map_err(|e| anyhow::anyhow!("queryable {key}: {e}"))?;
+            while let Ok(query) = ask.recv_async().await {
+                let payload = query.payload().map(|p| p.to_bytes().into_owned()).unwrap_or_default();
+                let (w, n) = (w.clone(), n.clone());
+                tokio::spawn(async move {
+                    let outcome = async {
+                        let prompt = payload::parse_ask(&payload, max_bytes)?;
+                        let frame = n.lock().unwrap_or_else(|e| e.into_inner()).clone().context("no frame has arrived yet")?;
+                        // A panic in the engine comes back as an error here and is the reply.
+                        let msg = tokio::task::spawn_blocking(move || w.ask(frame, prompt, timeout)).await??;
+                        Ok::<_, anyhow::Error>(msg)
                     }
-                    Err(e) => query.reply_err(format!("{e:#}")).await,
-                };
-                if let Err(e) = sent {
-                    tracing::warn!("ask reply: {e}");
-                }
-            });
+                    .await;
+                    let sent = match outcome {
+                        Ok(msg) => {
+                            let (bytes, e) = encode(enc, &msg);
+                            query.reply(query.key_expr().clone(), bytes).encoding(e).await
+                        }
+                        Err(e) => query.reply_err(format!("{e:#}")).await,
+                    };
+                    if let Err(e) = sent {
+                        tracing::warn!("ask reply: {e}");
+                    }
+                });
+            }
+            Ok(())
         }
     }));
 
