@@ -473,7 +473,7 @@ impl Context {
     /// NeoX-style rotary embedding of a [head_dim, n_head, n_tokens] tensor with
     /// one I32 position per token.
     pub fn rope_neox<'s>(&'s self, a: Tensor<'_>, pos: Tensor<'_>, n_dims: usize, theta: f32) -> Result<Tensor<'s>> {
-        if pos.ty() != Type::I32 || pos.ne()[0] != a.ne()[2] || n_dims > a.ne()[0] || n_dims % 2 != 0 {
+        if pos.ty() != Type::I32 || pos.ne()[0] != a.ne()[2] || n_dims > a.ne()[0] || !n_dims.is_multiple_of(2) {
             return Err(shape("rope", format!("{:?} with positions {:?}", a.shape(), pos.shape())));
         }
         self.room()?;

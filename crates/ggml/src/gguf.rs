@@ -319,8 +319,11 @@ fn parse(path: &Path, map: memmap2::Mmap, len: usize) -> Result<GgufFile> {
     // Each tensor info takes at least 32 bytes and each metadata entry 13: counts the
     // rest of the file cannot hold are refused before anything is reserved for them.
     let rest = (data.len() - r.pos) as u64;
-    if n_tensors > MAX_ITEMS || n_kv > MAX_ITEMS || n_tensors * 32 + n_kv * 13 > rest {
-        return Err(r.err(format!("implausible header: {n_tensors} tensors and {n_kv} metadata entries in {rest} bytes")));
+    if n_tensors > MAX_ITEMS || n_kv > MAX_ITEMS {
+        return Err(r.err(format!("implausible header: {n_tensors} tensors, {n_kv} metadata entries")));
+    }
+    if n_tensors * 32 + n_kv * 13 > rest {
+        return Err(r.err(format!("truncated: {n_tensors} tensors and {n_kv} metadata entries cannot fit in the {rest} bytes left")));
     }
     let mut metadata = BTreeMap::new();
     let mut keys = Vec::new();
@@ -362,7 +365,7 @@ fn parse(path: &Path, map: memmap2::Mmap, len: usize) -> Result<GgufFile> {
         let raw_ty = r.u32(&what)?;
         let ty = Type::from_raw(raw_ty).map_err(|_| r.err(format!("tensor {name:?} has unknown type id {raw_ty}")))?;
         let offset = r.u64(&what)? as usize;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(r.err(format!("tensor {name:?} data offset {offset} is not aligned to {alignment}")));
         }
         let nbytes = ty.nbytes(&shape).map_err(|e| r.err(format!("tensor {name:?}: {e}")))?;

@@ -4,7 +4,7 @@ use crate::{Error, Result, Type, sys};
 /// Quantizes (or converts) `rows` rows of `n_per_row` f32 values to `ty`.
 pub fn quantize(ty: Type, data: &[f32], n_per_row: usize) -> Result<Vec<u8>> {
     let err = |detail: String| Error::Quantize { ty: ty.name(), detail };
-    if n_per_row == 0 || data.len() % n_per_row != 0 {
+    if n_per_row == 0 || !data.len().is_multiple_of(n_per_row) {
         return Err(err(format!("{} values do not form rows of {n_per_row}", data.len())));
     }
     let rows = data.len() / n_per_row;

@@ -106,7 +106,7 @@ impl Type {
     /// Bytes of a row of `n` elements, or an error when `n` is not a whole number of blocks.
     pub fn row_size(self, n: usize) -> Result<usize> {
         let block = self.block_size();
-        if n % block != 0 {
+        if !n.is_multiple_of(block) {
             return Err(crate::error::shape("row_size", format!("{} elements per row is not a multiple of {}'s block size {block}", n, self.name())));
         }
         Ok(n / block * self.type_size())

@@ -279,7 +279,7 @@ fn read_pixel_values(path: &Path, size: usize) -> Result<PixelValues> {
     let bytes = paligemma::read_input_file(path, 3 * 4 * size * size + 4096)?;
     let npy = npyz::NpyFile::new(&bytes[..]).with_context(|| format!("{}: not a .npy file", path.display()))?;
     let data: Vec<f32> = npy.into_vec().with_context(|| format!("{}: expected f32 values", path.display()))?;
-    Ok(PixelValues::from_chw(size, data).with_context(|| path.display().to_string())?)
+    PixelValues::from_chw(size, data).with_context(|| path.display().to_string())
 }
 
 fn write_npy(path: &Path, values: &[f32], shape: &[u64]) -> Result<()> {

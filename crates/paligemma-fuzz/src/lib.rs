@@ -80,6 +80,8 @@ pub fn output(data: &[u8]) {
     let _ = serde_json::to_string(&result);
 }
 
+/// A fuzz target: takes any bytes, must never panic.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for the replay test and `scripts/fuzz.sh`.
-pub const TARGETS: [(&str, fn(&[u8])); 6] =
-    [("gguf", gguf), ("checkpoint", checkpoint), ("npz", npz), ("frame", frame), ("prompts", prompts), ("output", output)];
+pub const TARGETS: [(&str, Target); 6] = [("gguf", gguf), ("checkpoint", checkpoint), ("npz", npz), ("frame", frame), ("prompts", prompts), ("output", output)];

@@ -141,10 +141,11 @@ impl Config {
         if cfg.model.path.is_relative() && !cfg.model.path.exists() {
             cfg.model.path = base.join(&cfg.model.path);
         }
-        if let Some(z) = &cfg.zenoh.config {
-            if z.is_relative() && !z.exists() {
-                cfg.zenoh.config = Some(base.join(z));
-            }
+        if let Some(z) = &cfg.zenoh.config
+            && z.is_relative()
+            && !z.exists()
+        {
+            cfg.zenoh.config = Some(base.join(z));
         }
         Ok(cfg)
     }

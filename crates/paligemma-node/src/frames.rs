@@ -67,7 +67,7 @@ impl GstSource {
         let bus = pipeline.bus().context("pipeline without a bus")?;
         let on_error = std::sync::Arc::new(on_error);
         let handler = on_error.clone();
-        let _ = bus.set_sync_handler(move |_, msg| {
+        bus.set_sync_handler(move |_, msg| {
             if let gst::MessageView::Error(e) = msg.view() {
                 handler(format!("frame source: {} ({:?})", e.error(), e.debug()));
             }

@@ -120,7 +120,7 @@ fn sync_analysis_ask_errors_and_prompt_changes() {
     // An invalid prompt is refused before it reaches the engine.
     assert!(worker.ask(frame(9), StandingPrompt::new("ask", "detect ;"), Duration::from_secs(30)).is_err());
     // A prompt too long for the context becomes an error result; the worker carries on.
-    let long = StandingPrompt { max_tokens: 4, ..StandingPrompt::new("long", &"cat ".repeat(3000)) };
+    let long = StandingPrompt { max_tokens: 4, ..StandingPrompt::new("long", "cat ".repeat(3000)) };
     let msg = worker.ask(frame(10), long, Duration::from_secs(30)).unwrap();
     assert!(msg.is_error(), "{msg:?}");
     worker.set_prompts(PromptSet::from_short("caption en|detect cat", 0, 4).unwrap());

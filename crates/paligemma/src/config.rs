@@ -300,7 +300,7 @@ impl Config {
             image_std: p.f32x3_or("image_std", [0.5; 3])?,
             rescale: p.f32_or("rescale_factor", 1.0 / 255.0)?,
         };
-        if vision.image_size % vision.patch_size != 0 {
+        if !vision.image_size.is_multiple_of(vision.patch_size) {
             return Err(cfg_err(format!("image_size {} is not a multiple of patch_size {}", vision.image_size, vision.patch_size)));
         }
         let token = |name: &str| lookup(name).ok_or_else(|| Error::Tokenizer(format!("the tokenizer has no {name} token")));

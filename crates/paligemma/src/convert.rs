@@ -191,7 +191,7 @@ fn storage(e: &Expected, opts: &ConvertOptions) -> (Type, usize) {
         t if t == Type::Q6_K => &[Type::Q6_K, Type::Q8_0],
         _ => &[wanted],
     };
-    if let Some(ty) = chain.iter().copied().find(|t| row % t.block_size() == 0) {
+    if let Some(ty) = chain.iter().copied().find(|t| row.is_multiple_of(t.block_size())) {
         return (ty, row);
     }
     let last = chain[chain.len() - 1];
@@ -327,10 +327,13 @@ impl Checkpoint {
     }
 }
 
+/// Weight files with their maps.
+type MappedFiles = Vec<(PathBuf, memmap2::Mmap)>;
+
 /// The checkpoint's weight files, found as transformers finds them: the shards named
 /// by `model.safetensors.index.json`, or else `model.safetensors`. Any other
 /// `*.safetensors` (an adapter, a second copy) is left alone and listed in the notes.
-fn safetensors_files(dir: &Path) -> Result<(Vec<(PathBuf, memmap2::Mmap)>, Vec<String>)> {
+fn safetensors_files(dir: &Path) -> Result<(MappedFiles, Vec<String>)> {
     const INDEX: &str = "model.safetensors.index.json";
     const SINGLE: &str = "model.safetensors";
     let index_path = dir.join(INDEX);

@@ -598,7 +598,7 @@ impl Model {
         if prefixes.is_empty() || prefixes.len() > self.max_sequences {
             return Err(Error::Invalid(format!("{} prompts in one batch; this model was loaded for 1 to {}", prefixes.len(), self.max_sequences)));
         }
-        if !(opts.temperature.is_finite() && opts.temperature >= 0.0) || !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
+        if !(0.0..=f32::MAX).contains(&opts.temperature) || !(f32::MIN_POSITIVE..=1.0).contains(&opts.top_p) {
             return Err(Error::Invalid(format!(
                 "sampling with temperature {} and top-p {}: expected a finite temperature >= 0 and top-p in (0, 1]",
                 opts.temperature, opts.top_p

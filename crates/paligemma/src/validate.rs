@@ -105,11 +105,13 @@ impl Config {
         let v = &self.vision;
         bounded("vision.image_size", v.image_size, MAX_IMAGE_SIZE)?;
         bounded("vision.patch_size", v.patch_size, v.image_size)?;
-        check(v.image_size % v.patch_size == 0, || format!("vision.image_size {} is not a multiple of vision.patch_size {}", v.image_size, v.patch_size))?;
+        check(v.image_size.is_multiple_of(v.patch_size), || {
+            format!("vision.image_size {} is not a multiple of vision.patch_size {}", v.image_size, v.patch_size)
+        })?;
         bounded("vision.embedding_length", v.width, MAX_WIDTH)?;
         bounded("vision.block_count", v.depth, MAX_LAYERS)?;
         bounded("vision.attention.head_count", v.heads, MAX_HEADS)?;
-        check(v.width % v.heads == 0, || format!("vision.attention.head_count {} does not divide vision.embedding_length {}", v.heads, v.width))?;
+        check(v.width.is_multiple_of(v.heads), || format!("vision.attention.head_count {} does not divide vision.embedding_length {}", v.heads, v.width))?;
         bounded("vision.feed_forward_length", v.ffn, 4 * MAX_WIDTH)?;
         positive("vision.attention.layer_norm_epsilon", v.ln_eps)?;
         for c in 0..3 {
@@ -123,9 +125,11 @@ impl Config {
         bounded("text.block_count", t.depth, MAX_LAYERS)?;
         bounded("text.attention.head_count", t.heads, MAX_HEADS)?;
         bounded("text.attention.head_count_kv", t.kv_heads, t.heads)?;
-        check(t.heads % t.kv_heads == 0, || format!("text.attention.head_count_kv {} does not divide text.attention.head_count {}", t.kv_heads, t.heads))?;
+        check(t.heads.is_multiple_of(t.kv_heads), || {
+            format!("text.attention.head_count_kv {} does not divide text.attention.head_count {}", t.kv_heads, t.heads)
+        })?;
         bounded("text.attention.key_length", t.head_dim, MAX_WIDTH)?;
-        check(t.head_dim % 2 == 0, || format!("text.attention.key_length {} is odd (RoPE rotates pairs)", t.head_dim))?;
+        check(t.head_dim.is_multiple_of(2), || format!("text.attention.key_length {} is odd (RoPE rotates pairs)", t.head_dim))?;
         bounded("text.feed_forward_length", t.ffn, 4 * MAX_WIDTH)?;
         positive("text.attention.layer_norm_rms_epsilon", t.rms_eps)?;
         positive("text.rope.freq_base", t.rope_theta)?;

@@ -42,7 +42,8 @@ fn every_reported_model_crash_is_a_named_error() {
     let dir = tempfile::tempdir().unwrap();
     let model = convert_fixture("pg2_gqa", Type::Q8_0, Type::F16, dir.path());
     let u = Value::U32;
-    let cases: Vec<(&str, Vec<(&str, Value)>, Vec<(&str, Type)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, Value)>, Vec<(&'a str, Type)>, &'a str);
+    let cases: Vec<Case> = vec![
         // Types ggml's kernels do not take for a role (SIGSEGV / SIGABRT before).
         ("matrix as i16", vec![], vec![("blk.0.attn_q.weight", Type::I16)], "tensor blk.0.attn_q.weight is i16, expected one of"),
         ("matrix as q4_1", vec![], vec![("blk.2.ffn_gate.weight", Type::Q4_1)], "tensor blk.2.ffn_gate.weight is q4_1"),
@@ -174,7 +175,8 @@ fn checkpoint_with(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Pat
 
 #[test]
 fn the_converter_refuses_what_the_loader_would() {
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
+    type Case<'a> = (&'a str, fn(&mut serde_json::Value), &'a str);
+    let cases: [Case; 6] = [
         ("1e9 vision layers", |c| c["vision_config"]["num_hidden_layers"] = 1_000_000_000.into(), "vision.block_count is 1000000000, expected 1 to 512"),
         ("1e9 text layers", |c| c["text_config"]["num_hidden_layers"] = 1_000_000_000.into(), "at most 512 layers"),
         ("image token 2^40", |c| c["image_token_index"] = (1u64 << 40).into(), "a token id below 2^32"),

@@ -100,7 +100,7 @@ fn async_mode_attaches_results_to_a_later_frame() {
     assert!(!msgs.is_empty());
     // The analysed frame's pts is reported, not the frame that carries the meta.
     let pts = msgs[0].get::<Option<gst::ClockTime>>("pts").unwrap().unwrap();
-    assert!(pts.mseconds() % 33 == 0);
+    assert!(pts.mseconds().is_multiple_of(33));
     assert!(start.elapsed() < Duration::from_secs(60));
 }
 
@@ -172,7 +172,8 @@ fn corrupted(model: &Path, out: &Path, tensor_type: Option<(&str, ggml::Type)>, 
 fn a_corrupted_model_is_an_error_message_and_the_application_goes_on() {
     let model = init();
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(Option<(&str, ggml::Type)>, Option<(&str, ggml::gguf::Value)>, &str); 3] = [
+    type Case<'a> = (Option<(&'a str, ggml::Type)>, Option<(&'a str, ggml::gguf::Value)>, &'a str);
+    let cases: [Case; 3] = [
         (Some(("blk.0.attn_norm.weight", ggml::Type::Q4_0)), None, "blk.0.attn_norm.weight is q4_0"),
         (Some(("blk.1.ffn_up.weight", ggml::Type::I16)), None, "blk.1.ffn_up.weight is i16"),
         (None, Some(("paligemma.vision.attention.layer_norm_epsilon", ggml::gguf::Value::F32(-1.0))), "layer_norm_epsilon is -1"),

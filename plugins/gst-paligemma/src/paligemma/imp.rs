@@ -307,10 +307,10 @@ impl ElementImpl for PaliGemma {
     fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
         // Leaving PAUSED deactivates the pads, which waits for the streaming thread;
         // in sync mode that thread may be waiting for an analysis: abandon it first.
-        if transition == gst::StateChange::PausedToReady {
-            if let Some(state) = self.state.lock().unwrap().as_ref() {
-                state.worker.flush();
-            }
+        if transition == gst::StateChange::PausedToReady
+            && let Some(state) = self.state.lock().unwrap().as_ref()
+        {
+            state.worker.flush();
         }
         self.parent_change_state(transition)
     }
@@ -569,22 +569,22 @@ impl BaseTransformImpl for PaliGemma {
     }
 
     fn query(&self, direction: gst::PadDirection, query: &mut gst::QueryRef) -> bool {
-        if direction == gst::PadDirection::Src {
-            if let gst::QueryViewMut::Latency(q) = query.view_mut() {
-                if !BaseTransformImplExt::parent_query(self, direction, q.query_mut()) {
-                    return false;
-                }
-                let (live, min, max) = q.result();
-                let mode = self.settings.lock().unwrap().mode;
-                // Async never delays a buffer. Sync holds a sampled frame for its whole
-                // analysis: report the worst seen so far (0 before the first one).
-                let added = match mode {
-                    Mode::Async => gst::ClockTime::ZERO,
-                    Mode::Sync => self.outbox.worst_analysis.lock().unwrap().unwrap_or(gst::ClockTime::ZERO),
-                };
-                q.set(live, min + added, max.map(|m| m + added));
-                return true;
+        if direction == gst::PadDirection::Src
+            && let gst::QueryViewMut::Latency(q) = query.view_mut()
+        {
+            if !BaseTransformImplExt::parent_query(self, direction, q.query_mut()) {
+                return false;
             }
+            let (live, min, max) = q.result();
+            let mode = self.settings.lock().unwrap().mode;
+            // Async never delays a buffer. Sync holds a sampled frame for its whole
+            // analysis: report the worst seen so far (0 before the first one).
+            let added = match mode {
+                Mode::Async => gst::ClockTime::ZERO,
+                Mode::Sync => self.outbox.worst_analysis.lock().unwrap().unwrap_or(gst::ClockTime::ZERO),
+            };
+            q.set(live, min + added, max.map(|m| m + added));
+            return true;
         }
         BaseTransformImplExt::parent_query(self, direction, query)
     }
