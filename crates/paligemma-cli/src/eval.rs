@@ -84,6 +84,9 @@ pub struct Scores {
     pub counts_correct: usize,
     /// Per label: (boxes, found).
     pub per_label: std::collections::BTreeMap<String, (usize, usize)>,
+    /// Each detection's score and whether it matched a true box at IoU >= 0.5.
+    #[serde(skip)]
+    pub scored: Vec<(f32, bool)>,
 }
 
 impl Scores {
@@ -95,6 +98,35 @@ impl Scores {
     }
     fn rate(&self, n: usize) -> f64 {
         n as f64 / self.frames.max(1) as f64
+    }
+
+    /// Area under the ROC curve of the detection scores for right (IoU >= 0.5) against
+    /// wrong boxes: the chance that a right box scores above a wrong one (ties count
+    /// half). None without both kinds.
+    pub fn score_auc(&self) -> Option<f64> {
+        let right: Vec<f32> = self.scored.iter().filter(|s| s.1).map(|s| s.0).collect();
+        let wrong: Vec<f32> = self.scored.iter().filter(|s| !s.1).map(|s| s.0).collect();
+        if right.is_empty() || wrong.is_empty() {
+            return None;
+        }
+        let wins: f64 = right
+            .iter()
+            .map(|r| {
+                wrong
+                    .iter()
+                    .map(|w| {
+                        if r > w {
+                            1.0
+                        } else if r == w {
+                            0.5
+                        } else {
+                            0.0
+                        }
+                    })
+                    .sum::<f64>()
+            })
+            .sum();
+        Some(wins / (right.len() * wrong.len()) as f64)
     }
 }
 
@@ -166,6 +198,8 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
             }
         }
 
+        s.scored.extend(found.iter().zip(&used).map(|(d, &right)| (d.score.unwrap_or(0.0), right)));
+
         let cap = model.answer(&emb, &Task::parse(&t.caption.prompt)?, &opts, 1023.0, &mut |_, _| true)?;
         let cap_text = match &cap.result {
             TaskResult::Caption { text } => text.trim().to_string(),
@@ -203,6 +237,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         let v = serde_json::json!({
             "scores": s, "detection_recall_iou50": s.recall(), "detection_precision_iou50": s.precision(),
             "caption_exact": s.rate(s.captions_exact), "caption_objects": s.rate(s.captions_objects), "count_accuracy": s.rate(s.counts_correct),
+            "detection_score_auc": s.score_auc(), "detections_right_wrong": [s.detections_correct, s.detections - s.detections_correct],
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -212,6 +247,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             println!("  recall for {label:<9}       {:.1}% ({found} of {n})", 100.0 * *found as f64 / (*n).max(1) as f64);
         }
         println!("detection precision         {:.1}%", 100.0 * s.precision());
+        match s.score_auc() {
+            Some(auc) => println!("score ROC AUC, right/wrong  {auc:.3} ({} right, {} wrong boxes)", s.detections_correct, s.detections - s.detections_correct),
+            None => println!("score ROC AUC, right/wrong  - (needs right and wrong boxes)"),
+        }
         println!("captions exact              {:.1}%", 100.0 * s.rate(s.captions_exact));
         println!("captions right objects      {:.1}%", 100.0 * s.rate(s.captions_objects));
         println!("counting accuracy           {:.1}%", 100.0 * s.rate(s.counts_correct));
@@ -231,5 +270,14 @@ mod tests {
         );
         assert!((iou([0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0]) - 1.0 / 3.0).abs() < 1e-6);
         assert_eq!(iou([0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]), 0.0);
+    }
+
+    #[test]
+    fn score_auc_ranks_right_above_wrong() {
+        let with = |scored: Vec<(f32, bool)>| Scores { scored, ..Default::default() }.score_auc();
+        assert_eq!(with(vec![(0.9, true), (0.8, true), (0.2, false)]), Some(1.0));
+        assert_eq!(with(vec![(0.1, true), (0.8, false)]), Some(0.0));
+        assert_eq!(with(vec![(0.5, true), (0.5, false), (0.9, true), (0.1, false)]), Some(0.875));
+        assert_eq!(with(vec![(0.5, true)]), None);
     }
 }

@@ -335,6 +335,7 @@ fn run_prompt(
             "tokens": generation.tokens,
             "task": answer.task.kind(),
             "result": answer.result,
+            "mean_logprob": generation.mean_logprob(),
             "timings_ms": {"preprocess": t.preprocess, "vision": t.vision, "prefill": t.prefill, "decode": t.decode,
                            "prefix_tokens": t.prefix_tokens, "generated_tokens": t.generated_tokens},
         });
@@ -343,7 +344,8 @@ fn run_prompt(
         println!();
         for d in answer.result.detections() {
             let b = &d.bbox;
-            eprintln!("  {}: x {:.0} y {:.0} w {:.0} h {:.0}{}", d.label, b.x, b.y, b.w, b.h, if d.mask.is_some() { " (mask)" } else { "" });
+            let score = d.score.map_or(String::new(), |s| format!(" score {s:.2}"));
+            eprintln!("  {}: x {:.0} y {:.0} w {:.0} h {:.0}{score}{}", d.label, b.x, b.y, b.w, b.h, if d.mask.is_some() { " (mask)" } else { "" });
         }
     }
     Ok(())

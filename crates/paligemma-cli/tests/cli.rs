@@ -102,3 +102,31 @@ fn demo_model_evaluation() {
     assert!(v["caption_objects"].as_f64().unwrap() >= 0.85);
     assert!(v["count_accuracy"].as_f64().unwrap() >= 0.75);
 }
+
+/// Every detection of the demo model carries a confidence score, and an answer its
+/// mean token log-probability.
+#[test]
+fn demo_model_scores() {
+    let (ok, stdout, stderr) = paligemma(&[
+        "run",
+        "-m",
+        "models/demo/paligemma2-demo-f16.gguf",
+        "-i",
+        "tests/fixtures/demo_eval/frame_0000.png",
+        "-p",
+        "detect circle",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let detections = v["result"]["detections"].as_array().unwrap();
+    assert!(!detections.is_empty(), "{v}");
+    for d in detections {
+        let score = d["score"].as_f64().unwrap_or_else(|| panic!("no score: {d}"));
+        assert!(score > 0.0 && score <= 1.0, "{d}");
+    }
+    let lp = v["mean_logprob"].as_f64().unwrap();
+    assert!(lp <= 0.0 && lp.is_finite(), "{v}");
+}

@@ -118,6 +118,7 @@ max_tokens = 3
         assert_eq!(v["source"]["camera"], "cam");
         assert_eq!(v["prompt"]["id"], id);
         assert!(v["frame"]["width"] == 64 && v["latency_ms"]["total"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["mean_logprob"].as_f64().is_some_and(|lp| lp <= 0.0) || v["tokens"]["generated"] == 0, "{v}");
     }
     let kind = wait_for(&results, 30, |k, _| k.ends_with("/cam/objects")).unwrap()["result"]["kind"].clone();
     assert_eq!(kind, "detections");

@@ -1,5 +1,9 @@
 //! The result message (`paligemma.result/1`): one per prompt per analysed frame,
 //! shared by the element's bus messages and the node's Zenoh payloads.
+//!
+//! Optional fields added within version 1 (readers of earlier messages ignore them):
+//! `mean_logprob` (the answer's mean token log-probability) and each detection's
+//! `score` (0..1, see [`paligemma::output::Detection::score`]).
 use paligemma::TaskResult;
 
 pub const SCHEMA: &str = "paligemma.result/1";
@@ -67,6 +71,10 @@ pub struct ResultMessage {
     pub result: TaskResult,
     pub raw: String,
     pub tokens: TokenCounts,
+    /// Mean natural-log probability of the generated tokens: the confidence of a
+    /// caption, answer or OCR text (none for errors and empty answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_logprob: Option<f32>,
     pub latency_ms: Latency,
     pub frames_dropped: u64,
 }

@@ -369,6 +369,7 @@ impl JobContext<'_> {
                     msg.prompt.task = answer.task.kind().into();
                     msg.raw = answer.generation.text.clone();
                     msg.tokens = TokenCounts { prompt: answer.generation.prompt_tokens, generated: answer.generation.tokens.len() };
+                    msg.mean_logprob = answer.generation.mean_logprob();
                     // Preprocessing and vision are shared by the frame's prompts, and so
                     // is the batched decode.
                     msg.latency_ms =
@@ -411,6 +412,7 @@ impl JobContext<'_> {
             result: TaskResult::Text { text: String::new() },
             raw: String::new(),
             tokens: TokenCounts::default(),
+            mean_logprob: None,
             latency_ms: Latency { queue: queue_ms, ..Default::default() },
             frames_dropped: 0,
         }

@@ -127,6 +127,9 @@ pub struct Generation {
     pub text: String,
     /// Generated ids, eos excluded.
     pub tokens: Vec<u32>,
+    /// The probability the model gave each generated id (softmax of its final logits at
+    /// temperature 1, whatever the sampling settings): the basis of confidences.
+    pub token_probs: Vec<f32>,
     pub prompt_tokens: usize,
     /// Whether generation ended at eos (rather than the token limit).
     pub stopped_at_eos: bool,
@@ -611,6 +614,7 @@ impl Model {
             base: usize,
             prefix: usize,
             tokens: Vec<u32>,
+            token_probs: Vec<f32>,
             text: String,
             logits: Vec<f32>,
             first_logits: Vec<f32>,
@@ -633,6 +637,7 @@ impl Model {
                 base,
                 prefix: ids.len(),
                 tokens: Vec::new(),
+                token_probs: Vec::new(),
                 text: String::new(),
                 first_logits,
                 logits,
@@ -654,6 +659,7 @@ impl Model {
                     continue;
                 }
                 seq.tokens.push(next);
+                seq.token_probs.push(probability(&seq.logits, next, self.config.text.final_softcap));
                 let full = self.tokenizer.decode(&seq.tokens)?;
                 let piece = full.get(seq.text.len()..).unwrap_or("").to_string();
                 seq.text = full;
@@ -687,7 +693,15 @@ impl Model {
             .map(|mut q| {
                 q.timings.decode = decode_ms;
                 q.timings.generated_tokens = q.tokens.len();
-                Generation { text: q.text, tokens: q.tokens, prompt_tokens: q.prefix, stopped_at_eos: q.eos, first_logits: q.first_logits, timings: q.timings }
+                Generation {
+                    text: q.text,
+                    tokens: q.tokens,
+                    token_probs: q.token_probs,
+                    prompt_tokens: q.prefix,
+                    stopped_at_eos: q.eos,
+                    first_logits: q.first_logits,
+                    timings: q.timings,
+                }
             })
             .collect())
     }
@@ -946,6 +960,23 @@ fn build_decoder<'c>(
     let h = rms_norm(ctx, last, w.get("output_norm.weight"), t.rms_eps)?;
     // Logits before the final softcap: see `Model::final_softcap`.
     Ok(ctx.mul_mat(w.lm_head(), h)?)
+}
+
+impl Generation {
+    /// The mean natural-log probability of the generated tokens (none for an empty
+    /// answer): the confidence of a caption, answer or OCR text.
+    pub fn mean_logprob(&self) -> Option<f32> {
+        (!self.token_probs.is_empty()).then(|| self.token_probs.iter().map(|p| p.max(f32::MIN_POSITIVE).ln()).sum::<f32>() / self.token_probs.len() as f32)
+    }
+}
+
+/// The probability of `id` under the softmax of the (soft-capped) logits. The softcap is
+/// monotonic, so the largest capped logit is the cap of the largest raw one.
+fn probability(logits: &[f32], id: u32, cap: Option<f32>) -> f32 {
+    let capped = |l: f32| cap.map_or(l, |c| softcap(l, c));
+    let max = capped(logits.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+    let total: f64 = logits.iter().map(|&l| ((capped(l) - max) as f64).exp()).sum();
+    logits.get(id as usize).map_or(0.0, |&l| (((capped(l) - max) as f64).exp() / total) as f32)
 }
 
 /// `cap * tanh(l / cap)`.

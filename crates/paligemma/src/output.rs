@@ -91,6 +91,14 @@ pub struct Detection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seg_codes: Option<Vec<u32>>,
     pub mask: Option<Mask>,
+    /// Confidence in 0..1: the lowest probability the model gave one of the object's
+    /// tokens (its four loc tokens, its seg tokens and its label), filled in by
+    /// [`crate::Model::answer`]; none when parsed from text alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+    /// Which `;`-separated object of the output this is (0-based).
+    #[serde(skip)]
+    pub object: usize,
 }
 
 /// The parsed answer to a task.
@@ -280,7 +288,7 @@ pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, se
         };
         let box_norm = NormBox { x1, y1, x2, y2 };
         let bbox = box_norm.to_pixels(width, height);
-        detections.push(Detection { label, bbox, box_norm, loc_bins, loc_divisor: divisor, seg_codes, mask: None });
+        detections.push(Detection { label, bbox, box_norm, loc_bins, loc_divisor: divisor, seg_codes, mask: None, score: None, object: n });
     }
     if segmentation { TaskResult::Segmentation { detections, warnings } } else { TaskResult::Detections { detections, warnings } }
 }

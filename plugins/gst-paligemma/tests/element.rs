@@ -75,6 +75,8 @@ fn sync_mode_every_sampled_frame_carries_its_results() {
         let json: serde_json::Value = serde_json::from_str(m.get::<&str>("json").unwrap()).unwrap();
         assert_eq!(json["schema"], "paligemma.result/1");
         assert!(m.get::<gst::Array>("detections").is_ok());
+        // An answer's confidence, present whenever it has tokens.
+        assert!(m.get::<f64>("mean-logprob").is_ok_and(|lp| lp <= 0.0) || json["tokens"]["generated"] == 0, "{m}");
         assert!(m.get::<Option<gst::ClockTime>>("running-time").unwrap().is_some());
     }
 }

@@ -420,7 +420,7 @@ fn result_message(element: &super::PaliGemma, msg: &ResultMessage) -> gst::Messa
         .detections()
         .iter()
         .map(|d| {
-            gst::Structure::builder("detection")
+            let mut s = gst::Structure::builder("detection")
                 .field("label", &d.label)
                 .field("x", d.bbox.x as f64)
                 .field("y", d.bbox.y as f64)
@@ -431,13 +431,16 @@ fn result_message(element: &super::PaliGemma, msg: &ResultMessage) -> gst::Messa
                 .field("x2", d.box_norm.x2 as f64)
                 .field("y2", d.box_norm.y2 as f64)
                 .field("has-mask", d.mask.is_some())
-                .build()
-                .to_send_value()
+                .build();
+            if let Some(score) = d.score {
+                s.set("score", score as f64);
+            }
+            s.to_send_value()
         })
         .collect();
     let text = msg.result.text().unwrap_or(&msg.raw).to_string();
     let clock = |ns: Option<u64>| ns.map(gst::ClockTime::from_nseconds);
-    let s = gst::Structure::builder("paligemma-result")
+    let mut s = gst::Structure::builder("paligemma-result")
         .field("prompt-id", &msg.prompt.id)
         .field("prompt", &msg.prompt.text)
         .field("task", &msg.prompt.task)
@@ -453,6 +456,9 @@ fn result_message(element: &super::PaliGemma, msg: &ResultMessage) -> gst::Messa
         .field("latency-ms", msg.latency_ms.total)
         .field("frames-dropped", msg.frames_dropped)
         .build();
+    if let Some(lp) = msg.mean_logprob {
+        s.set("mean-logprob", lp as f64);
+    }
     gst::message::Element::builder(s).src(element).build()
 }
 
