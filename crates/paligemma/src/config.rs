@@ -219,9 +219,6 @@ impl Config {
         let heads = t.usize_or("num_attention_heads", d_heads)?;
         let kv_heads = t.usize_or("num_key_value_heads", d_kv)?;
         let head_dim = t.usize_or("head_dim", 256)?;
-        if heads % kv_heads != 0 {
-            return Err(cfg_err(format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")));
-        }
         let rope_theta = match text_obj.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
             Some(theta) => theta.as_f64().ok_or_else(|| t.err("rope_parameters.rope_theta", "a number"))? as f32,
             None => t.f32_or("rope_theta", 10000.0)?,
@@ -300,9 +297,6 @@ impl Config {
             image_std: p.f32x3_or("image_std", [0.5; 3])?,
             rescale: p.f32_or("rescale_factor", 1.0 / 255.0)?,
         };
-        if !vision.image_size.is_multiple_of(vision.patch_size) {
-            return Err(cfg_err(format!("image_size {} is not a multiple of patch_size {}", vision.image_size, vision.patch_size)));
-        }
         let token = |name: &str| lookup(name).ok_or_else(|| Error::Tokenizer(format!("the tokenizer has no {name} token")));
         let image_token_id = match root.get("image_token_id").or(root.get("image_token_index")) {
             Some(id) => id.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| r.err("image_token_id", "a token id below 2^32"))?,
@@ -319,11 +313,10 @@ impl Config {
         };
         let projection_dim =
             vision_obj.get("projection_dim").and_then(Json::as_u64).or(root.get("projection_dim").and_then(Json::as_u64)).map_or(width, |d| d as usize);
-        if projection_dim != width {
-            return Err(cfg_err(format!("projection_dim {projection_dim} differs from text hidden_size {width}")));
-        }
         let name = root.get("_name_or_path").and_then(Json::as_str).filter(|s| !s.is_empty()).unwrap_or("paligemma").to_string();
         let config = Config { name, vision, projection_dim, text: text_cfg, tokens };
+        // Consistency (heads, patches, projection width, token ids) is checked once, by
+        // the validation the loader runs too.
         config.validate().map_err(|problem| cfg_err(format!("invalid hyper-parameters: {problem}")))?;
         Ok(config)
     }

@@ -248,7 +248,7 @@ impl Checkpoint {
         }
         let tok_path = dir.join("tokenizer.json");
         let tokenizer_json = std::fs::read_to_string(&tok_path).map_err(crate::error::io(&tok_path))?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes())
+        let tokenizer = crate::tokenizer::parse_json(&tokenizer_json)
             .map_err(|e| Error::Checkpoint { path: tok_path.clone(), detail: format!("not a valid tokenizer.json: {e}") })?;
 
         let (files, notes) = safetensors_files(dir)?;
@@ -337,7 +337,7 @@ fn safetensors_files(dir: &Path) -> Result<(MappedFiles, Vec<String>)> {
     const INDEX: &str = "model.safetensors.index.json";
     const SINGLE: &str = "model.safetensors";
     let index_path = dir.join(INDEX);
-    let names: Vec<String> = if index_path.is_file() {
+    let (source, names): (&str, Vec<String>) = if index_path.is_file() {
         let text = String::from_utf8(crate::read_input_file(&index_path, 64 << 20)?)
             .map_err(|_| Error::Config { path: index_path.clone(), detail: "not UTF-8".into() })?;
         let json: serde_json::Value =
@@ -356,9 +356,9 @@ fn safetensors_files(dir: &Path) -> Result<(MappedFiles, Vec<String>)> {
         }
         files.sort();
         files.dedup();
-        files
+        (INDEX, files)
     } else if dir.join(SINGLE).is_file() {
-        vec![SINGLE.to_string()]
+        (SINGLE, vec![SINGLE.to_string()])
     } else {
         return Err(Error::Checkpoint { path: dir.into(), detail: format!("no {INDEX} and no {SINGLE} (the files transformers reads)") });
     };
@@ -373,7 +373,7 @@ fn safetensors_files(dir: &Path) -> Result<(MappedFiles, Vec<String>)> {
         .collect();
     others.sort();
     for other in others {
-        notes.push(format!("ignored {other}: not a weight file of the model (transformers reads {})", if names.len() > 1 { INDEX } else { SINGLE }));
+        notes.push(format!("ignored {other}: not a weight file of the model (transformers reads {source})"));
     }
     let files = names
         .into_iter()

@@ -9,6 +9,17 @@ use crate::{Error, Result};
 /// Longest prompt text accepted, in bytes (before it is checked against the context).
 pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
 
+/// Parses a `tokenizer.json` with the tokenizers crate, which panics on some malformed
+/// files (a control character inside a string of its decoder section): the JSON is
+/// checked first, and a panic that still happens becomes an error too, since models and
+/// checkpoints are input to a host process. The error says what is wrong.
+pub fn parse_json(json: &str) -> std::result::Result<tokenizers::Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(json).map_err(|e| e.to_string())?;
+    std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json.as_bytes()))
+        .map_err(|_| "the tokenizer library rejected it".to_string())?
+        .map_err(|e| e.to_string())
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     tokens: TokenConfig,
@@ -16,13 +27,7 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_json(json: &str, tokens: TokenConfig) -> Result<Tokenizer> {
-        // The tokenizers crate panics on some malformed files (a control character inside
-        // a string of its decoder section): the JSON is checked first, and a panic that
-        // still happens becomes an error too, since a model file is input to a host process.
-        serde_json::from_str::<serde::de::IgnoredAny>(json).map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
-        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json.as_bytes()))
-            .map_err(|_| Error::Tokenizer("invalid tokenizer.json: the tokenizer library rejected it".into()))?;
-        let inner = parsed.map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
+        let inner = parse_json(json).map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
         Ok(Tokenizer { inner, tokens })
     }
 
