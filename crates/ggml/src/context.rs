@@ -127,8 +127,8 @@ impl Drop for Context {
 /// A tensor of a [`Context`] (metadata; the data lives in a backend buffer).
 #[derive(Clone, Copy)]
 pub struct Tensor<'a> {
-    ptr: NonNull<sys::ggml_tensor>,
-    _ctx: PhantomData<&'a Context>,
+    pub(crate) ptr: NonNull<sys::ggml_tensor>,
+    pub(crate) _ctx: PhantomData<&'a Context>,
 }
 
 impl<'a> Tensor<'a> {
@@ -231,13 +231,6 @@ impl<'a> Tensor<'a> {
         self.write_bytes(as_bytes(data))
     }
 
-    /// Writes f32 values into an F16 tensor (converted).
-    pub fn write_f32_as_f16(&self, data: &[f32]) -> Result<()> {
-        self.expect_type(Type::F16, "write_f32_as_f16")?;
-        let halves: Vec<u16> = data.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
-        self.write_bytes(as_bytes(&halves))
-    }
-
     fn expect_type(&self, ty: Type, op: &'static str) -> Result<()> {
         if self.ty() != ty {
             return Err(shape(op, format!("tensor {:?} is {}, expected {}", self.name(), self.ty(), ty)));
@@ -280,8 +273,6 @@ pub(crate) mod bytemuck_lite {
     pub trait Pod: Copy {}
     impl Pod for f32 {}
     impl Pod for i32 {}
-    impl Pod for u16 {}
-    impl Pod for u8 {}
 }
 
 /// A computation graph built from tensors of a context.
@@ -431,16 +422,6 @@ impl Context {
         self.same_ctx("relu", unsafe { sys::ggml_relu(self.as_ptr(), a.as_ptr()) })
     }
 
-    /// `gelu_tanh(a) * b` in one pass (Gemma's gated MLP).
-    pub fn geglu<'s>(&'s self, a: Tensor<'_>, b: Tensor<'_>) -> Result<Tensor<'s>> {
-        if a.ne() != b.ne() {
-            return Err(shape("geglu", format!("{:?} vs {:?}", a.shape(), b.shape())));
-        }
-        self.room()?;
-        // SAFETY: equal shapes.
-        self.same_ctx("geglu", unsafe { sys::ggml_geglu_split(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
-    }
-
     /// RMS normalisation over the innermost dimension.
     pub fn rms_norm<'s>(&'s self, a: Tensor<'_>, eps: f32) -> Result<Tensor<'s>> {
         self.room()?;
@@ -541,17 +522,6 @@ impl Context {
         let out = self.mul_mat(cols2, k2)?; // [ow*oh*n, cout]
         let out = self.reshape(out, &[c[1], c[2], c[3], k[3]])?; // [ow, oh, n, cout]
         self.cont(self.permute(out, [0, 1, 3, 2])?)
-    }
-
-    /// Transposed 2-D convolution with padding 0 (crop afterwards for PyTorch padding).
-    pub fn conv_transpose_2d<'s>(&'s self, kernel: Tensor<'_>, input: Tensor<'_>, stride: usize) -> Result<Tensor<'s>> {
-        let (k, x) = (kernel.ne(), input.ne());
-        if k[3] != x[2] || stride == 0 {
-            return Err(shape("conv_transpose_2d", format!("kernel {:?} on input {:?}", kernel.shape(), input.shape())));
-        }
-        self.room()?;
-        // SAFETY: shapes checked.
-        self.same_ctx("conv_transpose_2d", unsafe { sys::ggml_conv_transpose_2d_p0(self.as_ptr(), kernel.as_ptr(), input.as_ptr(), stride as i32) })
     }
 
     fn room_for(&self, n: usize) -> Result<()> {
@@ -675,16 +645,6 @@ impl Context {
         self.same_ctx("concat", unsafe { sys::ggml_concat(self.as_ptr(), a.as_ptr(), b.as_ptr(), dim as i32) })
     }
 
-    /// Copies `a` into `b` (same element count), returning a view of `b`.
-    pub fn cpy<'s>(&'s self, a: Tensor<'_>, b: Tensor<'_>) -> Result<Tensor<'s>> {
-        if a.nelements() != b.nelements() {
-            return Err(shape("cpy", format!("{:?} into {:?}", a.shape(), b.shape())));
-        }
-        self.room()?;
-        // SAFETY: counts checked.
-        self.same_ctx("cpy", unsafe { sys::ggml_cpy(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
-    }
-
     /// Appends `pad[i]` zeros at the end of dimension i.
     pub fn pad<'s>(&'s self, a: Tensor<'_>, pad: [usize; 4]) -> Result<Tensor<'s>> {
         if pad.iter().any(|&p| p > i32::MAX as usize) || a.ty() != Type::F32 {
@@ -694,15 +654,5 @@ impl Context {
         let [p0, p1, p2, p3] = pad.map(|p| p as i32);
         // SAFETY: f32 tensor, non-negative pads.
         self.same_ctx("pad", unsafe { sys::ggml_pad(self.as_ptr(), a.as_ptr(), p0, p1, p2, p3) })
-    }
-
-    /// Index of the largest value in each row (I32).
-    pub fn argmax<'s>(&'s self, a: Tensor<'_>) -> Result<Tensor<'s>> {
-        if a.ne()[2] != 1 || a.ne()[3] != 1 || a.ty() != Type::F32 {
-            return Err(shape("argmax", format!("{:?} {}", a.shape(), a.ty())));
-        }
-        self.room()?;
-        // SAFETY: checked (2-D f32).
-        self.same_ctx("argmax", unsafe { sys::ggml_argmax(self.as_ptr(), a.as_ptr()) })
     }
 }

@@ -6,6 +6,8 @@
 //!   ggml's device registry; the scheduler falls back to the CPU for missing ops.
 //! - [`Buffer`]: tensor data on a backend, or CPU tensors used in place from a
 //!   memory-mapped file.
+//! - [`TensorStore`] / [`TensorRef`]: long-lived tensors (weights, caches) kept by
+//!   handle in typed structs.
 //! - [`gguf`]: read (every metadata type, tensor infos, in-place data) and write.
 //! - [`quantize`] / [`to_f32`]: f32 rows to any ggml type and back.
 //!
@@ -16,6 +18,7 @@ mod context;
 mod error;
 pub mod gguf;
 mod quant;
+mod store;
 mod types;
 
 pub use backend::{Backend, Buffer, BufferType, Device, DeviceKind, HostMemory, Scheduler, set_log_quiet};
@@ -23,6 +26,7 @@ pub use context::{Context, Graph, Tensor};
 pub use error::{Error, Result};
 pub use ggml_sys as sys;
 pub use quant::{quantize, to_f32};
+pub use store::{TensorRef, TensorStore};
 pub use types::Type;
 
 /// Maps a file read-only. Tensor data is then used in place (see [`Buffer::from_host`]).

@@ -150,11 +150,11 @@ fn rope_neox() {
         ctx.rope_neox(tx, tp, d, theta)
     });
     let mut want = x.clone();
-    for t in 0..tokens {
+    for (t, &p) in pos.iter().enumerate() {
         for h in 0..heads {
             let base = (t * heads + h) * d;
             for i in 0..d / 2 {
-                let angle = pos[t] as f32 * theta.powf(-2.0 * i as f32 / d as f32);
+                let angle = p as f32 * theta.powf(-2.0 * i as f32 / d as f32);
                 let (x0, x1) = (x[base + i], x[base + i + d / 2]);
                 want[base + i] = x0 * angle.cos() - x1 * angle.sin();
                 want[base + i + d / 2] = x0 * angle.sin() + x1 * angle.cos();

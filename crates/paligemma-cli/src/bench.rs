@@ -1,7 +1,7 @@
 //! `paligemma bench`: per-stage timings with warm-up and repetitions, and peak RSS.
 use anyhow::{Context, Result, bail};
 use paligemma::config::{Config, NAMED_SHAPES, TokenConfig};
-use paligemma::convert::{ConvertOptions, parse_weight_type, write_random};
+use paligemma::convert::{ConvertOptions, default_vision_type, parse_weight_type, write_random};
 use paligemma::preprocess::{RgbImage, preprocess};
 use paligemma::{GenerateOptions, KvType, Model, ModelOptions};
 use std::path::PathBuf;
@@ -21,9 +21,10 @@ pub struct BenchArgs {
     /// Decoder weight type for --random.
     #[arg(long = "type", default_value = "q4_k")]
     ty: String,
-    /// SigLIP weight type for --random.
-    #[arg(long, default_value = "f16")]
-    vision_type: String,
+    /// SigLIP weight type for --random (default as for `convert`: --type when that is
+    /// f32, f16 or bf16, else f16).
+    #[arg(long)]
+    vision_type: Option<String>,
     /// Where random models are kept between runs.
     #[arg(long, default_value = "bench-models")]
     cache: PathBuf,
@@ -72,7 +73,9 @@ fn model_path(args: &BenchArgs) -> Result<PathBuf> {
         return Ok(m.clone());
     }
     let Some(name) = &args.random else { bail!("give --model FILE or --random SHAPE ({})", NAMED_SHAPES.join(", ")) };
-    let opts = ConvertOptions { ty: parse_weight_type(&args.ty)?, vision_ty: parse_weight_type(&args.vision_type)?, seg_decoder: None, cancel: None };
+    let ty = parse_weight_type(&args.ty)?;
+    let vision_ty = args.vision_type.as_deref().map(parse_weight_type).transpose()?.unwrap_or_else(|| default_vision_type(ty));
+    let opts = ConvertOptions { ty, vision_ty, seg_decoder: None, cancel: None };
     let path = args.cache.join(format!("{name}-{}-v{}.gguf", opts.ty, opts.vision_ty));
     if path.exists() {
         return Ok(path);
@@ -146,7 +149,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let pixels = preprocess(&image, &model.config().vision);
         let pre_ms = t.elapsed().as_secs_f64() * 1e3;
         let emb = model.encode_pixels(&pixels)?;
-        let g = model.generate_ids(&emb, &ids, &options, &mut |_, _| true)?;
+        let g = model.generate(&emb, std::slice::from_ref(&ids), &options, &mut |_| true)?.remove(0);
         if rep >= args.warmup {
             pre.push(pre_ms);
             vis.push(emb.timings.vision);
@@ -164,7 +167,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let emb = model.encode_pixels(&pixels)?;
     let mut batch = Vec::new();
     for rep in 0..args.warmup + args.reps {
-        let gens = model.generate_batch(&emb, &prefixes, &options, &mut |_, _, _| true)?;
+        let gens = model.generate(&emb, &prefixes, &options, &mut |_| true)?;
         let tokens: usize = gens.iter().map(|g| g.tokens.len().saturating_sub(1)).sum();
         if rep >= args.warmup {
             batch.push(tokens as f64 / (gens[0].timings.decode / 1e3));

@@ -2,7 +2,7 @@
 //! held-out synthetic frames.
 use anyhow::{Context, Result};
 use paligemma::preprocess::RgbImage;
-use paligemma::{GenerateOptions, KvType, Model, ModelOptions, Task, TaskResult};
+use paligemma::{AnswerOptions, KvType, Model, ModelOptions, Task, TaskResult};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -165,7 +165,7 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
     let truth_path = set.join("truth.jsonl");
     let text = std::fs::read_to_string(&truth_path).with_context(|| truth_path.display().to_string())?;
     let mut s = Scores::default();
-    let opts = GenerateOptions { max_tokens: 48, ..Default::default() };
+    let opts = AnswerOptions { max_tokens: 48, ..Default::default() };
     for (n, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         if limit > 0 && n >= limit {
             break;
@@ -175,7 +175,7 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
         let emb = model.encode_image(&image)?;
         s.frames += 1;
 
-        let det = model.answer(&emb, &Task::parse(&t.detect.prompt)?, &opts, paligemma::output::DEFAULT_LOC_DIVISOR, &mut |_, _| true)?;
+        let det = model.answer(&emb, &Task::parse(&t.detect.prompt)?, &opts)?;
         let found = det.result.detections();
         s.detections += found.len();
         let mut used = vec![false; found.len()];
@@ -200,7 +200,7 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
 
         s.scored.extend(found.iter().zip(&used).map(|(d, &right)| (d.score.unwrap_or(0.0), right)));
 
-        let cap = model.answer(&emb, &Task::parse(&t.caption.prompt)?, &opts, 1023.0, &mut |_, _| true)?;
+        let cap = model.answer(&emb, &Task::parse(&t.caption.prompt)?, &opts)?;
         let cap_text = match &cap.result {
             TaskResult::Caption { text } => text.trim().to_string(),
             _ => String::new(),
@@ -214,7 +214,7 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
             s.captions_objects += 1;
         }
 
-        let count = model.answer(&emb, &Task::parse(&t.count.prompt)?, &GenerateOptions { max_tokens: 4, ..Default::default() }, 1023.0, &mut |_, _| true)?;
+        let count = model.answer(&emb, &Task::parse(&t.count.prompt)?, &AnswerOptions { max_tokens: 4, ..Default::default() })?;
         let answer = count.generation.text.trim().to_string();
         if number(&answer) == Some(t.count.count) {
             s.counts_correct += 1;

@@ -1,9 +1,9 @@
 //! `paligemma`: convert Hugging Face checkpoints, inspect and run models.
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use paligemma::convert::{ConvertOptions, parse_weight_type};
+use paligemma::convert::{ConvertOptions, default_vision_type, parse_weight_type};
 use paligemma::preprocess::{PixelValues, RgbImage};
-use paligemma::{GenerateOptions, KvType, Model, ModelOptions, Task};
+use paligemma::{AnswerOptions, KvType, Model, ModelOptions, Sampling, Task};
 mod bench;
 mod eval;
 
@@ -32,9 +32,10 @@ enum Command {
         /// Type of the decoder and projector weights: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k.
         #[arg(long = "type", default_value = "f16")]
         ty: String,
-        /// Type of the SigLIP weights (same choices).
-        #[arg(long, default_value = "f16")]
-        vision_type: String,
+        /// Type of the SigLIP weights (same choices; default: --type when that is f32,
+        /// f16 or bf16, else f16, since SigLIP loses more to quantization than Gemma).
+        #[arg(long)]
+        vision_type: Option<String>,
         /// big_vision's VQ-VAE weights (vae-oid.npz) to store for segmentation masks.
         #[arg(long)]
         seg_decoder: Option<PathBuf>,
@@ -152,12 +153,12 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Convert { hf_dir, out, ty, vision_type, seg_decoder } => convert(&hf_dir, &out, &ty, &vision_type, seg_decoder),
+        Command::Convert { hf_dir, out, ty, vision_type, seg_decoder } => convert(&hf_dir, &out, &ty, vision_type.as_deref(), seg_decoder),
         Command::Info { model, json } => info(&model, json),
         Command::Run { load, image, prompt, max_tokens, temperature, top_k, top_p, seed, json, logits_out, pixel_values, loc_divisor, max_pixels } => {
-            let opts = GenerateOptions { max_tokens, temperature, top_k, top_p, seed, ignore_eos: false };
+            let opts = AnswerOptions { max_tokens, sampling: Sampling { temperature, top_k, top_p, seed }, loc_divisor };
             let inputs = Inputs { image: image.as_deref(), pixel_values: pixel_values.as_deref(), max_pixels };
-            run_prompt(&load, inputs, &prompt, &opts, json, logits_out.as_deref(), loc_divisor)
+            run_prompt(&load, inputs, &prompt, &opts, json, logits_out.as_deref())
         }
         Command::DecodeMask { load, codes, out } => {
             let mut model = load.load()?;
@@ -170,14 +171,16 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn convert(hf_dir: &Path, out: &Path, ty: &str, vision_ty: &str, seg_decoder: Option<PathBuf>) -> Result<()> {
+fn convert(hf_dir: &Path, out: &Path, ty: &str, vision_ty: Option<&str>, seg_decoder: Option<PathBuf>) -> Result<()> {
     // SIGINT, SIGTERM and SIGHUP stop the conversion between two tensors, so that the
     // writer removes its partial file before the process exits.
     let cancel = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
         signal_hook::flag::register(signal, cancel.clone()).context("installing a signal handler")?;
     }
-    let opts = ConvertOptions { ty: parse_weight_type(ty)?, vision_ty: parse_weight_type(vision_ty)?, seg_decoder, cancel: Some(cancel) };
+    let ty = parse_weight_type(ty)?;
+    let vision_ty = vision_ty.map(parse_weight_type).transpose()?.unwrap_or_else(|| default_vision_type(ty));
+    let opts = ConvertOptions { ty, vision_ty, seg_decoder, cancel: Some(cancel) };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("valid template"));
     let summary = paligemma::convert::convert(hf_dir, out, &opts, |p| {
@@ -217,9 +220,19 @@ fn human_bytes(n: u64) -> String {
 fn info(path: &Path, json: bool) -> Result<()> {
     let f = ggml::gguf::GgufFile::open(path)?;
     let (cfg, tok) = paligemma::validate::model_file(&f)?;
+    // The types the matrices really have (metadata could say anything).
+    let matrix_types = |vision: bool| -> Vec<&str> {
+        let mut types: Vec<&str> =
+            f.tensors.iter().filter(|t| t.shape.len() == 2 && t.name.starts_with("v.blk.") == vision && t.name.contains("blk.")).map(|t| t.ty.name()).collect();
+        types.sort();
+        types.dedup();
+        types
+    };
+    let (decoder_types, vision_types) = (matrix_types(false), matrix_types(true));
     if json {
         let tensors: Vec<_> = f.tensors.iter().map(|t| serde_json::json!({"name": t.name, "type": t.ty.name(), "shape": t.shape, "bytes": t.nbytes})).collect();
-        let out = serde_json::json!({"config": cfg, "tokenizer": {"vocab_size": tok.vocab_size()}, "file_size": f.file_size(), "tensors": tensors});
+        let out = serde_json::json!({"config": cfg, "tokenizer": {"vocab_size": tok.vocab_size()}, "file_size": f.file_size(),
+                                     "weight_types": {"decoder": decoder_types, "vision": vision_types}, "tensors": tensors});
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -230,6 +243,7 @@ fn info(path: &Path, json: bool) -> Result<()> {
         cfg.text.arch.name(),
         f.get("paligemma.format_version").and_then(|v| v.as_u64()).unwrap_or(0)
     );
+    println!("weights: decoder layers {}, vision layers {}", decoder_types.join("+"), vision_types.join("+"));
     let v = &cfg.vision;
     println!(
         "vision: {}px, patch {}, width {}, {} layers, {} heads, ffn {}, {} image tokens",
@@ -299,15 +313,7 @@ struct Inputs<'a> {
     max_pixels: usize,
 }
 
-fn run_prompt(
-    load: &LoadArgs,
-    inputs: Inputs<'_>,
-    prompt: &str,
-    opts: &GenerateOptions,
-    json: bool,
-    logits_out: Option<&Path>,
-    loc_divisor: f32,
-) -> Result<()> {
+fn run_prompt(load: &LoadArgs, inputs: Inputs<'_>, prompt: &str, opts: &AnswerOptions, json: bool, logits_out: Option<&Path>) -> Result<()> {
     let task = Task::parse(prompt)?;
     let mut model = load.load()?;
     let embedding = match (inputs.pixel_values, inputs.image) {
@@ -316,14 +322,15 @@ fn run_prompt(
         (None, None) => bail!("give --image or --pixel-values"),
     };
     let stdout = std::io::stdout();
-    let answer = model.answer(&embedding, &task, opts, loc_divisor, &mut |_, piece| {
+    let mut answers = model.answer_batch(&embedding, std::slice::from_ref(&task), opts, &mut |token| {
         if !json {
             let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
+            let _ = out.write_all(token.text.as_bytes());
             let _ = out.flush();
         }
         true
     })?;
+    let answer = answers.remove(0);
     let generation = &answer.generation;
     if let Some(path) = logits_out {
         write_npy(path, &generation.first_logits, &[generation.first_logits.len() as u64])?;

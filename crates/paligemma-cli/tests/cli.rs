@@ -26,6 +26,8 @@ fn convert_info_run_json() {
     let (ok, stdout, stderr) = paligemma(&["info", &model]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("gemma2") && stdout.contains("blk.3.ffn_down.weight") && stdout.contains("tokenizer: 1841 tokens"), "{stdout}");
+    // A quantized decoder keeps SigLIP in f16 unless told otherwise.
+    assert!(stdout.contains("weights: decoder layers q8_0, vision layers f16"), "{stdout}");
 
     for prompt in ["detect cat ; dog", "segment cat", "caption en"] {
         let logits = dir.path().join("logits.npy");
@@ -57,6 +59,26 @@ fn convert_info_run_json() {
         let npy = std::fs::read(&logits).unwrap();
         assert_eq!(&npy[1..6], b"NUMPY");
         assert!(npy.len() > 1856 * 4, "vocab-sized logits");
+    }
+}
+
+/// `--type f32` means f32 throughout (SigLIP included) unless `--vision-type` says
+/// otherwise; `info` shows what the layers really hold.
+#[test]
+fn float_types_apply_to_the_vision_tower() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, want) in [
+        (&["--type", "f32"][..], "decoder layers f32, vision layers f32"),
+        (&["--type", "bf16"][..], "decoder layers bf16, vision layers bf16"),
+        (&["--type", "f32", "--vision-type", "q8_0"][..], "decoder layers f32, vision layers q8_0"),
+    ] {
+        let out = dir.path().join("m.gguf");
+        let mut command = vec!["convert", "tests/fixtures/pg2_gqa/hf", "-o", out.to_str().unwrap()];
+        command.extend_from_slice(args);
+        let (ok, _, stderr) = paligemma(&command);
+        assert!(ok, "{args:?}: {stderr}");
+        let (ok, stdout, stderr) = paligemma(&["info", out.to_str().unwrap()]);
+        assert!(ok && stdout.contains(want), "{args:?}: {stdout}{stderr}");
     }
 }
 

@@ -160,8 +160,8 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for c in &self.cameras {
-            if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
-                bail!("camera name {:?} must be letters, digits, - or _", c.name);
+            if !paligemma_stream::prompts::is_name(&c.name) {
+                bail!("camera name {:?} must be 1 to 64 letters, digits, - or _", c.name);
             }
             if !names.insert(&c.name) {
                 bail!("camera {:?} appears twice", c.name);

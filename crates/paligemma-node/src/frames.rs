@@ -3,11 +3,6 @@
 use anyhow::{Context, Result, anyhow, bail};
 use gst::prelude::*;
 use paligemma::preprocess::{PixelFormat, RgbImage};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-pub fn unix_ns() -> Option<u64> {
-    SystemTime::now().duration_since(UNIX_EPOCH).ok().map(|d| d.as_nanos() as u64)
-}
 
 /// A GStreamer pipeline feeding frames to a callback from its streaming thread.
 pub struct GstSource {

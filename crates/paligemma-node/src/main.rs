@@ -12,7 +12,7 @@ use clap::Parser;
 use config::{Config, Encoding, OnShutdown};
 use paligemma::{KvType, Model, ModelOptions};
 use paligemma_stream::message::{FrameInfo, Source};
-use paligemma_stream::{Frame, PromptSet, ResultMessage, SamplerConfig, Worker, WorkerConfig, payload};
+use paligemma_stream::{Frame, FrameSamplerConfig, PromptSet, ResultMessage, Worker, WorkerConfig, payload};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -239,7 +239,7 @@ fn deliver(worker: &Worker, newest: &Mutex<Option<Frame>>, seq: &AtomicU64, imag
     let info = FrameInfo {
         seq: seq.fetch_add(1, Ordering::Relaxed),
         pts_ns,
-        capture_unix_ns: frames::unix_ns(),
+        capture_unix_ns: paligemma_stream::message::unix_time_ns(),
         width: image.width,
         height: image.height,
         ..Default::default()
@@ -260,7 +260,7 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
     tracing::info!("camera {}: model {} on {}", cam.name, cfg.model.path.display(), model.device());
     let worker_config = WorkerConfig {
         source,
-        sampler: SamplerConfig { min_interval: Duration::from_millis(cam.interval_ms), skip_unchanged_below: cam.skip_unchanged_below },
+        sampler: FrameSamplerConfig { min_interval: Duration::from_millis(cam.interval_ms), skip_unchanged_below: cam.skip_unchanged_below },
         ..Default::default()
     };
     let sink_pub = publisher.clone();

@@ -135,7 +135,7 @@ max_tokens = 3
     assert!(v["tokens"]["generated"].as_u64().unwrap() <= 3);
     // Bad asks are reply errors.
     let e = get(&session, &format!("{prefix}/cam/ask"), Vec::new()).unwrap_err();
-    assert!(e.contains("empty prompt"), "{e}");
+    assert!(e.contains("prompt is empty"), "{e}");
     let e = get(&session, &format!("{prefix}/cam/ask"), vec![b'a'; 1 << 20]).unwrap_err();
     assert!(e.contains("longer than"), "{e}");
     let e = get(&session, &format!("{prefix}/zcam/ask"), b"ocr".to_vec()).unwrap_err();

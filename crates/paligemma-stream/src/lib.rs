@@ -1,22 +1,22 @@
 //! Streaming around the engine, shared by the GStreamer element and the Zenoh node:
 //!
 //! - [`prompts`]: standing prompts (what to ask, how often) and their TOML file.
-//! - [`sampler`]: newest-frame-wins hand-over with a minimum interval and an
+//! - [`frame_sampler`]: newest-frame-wins hand-over with a minimum interval and an
 //!   optional skip of frames that barely changed.
 //! - [`worker`]: the thread that owns the engine, encodes each sampled frame once
 //!   and answers every due prompt on it.
 //! - [`message`]: the result message (`paligemma.result/1`).
 //! - [`payload`]: frames and prompts from network bytes, bounded and checked.
 
+pub mod frame_sampler;
 pub mod message;
 pub mod payload;
 pub mod prompts;
-pub mod sampler;
 pub mod worker;
 
+pub use frame_sampler::{Frame, FrameSampler, FrameSamplerConfig};
 pub use message::{FrameInfo, ResultMessage};
 pub use prompts::{PromptSet, StandingPrompt};
-pub use sampler::{Frame, Sampler, SamplerConfig};
 pub use worker::{Worker, WorkerConfig, WorkerStats};
 
 /// Errors of configuration and streaming.

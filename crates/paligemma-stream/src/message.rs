@@ -4,7 +4,7 @@
 //! Optional fields added within version 1 (readers of earlier messages ignore them):
 //! `mean_logprob` (the answer's mean token log-probability) and each detection's
 //! `score` (0..1, see [`paligemma::output::Detection::score`]).
-use paligemma::TaskResult;
+use paligemma::{TaskKind, TaskResult};
 
 pub const SCHEMA: &str = "paligemma.result/1";
 
@@ -29,11 +29,14 @@ pub struct FrameInfo {
     pub height: usize,
 }
 
+/// Which prompt a message answers.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PromptInfo {
     pub id: String,
+    /// The prompt text as the model saw it.
     pub text: String,
-    pub task: String,
+    /// The task's kind (`caption`, `detect`...).
+    pub task: TaskKind,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -87,4 +90,10 @@ impl ResultMessage {
     pub fn is_error(&self) -> bool {
         matches!(self.result, TaskResult::Error { .. })
     }
+}
+
+/// Nanoseconds since the Unix epoch now (none on a clock set before 1970): the
+/// `capture_unix_ns` of a frame that carries no capture time of its own.
+pub fn unix_time_ns() -> Option<u64> {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_nanos() as u64)
 }

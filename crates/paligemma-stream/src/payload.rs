@@ -4,6 +4,7 @@
 //! anything is allocated from it; every malformed input is an error, never a panic.
 use crate::prompts::{DEFAULT_MAX_TOKENS, PromptSet, StandingPrompt};
 use crate::{Error, Result};
+use paligemma::Task;
 use paligemma::preprocess::{PixelFormat, RgbImage, check_size};
 
 /// Raw frame header: `PGRF`, then width, height and stride as little-endian u32,
@@ -73,10 +74,8 @@ pub fn parse_ask(payload: &[u8], max_bytes: usize) -> Result<StandingPrompt> {
         }
         _ => (text.to_string(), DEFAULT_MAX_TOKENS),
     };
-    if prompt.trim().is_empty() {
-        return Err(bad("empty prompt".into()));
-    }
-    let p = StandingPrompt { max_tokens, ..StandingPrompt::new("ask", prompt) };
+    let task = Task::parse(&prompt)?;
+    let p = StandingPrompt { max_tokens, ..StandingPrompt::new("ask", task) };
     p.validate()?;
     Ok(p)
 }

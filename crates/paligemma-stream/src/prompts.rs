@@ -18,18 +18,22 @@ use paligemma::Task;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-pub const DEFAULT_MAX_TOKENS: usize = 32;
 const MAX_ID_LEN: usize = 64;
 /// Ids a standing prompt may not have: the node's own keys beside the result keys
 /// (`<camera>/<prompt-id>`), and the id of ad-hoc questions.
 pub const RESERVED_IDS: [&str; 4] = ["status", "prompts", "errors", "ask"];
 
+/// Standing prompts answer at most this many tokens unless they say otherwise.
+pub const DEFAULT_MAX_TOKENS: usize = 32;
+
+/// A prompt asked again and again on sampled frames (or once, for an ask).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StandingPrompt {
     pub id: String,
-    /// The prompt text, e.g. `caption en` or `detect person ; car`.
-    pub task: String,
+    /// The task, written as its prompt text (`caption en`, `detect person ; car`) and
+    /// parsed when the prompt is read, so a malformed one never reaches the worker.
+    pub task: Task,
     /// Minimum milliseconds between two answers (0: every analysed frame).
     #[serde(default)]
     pub every_ms: u64,
@@ -45,24 +49,19 @@ fn default_max_tokens() -> usize {
 }
 
 impl StandingPrompt {
-    pub fn new(id: impl Into<String>, task: impl Into<String>) -> StandingPrompt {
-        StandingPrompt { id: id.into(), task: task.into(), every_ms: 0, every_frames: 0, max_tokens: DEFAULT_MAX_TOKENS }
+    pub fn new(id: impl Into<String>, task: Task) -> StandingPrompt {
+        StandingPrompt { id: id.into(), task, every_ms: 0, every_frames: 0, max_tokens: DEFAULT_MAX_TOKENS }
     }
 
-    /// The typed task, or an error naming the prompt.
-    pub fn parsed(&self) -> Result<Task> {
-        Task::parse(&self.task).map_err(|e| Error::Prompts(format!("prompt {:?}: {e}", self.id)))
-    }
-
-    /// Checks the id's characters, the token limit and the task.
+    /// Checks the id's characters and the token limit.
     pub fn validate(&self) -> Result<()> {
-        if self.id.is_empty() || self.id.len() > MAX_ID_LEN || !self.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if !is_name(&self.id) {
             return Err(Error::Prompts(format!("prompt id {:?} must be 1 to {MAX_ID_LEN} letters, digits, - or _", self.id)));
         }
         if self.max_tokens == 0 || self.max_tokens > 4096 {
             return Err(Error::Prompts(format!("prompt {:?}: max_tokens {} is not in 1..=4096", self.id, self.max_tokens)));
         }
-        self.parsed().map(|_| ())
+        Ok(())
     }
 }
 
@@ -125,15 +124,16 @@ impl PromptSet {
     /// Parses the short form `task|task|...` with common settings.
     pub fn from_short(text: &str, every_ms: u64, max_tokens: usize) -> Result<PromptSet> {
         let mut prompts: Vec<StandingPrompt> = Vec::new();
-        for task in text.split('|').map(str::trim).filter(|t| !t.is_empty()) {
-            let kind = Task::parse(task).map_err(|e| Error::Prompts(format!("{task:?}: {e}")))?.kind();
+        for text in text.split('|').map(str::trim).filter(|t| !t.is_empty()) {
+            let task = Task::parse(text).map_err(|e| Error::Prompts(format!("{text:?}: {e}")))?;
+            let kind = task.kind();
             let mut id = kind.to_string();
             let mut n = 1;
             while prompts.iter().any(|p| p.id == id) {
                 n += 1;
                 id = format!("{kind}{n}");
             }
-            prompts.push(StandingPrompt { id, task: task.into(), every_ms, every_frames: 0, max_tokens });
+            prompts.push(StandingPrompt { id, task, every_ms, every_frames: 0, max_tokens });
         }
         Self::new(prompts)
     }
@@ -141,6 +141,12 @@ impl PromptSet {
     pub fn is_empty(&self) -> bool {
         self.prompts.is_empty()
     }
+}
+
+/// Whether `s` may name a prompt, a camera or a node: 1 to 64 ASCII letters, digits,
+/// `-` or `_` (it becomes one chunk of a Zenoh key or a GStreamer field).
+pub fn is_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_ID_LEN && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Decides which standing prompts are due on an analysed frame.

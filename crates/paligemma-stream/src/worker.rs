@@ -3,12 +3,12 @@
 //! hands each result message to a sink. Synchronous analyses (the element's `sync`
 //! mode) and ad-hoc questions (the node's `ask`) go before standing work. Engine
 //! errors become error results; the worker never dies of them.
+use crate::frame_sampler::{Frame, FrameSampler, FrameSamplerConfig};
 use crate::message::{Latency, ModelInfo, PromptInfo, ResultMessage, SCHEMA, Source, TokenCounts};
 use crate::prompts::{PromptSet, Schedule, StandingPrompt};
-use crate::sampler::{Frame, Sampler, SamplerConfig};
 use crate::{Error, Result};
 use paligemma::output::DEFAULT_LOC_DIVISOR;
-use paligemma::{GenerateOptions, Model, Task, TaskResult};
+use paligemma::{AnswerOptions, Model, Task, TaskResult};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -22,13 +22,13 @@ pub type Sink = Box<dyn Fn(&ResultMessage) + Send>;
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub source: Source,
-    pub sampler: SamplerConfig,
+    pub sampler: FrameSamplerConfig,
     pub loc_divisor: f32,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { source: Source::default(), sampler: SamplerConfig::default(), loc_divisor: DEFAULT_LOC_DIVISOR }
+        WorkerConfig { source: Source::default(), sampler: FrameSamplerConfig::default(), loc_divisor: DEFAULT_LOC_DIVISOR }
     }
 }
 
@@ -53,7 +53,7 @@ enum Request {
 }
 
 struct State {
-    sampler: Sampler,
+    sampler: FrameSampler,
     requests: VecDeque<Request>,
     prompts: PromptSet,
     prompts_changed: bool,
@@ -79,7 +79,7 @@ impl Worker {
     pub fn spawn(model: Model, prompts: PromptSet, config: WorkerConfig, sink: Sink) -> Worker {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                sampler: Sampler::new(config.sampler.clone()),
+                sampler: FrameSampler::new(config.sampler.clone()),
                 requests: VecDeque::new(),
                 prompts,
                 prompts_changed: false,
@@ -128,7 +128,7 @@ impl Worker {
 
     /// Answers one prompt on a frame, waiting at most `timeout`.
     pub fn ask(&self, frame: Frame, prompt: StandingPrompt, timeout: Duration) -> Result<ResultMessage> {
-        prompt.parsed()?;
+        prompt.validate()?;
         let (tx, rx) = sync_channel(1);
         {
             let mut state = self.lock();
@@ -224,7 +224,7 @@ enum Job {
 }
 
 fn run(mut model: Model, shared: Arc<Shared>, config: WorkerConfig, sink: Sink) {
-    let info = ModelInfo { name: model.config().name.clone(), ty: model.weight_type.clone(), device: model.device().to_string() };
+    let info = ModelInfo { name: model.config().name.clone(), ty: model.weight_type().to_string(), device: model.device().to_string() };
     let mut schedule = Schedule::default();
     let mut analysed = 0u64;
     loop {
@@ -323,39 +323,39 @@ impl JobContext<'_> {
             .collect()
     }
 
-    /// Encodes the frame once and answers its prompts, decoding them together; stops
-    /// early when cancelled. A prompt that fails gets an error result of its own.
+    /// Encodes the frame once and answers its prompts, decoding them together, each up
+    /// to its own token limit; stops early when cancelled. A prompt that fails gets an
+    /// error result of its own.
     fn analyse(&self, model: &mut Model, frame: &Frame, prompts: &[StandingPrompt]) -> Vec<ResultMessage> {
         let queue_ms = frame.received.elapsed().as_secs_f64() * 1e3;
         let started = Instant::now();
-        let embedding = model.encode_image(&frame.image);
-        let parsed: Vec<Result<Task, String>> = prompts.iter().map(|p| p.parsed().map_err(|e| e.to_string())).collect();
-        let mut outcomes: Vec<Option<Result<paligemma::Answer, String>>> = parsed.iter().map(|t| t.clone().err().map(Err)).collect();
-        match &embedding {
-            Err(e) => outcomes.iter_mut().for_each(|o| *o = Some(Err(e.to_string()))),
+        // Engine errors become the text of error results, here and nowhere else.
+        let outcomes: Vec<Result<paligemma::Answer, String>> = match model.encode_image(&frame.image) {
+            Err(e) => prompts.iter().map(|_| Err(e.to_string())).collect(),
             Ok(emb) => {
-                let todo: Vec<usize> = (0..prompts.len()).filter(|&i| outcomes[i].is_none()).collect();
-                let tasks: Vec<(Task, usize)> = todo.iter().map(|&i| (parsed[i].clone().expect("valid"), prompts[i].max_tokens)).collect();
-                match model.answer_batch(emb, &tasks, self.config.loc_divisor, &|| !self.cancelled()) {
-                    Ok(answers) => {
-                        for (&i, a) in todo.iter().zip(answers) {
-                            outcomes[i] = Some(Ok(a));
-                        }
-                    }
+                let tasks: Vec<Task> = prompts.iter().map(|p| p.task.clone()).collect();
+                let opts = AnswerOptions {
+                    max_tokens: prompts.iter().map(|p| p.max_tokens).max().unwrap_or(0),
+                    loc_divisor: self.config.loc_divisor,
+                    ..Default::default()
+                };
+                let mut within_limit = |t: &paligemma::Token<'_>| t.index + 1 < prompts[t.prompt].max_tokens && !self.cancelled();
+                match model.answer_batch(&emb, &tasks, &opts, &mut within_limit) {
+                    Ok(answers) => answers.into_iter().map(Ok).collect(),
                     // One prompt spoiled the batch: answer them one by one to say which.
-                    Err(_) => {
-                        for (&i, (task, max_tokens)) in todo.iter().zip(&tasks) {
-                            if self.cancelled() {
-                                break;
-                            }
-                            let opts = GenerateOptions { max_tokens: *max_tokens, ..Default::default() };
-                            outcomes[i] =
-                                Some(model.answer(emb, task, &opts, self.config.loc_divisor, &mut |_, _| !self.cancelled()).map_err(|e| e.to_string()));
-                        }
-                    }
+                    Err(_) => prompts
+                        .iter()
+                        .map(|p| {
+                            let opts = AnswerOptions { max_tokens: p.max_tokens, ..opts.clone() };
+                            model
+                                .answer_batch(&emb, std::slice::from_ref(&p.task), &opts, &mut |_| !self.cancelled())
+                                .map(|mut a| a.remove(0))
+                                .map_err(|e| e.to_string())
+                        })
+                        .collect(),
                 }
             }
-        }
+        };
         if self.cancelled() {
             return Vec::new();
         }
@@ -364,23 +364,22 @@ impl JobContext<'_> {
         for (prompt, outcome) in prompts.iter().zip(outcomes) {
             let mut msg = self.message(frame, prompt, queue_ms);
             match outcome {
-                Some(Ok(answer)) => {
-                    let t = &answer.generation.timings;
-                    msg.prompt.task = answer.task.kind().into();
-                    msg.raw = answer.generation.text.clone();
-                    msg.tokens = TokenCounts { prompt: answer.generation.prompt_tokens, generated: answer.generation.tokens.len() };
-                    msg.mean_logprob = answer.generation.mean_logprob();
+                Ok(answer) => {
+                    let g = &answer.generation;
+                    let t = &g.timings;
+                    msg.raw = g.text.clone();
+                    msg.tokens = TokenCounts { prompt: g.prompt_tokens, generated: g.tokens.len() };
+                    msg.mean_logprob = g.mean_logprob();
                     // Preprocessing and vision are shared by the frame's prompts, and so
                     // is the batched decode.
                     msg.latency_ms =
                         Latency { queue: queue_ms, preprocess: t.preprocess, vision: t.vision, prefill: t.prefill, decode: t.decode, total: total_ms };
                     msg.result = answer.result;
                 }
-                Some(Err(message)) => {
+                Err(message) => {
                     msg.result = TaskResult::Error { message };
                     msg.latency_ms.total = total_ms;
                 }
-                None => continue,
             }
             let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             msg.frames_dropped = std::mem::take(&mut state.sampler.dropped);
@@ -403,11 +402,7 @@ impl JobContext<'_> {
             schema: SCHEMA.into(),
             source: self.config.source.clone(),
             frame: frame.info.clone(),
-            prompt: PromptInfo {
-                id: prompt.id.clone(),
-                text: prompt.task.clone(),
-                task: Task::parse(&prompt.task).map(|t| t.kind().to_string()).unwrap_or_default(),
-            },
+            prompt: PromptInfo { id: prompt.id.clone(), text: prompt.task.prompt(), task: prompt.task.kind() },
             model: self.info.clone(),
             result: TaskResult::Text { text: String::new() },
             raw: String::new(),

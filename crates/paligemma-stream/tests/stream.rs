@@ -1,9 +1,9 @@
 //! Prompts, sampling and the worker on a fixture model.
 use paligemma::preprocess::RgbImage;
-use paligemma::{Model, ModelOptions};
+use paligemma::{Model, ModelOptions, ResultKind, Task};
 use paligemma_stream::message::FrameInfo;
 use paligemma_stream::prompts::Schedule;
-use paligemma_stream::{Frame, PromptSet, ResultMessage, SamplerConfig, StandingPrompt, Worker, WorkerConfig};
+use paligemma_stream::{Frame, FrameSamplerConfig, PromptSet, ResultMessage, StandingPrompt, Worker, WorkerConfig};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,14 +61,14 @@ fn prompt_forms_and_validation() {
         assert!(e.contains(why), "{bad:?}: {e}");
     }
     let json = PromptSet::from_json(r#"[{"id":"x","task":"caption en"}]"#).unwrap();
-    assert_eq!(json.prompts[0].task, "caption en");
+    assert_eq!(json.prompts[0].task, Task::Caption { lang: "en".into() });
     assert!(PromptSet::from_json("{nope").is_err());
 }
 
 #[test]
 fn schedule_honours_time_and_frame_intervals() {
     let mut set = PromptSet::from_short("caption en", 1000, 8).unwrap();
-    set.prompts.push(StandingPrompt { every_frames: 3, ..StandingPrompt::new("ocr", "ocr") });
+    set.prompts.push(StandingPrompt { every_frames: 3, ..StandingPrompt::new("ocr", Task::Ocr) });
     let mut s = Schedule::default();
     let t0 = Instant::now();
     let ids = |v: Vec<&StandingPrompt>| v.iter().map(|p| p.id.clone()).collect::<Vec<_>>();
@@ -95,7 +95,7 @@ fn worker_answers_standing_prompts_newest_frame_wins() {
     assert!(msgs.len() >= 2 && msgs.len() % 2 == 0, "{} results", msgs.len());
     assert_eq!(msgs.last().unwrap().frame.seq, 49, "the newest frame is analysed");
     let det = msgs.iter().find(|m| m.prompt.id == "detect").unwrap();
-    assert_eq!(det.result.kind(), "detections");
+    assert_eq!(det.result.kind(), ResultKind::Detections);
     assert_eq!(det.frame.pts_ns, Some(det.frame.seq * 33_333_333));
     assert!(det.latency_ms.total > 0.0 && det.tokens.prompt == 22);
     let stats = worker.stats();
@@ -115,12 +115,15 @@ fn sync_analysis_ask_errors_and_prompt_changes() {
     assert_eq!(results.len(), 1);
     assert_eq!((results[0].frame.seq, results[0].prompt.id.as_str()), (7, "ocr"));
 
-    let ask = worker.ask(frame(8), StandingPrompt::new("ask", "caption en"), Duration::from_secs(30)).unwrap();
-    assert_eq!(ask.result.kind(), "caption");
-    // An invalid prompt is refused before it reaches the engine.
-    assert!(worker.ask(frame(9), StandingPrompt::new("ask", "detect ;"), Duration::from_secs(30)).is_err());
+    let ask = worker.ask(frame(8), StandingPrompt::new("ask", Task::parse("caption en").unwrap()), Duration::from_secs(30)).unwrap();
+    assert_eq!(ask.result.kind(), ResultKind::Caption);
+    // An invalid prompt is refused before it reaches the engine: its text does not
+    // parse, or its settings are out of range.
+    assert!(paligemma_stream::payload::parse_ask(b"detect ;", 1024).is_err());
+    let no_tokens = StandingPrompt { max_tokens: 0, ..StandingPrompt::new("ask", Task::Ocr) };
+    assert!(worker.ask(frame(9), no_tokens, Duration::from_secs(30)).is_err());
     // A prompt too long for the context becomes an error result; the worker carries on.
-    let long = StandingPrompt { max_tokens: 4, ..StandingPrompt::new("long", "cat ".repeat(3000)) };
+    let long = StandingPrompt { max_tokens: 4, ..StandingPrompt::new("long", Task::parse(&"cat ".repeat(3000)).unwrap()) };
     let msg = worker.ask(frame(10), long, Duration::from_secs(30)).unwrap();
     assert!(msg.is_error(), "{msg:?}");
     worker.set_prompts(PromptSet::from_short("caption en|detect cat", 0, 4).unwrap());
@@ -150,7 +153,8 @@ fn stop_and_flush_return_promptly_mid_inference() {
 fn minimum_interval_and_unchanged_frames() {
     let dir = tempfile::tempdir().unwrap();
     let (got, sink) = collector();
-    let config = WorkerConfig { sampler: SamplerConfig { min_interval: Duration::from_millis(300), skip_unchanged_below: Some(1.0) }, ..Default::default() };
+    let config =
+        WorkerConfig { sampler: FrameSamplerConfig { min_interval: Duration::from_millis(300), skip_unchanged_below: Some(1.0) }, ..Default::default() };
     let worker = Worker::spawn(model(dir.path()), PromptSet::from_short("ocr", 0, 2).unwrap(), config, sink);
     for seq in 0..5 {
         worker.submit(frame(seq));

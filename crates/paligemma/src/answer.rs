@@ -1,8 +1,28 @@
-//! From a task to a structured result: generate, parse, decode masks.
+//! The way to ask: a [`Task`] on an encoded image in, a typed [`TaskResult`] out,
+//! with confidences (detection scores, the answer's mean log-probability).
 use crate::Result;
-use crate::model::{GenerateOptions, Generation, ImageEmbedding, Model};
-use crate::output::{self, TaskResult};
+use crate::generate::{GenerateOptions, Generation, OnToken};
+use crate::model::{ImageEmbedding, Model};
+use crate::output::{self, DEFAULT_LOC_DIVISOR, TaskResult};
+use crate::sampling::Sampling;
 use crate::task::Task;
+
+/// Settings of [`Model::answer`] and [`Model::answer_batch`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnswerOptions {
+    /// New tokens at most per answer.
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    /// What a loc bin is divided by to give a fraction of the frame: 1023 for
+    /// PaliGemma's checkpoints ([`DEFAULT_LOC_DIVISOR`]), 1024 for some fine-tunes.
+    pub loc_divisor: f32,
+}
+
+impl Default for AnswerOptions {
+    fn default() -> Self {
+        AnswerOptions { max_tokens: GenerateOptions::default().max_tokens, sampling: Sampling::default(), loc_divisor: DEFAULT_LOC_DIVISOR }
+    }
+}
 
 /// A task answered on one image.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -13,43 +33,31 @@ pub struct Answer {
 }
 
 impl Model {
-    /// Answers several tasks on one encoded image, decoding them together in batches
-    /// of up to the model's `max_sequences` (each stops at its own token limit).
-    /// `keep_going` is asked before each token; returning false abandons the work.
-    pub fn answer_batch(&mut self, image: &ImageEmbedding, tasks: &[(Task, usize)], loc_divisor: f32, keep_going: &dyn Fn() -> bool) -> Result<Vec<Answer>> {
+    /// Answers a task on an encoded image: detections come back in pixels of the
+    /// image's original frame with a score each, segmentation masks decoded and pasted
+    /// when the model has the decoder.
+    pub fn answer(&mut self, image: &ImageEmbedding, task: &Task, opts: &AnswerOptions) -> Result<Answer> {
+        let mut answers = self.answer_batch(image, std::slice::from_ref(task), opts, &mut |_| true)?;
+        Ok(answers.remove(0))
+    }
+
+    /// Answers several tasks on one encoded image, streaming their tokens to `on_token`
+    /// ([`crate::Token::prompt`] is the task's index in `tasks`; returning false ends
+    /// that answer, so a caller can give each task a limit of its own). Tasks are
+    /// decoded together in batches of up to [`Model::max_sequences`].
+    pub fn answer_batch(&mut self, image: &ImageEmbedding, tasks: &[Task], opts: &AnswerOptions, on_token: &mut OnToken<'_>) -> Result<Vec<Answer>> {
+        let generate = GenerateOptions { max_tokens: opts.max_tokens, sampling: opts.sampling.clone(), ignore_eos: false };
         let mut answers = Vec::with_capacity(tasks.len());
-        for chunk in tasks.chunks(self.max_sequences()) {
-            let prefixes = chunk.iter().map(|(t, _)| self.tokenizer().prefix_ids(&t.prompt())).collect::<Result<Vec<_>>>()?;
-            let max_tokens = chunk.iter().map(|(_, m)| *m).max().unwrap_or(0);
-            let opts = GenerateOptions { max_tokens, ..Default::default() };
-            let mut counts = vec![0usize; chunk.len()];
-            let generations = self.generate_batch(image, &prefixes, &opts, &mut |s, _, _| {
-                counts[s] += 1;
-                counts[s] < chunk[s].1 && keep_going()
-            })?;
-            for ((task, _), generation) in chunk.iter().zip(generations) {
-                let result = self.finish(image, task, &generation, loc_divisor)?;
+        for (c, chunk) in tasks.chunks(self.max_sequences()).enumerate() {
+            let first = c * self.max_sequences();
+            let prefixes = chunk.iter().map(|t| self.tokenizer.prefix_ids(&t.prompt())).collect::<Result<Vec<_>>>()?;
+            let generations = self.generate(image, &prefixes, &generate, &mut |t| on_token(&crate::Token { prompt: first + t.prompt, ..*t }))?;
+            for (task, generation) in chunk.iter().zip(generations) {
+                let result = self.finish(image, task, &generation, opts.loc_divisor)?;
                 answers.push(Answer { task: task.clone(), generation, result });
             }
         }
         Ok(answers)
-    }
-
-    /// Answers a task on an encoded image: detections come back in pixels of the
-    /// image's original frame (loc bins divided by `loc_divisor`), segmentation masks
-    /// decoded and pasted when the model has the decoder.
-    pub fn answer(
-        &mut self,
-        image: &ImageEmbedding,
-        task: &Task,
-        opts: &GenerateOptions,
-        loc_divisor: f32,
-        on_token: &mut dyn FnMut(u32, &str) -> bool,
-    ) -> Result<Answer> {
-        let ids = self.tokenizer().prefix_ids(&task.prompt())?;
-        let generation = self.generate_ids(image, &ids, opts, on_token)?;
-        let result = self.finish(image, task, &generation, loc_divisor)?;
-        Ok(Answer { task: task.clone(), generation, result })
     }
 
     /// Per `;`-separated object of a detection answer, the probability of its least
@@ -62,7 +70,7 @@ impl Model {
     fn object_scores(&self, generation: &Generation) -> Vec<Option<f32>> {
         let mut scores: Vec<Option<f32>> = vec![None];
         for (&id, &p) in generation.tokens.iter().zip(&generation.token_probs) {
-            let separators = self.tokenizer().id_to_token(id).map_or(0, |t| t.matches(';').count());
+            let separators = self.tokenizer.id_to_token(id).map_or(0, |t| t.matches(';').count());
             if separators == 0 {
                 let last = scores.last_mut().expect("never empty");
                 *last = Some(last.map_or(p, |s| s.min(p)));
@@ -72,7 +80,7 @@ impl Model {
         scores
     }
 
-    /// Parses a generation for its task and decodes its masks.
+    /// Parses a generation for its task, scores its objects and decodes its masks.
     fn finish(&mut self, image: &ImageEmbedding, task: &Task, generation: &Generation, loc_divisor: f32) -> Result<TaskResult> {
         let mut result = output::parse(task, &generation.text, image.width, image.height, loc_divisor);
         if let TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } = &mut result {

@@ -35,6 +35,13 @@ impl Default for ConvertOptions {
     }
 }
 
+/// The SigLIP type that goes with decoder type `ty` when none is asked for: the same
+/// for the float types (so an "f32" model is f32 throughout and matches the reference
+/// to 1e-5), f16 for the quantized ones (SigLIP loses more to quantization than Gemma).
+pub fn default_vision_type(ty: Type) -> Type {
+    if matches!(ty, Type::F32 | Type::F16 | Type::BF16) { ty } else { Type::F16 }
+}
+
 /// Types `--type` accepts.
 pub const WEIGHT_TYPES: [Type; 8] = [Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q4_K, Type::Q5_K, Type::Q6_K];
 

@@ -133,15 +133,15 @@ pub enum TaskResult {
 }
 
 impl TaskResult {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ResultKind {
         match self {
-            TaskResult::Caption { .. } => "caption",
-            TaskResult::Answer { .. } => "answer",
-            TaskResult::Ocr { .. } => "ocr",
-            TaskResult::Text { .. } => "text",
-            TaskResult::Detections { .. } => "detections",
-            TaskResult::Segmentation { .. } => "segmentation",
-            TaskResult::Error { .. } => "error",
+            TaskResult::Caption { .. } => ResultKind::Caption,
+            TaskResult::Answer { .. } => ResultKind::Answer,
+            TaskResult::Ocr { .. } => ResultKind::Ocr,
+            TaskResult::Text { .. } => ResultKind::Text,
+            TaskResult::Detections { .. } => ResultKind::Detections,
+            TaskResult::Segmentation { .. } => ResultKind::Segmentation,
+            TaskResult::Error { .. } => ResultKind::Error,
         }
     }
 
@@ -159,6 +159,54 @@ impl TaskResult {
             TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } => detections,
             _ => &[],
         }
+    }
+}
+
+/// The kind of a [`TaskResult`], as its `kind` field is written (`"detections"`...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultKind {
+    Caption,
+    Answer,
+    Ocr,
+    Text,
+    Detections,
+    Segmentation,
+    Error,
+}
+
+impl ResultKind {
+    const ALL: [ResultKind; 7] =
+        [ResultKind::Caption, ResultKind::Answer, ResultKind::Ocr, ResultKind::Text, ResultKind::Detections, ResultKind::Segmentation, ResultKind::Error];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultKind::Caption => "caption",
+            ResultKind::Answer => "answer",
+            ResultKind::Ocr => "ocr",
+            ResultKind::Text => "text",
+            ResultKind::Detections => "detections",
+            ResultKind::Segmentation => "segmentation",
+            ResultKind::Error => "error",
+        }
+    }
+
+    /// Whether results of this kind carry boxes.
+    pub fn has_boxes(self) -> bool {
+        matches!(self, ResultKind::Detections | ResultKind::Segmentation)
+    }
+}
+
+impl std::str::FromStr for ResultKind {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<ResultKind> {
+        ResultKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| crate::Error::Invalid(format!("unknown result kind {s:?}")))
+    }
+}
+
+impl std::fmt::Display for ResultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

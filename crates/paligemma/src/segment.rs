@@ -12,9 +12,10 @@
 //! works in f16, too coarse to match the reference to 1e-4); the converter stores
 //! the kernels already flipped.
 use crate::output::Mask;
+use crate::weights::WeightNames;
 use crate::{Error, Result};
 use ggml::gguf::GgufHeader;
-use ggml::{Context, Tensor, Type};
+use ggml::{Context, Tensor, TensorRef, TensorStore, Type};
 use std::path::Path;
 
 /// Side of the decoder's output mask.
@@ -168,11 +169,6 @@ fn flip_transposed_kernel(shape: &[usize], data: &[f32]) -> (Vec<usize>, Vec<f32
     (vec![kw, kh, cin, cout], out)
 }
 
-/// Whether a model file has the decoder.
-pub fn tensor_names() -> Vec<String> {
-    gguf_names()
-}
-
 /// Every decoder tensor with its shape in a model file (ggml order), for a codebook
 /// of `dim`-wide vectors.
 pub(crate) fn gguf_shapes(dim: usize) -> Vec<(String, Vec<usize>)> {
@@ -188,29 +184,68 @@ pub(crate) fn gguf_shapes(dim: usize) -> Vec<(String, Vec<usize>)> {
         .collect()
 }
 
+/// A convolution's kernel and bias.
+#[derive(Clone, Copy, Debug)]
+struct Conv {
+    w: TensorRef,
+    b: TensorRef,
+}
+
+/// The mask decoder's weights, when a model file has them.
+#[derive(Debug)]
+pub(crate) struct MaskDecoderWeights {
+    codebook: TensorRef,
+    /// Codes a mask may use (`0..codebook_size`).
+    pub codebook_size: usize,
+    conv_in: Conv,
+    res: [[Conv; 3]; 2],
+    up: [Conv; 4],
+    conv_out: Conv,
+}
+
+impl MaskDecoderWeights {
+    /// The decoder of a model file; none when it has no `seg.` tensors (validation
+    /// guarantees all or none).
+    pub fn load(w: &WeightNames<'_>, store: &TensorStore) -> Result<Option<MaskDecoderWeights>> {
+        if !w.has("seg.codebook") {
+            return Ok(None);
+        }
+        let conv = |layer: &str| -> Result<Conv> { Ok(Conv { w: w.tensor(&format!("{layer}.weight"))?, b: w.tensor(&format!("{layer}.bias"))? }) };
+        let res = |r: usize| -> Result<[Conv; 3]> {
+            Ok([conv(&format!("seg.res{r}.conv0"))?, conv(&format!("seg.res{r}.conv1"))?, conv(&format!("seg.res{r}.conv2"))?])
+        };
+        let codebook = w.tensor("seg.codebook")?;
+        Ok(Some(MaskDecoderWeights {
+            codebook,
+            codebook_size: store.get(codebook).ne()[1],
+            conv_in: conv("seg.conv_in")?,
+            res: [res(0)?, res(1)?],
+            up: [conv("seg.up0")?, conv("seg.up1")?, conv("seg.up2")?, conv("seg.up3")?],
+            conv_out: conv("seg.conv_out")?,
+        }))
+    }
+}
+
 /// Builds the decoder graph on `codes` (I32 [16]); returns [64, 64] f32.
-pub(crate) fn build<'c, 'w>(ctx: &'c Context, w: &dyn Fn(&str) -> Tensor<'w>, codes: Tensor<'_>) -> Result<Tensor<'c>> {
-    let bias = |x: Tensor<'c>, name: &str| -> Result<Tensor<'c>> {
-        let b = w(name);
+pub(crate) fn build<'c>(ctx: &'c Context, store: &TensorStore, w: &MaskDecoderWeights, codes: Tensor<'_>) -> Result<Tensor<'c>> {
+    let bias = |x: Tensor<'c>, b: TensorRef| -> Result<Tensor<'c>> {
+        let b = store.get(b);
         Ok(ctx.add(x, ctx.reshape(b, &[1, 1, b.ne()[0]])?)?)
     };
-    let conv = |x: Tensor<'c>, layer: &str, pad: usize| -> Result<Tensor<'c>> {
-        let y = ctx.conv_2d(w(&format!("{layer}.weight")), x, 1, pad)?;
-        bias(y, &format!("{layer}.bias"))
-    };
-    let codebook = w("seg.codebook");
+    let conv = |x: Tensor<'c>, layer: Conv, pad: usize| -> Result<Tensor<'c>> { bias(ctx.conv_2d(store.get(layer.w), x, 1, pad)?, layer.b) };
+    let codebook = store.get(w.codebook);
     let dim = codebook.ne()[0];
     let vectors = ctx.get_rows(codebook, codes)?; // [dim, 16]
     let mut x = ctx.reshape(ctx.cont(ctx.transpose(vectors)?)?, &[4, 4, dim, 1])?;
-    x = ctx.relu(conv(x, "seg.conv_in", 0)?)?;
-    for r in 0..2 {
+    x = ctx.relu(conv(x, w.conv_in, 0)?)?;
+    for [c0, c1, c2] in w.res {
         let skip = x;
-        let mut h = ctx.relu(conv(x, &format!("seg.res{r}.conv0"), 1)?)?;
-        h = ctx.relu(conv(h, &format!("seg.res{r}.conv1"), 1)?)?;
-        h = conv(h, &format!("seg.res{r}.conv2"), 0)?;
+        let mut h = ctx.relu(conv(x, c0, 1)?)?;
+        h = ctx.relu(conv(h, c1, 1)?)?;
+        h = conv(h, c2, 0)?;
         x = ctx.add(h, skip)?;
     }
-    for u in 0..4 {
+    for up in w.up {
         let [wd, ht, ch, _] = x.ne();
         // Zero insertion: each pixel followed by a zero, in x then in y.
         let z = ctx.pad(ctx.reshape(x, &[1, wd, ht, ch])?, [1, 0, 0, 0])?;
@@ -220,12 +255,12 @@ pub(crate) fn build<'c, 'w>(ctx: &'c Context, w: &dyn Fn(&str) -> Tensor<'w>, co
         // Transposed conv (k 4, s 2, p 1) == conv with the flipped kernel, padding
         // k - 1 - p = 2, over the zero-inserted input; the trailing zero row/column
         // adds one output that is cropped.
-        let y = ctx.conv_2d(w(&format!("seg.up{u}.weight")), z, 1, 2)?; // [2wd+1, 2ht+1, cout]
+        let y = ctx.conv_2d(store.get(up.w), z, 1, 2)?; // [2wd+1, 2ht+1, cout]
         let cout = y.ne()[2];
         let y = ctx.view(y, &[2 * wd, 2 * ht, cout, 1], &[y.nb()[1], y.nb()[2], y.nb()[3]], 0)?;
-        x = ctx.relu(bias(ctx.cont(y)?, &format!("seg.up{u}.bias"))?)?;
+        x = ctx.relu(bias(ctx.cont(y)?, up.b)?)?;
     }
-    let out = conv(x, "seg.conv_out", 0)?;
+    let out = conv(x, w.conv_out, 0)?;
     Ok(ctx.reshape(out, &[MASK_SIZE, MASK_SIZE])?)
 }
 

@@ -4,9 +4,10 @@ use crate::{Error, Result};
 
 /// A prompt for the model. [`Task::prompt`] renders the exact text the model was
 /// trained with; [`Task::parse`] reads any prompt text back into a task (unknown
-/// forms become [`Task::Text`]).
+/// forms become [`Task::Text`]). Serialised as that text, so configuration files and
+/// messages carry prompts as people write them, and a malformed one fails to load.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "task", rename_all = "lowercase")]
+#[serde(into = "String", try_from = "String")]
 pub enum Task {
     Caption { lang: String },
     Describe { lang: String },
@@ -89,18 +90,67 @@ impl Task {
         }
     }
 
-    /// Short name used in result messages.
-    pub fn kind(&self) -> &'static str {
+    /// What kind of task this is (its first word, or `text`).
+    pub fn kind(&self) -> TaskKind {
         match self {
-            Task::Caption { .. } => "caption",
-            Task::Describe { .. } => "describe",
-            Task::Ocr => "ocr",
-            Task::Answer { .. } => "answer",
-            Task::Question { .. } => "question",
-            Task::Detect { .. } => "detect",
-            Task::Segment { .. } => "segment",
-            Task::Text { .. } => "text",
+            Task::Caption { .. } => TaskKind::Caption,
+            Task::Describe { .. } => TaskKind::Describe,
+            Task::Ocr => TaskKind::Ocr,
+            Task::Answer { .. } => TaskKind::Answer,
+            Task::Question { .. } => TaskKind::Question,
+            Task::Detect { .. } => TaskKind::Detect,
+            Task::Segment { .. } => TaskKind::Segment,
+            Task::Text { .. } => TaskKind::Text,
         }
+    }
+}
+
+/// The kind of a [`Task`], as result messages name it (`"caption"`, `"detect"`...).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    Caption,
+    Describe,
+    Ocr,
+    Answer,
+    Question,
+    Detect,
+    Segment,
+    #[default]
+    Text,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Caption => "caption",
+            TaskKind::Describe => "describe",
+            TaskKind::Ocr => "ocr",
+            TaskKind::Answer => "answer",
+            TaskKind::Question => "question",
+            TaskKind::Detect => "detect",
+            TaskKind::Segment => "segment",
+            TaskKind::Text => "text",
+        }
+    }
+}
+
+impl std::fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Task> for String {
+    fn from(task: Task) -> String {
+        task.prompt()
+    }
+}
+
+impl TryFrom<String> for Task {
+    type Error = Error;
+    fn try_from(text: String) -> Result<Task> {
+        Task::parse(&text)
     }
 }
 

@@ -4,7 +4,7 @@ mod common;
 use common::convert_fixture;
 use ggml::Type;
 use paligemma::preprocess::RgbImage;
-use paligemma::{GenerateOptions, Model, ModelOptions, Task};
+use paligemma::{AnswerOptions, Model, ModelOptions, Task};
 
 #[test]
 fn token_probabilities_and_detection_scores() {
@@ -13,8 +13,8 @@ fn token_probabilities_and_detection_scores() {
     let mut model = Model::load(&path, &ModelOptions { threads: 1, ..Default::default() }).unwrap();
     let image = RgbImage::open(&common::fixtures_dir().join("images/rgb.png")).unwrap();
     let emb = model.encode_image(&image).unwrap();
-    let opts = GenerateOptions { max_tokens: 24, ..Default::default() };
-    let answer = model.answer(&emb, &Task::parse("detect cat ; dog").unwrap(), &opts, 1023.0, &mut |_, _| true).unwrap();
+    let opts = AnswerOptions { max_tokens: 24, ..Default::default() };
+    let answer = model.answer(&emb, &Task::parse("detect cat ; dog").unwrap(), &opts).unwrap();
     let g = &answer.generation;
     assert_eq!(g.token_probs.len(), g.tokens.len());
     assert!(g.token_probs.iter().all(|p| *p > 0.0 && *p <= 1.0), "{:?}", g.token_probs);

@@ -7,7 +7,7 @@ use ggml::Type;
 use ggml::gguf::{GgufFile, Value};
 use paligemma::convert::{ConvertOptions, convert};
 use paligemma::preprocess::{PixelFormat, RgbImage};
-use paligemma::{GenerateOptions, Model, ModelOptions};
+use paligemma::{GenerateOptions, Model, ModelOptions, Sampling};
 use std::path::{Path, PathBuf};
 
 /// A copy of `model` with metadata values and tensor types replaced.
@@ -101,7 +101,7 @@ fn a_model_that_passes_validation_runs() {
         let mut m = Model::load(&path, &ModelOptions { threads: 1, ..Default::default() }).unwrap();
         let img = RgbImage::from_raw(&[90; 8 * 8 * 3], 8, 8, 24, PixelFormat::Rgb).unwrap();
         let emb = m.encode_image(&img).unwrap();
-        m.generate(&emb, "caption en", &GenerateOptions { max_tokens: 3, ..Default::default() }, |_, _| true).unwrap_or_else(|e| panic!("{ty}: {e}"));
+        common::generate(&mut m, &emb, "caption en", &GenerateOptions { max_tokens: 3, ..Default::default() }).unwrap_or_else(|e| panic!("{ty}: {e}"));
     }
 }
 
@@ -116,18 +116,18 @@ fn sampling_never_emits_prefix_tokens_and_limits_do_not_wrap() {
     // A very high temperature samples nearly uniformly: before, most runs hit <image>
     // within a few tokens and lost the whole answer.
     for seed in 0..20 {
-        let opts = GenerateOptions { max_tokens: 24, temperature: 5.0, seed, ..Default::default() };
-        let g = m.generate(&emb, "caption en", &opts, |_, _| true).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let opts = GenerateOptions { max_tokens: 24, sampling: Sampling { temperature: 5.0, seed, ..Default::default() }, ..Default::default() };
+        let g = common::generate(&mut m, &emb, "caption en", &opts).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         for id in g.tokens {
             assert!(id != k.image_token_id && id != k.pad && id != k.bos, "seed {seed}: sampled {id}");
         }
     }
     let huge = GenerateOptions { max_tokens: usize::MAX, ..Default::default() };
-    let err = m.generate(&emb, "caption en", &huge, |_, _| true).unwrap_err().to_string();
+    let err = common::generate(&mut m, &emb, "caption en", &huge).unwrap_err().to_string();
     assert!(err.contains("exceeds the context"), "{err}");
     for (temperature, top_p) in [(f32::NAN, 1.0), (-1.0, 1.0), (1.0, 0.0), (1.0, f32::NAN)] {
-        let opts = GenerateOptions { temperature, top_p, ..Default::default() };
-        assert!(m.generate(&emb, "caption en", &opts, |_, _| true).is_err(), "temperature {temperature} top-p {top_p}");
+        let opts = GenerateOptions { sampling: Sampling { temperature, top_p, ..Default::default() }, ..Default::default() };
+        assert!(common::generate(&mut m, &emb, "caption en", &opts).is_err(), "temperature {temperature} top-p {top_p}");
     }
 }
 

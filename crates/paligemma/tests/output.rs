@@ -11,7 +11,9 @@ fn tasks_render_the_trained_prompts() {
         assert_eq!(Task::parse(&task.prompt()).unwrap(), task);
     }
     assert_eq!(Task::parse("detect cat;dog ;").unwrap(), Task::Detect { labels: vec!["cat".into(), "dog".into()] });
-    assert_eq!(Task::parse("what is in the image").unwrap().kind(), "text");
+    assert_eq!(Task::parse("what is in the image").unwrap().kind(), paligemma::TaskKind::Text);
+    assert_eq!(serde_json::to_string(&Task::parse("detect a;b").unwrap()).unwrap(), r#""detect a ; b""#);
+    assert!(serde_json::from_str::<Task>(r#""detect ;""#).is_err(), "a malformed prompt fails to load");
     assert!(Task::parse("detect ; ;").unwrap_err().to_string().contains("at least one object"));
     assert!(Task::parse("  ").is_err());
     assert!(Task::parse("caption en\ndetect cat").is_err());

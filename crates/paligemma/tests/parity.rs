@@ -37,7 +37,7 @@ fn f32_matches_reference_per_stage() {
         let logits = model.prefix_logits(&emb, &ids).unwrap();
         let prefix = rel_max_diff(&logits, &reference_tensor(name, "prefix_logits"));
 
-        let generation = model.generate_ids(&emb, &ids, &GenerateOptions { max_tokens: 20, ..Default::default() }, &mut |_, _| true).unwrap();
+        let generation = common::generate_ids(&mut model, &emb, &ids, &GenerateOptions { max_tokens: 20, ..Default::default() }).unwrap();
         let first = rel_max_diff(&generation.first_logits, &reference_tensor(name, "first_logits"));
         println!("{name}: vision {vision:.2e} projector {projector:.2e} prefix logits {prefix:.2e} first logits {first:.2e}");
         let tol = tolerance();
@@ -69,7 +69,7 @@ fn quantized_types_stay_close() {
             let ids = ids(&reference["input_ids"]);
             let logits = model.prefix_logits(&emb, &ids).unwrap();
             let cos = cosine(&logits, &reference_tensor(name, "prefix_logits"));
-            let generation = model.generate_ids(&emb, &ids, &GenerateOptions { max_tokens: 10, ..Default::default() }, &mut |_, _| true).unwrap();
+            let generation = common::generate_ids(&mut model, &emb, &ids, &GenerateOptions { max_tokens: 10, ..Default::default() }).unwrap();
             let want = common::ids(&reference["greedy_ids"]);
             let same = generation.tokens.iter().zip(&want).take_while(|(a, b)| a == b).count();
             println!("{name} {ty}: prefix logits cosine {cos:.6}, first {same} greedy ids identical");
@@ -89,7 +89,7 @@ fn bad_input_is_an_error_and_the_model_survives() {
     let img = paligemma::preprocess::RgbImage::open(&fixtures_dir().join("images/rgb.png")).unwrap();
     let emb = model.encode_image(&img).unwrap();
     let opts = GenerateOptions { max_tokens: 5, ..Default::default() };
-    let before = model.generate(&emb, "detect cat ; dog", &opts, |_, _| true).unwrap();
+    let before = common::generate(&mut model, &emb, "detect cat ; dog", &opts).unwrap();
 
     // Not an image, empty and absurd frames.
     assert!(paligemma::preprocess::RgbImage::decode(b"GIF89a nonsense").is_err());
@@ -100,13 +100,13 @@ fn bad_input_is_an_error_and_the_model_survives() {
     assert!(e.contains("56x56"), "{e}");
     // A prompt longer than the context.
     let long = "cat ".repeat(2000);
-    let e = model.generate(&emb, &long, &opts, |_, _| true).unwrap_err().to_string();
+    let e = common::generate(&mut model, &emb, &long, &opts).unwrap_err().to_string();
     assert!(e.contains("exceeds the context"), "{e}");
     // Too many new tokens for the context.
-    let e = model.generate(&emb, "caption en", &GenerateOptions { max_tokens: 100_000, ..Default::default() }, |_, _| true).unwrap_err().to_string();
+    let e = common::generate(&mut model, &emb, "caption en", &GenerateOptions { max_tokens: 100_000, ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("context"), "{e}");
 
-    let after = model.generate(&emb, "detect cat ; dog", &opts, |_, _| true).unwrap();
+    let after = common::generate(&mut model, &emb, "detect cat ; dog", &opts).unwrap();
     assert_eq!(before.tokens, after.tokens, "the model still answers the same after errors");
     assert_eq!(&after.tokens[..], &common::ids(&reference["greedy_ids"])[..5]);
 }
@@ -163,12 +163,13 @@ fn batched_prompts_match_one_by_one() {
         let emb = model.encode_image(&img).unwrap();
         let prompts = ["detect cat ; dog", "caption en", "ocr", "answer en what is in the picture?"];
         let opts = GenerateOptions { max_tokens: 12, ..Default::default() };
-        let single: Vec<Vec<u32>> = prompts.iter().map(|p| model.generate(&emb, p, &opts, |_, _| true).unwrap().tokens).collect();
+        let single: Vec<Vec<u32>> = prompts.iter().map(|p| common::generate(&mut model, &emb, p, &opts).unwrap().tokens).collect();
         let prefixes: Vec<Vec<u32>> = prompts.iter().map(|p| model.tokenizer().prefix_ids(p).unwrap()).collect();
         let mut seen = vec![0usize; prompts.len()];
         let batch = model
-            .generate_batch(&emb, &prefixes, &opts, &mut |s, _, _| {
-                seen[s] += 1;
+            .generate(&emb, &prefixes, &opts, &mut |t| {
+                assert_eq!(t.index, seen[t.prompt]);
+                seen[t.prompt] += 1;
                 true
             })
             .unwrap();
@@ -176,7 +177,7 @@ fn batched_prompts_match_one_by_one() {
             assert_eq!(g.tokens, single[i], "{name}: prompt {:?}", prompts[i]);
             assert_eq!(seen[i], g.tokens.len());
         }
-        assert!(model.generate_batch(&emb, &vec![prefixes[0].clone(); 5], &opts, &mut |_, _, _| true).is_err(), "more prompts than sequences");
+        assert!(model.generate(&emb, &vec![prefixes[0].clone(); 5], &opts, &mut |_| true).is_err(), "more prompts than sequences");
     }
 }
 
@@ -199,7 +200,7 @@ fn repacked_weights_match_in_place() {
             let emb = model.encode_pixels(&pixels).unwrap();
             let ids = ids(&reference["input_ids"]);
             let logits = model.prefix_logits(&emb, &ids).unwrap();
-            let tokens = model.generate_ids(&emb, &ids, &GenerateOptions { max_tokens: 10, ..Default::default() }, &mut |_, _| true).unwrap().tokens;
+            let tokens = common::generate_ids(&mut model, &emb, &ids, &GenerateOptions { max_tokens: 10, ..Default::default() }).unwrap().tokens;
             (model.repacked().iter().map(|(_, n)| n).sum::<usize>(), emb.features, logits, tokens)
         };
         let (n_repacked, features, logits, tokens) = run(true);

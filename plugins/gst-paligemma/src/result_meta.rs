@@ -9,7 +9,7 @@
 //! (string: run lengths of alternating 0/1 pixels, row-major, starting with 0s), and
 //! `active-prompts` (array of strings: the ids of the standing prompts in force when
 //! the result was attached, so that a reader can forget the results of removed prompts).
-use paligemma::TaskResult;
+use paligemma::{ResultKind, TaskResult};
 use paligemma_stream::ResultMessage;
 
 pub const PARAM_NAME: &str = "paligemma/result";
@@ -18,7 +18,7 @@ pub const PARAM_NAME: &str = "paligemma/result";
 #[derive(Clone, Debug, PartialEq)]
 pub struct Region {
     pub prompt_id: String,
-    pub kind: String,
+    pub kind: ResultKind,
     pub label: String,
     /// Normalised box.
     pub x1: f64,
@@ -38,7 +38,7 @@ pub fn regions(msg: &ResultMessage, active: &[String]) -> Vec<Region> {
     let base = Region {
         active_prompts: active.to_vec(),
         prompt_id: msg.prompt.id.clone(),
-        kind: msg.result.kind().into(),
+        kind: msg.result.kind(),
         label: String::new(),
         x1: 0.0,
         y1: 0.0,
@@ -69,7 +69,7 @@ impl Region {
     pub fn to_structure(&self) -> gst::Structure {
         let mut s = gst::Structure::builder(PARAM_NAME)
             .field("prompt-id", &self.prompt_id)
-            .field("kind", &self.kind)
+            .field("kind", self.kind.as_str())
             .field("label", &self.label)
             .field("x1", self.x1)
             .field("y1", self.y1)
@@ -101,7 +101,7 @@ impl Region {
         };
         Some(Region {
             prompt_id: s.get("prompt-id").ok()?,
-            kind: s.get("kind").ok()?,
+            kind: s.get::<&str>("kind").ok()?.parse().ok()?,
             label: s.get("label").unwrap_or_default(),
             x1: s.get("x1").ok()?,
             y1: s.get("y1").ok()?,

@@ -1,6 +1,7 @@
 //! The elements in harnesses and real pipelines, on a fixture model.
 use gst::prelude::*;
 use gstpaligemma::result_meta::Region;
+use paligemma::ResultKind;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -64,7 +65,7 @@ fn sync_mode_every_sampled_frame_carries_its_results() {
         let out = h.pull().unwrap();
         assert_eq!(out.pts(), Some(gst::ClockTime::from_mseconds(i * 40)));
         let regions = Region::from_buffer(&out);
-        assert!(regions.iter().any(|r| r.prompt_id == "caption" && r.kind == "caption"), "frame {i}: {regions:?}");
+        assert!(regions.iter().any(|r| r.prompt_id == "caption" && r.kind == ResultKind::Caption), "frame {i}: {regions:?}");
         assert!(regions.iter().all(|r| r.frame == (64, 48)));
     }
     let msgs = results(&bus);

@@ -1,5 +1,6 @@
 //! The overlay draws boxes where the results say, rendered to a PNG.
 use gstpaligemma::result_meta::Region;
+use paligemma::ResultKind;
 
 #[test]
 fn overlay_draws_boxes_where_results_say() {
@@ -16,7 +17,7 @@ fn overlay_draws_boxes_where_results_say() {
     harness.set_src_caps(caps_bgrx);
     let region = Region {
         prompt_id: "detect".into(),
-        kind: "detections".into(),
+        kind: ResultKind::Detections,
         label: "cat".into(),
         x1: 0.25,
         y1: 0.5,
@@ -29,7 +30,7 @@ fn overlay_draws_boxes_where_results_say() {
     };
     let caption = Region {
         prompt_id: "caption".into(),
-        kind: "caption".into(),
+        kind: ResultKind::Caption,
         label: String::new(),
         text: "a cat".into(),
         x1: 0.0,
@@ -91,7 +92,7 @@ fn overlay_forgets_regions_of_removed_prompts() {
     );
     let region = |id: &str, x1: f64, active: &[&str]| Region {
         prompt_id: id.into(),
-        kind: "detections".into(),
+        kind: ResultKind::Detections,
         label: id.into(),
         x1,
         y1: 0.5,

@@ -52,3 +52,24 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
 }
+
+/// One answer to prefix ids, without streaming.
+pub fn generate_ids(
+    model: &mut paligemma::Model,
+    emb: &paligemma::ImageEmbedding,
+    ids: &[u32],
+    opts: &paligemma::GenerateOptions,
+) -> paligemma::Result<paligemma::Generation> {
+    Ok(model.generate(emb, &[ids.to_vec()], opts, &mut |_| true)?.remove(0))
+}
+
+/// One answer to a prompt's text, without streaming.
+pub fn generate(
+    model: &mut paligemma::Model,
+    emb: &paligemma::ImageEmbedding,
+    prompt: &str,
+    opts: &paligemma::GenerateOptions,
+) -> paligemma::Result<paligemma::Generation> {
+    let ids = model.tokenizer().prefix_ids(prompt)?;
+    generate_ids(model, emb, &ids, opts)
+}

@@ -107,8 +107,8 @@ impl BaseTransformImpl for PaliGemmaOverlay {
         for regions in state.latest.values() {
             for r in regions {
                 let color = label_color(if r.label.is_empty() { &r.prompt_id } else { &r.label });
-                match r.kind.as_str() {
-                    "detections" | "segmentation" => {
+                match r.kind {
+                    kind if kind.has_boxes() => {
                         let px = |v: f64, size: usize| ((v.clamp(0.0, 1.0) * size as f64).round() as usize).min(size);
                         let (x1, y1, x2, y2) = (px(r.x1, width), px(r.y1, height), px(r.x2, width), px(r.y2, height));
                         if let Some((mx, my, mw, mh, rle)) = &r.mask {

@@ -9,15 +9,15 @@ use gst_video::prelude::VideoFrameExt;
 use paligemma::preprocess::{PixelFormat, RgbImage, Yuv420, YuvMatrix};
 use paligemma::{KvType, Model, ModelOptions};
 use paligemma_stream::message::{FrameInfo, Source};
-use paligemma_stream::{Frame, PromptSet, ResultMessage, SamplerConfig, Worker, WorkerConfig};
+use paligemma_stream::prompts::DEFAULT_MAX_TOKENS;
+use paligemma_stream::{Frame, FrameSamplerConfig, PromptSet, ResultMessage, Worker, WorkerConfig};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 static CAT: LazyLock<gst::DebugCategory> =
     LazyLock::new(|| gst::DebugCategory::new("paligemma", gst::DebugColorFlags::empty(), Some("PaliGemma vision-language model")));
 
 const DEFAULT_PROMPTS: &str = "caption en";
-const DEFAULT_MAX_TOKENS: u32 = 32;
 const DEFAULT_INTERVAL_MS: u64 = 0;
 /// While the worker is busy, frames are converted and offered at most this often.
 const BUSY_OFFER_PERIOD: Duration = Duration::from_millis(100);
@@ -45,7 +45,7 @@ impl Default for Settings {
             prompts_file: None,
             device: "cpu".into(),
             threads: 0,
-            max_tokens: DEFAULT_MAX_TOKENS,
+            max_tokens: DEFAULT_MAX_TOKENS as u32,
             interval_ms: DEFAULT_INTERVAL_MS,
             mode: Mode::Async,
             attach_meta: true,
@@ -144,7 +144,7 @@ impl ObjectImpl for PaliGemma {
                     .blurb("Longest answer in tokens (for prompts from the prompts property)")
                     .minimum(1)
                     .maximum(4096)
-                    .default_value(DEFAULT_MAX_TOKENS)
+                    .default_value(DEFAULT_MAX_TOKENS as u32)
                     .mutable_playing()
                     .build(),
                 glib::ParamSpecUInt64::builder("interval")
@@ -399,7 +399,7 @@ impl PaliGemma {
             pts_ns: pts.map(|p| p.nseconds()),
             running_time_ns: segment.and_then(|s| s.to_running_time(pts)).map(|t| t.nseconds()),
             stream_time_ns: segment.and_then(|s| s.to_stream_time(pts)).map(|t| t.nseconds()),
-            capture_unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).ok().map(|d| d.as_nanos() as u64),
+            capture_unix_ns: paligemma_stream::message::unix_time_ns(),
             width: w,
             height: h,
         };
@@ -443,8 +443,8 @@ fn result_message(element: &super::PaliGemma, msg: &ResultMessage) -> gst::Messa
     let mut s = gst::Structure::builder("paligemma-result")
         .field("prompt-id", &msg.prompt.id)
         .field("prompt", &msg.prompt.text)
-        .field("task", &msg.prompt.task)
-        .field("kind", msg.result.kind())
+        .field("task", msg.prompt.task.as_str())
+        .field("kind", msg.result.kind().as_str())
         .field("text", text)
         .field("raw", &msg.raw)
         .field("json", msg.to_json())
@@ -520,7 +520,7 @@ impl BaseTransformImpl for PaliGemma {
         let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Complete, "load", &format!("Loaded {path}")).src(&*obj).build());
         let config = WorkerConfig {
             source: Source { node: String::new(), camera: obj.name().to_string() },
-            sampler: SamplerConfig { min_interval: Duration::from_millis(settings.interval_ms), skip_unchanged_below: None },
+            sampler: FrameSamplerConfig { min_interval: Duration::from_millis(settings.interval_ms), skip_unchanged_below: None },
             ..Default::default()
         };
         let worker = Worker::spawn(model, prompts, config, self.make_sink(settings.mode));

@@ -22,7 +22,7 @@ impl Frame {
 }
 
 #[derive(Clone, Debug, Default)]
-pub struct SamplerConfig {
+pub struct FrameSamplerConfig {
     /// Minimum time between two analysed frames.
     pub min_interval: Duration,
     /// Skip a frame whose mean absolute difference to the last analysed one (on a
@@ -32,8 +32,8 @@ pub struct SamplerConfig {
 
 /// The hand-over slot; lives inside the worker's lock.
 #[derive(Default)]
-pub struct Sampler {
-    pub config: SamplerConfig,
+pub struct FrameSampler {
+    pub config: FrameSamplerConfig,
     pending: Option<Frame>,
     last_taken: Option<Instant>,
     last_thumb: Option<Vec<f32>>,
@@ -43,9 +43,9 @@ pub struct Sampler {
     pub seen: u64,
 }
 
-impl Sampler {
-    pub fn new(config: SamplerConfig) -> Sampler {
-        Sampler { config, ..Default::default() }
+impl FrameSampler {
+    pub fn new(config: FrameSamplerConfig) -> FrameSampler {
+        FrameSampler { config, ..Default::default() }
     }
 
     /// Offers a frame; a frame still waiting is replaced (and counted as dropped).

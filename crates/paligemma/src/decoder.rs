@@ -1,0 +1,156 @@
+//! The Gemma / Gemma 2 decoder as a graph: token embeddings (or image features) in,
+//! each token's K/V written to its cache row, attention of every sequence over its
+//! own cache region, logits of the last tokens out. Gemma 2 adds post-norms after
+//! attention and MLP, logit softcaps and sliding-window layers.
+use crate::config::{TextArch, TextConfig};
+use crate::kv_cache::{KvCache, Run};
+use crate::nn::{Linear, RmsNorm};
+use crate::weights::{LM_HEAD, WeightNames};
+use crate::{Error, Result};
+use ggml::{Context, Graph, Tensor, TensorRef, TensorStore};
+
+/// One decoder layer.
+#[derive(Debug)]
+struct DecoderLayer {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    /// Gemma 2 only.
+    post_attn_norm: Option<RmsNorm>,
+    ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    /// Gemma 2 only.
+    post_ffn_norm: Option<RmsNorm>,
+    /// Gemma 2's odd layers attend within a sliding window.
+    sliding: bool,
+}
+
+/// The decoder's weights.
+#[derive(Debug)]
+pub(crate) struct DecoderWeights {
+    /// Token embedding, gathered by row.
+    pub token_embd: TensorRef,
+    /// The LM head: the (tied) token embedding, or its repacked copy.
+    lm_head: TensorRef,
+    layers: Vec<DecoderLayer>,
+    output_norm: RmsNorm,
+}
+
+impl DecoderWeights {
+    pub fn load(w: &WeightNames<'_>, t: &TextConfig) -> Result<DecoderWeights> {
+        let eps = t.rms_eps;
+        let gemma2 = t.arch == TextArch::Gemma2;
+        let layers = (0..t.depth)
+            .map(|i| {
+                let p = |s: &str| format!("blk.{i}.{s}");
+                let linear = |s: &str| w.linear(&p(s), false);
+                Ok(DecoderLayer {
+                    attn_norm: w.rms_norm(&p("attn_norm"), eps)?,
+                    q: linear("attn_q")?,
+                    k: linear("attn_k")?,
+                    v: linear("attn_v")?,
+                    out: linear("attn_output")?,
+                    post_attn_norm: if gemma2 { Some(w.rms_norm(&p("post_attention_norm"), eps)?) } else { None },
+                    ffn_norm: w.rms_norm(&p("ffn_norm"), eps)?,
+                    gate: linear("ffn_gate")?,
+                    up: linear("ffn_up")?,
+                    down: linear("ffn_down")?,
+                    post_ffn_norm: if gemma2 { Some(w.rms_norm(&p("post_ffw_norm"), eps)?) } else { None },
+                    sliding: t.sliding_layers[i],
+                })
+            })
+            .collect::<Result<_>>()?;
+        let token_embd = w.tensor("token_embd.weight")?;
+        Ok(DecoderWeights {
+            token_embd,
+            lm_head: if w.has(LM_HEAD) { w.tensor(LM_HEAD)? } else { token_embd },
+            layers,
+            output_norm: w.rms_norm("output_norm", eps)?,
+        })
+    }
+}
+
+/// Graph inputs of the decoder.
+pub(crate) struct DecoderInputs<'a> {
+    /// Embeddings [width, n].
+    pub x: Tensor<'a>,
+    /// RoPE positions (I32 [n]).
+    pub pos: Tensor<'a>,
+    /// Cache row of each token (I32 [n]).
+    pub slots: Tensor<'a>,
+    /// The sequences of the batch, each attending to its own cache region.
+    pub runs: Vec<Run<Tensor<'a>>>,
+    pub n_logits: usize,
+}
+
+/// Adds the decoder to `graph`: writes each token's K/V into its cache row, attends
+/// over each sequence's region with the masks, and returns the logits of the last
+/// `n_logits` tokens [vocab, n_logits], before the final softcap (see
+/// [`crate::sampling::softcap`]).
+pub(crate) fn build<'c>(
+    ctx: &'c Context,
+    store: &TensorStore,
+    w: &DecoderWeights,
+    t: &TextConfig,
+    graph: &mut Graph<'_>,
+    cache: &KvCache,
+    inputs: DecoderInputs<'c>,
+) -> Result<Tensor<'c>> {
+    let DecoderInputs { mut x, pos, slots, runs, n_logits } = inputs;
+    let n = x.ne()[1];
+    let (hd, heads, kv_heads) = (t.head_dim, t.heads, t.kv_heads);
+    let scale = t.query_pre_attn_scalar.powf(-0.5);
+    let softcap = t.attn_softcap.unwrap_or(0.0);
+    for (i, layer) in w.layers.iter().enumerate() {
+        let h = layer.attn_norm.forward(ctx, store, x)?;
+        let q = ctx.reshape(layer.q.forward(ctx, store, h)?, &[hd, heads, n])?;
+        let k = ctx.reshape(layer.k.forward(ctx, store, h)?, &[hd, kv_heads, n])?;
+        let v = layer.v.forward(ctx, store, h)?; // [hd * kv_heads, n]
+        let q = ctx.rope_neox(q, pos, hd, t.rope_theta)?;
+        let k = ctx.rope_neox(k, pos, hd, t.rope_theta)?;
+
+        // Store this batch's K/V in their rows (expanded first, so they run before
+        // the attention reads the cache), then each sequence attends to its own region.
+        let (ck, cv) = cache.layer(i);
+        graph.expand(ctx.set_rows(ck, ctx.reshape(k, &[hd * kv_heads, n])?, slots)?)?;
+        graph.expand(ctx.set_rows(cv, v, slots)?)?;
+        let row = ck.ty().row_size(hd * kv_heads)?;
+        let head_row = ck.ty().row_size(hd)?;
+        let q = ctx.permute(q, [0, 2, 1, 3])?; // [hd, n, heads]
+        let mut attn: Option<Tensor<'c>> = None;
+        for run in &runs {
+            let q = if run.len == n { q } else { ctx.view(q, &[hd, run.len, heads], &[q.nb()[1], q.nb()[2]], run.first * q.nb()[1])? };
+            let keys = ctx.view(ck, &[hd, run.kv, kv_heads], &[row, head_row], run.base * row)?;
+            let values = ctx.view(cv, &[hd, run.kv, kv_heads], &[row, head_row], run.base * row)?;
+            let mask = if layer.sliding { run.sliding } else { run.full };
+            let a = ctx.flash_attn_ext(q, keys, values, mask, scale, softcap)?; // [hd, heads, len]
+            attn = Some(match attn {
+                Some(prev) => ctx.concat(prev, a, 2)?,
+                None => a,
+            });
+        }
+        let attn = ctx.reshape(attn.ok_or_else(|| Error::Invalid("an empty batch".into()))?, &[hd * heads, n])?;
+        let mut o = layer.out.forward(ctx, store, attn)?;
+        if let Some(norm) = &layer.post_attn_norm {
+            o = norm.forward(ctx, store, o)?;
+        }
+        x = ctx.add(x, o)?;
+
+        let h = layer.ffn_norm.forward(ctx, store, x)?;
+        let gate = ctx.gelu_precise(layer.gate.forward(ctx, store, h)?)?;
+        let up = layer.up.forward(ctx, store, h)?;
+        let mut down = layer.down.forward(ctx, store, ctx.mul(gate, up)?)?;
+        if let Some(norm) = &layer.post_ffn_norm {
+            down = norm.forward(ctx, store, down)?;
+        }
+        x = ctx.add(x, down)?;
+    }
+    let n_logits = n_logits.clamp(1, n);
+    let last = ctx.view(x, &[t.width, n_logits], &[x.nb()[1]], (n - n_logits) * x.nb()[1])?;
+    let h = w.output_norm.forward(ctx, store, last)?;
+    Ok(ctx.mul_mat(store.get(w.lm_head), h)?)
+}

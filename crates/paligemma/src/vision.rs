@@ -1,0 +1,92 @@
+//! The SigLIP vision tower and the linear projector into the decoder's width, as
+//! one graph: patch embedding (a convolution with kernel = stride = patch size),
+//! learned positions, pre-norm encoder layers, a final layer norm, the projector.
+use crate::Result;
+use crate::config::VisionConfig;
+use crate::nn::{LayerNorm, Linear};
+use crate::weights::WeightNames;
+use ggml::{Context, Tensor, TensorRef, TensorStore};
+
+/// One encoder layer: attention then a GELU MLP, each behind a layer norm.
+#[derive(Debug)]
+struct EncoderLayer {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln2: LayerNorm,
+    up: Linear,
+    down: Linear,
+}
+
+/// The vision tower's and projector's weights.
+#[derive(Debug)]
+pub(crate) struct VisionWeights {
+    patch_kernel: TensorRef,
+    patch_bias: TensorRef,
+    positions: TensorRef,
+    layers: Vec<EncoderLayer>,
+    post_ln: LayerNorm,
+    projector: Linear,
+}
+
+impl VisionWeights {
+    pub fn load(w: &WeightNames<'_>, cfg: &VisionConfig) -> Result<VisionWeights> {
+        let eps = cfg.ln_eps;
+        let layers = (0..cfg.depth)
+            .map(|i| {
+                let p = |s: &str| format!("v.blk.{i}.{s}");
+                Ok(EncoderLayer {
+                    ln1: w.layer_norm(&p("ln1"), eps)?,
+                    q: w.linear(&p("attn_q"), true)?,
+                    k: w.linear(&p("attn_k"), true)?,
+                    v: w.linear(&p("attn_v"), true)?,
+                    out: w.linear(&p("attn_out"), true)?,
+                    ln2: w.layer_norm(&p("ln2"), eps)?,
+                    up: w.linear(&p("ffn_up"), true)?,
+                    down: w.linear(&p("ffn_down"), true)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(VisionWeights {
+            patch_kernel: w.tensor("v.patch_embd.weight")?,
+            patch_bias: w.tensor("v.patch_embd.bias")?,
+            positions: w.tensor("v.position_embd.weight")?,
+            layers,
+            post_ln: w.layer_norm("v.post_ln", eps)?,
+            projector: w.linear("mm", true)?,
+        })
+    }
+}
+
+/// Builds the tower on `pixels` ([size, size, 3, 1]). Returns (vision output [width,
+/// n_patches], projector output [text width, n_patches]).
+pub(crate) fn build<'c>(ctx: &'c Context, store: &TensorStore, w: &VisionWeights, cfg: &VisionConfig, pixels: Tensor<'_>) -> Result<(Tensor<'c>, Tensor<'c>)> {
+    let (d, n, heads) = (cfg.width, cfg.n_patches(), cfg.heads);
+    let hd = d / heads;
+    // Patch embedding: a conv with kernel = stride = patch; patches in row-major order.
+    let patches = ctx.conv_2d(store.get(w.patch_kernel), pixels, cfg.patch_size, 0)?; // [px, py, d, 1]
+    let patches = ctx.reshape(patches, &[n, d])?;
+    let mut x = ctx.cont(ctx.transpose(patches)?)?; // [d, n]
+    x = ctx.add(x, store.get(w.patch_bias))?;
+    x = ctx.add(x, store.get(w.positions))?;
+    let scale = (hd as f32).powf(-0.5);
+    // [d, n] -> [hd, n, heads]
+    let heads_of = |t: Tensor<'c>| -> Result<Tensor<'c>> { Ok(ctx.permute(ctx.reshape(t, &[hd, heads, n])?, [0, 2, 1, 3])?) };
+    for layer in &w.layers {
+        let h = layer.ln1.forward(ctx, store, x)?;
+        let q = heads_of(layer.q.forward(ctx, store, h)?)?;
+        let k = heads_of(layer.k.forward(ctx, store, h)?)?;
+        let v = heads_of(layer.v.forward(ctx, store, h)?)?;
+        let attn = ctx.flash_attn_ext(q, k, v, None, scale, 0.0)?; // [hd, heads, n]
+        let attn = ctx.reshape(attn, &[d, n])?;
+        x = ctx.add(x, layer.out.forward(ctx, store, attn)?)?;
+        let h = layer.ln2.forward(ctx, store, x)?;
+        let h = ctx.gelu_precise(layer.up.forward(ctx, store, h)?)?;
+        x = ctx.add(x, layer.down.forward(ctx, store, h)?)?;
+    }
+    let vision = w.post_ln.forward(ctx, store, x)?;
+    let projected = w.projector.forward(ctx, store, vision)?;
+    Ok((vision, projected))
+}

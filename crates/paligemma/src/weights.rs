@@ -1,0 +1,128 @@
+//! Loading a model file's weights onto a backend: used in place from the mapped
+//! file on the CPU (or repacked into the CPU's interleaved layouts), copied to the
+//! device otherwise. The graphs get typed structs of handles ([`crate::vision::VisionWeights`],
+//! [`crate::decoder::DecoderWeights`], [`crate::segment::MaskDecoderWeights`]) resolved
+//! here once, so a missing tensor is a load error and a graph build looks nothing up.
+use crate::nn::{LayerNorm, Linear, RmsNorm};
+use crate::{Error, Result};
+use ggml::gguf::{GgufFile, TensorInfo};
+use ggml::{Backend, Buffer, Context, TensorRef, TensorStore};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Name of the repacked copy of the token embedding used as the LM head.
+pub(crate) const LM_HEAD: &str = "lm_head.repacked";
+
+/// Every weight of a model file on a backend.
+pub(crate) struct WeightStore {
+    pub store: TensorStore,
+    /// Kept alive for the tensors placed in them.
+    _buffers: Vec<Buffer>,
+    /// Names of the extra buffer types used, with how many tensors each holds.
+    pub repacked: Vec<(String, usize)>,
+}
+
+/// Weights by name, only while a model is being loaded.
+pub(crate) struct WeightNames<'a> {
+    path: &'a Path,
+    by_name: HashMap<String, TensorRef>,
+}
+
+impl WeightStore {
+    /// Loads every tensor of `gguf`; returns the store and the names to resolve the
+    /// typed weight structs from.
+    pub fn load<'g>(gguf: &'g GgufFile, backend: &Backend, repack: bool) -> Result<(WeightStore, WeightNames<'g>)> {
+        let path = gguf.path();
+        // Matrices the CPU may repack: every 2-D weight read only by matrix products (the
+        // token embedding is also gathered by row, the mask decoder's tensors by their own ops).
+        let extra = if repack && backend.is_cpu() { backend.device().extra_buffer_types() } else { Vec::new() };
+        let repack_group = |info: &TensorInfo| extra.iter().position(|b| b.supports_weight(backend.device(), info.ty, &info.shape)).map(|g| g + 1);
+        let mut groups: Vec<Vec<(String, &TensorInfo)>> = vec![Vec::new(); 1 + extra.len()];
+        for info in &gguf.tensors {
+            let matrix = info.shape.len() == 2 && info.name != "token_embd.weight" && !info.name.starts_with("seg.");
+            let g = if matrix { repack_group(info) } else { None };
+            groups[g.unwrap_or(0)].push((info.name.clone(), info));
+            // The tied LM head reads the whole embedding: like llama.cpp, it gets a repacked
+            // copy of its own while the row lookups keep using the file.
+            if info.name == "token_embd.weight"
+                && let Some(g) = repack_group(info)
+            {
+                groups[g].push((LM_HEAD.to_string(), info));
+            }
+        }
+        let mut weights = WeightStore { store: TensorStore::new(), _buffers: Vec::new(), repacked: Vec::new() };
+        let mut by_name = HashMap::new();
+        for (g, infos) in groups.iter().enumerate() {
+            if infos.is_empty() && g > 0 {
+                continue;
+            }
+            let ctx = Context::new(infos.len() + 1, 0)?;
+            for (name, info) in infos {
+                ctx.new_named(name, info.ty, &info.shape)?;
+            }
+            let buffer = if g == 0 && backend.is_cpu() {
+                let buffer = Buffer::from_host(gguf.mmap())?;
+                for (t, (_, info)) in ctx.tensors().zip(infos) {
+                    buffer.place(t, gguf.data_offset + info.offset)?;
+                }
+                buffer
+            } else {
+                let buft = if g == 0 { backend.buffer_type() } else { extra[g - 1] };
+                let buffer = buft.alloc_tensors(&ctx)?;
+                // Read with plain file reads: touching the mapping would leave those pages
+                // counted in the process's memory beside the copy.
+                let mut file = std::fs::File::open(path).map_err(crate::error::io(path))?;
+                let mut data = Vec::new();
+                for (t, (_, info)) in ctx.tensors().zip(infos) {
+                    data.resize(t.nbytes(), 0);
+                    read_at(&mut file, (gguf.data_offset + info.offset) as u64, &mut data).map_err(crate::error::io(path))?;
+                    t.write_bytes(&data)?;
+                }
+                if g > 0 {
+                    weights.repacked.push((buft.name(), infos.len()));
+                }
+                buffer
+            };
+            buffer.set_weights_usage();
+            weights._buffers.push(buffer);
+            for ((name, _), r) in infos.iter().zip(weights.store.insert(ctx)) {
+                by_name.insert(name.clone(), r);
+            }
+        }
+        Ok((weights, WeightNames { path, by_name }))
+    }
+}
+
+fn read_at(file: &mut std::fs::File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(buf)
+}
+
+impl WeightNames<'_> {
+    pub fn path(&self) -> PathBuf {
+        self.path.to_path_buf()
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// The tensor `name`; its absence is an error naming the file and the tensor.
+    pub fn tensor(&self, name: &str) -> Result<TensorRef> {
+        self.by_name.get(name).copied().ok_or_else(|| Error::Tensor { path: self.path(), name: name.into(), detail: "missing from the model file".into() })
+    }
+
+    /// `{prefix}.weight` and, when `bias`, `{prefix}.bias`.
+    pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
+        Ok(Linear { w: self.tensor(&format!("{prefix}.weight"))?, b: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None } })
+    }
+
+    pub fn layer_norm(&self, prefix: &str, eps: f32) -> Result<LayerNorm> {
+        Ok(LayerNorm { w: self.tensor(&format!("{prefix}.weight"))?, b: self.tensor(&format!("{prefix}.bias"))?, eps })
+    }
+
+    pub fn rms_norm(&self, prefix: &str, eps: f32) -> Result<RmsNorm> {
+        Ok(RmsNorm { w: self.tensor(&format!("{prefix}.weight"))?, eps })
+    }
+}
