@@ -319,11 +319,36 @@ impl Drop for Buffer {
     }
 }
 
+/// The CPU backend's worker threads, kept between graphs and set not to poll for
+/// work: between two graphs they sleep instead of spinning, so a model that waits for
+/// its next frame costs the other programs on the machine nothing. (Without a pool of
+/// its own, ggml starts and joins threads for every graph, which poll while they live.)
+struct ThreadPool(NonNull<sys::ggml_threadpool>);
+
+impl ThreadPool {
+    fn new(threads: usize) -> Result<ThreadPool> {
+        // SAFETY: plain parameter initialisation.
+        let mut params = unsafe { sys::ggml_threadpool_params_default(threads.max(1) as i32) };
+        params.poll = 0;
+        // SAFETY: valid parameters; a null return is handled.
+        NonNull::new(unsafe { sys::ggml_threadpool_new(&mut params) }).map(ThreadPool).ok_or_else(|| Error::BackendInit(format!("a pool of {threads} threads")))
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        // SAFETY: owned pool, detached from every backend before (see Scheduler).
+        unsafe { sys::ggml_threadpool_free(self.0.as_ptr()) }
+    }
+}
+
 /// ggml's backend scheduler over a primary backend plus the CPU as fallback for
 /// operations the primary one lacks.
 pub struct Scheduler {
     ptr: NonNull<sys::ggml_backend_sched>,
     backends: Vec<Backend>,
+    /// Declared last: dropped after the backends that use it.
+    pool: Option<ThreadPool>,
 }
 
 // SAFETY: the scheduler is used from one thread at a time (`!Sync`).
@@ -337,24 +362,33 @@ impl Scheduler {
         if !backends[0].is_cpu() {
             backends.push(Backend::cpu()?);
         }
-        for b in &backends {
-            b.set_n_threads(threads);
-        }
         let mut raw: Vec<sys::ggml_backend_t> = backends.iter().map(|b| b.as_ptr()).collect();
         // SAFETY: valid backends, the last is the CPU as ggml requires.
         let ptr = unsafe { sys::ggml_backend_sched_new(raw.as_mut_ptr(), std::ptr::null_mut(), raw.len() as i32, graph_size, false, true) };
         let ptr = NonNull::new(ptr).ok_or_else(|| Error::BackendInit("scheduler".into()))?;
-        Ok(Scheduler { ptr, backends })
+        let mut sched = Scheduler { ptr, backends, pool: None };
+        sched.set_n_threads(threads)?;
+        Ok(sched)
     }
 
     pub fn primary(&self) -> &Backend {
         &self.backends[0]
     }
 
-    pub fn set_n_threads(&self, threads: usize) {
+    /// Sets the CPU threads of every backend that has them; the CPU backend gets a new
+    /// pool of that many threads.
+    pub fn set_n_threads(&mut self, threads: usize) -> Result<()> {
+        let pool = ThreadPool::new(threads)?;
         for b in &self.backends {
             b.set_n_threads(threads);
+            if b.is_cpu() {
+                // SAFETY: a CPU backend and a live pool, which outlives it (field order).
+                unsafe { sys::ggml_backend_cpu_set_threadpool(b.as_ptr(), pool.0.as_ptr()) };
+            }
         }
+        // The previous pool is detached from every backend now.
+        self.pool = Some(pool);
+        Ok(())
     }
 
     /// Reserves compute buffers big enough for `graph` (call with the largest graph).

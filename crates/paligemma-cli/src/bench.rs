@@ -30,14 +30,14 @@ pub struct BenchArgs {
     cache: PathBuf,
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// CPU threads (0: all cores).
+    /// CPU threads (0: half the cores, see paligemma::default_threads).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     #[arg(long, default_value = "f16")]
     kv_type: String,
-    /// Tokens to decode per repetition.
+    /// Tokens to decode per repetition (with --streams: per answer at most).
     #[arg(long, default_value_t = 20)]
-    decode_tokens: usize,
+    pub decode_tokens: usize,
     /// Untimed runs first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -53,7 +53,27 @@ pub struct BenchArgs {
     no_repack: bool,
     /// Print JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
+    /// Instead of the stages: this many cameras with standing prompts against one
+    /// shared engine (see `--separate`), for `--seconds` at `--fps`.
+    #[arg(long, default_value_t = 0)]
+    pub streams: usize,
+    /// With --streams: an engine (model, thread pool) per camera instead of one shared.
+    #[arg(long)]
+    pub separate: bool,
+    /// With --streams: the standing prompts of every camera, `|`-separated (each
+    /// answers at most --decode-tokens tokens).
+    #[arg(long, default_value = "caption en|detect cat ; dog")]
+    pub stream_prompts: String,
+    /// With --streams: how long to run.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// With --streams: frames per second each camera sends.
+    #[arg(long, default_value_t = 30.0)]
+    pub fps: f64,
+    /// With --streams: the frame every camera sends (default: a generated 640x480 one).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -62,7 +82,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes.
-fn peak_rss() -> Option<u64> {
+pub(crate) fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
@@ -121,6 +141,18 @@ struct Report {
     compute_buffer_bytes: usize,
 }
 
+/// A 640x480 frame with structure (gradients and edges).
+fn test_frame() -> RgbImage {
+    let (w, h) = (640, 480);
+    let data = (0..w * h)
+        .flat_map(|i| {
+            let (x, y) = (i % w, i / w);
+            [(x * 255 / w) as u8, (y * 255 / h) as u8, if (x / 40 + y / 40) % 2 == 0 { 220 } else { 30 }]
+        })
+        .collect();
+    RgbImage { width: w, height: h, data }
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     let path = model_path(args)?;
     let file_bytes = std::fs::metadata(&path)?.len();
@@ -131,16 +163,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         repack: !args.no_repack,
         ..Default::default()
     };
+    let image = match &args.image {
+        Some(p) => RgbImage::open(p)?,
+        None => test_frame(),
+    };
+    if args.streams > 0 {
+        return crate::bench_streams::run(args, &path, opts, image);
+    }
     let mut model = Model::load(&path, &opts)?;
-    // A 640x480 frame with structure (gradients and edges).
-    let (w, h) = (640, 480);
-    let data = (0..w * h)
-        .flat_map(|i| {
-            let (x, y) = (i % w, i / w);
-            [(x * 255 / w) as u8, (y * 255 / h) as u8, if (x / 40 + y / 40) % 2 == 0 { 220 } else { 30 }]
-        })
-        .collect();
-    let image = RgbImage { width: w, height: h, data };
     let ids = model.tokenizer().prefix_ids("caption en")?;
     let options = GenerateOptions { max_tokens: args.decode_tokens + 1, ignore_eos: true, ..Default::default() };
     let (mut pre, mut vis, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

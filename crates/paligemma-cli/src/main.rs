@@ -5,6 +5,7 @@ use paligemma::convert::{ConvertOptions, default_vision_type, parse_weight_type}
 use paligemma::preprocess::{PixelValues, RgbImage};
 use paligemma::{AnswerOptions, KvType, Model, ModelOptions, Sampling, Task};
 mod bench;
+mod bench_streams;
 mod eval;
 
 use npyz::WriterBuilder;
@@ -113,7 +114,7 @@ struct LoadArgs {
     /// cpu, cuda:N, vulkan:N or gpu.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// CPU threads (0: all cores).
+    /// CPU threads (0: half the cores, see paligemma::default_threads).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// KV cache type: f16, f32, q8_0.

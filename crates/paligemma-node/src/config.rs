@@ -31,6 +31,17 @@ pub struct Config {
     /// On SIGINT/SIGTERM: finish the work in progress, or drop it.
     #[serde(default)]
     pub on_shutdown: OnShutdown,
+    /// Whether a put on `<prefix>/<camera>/prompts` may replace a camera's standing
+    /// prompts. Off unless asked for: whoever can reach the node could otherwise change
+    /// what the robot looks for. Who may put is then up to Zenoh's access control.
+    #[serde(default)]
+    pub allow_prompt_updates: bool,
+    /// Asks the whole node answers per second at most (each costs a prefill on the
+    /// robot's cores); asks beyond it, and beyond `ask_burst` at once, get a "busy" reply.
+    #[serde(default = "default_ask_rate")]
+    pub ask_rate: f64,
+    #[serde(default = "default_ask_burst")]
+    pub ask_burst: u32,
     pub model: ModelConfig,
     #[serde(default)]
     pub zenoh: ZenohConfig,
@@ -49,6 +60,12 @@ fn default_ask_timeout() -> u64 {
 }
 fn default_max_prompt() -> usize {
     4096
+}
+fn default_ask_rate() -> f64 {
+    4.0
+}
+fn default_ask_burst() -> u32 {
+    8
 }
 fn default_max_pixels() -> usize {
     paligemma::preprocess::DEFAULT_MAX_PIXELS
@@ -82,6 +99,10 @@ pub struct ModelConfig {
     pub threads: usize,
     #[serde(default = "default_kv")]
     pub kv_type: String,
+    /// Answers decoded together across all cameras (each a KV cache region); 0: the
+    /// number of standing prompts of all cameras, at least 4.
+    #[serde(default)]
+    pub max_sequences: usize,
 }
 
 fn default_device() -> String {
@@ -102,9 +123,13 @@ pub struct ZenohConfig {
     pub listen: Vec<String>,
     #[serde(default)]
     pub connect: Vec<String>,
-    /// Multicast scouting (on by default in zenoh).
+    /// Multicast scouting (off unless set here or in `config`).
     pub multicast_scouting: Option<bool>,
 }
+
+/// Where the node listens when neither `listen` nor a Zenoh configuration file says:
+/// loopback only, so that nothing off this machine reaches it by default.
+pub const DEFAULT_LISTEN: &str = "tcp/127.0.0.1:7447";
 
 /// Where a camera's frames come from: exactly one of the three.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -150,6 +175,21 @@ impl Config {
         Ok(cfg)
     }
 
+    /// How every camera loads the model: the same options, so that they share one
+    /// engine (see `paligemma_stream::Engine::shared`).
+    pub fn model_options(&self) -> Result<paligemma::ModelOptions> {
+        let m = &self.model;
+        let prompts: usize = self.cameras.iter().map(|c| c.prompts.len()).sum();
+        let max_sequences = if m.max_sequences == 0 { prompts.clamp(4, paligemma::MAX_SEQUENCES) } else { m.max_sequences };
+        Ok(paligemma::ModelOptions {
+            device: m.device.clone(),
+            threads: m.threads,
+            kv_type: m.kv_type.parse::<paligemma::KvType>()?,
+            max_sequences,
+            ..Default::default()
+        })
+    }
+
     pub fn prefix(&self) -> String {
         self.prefix.clone().unwrap_or_else(|| format!("paligemma/{}", self.node))
     }
@@ -190,12 +230,19 @@ impl Config {
         }
         if !z.listen.is_empty() {
             set(&mut config, "listen/endpoints", serde_json::to_string(&z.listen)?)?;
+        } else if z.config.is_none() {
+            // Reachable from this machine only unless the configuration says otherwise.
+            set(&mut config, "listen/endpoints", serde_json::to_string(&[DEFAULT_LISTEN])?)?;
         }
         if !z.connect.is_empty() {
             set(&mut config, "connect/endpoints", serde_json::to_string(&z.connect)?)?;
         }
-        if let Some(on) = z.multicast_scouting {
-            set(&mut config, "scouting/multicast/enabled", on.to_string())?;
+        // Off unless asked for: in peer mode, multicast scouting connects to every peer
+        // it finds on the network, and each of them could then put on the node's keys.
+        match (z.multicast_scouting, &z.config) {
+            (Some(on), _) => set(&mut config, "scouting/multicast/enabled", on.to_string())?,
+            (None, None) => set(&mut config, "scouting/multicast/enabled", "false".into())?,
+            (None, Some(_)) => {}
         }
         Ok(config)
     }

@@ -10,9 +10,9 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use config::{Config, Encoding, OnShutdown};
-use paligemma::{KvType, Model, ModelOptions};
 use paligemma_stream::message::{FrameInfo, Source};
-use paligemma_stream::{Frame, FrameSamplerConfig, PromptSet, ResultMessage, Worker, WorkerConfig, payload};
+use paligemma_stream::message::{STATUS_SCHEMA, StatusMessage};
+use paligemma_stream::{Engine, Frame, FrameSamplerConfig, PromptSet, ResultMessage, Worker, WorkerConfig, payload};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,7 @@ use zenoh::Wait;
 
 mod config;
 mod frames;
+mod limiter;
 
 #[derive(Parser, Debug)]
 #[command(name = "paligemma-node", version, about = "PaliGemma on cameras, answers on Zenoh", long_about = None)]
@@ -34,7 +35,7 @@ struct Cli {
     /// Compute device: cpu, cuda:N, vulkan:N, gpu.
     #[arg(long)]
     device: Option<String>,
-    /// CPU threads (0: all cores).
+    /// CPU threads (0: half the cores, see paligemma::default_threads).
     #[arg(long)]
     threads: Option<usize>,
     /// Node name (default prefix paligemma/<node>).
@@ -166,6 +167,8 @@ struct Publisher {
     /// Errors reported outside the worker (bad frames, refused updates, restarted
     /// tasks), counted in status beside the worker's own.
     errors: Arc<AtomicU64>,
+    /// Asks refused by the node's rate, counted in status beside the worker's own.
+    refused: Arc<AtomicU64>,
 }
 
 impl Publisher {
@@ -249,22 +252,33 @@ fn deliver(worker: &Worker, newest: &Mutex<Option<Frame>>, seq: &AtomicU64, imag
     worker.submit(frame);
 }
 
-async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh::Session) -> Result<Camera> {
+async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh::Session, asks: Arc<limiter::RateLimiter>) -> Result<Camera> {
     let prefix = cfg.prefix();
     let base = format!("{prefix}/{}", cam.name);
     let source = Source { node: cfg.node.clone(), camera: cam.name.clone() };
-    let publisher = Publisher { session: session.clone(), base: base.clone(), source: source.clone(), encoding: cfg.encoding, errors: Arc::default() };
-    let opts =
-        ModelOptions { device: cfg.model.device.clone(), threads: cfg.model.threads, kv_type: cfg.model.kv_type.parse::<KvType>()?, ..Default::default() };
-    let model = Model::load(&cfg.model.path, &opts).with_context(|| format!("camera {}", cam.name))?;
-    tracing::info!("camera {}: model {} on {}", cam.name, cfg.model.path.display(), model.device());
+    let publisher = Publisher {
+        session: session.clone(),
+        base: base.clone(),
+        source: source.clone(),
+        encoding: cfg.encoding,
+        errors: Arc::default(),
+        refused: Arc::default(),
+    };
+    let engine = Engine::shared(&cfg.model.path, &cfg.model_options()?).with_context(|| format!("camera {}", cam.name))?;
+    tracing::info!(
+        "camera {}: model {} on {} (an engine shared by {} stream(s))",
+        cam.name,
+        cfg.model.path.display(),
+        engine.info().device,
+        engine.streams() + 1
+    );
     let worker_config = WorkerConfig {
         source,
         sampler: FrameSamplerConfig { min_interval: Duration::from_millis(cam.interval_ms), skip_unchanged_below: cam.skip_unchanged_below },
         ..Default::default()
     };
     let sink_pub = publisher.clone();
-    let worker = Arc::new(Worker::spawn(model, cam.prompt_set()?, worker_config, Box::new(move |m: &ResultMessage| sink_pub.result(m))));
+    let worker = Arc::new(Worker::spawn(engine, cam.prompt_set()?, worker_config, Box::new(move |m: &ResultMessage| sink_pub.result(m))));
     let newest: Arc<Mutex<Option<Frame>>> = Arc::new(Mutex::new(None));
     let seq = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -297,11 +311,17 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
     // Ad-hoc questions on the newest frame, each answered in a task of its own.
     let (w, n, enc, session2, key) = (worker.clone(), newest.clone(), cfg.encoding, session.clone(), format!("{base}/ask"));
     let (timeout, max_bytes) = (Duration::from_millis(cfg.ask_timeout_ms), cfg.max_prompt_bytes);
+    let refused = publisher.refused.clone();
     tasks.push(supervise(publisher.clone(), "the ask queryable", move || {
-        let (w, n, session, key) = (w.clone(), n.clone(), session2.clone(), key.clone());
+        let (w, n, session, key, asks, refused) = (w.clone(), n.clone(), session2.clone(), key.clone(), asks.clone(), refused.clone());
         async move {
             let ask = session.declare_queryable(key.as_str()).await.map_err(|e| anyhow::anyhow!("queryable {key}: {e}"))?;
             while let Ok(query) = ask.recv_async().await {
+                if !asks.try_take() {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    let _ = query.reply_err("busy: this node answers at most ask_rate asks per second; try again later").await;
+                    continue;
+                }
                 let payload = query.payload().map(|p| p.to_bytes().into_owned()).unwrap_or_default();
                 let (w, n) = (w.clone(), n.clone());
                 tokio::spawn(async move {
@@ -332,12 +352,17 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
     // Standing prompts at run time.
     let prompts_key = format!("{base}/prompts");
     let (w, p, session2, key) = (worker.clone(), publisher.clone(), session.clone(), prompts_key.clone());
+    let allow_updates = cfg.allow_prompt_updates;
     tasks.push(supervise(publisher.clone(), "the prompts subscriber", move || {
         let (w, p, session, key) = (w.clone(), p.clone(), session2.clone(), key.clone());
         async move {
             let sub = session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
             while let Ok(sample) = sub.recv_async().await {
                 if sample.kind() != zenoh::sample::SampleKind::Put {
+                    continue;
+                }
+                if !allow_updates {
+                    p.error("prompts update refused: this node does not take prompt updates (allow_prompt_updates = false)".into());
                     continue;
                 }
                 match payload::parse_prompts(&sample.payload().to_bytes()) {
@@ -370,12 +395,12 @@ async fn start_camera(cfg: &Config, cam: &config::CameraConfig, session: &zenoh:
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                let stats = w.stats();
-                let status = serde_json::json!({
-                    "schema": "paligemma.status/1", "source": p.source, "model": model, "device": device,
-                    "frames_seen": stats.frames_seen, "frames_analysed": stats.frames_analysed, "frames_dropped": stats.frames_dropped,
-                    "results": stats.results, "errors": stats.errors + p.errors.load(Ordering::Relaxed), "busy": stats.busy, "latency_ms": stats.last_latency_ms,
-                });
+                let mut stats = w.stats();
+                // Results that could not be published count as errors too, asks refused by
+                // the node's rate as refused requests.
+                stats.errors += p.errors.load(Ordering::Relaxed);
+                stats.requests_refused += p.refused.load(Ordering::Relaxed);
+                let status = StatusMessage { schema: STATUS_SCHEMA, source: p.source.clone(), model: model.clone(), device: device.clone(), stats };
                 p.put(&format!("{}/status", p.base), &status);
             }
         }));
@@ -403,9 +428,11 @@ async fn run(cfg: Config) -> Result<()> {
     let session = zenoh::open(cfg.zenoh_config()?).await.map_err(|e| anyhow::anyhow!("opening the zenoh session: {e}"))?;
     let prefix = cfg.prefix();
     let node_token = session.liveliness().declare_token(prefix.as_str()).await.map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
+    // One budget of asks for the whole node, whatever camera they are for.
+    let asks = Arc::new(limiter::RateLimiter::new(cfg.ask_rate, cfg.ask_burst));
     let mut cameras = Vec::new();
     for cam in &cfg.cameras {
-        cameras.push(start_camera(&cfg, cam, &session).await?);
+        cameras.push(start_camera(&cfg, cam, &session, asks.clone()).await?);
     }
     tracing::info!("serving {} camera(s) under {prefix}", cameras.len());
     println!("paligemma-node: serving {} camera(s) under {prefix}", cameras.len());

@@ -1,22 +1,12 @@
 //! The real `paligemma-node` binary on loopback with a fixture model, a
 //! videotestsrc camera and a Zenoh frame source, driven by a separate Zenoh client.
 use std::io::Write;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use zenoh::Wait;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
-}
+mod common;
+use common::{Node, fixture_model, free_port};
 
 fn client(port: u16) -> zenoh::Session {
     let mut c = zenoh::Config::default();
@@ -61,9 +51,8 @@ fn get(session: &zenoh::Session, key: &str, payload: Vec<u8>) -> Result<serde_js
 #[test]
 fn node_end_to_end_on_loopback() {
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    let model = dir.path().join("pg2.gguf");
-    paligemma::convert::convert(&fixtures.join("pg2_gqa/hf"), &model, &Default::default(), |_| {}).unwrap();
+    let fixtures = common::repo_root().join("tests/fixtures");
+    let model = fixture_model(dir.path());
     let port = free_port();
     let prefix = format!("pgtest/{port}");
     let config = dir.path().join("node.toml");
@@ -76,6 +65,9 @@ prefix = "{prefix}"
 status_interval_s = 0.5
 ask_timeout_ms = 30000
 max_pixels = 1000000
+allow_prompt_updates = true
+ask_rate = 50.0
+ask_burst = 20
 [model]
 path = "{model}"
 threads = 1
@@ -239,4 +231,101 @@ fn bad_configuration_is_a_clear_error() {
     std::fs::write(&config, "[model]\npath = \"x.gguf\"\ncolour = 1\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap()
+}
+
+/// The safe defaults: prompt updates are refused unless enabled, and a flood of asks
+/// gets "busy" replies while the standing prompts keep their rate and memory stays flat.
+#[test]
+fn prompt_updates_off_and_ask_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture_model(dir.path());
+    let port = free_port();
+    let prefix = format!("pgflood/{port}");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+node = "flood"
+prefix = "{prefix}"
+status_interval_s = 0.5
+ask_rate = 5.0
+ask_burst = 5
+[model]
+path = "{model}"
+threads = 1
+[zenoh]
+listen = ["tcp/127.0.0.1:{port}"]
+[[camera]]
+name = "cam"
+pipeline = "videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=30/1"
+[[camera.prompt]]
+id = "scene"
+task = "caption en"
+every_ms = 500
+max_tokens = 4
+"#,
+            model = model.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
+    let node = Node(child);
+    let session = client(port);
+    let results = session.declare_subscriber(format!("{prefix}/**")).wait().unwrap();
+    wait_for(&results, 60, |k, _| k.ends_with("/cam/scene")).expect("the standing prompt answers");
+
+    // Prompt updates are off by default: the put is refused and reported.
+    session.put(format!("{prefix}/cam/prompts"), r#"[{"id":"other","task":"ocr"}]"#).wait().unwrap();
+    let err = wait_for(&results, 10, |k, _| k.ends_with("/cam/errors")).expect("refusal reported");
+    assert!(err["message"].as_str().unwrap().contains("allow_prompt_updates"), "{err}");
+    assert_eq!(get(&session, &format!("{prefix}/cam/prompts"), Vec::new()).unwrap()["prompt"][0]["id"], "scene");
+
+    // Hundreds of asks per second for three seconds.
+    let rss_before = rss_kb(node.0.id());
+    let start = Instant::now();
+    let mut pending = Vec::new();
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        for _ in 0..10 {
+            pending.push(session.get(format!("{prefix}/cam/ask")).payload("caption en").timeout(Duration::from_secs(30)).wait().unwrap());
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Meanwhile the standing prompt keeps its rate (every 500 ms).
+    let mut scene = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok(Some(s)) = results.recv_timeout(Duration::from_millis(100))
+            && s.key_expr().as_str().ends_with("/cam/scene")
+        {
+            scene += 1;
+        }
+    }
+    let (mut answered, mut busy) = (0, 0);
+    for replies in pending {
+        if let Ok(Some(r)) = replies.recv_timeout(Duration::from_secs(30)) {
+            match r.result() {
+                Ok(_) => answered += 1,
+                Err(e) if e.payload().try_to_string().is_ok_and(|t| t.contains("busy")) => busy += 1,
+                Err(_) => {}
+            }
+        }
+    }
+    let rss_after = rss_kb(node.0.id());
+    println!("{sent} asks: {answered} answered, {busy} busy; {scene} standing answers in 3 s; RSS {rss_before} -> {rss_after} kB");
+    assert!(sent >= 300, "{sent} asks sent");
+    assert!(answered <= 5 + 5 * 4 + 5, "at most the burst plus the rate: {answered} answered");
+    assert!(busy >= sent - answered - 5, "the rest are busy: {busy}");
+    assert!(scene >= 3, "the standing prompt kept about its rate: {scene} answers in 3 s");
+    assert!(rss_after < rss_before + 30_000, "memory flat: {rss_before} -> {rss_after} kB");
+    let status =
+        wait_for(&results, 10, |k, v| k.ends_with("/cam/status") && v["requests_refused"].as_u64().unwrap_or(0) > 0).expect("refusals counted in status");
+    assert!(status["requests_refused"].as_u64().unwrap() >= busy as u64, "{status}");
 }

@@ -3,17 +3,22 @@
 //! - [`prompts`]: standing prompts (what to ask, how often) and their TOML file.
 //! - [`frame_sampler`]: newest-frame-wins hand-over with a minimum interval and an
 //!   optional skip of frames that barely changed.
-//! - [`worker`]: the thread that owns the engine, encodes each sampled frame once
-//!   and answers every due prompt on it.
+//! - [`engine`]: one loaded model per process and model file, shared by every
+//!   stream, served by one thread that batches across streams (`scheduler`).
+//! - [`worker`]: a stream's handle on an engine: frames in, standing prompts, asks,
+//!   result messages out through its sink.
 //! - [`message`]: the result message (`paligemma.result/1`).
 //! - [`payload`]: frames and prompts from network bytes, bounded and checked.
 
+pub mod engine;
 pub mod frame_sampler;
 pub mod message;
 pub mod payload;
 pub mod prompts;
+mod scheduler;
 pub mod worker;
 
+pub use engine::Engine;
 pub use frame_sampler::{Frame, FrameSampler, FrameSamplerConfig};
 pub use message::{FrameInfo, ResultMessage};
 pub use prompts::{PromptSet, StandingPrompt};
@@ -32,6 +37,8 @@ pub enum Error {
     Stopped,
     #[error("no frame has arrived yet")]
     NoFrame,
+    #[error("busy: {0} requests are waiting already")]
+    Busy(usize),
     #[error("timed out after {0} ms")]
     Timeout(u64),
 }

@@ -7,6 +7,8 @@
 use paligemma::{TaskKind, TaskResult};
 
 pub const SCHEMA: &str = "paligemma.result/1";
+/// Schema of [`StatusMessage`].
+pub const STATUS_SCHEMA: &str = "paligemma.status/1";
 
 /// Who produced a message.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -96,4 +98,17 @@ impl ResultMessage {
 /// `capture_unix_ns` of a frame that carries no capture time of its own.
 pub fn unix_time_ns() -> Option<u64> {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_nanos() as u64)
+}
+
+/// A stream's periodic status (`paligemma.status/1`): its counters as the engine
+/// keeps them. Within version 1, `requests_refused` was added.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct StatusMessage {
+    pub schema: &'static str,
+    pub source: Source,
+    /// The model file.
+    pub model: String,
+    pub device: String,
+    #[serde(flatten)]
+    pub stats: crate::WorkerStats,
 }

@@ -1,23 +1,26 @@
-//! The worker thread: the only code that touches the engine. It takes the newest
-//! sampled frame, encodes it once, answers every standing prompt that is due, and
-//! hands each result message to a sink. Synchronous analyses (the element's `sync`
-//! mode) and ad-hoc questions (the node's `ask`) go before standing work. Engine
-//! errors become error results; the worker never dies of them.
+//! A stream's handle on a shared [`Engine`]: a camera of the node or a `paligemma`
+//! element hands frames over (the newest wins), sets its standing prompts, asks
+//! ad-hoc questions and receives every result message through its sink. The engine's
+//! thread does the work (see [`crate::scheduler`]); engine errors become error
+//! results, never a dead stream.
+use crate::engine::Engine;
 use crate::frame_sampler::{Frame, FrameSampler, FrameSamplerConfig};
-use crate::message::{Latency, ModelInfo, PromptInfo, ResultMessage, SCHEMA, Source, TokenCounts};
+use crate::message::{Latency, ResultMessage, Source};
 use crate::prompts::{PromptSet, Schedule, StandingPrompt};
 use crate::{Error, Result};
 use paligemma::output::DEFAULT_LOC_DIVISOR;
-use paligemma::{AnswerOptions, Model, Task, TaskResult};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Receives every result message (standing prompts, sync analyses, asks).
+/// Receives every result message of a stream (standing prompts, sync analyses, asks),
+/// on the engine's thread.
 pub type Sink = Box<dyn Fn(&ResultMessage) + Send>;
+
+/// Requests (asks, sync analyses) a stream may have waiting; more are refused as busy.
+pub const MAX_PENDING_REQUESTS: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -32,77 +35,118 @@ impl Default for WorkerConfig {
     }
 }
 
-/// Counters for status reports.
+/// Counters of one stream, for status reports.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct WorkerStats {
     pub frames_seen: u64,
+    /// Frames answered with the standing prompts (asks not counted).
     pub frames_analysed: u64,
+    /// Frames replaced by a newer one or skipped as unchanged before analysis.
     pub frames_dropped: u64,
     pub results: u64,
     pub errors: u64,
+    /// Asks and sync analyses refused because [`MAX_PENDING_REQUESTS`] were waiting.
+    pub requests_refused: u64,
     /// Latency of the last result.
+    #[serde(rename = "latency_ms")]
     pub last_latency_ms: Latency,
+    /// Whether the engine is working on this stream's frames now.
     pub busy: bool,
 }
 
-enum Request {
+pub(crate) enum Request {
     /// Analyse this frame with every standing prompt now; reply with the results.
     Analyse(Frame, SyncSender<Vec<ResultMessage>>),
     /// Answer one prompt on this frame.
     Ask(Frame, StandingPrompt, SyncSender<ResultMessage>),
 }
 
-struct State {
-    sampler: FrameSampler,
-    requests: VecDeque<Request>,
-    prompts: PromptSet,
-    prompts_changed: bool,
-    stop: bool,
-    stats: WorkerStats,
+pub(crate) struct StreamState {
+    pub sampler: FrameSampler,
+    pub requests: VecDeque<Request>,
+    pub prompts: PromptSet,
+    pub schedule: Schedule,
+    /// Frames taken for standing prompts so far (the schedule's frame count).
+    pub taken: u64,
+    /// Jobs of this stream the engine has started and not yet delivered.
+    pub in_flight: usize,
+    pub stats: WorkerStats,
+    /// The handle has stopped: the engine starts nothing more for it.
+    pub closed: bool,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    wake: Condvar,
+/// One stream as the engine's thread sees it.
+pub(crate) struct StreamShared {
+    pub state: Mutex<StreamState>,
+    /// Signalled by the engine when a job of this stream is delivered.
+    pub delivered: Condvar,
     /// Bumped by flush and stop: work started under an older epoch is abandoned.
-    epoch: AtomicU64,
+    pub epoch: AtomicU64,
+    pub config: WorkerConfig,
+    pub sink: Mutex<Sink>,
 }
 
-/// Handle to the worker thread; dropping it stops the thread.
+impl StreamShared {
+    pub fn lock(&self) -> MutexGuard<'_, StreamState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Hands a message to the stream's owner.
+    pub fn deliver(&self, msg: &ResultMessage) {
+        (self.sink.lock().unwrap_or_else(|e| e.into_inner()))(msg);
+    }
+}
+
+/// Handle to a stream of a shared engine; dropping it stops the stream.
 pub struct Worker {
-    shared: Arc<Shared>,
-    handle: Mutex<Option<JoinHandle<()>>>,
+    engine: Arc<Engine>,
+    stream: Arc<StreamShared>,
 }
 
 impl Worker {
-    /// Starts the worker with a loaded model.
-    pub fn spawn(model: Model, prompts: PromptSet, config: WorkerConfig, sink: Sink) -> Worker {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
+    /// Attaches a stream to `engine` (see [`Engine::shared`]).
+    pub fn spawn(engine: Arc<Engine>, prompts: PromptSet, config: WorkerConfig, sink: Sink) -> Worker {
+        let stream = Arc::new(StreamShared {
+            state: Mutex::new(StreamState {
                 sampler: FrameSampler::new(config.sampler.clone()),
                 requests: VecDeque::new(),
                 prompts,
-                prompts_changed: false,
-                stop: false,
+                schedule: Schedule::default(),
+                taken: 0,
+                in_flight: 0,
                 stats: WorkerStats::default(),
+                closed: false,
             }),
-            wake: Condvar::new(),
+            delivered: Condvar::new(),
             epoch: AtomicU64::new(0),
+            config,
+            sink: Mutex::new(sink),
         });
-        let thread_shared = shared.clone();
-        let handle =
-            std::thread::Builder::new().name("paligemma-worker".into()).spawn(move || run(model, thread_shared, config, sink)).expect("spawning a thread");
-        Worker { shared, handle: Mutex::new(Some(handle)) }
+        engine.attach(stream.clone());
+        Worker { engine, stream }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The engine this stream runs on.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    fn lock(&self) -> MutexGuard<'_, StreamState> {
+        self.stream.lock()
+    }
+
+    fn wake_engine(&self) {
+        self.engine.wake();
     }
 
     /// Hands a frame over without waiting; a frame still waiting is replaced.
     pub fn submit(&self, frame: Frame) {
         self.lock().sampler.offer(frame);
-        self.shared.wake.notify_all();
+        self.wake_engine();
     }
 
     /// Whether a frame arriving now should be analysed synchronously (interval,
@@ -111,33 +155,35 @@ impl Worker {
         self.lock().sampler.sample_now(frame, Instant::now())
     }
 
+    fn request(&self, request: Request) -> Result<()> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Error::Stopped);
+        }
+        if state.requests.len() >= MAX_PENDING_REQUESTS {
+            state.stats.requests_refused += 1;
+            return Err(Error::Busy(MAX_PENDING_REQUESTS));
+        }
+        state.requests.push_back(request);
+        drop(state);
+        self.wake_engine();
+        Ok(())
+    }
+
     /// Analyses a frame with every standing prompt and waits for the results. Returns
-    /// early (with what is done) when flushed or stopped meanwhile.
+    /// early (with nothing) when flushed or stopped meanwhile.
     pub fn analyse(&self, frame: Frame) -> Result<Vec<ResultMessage>> {
         let (tx, rx) = sync_channel(1);
-        {
-            let mut state = self.lock();
-            if state.stop {
-                return Err(Error::Stopped);
-            }
-            state.requests.push_back(Request::Analyse(frame, tx));
-        }
-        self.shared.wake.notify_all();
+        self.request(Request::Analyse(frame, tx))?;
         rx.recv().map_err(|_| Error::Stopped)
     }
 
-    /// Answers one prompt on a frame, waiting at most `timeout`.
+    /// Answers one prompt on a frame (before any standing prompt of any stream),
+    /// waiting at most `timeout`.
     pub fn ask(&self, frame: Frame, prompt: StandingPrompt, timeout: Duration) -> Result<ResultMessage> {
         prompt.validate()?;
         let (tx, rx) = sync_channel(1);
-        {
-            let mut state = self.lock();
-            if state.stop {
-                return Err(Error::Stopped);
-            }
-            state.requests.push_back(Request::Ask(frame, prompt, tx));
-        }
-        self.shared.wake.notify_all();
+        self.request(Request::Ask(frame, prompt, tx))?;
         rx.recv_timeout(timeout).map_err(|e| match e {
             std::sync::mpsc::RecvTimeoutError::Timeout => Error::Timeout(timeout.as_millis() as u64),
             std::sync::mpsc::RecvTimeoutError::Disconnected => Error::Stopped,
@@ -148,7 +194,9 @@ impl Worker {
     pub fn set_prompts(&self, prompts: PromptSet) {
         let mut state = self.lock();
         state.prompts = prompts;
-        state.prompts_changed = true;
+        state.schedule.reset();
+        drop(state);
+        self.wake_engine();
     }
 
     pub fn prompts(&self) -> PromptSet {
@@ -159,9 +207,9 @@ impl Worker {
     pub fn flush(&self) {
         let mut state = self.lock();
         state.sampler.flush();
-        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        self.stream.epoch.fetch_add(1, Ordering::SeqCst);
         drop(state);
-        self.shared.wake.notify_all();
+        self.wake_engine();
     }
 
     pub fn stats(&self) -> WorkerStats {
@@ -169,6 +217,7 @@ impl Worker {
         let mut stats = state.stats.clone();
         stats.frames_seen = state.sampler.seen;
         stats.frames_dropped = state.sampler.dropped_total;
+        stats.busy = state.in_flight > 0;
         stats
     }
 
@@ -183,233 +232,38 @@ impl Worker {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         loop {
-            if !state.sampler.has_pending() && state.requests.is_empty() && !state.stats.busy {
+            if !state.sampler.has_pending() && state.requests.is_empty() && state.in_flight == 0 {
                 return true;
             }
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            state = self.shared.wake.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            state = self.stream.delivered.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
-    /// Stops the thread, abandoning work in progress, and waits for it. Waiting
-    /// callers of [`Worker::analyse`] and [`Worker::ask`] get [`Error::Stopped`].
+    /// Stops the stream, abandoning its work in progress, and waits until the engine
+    /// no longer calls its sink. Waiting callers of [`Worker::analyse`] and
+    /// [`Worker::ask`] get [`Error::Stopped`].
     pub fn stop(&self) {
-        {
-            let mut state = self.lock();
-            state.stop = true;
-            state.requests.clear();
+        let mut state = self.lock();
+        state.closed = true;
+        state.requests.clear();
+        self.stream.epoch.fetch_add(1, Ordering::SeqCst);
+        drop(state);
+        self.wake_engine();
+        let mut state = self.lock();
+        while state.in_flight > 0 {
+            state = self.stream.delivered.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
-        self.shared.wake.notify_all();
-        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
+        drop(state);
+        self.engine.detach(&self.stream);
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// What the worker does next.
-enum Job {
-    Request(Request),
-    Standing(Frame, Vec<StandingPrompt>),
-}
-
-fn run(mut model: Model, shared: Arc<Shared>, config: WorkerConfig, sink: Sink) {
-    let info = ModelInfo { name: model.config().name.clone(), ty: model.weight_type().to_string(), device: model.device().to_string() };
-    let mut schedule = Schedule::default();
-    let mut analysed = 0u64;
-    loop {
-        let (job, epoch) = {
-            let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                if state.stop {
-                    return;
-                }
-                if state.prompts_changed {
-                    schedule.reset();
-                    state.prompts_changed = false;
-                }
-                if let Some(req) = state.requests.pop_front() {
-                    state.stats.busy = true;
-                    break (Job::Request(req), shared.epoch.load(Ordering::SeqCst));
-                }
-                let now = Instant::now();
-                match state.sampler.wait_time(now) {
-                    Some(wait) if wait.is_zero() => {
-                        if let Some(frame) = state.sampler.take(now) {
-                            analysed += 1;
-                            let due: Vec<StandingPrompt> = schedule.due(&state.prompts, analysed, now).into_iter().cloned().collect();
-                            if due.is_empty() {
-                                continue;
-                            }
-                            state.stats.busy = true;
-                            break (Job::Standing(frame, due), shared.epoch.load(Ordering::SeqCst));
-                        }
-                    }
-                    Some(wait) => state = shared.wake.wait_timeout(state, wait).unwrap_or_else(|e| e.into_inner()).0,
-                    None => {
-                        shared.wake.notify_all();
-                        state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
-                    }
-                }
-            }
-        };
-        let ctx = JobContext { shared: &shared, config: &config, info: &info, epoch };
-        match job {
-            Job::Standing(frame, due) => {
-                for msg in ctx.analyse_contained(&mut model, &frame, &due) {
-                    sink(&msg);
-                }
-            }
-            Job::Request(Request::Analyse(frame, reply)) => {
-                let prompts = shared.state.lock().unwrap_or_else(|e| e.into_inner()).prompts.prompts.clone();
-                let results = ctx.analyse_contained(&mut model, &frame, &prompts);
-                for msg in &results {
-                    sink(msg);
-                }
-                let _ = reply.send(results);
-            }
-            Job::Request(Request::Ask(frame, prompt, reply)) => {
-                if let Some(msg) = ctx.analyse_contained(&mut model, &frame, std::slice::from_ref(&prompt)).pop() {
-                    sink(&msg);
-                    let _ = reply.send(msg);
-                }
-            }
-        }
-        let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.stats.busy = false;
-        drop(state);
-        shared.wake.notify_all();
-    }
-}
-
-struct JobContext<'a> {
-    shared: &'a Shared,
-    config: &'a WorkerConfig,
-    info: &'a ModelInfo,
-    epoch: u64,
-}
-
-impl JobContext<'_> {
-    fn cancelled(&self) -> bool {
-        self.shared.epoch.load(Ordering::SeqCst) != self.epoch
-    }
-
-    /// [`JobContext::analyse`], with a panic anywhere below it turned into an error
-    /// result per prompt: the worker thread, and the camera or element it serves, go on.
-    fn analyse_contained(&self, model: &mut Model, frame: &Frame, prompts: &[StandingPrompt]) -> Vec<ResultMessage> {
-        let panic = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.analyse(model, frame, prompts))) {
-            Ok(out) => return out,
-            Err(panic) => panic,
-        };
-        let why = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-        tracing::error!("the engine panicked on frame {}: {why}", frame.info.seq);
-        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.stats.results += prompts.len() as u64;
-        state.stats.errors += prompts.len() as u64;
-        drop(state);
-        prompts
-            .iter()
-            .map(|p| ResultMessage { result: TaskResult::Error { message: format!("internal error in the engine: {why}") }, ..self.message(frame, p, 0.0) })
-            .collect()
-    }
-
-    /// Encodes the frame once and answers its prompts, decoding them together, each up
-    /// to its own token limit; stops early when cancelled. A prompt that fails gets an
-    /// error result of its own.
-    fn analyse(&self, model: &mut Model, frame: &Frame, prompts: &[StandingPrompt]) -> Vec<ResultMessage> {
-        let queue_ms = frame.received.elapsed().as_secs_f64() * 1e3;
-        let started = Instant::now();
-        // Engine errors become the text of error results, here and nowhere else.
-        let outcomes: Vec<Result<paligemma::Answer, String>> = match model.encode_image(&frame.image) {
-            Err(e) => prompts.iter().map(|_| Err(e.to_string())).collect(),
-            Ok(emb) => {
-                let tasks: Vec<Task> = prompts.iter().map(|p| p.task.clone()).collect();
-                let opts = AnswerOptions {
-                    max_tokens: prompts.iter().map(|p| p.max_tokens).max().unwrap_or(0),
-                    loc_divisor: self.config.loc_divisor,
-                    ..Default::default()
-                };
-                let mut within_limit = |t: &paligemma::Token<'_>| t.index + 1 < prompts[t.prompt].max_tokens && !self.cancelled();
-                match model.answer_batch(&emb, &tasks, &opts, &mut within_limit) {
-                    Ok(answers) => answers.into_iter().map(Ok).collect(),
-                    // One prompt spoiled the batch: answer them one by one to say which.
-                    Err(_) => prompts
-                        .iter()
-                        .map(|p| {
-                            let opts = AnswerOptions { max_tokens: p.max_tokens, ..opts.clone() };
-                            model
-                                .answer_batch(&emb, std::slice::from_ref(&p.task), &opts, &mut |_| !self.cancelled())
-                                .map(|mut a| a.remove(0))
-                                .map_err(|e| e.to_string())
-                        })
-                        .collect(),
-                }
-            }
-        };
-        if self.cancelled() {
-            return Vec::new();
-        }
-        let total_ms = started.elapsed().as_secs_f64() * 1e3 + queue_ms;
-        let mut out = Vec::new();
-        for (prompt, outcome) in prompts.iter().zip(outcomes) {
-            let mut msg = self.message(frame, prompt, queue_ms);
-            match outcome {
-                Ok(answer) => {
-                    let g = &answer.generation;
-                    let t = &g.timings;
-                    msg.raw = g.text.clone();
-                    msg.tokens = TokenCounts { prompt: g.prompt_tokens, generated: g.tokens.len() };
-                    msg.mean_logprob = g.mean_logprob();
-                    // Preprocessing and vision are shared by the frame's prompts, and so
-                    // is the batched decode.
-                    msg.latency_ms =
-                        Latency { queue: queue_ms, preprocess: t.preprocess, vision: t.vision, prefill: t.prefill, decode: t.decode, total: total_ms };
-                    msg.result = answer.result;
-                }
-                Err(message) => {
-                    msg.result = TaskResult::Error { message };
-                    msg.latency_ms.total = total_ms;
-                }
-            }
-            let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            msg.frames_dropped = std::mem::take(&mut state.sampler.dropped);
-            state.stats.results += 1;
-            if msg.is_error() {
-                state.stats.errors += 1;
-            }
-            state.stats.last_latency_ms = msg.latency_ms;
-            if out.is_empty() {
-                state.stats.frames_analysed += 1;
-            }
-            drop(state);
-            out.push(msg);
-        }
-        out
-    }
-
-    fn message(&self, frame: &Frame, prompt: &StandingPrompt, queue_ms: f64) -> ResultMessage {
-        ResultMessage {
-            schema: SCHEMA.into(),
-            source: self.config.source.clone(),
-            frame: frame.info.clone(),
-            prompt: PromptInfo { id: prompt.id.clone(), text: prompt.task.prompt(), task: prompt.task.kind() },
-            model: self.info.clone(),
-            result: TaskResult::Text { text: String::new() },
-            raw: String::new(),
-            tokens: TokenCounts::default(),
-            mean_logprob: None,
-            latency_ms: Latency { queue: queue_ms, ..Default::default() },
-            frames_dropped: 0,
-        }
     }
 }

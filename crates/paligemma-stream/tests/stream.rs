@@ -2,8 +2,9 @@
 use paligemma::preprocess::RgbImage;
 use paligemma::{Model, ModelOptions, ResultKind, Task};
 use paligemma_stream::message::FrameInfo;
+use paligemma_stream::message::Source;
 use paligemma_stream::prompts::Schedule;
-use paligemma_stream::{Frame, FrameSamplerConfig, PromptSet, ResultMessage, StandingPrompt, Worker, WorkerConfig};
+use paligemma_stream::{Engine, Frame, FrameSamplerConfig, PromptSet, ResultMessage, StandingPrompt, Worker, WorkerConfig};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,11 +13,16 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-fn model(dir: &Path) -> Model {
+fn model_file(dir: &Path) -> PathBuf {
     let out = dir.join("m.gguf");
     let opts = paligemma::convert::ConvertOptions::default();
     paligemma::convert::convert(&fixtures().join("pg2_gqa/hf"), &out, &opts, |_| {}).unwrap();
-    Model::load(&out, &ModelOptions { threads: 1, ..Default::default() }).unwrap()
+    out
+}
+
+/// An engine of its own on the fixture model.
+fn model(dir: &Path) -> Arc<Engine> {
+    Engine::new(Model::load(model_file(dir), &ModelOptions { threads: 1, ..Default::default() }).unwrap())
 }
 
 fn frame(seq: u64) -> Frame {
@@ -101,7 +107,9 @@ fn worker_answers_standing_prompts_newest_frame_wins() {
     let stats = worker.stats();
     assert_eq!(stats.frames_seen, 50);
     assert!(stats.frames_dropped >= 40, "{stats:?}");
-    assert_eq!(msgs.iter().map(|m| m.frames_dropped).sum::<u64>(), stats.frames_dropped);
+    // Every message of a frame says how many frames were dropped before it.
+    assert!(msgs.chunks(2).all(|pair| pair[0].frames_dropped == pair[1].frames_dropped && pair[0].frame.seq == pair[1].frame.seq));
+    assert_eq!(msgs.iter().filter(|m| m.prompt.id == "detect").map(|m| m.frames_dropped).sum::<u64>(), stats.frames_dropped);
     let v: serde_json::Value = serde_json::from_str(&det.to_json()).unwrap();
     assert_eq!(v["schema"], "paligemma.result/1");
 }
@@ -163,4 +171,100 @@ fn minimum_interval_and_unchanged_frames() {
     // The same picture five times: analysed once, the rest skipped as unchanged.
     assert_eq!(got.lock().unwrap().len(), 1);
     assert!(worker.stats().frames_dropped >= 4);
+}
+
+fn stream_config(camera: &str) -> WorkerConfig {
+    WorkerConfig { source: Source { node: "test".into(), camera: camera.into() }, ..Default::default() }
+}
+
+/// Streams that load the same file with the same options share one engine; other
+/// options give another.
+#[test]
+fn one_engine_per_model_file_and_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = model_file(dir.path());
+    let opts = ModelOptions { threads: 1, ..Default::default() };
+    let a = Engine::shared(&path, &opts).unwrap();
+    let b = Engine::shared(dir.path().join(".").join("m.gguf"), &opts).unwrap();
+    assert!(Arc::ptr_eq(&a, &b), "the same file by another path is the same engine");
+    let c = Engine::shared(&path, &ModelOptions { max_sequences: 2, ..opts.clone() }).unwrap();
+    assert!(!Arc::ptr_eq(&a, &c));
+    let (_g1, s1) = collector();
+    let (_g2, s2) = collector();
+    let w1 = Worker::spawn(a.clone(), PromptSet::from_short("ocr", 0, 2).unwrap(), stream_config("one"), s1);
+    let w2 = Worker::spawn(b.clone(), PromptSet::from_short("ocr", 0, 2).unwrap(), stream_config("two"), s2);
+    assert_eq!(a.streams(), 2);
+    drop(w1);
+    assert!(w2.analyse(frame(1)).unwrap().len() == 1, "the other stream goes on");
+    drop(w2);
+    assert!(Engine::shared(&path, &opts).unwrap().streams() == 0);
+}
+
+/// Four busy cameras on one engine: every one is answered, at rates and latencies
+/// within a small factor of each other, and an ask overtakes their standing work.
+#[test]
+fn streams_share_fairly_and_asks_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(Model::load(model_file(dir.path()), &ModelOptions { threads: 1, max_sequences: 8, ..Default::default() }).unwrap());
+    let cams: Vec<_> = (0..4)
+        .map(|i| {
+            let (got, sink) = collector();
+            let prompts = PromptSet::from_short("caption en|detect cat ; dog", 0, 16).unwrap();
+            (got, Worker::spawn(engine.clone(), prompts, stream_config(&format!("cam{i}")), sink))
+        })
+        .collect();
+    // Every camera sends more frames than the engine can answer, camera 0 four times
+    // as many as the others: it must not get more than its share.
+    let start = Instant::now();
+    let mut seq = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        for (i, (_, w)) in cams.iter().enumerate() {
+            for _ in 0..if i == 0 { 4 } else { 1 } {
+                w.submit(frame(seq));
+                seq += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // While they are all busy, an ask is answered before the standing work queued.
+    let t = Instant::now();
+    let ask = cams[1].1.ask(frame(9999), StandingPrompt::new("ask", Task::Ocr), Duration::from_secs(30)).unwrap();
+    let ask_ms = t.elapsed().as_secs_f64() * 1e3;
+    for (_, w) in &cams {
+        assert!(w.drain(Duration::from_secs(60)));
+    }
+    assert_eq!(ask.result.kind(), ResultKind::Ocr);
+    let answers: Vec<usize> = cams.iter().map(|(g, _)| g.lock().unwrap().iter().filter(|m| m.prompt.id != "ask").count()).collect();
+    let p90 = |g: &Mutex<Vec<ResultMessage>>| {
+        let mut l: Vec<f64> = g.lock().unwrap().iter().map(|m| m.latency_ms.total).collect();
+        l.sort_by(f64::total_cmp);
+        l[(l.len() * 9 / 10).min(l.len() - 1)]
+    };
+    let p90s: Vec<f64> = cams.iter().map(|(g, _)| p90(g)).collect();
+    println!("answers per camera {answers:?}, p90 latency ms {p90s:?}, ask {ask_ms:.0} ms");
+    let (min, max) = (answers.iter().min().copied().unwrap(), answers.iter().max().copied().unwrap());
+    assert!(min >= 4 && max * 2 <= 3 * min, "answers per camera {answers:?}");
+    let (lo, hi) = (p90s.iter().copied().fold(f64::MAX, f64::min), p90s.iter().copied().fold(0.0, f64::max));
+    assert!(hi <= 2.0 * lo, "p90 latencies {p90s:?}");
+    // Standing work of four cameras is in flight or queued; the ask waits for at most
+    // the sequences already decoding, not for the other cameras' frames.
+    assert!(ask_ms < 3.0 * hi, "the ask took {ask_ms:.0} ms, a standing answer's p90 is {hi:.0} ms");
+}
+
+/// A flush abandons only its own stream's work.
+#[test]
+fn flush_of_one_stream_leaves_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = model(dir.path());
+    let (got_a, sink_a) = collector();
+    let (got_b, sink_b) = collector();
+    let a = Worker::spawn(engine.clone(), PromptSet::from_short("caption en", 0, 300).unwrap(), stream_config("a"), sink_a);
+    let b = Worker::spawn(engine.clone(), PromptSet::from_short("caption en", 0, 6).unwrap(), stream_config("b"), sink_b);
+    a.submit(frame(1));
+    b.submit(frame(1));
+    std::thread::sleep(Duration::from_millis(50));
+    a.flush();
+    assert!(a.drain(Duration::from_secs(5)) && b.drain(Duration::from_secs(30)));
+    assert!(got_a.lock().unwrap().is_empty(), "the flushed stream gets no stale result");
+    assert_eq!(got_b.lock().unwrap().len(), 1, "the other stream's answer arrives");
 }

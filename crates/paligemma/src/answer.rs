@@ -53,7 +53,7 @@ impl Model {
             let prefixes = chunk.iter().map(|t| self.tokenizer.prefix_ids(&t.prompt())).collect::<Result<Vec<_>>>()?;
             let generations = self.generate(image, &prefixes, &generate, &mut |t| on_token(&crate::Token { prompt: first + t.prompt, ..*t }))?;
             for (task, generation) in chunk.iter().zip(generations) {
-                let result = self.finish(image, task, &generation, opts.loc_divisor)?;
+                let result = self.task_result(image, task, &generation, opts.loc_divisor)?;
                 answers.push(Answer { task: task.clone(), generation, result });
             }
         }
@@ -80,8 +80,9 @@ impl Model {
         scores
     }
 
-    /// Parses a generation for its task, scores its objects and decodes its masks.
-    fn finish(&mut self, image: &ImageEmbedding, task: &Task, generation: &Generation, loc_divisor: f32) -> Result<TaskResult> {
+    /// The typed result of a generation for its task: parsed, its objects scored, its
+    /// masks decoded (for callers that drive [`Model::start`] and [`Model::step`]).
+    pub fn task_result(&mut self, image: &ImageEmbedding, task: &Task, generation: &Generation, loc_divisor: f32) -> Result<TaskResult> {
         let mut result = output::parse(task, &generation.text, image.width, image.height, loc_divisor);
         if let TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } = &mut result {
             let scores = self.object_scores(generation);

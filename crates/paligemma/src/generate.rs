@@ -69,119 +69,186 @@ impl Generation {
     }
 }
 
-/// An answer being generated.
-struct Sequence {
+/// An answer being generated in its KV cache region.
+pub(crate) struct Sequence {
     /// First KV cache row of its region.
     base: usize,
     prefix: usize,
     tokens: Vec<u32>,
     token_probs: Vec<f32>,
     text: String,
+    /// Logits for its next token (from the prefill or its last decode step).
     logits: Vec<f32>,
     first_logits: Vec<f32>,
+    max_tokens: usize,
+    ignore_eos: bool,
     done: bool,
     eos: bool,
     sampler: TokenSampler,
     timings: Timings,
 }
 
+/// An answer in progress, as [`Model::start`] returns it: the index of its KV cache
+/// region (0..[`Model::max_sequences`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SequenceId(pub usize);
+
 impl Model {
     /// Answers prompts given as prefix ids (image tokens, `<bos>`, text and the newline,
     /// as [`crate::tokenizer::Tokenizer::prefix_ids`] makes them) on one encoded image:
     /// each prefix is prefilled on its own, then the decode steps of all unfinished
-    /// answers run as one batch. At most [`Model::max_sequences`] prefixes at once.
+    /// answers run as one batch. At most [`Model::max_sequences`] prefixes at once, and
+    /// none may be in progress from [`Model::start`].
     pub fn generate(&mut self, image: &ImageEmbedding, prefixes: &[Vec<u32>], opts: &GenerateOptions, on_token: &mut OnToken<'_>) -> Result<Vec<Generation>> {
-        if prefixes.is_empty() || prefixes.len() > self.max_sequences() {
-            return Err(Error::Invalid(format!("{} prompts in one batch; this model was loaded for 1 to {}", prefixes.len(), self.max_sequences())));
+        if prefixes.is_empty() || prefixes.len() > self.free_sequences() {
+            return Err(Error::Invalid(format!(
+                "{} prompts in one batch; this model was loaded for 1 to {} ({} free)",
+                prefixes.len(),
+                self.max_sequences(),
+                self.free_sequences()
+            )));
         }
+        let mut ids = Vec::with_capacity(prefixes.len());
+        let result = (|| {
+            for prefix in prefixes {
+                ids.push(self.start(image, prefix, opts)?);
+            }
+            let index = |id: SequenceId| ids.iter().position(|&s| s == id).expect("one of ours");
+            while self.active_sequences() > 0 {
+                self.step(&mut |id, t| on_token(&Token { prompt: index(id), ..*t }))?;
+            }
+            Ok(())
+        })();
+        // Whatever happened, the regions are free again.
+        let generations: Vec<Generation> = ids.iter().filter_map(|&id| self.finish(id)).collect();
+        result.map(|()| generations)
+    }
+
+    /// KV cache regions free for [`Model::start`].
+    pub fn free_sequences(&self) -> usize {
+        self.sequences.iter().filter(|s| s.is_none()).count()
+    }
+
+    /// Answers started and not yet finished by their token limit, eos or the callback.
+    pub fn active_sequences(&self) -> usize {
+        self.sequences.iter().flatten().filter(|s| !s.done).count()
+    }
+
+    /// Starts an answer in a free KV cache region: prefills `prefix` (see
+    /// [`Model::generate`]); its tokens come from the following [`Model::step`]s, along
+    /// with those of every other answer in progress (continuous batching). The region
+    /// stays taken until [`Model::finish`].
+    pub fn start(&mut self, image: &ImageEmbedding, prefix: &[u32], opts: &GenerateOptions) -> Result<SequenceId> {
         opts.sampling.validate()?;
-        for ids in prefixes {
-            self.kv.check_fits(ids.len(), opts.max_tokens)?;
-        }
-        let cap = self.config.text.final_softcap;
-        let mut seqs = Vec::new();
-        for (s, ids) in prefixes.iter().enumerate() {
-            let start = Instant::now();
-            let base = self.kv.base(s);
-            let logits = self.forward(&Batch::prefix(image, ids, base, 1))?;
-            let first_logits = logits.iter().map(|&l| cap.map_or(l, |c| softcap(l, c))).collect();
-            let mut timings = image.timings.clone();
-            timings.prefix_tokens = ids.len();
-            timings.prefill = ms(start);
-            seqs.push(Sequence {
-                base,
-                prefix: ids.len(),
-                tokens: Vec::new(),
-                token_probs: Vec::new(),
-                text: String::new(),
-                first_logits,
-                logits,
-                done: opts.max_tokens == 0,
-                eos: false,
-                sampler: TokenSampler::new(&opts.sampling, cap, &self.config.tokens),
-                timings,
-            });
-        }
-        let eos = self.config.tokens.eos;
+        self.kv.check_fits(prefix.len(), opts.max_tokens)?;
+        let slot = self
+            .sequences
+            .iter()
+            .position(Option::is_none)
+            .ok_or_else(|| Error::Invalid(format!("all {} sequences of this model are in use; finish one first", self.max_sequences())))?;
         let start = Instant::now();
-        loop {
-            // Sample the next token of every unfinished answer.
-            for (s, seq) in seqs.iter_mut().enumerate().filter(|(_, q)| !q.done) {
-                let next = seq.sampler.sample(&mut seq.logits);
-                if next == eos && !opts.ignore_eos {
-                    seq.eos = true;
-                    seq.done = true;
-                    continue;
-                }
-                let p = probability(&seq.logits, next, cap);
-                seq.tokens.push(next);
-                seq.token_probs.push(p);
-                let full = self.tokenizer.decode(&seq.tokens)?;
-                let piece = full.get(seq.text.len()..).unwrap_or("");
-                let token = Token { prompt: s, index: seq.tokens.len() - 1, id: next, text: piece, probability: p };
-                if !on_token(&token) || seq.tokens.len() >= opts.max_tokens {
-                    seq.done = true;
-                }
-                seq.text = full;
+        let base = self.kv.base(slot);
+        let logits = self.forward(&Batch::prefix(image, prefix, base, 1))?;
+        let cap = self.config.text.final_softcap;
+        let first_logits = logits.iter().map(|&l| cap.map_or(l, |c| softcap(l, c))).collect();
+        let mut timings = image.timings.clone();
+        timings.prefix_tokens = prefix.len();
+        timings.prefill = ms(start);
+        self.sequences[slot] = Some(Sequence {
+            base,
+            prefix: prefix.len(),
+            tokens: Vec::new(),
+            token_probs: Vec::new(),
+            text: String::new(),
+            logits,
+            first_logits,
+            max_tokens: opts.max_tokens,
+            ignore_eos: opts.ignore_eos,
+            done: opts.max_tokens == 0,
+            eos: false,
+            sampler: TokenSampler::new(&opts.sampling, cap, &self.config.tokens),
+            timings,
+        });
+        Ok(SequenceId(slot))
+    }
+
+    /// Samples the next token of every active answer (each seen by `on_token`, whose
+    /// false ends that answer), then runs one decode step for those still going, as one
+    /// batch. An error leaves every answer of the batch finished as it was.
+    pub fn step(&mut self, on_token: &mut dyn FnMut(SequenceId, &Token<'_>) -> bool) -> Result<()> {
+        let eos = self.config.tokens.eos;
+        let cap = self.config.text.final_softcap;
+        for (slot, seq) in self.sequences.iter_mut().enumerate() {
+            let Some(seq) = seq.as_mut().filter(|q| !q.done) else { continue };
+            let next = seq.sampler.sample(&mut seq.logits);
+            if next == eos && !seq.ignore_eos {
+                seq.eos = true;
+                seq.done = true;
+                continue;
             }
-            let active: Vec<usize> = (0..seqs.len()).filter(|&s| !seqs[s].done).collect();
-            if active.is_empty() {
-                break;
+            let p = probability(&seq.logits, next, cap);
+            seq.tokens.push(next);
+            seq.token_probs.push(p);
+            let full = self.tokenizer.decode(&seq.tokens)?;
+            let piece = full.get(seq.text.len()..).unwrap_or("");
+            let token = Token { prompt: 0, index: seq.tokens.len() - 1, id: next, text: piece, probability: p };
+            if !on_token(SequenceId(slot), &token) || seq.tokens.len() >= seq.max_tokens {
+                seq.done = true;
             }
-            // One decode step for all of them.
-            let next_row = |q: &Sequence| q.base + q.prefix + q.tokens.len() - 1;
-            let batch = Batch {
-                image: None,
-                ids: active.iter().map(|&s| *seqs[s].tokens.last().expect("sampled")).collect(),
-                positions: active.iter().map(|&s| (seqs[s].prefix + seqs[s].tokens.len()) as i32).collect(),
-                slots: active.iter().map(|&s| next_row(&seqs[s])).collect(),
-                seq_base: active.iter().map(|&s| seqs[s].base).collect(),
-                prefix: false,
-                n_logits: active.len(),
-            };
-            let logits = self.forward(&batch)?;
-            let vocab = logits.len() / active.len();
-            for (i, &s) in active.iter().enumerate() {
-                seqs[s].logits = logits[i * vocab..(i + 1) * vocab].to_vec();
-            }
+            seq.text = full;
         }
-        let decode_ms = ms(start);
-        Ok(seqs
-            .into_iter()
-            .map(|mut q| {
-                q.timings.decode = decode_ms;
-                q.timings.generated_tokens = q.tokens.len();
-                Generation {
-                    text: q.text,
-                    tokens: q.tokens,
-                    token_probs: q.token_probs,
-                    prompt_tokens: q.prefix,
-                    stopped_at_eos: q.eos,
-                    first_logits: q.first_logits,
-                    timings: q.timings,
-                }
-            })
-            .collect())
+        let active: Vec<usize> = (0..self.sequences.len()).filter(|&s| self.sequences[s].as_ref().is_some_and(|q| !q.done)).collect();
+        if active.is_empty() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let seq = |s: usize| self.sequences[s].as_ref().expect("active");
+        let batch = Batch {
+            image: None,
+            ids: active.iter().map(|&s| *seq(s).tokens.last().expect("sampled")).collect(),
+            positions: active.iter().map(|&s| (seq(s).prefix + seq(s).tokens.len()) as i32).collect(),
+            slots: active.iter().map(|&s| seq(s).base + seq(s).prefix + seq(s).tokens.len() - 1).collect(),
+            seq_base: active.iter().map(|&s| seq(s).base).collect(),
+            prefix: false,
+            n_logits: active.len(),
+        };
+        let logits = self.forward(&batch);
+        let elapsed = ms(start);
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                active.iter().for_each(|&s| self.sequences[s].as_mut().expect("active").done = true);
+                return Err(e);
+            }
+        };
+        let vocab = logits.len() / active.len();
+        for (i, &s) in active.iter().enumerate() {
+            let q = self.sequences[s].as_mut().expect("active");
+            q.logits = logits[i * vocab..(i + 1) * vocab].to_vec();
+            q.timings.decode += elapsed;
+        }
+        Ok(())
+    }
+
+    /// Whether an answer has finished (its region still held until [`Model::finish`]).
+    pub fn is_finished(&self, id: SequenceId) -> bool {
+        self.sequences.get(id.0).and_then(Option::as_ref).is_none_or(|q| q.done)
+    }
+
+    /// Ends an answer (finished or not) and frees its region; none for a free region.
+    pub fn finish(&mut self, id: SequenceId) -> Option<Generation> {
+        let q = self.sequences.get_mut(id.0)?.take()?;
+        let mut timings = q.timings;
+        timings.generated_tokens = q.tokens.len();
+        Some(Generation {
+            text: q.text,
+            tokens: q.tokens,
+            token_probs: q.token_probs,
+            prompt_tokens: q.prefix,
+            stopped_at_eos: q.eos,
+            first_logits: q.first_logits,
+            timings,
+        })
     }
 
     /// Logits at every prefix position, [n_prefix, vocab] after the final softcap, for

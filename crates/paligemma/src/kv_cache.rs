@@ -14,7 +14,7 @@ use ggml::{Backend, Buffer, Context, Tensor, TensorRef, TensorStore, Type};
 pub const MAX_SEQUENCES: usize = 256;
 
 /// Element type of the KV cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KvType {
     F16,
     F32,

@@ -4,6 +4,7 @@
 //! results in [`crate::answer`].
 use crate::config::Config;
 use crate::decoder::{DecoderInputs, DecoderWeights};
+use crate::generate::Sequence;
 use crate::kv_cache::{Batch, KvCache, KvType, Run};
 use crate::preprocess::{PixelValues, RgbImage, preprocess};
 use crate::segment::MaskDecoderWeights;
@@ -19,12 +20,23 @@ use std::time::Instant;
 /// Nodes a graph may have; PaliGemma 2 28B's decoder needs about 2,500.
 const GRAPH_SIZE: usize = 16 * 1024;
 
+/// CPU threads when none are asked for: half the cores this process may use, at
+/// least one. ggml's workers meet at every node of a graph and wait for each other by
+/// spinning, so one worker that shares a core with another busy program holds all the
+/// others up (two cameras with all cores each, or one with a busy process beside it,
+/// answered 40x slower than with one thread). A robot always runs other programs;
+/// leaving them half the cores keeps the model out of that. Ask for more on a machine
+/// that does nothing else.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).div_ceil(2)
+}
+
 /// How to load a model.
 #[derive(Clone, Debug)]
 pub struct ModelOptions {
     /// `cpu`, `cuda:N`, `vulkan:N` or `gpu`.
     pub device: String,
-    /// CPU threads (0: all available cores).
+    /// CPU threads (0: [`default_threads`]).
     pub threads: usize,
     pub kv_type: KvType,
     /// Tokens the KV cache holds per sequence (0: image tokens + 512, at most the model's context).
@@ -85,6 +97,8 @@ pub struct Model {
     decoder: DecoderWeights,
     mask_decoder: Option<MaskDecoderWeights>,
     pub(crate) kv: KvCache,
+    /// The answers in progress, by KV cache region (see [`crate::generate`]).
+    pub(crate) sequences: Vec<Option<Sequence>>,
     sched: Scheduler,
     device: String,
     threads: usize,
@@ -100,7 +114,7 @@ impl Model {
         // Everything the graphs rely on is checked before touching a backend.
         let (config, tokenizer) = crate::validate::model_file(&gguf)?;
 
-        let threads = if opts.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { opts.threads };
+        let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
         let backend = Backend::new(&opts.device)?;
         let device = backend.device().spec();
         let (weights, names) = WeightStore::load(&gguf, &backend, opts.repack)?;
@@ -115,7 +129,8 @@ impl Model {
         let kv = KvCache::new(&backend, &config.text, opts.kv_type, n_ctx, opts.max_sequences)?;
         let sched = Scheduler::new(backend, threads, GRAPH_SIZE)?;
         let file_type = gguf.get("general.file_type").and_then(|v| v.as_str()).unwrap_or("?").to_string();
-        Ok(Model { path, config, tokenizer, weights, vision, decoder, mask_decoder, kv, sched, device, threads, file_type })
+        let sequences = (0..kv.max_sequences).map(|_| None).collect();
+        Ok(Model { path, config, tokenizer, weights, vision, decoder, mask_decoder, kv, sequences, sched, device, threads, file_type })
     }
 
     pub fn config(&self) -> &Config {
@@ -151,9 +166,11 @@ impl Model {
         self.threads
     }
 
-    pub fn set_threads(&mut self, threads: usize) {
+    /// Changes the number of CPU threads (a new pool of that many).
+    pub fn set_threads(&mut self, threads: usize) -> Result<()> {
+        self.sched.set_n_threads(threads.max(1))?;
         self.threads = threads.max(1);
-        self.sched.set_n_threads(self.threads);
+        Ok(())
     }
 
     /// Tokens the KV cache holds per sequence.

@@ -344,3 +344,21 @@ fn async_eos_does_not_wait_for_pending_results() {
     assert!(took < Duration::from_secs(3), "EOS waited for the model: {took:?}");
     assert!(msgs.is_empty(), "the 480-token answer in progress at EOS was dropped, not posted");
 }
+
+/// Two elements with the same model file and settings share one engine (one copy of
+/// the weights, one thread pool) and both answer.
+#[test]
+fn elements_share_one_engine() {
+    let model = init();
+    let (mut a, bus_a) = harness("mode=sync prompts=\"ocr\" max-tokens=3");
+    let (mut b, bus_b) = harness("mode=sync prompts=\"caption en\" max-tokens=3");
+    let mut buf = frame(64, 48, 0);
+    a.push(buf.clone()).unwrap();
+    buf.make_mut().set_pts(gst::ClockTime::from_mseconds(40));
+    b.push(buf).unwrap();
+    // The elements load with these options; asking for them again finds their engine.
+    let engine = paligemma_stream::Engine::shared(model, &paligemma::ModelOptions { threads: 1, ..Default::default() }).unwrap();
+    assert!(engine.streams() >= 2, "both elements on one engine: {} stream(s)", engine.streams());
+    assert!(!results(&bus_a).is_empty() && !results(&bus_b).is_empty(), "both answer");
+    drop((a, b));
+}

@@ -7,10 +7,10 @@ use gst_base::prelude::BaseTransformExtManual;
 use gst_base::subclass::prelude::*;
 use gst_video::prelude::VideoFrameExt;
 use paligemma::preprocess::{PixelFormat, RgbImage, Yuv420, YuvMatrix};
-use paligemma::{KvType, Model, ModelOptions};
+use paligemma::{KvType, ModelOptions};
 use paligemma_stream::message::{FrameInfo, Source};
 use paligemma_stream::prompts::DEFAULT_MAX_TOKENS;
-use paligemma_stream::{Frame, FrameSamplerConfig, PromptSet, ResultMessage, Worker, WorkerConfig};
+use paligemma_stream::{Engine, Frame, FrameSamplerConfig, PromptSet, ResultMessage, Worker, WorkerConfig};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -134,7 +134,7 @@ impl ObjectImpl for PaliGemma {
                     .build(),
                 glib::ParamSpecUInt::builder("threads")
                     .nick("Threads")
-                    .blurb("CPU threads for the model (0: all cores)")
+                    .blurb("CPU threads for the model (0: half the cores; elements with the same model and settings share one model and pool)")
                     .maximum(1024)
                     .default_value(0)
                     .mutable_ready()
@@ -509,8 +509,10 @@ impl BaseTransformImpl for PaliGemma {
         let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Start, "load", &format!("Loading {path}")).src(&*obj).build());
         gst::info!(CAT, imp = self, "loading {} on {}", path, settings.device);
         let opts = ModelOptions { device: settings.device.clone(), threads: settings.threads as usize, kv_type: KvType::F16, context: 0, ..Default::default() };
-        let model = match Model::load(&path, &opts) {
-            Ok(m) => m,
+        // Elements of one process that load the same file with the same options share
+        // one engine: the weights and the thread pool exist once.
+        let engine = match Engine::shared(&path, &opts) {
+            Ok(e) => e,
             Err(e) => {
                 let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Error, "load", &e.to_string()).src(&*obj).build());
                 let kind = if std::path::Path::new(&path).exists() { gst::ResourceError::OpenRead } else { gst::ResourceError::NotFound };
@@ -523,7 +525,7 @@ impl BaseTransformImpl for PaliGemma {
             sampler: FrameSamplerConfig { min_interval: Duration::from_millis(settings.interval_ms), skip_unchanged_below: None },
             ..Default::default()
         };
-        let worker = Worker::spawn(model, prompts, config, self.make_sink(settings.mode));
+        let worker = Worker::spawn(engine, prompts, config, self.make_sink(settings.mode));
         *self.state.lock().unwrap() = Some(State { worker: Arc::new(worker), info: None, seq: 0, last_offer: None });
         *self.outbox.worst_analysis.lock().unwrap() = None;
         Ok(())

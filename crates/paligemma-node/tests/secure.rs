@@ -1,0 +1,165 @@
+//! The node behind mutual TLS and access control, with the shipped
+//! `configs/zenoh-secure.json5` and certificates made at test time (never committed):
+//! who cannot connect, who may watch and ask, who may steer, who may feed frames.
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use zenoh::Wait;
+
+mod common;
+use common::{Node, fixture_model, free_port};
+
+/// A CA, the node's certificate (for 127.0.0.1) and one per client common name, as
+/// the secure configuration expects them under `certs/`.
+fn make_certificates(dir: &Path) {
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "paligemma test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(certs.join("ca.pem"), ca.pem()).unwrap();
+    for (name, names) in [("node", vec!["127.0.0.1".to_string(), "localhost".into()]), ("viewer", vec![]), ("operator", vec![]), ("camera", vec![])] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &ca).unwrap();
+        std::fs::write(certs.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(certs.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// A client session to the node; with `who`, presenting that certificate.
+fn client(dir: &Path, port: u16, who: Option<&str>) -> zenoh::Result<zenoh::Session> {
+    let certs = dir.join("certs");
+    let path = |f: &str| format!("{:?}", certs.join(f).display().to_string());
+    let mut c = zenoh::Config::default();
+    c.insert_json5("mode", "\"client\"").unwrap();
+    c.insert_json5("connect/endpoints", &format!("[\"tls/127.0.0.1:{port}\"]")).unwrap();
+    c.insert_json5("scouting/multicast/enabled", "false").unwrap();
+    c.insert_json5("transport/link/tls/root_ca_certificate", &path("ca.pem")).unwrap();
+    if let Some(name) = who {
+        c.insert_json5("transport/link/tls/enable_mtls", "true").unwrap();
+        c.insert_json5("transport/link/tls/connect_certificate", &path(&format!("{name}.pem"))).unwrap();
+        c.insert_json5("transport/link/tls/connect_private_key", &path(&format!("{name}.key"))).unwrap();
+    }
+    zenoh::open(c).wait()
+}
+
+type Subscriber = zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>;
+
+fn wait_for(sub: &Subscriber, secs: u64, key_suffix: &str) -> Option<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Ok(Some(s)) = sub.recv_timeout(Duration::from_millis(200))
+            && s.key_expr().as_str().ends_with(key_suffix)
+        {
+            return serde_json::from_slice(&s.payload().to_bytes()).ok();
+        }
+    }
+    None
+}
+
+fn prompt_ids(session: &zenoh::Session, key: &str) -> Vec<String> {
+    let replies = session.get(key).timeout(Duration::from_secs(10)).wait().unwrap();
+    let reply = replies.recv_timeout(Duration::from_secs(10)).unwrap().expect("a reply");
+    let v: serde_json::Value = serde_json::from_slice(&reply.result().expect("prompts").payload().to_bytes()).unwrap();
+    v["prompt"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn mutual_tls_and_access_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = common::repo_root();
+    let model = fixture_model(dir.path());
+    make_certificates(dir.path());
+    let port = free_port();
+    let prefix = "paligemma/secure";
+    std::fs::write(
+        dir.path().join("node.toml"),
+        format!(
+            r#"
+node = "secure"
+status_interval_s = 0
+allow_prompt_updates = true
+[model]
+path = "{model}"
+threads = 1
+[zenoh]
+config = "{secure}"
+listen = ["tls/127.0.0.1:{port}"]
+[[camera]]
+name = "cam"
+pipeline = "videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=10/1"
+[[camera.prompt]]
+id = "scene"
+task = "caption en"
+max_tokens = 3
+[[camera]]
+name = "zcam"
+zenoh_key = "cameras/zcam"
+[[camera.prompt]]
+id = "text"
+task = "ocr"
+max_tokens = 3
+"#,
+            model = model.display(),
+            secure = root.join("configs/zenoh-secure.json5").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("node.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_paligemma-node"))
+        .args(["--config", "node.toml"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info,zenoh::net::routing::interceptor::access_control=trace")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _node = Node(child);
+
+    // The viewer connects (retrying while the node starts), watches and asks.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let viewer = loop {
+        match client(dir.path(), port, Some("viewer")) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("the viewer cannot connect: {e}"),
+        }
+    };
+    let results = viewer.declare_subscriber(format!("{prefix}/**")).wait().unwrap();
+    let scene = wait_for(&results, 60, "/cam/scene").expect("the viewer receives results");
+    assert_eq!(scene["schema"], "paligemma.result/1");
+    let replies = viewer.get(format!("{prefix}/cam/ask")).payload("caption en").timeout(Duration::from_secs(30)).wait().unwrap();
+    let reply = replies.recv_timeout(Duration::from_secs(30)).unwrap().expect("an answer to the viewer's ask");
+    assert!(reply.result().is_ok(), "the viewer may ask");
+
+    // A peer without a certificate cannot even connect.
+    assert!(client(dir.path(), port, None).is_err(), "a client without a certificate connected");
+
+    // The viewer may not steer: its put is dropped by the node's access control.
+    viewer.put(format!("{prefix}/cam/prompts"), r#"[{"id":"hijack","task":"ocr"}]"#).wait().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(prompt_ids(&viewer, &format!("{prefix}/cam/prompts")), ["scene"]);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.lines().any(|l| l.contains("unauthorized") && l.contains("prompts")), "the refusal is logged:\n{logged}");
+
+    // The operator may.
+    let operator = client(dir.path(), port, Some("operator")).expect("the operator connects");
+    operator.put(format!("{prefix}/cam/prompts"), r#"[{"id":"steered","task":"ocr","max_tokens":3}]"#).wait().unwrap();
+    wait_for(&results, 60, "/cam/steered").expect("the operator's prompt answers");
+
+    // Frames on the Zenoh camera: the viewer's are ignored, the camera's analysed.
+    let png = std::fs::read(root.join("tests/fixtures/images/rgb.png")).unwrap();
+    viewer.put("cameras/zcam", png.clone()).wait().unwrap();
+    assert!(wait_for(&results, 5, "/zcam/text").is_none(), "a frame from the viewer was analysed");
+    let camera = client(dir.path(), port, Some("camera")).expect("the camera connects");
+    camera.put("cameras/zcam", png).wait().unwrap();
+    let v = wait_for(&results, 60, "/zcam/text").expect("the camera's frame is analysed");
+    assert_eq!(v["frame"]["width"], 97);
+}

@@ -1,0 +1,415 @@
+//! The engine's thread: serves every stream of a shared model from one loop.
+//!
+//! - **Jobs.** A job is one frame of one stream with the prompts to answer on it: an
+//!   ask, a sync analysis, or the stream's due standing prompts on its newest frame.
+//!   Asks and analyses of every stream go before standing work.
+//! - **Fairness.** Standing work is taken round-robin over the streams, and a stream
+//!   has at most one standing frame in flight, so a busy camera cannot starve another.
+//!   Per stream the newest frame wins and each prompt keeps its own rate
+//!   ([`crate::prompts::Schedule`]).
+//! - **Continuous batching.** Each prompt of a job becomes a sequence in a KV cache
+//!   region of the model; every step decodes one token of every sequence in progress,
+//!   whatever stream and prompt it belongs to, and sequences join (after their frame's
+//!   vision pass and their prefill) and leave (at eos, their token limit or a flush) as
+//!   they start and finish.
+//! - **Containment.** A panic below the loop fails the work in progress with error
+//!   results; the thread, and every stream it serves, goes on.
+use crate::engine::EngineShared;
+use crate::frame_sampler::Frame;
+use crate::message::{Latency, PromptInfo, ResultMessage, SCHEMA, TokenCounts};
+use crate::prompts::StandingPrompt;
+use crate::worker::{Request, StreamShared};
+use paligemma::{GenerateOptions, ImageEmbedding, Model, SequenceId, TaskResult};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
+
+/// Whom a job's results go to besides the stream's sink.
+enum Reply {
+    Standing,
+    Analyse(SyncSender<Vec<ResultMessage>>),
+    Ask(SyncSender<ResultMessage>),
+}
+
+/// One frame of one stream being answered.
+struct Job {
+    stream: Arc<StreamShared>,
+    epoch: u64,
+    reply: Reply,
+    frame: Frame,
+    prompts: Vec<StandingPrompt>,
+    /// Frames of the stream dropped before this one (on every message of the frame).
+    frames_dropped: u64,
+    embedding: Option<ImageEmbedding>,
+    /// Prompts not started yet (waiting for a free sequence).
+    pending: VecDeque<usize>,
+    /// Prompts being decoded.
+    running: Vec<(usize, SequenceId)>,
+    /// One message per prompt once answered (or failed).
+    messages: Vec<Option<ResultMessage>>,
+    started: Instant,
+    queue_ms: f64,
+}
+
+impl Job {
+    fn cancelled(&self) -> bool {
+        self.stream.epoch() != self.epoch
+    }
+
+    fn done(&self) -> bool {
+        self.pending.is_empty() && self.running.is_empty()
+    }
+}
+
+/// Serves the engine's streams until the engine is dropped.
+pub(crate) fn serve(mut model: Model, engine: &EngineShared) {
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut cursor = 0usize;
+    loop {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn(&mut model, engine, &mut jobs, &mut cursor)));
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(panic) => {
+                let why = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+                tracing::error!("the engine panicked: {why}");
+                for job in &mut jobs {
+                    let error = format!("internal error in the engine: {why}");
+                    fail_rest(job, &error);
+                }
+                for i in 0..model.max_sequences() {
+                    model.finish(SequenceId(i));
+                }
+            }
+        }
+        deliver_done(&mut model, engine, &mut jobs);
+    }
+    // Stopping: nothing more is delivered, but waiting callers are released.
+    for job in jobs {
+        finish_job(job, false);
+    }
+}
+
+/// One turn of the loop: admit work while sequences are free, then one decode step.
+/// False when the engine stops.
+fn turn(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>, cursor: &mut usize) -> bool {
+    // Admission: first the prompts of jobs already open, then one new job per turn,
+    // so that the answers in progress take a step between two frames' vision passes
+    // and prefills (each camera's latency then bears one other admission, not all).
+    let mut admitted = false;
+    while model.free_sequences() > 0 {
+        if let Some(job) = jobs.iter_mut().find(|j| !j.pending.is_empty()) {
+            start_next(model, job);
+            continue;
+        }
+        if admitted && jobs.iter().any(|j| !j.running.is_empty()) {
+            break;
+        }
+        match next_job(engine, jobs, cursor) {
+            Next::Job(mut job) => {
+                prepare(model, &mut job);
+                jobs.push(*job);
+                admitted = true;
+            }
+            Next::Stop => return false,
+            Next::Wait(timeout) => {
+                if jobs.iter().any(|j| !j.running.is_empty() || j.done()) {
+                    break;
+                }
+                let state = engine.lock();
+                if state.stop {
+                    return false;
+                }
+                if state.woken {
+                    return true;
+                }
+                // Woken by a new frame, request or prompt change of any stream.
+                let _unused = match timeout {
+                    Some(t) => engine.wake.wait_timeout(state, t).unwrap_or_else(|e| e.into_inner()).0,
+                    None => engine.wake.wait(state).unwrap_or_else(|e| e.into_inner()),
+                };
+                return true;
+            }
+        }
+    }
+    if jobs.iter().all(|j| j.running.is_empty()) {
+        return true;
+    }
+    // One decode step for every sequence in progress. Each stops at its prompt's limit
+    // or when its stream is flushed or stopped.
+    let limits: Vec<(SequenceId, usize, Arc<StreamShared>, u64)> =
+        jobs.iter().flat_map(|j| j.running.iter().map(move |&(p, seq)| (seq, j.prompts[p].max_tokens, j.stream.clone(), j.epoch))).collect();
+    let step = model.step(&mut |seq, token| {
+        limits.iter().find(|l| l.0 == seq).is_some_and(|(_, limit, stream, epoch)| token.index + 1 < *limit && stream.epoch() == *epoch)
+    });
+    let failed = step.err().map(|e| e.to_string());
+    if let Some(e) = &failed {
+        tracing::warn!("a decode step failed: {e}");
+    }
+    for job in jobs.iter_mut() {
+        collect_finished(model, job, failed.as_deref());
+    }
+    true
+}
+
+enum Next {
+    Job(Box<Job>),
+    /// Nothing to do now; look again after this long (none: when woken).
+    Wait(Option<Duration>),
+    Stop,
+}
+
+/// The next job: the oldest request of any stream (round-robin), else the due
+/// standing prompts on the newest frame of the next stream that has one and nothing
+/// standing in flight.
+fn next_job(engine: &EngineShared, jobs: &[Job], cursor: &mut usize) -> Next {
+    let mut state = engine.lock();
+    if state.stop {
+        return Next::Stop;
+    }
+    state.woken = false;
+    let n = state.streams.len();
+    if n == 0 {
+        return Next::Wait(None);
+    }
+    let order: Vec<Arc<StreamShared>> = (0..n).map(|i| state.streams[(*cursor + i) % n].clone()).collect();
+    drop(state);
+    for (i, stream) in order.iter().enumerate() {
+        let mut st = stream.lock();
+        if st.closed {
+            continue;
+        }
+        if let Some(request) = st.requests.pop_front() {
+            st.in_flight += 1;
+            let epoch = stream.epoch();
+            drop(st);
+            *cursor = (*cursor + i + 1) % n;
+            let (frame, prompts, reply) = match request {
+                Request::Analyse(frame, tx) => {
+                    let prompts = stream.lock().prompts.prompts.clone();
+                    (frame, prompts, Reply::Analyse(tx))
+                }
+                Request::Ask(frame, prompt, tx) => (frame, vec![prompt], Reply::Ask(tx)),
+            };
+            return Next::Job(Box::new(Job::new(stream.clone(), epoch, reply, frame, prompts, 0)));
+        }
+    }
+    let now = Instant::now();
+    let mut wait: Option<Duration> = None;
+    for (i, stream) in order.iter().enumerate() {
+        if jobs.iter().any(|j| Arc::ptr_eq(&j.stream, stream) && matches!(j.reply, Reply::Standing)) {
+            continue;
+        }
+        let mut st = stream.lock();
+        if st.closed {
+            continue;
+        }
+        match st.sampler.wait_time(now) {
+            Some(w) if w.is_zero() => {
+                let frame = st.sampler.take(now);
+                let due: Vec<StandingPrompt> = match &frame {
+                    Some(_) => {
+                        st.taken += 1;
+                        let (taken, st) = (st.taken, &mut *st);
+                        st.schedule.due(&st.prompts, taken, now).into_iter().cloned().collect()
+                    }
+                    None => Vec::new(),
+                };
+                let (Some(frame), false) = (frame, due.is_empty()) else {
+                    // Skipped (unchanged, or nothing due): a drain may be waiting for it.
+                    drop(st);
+                    stream.delivered.notify_all();
+                    continue;
+                };
+                let dropped = std::mem::take(&mut st.sampler.dropped);
+                st.in_flight += 1;
+                let epoch = stream.epoch();
+                *cursor = (*cursor + i + 1) % n;
+                return Next::Job(Box::new(Job::new(stream.clone(), epoch, Reply::Standing, frame, due, dropped)));
+            }
+            Some(w) => wait = Some(wait.map_or(w, |v: Duration| v.min(w))),
+            None => {}
+        }
+    }
+    Next::Wait(wait)
+}
+
+impl Job {
+    fn new(stream: Arc<StreamShared>, epoch: u64, reply: Reply, frame: Frame, prompts: Vec<StandingPrompt>, frames_dropped: u64) -> Job {
+        let queue_ms = frame.received.elapsed().as_secs_f64() * 1e3;
+        let n = prompts.len();
+        Job {
+            stream,
+            epoch,
+            reply,
+            frame,
+            prompts,
+            frames_dropped,
+            embedding: None,
+            pending: (0..n).collect(),
+            running: Vec::new(),
+            messages: vec![None; n],
+            started: Instant::now(),
+            queue_ms,
+        }
+    }
+
+    /// The message for prompt `p`, before its result is known.
+    fn message(&self, p: usize, info: &crate::message::ModelInfo) -> ResultMessage {
+        let prompt = &self.prompts[p];
+        ResultMessage {
+            schema: SCHEMA.into(),
+            source: self.stream.config.source.clone(),
+            frame: self.frame.info.clone(),
+            prompt: PromptInfo { id: prompt.id.clone(), text: prompt.task.prompt(), task: prompt.task.kind() },
+            model: info.clone(),
+            result: TaskResult::Text { text: String::new() },
+            raw: String::new(),
+            tokens: TokenCounts::default(),
+            mean_logprob: None,
+            latency_ms: Latency { queue: self.queue_ms, ..Default::default() },
+            frames_dropped: self.frames_dropped,
+        }
+    }
+
+    /// Fails prompt `p` with `message`.
+    fn fail(&mut self, p: usize, error: &str) {
+        let mut msg = self.message(p, &Default::default());
+        msg.result = TaskResult::Error { message: error.to_string() };
+        self.messages[p] = Some(msg);
+    }
+}
+
+/// Runs the job's frame through the vision tower (once for all its prompts).
+fn prepare(model: &mut Model, job: &mut Job) {
+    if job.cancelled() {
+        job.pending.clear();
+        return;
+    }
+    match model.encode_image(&job.frame.image) {
+        Ok(embedding) => job.embedding = Some(embedding),
+        Err(e) => fail_rest(job, &e.to_string()),
+    }
+}
+
+/// Starts the job's next pending prompt in a free sequence.
+fn start_next(model: &mut Model, job: &mut Job) {
+    let Some(p) = job.pending.pop_front() else { return };
+    let (Some(embedding), false) = (&job.embedding, job.cancelled()) else {
+        job.pending.clear();
+        return;
+    };
+    let prompt = &job.prompts[p];
+    let started = model.tokenizer().prefix_ids(&prompt.task.prompt()).and_then(|ids| {
+        let opts = GenerateOptions { max_tokens: prompt.max_tokens, ..Default::default() };
+        model.start(embedding, &ids, &opts)
+    });
+    match started {
+        Ok(seq) => job.running.push((p, seq)),
+        Err(e) => job.fail(p, &e.to_string()),
+    }
+}
+
+/// Fails every prompt of the job not answered yet.
+fn fail_rest(job: &mut Job, error: &str) {
+    let rest: Vec<usize> = job.pending.drain(..).chain(job.running.drain(..).map(|(p, _)| p)).collect();
+    for p in rest {
+        job.fail(p, error);
+    }
+}
+
+/// Turns the job's finished sequences into messages (all of them, with `failed`).
+fn collect_finished(model: &mut Model, job: &mut Job, failed: Option<&str>) {
+    let running = std::mem::take(&mut job.running);
+    for (p, seq) in running {
+        if !model.is_finished(seq) && failed.is_none() {
+            job.running.push((p, seq));
+            continue;
+        }
+        let Some(generation) = model.finish(seq) else { continue };
+        if let Some(error) = failed {
+            job.fail(p, error);
+            continue;
+        }
+        let embedding = job.embedding.as_ref().expect("a running prompt has its frame encoded");
+        match model.task_result(embedding, &job.prompts[p].task, &generation, job.stream.config.loc_divisor) {
+            Ok(result) => {
+                let t = &generation.timings;
+                let mut msg = job.message(p, &Default::default());
+                msg.raw = generation.text.clone();
+                msg.tokens = TokenCounts { prompt: generation.prompt_tokens, generated: generation.tokens.len() };
+                msg.mean_logprob = generation.mean_logprob();
+                let total = job.started.elapsed().as_secs_f64() * 1e3 + job.queue_ms;
+                msg.latency_ms = Latency { queue: job.queue_ms, preprocess: t.preprocess, vision: t.vision, prefill: t.prefill, decode: t.decode, total };
+                msg.result = result;
+                job.messages[p] = Some(msg);
+            }
+            Err(e) => job.fail(p, &e.to_string()),
+        }
+    }
+}
+
+/// Delivers every finished job: to the stream's sink and any waiting caller.
+fn deliver_done(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>) {
+    let mut i = 0;
+    while i < jobs.len() {
+        let job = &mut jobs[i];
+        if job.cancelled() {
+            // Abandoned: its sequences end now and nothing is delivered.
+            for (_, seq) in job.running.drain(..) {
+                model.finish(seq);
+            }
+            job.pending.clear();
+        }
+        if jobs[i].done() {
+            let mut job = jobs.swap_remove(i);
+            let cancelled = job.cancelled();
+            for msg in job.messages.iter_mut().flatten() {
+                msg.model = engine.info.clone();
+                if msg.latency_ms.total == 0.0 {
+                    msg.latency_ms.total = job.started.elapsed().as_secs_f64() * 1e3 + job.queue_ms;
+                }
+            }
+            finish_job(job, !cancelled);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// Ends a job: counts and delivers its messages (unless abandoned), releases the
+/// stream's waiters.
+fn finish_job(job: Job, deliver: bool) {
+    let Job { stream, reply, messages, .. } = job;
+    let messages: Vec<ResultMessage> = if deliver { messages.into_iter().flatten().collect() } else { Vec::new() };
+    {
+        let mut st = stream.lock();
+        for msg in &messages {
+            st.stats.results += 1;
+            if msg.is_error() {
+                st.stats.errors += 1;
+            }
+            st.stats.last_latency_ms = msg.latency_ms;
+        }
+        if !matches!(reply, Reply::Ask(_)) && !messages.is_empty() {
+            st.stats.frames_analysed += 1;
+        }
+    }
+    for msg in &messages {
+        stream.deliver(msg);
+    }
+    match reply {
+        Reply::Standing => {}
+        Reply::Analyse(tx) => {
+            let _ = tx.send(messages);
+        }
+        Reply::Ask(tx) => {
+            if let Some(msg) = messages.into_iter().next() {
+                let _ = tx.send(msg);
+            }
+        }
+    }
+    stream.lock().in_flight -= 1;
+    stream.delivered.notify_all();
+}
