@@ -68,6 +68,8 @@ pub(crate) struct StreamState {
     pub schedule: Schedule,
     /// Frames taken for standing prompts so far (the schedule's frame count).
     pub taken: u64,
+    /// The last frame submitted, for asks about "now".
+    pub newest: Option<Frame>,
     /// Jobs of this stream the engine has started and not yet delivered.
     pub in_flight: usize,
     pub stats: WorkerStats,
@@ -117,6 +119,7 @@ impl Worker {
                 prompts,
                 schedule: Schedule::default(),
                 taken: 0,
+                newest: None,
                 in_flight: 0,
                 stats: WorkerStats::default(),
                 closed: false,
@@ -145,8 +148,16 @@ impl Worker {
 
     /// Hands a frame over without waiting; a frame still waiting is replaced.
     pub fn submit(&self, frame: Frame) {
-        self.lock().sampler.offer(frame);
+        let mut state = self.lock();
+        state.newest = Some(frame.clone());
+        state.sampler.offer(frame);
+        drop(state);
         self.wake_engine();
+    }
+
+    /// The last frame submitted (what an ask about "now" is answered on).
+    pub fn newest(&self) -> Option<Frame> {
+        self.lock().newest.clone()
     }
 
     /// Whether a frame arriving now should be analysed synchronously (interval,

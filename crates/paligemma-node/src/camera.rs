@@ -1,0 +1,314 @@
+//! One camera of the node: a stream on the shared engine, and one small task per
+//! Zenoh key, each its own loop as in zenoh's examples: frames in (a `zenoh_key`
+//! camera), asks, prompt updates, the prompt list, status. Results and errors go out
+//! through the [`Publisher`].
+use crate::config::{CameraConfig, Config, Encoding};
+use crate::{frames, limiter::RateLimiter};
+use anyhow::{Context, Result};
+use paligemma_stream::message::{FrameInfo, STATUS_SCHEMA, Source, StatusMessage};
+use paligemma_stream::{Engine, Frame, FrameSamplerConfig, ResultMessage, Worker, WorkerConfig, payload};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use zenoh::Wait;
+
+/// One attempt of a supervised task.
+type Attempt = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+fn encode<T: serde::Serialize>(encoding: Encoding, value: &T) -> (Vec<u8>, zenoh::bytes::Encoding) {
+    match encoding {
+        Encoding::Json => (serde_json::to_vec(value).unwrap_or_default(), zenoh::bytes::Encoding::APPLICATION_JSON),
+        Encoding::Cbor => {
+            let mut out = Vec::new();
+            let _ = ciborium::into_writer(value, &mut out);
+            (out, zenoh::bytes::Encoding::APPLICATION_CBOR)
+        }
+    }
+}
+
+/// An error report on `<prefix>/<camera>/errors`.
+#[derive(serde::Serialize)]
+struct ErrorMessage<'a> {
+    schema: &'static str,
+    source: &'a Source,
+    message: String,
+}
+
+/// Everything a camera needs to publish.
+#[derive(Clone)]
+pub struct Publisher {
+    session: zenoh::Session,
+    /// `<prefix>/<camera>`.
+    base: String,
+    source: Source,
+    encoding: Encoding,
+    /// Errors reported outside the engine (bad frames, refused updates, restarted
+    /// tasks), counted in status beside the stream's own.
+    errors: Arc<AtomicU64>,
+    /// Asks refused by the node's rate, counted in status beside the stream's own.
+    refused: Arc<AtomicU64>,
+}
+
+impl Publisher {
+    fn put<T: serde::Serialize>(&self, key: &str, value: &T) {
+        let (bytes, enc) = encode(self.encoding, value);
+        if let Err(e) = self.session.put(key, bytes).encoding(enc).wait() {
+            tracing::warn!("put {key}: {e}");
+        }
+    }
+
+    fn result(&self, msg: &ResultMessage) {
+        let key = if msg.is_error() { format!("{}/errors", self.base) } else { format!("{}/{}", self.base, msg.prompt.id) };
+        self.put(&key, msg);
+    }
+
+    fn error(&self, message: String) {
+        tracing::warn!("{}: {message}", self.base);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.put(&format!("{}/errors", self.base), &ErrorMessage { schema: "paligemma.error/1", source: &self.source, message });
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}/{name}", self.base)
+    }
+}
+
+/// A running camera: its stream, its frame source and its tasks.
+pub struct Camera {
+    pub name: String,
+    pub worker: Arc<Worker>,
+    pub publisher: Publisher,
+    pub gst: Option<frames::GstSource>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    _token: zenoh::liveliness::LivelinessToken,
+}
+
+/// What every task of a camera shares.
+#[derive(Clone)]
+struct Ctx {
+    worker: Arc<Worker>,
+    publisher: Publisher,
+    /// Sequence numbers of the camera's frames.
+    seq: Arc<AtomicU64>,
+}
+
+impl Ctx {
+    /// Hands a frame to the stream (the newest wins; asks read it too).
+    fn deliver(&self, image: paligemma::preprocess::RgbImage, pts_ns: Option<u64>) {
+        let info = FrameInfo {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            pts_ns,
+            capture_unix_ns: paligemma_stream::message::unix_time_ns(),
+            width: image.width,
+            height: image.height,
+            ..Default::default()
+        };
+        self.worker.submit(Frame::new(info, image));
+    }
+}
+
+/// Runs one of a camera's tasks and keeps it running: a task that fails or panics is
+/// reported on `<camera>/errors`, counted in status and started again (a subscriber
+/// dropped with it is declared anew), so that one hostile message cannot silence a
+/// camera. It ends when the task returns `Ok` (the session closed) or is aborted.
+fn supervise<F, Fut>(publisher: Publisher, what: &'static str, task: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    /// Aborts the running attempt when the supervisor itself is aborted.
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    tokio::spawn(async move {
+        loop {
+            let attempt = tokio::spawn(task());
+            let _guard = AbortOnDrop(attempt.abort_handle());
+            match attempt.await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => publisher.error(format!("{what} failed, restarting it: {e:#}")),
+                Err(e) if e.is_panic() => {
+                    let payload = e.into_panic();
+                    let why = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default();
+                    publisher.error(format!("{what} panicked, restarting it: {why}"));
+                }
+                Err(_) => return,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// Frames published on a `zenoh_key`: decoded (bounded by `max_pixels`) and handed on;
+/// a bad one is reported and the next one is read.
+async fn frames_in(ctx: Ctx, key: String, max_pixels: usize) -> Result<()> {
+    let session = &ctx.publisher.session;
+    let sub = session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
+    while let Ok(sample) = sub.recv_async().await {
+        let payload = sample.payload().to_bytes();
+        let attachment = sample.attachment().map(|a| a.to_bytes().into_owned());
+        match payload::decode_frame(&payload, attachment.as_deref(), max_pixels) {
+            Ok(img) => ctx.deliver(img, None),
+            Err(e) => ctx.publisher.error(format!("frame on {} refused: {e:#}", sample.key_expr())),
+        }
+    }
+    Ok(())
+}
+
+/// Limits of the `ask` queryable.
+#[derive(Clone)]
+struct AskLimits {
+    rate: Arc<RateLimiter>,
+    timeout: Duration,
+    max_bytes: usize,
+}
+
+/// `<camera>/ask`: a prompt answered on the newest frame, each in a task of its own,
+/// within the node's ask rate.
+async fn asks(ctx: Ctx, limits: AskLimits) -> Result<()> {
+    let key = ctx.publisher.key("ask");
+    let queryable = ctx.publisher.session.declare_queryable(key.as_str()).await.map_err(|e| anyhow::anyhow!("queryable {key}: {e}"))?;
+    while let Ok(query) = queryable.recv_async().await {
+        if !limits.rate.try_take() {
+            ctx.publisher.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = query.reply_err("busy: this node answers at most ask_rate asks per second; try again later").await;
+            continue;
+        }
+        let (ctx, limits) = (ctx.clone(), limits.clone());
+        tokio::spawn(async move {
+            let payload = query.payload().map(|p| p.to_bytes().into_owned()).unwrap_or_default();
+            let outcome = async {
+                let prompt = payload::parse_ask(&payload, limits.max_bytes)?;
+                let frame = ctx.worker.newest().context("no frame has arrived yet")?;
+                let worker = ctx.worker.clone();
+                // A panic in the engine comes back as an error here and is the reply.
+                let msg = tokio::task::spawn_blocking(move || worker.ask(frame, prompt, limits.timeout)).await??;
+                Ok::<_, anyhow::Error>(msg)
+            }
+            .await;
+            let sent = match outcome {
+                Ok(msg) => {
+                    let (bytes, e) = encode(ctx.publisher.encoding, &msg);
+                    query.reply(query.key_expr().clone(), bytes).encoding(e).await
+                }
+                Err(e) => query.reply_err(format!("{e:#}")).await,
+            };
+            if let Err(e) = sent {
+                tracing::warn!("ask reply: {e}");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Puts on `<camera>/prompts`: a new list of standing prompts, taken only when the
+/// node allows updates; anything else is reported and the current prompts stay.
+async fn prompt_updates(ctx: Ctx, allowed: bool) -> Result<()> {
+    let key = ctx.publisher.key("prompts");
+    let sub = ctx.publisher.session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
+    while let Ok(sample) = sub.recv_async().await {
+        if sample.kind() != zenoh::sample::SampleKind::Put {
+            continue;
+        }
+        if !allowed {
+            ctx.publisher.error("prompts update refused: this node does not take prompt updates (allow_prompt_updates = false)".into());
+            continue;
+        }
+        match payload::parse_prompts(&sample.payload().to_bytes()) {
+            Ok(set) => {
+                tracing::info!("{key}: new standing prompts {:?}", set.prompts.iter().map(|p| &p.id).collect::<Vec<_>>());
+                ctx.worker.set_prompts(set);
+            }
+            Err(e) => ctx.publisher.error(format!("prompts update refused, keeping the current ones: {e:#}")),
+        }
+    }
+    Ok(())
+}
+
+/// Gets on `<camera>/prompts`: the standing prompts in force.
+async fn prompt_list(ctx: Ctx) -> Result<()> {
+    let key = ctx.publisher.key("prompts");
+    let queryable = ctx.publisher.session.declare_queryable(key.as_str()).await.map_err(|e| anyhow::anyhow!("queryable {key}: {e}"))?;
+    while let Ok(query) = queryable.recv_async().await {
+        let body = serde_json::to_vec(&ctx.worker.prompts()).unwrap_or_default();
+        let _ = query.reply(query.key_expr().clone(), body).encoding(zenoh::bytes::Encoding::APPLICATION_JSON).await;
+    }
+    Ok(())
+}
+
+/// `<camera>/status` every `period`: the stream's counters with the node's own.
+async fn status(ctx: Ctx, period: Duration, model: String, device: String) -> Result<()> {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let mut stats = ctx.worker.stats();
+        // Results that could not be published count as errors too, asks refused by the
+        // node's rate as refused requests.
+        stats.errors += ctx.publisher.errors.load(Ordering::Relaxed);
+        stats.requests_refused += ctx.publisher.refused.load(Ordering::Relaxed);
+        let p = &ctx.publisher;
+        p.put(&p.key("status"), &StatusMessage { schema: STATUS_SCHEMA, source: p.source.clone(), model: model.clone(), device: device.clone(), stats });
+    }
+}
+
+/// Starts a camera: attaches a stream to the shared engine, starts its frame source
+/// and one task per key, and declares its liveliness token.
+pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, ask_rate: Arc<RateLimiter>) -> Result<Camera> {
+    let base = format!("{}/{}", cfg.prefix(), cam.name);
+    let source = Source { node: cfg.node.clone(), camera: cam.name.clone() };
+    let publisher = Publisher {
+        session: session.clone(),
+        base: base.clone(),
+        source: source.clone(),
+        encoding: cfg.encoding,
+        errors: Arc::default(),
+        refused: Arc::default(),
+    };
+    let engine = Engine::shared(&cfg.model.path, &cfg.model_options()?).with_context(|| format!("camera {}", cam.name))?;
+    tracing::info!(
+        "camera {}: model {} on {} (an engine shared by {} stream(s))",
+        cam.name,
+        cfg.model.path.display(),
+        engine.info().device,
+        engine.streams() + 1
+    );
+    let config = WorkerConfig {
+        source,
+        sampler: FrameSamplerConfig { min_interval: Duration::from_millis(cam.interval_ms), skip_unchanged_below: cam.skip_unchanged_below },
+        ..Default::default()
+    };
+    let sink = publisher.clone();
+    let worker = Arc::new(Worker::spawn(engine, cam.prompt_set()?, config, Box::new(move |m: &ResultMessage| sink.result(m))));
+    let ctx = Ctx { worker: worker.clone(), publisher: publisher.clone(), seq: Arc::default() };
+
+    let mut tasks = Vec::new();
+    let mut spawn = |what: &'static str, task: Box<dyn Fn() -> Attempt + Send>| tasks.push(supervise(publisher.clone(), what, task));
+    let gst = match &cam.zenoh_key {
+        Some(key) => {
+            let (c, key, max_pixels) = (ctx.clone(), key.clone(), cfg.max_pixels);
+            spawn("the frame subscriber", Box::new(move || Box::pin(frames_in(c.clone(), key.clone(), max_pixels))));
+            None
+        }
+        None => {
+            let (c, p) = (ctx.clone(), publisher.clone());
+            Some(frames::GstSource::start(cam.pipeline.as_deref(), cam.uri.as_deref(), move |img, pts| c.deliver(img, pts), move |e| p.error(e))?)
+        }
+    };
+    let limits = AskLimits { rate: ask_rate, timeout: Duration::from_millis(cfg.ask_timeout_ms), max_bytes: cfg.max_prompt_bytes };
+    let c = ctx.clone();
+    spawn("the ask queryable", Box::new(move || Box::pin(asks(c.clone(), limits.clone()))));
+    let (c, allowed) = (ctx.clone(), cfg.allow_prompt_updates);
+    spawn("the prompts subscriber", Box::new(move || Box::pin(prompt_updates(c.clone(), allowed))));
+    let c = ctx.clone();
+    spawn("the prompts queryable", Box::new(move || Box::pin(prompt_list(c.clone()))));
+    if cfg.status_interval_s > 0.0 {
+        let (c, period) = (ctx.clone(), Duration::from_secs_f64(cfg.status_interval_s));
+        let (model, device) = (cfg.model.path.display().to_string(), cfg.model.device.clone());
+        spawn("the status publisher", Box::new(move || Box::pin(status(c.clone(), period, model.clone(), device.clone()))));
+    }
+    let token = session.liveliness().declare_token(base.as_str()).await.map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
+    Ok(Camera { name: cam.name.clone(), worker, publisher, gst, tasks, _token: token })
+}
