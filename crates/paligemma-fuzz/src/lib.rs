@@ -80,8 +80,22 @@ pub fn output(data: &[u8]) {
     let _ = serde_json::to_string(&result);
 }
 
+/// A ROS 2 sample from the network: its attachment (first part) and CDR payload, read
+/// as each message type the node takes or sends.
+pub fn ros2(data: &[u8]) {
+    use paligemma_stream::ros2::{keys, msgs};
+    let (attachment, payload) = split(data);
+    let _ = keys::parse_attachment(attachment);
+    let limit = 1 << 20;
+    let _ = msgs::from_cdr::<msgs::Image>(payload, limit);
+    let _ = msgs::from_cdr::<msgs::CompressedImage>(payload, limit);
+    let _ = msgs::from_cdr::<msgs::StringMsg>(payload, limit);
+    let _ = msgs::from_cdr::<msgs::Detection2DArray>(payload, limit);
+}
+
 /// A fuzz target: takes any bytes, must never panic.
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the replay test and `scripts/fuzz.sh`.
-pub const TARGETS: [(&str, Target); 6] = [("gguf", gguf), ("checkpoint", checkpoint), ("npz", npz), ("frame", frame), ("prompts", prompts), ("output", output)];
+pub const TARGETS: [(&str, Target); 7] =
+    [("gguf", gguf), ("checkpoint", checkpoint), ("npz", npz), ("frame", frame), ("prompts", prompts), ("output", output), ("ros2", ros2)];

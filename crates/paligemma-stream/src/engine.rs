@@ -2,7 +2,7 @@
 //! the node, a `paligemma` element) that asks for it, with the one thread that runs
 //! it: weights, repacked buffers, the KV cache and the CPU thread pool exist once,
 //! and streams never compete for cores with each other. How that thread shares the
-//! model between streams is [`crate::scheduler`].
+//! model between streams is `scheduler.rs`.
 use crate::message::ModelInfo;
 use crate::worker::StreamShared;
 use crate::{Error, Result};

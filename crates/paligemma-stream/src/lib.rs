@@ -9,12 +9,14 @@
 //!   result messages out through its sink.
 //! - [`message`]: the result message (`paligemma.result/1`).
 //! - [`payload`]: frames and prompts from network bytes, bounded and checked.
+//! - [`ros2`]: ROS 2 messages in CDR and their type hashes, for `rmw_zenoh`.
 
 pub mod engine;
 pub mod frame_sampler;
 pub mod message;
 pub mod payload;
 pub mod prompts;
+pub mod ros2;
 mod scheduler;
 pub mod worker;
 

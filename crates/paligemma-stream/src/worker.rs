@@ -1,7 +1,7 @@
 //! A stream's handle on a shared [`Engine`]: a camera of the node or a `paligemma`
 //! element hands frames over (the newest wins), sets its standing prompts, asks
 //! ad-hoc questions and receives every result message through its sink. The engine's
-//! thread does the work (see [`crate::scheduler`]); engine errors become error
+//! thread does the work (see `scheduler.rs`); engine errors become error
 //! results, never a dead stream.
 use crate::engine::Engine;
 use crate::frame_sampler::{Frame, FrameSampler, FrameSamplerConfig};

@@ -12,6 +12,7 @@ use crate::task::Task;
 pub struct AnswerOptions {
     /// New tokens at most per answer.
     pub max_tokens: usize,
+    /// How each next token is chosen (greedy by default).
     pub sampling: Sampling,
     /// What a loc bin is divided by to give a fraction of the frame: 1023 for
     /// PaliGemma's checkpoints ([`DEFAULT_LOC_DIVISOR`]), 1024 for some fine-tunes.
@@ -27,8 +28,11 @@ impl Default for AnswerOptions {
 /// A task answered on one image.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Answer {
+    /// The task that was asked.
     pub task: Task,
+    /// The raw generation: text, token ids, their probabilities and timings.
     pub generation: Generation,
+    /// The generated text parsed for the task (boxes, masks and scores for detection and segmentation).
     pub result: TaskResult,
 }
 

@@ -56,20 +56,28 @@ pub fn parse_weight_type(name: &str) -> Result<Type> {
 
 /// Progress of a conversion, reported once per tensor.
 pub struct Progress<'a> {
+    /// 0-based position of the tensor about to be written.
     pub index: usize,
+    /// Tensors in the file, mask decoder included.
     pub total: usize,
+    /// GGUF name of the tensor.
     pub name: &'a str,
+    /// Type the tensor is stored as.
     pub ty: Type,
 }
 
 /// What was written.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
+    /// The model file written.
     pub path: PathBuf,
+    /// Tensors written, mask decoder included.
     pub tensors: usize,
-    /// Bytes of tensor data per type name.
+    /// Per type name: how many tensors, and their bytes of data.
     pub bytes_per_type: BTreeMap<String, (usize, u64)>,
+    /// Size of the file in bytes.
     pub file_size: u64,
+    /// The hyper-parameters written to the file.
     pub config: Config,
     /// What the user should know (checkpoint files that were ignored...).
     pub notes: Vec<String>,
@@ -238,13 +246,17 @@ pub struct Checkpoint {
     files: Vec<(PathBuf, memmap2::Mmap)>,
     /// Canonical name -> where it is, read once from the headers.
     index: BTreeMap<String, Entry>,
+    /// Hyper-parameters from `config.json` and `preprocessor_config.json`.
     pub config: Config,
+    /// Contents of the folder's `tokenizer.json`.
     pub tokenizer_json: String,
     /// Files of the folder that were not read, and why.
     pub notes: Vec<String>,
 }
 
 impl Checkpoint {
+    /// Opens a Hugging Face checkpoint folder: reads its configuration and tokenizer and
+    /// indexes the tensors of its safetensors files (memory-mapped, not read yet).
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         if !dir.is_dir() {
             return Err(Error::Checkpoint { path: dir.into(), detail: "not a directory (expected a Hugging Face checkpoint folder)".into() });

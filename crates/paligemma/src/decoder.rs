@@ -25,7 +25,7 @@ struct DecoderLayer {
     down: Linear,
     /// Gemma 2 only.
     post_ffn_norm: Option<RmsNorm>,
-    /// Gemma 2's odd layers attend within a sliding window.
+    /// Whether this layer attends within the sliding window (Gemma 2: every other layer, from the first).
     sliding: bool,
 }
 

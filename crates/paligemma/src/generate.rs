@@ -13,6 +13,7 @@ use std::time::Instant;
 pub struct GenerateOptions {
     /// New tokens at most per answer.
     pub max_tokens: usize,
+    /// How each next token is chosen (greedy by default).
     pub sampling: Sampling,
     /// Keep generating past `<eos>` (benchmarks).
     pub ignore_eos: bool,
@@ -32,6 +33,7 @@ pub struct Token<'a> {
     pub prompt: usize,
     /// Its place in that answer (0 for the first token).
     pub index: usize,
+    /// Its id in the model's vocabulary.
     pub id: u32,
     /// The text it adds to the answer (may be empty, for a token that completes a
     /// character only with the next one).
@@ -46,18 +48,22 @@ pub type OnToken<'a> = dyn FnMut(&Token<'_>) -> bool + 'a;
 /// One answer at the token level.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Generation {
+    /// The answer's text, decoded from `tokens` (special tokens dropped, `<locNNNN>` and
+    /// `<segNNN>` kept).
     pub text: String,
     /// Generated ids, eos excluded.
     pub tokens: Vec<u32>,
     /// The probability the model gave each generated id (softmax of its final logits at
     /// temperature 1, whatever the sampling settings): the basis of confidences.
     pub token_probs: Vec<f32>,
+    /// Tokens of the prefix: image tokens, `<bos>`, prompt and newline.
     pub prompt_tokens: usize,
     /// Whether generation ended at eos (rather than the token limit or the callback).
     pub stopped_at_eos: bool,
     /// Logits of the first generated position (after the final softcap).
     #[serde(skip)]
     pub first_logits: Vec<f32>,
+    /// Time spent on this answer, from preprocessing the image to its last decode step.
     pub timings: Timings,
 }
 

@@ -16,8 +16,11 @@ pub const MAX_SEQUENCES: usize = 256;
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KvType {
+    /// 16-bit floats (the default).
     F16,
+    /// 32-bit floats.
     F32,
+    /// ggml's 8-bit blocks: about half the memory of f16; needs a head size divisible by 32.
     Q8_0,
 }
 

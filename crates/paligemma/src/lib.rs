@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! PaliGemma 1 and 2 on ggml.
 //!
 //! ```no_run

@@ -1,7 +1,7 @@
 //! A loaded model: its weights on a backend, the tokenizer, the KV cache and the
-//! scheduler that runs the graphs of [`crate::vision`], [`crate::decoder`] and
-//! [`crate::segment`]. Generation lives in [`crate::generate`], tasks and parsed
-//! results in [`crate::answer`].
+//! scheduler that runs the graphs of `vision.rs`, `decoder.rs` and [`crate::segment`].
+//! Generation lives in [`crate::generate`], tasks and parsed results in `answer.rs`
+//! ([`Model::answer`]).
 use crate::config::Config;
 use crate::decoder::{DecoderInputs, DecoderWeights};
 use crate::generate::Sequence;
@@ -38,6 +38,7 @@ pub struct ModelOptions {
     pub device: String,
     /// CPU threads (0: [`default_threads`]).
     pub threads: usize,
+    /// Element type of the KV cache.
     pub kv_type: KvType,
     /// Tokens the KV cache holds per sequence (0: image tokens + 512, at most the model's context).
     pub context: usize,
@@ -60,11 +61,17 @@ impl Default for ModelOptions {
 /// Time spent per stage, in milliseconds.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Timings {
+    /// Resizing and normalising the image (0 when pixel values were given).
     pub preprocess: f64,
+    /// Vision tower and projector.
     pub vision: f64,
+    /// Running the prefix (image tokens and prompt) through the decoder.
     pub prefill: f64,
+    /// Decode steps, each a batch shared with the other answers in progress.
     pub decode: f64,
+    /// Tokens in the prefix (a count, not milliseconds).
     pub prefix_tokens: usize,
+    /// Tokens generated (a count, not milliseconds).
     pub generated_tokens: usize,
 }
 
@@ -75,7 +82,9 @@ pub struct ImageEmbedding {
     pub features: Vec<f32>,
     /// Size of the original frame: detections are reported in its pixels.
     pub width: usize,
+    /// Height of the original frame in pixels.
     pub height: usize,
+    /// Time spent preprocessing and encoding the image (carried into each answer's timings).
     pub timings: Timings,
 }
 
@@ -133,14 +142,17 @@ impl Model {
         Ok(Model { path, config, tokenizer, weights, vision, decoder, mask_decoder, kv, sequences, sched, device, threads, file_type })
     }
 
+    /// The model's hyper-parameters.
     pub fn config(&self) -> &Config {
         &self.config
     }
 
+    /// The model's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
+    /// Path of the model file it was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -162,6 +174,7 @@ impl Model {
         &self.device
     }
 
+    /// CPU threads the graphs run on.
     pub fn threads(&self) -> usize {
         self.threads
     }
@@ -188,6 +201,7 @@ impl Model {
         self.kv.bytes()
     }
 
+    /// Element type of the KV cache.
     pub fn kv_type(&self) -> KvType {
         self.kv.ty
     }

@@ -9,26 +9,39 @@ pub const DEFAULT_LOC_DIVISOR: f32 = 1023.0;
 /// A box in pixels of the original frame.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PixelBox {
+    /// Left edge in pixels (same as `x1`).
     pub x: f32,
+    /// Top edge in pixels (same as `y1`).
     pub y: f32,
+    /// Width in pixels (`x2 - x1`).
     pub w: f32,
+    /// Height in pixels (`y2 - y1`).
     pub h: f32,
+    /// Left edge in pixels.
     pub x1: f32,
+    /// Top edge in pixels.
     pub y1: f32,
+    /// Right edge in pixels.
     pub x2: f32,
+    /// Bottom edge in pixels.
     pub y2: f32,
 }
 
 /// A box normalised to [0, 1] by the frame's width and height.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NormBox {
+    /// Left edge, as a fraction of the frame's width.
     pub x1: f32,
+    /// Top edge, as a fraction of the frame's height.
     pub y1: f32,
+    /// Right edge, as a fraction of the frame's width.
     pub x2: f32,
+    /// Bottom edge, as a fraction of the frame's height.
     pub y2: f32,
 }
 
 impl NormBox {
+    /// The box in pixels of a `width` x `height` frame (not rounded).
     pub fn to_pixels(&self, width: usize, height: usize) -> PixelBox {
         let (w, h) = (width as f32, height as f32);
         let (x1, y1, x2, y2) = (self.x1 * w, self.y1 * h, self.x2 * w, self.y2 * h);
@@ -39,17 +52,21 @@ impl NormBox {
 /// A binary mask over the pixels of an object's box.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Mask {
-    /// Box size in pixels (rounded box corners).
+    /// Box size in pixels (box corners truncated to pixels).
     pub width: usize,
+    /// Box height in pixels; the mask covers `width * height` pixels.
     pub height: usize,
     /// Offset of the mask's top-left pixel in the frame.
     pub x: usize,
+    /// Row of the mask's top-left pixel in the frame (`x` is its column).
     pub y: usize,
     /// Row-major run lengths of alternating 0 and 1 pixels, starting with 0s.
     pub rle: Vec<u32>,
 }
 
 impl Mask {
+    /// Run-length encodes a row-major bitmap of `width` x `height` pixels (true inside the
+    /// object) whose top-left pixel is at (`x`, `y`) in the frame.
     pub fn from_bitmap(x: usize, y: usize, width: usize, height: usize, bits: &[bool]) -> Mask {
         let mut rle = Vec::new();
         let (mut current, mut run) = (false, 0u32);
@@ -65,6 +82,7 @@ impl Mask {
         Mask { width, height, x, y, rle }
     }
 
+    /// Expands the run lengths into `width * height` row-major pixels, true inside the object.
     pub fn to_bitmap(&self) -> Vec<bool> {
         let mut bits = Vec::with_capacity(self.width * self.height);
         for (i, &run) in self.rle.iter().enumerate() {
@@ -78,18 +96,24 @@ impl Mask {
 /// One detected (or segmented) object.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Detection {
+    /// The object's name as the model wrote it after its loc (and seg) tokens.
     pub label: String,
+    /// Box in pixels of the original frame (serialised as `box`).
     #[serde(rename = "box")]
     pub bbox: PixelBox,
+    /// Box as fractions (0..1) of the frame's width and height.
     pub box_norm: NormBox,
     /// The loc bins as the model wrote them (y1, x1, y2, x2), and their divisor.
     #[serde(skip)]
     pub loc_bins: [u32; 4],
+    /// What the loc bins were divided by (see [`DEFAULT_LOC_DIVISOR`]).
     #[serde(skip)]
     pub loc_divisor: f32,
     /// The 16 `<segNNN>` codes, when the output had them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seg_codes: Option<Vec<u32>>,
+    /// The object's mask, when the seg codes were decoded (segmentation with a model file
+    /// that has the mask decoder) and the box covers at least one pixel.
     pub mask: Option<Mask>,
     /// Confidence in 0..1: the lowest probability the model gave one of the object's
     /// tokens (its four loc tokens, its seg tokens and its label), filled in by
@@ -105,34 +129,56 @@ pub struct Detection {
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum TaskResult {
+    /// The answer to [`Task::Caption`] or [`Task::Describe`].
     Caption {
+        /// The generated text, trimmed.
         text: String,
     },
+    /// The answer to [`Task::Answer`] (a question about the image).
     Answer {
+        /// The generated text, trimmed.
         text: String,
     },
+    /// The answer to [`Task::Ocr`]: the text read in the image.
     Ocr {
+        /// The generated text, trimmed.
         text: String,
     },
+    /// The answer to [`Task::Question`] or to a free-text [`Task::Text`] prompt.
     Text {
+        /// The generated text, trimmed.
         text: String,
     },
+    /// The answer to [`Task::Detect`]: one box per object found.
     Detections {
+        /// The objects with a box, in the order the model wrote them.
         detections: Vec<Detection>,
+        /// What was wrong in the model's output (an object without a box or label, the wrong
+        /// number of loc tokens, swapped corners...), one message each.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         warnings: Vec<String>,
     },
+    /// The answer to [`Task::Segment`]: boxes with a mask each when the model file has the
+    /// mask decoder.
     Segmentation {
+        /// The objects with a box, in the order the model wrote them.
         detections: Vec<Detection>,
+        /// What was wrong in the model's output (missing or extra seg tokens, an object without a
+        /// box...) or why no mask could be decoded, one message each.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         warnings: Vec<String>,
     },
+    /// A task that failed. [`Model::answer`](crate::Model::answer) returns an error instead;
+    /// this is for callers that report a failure in place of a result (as `paligemma-stream`
+    /// does).
     Error {
+        /// What went wrong.
         message: String,
     },
 }
 
 impl TaskResult {
+    /// Which kind of result this is.
     pub fn kind(&self) -> ResultKind {
         match self {
             TaskResult::Caption { .. } => ResultKind::Caption,
@@ -154,6 +200,7 @@ impl TaskResult {
         }
     }
 
+    /// The objects of a detection or segmentation result; empty for the other kinds.
     pub fn detections(&self) -> &[Detection] {
         match self {
             TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } => detections,
@@ -166,12 +213,19 @@ impl TaskResult {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ResultKind {
+    /// A [`TaskResult::Caption`].
     Caption,
+    /// A [`TaskResult::Answer`].
     Answer,
+    /// A [`TaskResult::Ocr`].
     Ocr,
+    /// A [`TaskResult::Text`].
     Text,
+    /// A [`TaskResult::Detections`].
     Detections,
+    /// A [`TaskResult::Segmentation`].
     Segmentation,
+    /// A [`TaskResult::Error`].
     Error,
 }
 
@@ -179,6 +233,7 @@ impl ResultKind {
     const ALL: [ResultKind; 7] =
         [ResultKind::Caption, ResultKind::Answer, ResultKind::Ocr, ResultKind::Text, ResultKind::Detections, ResultKind::Segmentation, ResultKind::Error];
 
+    /// The name as a serialised result's `kind` field writes it (`caption`, `detections`...).
     pub fn as_str(self) -> &'static str {
         match self {
             ResultKind::Caption => "caption",

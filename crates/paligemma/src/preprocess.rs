@@ -17,9 +17,13 @@ pub const DEFAULT_MAX_PIXELS: usize = 8192 * 8192;
 /// Byte order of a raw frame's pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PixelFormat {
+    /// R, G, B: 3 bytes per pixel.
     Rgb,
+    /// B, G, R: 3 bytes per pixel.
     Bgr,
+    /// R, G, B, alpha: 4 bytes per pixel; composited onto white.
     Rgba,
+    /// B, G, R, alpha: 4 bytes per pixel; composited onto white.
     Bgra,
     /// RGB plus an unused byte.
     Rgbx,
@@ -28,6 +32,7 @@ pub enum PixelFormat {
 }
 
 impl PixelFormat {
+    /// Bytes per pixel: 3 or 4.
     pub fn bytes_per_pixel(self) -> usize {
         match self {
             PixelFormat::Rgb | PixelFormat::Bgr => 3,
@@ -47,8 +52,11 @@ impl PixelFormat {
 /// An 8-bit RGB image, rows packed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RgbImage {
+    /// Width in pixels.
     pub width: usize,
+    /// Height in pixels.
     pub height: usize,
+    /// `width * height * 3` bytes: R, G, B per pixel, rows top to bottom.
     pub data: Vec<u8>,
 }
 
@@ -142,24 +150,34 @@ fn over_white(c: u8, a: u8) -> u8 {
 /// Colour matrix of limited-range YUV video.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum YuvMatrix {
+    /// ITU-R BT.601 (standard-definition video).
     Bt601,
+    /// ITU-R BT.709 (HD video).
     Bt709,
 }
 
 /// A 4:2:0 frame: a full-resolution luma plane and half-resolution chroma, either
 /// as two planes (I420) or interleaved U/V (NV12).
 pub struct Yuv420<'a> {
+    /// Frame width in pixels.
     pub width: usize,
+    /// Frame height in pixels.
     pub height: usize,
+    /// The luma plane, `width` x `height` samples.
     pub y: &'a [u8],
+    /// Bytes from one row of `y` to the next.
     pub y_stride: usize,
     /// I420: the U plane; NV12: the interleaved UV plane.
     pub u: &'a [u8],
+    /// Bytes from one row of `u` to the next.
     pub u_stride: usize,
     /// I420: the V plane; NV12: unused.
     pub v: &'a [u8],
+    /// Bytes from one row of `v` to the next (NV12: unused).
     pub v_stride: usize,
+    /// True for NV12 (U and V interleaved in `u`), false for I420 (separate `u` and `v`).
     pub interleaved: bool,
+    /// The colour matrix the frame was encoded with.
     pub matrix: YuvMatrix,
 }
 
@@ -371,7 +389,9 @@ fn vertical_pass(img: &RgbImage, height: usize) -> RgbImage {
 /// Pixel values as the vision tower takes them: [3, size, size] f32, channel-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PixelValues {
+    /// Side of the square image in pixels.
     pub size: usize,
+    /// `3 * size * size` values: the R, G and B planes in turn, each row-major.
     pub data: Vec<f32>,
 }
 

@@ -6,6 +6,7 @@ use crate::{Error, Result};
 /// How the next token is chosen: greedy (the default) unless `temperature` is above 0.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampling {
+    /// Softmax temperature; 0 (the default) always picks the most likely token.
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens (0: all).
     pub top_k: usize,
@@ -22,6 +23,7 @@ impl Default for Sampling {
 }
 
 impl Sampling {
+    /// Checks that the temperature is finite and at least 0 and top-p in (0, 1].
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=f32::MAX).contains(&self.temperature) || !(f32::MIN_POSITIVE..=1.0).contains(&self.top_p) {
             return Err(Error::Invalid(format!(

@@ -20,6 +20,7 @@ use std::path::Path;
 
 /// Side of the decoder's output mask.
 pub const MASK_SIZE: usize = 64;
+/// Seg tokens (codebook indices) per object mask, laid out 4x4.
 pub const CODES: usize = 16;
 const UP_CHANNELS: [usize; 5] = [128, 128, 64, 32, 16];
 
@@ -108,10 +109,12 @@ impl SegWeights {
         Ok(SegWeights { tensors })
     }
 
+    /// Number of decoder tensors read.
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
 
+    /// Whether no decoder tensor was read.
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
@@ -125,6 +128,8 @@ impl SegWeights {
         Ok(())
     }
 
+    /// Each tensor's GGUF name and f32 data, in file order (transposed-conv kernels already
+    /// flipped).
     pub fn tensors(&self) -> impl Iterator<Item = (&str, &[f32])> {
         self.tensors.iter().map(|(n, _, d)| (n.as_str(), d.as_slice()))
     }

@@ -9,14 +9,47 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub enum Task {
-    Caption { lang: String },
-    Describe { lang: String },
+    /// `caption LANG`: a caption of the image.
+    Caption {
+        /// Language of the answer (`en`, `de`, `pt-BR`...).
+        lang: String,
+    },
+    /// `describe LANG`: a description of the image (parsed like a caption).
+    Describe {
+        /// Language of the answer (`en`, `de`, `pt-BR`...).
+        lang: String,
+    },
+    /// `ocr`: the text written in the image.
     Ocr,
-    Answer { lang: String, question: String },
-    Question { lang: String, answer: String },
-    Detect { labels: Vec<String> },
-    Segment { labels: Vec<String> },
-    Text { text: String },
+    /// `answer LANG QUESTION`: answers a question about the image.
+    Answer {
+        /// Language of the question and answer.
+        lang: String,
+        /// The question.
+        question: String,
+    },
+    /// `question LANG ANSWER`: asks for a question about the image that has this answer.
+    Question {
+        /// Language of the question and answer.
+        lang: String,
+        /// The answer to find a question for.
+        answer: String,
+    },
+    /// `detect A ; B`: a box for each object of these kinds.
+    Detect {
+        /// Names of the objects to find (at least one).
+        labels: Vec<String>,
+    },
+    /// `segment A ; B`: a box and a mask for each object of these kinds.
+    Segment {
+        /// Names of the objects to find (at least one).
+        labels: Vec<String>,
+    },
+    /// Any other prompt, sent to the model as written.
+    Text {
+        /// The prompt, trimmed.
+        text: String,
+    },
 }
 
 /// Splits `a ; b ;c` into labels, dropping empty ones.
@@ -109,18 +142,27 @@ impl Task {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskKind {
+    /// A [`Task::Caption`].
     Caption,
+    /// A [`Task::Describe`].
     Describe,
+    /// A [`Task::Ocr`].
     Ocr,
+    /// A [`Task::Answer`].
     Answer,
+    /// A [`Task::Question`].
     Question,
+    /// A [`Task::Detect`].
     Detect,
+    /// A [`Task::Segment`].
     Segment,
+    /// A [`Task::Text`] (the default).
     #[default]
     Text,
 }
 
 impl TaskKind {
+    /// The kind's name: the prompt's first word, or `text`.
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Caption => "caption",

@@ -20,12 +20,14 @@ pub fn parse_json(json: &str) -> std::result::Result<tokenizers::Tokenizer, Stri
         .map_err(|e| e.to_string())
 }
 
+/// The model's tokenizer, with its special token ids.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     tokens: TokenConfig,
 }
 
 impl Tokenizer {
+    /// Builds the tokenizer from the text of a `tokenizer.json` and the special token ids.
     pub fn from_json(json: &str, tokens: TokenConfig) -> Result<Tokenizer> {
         let inner = parse_json(json).map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
         Ok(Tokenizer { inner, tokens })
@@ -36,14 +38,18 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Id of the token with this text, if the vocabulary has one.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
+    /// Text of the token with this id; none for ids without a token (the embedding's padding
+    /// rows).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
 
+    /// The special token ids.
     pub fn config(&self) -> &TokenConfig {
         &self.tokens
     }
