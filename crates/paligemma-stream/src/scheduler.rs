@@ -107,9 +107,11 @@ fn turn(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>, cursor: &
             break;
         }
         match next_job(engine, jobs, cursor) {
-            Next::Job(mut job) => {
-                prepare(model, &mut job);
+            Next::Job(job) => {
+                // In the list before any engine call: whatever happens to it (even a
+                // panic) it is delivered, and its stream's `in_flight` goes back down.
                 jobs.push(*job);
+                prepare(model, jobs.last_mut().expect("just pushed"));
                 admitted = true;
             }
             Next::Stop => return false,
