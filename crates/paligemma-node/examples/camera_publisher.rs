@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p paligemma-node --example camera-publisher -- \
-//!     --key cameras/front/jpeg --source "v4l2src ! videoconvert" --connect tcp/robot:7447
+//!     --key cameras/front/jpeg --source "v4l2src ! videoconvert" --connect tcp/robot:7448
 //! ```
 use anyhow::{Context, Result};
 use clap::Parser;

@@ -3,6 +3,7 @@
 //! camera), asks, prompt updates, the prompt list, status. Results and errors go out
 //! through the [`Publisher`].
 use crate::config::{CameraConfig, Config, Encoding};
+use crate::ros2::Ros2;
 use crate::{frames, limiter::RateLimiter};
 use anyhow::{Context, Result};
 use paligemma_stream::message::{FrameInfo, STATUS_SCHEMA, Source, StatusMessage};
@@ -256,7 +257,7 @@ async fn status(ctx: Ctx, period: Duration, model: String, device: String) -> Re
 
 /// Starts a camera: attaches a stream to the shared engine, starts its frame source
 /// and one task per key, and declares its liveliness token.
-pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, ask_rate: Arc<RateLimiter>) -> Result<Camera> {
+pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, ask_rate: Arc<RateLimiter>, ros2: Option<Arc<Ros2>>) -> Result<Camera> {
     let base = format!("{}/{}", cfg.prefix(), cam.name);
     let source = Source { node: cfg.node.clone(), camera: cam.name.clone() };
     let publisher = Publisher {
@@ -281,7 +282,14 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
         ..Default::default()
     };
     let sink = publisher.clone();
-    let worker = Arc::new(Worker::spawn(engine, cam.prompt_set()?, config, Box::new(move |m: &ResultMessage| sink.result(m))));
+    let (camera, frame_id) = (cam.name.clone(), cam.frame_id.clone().unwrap_or_else(|| cam.name.clone()));
+    let deliver = move |m: &ResultMessage| {
+        sink.result(m);
+        if let Some(Err(e)) = ros2.as_ref().map(|r| r.publish(&camera, &frame_id, m)) {
+            sink.error(format!("{e:#}"));
+        }
+    };
+    let worker = Arc::new(Worker::spawn(engine, cam.prompt_set()?, config, Box::new(deliver)));
     let ctx = Ctx { worker: worker.clone(), publisher: publisher.clone(), seq: Arc::default() };
 
     let mut tasks = Vec::new();

@@ -45,6 +45,8 @@ pub struct Config {
     pub model: ModelConfig,
     #[serde(default)]
     pub zenoh: ZenohConfig,
+    #[serde(default)]
+    pub ros2: Ros2Config,
     #[serde(rename = "camera", default)]
     pub cameras: Vec<CameraConfig>,
 }
@@ -128,8 +130,57 @@ pub struct ZenohConfig {
 }
 
 /// Where the node listens when neither `listen` nor a Zenoh configuration file says:
-/// loopback only, so that nothing off this machine reaches it by default.
-pub const DEFAULT_LISTEN: &str = "tcp/127.0.0.1:7447";
+/// loopback only, so that nothing off this machine reaches it by default (and not
+/// 7447, the port of a ROS 2 `rmw_zenohd` router).
+pub const DEFAULT_LISTEN: &str = "tcp/127.0.0.1:7448";
+
+/// The node as a ROS 2 node on `rmw_zenoh`, beside its own keys: each standing prompt
+/// publishes on `<namespace>/<node_name>/<camera>/<prompt id>` (`-` in names becomes
+/// `_`, which ROS names require).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ros2Config {
+    #[serde(default)]
+    pub enabled: bool,
+    /// `ROS_DOMAIN_ID` of the graph.
+    #[serde(default)]
+    pub domain_id: u32,
+    /// The node's namespace (`/` for none).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The ROS 2 node's name (default: `paligemma`).
+    #[serde(default = "default_ros_node")]
+    pub node_name: String,
+    /// `jazzy` (Jazzy, Kilted, Rolling: type hashes in keys) or `humble`.
+    #[serde(default)]
+    pub distro: paligemma_stream::ros2::keys::Distro,
+    /// Keep-last depth the publishers announce (reliable, volatile).
+    #[serde(default = "default_depth")]
+    pub depth: u32,
+}
+
+impl Default for Ros2Config {
+    fn default() -> Self {
+        Ros2Config {
+            enabled: false,
+            domain_id: 0,
+            namespace: default_namespace(),
+            node_name: default_ros_node(),
+            distro: Default::default(),
+            depth: default_depth(),
+        }
+    }
+}
+
+fn default_namespace() -> String {
+    "/".into()
+}
+fn default_ros_node() -> String {
+    "paligemma".into()
+}
+fn default_depth() -> u32 {
+    10
+}
 
 /// Where a camera's frames come from: exactly one of the three.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -149,6 +200,8 @@ pub struct CameraConfig {
     pub skip_unchanged_below: Option<f32>,
     #[serde(rename = "prompt", default)]
     pub prompts: Vec<StandingPrompt>,
+    /// `frame_id` of the camera's ROS 2 messages (default: the camera's name).
+    pub frame_id: Option<String>,
 }
 
 impl CameraConfig {

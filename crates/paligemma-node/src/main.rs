@@ -7,6 +7,8 @@
 //! - `<prefix>/<camera>/ask`: queryable; payload a prompt (text, or JSON `{"prompt", "max_tokens"}`)
 //! - `<prefix>/<camera>/prompts`: put a list (TOML or JSON) to replace the standing prompts; get to read it
 //! - liveliness tokens `<prefix>` (the node) and `<prefix>/<camera>`
+//!
+//! With `[ros2]`, the results also go to a ROS 2 graph on `rmw_zenoh` (see `ros2.rs`).
 use anyhow::{Context, Result};
 use clap::Parser;
 use config::{Config, Encoding, OnShutdown};
@@ -19,6 +21,7 @@ mod camera;
 mod config;
 mod frames;
 mod limiter;
+mod ros2;
 
 #[derive(Parser, Debug)]
 #[command(name = "paligemma-node", version, about = "PaliGemma on cameras, answers on Zenoh", long_about = None)]
@@ -50,7 +53,7 @@ struct Cli {
     /// Zenoh mode: peer or client.
     #[arg(long)]
     mode: Option<String>,
-    /// Zenoh endpoints to listen on (repeatable), e.g. tcp/0.0.0.0:7447.
+    /// Zenoh endpoints to listen on (repeatable), e.g. tcp/0.0.0.0:7448 (7447 is rmw_zenohd's).
     #[arg(long)]
     listen: Vec<String>,
     /// Zenoh endpoints to connect to (repeatable).
@@ -128,6 +131,7 @@ fn build_config(cli: &Cli) -> Result<Config> {
             interval_ms: cli.interval_ms,
             skip_unchanged_below: None,
             prompts: prompts.prompts,
+            frame_id: None,
         });
     }
     cfg.validate()?;
@@ -156,9 +160,10 @@ async fn run(cfg: Config) -> Result<()> {
     let node_token = session.liveliness().declare_token(prefix.as_str()).await.map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
     // One budget of asks for the whole node, whatever camera they are for.
     let asks = Arc::new(limiter::RateLimiter::new(cfg.ask_rate, cfg.ask_burst));
+    let ros2 = if cfg.ros2.enabled { Some(Arc::new(ros2::Ros2::start(&session, &cfg.ros2)?)) } else { None };
     let mut cameras = Vec::new();
     for cam in &cfg.cameras {
-        cameras.push(camera::start(&cfg, cam, &session, asks.clone()).await?);
+        cameras.push(camera::start(&cfg, cam, &session, asks.clone(), ros2.clone()).await?);
     }
     tracing::info!("serving {} camera(s) under {prefix}", cameras.len());
     println!("paligemma-node: serving {} camera(s) under {prefix}", cameras.len());
@@ -185,6 +190,8 @@ async fn run(cfg: Config) -> Result<()> {
         drop(cam.publisher);
         tracing::info!("camera {} stopped", cam.name);
     }
+    // The ROS 2 node and publisher tokens go before the session closes.
+    drop(ros2);
     node_token.undeclare().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     session.close().await.map_err(|e| anyhow::anyhow!("closing the session: {e}"))?;
     Ok(())

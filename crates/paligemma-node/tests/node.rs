@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use zenoh::Wait;
 
 mod common;
-use common::{Node, fixture_model, free_port};
+use common::{Node, fixture_model, free_port, start_node};
 
 fn client(port: u16) -> zenoh::Session {
     let mut c = zenoh::Config::default();
@@ -246,10 +246,9 @@ fn prompt_updates_off_and_ask_flood() {
     let model = fixture_model(dir.path());
     let port = free_port();
     let prefix = format!("pgflood/{port}");
-    let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let node = start_node(
+        dir.path(),
+        &format!(
             r#"
 node = "flood"
 prefix = "{prefix}"
@@ -272,10 +271,7 @@ max_tokens = 4
 "#,
             model = model.display()
         ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
-    let node = Node(child);
+    );
     let session = client(port);
     let results = session.declare_subscriber(format!("{prefix}/**")).wait().unwrap();
     wait_for(&results, 60, |k, _| k.ends_with("/cam/scene")).expect("the standing prompt answers");
@@ -328,4 +324,90 @@ max_tokens = 4
     let status =
         wait_for(&results, 10, |k, v| k.ends_with("/cam/status") && v["requests_refused"].as_u64().unwrap_or(0) > 0).expect("refusals counted in status");
     assert!(status["requests_refused"].as_u64().unwrap() >= busy as u64, "{status}");
+}
+
+/// With `[ros2]` on, each standing prompt's results are ROS 2 samples on the
+/// `rmw_zenoh` keys (CDR, attachment) and the node and its publishers are on the graph.
+#[test]
+fn ros2_publications_on_rmw_zenoh_keys() {
+    use paligemma_stream::ros2::{keys, msgs, type_hash::rihs01};
+    let dir = tempfile::tempdir().unwrap();
+    // The bundled demo model finds the ball of videotestsrc's "ball" pattern.
+    let model = common::repo_root().join("models/demo/paligemma2-demo-f16.gguf");
+    let port = free_port();
+    let _node = start_node(
+        dir.path(),
+        &format!(
+            r#"
+node = "rostest{port}"
+status_interval_s = 0
+[model]
+path = "{model}"
+threads = 1
+[zenoh]
+listen = ["tcp/127.0.0.1:{port}"]
+[ros2]
+enabled = true
+domain_id = 3
+namespace = "/robot1"
+[[camera]]
+name = "front-cam"
+frame_id = "front_camera"
+pipeline = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=10/1"
+[[camera.prompt]]
+id = "objects"
+task = "detect ball"
+max_tokens = 12
+[[camera.prompt]]
+id = "scene"
+task = "caption en"
+max_tokens = 4
+"#,
+            model = model.display()
+        ),
+    );
+    let session = client(port);
+    let detections_key =
+        format!("3/robot1/paligemma/front_cam/objects/vision_msgs::msg::dds_::Detection2DArray_/{}", rihs01("vision_msgs/msg/Detection2DArray").unwrap());
+    let text_key = format!("3/robot1/paligemma/front_cam/scene/std_msgs::msg::dds_::String_/{}", rihs01("std_msgs/msg/String").unwrap());
+    let detections = session.declare_subscriber(detections_key.as_str()).wait().unwrap();
+    let texts = session.declare_subscriber(text_key.as_str()).wait().unwrap();
+
+    let (mut sequences, mut found) = (Vec::new(), 0);
+    for _ in 0..3 {
+        let sample = detections.recv_timeout(Duration::from_secs(60)).unwrap().expect("a Detection2DArray sample");
+        let array: msgs::Detection2DArray = msgs::from_cdr(&sample.payload().to_bytes(), 1 << 20).unwrap();
+        println!("{}: {array:?}", sample.key_expr());
+        assert_eq!(array.header.frame_id, "front_camera");
+        assert!(array.header.stamp.sec > 1_700_000_000, "the frame's capture time: {:?}", array.header.stamp);
+        for d in &array.detections {
+            assert!(d.results[0].hypothesis.class_id == "ball" && d.id == "objects", "{d:?}");
+            assert!(d.results[0].hypothesis.score > 0.0 && d.results[0].hypothesis.score <= 1.0, "{d:?}");
+            let (b, c) = (&d.bbox, &d.bbox.center.position);
+            assert!(b.size_x > 0.0 && b.size_y > 0.0 && c.x > 0.0 && c.x < 320.0 && c.y > 0.0 && c.y < 240.0, "{d:?}");
+            found += 1;
+        }
+        let (sequence, _, _) = keys::parse_attachment(&sample.attachment().expect("an attachment").to_bytes()).unwrap();
+        sequences.push(sequence);
+    }
+    // Numbered from 1 per publisher, one by one (the first may have gone before we subscribed).
+    assert!(sequences[0] >= 1 && sequences.windows(2).all(|w| w[1] == w[0] + 1), "{sequences:?}");
+    assert!(found > 0, "the demo model finds the ball");
+    let sample = texts.recv_timeout(Duration::from_secs(60)).unwrap().expect("a String sample");
+    let text: msgs::StringMsg = msgs::from_cdr(&sample.payload().to_bytes(), 1 << 20).unwrap();
+    println!("{}: {text:?}", sample.key_expr());
+
+    // The graph: the node and its two publishers.
+    let tokens = session.liveliness().get("@ros2_lv/3/**").timeout(Duration::from_secs(5)).wait().unwrap();
+    let mut keys_seen = Vec::new();
+    while let Ok(Some(r)) = tokens.recv_timeout(Duration::from_secs(5)) {
+        if let Ok(s) = r.result() {
+            keys_seen.push(s.key_expr().to_string());
+        }
+    }
+    assert!(keys_seen.iter().any(|k| k.ends_with("/NN/%/%robot1/paligemma")), "{keys_seen:?}");
+    let publisher =
+        keys_seen.iter().find(|k| k.contains("/MP/%/%robot1/paligemma/%robot1%paligemma%front_cam%objects/vision_msgs::msg::dds_::Detection2DArray_/RIHS01_"));
+    assert!(publisher.is_some_and(|k| k.ends_with("/::,10:,:,:,,")), "{keys_seen:?}");
+    assert!(keys_seen.iter().any(|k| k.contains("%front_cam%scene/std_msgs::msg::dds_::String_/")), "{keys_seen:?}");
 }

@@ -1,4 +1,5 @@
 //! What the node's tests share: the fixture model, a free port, the node process.
+#![allow(dead_code)]
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
@@ -25,4 +26,16 @@ impl Drop for Node {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Writes `toml` as `dir/node.toml` and starts the node on it.
+pub fn start_node(dir: &Path, toml: &str) -> Node {
+    let config = dir.join("node.toml");
+    std::fs::write(&config, toml).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_paligemma-node"))
+        .args(["--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Node(child)
 }
