@@ -7,6 +7,8 @@ use crate::ros2::Ros2;
 use crate::{frames, limiter::RateLimiter};
 use anyhow::{Context, Result};
 use paligemma_stream::message::{FrameInfo, STATUS_SCHEMA, Source, StatusMessage};
+use paligemma_stream::ros2::images::{self, ImageKind};
+use paligemma_stream::ros2::msgs::Header;
 use paligemma_stream::{Engine, Frame, FrameSamplerConfig, ResultMessage, Worker, WorkerConfig, payload};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,6 +84,8 @@ pub struct Camera {
     pub gst: Option<frames::GstSource>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
     _token: zenoh::liveliness::LivelinessToken,
+    /// The ROS 2 subscription's token, for a camera that reads a ROS 2 topic.
+    _ros2_subscription: Option<zenoh::liveliness::LivelinessToken>,
 }
 
 /// What every task of a camera shares.
@@ -94,12 +98,15 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// Hands a frame to the stream (the newest wins; asks read it too).
-    fn deliver(&self, image: paligemma::preprocess::RgbImage, pts_ns: Option<u64>) {
+    /// Hands a frame to the stream (the newest wins; asks read it too), stamped with
+    /// its capture time when the source gives one, else with now.
+    fn deliver(&self, image: paligemma::preprocess::RgbImage, pts_ns: Option<u64>, source: Option<Header>) {
+        let capture = source.as_ref().and_then(|h| h.stamp.to_unix_ns()).filter(|&ns| ns > 0);
         let info = FrameInfo {
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
             pts_ns,
-            capture_unix_ns: paligemma_stream::message::unix_time_ns(),
+            capture_unix_ns: capture.or_else(paligemma_stream::message::unix_time_ns),
+            frame_id: source.map(|h| h.frame_id).filter(|f| !f.is_empty()),
             width: image.width,
             height: image.height,
             ..Default::default()
@@ -152,8 +159,21 @@ async fn frames_in(ctx: Ctx, key: String, max_pixels: usize) -> Result<()> {
         let payload = sample.payload().to_bytes();
         let attachment = sample.attachment().map(|a| a.to_bytes().into_owned());
         match payload::decode_frame(&payload, attachment.as_deref(), max_pixels) {
-            Ok(img) => ctx.deliver(img, None),
+            Ok(img) => ctx.deliver(img, None, None),
             Err(e) => ctx.publisher.error(format!("frame on {} refused: {e:#}", sample.key_expr())),
+        }
+    }
+    Ok(())
+}
+
+/// Images on a ROS 2 topic (`key` is its `rmw_zenoh` key): decoded, bounded by
+/// `max_pixels`, stamped with their header; a bad one is reported and the next read.
+async fn frames_from_ros2(ctx: Ctx, key: String, kind: ImageKind, max_pixels: usize) -> Result<()> {
+    let sub = ctx.publisher.session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
+    while let Ok(sample) = sub.recv_async().await {
+        match images::decode(kind, &sample.payload().to_bytes(), max_pixels) {
+            Ok((img, header)) => ctx.deliver(img, None, Some(header)),
+            Err(e) => ctx.publisher.error(format!("ROS 2 image on {} refused: {e:#}", sample.key_expr())),
         }
     }
     Ok(())
@@ -281,6 +301,7 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
         sampler: FrameSamplerConfig { min_interval: Duration::from_millis(cam.interval_ms), skip_unchanged_below: cam.skip_unchanged_below },
         ..Default::default()
     };
+    let ros2_for_frames = ros2.clone();
     let sink = publisher.clone();
     let (camera, frame_id) = (cam.name.clone(), cam.frame_id.clone().unwrap_or_else(|| cam.name.clone()));
     let deliver = move |m: &ResultMessage| {
@@ -294,15 +315,29 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
 
     let mut tasks = Vec::new();
     let mut spawn = |what: &'static str, task: Box<dyn Fn() -> Attempt + Send>| tasks.push(supervise(publisher.clone(), what, task));
-    let gst = match &cam.zenoh_key {
-        Some(key) => {
+    let ros2_source = match (&cam.ros2_image, &cam.ros2_compressed_image) {
+        (Some(topic), _) => Some((topic, ImageKind::Raw)),
+        (None, Some(topic)) => Some((topic, ImageKind::Compressed)),
+        (None, None) => None,
+    };
+    let mut ros2_token = None;
+    let gst = match (&cam.zenoh_key, ros2_source) {
+        (Some(key), _) => {
             let (c, key, max_pixels) = (ctx.clone(), key.clone(), cfg.max_pixels);
             spawn("the frame subscriber", Box::new(move || Box::pin(frames_in(c.clone(), key.clone(), max_pixels))));
             None
         }
-        None => {
+        (None, Some((topic, kind))) => {
+            let ros2 = ros2_for_frames.as_ref().context("a ROS 2 image topic needs [ros2] enabled")?;
+            let (key, token) = ros2.subscription(topic, kind.ros_type())?;
+            ros2_token = Some(token);
+            let (c, max_pixels) = (ctx.clone(), cfg.max_pixels);
+            spawn("the ROS 2 image subscriber", Box::new(move || Box::pin(frames_from_ros2(c.clone(), key.clone(), kind, max_pixels))));
+            None
+        }
+        (None, None) => {
             let (c, p) = (ctx.clone(), publisher.clone());
-            Some(frames::GstSource::start(cam.pipeline.as_deref(), cam.uri.as_deref(), move |img, pts| c.deliver(img, pts), move |e| p.error(e))?)
+            Some(frames::GstSource::start(cam.pipeline.as_deref(), cam.uri.as_deref(), move |img, pts| c.deliver(img, pts, None), move |e| p.error(e))?)
         }
     };
     let limits = AskLimits { rate: ask_rate, timeout: Duration::from_millis(cfg.ask_timeout_ms), max_bytes: cfg.max_prompt_bytes };
@@ -318,5 +353,5 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
         spawn("the status publisher", Box::new(move || Box::pin(status(c.clone(), period, model.clone(), device.clone()))));
     }
     let token = session.liveliness().declare_token(base.as_str()).await.map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
-    Ok(Camera { name: cam.name.clone(), worker, publisher, gst, tasks, _token: token })
+    Ok(Camera { name: cam.name.clone(), worker, publisher, gst, tasks, _token: token, _ros2_subscription: ros2_token })
 }

@@ -182,7 +182,8 @@ fn default_depth() -> u32 {
     10
 }
 
-/// Where a camera's frames come from: exactly one of the three.
+/// Where a camera's frames come from: exactly one of pipeline, uri, zenoh_key,
+/// ros2_image and ros2_compressed_image.
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CameraConfig {
@@ -193,6 +194,11 @@ pub struct CameraConfig {
     pub uri: Option<String>,
     /// A Zenoh key on which another process publishes frames (JPEG, PNG or raw RGB).
     pub zenoh_key: Option<String>,
+    /// A ROS 2 topic of `sensor_msgs/msg/Image` (rgb8, bgr8, rgba8, bgra8, mono8), e.g.
+    /// `/camera/image_raw`; needs `[ros2]`.
+    pub ros2_image: Option<String>,
+    /// A ROS 2 topic of `sensor_msgs/msg/CompressedImage` (JPEG, PNG); needs `[ros2]`.
+    pub ros2_compressed_image: Option<String>,
     /// Minimum milliseconds between analysed frames.
     #[serde(default)]
     pub interval_ms: u64,
@@ -259,9 +265,13 @@ impl Config {
             if !names.insert(&c.name) {
                 bail!("camera {:?} appears twice", c.name);
             }
-            let sources = [c.pipeline.is_some(), c.uri.is_some(), c.zenoh_key.is_some()].iter().filter(|&&b| b).count();
+            let ros2 = [c.ros2_image.is_some(), c.ros2_compressed_image.is_some()];
+            let sources = [c.pipeline.is_some(), c.uri.is_some(), c.zenoh_key.is_some(), ros2[0], ros2[1]].iter().filter(|&&b| b).count();
             if sources != 1 {
-                bail!("camera {:?} needs exactly one of pipeline, uri or zenoh_key", c.name);
+                bail!("camera {:?} needs exactly one of pipeline, uri, zenoh_key, ros2_image or ros2_compressed_image", c.name);
+            }
+            if ros2.contains(&true) && !self.ros2.enabled {
+                bail!("camera {:?} reads a ROS 2 topic: enable the [ros2] section", c.name);
             }
             c.prompt_set()?;
         }

@@ -128,6 +128,8 @@ fn build_config(cli: &Cli) -> Result<Config> {
             pipeline: Some(pipeline.into()),
             uri: None,
             zenoh_key: None,
+            ros2_image: None,
+            ros2_compressed_image: None,
             interval_ms: cli.interval_ms,
             skip_unchanged_below: None,
             prompts: prompts.prompts,

@@ -53,6 +53,18 @@ impl Ros2 {
         Ok(Ros2 { session: session.clone(), cfg: cfg.clone(), node, _node_token: token, publishers: Mutex::default(), next_entity: AtomicU64::new(1) })
     }
 
+    /// Announces a subscription of `topic` and returns the key its samples come on,
+    /// with the token that keeps it announced.
+    pub fn subscription(&self, topic: &str, ros_type: &str) -> Result<(String, LivelinessToken)> {
+        let missing = || anyhow!("ros2: no type hash for {ros_type}");
+        let key = topic_key(self.cfg.domain_id, topic, ros_type, self.cfg.distro).ok_or_else(missing)?;
+        let id = self.next_entity.fetch_add(1, Ordering::Relaxed);
+        let token_key = self.node.entity_token(id, EntityKind::Subscription, topic, ros_type, self.cfg.distro, self.cfg.depth).ok_or_else(missing)?;
+        let token = self.session.liveliness().declare_token(token_key).wait().map_err(|e| anyhow!("ros2 subscription token: {e}"))?;
+        tracing::info!("ROS 2 subscription {topic} ({ros_type})");
+        Ok((key, token))
+    }
+
     /// `<namespace>/<node>/<camera>/<prompt id>`.
     pub fn topic(&self, camera: &str, prompt: &str) -> String {
         format!("{}/{}/{}/{}", self.node.namespace.trim_end_matches('/'), self.node.name, ros_name(camera), ros_name(prompt))

@@ -362,6 +362,20 @@ max_tokens = 12
 id = "scene"
 task = "caption en"
 max_tokens = 4
+[[camera]]
+name = "rcam"
+ros2_image = "/robot1/arm/image_raw"
+[[camera.prompt]]
+id = "text"
+task = "ocr"
+max_tokens = 3
+[[camera]]
+name = "ccam"
+ros2_compressed_image = "/robot1/arm/image_raw/compressed"
+[[camera.prompt]]
+id = "text"
+task = "ocr"
+max_tokens = 3
 "#,
             model = model.display()
         ),
@@ -410,4 +424,53 @@ max_tokens = 4
         keys_seen.iter().find(|k| k.contains("/MP/%/%robot1/paligemma/%robot1%paligemma%front_cam%objects/vision_msgs::msg::dds_::Detection2DArray_/RIHS01_"));
     assert!(publisher.is_some_and(|k| k.ends_with("/::,10:,:,:,,")), "{keys_seen:?}");
     assert!(keys_seen.iter().any(|k| k.contains("%front_cam%scene/std_msgs::msg::dds_::String_/")), "{keys_seen:?}");
+    assert!(keys_seen.iter().any(|k| k.contains("/MS/%/%robot1/paligemma/%robot1%arm%image_raw/sensor_msgs::msg::dds_::Image_/")), "{keys_seen:?}");
+    ros2_images_in(&session, &format!("paligemma/rostest{port}"));
+}
+
+/// ROS 2 images as frame sources: raw and compressed samples are analysed with their
+/// header's stamp and frame_id; bad ones are errors and the camera goes on.
+fn ros2_images_in(session: &zenoh::Session, prefix: &str) {
+    use paligemma_stream::ros2::{keys, msgs, type_hash::rihs01};
+    let results = session.declare_subscriber(format!("{prefix}/**")).wait().unwrap();
+    let header = msgs::Header { stamp: msgs::Time { sec: 1_700_000_123, nanosec: 45 }, frame_id: "arm_camera".into() };
+    let png = std::fs::read(common::repo_root().join("tests/fixtures/images/rgb.png")).unwrap();
+    let rgb = image::load_from_memory(&png).unwrap().to_rgb8();
+    let (w, h) = rgb.dimensions();
+    let raw = |encoding: &str, step: u32, data: Vec<u8>| {
+        msgs::to_cdr(&msgs::Image { header: header.clone(), height: h, width: w, encoding: encoding.into(), is_bigendian: 0, step, data })
+    };
+    let image_key = format!("3/robot1/arm/image_raw/sensor_msgs::msg::dds_::Image_/{}", rihs01("sensor_msgs/msg/Image").unwrap());
+    let compressed_key =
+        format!("3/robot1/arm/image_raw/compressed/sensor_msgs::msg::dds_::CompressedImage_/{}", rihs01("sensor_msgs/msg/CompressedImage").unwrap());
+    let put = |key: &str, payload: Vec<u8>| session.put(key, payload).attachment(keys::attachment(1, 0, &[7; 16])).wait().unwrap();
+
+    // Bad samples first: each is an error message, the camera keeps serving.
+    for (bad, why) in [
+        (raw("rgb8", w * 3, rgb.as_raw().clone())[..40].to_vec(), "not a valid CDR message"),
+        (raw("yuv422", w * 2, vec![0; (w * h * 2) as usize]), "image encoding \"yuv422\""),
+        (raw("rgb8", w * 3, vec![0; 10]), "needs"),
+        (
+            msgs::to_cdr(&msgs::Image {
+                header: header.clone(),
+                height: 100_000,
+                width: 100_000,
+                encoding: "mono8".into(),
+                step: 100_000,
+                ..Default::default()
+            }),
+            "larger than the limit",
+        ),
+    ] {
+        put(&image_key, bad);
+        let err = wait_for(&results, 10, |k, _| k.ends_with("/rcam/errors")).expect("an error message");
+        assert!(err["message"].as_str().unwrap().contains(why), "{why}: {err}");
+    }
+    put(&image_key, raw("rgb8", w * 3, rgb.as_raw().clone()));
+    let v = wait_for(&results, 60, |k, _| k.ends_with("/rcam/text")).expect("the raw ROS 2 image is analysed");
+    assert_eq!((v["frame"]["width"].as_u64(), v["frame"]["frame_id"].as_str()), (Some(w as u64), Some("arm_camera")));
+    assert_eq!(v["frame"]["capture_unix_ns"].as_u64(), Some(1_700_000_123_000_000_045));
+    put(&compressed_key, msgs::to_cdr(&msgs::CompressedImage { header: header.clone(), format: "png".into(), data: png }));
+    let v = wait_for(&results, 60, |k, _| k.ends_with("/ccam/text")).expect("the compressed ROS 2 image is analysed");
+    assert_eq!(v["frame"]["frame_id"], "arm_camera");
 }

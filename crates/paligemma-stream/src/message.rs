@@ -2,8 +2,9 @@
 //! shared by the element's bus messages and the node's Zenoh payloads.
 //!
 //! Optional fields added within version 1 (readers of earlier messages ignore them):
-//! `mean_logprob` (the answer's mean token log-probability) and each detection's
-//! `score` (0..1, see [`paligemma::output::Detection::score`]).
+//! `mean_logprob` (the answer's mean token log-probability), each detection's
+//! `score` (0..1, see [`paligemma::output::Detection::score`]) and the frame's
+//! `frame_id`.
 use paligemma::{TaskKind, TaskResult};
 
 pub const SCHEMA: &str = "paligemma.result/1";
@@ -27,6 +28,10 @@ pub struct FrameInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_time_ns: Option<u64>,
     pub capture_unix_ns: Option<u64>,
+    /// The coordinate frame the image was taken in, when its source says (a ROS 2
+    /// image's `header.frame_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_id: Option<String>,
     pub width: usize,
     pub height: usize,
 }

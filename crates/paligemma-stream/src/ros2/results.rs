@@ -30,10 +30,12 @@ impl RosResult {
 }
 
 /// The ROS 2 message for a result (none for an error, which stays on the node's
-/// `errors` key): the header carries the frame's capture time and `frame_id`; each
+/// `errors` key): the header carries the frame's capture time and its `frame_id` (the
+/// source image's, else `frame_id`); each
 /// detection its box's centre and size in pixels of the frame, one hypothesis (the
 /// label and the engine's confidence, 0 when it has none) and the prompt id as `id`.
 pub fn to_ros(msg: &ResultMessage, frame_id: &str) -> Option<RosResult> {
+    let frame_id = msg.frame.frame_id.as_deref().unwrap_or(frame_id);
     let header = Header { stamp: Time::from_unix_ns(msg.frame.capture_unix_ns.unwrap_or(0)), frame_id: frame_id.into() };
     match &msg.result {
         TaskResult::Error { .. } => None,

@@ -400,6 +400,7 @@ impl PaliGemma {
             running_time_ns: segment.and_then(|s| s.to_running_time(pts)).map(|t| t.nseconds()),
             stream_time_ns: segment.and_then(|s| s.to_stream_time(pts)).map(|t| t.nseconds()),
             capture_unix_ns: paligemma_stream::message::unix_time_ns(),
+            frame_id: None,
             width: w,
             height: h,
         };
