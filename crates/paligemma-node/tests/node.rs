@@ -227,7 +227,11 @@ fn bad_configuration_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("exactly one of pipeline, uri or zenoh_key"), "{err}");
+    assert!(err.contains("exactly one of pipeline, uri, zenoh_key, ros2_image or ros2_compressed_image"), "{err}");
+    std::fs::write(&config, "[model]\npath = \"x.gguf\"\n[[camera]]\nname = \"a\"\nros2_image = \"/cam/image_raw\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("enable the [ros2] section"), "{err}");
     std::fs::write(&config, "[model]\npath = \"x.gguf\"\ncolour = 1\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
