@@ -53,15 +53,22 @@ impl Ros2 {
         Ok(Ros2 { session: session.clone(), cfg: cfg.clone(), node, _node_token: token, publishers: Mutex::default(), next_entity: AtomicU64::new(1) })
     }
 
-    /// Announces a subscription of `topic` and returns the key its samples come on,
-    /// with the token that keeps it announced.
-    pub fn subscription(&self, topic: &str, ros_type: &str) -> Result<(String, LivelinessToken)> {
+    /// Announces a publisher or subscription of `topic` on the graph: its data key, its
+    /// liveliness token's key (a publisher's gid is taken from it) and the token.
+    fn declare(&self, kind: EntityKind, topic: &str, ros_type: &str) -> Result<(String, String, LivelinessToken)> {
         let missing = || anyhow!("ros2: no type hash for {ros_type}");
         let key = topic_key(self.cfg.domain_id, topic, ros_type, self.cfg.distro).ok_or_else(missing)?;
         let id = self.next_entity.fetch_add(1, Ordering::Relaxed);
-        let token_key = self.node.entity_token(id, EntityKind::Subscription, topic, ros_type, self.cfg.distro, self.cfg.depth).ok_or_else(missing)?;
-        let token = self.session.liveliness().declare_token(token_key).wait().map_err(|e| anyhow!("ros2 subscription token: {e}"))?;
-        tracing::info!("ROS 2 subscription {topic} ({ros_type})");
+        let token_key = self.node.entity_token(id, kind, topic, ros_type, self.cfg.distro, self.cfg.depth).ok_or_else(missing)?;
+        let token = self.session.liveliness().declare_token(token_key.as_str()).wait().map_err(|e| anyhow!("ros2 {kind:?} token: {e}"))?;
+        tracing::info!("ROS 2 {kind:?} {topic} ({ros_type})");
+        Ok((key, token_key, token))
+    }
+
+    /// Announces a subscription of `topic` and returns the key its samples come on,
+    /// with the token that keeps it announced.
+    pub fn subscription(&self, topic: &str, ros_type: &str) -> Result<(String, LivelinessToken)> {
+        let (key, _, token) = self.declare(EntityKind::Subscription, topic, ros_type)?;
         Ok((key, token))
     }
 
@@ -78,13 +85,7 @@ impl Ros2 {
         let publisher = match publishers.entry((topic.clone(), ros.ros_type())) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let missing = || anyhow!("ros2: no type hash for {}", ros.ros_type());
-                let key = topic_key(self.cfg.domain_id, &topic, ros.ros_type(), self.cfg.distro).ok_or_else(missing)?;
-                let id = self.next_entity.fetch_add(1, Ordering::Relaxed);
-                let token_key =
-                    self.node.entity_token(id, EntityKind::Publisher, &topic, ros.ros_type(), self.cfg.distro, self.cfg.depth).ok_or_else(missing)?;
-                let token = self.session.liveliness().declare_token(token_key.as_str()).wait().map_err(|e| anyhow!("ros2 publisher token: {e}"))?;
-                tracing::info!("ROS 2 publisher {topic} ({})", ros.ros_type());
+                let (key, token_key, token) = self.declare(EntityKind::Publisher, &topic, ros.ros_type())?;
                 e.insert(Publisher { key, gid: gid(&token_key), sequence: 0, _token: token })
             }
         };

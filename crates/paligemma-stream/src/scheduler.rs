@@ -16,7 +16,7 @@
 //!   results; the thread, and every stream it serves, goes on.
 use crate::engine::EngineShared;
 use crate::frame_sampler::Frame;
-use crate::message::{Latency, PromptInfo, ResultMessage, SCHEMA, TokenCounts};
+use crate::message::{Latency, ModelInfo, PromptInfo, ResultMessage, SCHEMA, TokenCounts};
 use crate::prompts::StandingPrompt;
 use crate::worker::{Request, StreamShared};
 use paligemma::{GenerateOptions, ImageEmbedding, Model, SequenceId, TaskResult};
@@ -39,6 +39,8 @@ struct Job {
     reply: Reply,
     frame: Frame,
     prompts: Vec<StandingPrompt>,
+    /// The engine's model, named in every message.
+    model: ModelInfo,
     /// Frames of the stream dropped before this one (on every message of the frame).
     frames_dropped: u64,
     embedding: Option<ImageEmbedding>,
@@ -83,7 +85,7 @@ pub(crate) fn serve(mut model: Model, engine: &EngineShared) {
                 }
             }
         }
-        deliver_done(&mut model, engine, &mut jobs);
+        deliver_done(&mut model, &mut jobs);
     }
     // Stopping: nothing more is delivered, but waiting callers are released.
     for job in jobs {
@@ -140,10 +142,10 @@ fn turn(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>, cursor: &
     }
     // One decode step for every sequence in progress. Each stops at its prompt's limit
     // or when its stream is flushed or stopped.
-    let limits: Vec<(SequenceId, usize, Arc<StreamShared>, u64)> =
-        jobs.iter().flat_map(|j| j.running.iter().map(move |&(p, seq)| (seq, j.prompts[p].max_tokens, j.stream.clone(), j.epoch))).collect();
     let step = model.step(&mut |seq, token| {
-        limits.iter().find(|l| l.0 == seq).is_some_and(|(_, limit, stream, epoch)| token.index + 1 < *limit && stream.epoch() == *epoch)
+        jobs.iter()
+            .find_map(|j| j.running.iter().find(|r| r.1 == seq).map(|&(p, _)| (j, p)))
+            .is_some_and(|(job, p)| token.index + 1 < job.prompts[p].max_tokens && !job.cancelled())
     });
     let failed = step.err().map(|e| e.to_string());
     if let Some(e) = &failed {
@@ -194,7 +196,7 @@ fn next_job(engine: &EngineShared, jobs: &[Job], cursor: &mut usize) -> Next {
                 }
                 Request::Ask(frame, prompt, tx) => (frame, vec![prompt], Reply::Ask(tx)),
             };
-            return Next::Job(Box::new(Job::new(stream.clone(), epoch, reply, frame, prompts, 0)));
+            return Next::Job(Box::new(Job::new(stream.clone(), epoch, reply, frame, prompts, 0, engine.info.clone())));
         }
     }
     let now = Instant::now();
@@ -228,7 +230,7 @@ fn next_job(engine: &EngineShared, jobs: &[Job], cursor: &mut usize) -> Next {
                 st.in_flight += 1;
                 let epoch = stream.epoch();
                 *cursor = (*cursor + i + 1) % n;
-                return Next::Job(Box::new(Job::new(stream.clone(), epoch, Reply::Standing, frame, due, dropped)));
+                return Next::Job(Box::new(Job::new(stream.clone(), epoch, Reply::Standing, frame, due, dropped, engine.info.clone())));
             }
             Some(w) => wait = Some(wait.map_or(w, |v: Duration| v.min(w))),
             None => {}
@@ -238,7 +240,7 @@ fn next_job(engine: &EngineShared, jobs: &[Job], cursor: &mut usize) -> Next {
 }
 
 impl Job {
-    fn new(stream: Arc<StreamShared>, epoch: u64, reply: Reply, frame: Frame, prompts: Vec<StandingPrompt>, frames_dropped: u64) -> Job {
+    fn new(stream: Arc<StreamShared>, epoch: u64, reply: Reply, frame: Frame, prompts: Vec<StandingPrompt>, frames_dropped: u64, model: ModelInfo) -> Job {
         let queue_ms = frame.received.elapsed().as_secs_f64() * 1e3;
         let n = prompts.len();
         Job {
@@ -248,6 +250,7 @@ impl Job {
             frame,
             prompts,
             frames_dropped,
+            model,
             embedding: None,
             pending: (0..n).collect(),
             running: Vec::new(),
@@ -258,14 +261,14 @@ impl Job {
     }
 
     /// The message for prompt `p`, before its result is known.
-    fn message(&self, p: usize, info: &crate::message::ModelInfo) -> ResultMessage {
+    fn message(&self, p: usize) -> ResultMessage {
         let prompt = &self.prompts[p];
         ResultMessage {
             schema: SCHEMA.into(),
             source: self.stream.config.source.clone(),
             frame: self.frame.info.clone(),
             prompt: PromptInfo { id: prompt.id.clone(), text: prompt.task.prompt(), task: prompt.task.kind() },
-            model: info.clone(),
+            model: self.model.clone(),
             result: TaskResult::Text { text: String::new() },
             raw: String::new(),
             tokens: TokenCounts::default(),
@@ -277,7 +280,7 @@ impl Job {
 
     /// Fails prompt `p` with `message`.
     fn fail(&mut self, p: usize, error: &str) {
-        let mut msg = self.message(p, &Default::default());
+        let mut msg = self.message(p);
         msg.result = TaskResult::Error { message: error.to_string() };
         self.messages[p] = Some(msg);
     }
@@ -338,7 +341,7 @@ fn collect_finished(model: &mut Model, job: &mut Job, failed: Option<&str>) {
         match model.task_result(embedding, &job.prompts[p].task, &generation, job.stream.config.loc_divisor) {
             Ok(result) => {
                 let t = &generation.timings;
-                let mut msg = job.message(p, &Default::default());
+                let mut msg = job.message(p);
                 msg.raw = generation.text.clone();
                 msg.tokens = TokenCounts { prompt: generation.prompt_tokens, generated: generation.tokens.len() };
                 msg.mean_logprob = generation.mean_logprob();
@@ -353,7 +356,7 @@ fn collect_finished(model: &mut Model, job: &mut Job, failed: Option<&str>) {
 }
 
 /// Delivers every finished job: to the stream's sink and any waiting caller.
-fn deliver_done(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>) {
+fn deliver_done(model: &mut Model, jobs: &mut Vec<Job>) {
     let mut i = 0;
     while i < jobs.len() {
         let job = &mut jobs[i];
@@ -367,8 +370,8 @@ fn deliver_done(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>) {
         if jobs[i].done() {
             let mut job = jobs.swap_remove(i);
             let cancelled = job.cancelled();
+            // Failed prompts have no latency of their own yet: the job's, to now.
             for msg in job.messages.iter_mut().flatten() {
-                msg.model = engine.info.clone();
                 if msg.latency_ms.total == 0.0 {
                     msg.latency_ms.total = job.started.elapsed().as_secs_f64() * 1e3 + job.queue_ms;
                 }

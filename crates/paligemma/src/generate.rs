@@ -156,7 +156,8 @@ impl Model {
         let base = self.kv.base(slot);
         let logits = self.forward(&Batch::prefix(image, prefix, base, 1))?;
         let cap = self.config.text.final_softcap;
-        let first_logits = logits.iter().map(|&l| cap.map_or(l, |c| softcap(l, c))).collect();
+        let mut first_logits = logits.clone();
+        self.final_softcap(&mut first_logits);
         let mut timings = image.timings.clone();
         timings.prefix_tokens = prefix.len();
         timings.prefill = ms(start);
@@ -262,9 +263,15 @@ impl Model {
     pub fn prefix_logits(&mut self, image: &ImageEmbedding, ids: &[u32]) -> Result<Vec<f32>> {
         self.kv.check_fits(ids.len(), 0)?;
         let mut logits = self.forward(&Batch::prefix(image, ids, 0, ids.len()))?;
+        self.final_softcap(&mut logits);
+        Ok(logits)
+    }
+
+    /// Applies Gemma 2's final logit softcap to logits the decoder returned (see
+    /// [`softcap`]); nothing for a model without one.
+    fn final_softcap(&self, logits: &mut [f32]) {
         if let Some(cap) = self.config.text.final_softcap {
             logits.iter_mut().for_each(|l| *l = softcap(*l, cap));
         }
-        Ok(logits)
     }
 }
