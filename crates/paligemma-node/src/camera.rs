@@ -306,7 +306,9 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
     let (camera, frame_id) = (cam.name.clone(), cam.frame_id.clone().unwrap_or_else(|| cam.name.clone()));
     let deliver = move |m: &ResultMessage| {
         sink.result(m);
-        if let Some(Err(e)) = ros2.as_ref().map(|r| r.publish(&camera, &frame_id, m)) {
+        // ROS 2 topics are per standing prompt; an ask's answer goes back to its asker.
+        let standing = m.prompt.id != paligemma_stream::prompts::ASK_ID;
+        if let Some(Err(e)) = ros2.as_ref().filter(|_| standing).map(|r| r.publish(&camera, &frame_id, m)) {
             sink.error(format!("{e:#}"));
         }
     };

@@ -77,24 +77,27 @@ impl Ros2 {
         format!("{}/{}/{}/{}", self.node.namespace.trim_end_matches('/'), self.node.name, ros_name(camera), ros_name(prompt))
     }
 
-    /// Publishes a result on its prompt's topic (errors stay on the node's own keys).
+    /// Publishes a result on its prompt's topic, and a segmentation's masks on
+    /// `<topic>/mask` (errors stay on the node's own keys).
     pub fn publish(&self, camera: &str, frame_id: &str, msg: &ResultMessage) -> Result<()> {
-        let Some(ros) = to_ros(msg, frame_id) else { return Ok(()) };
-        let topic = self.topic(camera, &msg.prompt.id);
-        let mut publishers = self.publishers.lock().unwrap_or_else(|e| e.into_inner());
-        let publisher = match publishers.entry((topic.clone(), ros.ros_type())) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let (key, token_key, token) = self.declare(EntityKind::Publisher, &topic, ros.ros_type())?;
-                e.insert(Publisher { key, gid: gid(&token_key), sequence: 0, _token: token })
-            }
-        };
-        publisher.sequence += 1;
-        let now = paligemma_stream::message::unix_time_ns().unwrap_or(0) as i64;
-        self.session
-            .put(publisher.key.as_str(), ros.to_cdr())
-            .attachment(attachment(publisher.sequence, now, &publisher.gid))
-            .wait()
-            .map_err(|e| anyhow!("ros2 put on {}: {e}", publisher.key))
+        for ros in to_ros(msg, frame_id) {
+            let topic = format!("{}{}", self.topic(camera, &msg.prompt.id), ros.subtopic());
+            let mut publishers = self.publishers.lock().unwrap_or_else(|e| e.into_inner());
+            let publisher = match publishers.entry((topic.clone(), ros.ros_type())) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let (key, token_key, token) = self.declare(EntityKind::Publisher, &topic, ros.ros_type())?;
+                    e.insert(Publisher { key, gid: gid(&token_key), sequence: 0, _token: token })
+                }
+            };
+            publisher.sequence += 1;
+            let now = paligemma_stream::message::unix_time_ns().unwrap_or(0) as i64;
+            self.session
+                .put(publisher.key.as_str(), ros.to_cdr())
+                .attachment(attachment(publisher.sequence, now, &publisher.gid))
+                .wait()
+                .map_err(|e| anyhow!("ros2 put on {}: {e}", publisher.key))?;
+        }
+        Ok(())
     }
 }

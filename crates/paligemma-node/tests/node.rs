@@ -338,7 +338,14 @@ fn ros2_publications_on_rmw_zenoh_keys() {
     let dir = tempfile::tempdir().unwrap();
     // The bundled demo model finds the ball of videotestsrc's "ball" pattern.
     let model = common::repo_root().join("models/demo/paligemma2-demo-f16.gguf");
+    // As on a ROS 2 robot: a router (rmw_zenohd's role) and the node as its client; the
+    // test's session, like `ros2 topic echo`, reaches the node only through the router.
     let port = free_port();
+    let mut router = zenoh::Config::default();
+    router.insert_json5("mode", "\"router\"").unwrap();
+    router.insert_json5("listen/endpoints", &format!("[\"tcp/127.0.0.1:{port}\"]")).unwrap();
+    router.insert_json5("scouting/multicast/enabled", "false").unwrap();
+    let _router = zenoh::open(router).wait().unwrap();
     let _node = start_node(
         dir.path(),
         &format!(
@@ -349,7 +356,8 @@ status_interval_s = 0
 path = "{model}"
 threads = 1
 [zenoh]
-listen = ["tcp/127.0.0.1:{port}"]
+mode = "client"
+connect = ["tcp/127.0.0.1:{port}"]
 [ros2]
 enabled = true
 domain_id = 3

@@ -1,6 +1,7 @@
 //! The node behind mutual TLS and access control, with the shipped
 //! `configs/zenoh-secure.json5` and certificates made at test time (never committed):
 //! who cannot connect, who may watch and ask, who may steer, who may feed frames.
+use paligemma_stream::ros2::{keys, msgs, type_hash::rihs01};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -89,6 +90,8 @@ threads = 1
 [zenoh]
 config = "{secure}"
 listen = ["tls/127.0.0.1:{port}"]
+[ros2]
+enabled = true
 [[camera]]
 name = "cam"
 pipeline = "videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=10/1"
@@ -99,6 +102,13 @@ max_tokens = 3
 [[camera]]
 name = "zcam"
 zenoh_key = "cameras/zcam"
+[[camera.prompt]]
+id = "text"
+task = "ocr"
+max_tokens = 3
+[[camera]]
+name = "rcam"
+ros2_image = "/arm/image_raw"
 [[camera.prompt]]
 id = "text"
 task = "ocr"
@@ -159,7 +169,29 @@ max_tokens = 3
     viewer.put("cameras/zcam", png.clone()).wait().unwrap();
     assert!(wait_for(&results, 5, "/zcam/text").is_none(), "a frame from the viewer was analysed");
     let camera = client(dir.path(), port, Some("camera")).expect("the camera connects");
-    camera.put("cameras/zcam", png).wait().unwrap();
+    camera.put("cameras/zcam", png.clone()).wait().unwrap();
     let v = wait_for(&results, 60, "/zcam/text").expect("the camera's frame is analysed");
     assert_eq!(v["frame"]["width"], 97);
+
+    // ROS 2 on domain 0: the viewer receives the String samples and sees the graph;
+    // images come from the camera only.
+    let ros_results = viewer.declare_subscriber("0/paligemma/cam/steered/**").wait().unwrap();
+    let sample = ros_results.recv_timeout(Duration::from_secs(60)).unwrap().expect("the viewer receives ROS 2 samples");
+    let text: msgs::StringMsg = msgs::from_cdr(&sample.payload().to_bytes(), 1 << 20).unwrap();
+    println!("{}: {text:?}", sample.key_expr());
+    let tokens = viewer.liveliness().get("@ros2_lv/0/**").timeout(Duration::from_secs(5)).wait().unwrap();
+    let node_token = std::iter::from_fn(|| tokens.recv_timeout(Duration::from_secs(5)).ok().flatten())
+        .filter_map(|r| r.result().ok().map(|s| s.key_expr().to_string()))
+        .find(|k| k.ends_with("/NN/%/%/paligemma"));
+    assert!(node_token.is_some(), "the viewer sees the ROS 2 node");
+    let rgb = image::load_from_memory(&png).unwrap().to_rgb8();
+    let (w, h) = rgb.dimensions();
+    let header = msgs::Header { stamp: msgs::Time { sec: 1_700_000_000, nanosec: 0 }, frame_id: "arm".into() };
+    let frame = msgs::to_cdr(&msgs::Image { header, height: h, width: w, encoding: "rgb8".into(), is_bigendian: 0, step: w * 3, data: rgb.into_raw() });
+    let image_key = format!("0/arm/image_raw/sensor_msgs::msg::dds_::Image_/{}", rihs01("sensor_msgs/msg/Image").unwrap());
+    viewer.put(&image_key, frame.clone()).attachment(keys::attachment(1, 0, &[1; 16])).wait().unwrap();
+    assert!(wait_for(&results, 5, "/rcam/text").is_none(), "a ROS 2 image from the viewer was analysed");
+    camera.put(&image_key, frame).attachment(keys::attachment(1, 0, &[2; 16])).wait().unwrap();
+    let v = wait_for(&results, 60, "/rcam/text").expect("the camera's ROS 2 image is analysed");
+    assert_eq!(v["frame"]["frame_id"], "arm");
 }

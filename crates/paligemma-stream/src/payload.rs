@@ -75,7 +75,7 @@ pub fn parse_ask(payload: &[u8], max_bytes: usize) -> Result<StandingPrompt> {
         _ => (text.to_string(), DEFAULT_MAX_TOKENS),
     };
     let task = Task::parse(&prompt)?;
-    let p = StandingPrompt { max_tokens, ..StandingPrompt::new("ask", task) };
+    let p = StandingPrompt { max_tokens, ..StandingPrompt::new(crate::prompts::ASK_ID, task) };
     p.validate()?;
     Ok(p)
 }

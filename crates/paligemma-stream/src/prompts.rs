@@ -19,9 +19,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const MAX_ID_LEN: usize = 64;
+/// The prompt id of an ad-hoc question (an ask), which its result message carries.
+pub const ASK_ID: &str = "ask";
 /// Ids a standing prompt may not have: the node's own keys beside the result keys
 /// (`<camera>/<prompt-id>`), and the id of ad-hoc questions.
-pub const RESERVED_IDS: [&str; 4] = ["status", "prompts", "errors", "ask"];
+pub const RESERVED_IDS: [&str; 4] = ["status", "prompts", "errors", ASK_ID];
 
 /// Standing prompts answer at most this many tokens unless they say otherwise.
 pub const DEFAULT_MAX_TOKENS: usize = 32;

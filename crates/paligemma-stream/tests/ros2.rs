@@ -124,3 +124,75 @@ fn keys_tokens_and_attachments() {
     assert_eq!(parse_attachment(&a).unwrap(), (1, 1_700_000_000_000_000_000, g));
     assert!(parse_attachment(&a[..32]).is_err() && parse_attachment(&[0; 33]).is_err());
 }
+
+use paligemma::output::{Mask, parse_detections};
+use paligemma_stream::message::{FrameInfo, PromptInfo, ResultMessage};
+use paligemma_stream::ros2::results::{RosResult, to_ros};
+
+/// A result message of a frame of 8 x 6 pixels taken at `header()`'s time.
+fn result_message(result: paligemma::TaskResult) -> ResultMessage {
+    ResultMessage {
+        schema: "paligemma.result/1".into(),
+        source: Default::default(),
+        frame: FrameInfo { capture_unix_ns: Some(1_795_000_000_123_456_789), width: 8, height: 6, ..Default::default() },
+        prompt: PromptInfo { id: "objects".into(), ..Default::default() },
+        model: Default::default(),
+        result,
+        raw: String::new(),
+        tokens: Default::default(),
+        mean_logprob: None,
+        latency_ms: Default::default(),
+        frames_dropped: 0,
+    }
+}
+
+#[test]
+fn results_as_ros_messages() {
+    // Two boxes (loc bins of 1024 over 8 x 6 pixels): (0,0)-(4,3) and (2,1)-(8,6).
+    let raw = "<loc0000><loc0000><loc0512><loc0512> ball ; <loc0171><loc0256><loc1023><loc1023> cup";
+    let mut result = parse_detections(raw, 8, 6, 1024.0, false);
+    let msgs = to_ros(&result_message(result.clone()), "front_camera");
+    let [RosResult::Detections(array)] = msgs.as_slice() else { panic!("one Detection2DArray, no masks: {msgs:?}") };
+    assert_eq!(array.header, header());
+    let [ball, cup] = array.detections.as_slice() else { panic!("{array:?}") };
+    assert_eq!((ball.results[0].hypothesis.class_id.as_str(), ball.id.as_str()), ("ball", "objects"));
+    assert_eq!((ball.bbox.center.position.x, ball.bbox.center.position.y, ball.bbox.size_x, ball.bbox.size_y), (2.0, 1.5, 4.0, 3.0));
+    assert_eq!(cup.results[0].hypothesis.class_id, "cup");
+
+    // Masks: the ball fills its box, the cup only its top-left pixel, which the ball's
+    // box covers too (the later object wins); one more mask hangs off the frame's edge.
+    let paligemma::TaskResult::Detections { detections, .. } = &mut result else { unreachable!() };
+    detections[0].mask = Some(Mask::from_bitmap(0, 0, 4, 3, &[true; 12]));
+    let mut cup_bits = vec![false; 6 * 5];
+    cup_bits[0] = true;
+    detections[1].mask = Some(Mask::from_bitmap(2, 1, 6, 5, &cup_bits));
+    let mut edge = detections[1].clone();
+    edge.mask = Some(Mask::from_bitmap(7, 5, 3, 3, &[true; 9]));
+    detections.push(edge);
+    let result = paligemma::TaskResult::Segmentation { detections: detections.clone(), warnings: Vec::new() };
+    let mut message = result_message(result);
+    message.frame.frame_id = Some("arm_camera".into());
+    let msgs = to_ros(&message, "front_camera");
+    let [RosResult::Detections(array), masks @ RosResult::Masks(image)] = msgs.as_slice() else { panic!("{msgs:?}") };
+    assert_eq!(array.detections.len(), 3);
+    assert_eq!((masks.subtopic(), masks.ros_type()), ("/mask", "sensor_msgs/msg/Image"));
+    assert_eq!((image.width, image.height, image.step, image.encoding.as_str()), (8, 6, 8, "mono8"));
+    assert_eq!(image.header.frame_id, "arm_camera", "the source image's frame_id wins");
+    #[rustfmt::skip]
+    let expected = [
+        1, 1, 1, 1, 0, 0, 0, 0,
+        1, 1, 2, 1, 0, 0, 0, 0,
+        1, 1, 1, 1, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 3,
+    ];
+    assert_eq!(image.data, expected);
+    let back: Image = from_cdr(&masks.to_cdr(), 1 << 20).unwrap();
+    assert_eq!(&back, image);
+
+    // An error publishes nothing on ROS 2 (it stays on the node's errors key); a caption is a String.
+    assert!(to_ros(&result_message(paligemma::TaskResult::Error { message: "x".into() }), "f").is_empty());
+    let msgs = to_ros(&result_message(paligemma::TaskResult::Caption { text: "a ball".into() }), "f");
+    assert_eq!(msgs, [RosResult::Text(StringMsg { data: "a ball".into() })]);
+}
