@@ -2,10 +2,13 @@
 //!
 //! - `paligemma`: video passes through untouched while a worker thread samples
 //!   frames, answers standing prompts and attaches the results as
-//!   `GstVideoRegionOfInterestMeta`, bus messages and text buffers.
+//!   `GstVideoRegionOfInterestMeta` (and, with the `analytics` feature,
+//!   `GstAnalyticsRelationMeta`), bus messages and text buffers.
 //! - `paligemmaoverlay`: draws the newest results (boxes, labels, masks, captions).
 use gst::glib;
 
+#[cfg(feature = "analytics")]
+pub mod analytics_meta;
 mod overlay;
 mod paligemma;
 pub mod result_meta;

@@ -4,7 +4,8 @@
 //!
 //! Parameter fields: `prompt-id` (string), `kind` (`detections`, `segmentation`,
 //! `caption`, `answer`, `ocr`, `text`, `error`), `label` (string), `x1 y1 x2 y2`
-//! (f64, normalised box), `text` (string, captions and answers), and for masks
+//! (f64, normalised box), `score` (f64, the detection's confidence, when the engine
+//! gave one), `text` (string, captions and answers), and for masks
 //! `mask-x mask-y mask-width mask-height` (u32, frame pixels) and `mask-rle`
 //! (string: run lengths of alternating 0/1 pixels, row-major, starting with 0s), and
 //! `active-prompts` (array of strings: the ids of the standing prompts in force when
@@ -25,6 +26,8 @@ pub struct Region {
     pub y1: f64,
     pub x2: f64,
     pub y2: f64,
+    /// The detection's confidence (0..1), when the engine gave one.
+    pub score: Option<f32>,
     pub text: String,
     pub mask: Option<(u32, u32, u32, u32, Vec<u32>)>,
     /// Frame size the mask refers to.
@@ -44,6 +47,7 @@ pub fn regions(msg: &ResultMessage, active: &[String]) -> Vec<Region> {
         y1: 0.0,
         x2: 1.0,
         y2: 1.0,
+        score: None,
         text: String::new(),
         mask: None,
         frame: (msg.frame.width as u32, msg.frame.height as u32),
@@ -57,6 +61,7 @@ pub fn regions(msg: &ResultMessage, active: &[String]) -> Vec<Region> {
                 y1: d.box_norm.y1 as f64,
                 x2: d.box_norm.x2 as f64,
                 y2: d.box_norm.y2 as f64,
+                score: d.score,
                 mask: d.mask.as_ref().map(|m| (m.x as u32, m.y as u32, m.width as u32, m.height as u32, m.rle.clone())),
                 ..base.clone()
             })
@@ -80,6 +85,9 @@ impl Region {
             .field("frame-height", self.frame.1)
             .field("active-prompts", gst::Array::new(&self.active_prompts))
             .build();
+        if let Some(score) = self.score {
+            s.set("score", f64::from(score));
+        }
         if let Some((x, y, w, h, rle)) = &self.mask {
             s.set("mask-x", *x);
             s.set("mask-y", *y);
@@ -107,6 +115,7 @@ impl Region {
             y1: s.get("y1").ok()?,
             x2: s.get("x2").ok()?,
             y2: s.get("y2").ok()?,
+            score: s.get::<f64>("score").ok().map(|v| v as f32),
             text: s.get("text").unwrap_or_default(),
             mask,
             frame: (s.get("frame-width").unwrap_or(0), s.get("frame-height").unwrap_or(0)),

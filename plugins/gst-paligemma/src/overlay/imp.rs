@@ -85,6 +85,17 @@ impl BaseTransformImpl for PaliGemmaOverlay {
         for r in Region::from_buffer(buf) {
             arrived.entry(r.prompt_id.clone()).or_default().push(r);
         }
+        // Objects of the analytics meta, for prompts the ROI metas did not bring (they
+        // carry masks and texts too): ours with meta-kind=analytics, and other elements'.
+        #[cfg(feature = "analytics")]
+        {
+            let from_roi: std::collections::BTreeSet<String> = arrived.keys().cloned().collect();
+            for r in crate::analytics_meta::regions(buf, info.width(), info.height()) {
+                if !from_roi.contains(&r.prompt_id) {
+                    arrived.entry(r.prompt_id.clone()).or_default().push(r);
+                }
+            }
+        }
         // Results attached with the list of prompts in force: forget the regions of
         // prompts that no longer exist (the newest list wins).
         if let Some(active) = arrived.values().flatten().map(|r| &r.active_prompts).find(|a| !a.is_empty()) {

@@ -1,4 +1,4 @@
-use super::Mode;
+use super::{MetaKind, Mode};
 use crate::result_meta::regions;
 use gst::glib;
 use gst::prelude::*;
@@ -33,6 +33,7 @@ struct Settings {
     interval_ms: u64,
     mode: Mode,
     attach_meta: bool,
+    meta_kind: MetaKind,
     post_messages: bool,
     max_pixels: u64,
 }
@@ -49,6 +50,7 @@ impl Default for Settings {
             interval_ms: DEFAULT_INTERVAL_MS,
             mode: Mode::Async,
             attach_meta: true,
+            meta_kind: MetaKind::default(),
             post_messages: true,
             max_pixels: paligemma::preprocess::DEFAULT_MAX_PIXELS as u64,
         }
@@ -160,8 +162,13 @@ impl ObjectImpl for PaliGemma {
                     .build(),
                 glib::ParamSpecBoolean::builder("attach-meta")
                     .nick("Attach meta")
-                    .blurb("Attach results as GstVideoRegionOfInterestMeta")
+                    .blurb("Attach results to the buffers as the metas meta-kind says")
                     .default_value(true)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default::<MetaKind>("meta-kind", MetaKind::default())
+                    .nick("Meta kind")
+                    .blurb("Which metas carry the results: roi (GstVideoRegionOfInterestMeta), and with GStreamer >= 1.24 builds analytics (GstAnalyticsRelationMeta) or both")
                     .mutable_playing()
                     .build(),
                 glib::ParamSpecBoolean::builder("post-messages")
@@ -194,6 +201,7 @@ impl ObjectImpl for PaliGemma {
             "interval" => settings.interval_ms = value.get().expect("type checked upstream"),
             "mode" => settings.mode = value.get().expect("type checked upstream"),
             "attach-meta" => settings.attach_meta = value.get().expect("type checked upstream"),
+            "meta-kind" => settings.meta_kind = value.get().expect("type checked upstream"),
             "post-messages" => settings.post_messages = value.get().expect("type checked upstream"),
             "max-pixels" => settings.max_pixels = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
@@ -222,6 +230,7 @@ impl ObjectImpl for PaliGemma {
             "interval" => settings.interval_ms.to_value(),
             "mode" => settings.mode.to_value(),
             "attach-meta" => settings.attach_meta.to_value(),
+            "meta-kind" => settings.meta_kind.to_value(),
             "post-messages" => settings.post_messages.to_value(),
             "max-pixels" => settings.max_pixels.to_value(),
             other => unreachable!("unknown property {other}"),
@@ -328,6 +337,24 @@ impl ElementImpl for PaliGemma {
 }
 
 impl PaliGemma {
+    /// Attaches results to a buffer as the metas `kind` says, with the standing prompts
+    /// `active` in force (see [`regions`]).
+    fn attach_results(&self, buf: &mut gst::BufferRef, info: &gst_video::VideoInfo, msgs: &[ResultMessage], active: &[String], kind: MetaKind) {
+        for msg in msgs {
+            if kind.roi() {
+                for region in regions(msg, active) {
+                    region.attach(buf, info.width(), info.height());
+                }
+            }
+            #[cfg(feature = "analytics")]
+            if kind.analytics()
+                && let Err(e) = crate::analytics_meta::attach(buf, msg, info.width(), info.height())
+            {
+                gst::warning!(CAT, imp = self, "analytics meta for prompt {}: {}", msg.prompt.id, e);
+            }
+        }
+    }
+
     /// The worker's sink: bus messages, text buffers, and (async) results for the next buffer.
     fn make_sink(&self, mode: Mode) -> paligemma_stream::worker::Sink {
         let element = self.obj().downgrade();
@@ -601,7 +628,7 @@ impl BaseTransformImpl for PaliGemma {
     fn transform_ip(&self, buf: &mut gst::BufferRef) -> Result<gst::FlowSuccess, gst::FlowError> {
         let (mode, attach) = {
             let s = self.settings.lock().unwrap();
-            (s.mode, s.attach_meta)
+            (s.mode, s.attach_meta.then_some(s.meta_kind))
         };
         let mut guard = self.state.lock().unwrap();
         let Some(state) = guard.as_mut() else {
@@ -616,13 +643,8 @@ impl BaseTransformImpl for PaliGemma {
             Mode::Async => {
                 // Attach what arrived since the last buffer.
                 let fresh = std::mem::take(&mut *self.outbox.fresh.lock().unwrap());
-                if attach && !fresh.is_empty() {
-                    let active = prompt_ids(&state.worker);
-                    for msg in &fresh {
-                        for region in regions(msg, &active) {
-                            region.attach(buf, info.width(), info.height());
-                        }
-                    }
+                if let (Some(kind), false) = (attach, fresh.is_empty()) {
+                    self.attach_results(buf, &info, &fresh, &prompt_ids(&state.worker), kind);
                 }
                 // Convert and offer the frame; while the model is busy, at most every
                 // BUSY_OFFER_PERIOD, so a slow model does not cost a copy per frame.
@@ -653,17 +675,10 @@ impl BaseTransformImpl for PaliGemma {
                 // interrupt it (see change_state).
                 let worker = state.worker.clone();
                 drop(guard);
-                match worker.analyse(frame) {
-                    Ok(results) if attach => {
-                        let active = prompt_ids(&worker);
-                        for msg in &results {
-                            for region in regions(msg, &active) {
-                                region.attach(buf, info.width(), info.height());
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => gst::debug!(CAT, imp = self, "analysis of frame {} abandoned: {}", seq, e),
+                match (worker.analyse(frame), attach) {
+                    (Ok(results), Some(kind)) => self.attach_results(buf, &info, &results, &prompt_ids(&worker), kind),
+                    (Ok(_), None) => {}
+                    (Err(e), _) => gst::debug!(CAT, imp = self, "analysis of frame {} abandoned: {}", seq, e),
                 }
             }
         }
