@@ -24,9 +24,14 @@ struct EngineKey {
     repack: bool,
 }
 
-/// The engines of this process, by key; an engine lives while a stream holds it.
-fn registry() -> MutexGuard<'static, HashMap<EngineKey, Weak<Engine>>> {
-    static ENGINES: OnceLock<Mutex<HashMap<EngineKey, Weak<Engine>>>> = OnceLock::new();
+/// Where the engine of one key lives while a stream holds it. Locked while that engine
+/// loads, so that two streams starting together load it once.
+type Slot = Arc<Mutex<Weak<Engine>>>;
+
+/// The engines of this process, by key. Locked only to find a slot, so that loading
+/// one model never holds up the streams of another.
+fn registry() -> MutexGuard<'static, HashMap<EngineKey, Slot>> {
+    static ENGINES: OnceLock<Mutex<HashMap<EngineKey, Slot>>> = OnceLock::new();
     ENGINES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -74,14 +79,18 @@ impl Engine {
             max_sequences: opts.max_sequences,
             repack: opts.repack,
         };
-        // Held while loading, so that two streams starting together load once.
-        let mut engines = registry();
-        if let Some(engine) = engines.get(&key).and_then(Weak::upgrade) {
+        let slot = {
+            let mut engines = registry();
+            // Forget the slots of engines gone (not those loading: their lock is held).
+            engines.retain(|_, slot| Arc::strong_count(slot) > 1 || slot.try_lock().map_or(true, |e| e.strong_count() > 0));
+            engines.entry(key).or_default().clone()
+        };
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(engine) = slot.upgrade() {
             return Ok(engine);
         }
         let engine = Engine::new(Model::load(path, opts)?);
-        engines.retain(|_, e| e.strong_count() > 0);
-        engines.insert(key, Arc::downgrade(&engine));
+        *slot = Arc::downgrade(&engine);
         Ok(engine)
     }
 
