@@ -22,6 +22,9 @@
 #   not the toolkit; without it ggml allocates with cudaMalloc instead of virtual memory.
 # - The binaries go to target-cuda/ (CARGO_TARGET_DIR), apart from the CPU build.
 # At the end `paligemma devices` runs: here (no driver) it lists the CPU only.
+#
+# Needs the packages that .ci/run installs (clang, cmake, GStreamer's -dev packages),
+# and pip (python3-pip on Debian) for the download.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX=${CUDA_PREFIX:-$ROOT/.cuda}
@@ -33,6 +36,7 @@ if [ -z "${CUDA_HOME:-}" ]; then
     CUDA_HOME=$PREFIX/nvidia/cu13
     if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
         echo "== CUDA toolkit from PyPI into $PREFIX"
+        python3 -m pip --version >/dev/null 2>&1 || apt-get install -y -qq python3-pip >/dev/null
         mkdir -p "$PREFIX/wheels"
         python3 -m pip download --quiet --only-binary=:all: --python-version 3.11 \
             --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
@@ -60,7 +64,16 @@ cargo build --release --features cuda -p paligemma-cli -p paligemma-node -p gst-
 built=$(date +%s)
 
 out=$CARGO_TARGET_DIR/release
+# llama-cpp-sys-2 links only the unversioned names of the libraries next to the
+# binaries, and those are relative symlinks that dangle there: copy the libraries
+# (and their soname links) from its build.
+# A binary's runpath is not searched for what its libraries need (libggml.so needs
+# libggml-cuda.so, which needs libcudart and libcublas): give the libraries their own.
+libdir=$(dirname "$(ls -t "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*/out/lib*/libggml-cuda.so.*.* | head -1)")
+cp -a "$libdir"/libggml*.so.* "$out/"
+command -v patchelf >/dev/null || apt-get install -y -qq patchelf >/dev/null
+for lib in "$out"/libggml*.so.*.*; do patchelf --set-rpath "\$ORIGIN:$CUDA_HOME/lib" "$lib"; done
 echo "== built in $((built - start)) s"
-ls -la "$out/paligemma" "$out/paligemma-node" "$out/libgstpaligemma.so" "$out"/libggml*.so* 2>/dev/null | awk '{printf "%10d  %s\n", $5, $NF}'
+ls -laL "$out/paligemma" "$out/paligemma-node" "$out/libgstpaligemma.so" "$out"/libggml*.so.*.* | awk '{printf "%10d  %s\n", $5, $NF}'
 echo "== $out/paligemma devices"
 "$out/paligemma" devices
