@@ -15,7 +15,7 @@ pub struct BenchArgs {
     /// Model file to measure.
     #[arg(short, long, conflicts_with = "random")]
     model: Option<PathBuf>,
-    /// Random weights of a published shape: pg2-3b-224, pg2-3b-448, pg2-10b-224, pg2-28b-224, pg1-3b-224.
+    /// Random weights of a published shape: pg2-3b-224, pg2-3b-448, pg2-3b-896, pg2-10b-224, pg2-28b-224, pg1-3b-224.
     #[arg(long)]
     random: Option<String>,
     /// Decoder weight type for --random.

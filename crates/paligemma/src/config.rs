@@ -507,7 +507,7 @@ impl Config {
 }
 
 /// Shapes of the published checkpoints, for benchmarks on random weights.
-pub const NAMED_SHAPES: [&str; 5] = ["pg2-3b-224", "pg2-3b-448", "pg2-10b-224", "pg2-28b-224", "pg1-3b-224"];
+pub const NAMED_SHAPES: [&str; 6] = ["pg2-3b-224", "pg2-3b-448", "pg2-3b-896", "pg2-10b-224", "pg2-28b-224", "pg1-3b-224"];
 
 impl Config {
     /// The configuration of a published model size (see [`NAMED_SHAPES`]) with the
