@@ -15,6 +15,12 @@
 #
 # Needs root (debootstrap, chroot, bind mounts). Usage: scripts/gst-analytics-check.sh
 set -euo pipefail
+# The bind mounts live in a private mount namespace: they go with the script, even when
+# it is killed, so target/trixie never keeps the repository or the toolchain mounted
+# (where an `rm -rf target` would reach them).
+if [ -z "${PALIGEMMA_PRIVATE_MOUNTS:-}" ]; then
+    exec unshare --mount --propagation private env PALIGEMMA_PRIVATE_MOUNTS=1 "$0" "$@"
+fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CHROOT=${CHROOT:-$ROOT/target/trixie}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -37,22 +43,11 @@ fi
 echo "== $(chroot "$CHROOT" gst-inspect-1.0 --version | sed -n 2p) in the chroot"
 
 # The repository, the toolchain and /proc at the same paths inside.
-mounted=()
-bind() {
-    mkdir -p "$CHROOT$1"
-    if ! mountpoint -q "$CHROOT$1"; then
-        mount --bind "$1" "$CHROOT$1"
-        mounted+=("$CHROOT$1")
-    fi
-}
-cleanup() {
-    for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount "${mounted[$i]}" || true; done
-}
-trap cleanup EXIT
-bind "$ROOT"
-bind "$RUSTUP_HOME"
-bind "$CARGO_HOME"
-mountpoint -q "$CHROOT/proc" || { mount -t proc proc "$CHROOT/proc" && mounted+=("$CHROOT/proc"); }
+for dir in "$ROOT" "$RUSTUP_HOME" "$CARGO_HOME"; do
+    mkdir -p "$CHROOT$dir"
+    mount --bind "$dir" "$CHROOT$dir"
+done
+mount -t proc proc "$CHROOT/proc"
 
 inside() {
     chroot "$CHROOT" /usr/bin/env -i HOME=/root PATH="$CARGO_HOME/bin:/usr/bin:/bin" \
