@@ -301,14 +301,14 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
         sampler: FrameSamplerConfig { min_interval: Duration::from_millis(cam.interval_ms), skip_unchanged_below: cam.skip_unchanged_below },
         ..Default::default()
     };
-    let ros2_for_frames = ros2.clone();
+    let results_to_ros2 = ros2.clone();
     let sink = publisher.clone();
     let (camera, frame_id) = (cam.name.clone(), cam.frame_id.clone().unwrap_or_else(|| cam.name.clone()));
     let deliver = move |m: &ResultMessage| {
         sink.result(m);
         // ROS 2 topics are per standing prompt; an ask's answer goes back to its asker.
         let standing = m.prompt.id != paligemma_stream::prompts::ASK_ID;
-        if let Some(Err(e)) = ros2.as_ref().filter(|_| standing).map(|r| r.publish(&camera, &frame_id, m)) {
+        if let Some(Err(e)) = results_to_ros2.as_ref().filter(|_| standing).map(|r| r.publish(&camera, &frame_id, m)) {
             sink.error(format!("{e:#}"));
         }
     };
@@ -330,7 +330,7 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
             None
         }
         (None, Some((topic, kind))) => {
-            let ros2 = ros2_for_frames.as_ref().context("a ROS 2 image topic needs [ros2] enabled")?;
+            let ros2 = ros2.as_ref().context("a ROS 2 image topic needs [ros2] enabled")?;
             let (key, token) = ros2.subscription(topic, kind.ros_type())?;
             ros2_token = Some(token);
             let (c, max_pixels) = (ctx.clone(), cfg.max_pixels);

@@ -14,7 +14,7 @@
 //! answer; their text stays on the ROI meta, the bus messages and the text pad. Masks
 //! neither: GStreamer 1.26's segmentation entry has no binding in gstreamer-analytics
 //! 0.25, so they too stay on the ROI meta.
-use crate::result_meta::Region;
+use crate::result_meta::{self, Region};
 use gst::glib;
 use gst_analytics::prelude::*;
 use gst_analytics::{AnalyticsClassificationMtd, AnalyticsODMtd, AnalyticsRelationMeta, RelTypes};
@@ -32,12 +32,10 @@ pub fn attach(buffer: &mut gst::BufferRef, msg: &ResultMessage, width: u32, heig
     }
     let mut meta = buffer.meta_mut::<AnalyticsRelationMeta>().expect("added above");
     let prompt = meta.add_one_cls_mtd(1.0, glib::Quark::from_str(&msg.prompt.id))?.id();
-    let px = |v: f32, size: u32| (v.clamp(0.0, 1.0) * size as f32).round() as i32;
-    for d in msg.result.detections() {
-        let b = &d.box_norm;
-        let (x, y) = (px(b.x1, width), px(b.y1, height));
-        let (w, h) = (px(b.x2, width) - x, px(b.y2, height) - y);
-        let object = meta.add_od_mtd(glib::Quark::from_str(&d.label), x, y, w, h, d.score.unwrap_or(0.0))?.id();
+    // The same boxes, in the same whole pixels, as the ROI metas.
+    for r in result_meta::regions(msg, &[]) {
+        let (x, y, w, h) = r.pixel_box(width, height);
+        let object = meta.add_od_mtd(glib::Quark::from_str(&r.label), x as i32, y as i32, w as i32, h as i32, r.score.unwrap_or(0.0))?.id();
         meta.set_relation(RelTypes::CONTAIN, prompt, object)?;
         meta.set_relation(RelTypes::IS_PART_OF, object, prompt)?;
     }

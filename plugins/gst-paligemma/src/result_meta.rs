@@ -123,11 +123,17 @@ impl Region {
         })
     }
 
-    /// Attaches the region to a buffer of `width` x `height` pixels.
-    pub fn attach(&self, buffer: &mut gst::BufferRef, width: u32, height: u32) {
+    /// The box in whole pixels of a `width` x `height` frame: (x, y, width, height),
+    /// clamped to the frame.
+    pub fn pixel_box(&self, width: u32, height: u32) -> (u32, u32, u32, u32) {
         let px = |v: f64, size: u32| (v.clamp(0.0, 1.0) * size as f64).round() as u32;
         let (x, y) = (px(self.x1, width), px(self.y1, height));
-        let (w, h) = (px(self.x2, width).saturating_sub(x), px(self.y2, height).saturating_sub(y));
+        (x, y, px(self.x2, width).saturating_sub(x), px(self.y2, height).saturating_sub(y))
+    }
+
+    /// Attaches the region to a buffer of `width` x `height` pixels.
+    pub fn attach(&self, buffer: &mut gst::BufferRef, width: u32, height: u32) {
+        let (x, y, w, h) = self.pixel_box(width, height);
         let roi_type = if self.label.is_empty() { self.kind.as_str() } else { self.label.as_str() };
         let mut meta = gst_video::VideoRegionOfInterestMeta::add(buffer, roi_type, (x, y, w, h));
         meta.add_param(self.to_structure());
