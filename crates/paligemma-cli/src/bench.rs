@@ -3,7 +3,7 @@ use anyhow::{Context, Result, bail};
 use paligemma::config::{Config, NAMED_SHAPES, TokenConfig};
 use paligemma::convert::{ConvertOptions, default_vision_type, parse_weight_type, write_random};
 use paligemma::preprocess::{RgbImage, preprocess};
-use paligemma::{GenerateOptions, KvType, Model, ModelOptions};
+use paligemma::{GenerateOptions, KvType, Model, ModelOptions, Start};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -44,8 +44,8 @@ pub struct BenchArgs {
     /// Timed runs (medians are reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Also decode this many prompts on one frame as one batch (up to 4) and compare
-    /// with running them one after another.
+    /// Also prefill and decode this many prompts on one frame as one batch, and encode
+    /// as many frames together, and compare with running them one after another.
     #[arg(long, default_value_t = 4)]
     prompts: usize,
     /// Use every weight in place from the file (no repacked CPU layouts).
@@ -136,6 +136,10 @@ struct Report {
     batch_prompts: usize,
     batch_decode_tokens_per_s: f64,
     batch_speedup: f64,
+    batch_prefill_tokens_per_s: f64,
+    batch_prefill_speedup: f64,
+    batch_vision_ms: f64,
+    batch_vision_speedup: f64,
     peak_rss_bytes: Option<u64>,
     kv_cache_bytes: usize,
     compute_buffer_bytes: usize,
@@ -189,20 +193,36 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     let (pre, vis, prefill, decode) = (median(pre), median(vis), median(prefill), median(decode));
-    // Several prompts on one frame: their decode steps as one batch.
+    // Several prompts on one frame: their prefills in one graph, their decode steps as
+    // one batch; as many frames (of as many cameras) through the vision tower together.
     let n = args.prompts.clamp(1, model.max_sequences());
     let prompts = ["caption en", "detect cat ; dog", "ocr", "answer en what is in the image?"];
     let prefixes = (0..n).map(|i| model.tokenizer().prefix_ids(prompts[i % prompts.len()])).collect::<paligemma::Result<Vec<_>>>()?;
     let pixels = preprocess(&image, &model.config().vision);
     let emb = model.encode_pixels(&pixels)?;
-    let mut batch = Vec::new();
+    let frames = vec![&image; n];
+    let (mut batch, mut batch_prefill, mut batch_vision) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..args.warmup + args.reps {
-        let gens = model.generate(&emb, &prefixes, &options, &mut |_| true)?;
-        let tokens: usize = gens.iter().map(|g| g.tokens.len().saturating_sub(1)).sum();
+        let t = Instant::now();
+        let encoded = model.encode_images(&frames)?;
+        let vision_ms = t.elapsed().as_secs_f64() * 1e3 - encoded.iter().map(|e| e.timings.preprocess).sum::<f64>();
+        let starts: Vec<Start<'_>> = prefixes.iter().map(|prefix| Start { image: &emb, prefix, opts: &options }).collect();
+        let t = Instant::now();
+        let seqs = model.start_batch(&starts)?;
+        let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        while model.active_sequences() > 0 {
+            model.step(&mut |_, _| true)?;
+        }
+        let decode_ms = t.elapsed().as_secs_f64() * 1e3;
+        let tokens: usize = seqs.into_iter().filter_map(|s| model.finish(s)).map(|g| g.tokens.len().saturating_sub(1)).sum();
         if rep >= args.warmup {
-            batch.push(tokens as f64 / (gens[0].timings.decode / 1e3));
+            batch.push(tokens as f64 / (decode_ms / 1e3));
+            batch_prefill.push(prefixes.iter().map(Vec::len).sum::<usize>() as f64 / (prefill_ms / 1e3));
+            batch_vision.push(vision_ms);
         }
     }
+    let (batch_prefill, batch_vision) = (median(batch_prefill), median(batch_vision));
     let batch = median(batch);
     let report = Report {
         model: path.display().to_string(),
@@ -220,6 +240,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         batch_prompts: n,
         batch_decode_tokens_per_s: batch,
         batch_speedup: batch / decode,
+        batch_prefill_tokens_per_s: batch_prefill,
+        batch_prefill_speedup: batch_prefill / (ids.len() as f64 / (prefill / 1e3)),
+        batch_vision_ms: batch_vision,
+        batch_vision_speedup: n as f64 * vis / batch_vision,
         peak_rss_bytes: peak_rss(),
         kv_cache_bytes: model.kv_cache_bytes(),
         compute_buffer_bytes: model.compute_buffer_bytes(),
@@ -240,6 +264,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "batch      {:>9.1} tokens/s decoding {} prompts together ({:.2}x one after another)",
             report.batch_decode_tokens_per_s, n, report.batch_speedup
         );
+        println!(
+            "           {:>9.1} tokens/s prefilling them in one graph ({:.2}x one at a time)",
+            report.batch_prefill_tokens_per_s, report.batch_prefill_speedup
+        );
+        println!("           {:>9.1} ms encoding {n} frames in one graph ({:.2}x one after another)", report.batch_vision_ms, report.batch_vision_speedup);
         if let Some(rss) = report.peak_rss_bytes {
             println!(
                 "peak RSS   {:>9.2} GB  ({:.2}x the file; KV cache {:.2} GB for {} sequences, compute buffers {:.2} GB)",

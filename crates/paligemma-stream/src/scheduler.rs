@@ -19,7 +19,7 @@ use crate::frame_sampler::Frame;
 use crate::message::{Latency, ModelInfo, PromptInfo, ResultMessage, SCHEMA, TokenCounts};
 use crate::prompts::StandingPrompt;
 use crate::worker::{Request, StreamShared};
-use paligemma::{GenerateOptions, ImageEmbedding, Model, SequenceId, TaskResult};
+use paligemma::{GenerateOptions, ImageEmbedding, Model, SequenceId, Start, TaskResult};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
@@ -96,29 +96,23 @@ pub(crate) fn serve(mut model: Model, engine: &EngineShared) {
 /// One turn of the loop: admit work while sequences are free, then one decode step.
 /// False when the engine stops.
 fn turn(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>, cursor: &mut usize) -> bool {
-    // Admission: first the prompts of jobs already open, then one new job per turn,
-    // so that the answers in progress take a step between two frames' vision passes
-    // and prefills (each camera's latency then bears one other admission, not all).
-    let mut admitted = false;
-    while model.free_sequences() > 0 {
-        if let Some(job) = jobs.iter_mut().find(|j| !j.pending.is_empty()) {
-            start_next(model, job);
-            continue;
-        }
-        if admitted && jobs.iter().any(|j| !j.running.is_empty()) {
+    // Admission: new jobs while their prompts (after those of the jobs already open)
+    // find free sequences; their frames go through the vision tower together, then every
+    // prompt that has a sequence is prefilled together. Cameras that sent frames at
+    // the same time are thus served by one vision pass and one prefill, not one each.
+    let first_new = jobs.len();
+    loop {
+        let waiting: usize = jobs.iter().map(|j| j.pending.len()).sum();
+        if waiting >= model.free_sequences() {
             break;
         }
         match next_job(engine, jobs, cursor) {
-            Next::Job(job) => {
-                // In the list before any engine call: whatever happens to it (even a
-                // panic) it is delivered, and its stream's `in_flight` goes back down.
-                jobs.push(*job);
-                prepare(model, jobs.last_mut().expect("just pushed"));
-                admitted = true;
-            }
+            // In the list before any engine call: whatever happens to it (even a
+            // panic) it is delivered, and its stream's `in_flight` goes back down.
+            Next::Job(job) => jobs.push(*job),
             Next::Stop => return false,
             Next::Wait(timeout) => {
-                if jobs.iter().any(|j| !j.running.is_empty() || j.done()) {
+                if jobs.iter().any(|j| !j.running.is_empty() || !j.pending.is_empty() || j.done()) {
                     break;
                 }
                 let state = engine.lock();
@@ -137,6 +131,8 @@ fn turn(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>, cursor: &
             }
         }
     }
+    prepare(model, &mut jobs[first_new..]);
+    start_pending(model, jobs);
     if jobs.iter().all(|j| j.running.is_empty()) {
         return true;
     }
@@ -286,33 +282,83 @@ impl Job {
     }
 }
 
-/// Runs the job's frame through the vision tower (once for all its prompts).
-fn prepare(model: &mut Model, job: &mut Job) {
-    if job.cancelled() {
-        job.pending.clear();
-        return;
+/// Runs the new jobs' frames through the vision tower (once for all the prompts of
+/// each), together. A frame that cannot be encoded fails its own job only.
+fn prepare(model: &mut Model, jobs: &mut [Job]) {
+    let mut todo: Vec<&mut Job> = Vec::new();
+    for job in jobs {
+        if job.cancelled() {
+            job.pending.clear();
+        } else if job.embedding.is_none() && !job.pending.is_empty() {
+            todo.push(job);
+        }
     }
-    match model.encode_image(&job.frame.image) {
-        Ok(embedding) => job.embedding = Some(embedding),
-        Err(e) => fail_rest(job, &e.to_string()),
+    let encoded = match todo.as_slice() {
+        [] => return,
+        [_, _, ..] => model.encode_images(&todo.iter().map(|j| &*j.frame.image).collect::<Vec<_>>()).ok(),
+        [_] => None,
+    };
+    match encoded {
+        Some(embeddings) => todo.into_iter().zip(embeddings).for_each(|(job, e)| job.embedding = Some(e)),
+        None => {
+            for job in todo {
+                match model.encode_image(&job.frame.image) {
+                    Ok(embedding) => job.embedding = Some(embedding),
+                    Err(e) => fail_rest(job, &e.to_string()),
+                }
+            }
+        }
     }
 }
 
-/// Starts the job's next pending prompt in a free sequence.
-fn start_next(model: &mut Model, job: &mut Job) {
-    let Some(p) = job.pending.pop_front() else { return };
-    let (Some(embedding), false) = (&job.embedding, job.cancelled()) else {
-        job.pending.clear();
-        return;
+/// A prompt to start: its job, its index in the job, its prefix ids and options.
+type Picked = (usize, usize, Vec<u32>, GenerateOptions);
+
+/// Starts the pending prompts of the jobs, oldest job first, in the free sequences,
+/// prefilled together. A prompt that cannot start fails on its own.
+fn start_pending(model: &mut Model, jobs: &mut [Job]) {
+    let mut free = model.free_sequences();
+    let mut picked: Vec<Picked> = Vec::new();
+    for (j, job) in jobs.iter_mut().enumerate() {
+        if job.cancelled() || job.embedding.is_none() {
+            job.pending.clear();
+            continue;
+        }
+        while free > 0
+            && let Some(p) = job.pending.pop_front()
+        {
+            let prompt = &job.prompts[p];
+            match model.tokenizer().prefix_ids(&prompt.task.prompt()) {
+                Ok(ids) => {
+                    picked.push((j, p, ids, GenerateOptions { max_tokens: prompt.max_tokens, ..Default::default() }));
+                    free -= 1;
+                }
+                Err(e) => job.fail(p, &e.to_string()),
+            }
+        }
+    }
+    let start = |model: &mut Model, jobs: &[Job], picked: &[Picked]| {
+        let starts: Vec<Start<'_>> =
+            picked.iter().map(|(j, _, ids, opts)| Start { image: jobs[*j].embedding.as_ref().expect("encoded above"), prefix: ids, opts }).collect();
+        model.start_batch(&starts)
     };
-    let prompt = &job.prompts[p];
-    let started = model.tokenizer().prefix_ids(&prompt.task.prompt()).and_then(|ids| {
-        let opts = GenerateOptions { max_tokens: prompt.max_tokens, ..Default::default() };
-        model.start(embedding, &ids, &opts)
-    });
+    let started = match picked.len() {
+        0 => return,
+        1 => None,
+        _ => start(model, jobs, &picked).ok(),
+    };
     match started {
-        Ok(seq) => job.running.push((p, seq)),
-        Err(e) => job.fail(p, &e.to_string()),
+        Some(seqs) => picked.iter().zip(seqs).for_each(|((j, p, ..), seq)| jobs[*j].running.push((*p, seq))),
+        // Alone, each with its own error.
+        None => {
+            for one in picked.chunks(1) {
+                let (j, p) = (one[0].0, one[0].1);
+                match start(model, jobs, one) {
+                    Ok(seq) => jobs[j].running.push((p, seq[0])),
+                    Err(e) => jobs[j].fail(p, &e.to_string()),
+                }
+            }
+        }
     }
 }
 

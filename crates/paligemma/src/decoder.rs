@@ -84,12 +84,13 @@ pub(crate) struct DecoderInputs<'a> {
     pub slots: Tensor<'a>,
     /// The sequences of the batch, each attending to its own cache region.
     pub runs: Vec<Run<Tensor<'a>>>,
-    pub n_logits: usize,
+    /// Rows whose logits are wanted (I32 [k]); none: every row.
+    pub outputs: Option<Tensor<'a>>,
 }
 
 /// Adds the decoder to `graph`: writes each token's K/V into its cache row, attends
-/// over each sequence's region with the masks, and returns the logits of the last
-/// `n_logits` tokens [vocab, n_logits], before the final softcap (see
+/// over each sequence's region with the masks, and returns the logits of the output
+/// rows [vocab, outputs], before the final softcap (see
 /// [`crate::sampling::softcap`]).
 pub(crate) fn build<'c>(
     ctx: &'c Context,
@@ -100,7 +101,7 @@ pub(crate) fn build<'c>(
     cache: &KvCache,
     inputs: DecoderInputs<'c>,
 ) -> Result<Tensor<'c>> {
-    let DecoderInputs { mut x, pos, slots, runs, n_logits } = inputs;
+    let DecoderInputs { mut x, pos, slots, runs, outputs } = inputs;
     let n = x.ne()[1];
     let (hd, heads, kv_heads) = (t.head_dim, t.heads, t.kv_heads);
     let scale = t.query_pre_attn_scalar.powf(-0.5);
@@ -149,8 +150,10 @@ pub(crate) fn build<'c>(
         }
         x = ctx.add(x, down)?;
     }
-    let n_logits = n_logits.clamp(1, n);
-    let last = ctx.view(x, &[t.width, n_logits], &[x.nb()[1]], (n - n_logits) * x.nb()[1])?;
+    let last = match outputs {
+        Some(rows) => ctx.get_rows(x, rows)?,
+        None => x,
+    };
     let h = w.output_norm.forward(ctx, store, last)?;
     Ok(ctx.mul_mat(store.get(w.lm_head), h)?)
 }

@@ -2,7 +2,7 @@
 //! region, then decode the unfinished answers together, one batched step per token
 //! (llama.cpp's `llama_decode` loop). [`crate::Model::answer`] builds on this with
 //! tasks and parsed results.
-use crate::kv_cache::Batch;
+use crate::kv_cache::{Batch, Prefix};
 use crate::model::{ImageEmbedding, Model, Timings, ms};
 use crate::sampling::{Sampling, TokenSampler, probability, softcap};
 use crate::{Error, Result};
@@ -75,6 +75,22 @@ impl Generation {
     }
 }
 
+/// Tokens one prefill graph takes at most when [`Model::start_batch`] prefills several
+/// prefixes together (llama.cpp's default physical batch): it bounds the compute
+/// buffers. A longer prefix runs in a graph of its own.
+pub const PREFILL_BATCH_TOKENS: usize = 512;
+
+/// An answer to start with [`Model::start_batch`].
+#[derive(Clone, Copy, Debug)]
+pub struct Start<'a> {
+    /// The frame it is about.
+    pub image: &'a ImageEmbedding,
+    /// Its prefix ids (see [`Model::generate`]).
+    pub prefix: &'a [u32],
+    /// Its token limit and sampling.
+    pub opts: &'a GenerateOptions,
+}
+
 /// An answer being generated in its KV cache region.
 pub(crate) struct Sequence {
     /// First KV cache row of its region.
@@ -102,7 +118,7 @@ pub struct SequenceId(pub usize);
 impl Model {
     /// Answers prompts given as prefix ids (image tokens, `<bos>`, text and the newline,
     /// as [`crate::tokenizer::Tokenizer::prefix_ids`] makes them) on one encoded image:
-    /// each prefix is prefilled on its own, then the decode steps of all unfinished
+    /// the prefixes are prefilled together ([`Model::start_batch`]), then the decode steps of all unfinished
     /// answers run as one batch. At most [`Model::max_sequences`] prefixes at once, and
     /// none may be in progress from [`Model::start`].
     pub fn generate(&mut self, image: &ImageEmbedding, prefixes: &[Vec<u32>], opts: &GenerateOptions, on_token: &mut OnToken<'_>) -> Result<Vec<Generation>> {
@@ -114,11 +130,9 @@ impl Model {
                 self.free_sequences()
             )));
         }
-        let mut ids = Vec::with_capacity(prefixes.len());
+        let starts: Vec<Start<'_>> = prefixes.iter().map(|prefix| Start { image, prefix, opts }).collect();
+        let ids = self.start_batch(&starts)?;
         let result = (|| {
-            for prefix in prefixes {
-                ids.push(self.start(image, prefix, opts)?);
-            }
             let index = |id: SequenceId| ids.iter().position(|&s| s == id).expect("one of ours");
             while self.active_sequences() > 0 {
                 self.step(&mut |id, t| on_token(&Token { prompt: index(id), ..*t }))?;
@@ -145,38 +159,80 @@ impl Model {
     /// with those of every other answer in progress (continuous batching). The region
     /// stays taken until [`Model::finish`].
     pub fn start(&mut self, image: &ImageEmbedding, prefix: &[u32], opts: &GenerateOptions) -> Result<SequenceId> {
-        opts.sampling.validate()?;
-        self.kv.check_fits(prefix.len(), opts.max_tokens)?;
-        let slot = self
-            .sequences
-            .iter()
-            .position(Option::is_none)
-            .ok_or_else(|| Error::Invalid(format!("all {} sequences of this model are in use; finish one first", self.max_sequences())))?;
+        Ok(self.start_batch(&[Start { image, prefix, opts }])?[0])
+    }
+
+    /// Starts several answers as [`Model::start`] does, prefilling their prefixes
+    /// together: as many as fit in [`PREFILL_BATCH_TOKENS`] share one graph, each
+    /// attending only to itself. Small prefixes (a small model's, or many prompts on
+    /// small frames) then cost one pass over the weights and one set of graph
+    /// overheads instead of one each. Either every answer starts or, on an error,
+    /// none does.
+    pub fn start_batch(&mut self, starts: &[Start<'_>]) -> Result<Vec<SequenceId>> {
+        for s in starts {
+            if s.prefix.is_empty() {
+                return Err(Error::Prompt("an empty prefix (it needs at least <bos>)".into()));
+            }
+            s.opts.sampling.validate()?;
+            self.kv.check_fits(s.prefix.len(), s.opts.max_tokens)?;
+        }
+        if starts.len() > self.free_sequences() {
+            return Err(Error::Invalid(format!(
+                "{} answers to start, but {} of the {} sequences of this model are free; finish one first",
+                starts.len(),
+                self.free_sequences(),
+                self.max_sequences()
+            )));
+        }
+        let slots: Vec<usize> = (0..self.sequences.len()).filter(|&s| self.sequences[s].is_none()).take(starts.len()).collect();
+        let mut first = 0;
+        while first < starts.len() {
+            let mut end = first + 1;
+            let mut tokens = starts[first].prefix.len();
+            while end < starts.len() && tokens + starts[end].prefix.len() <= PREFILL_BATCH_TOKENS {
+                tokens += starts[end].prefix.len();
+                end += 1;
+            }
+            if let Err(e) = self.prefill(&starts[first..end], &slots[first..end]) {
+                slots[..first].iter().for_each(|&s| self.sequences[s] = None);
+                return Err(e);
+            }
+            first = end;
+        }
+        Ok(slots.into_iter().map(SequenceId).collect())
+    }
+
+    /// Prefills prefixes in one graph and starts their answers in the regions `slots`.
+    fn prefill(&mut self, starts: &[Start<'_>], slots: &[usize]) -> Result<()> {
         let start = Instant::now();
-        let base = self.kv.base(slot);
-        let logits = self.forward(&Batch::prefix(image, prefix, base, 1))?;
+        let prefixes: Vec<Prefix<'_>> = starts.iter().zip(slots).map(|(s, &slot)| (s.image, s.prefix, self.kv.base(slot))).collect();
+        let logits = self.forward(&Batch::prefixes(&prefixes, false))?;
+        let elapsed = ms(start);
+        let vocab = logits.len() / starts.len();
         let cap = self.config.text.final_softcap;
-        let mut first_logits = logits.clone();
-        self.final_softcap(&mut first_logits);
-        let mut timings = image.timings.clone();
-        timings.prefix_tokens = prefix.len();
-        timings.prefill = ms(start);
-        self.sequences[slot] = Some(Sequence {
-            base,
-            prefix: prefix.len(),
-            tokens: Vec::new(),
-            token_probs: Vec::new(),
-            text: String::new(),
-            logits,
-            first_logits,
-            max_tokens: opts.max_tokens,
-            ignore_eos: opts.ignore_eos,
-            done: opts.max_tokens == 0,
-            eos: false,
-            sampler: TokenSampler::new(&opts.sampling, cap, &self.config.tokens),
-            timings,
-        });
-        Ok(SequenceId(slot))
+        for ((s, &slot), logits) in starts.iter().zip(slots).zip(logits.chunks_exact(vocab)) {
+            let mut first_logits = logits.to_vec();
+            self.final_softcap(&mut first_logits);
+            let mut timings = s.image.timings.clone();
+            timings.prefix_tokens = s.prefix.len();
+            timings.prefill = elapsed;
+            self.sequences[slot] = Some(Sequence {
+                base: self.kv.base(slot),
+                prefix: s.prefix.len(),
+                tokens: Vec::new(),
+                token_probs: Vec::new(),
+                text: String::new(),
+                logits: logits.to_vec(),
+                first_logits,
+                max_tokens: s.opts.max_tokens,
+                ignore_eos: s.opts.ignore_eos,
+                done: s.opts.max_tokens == 0,
+                eos: false,
+                sampler: TokenSampler::new(&s.opts.sampling, cap, &self.config.tokens),
+                timings,
+            });
+        }
+        Ok(())
     }
 
     /// Samples the next token of every active answer (each seen by `on_token`, whose
@@ -211,13 +267,13 @@ impl Model {
         let start = Instant::now();
         let seq = |s: usize| self.sequences[s].as_ref().expect("active");
         let batch = Batch {
-            image: None,
+            images: Vec::new(),
             ids: active.iter().map(|&s| *seq(s).tokens.last().expect("sampled")).collect(),
             positions: active.iter().map(|&s| (seq(s).prefix + seq(s).tokens.len()) as i32).collect(),
             slots: active.iter().map(|&s| seq(s).base + seq(s).prefix + seq(s).tokens.len() - 1).collect(),
             seq_base: active.iter().map(|&s| seq(s).base).collect(),
             prefix: false,
-            n_logits: active.len(),
+            outputs: (0..active.len()).collect(),
         };
         let logits = self.forward(&batch);
         let elapsed = ms(start);
@@ -262,7 +318,7 @@ impl Model {
     /// parity checks.
     pub fn prefix_logits(&mut self, image: &ImageEmbedding, ids: &[u32]) -> Result<Vec<f32>> {
         self.kv.check_fits(ids.len(), 0)?;
-        let mut logits = self.forward(&Batch::prefix(image, ids, 0, ids.len()))?;
+        let mut logits = self.forward(&Batch::prefixes(&[(image, ids, 0)], true))?;
         self.final_softcap(&mut logits);
         Ok(logits)
     }

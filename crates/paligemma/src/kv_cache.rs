@@ -113,8 +113,9 @@ impl KvCache {
 
 /// Tokens to run through the decoder in one graph.
 pub(crate) struct Batch<'a> {
-    /// Features for the image tokens at the start of a prefix.
-    pub image: Option<&'a ImageEmbedding>,
+    /// Image features for the image tokens that start a prefix: the batch row of the
+    /// first one, and the encoding.
+    pub images: Vec<(usize, &'a ImageEmbedding)>,
     pub ids: Vec<u32>,
     /// RoPE positions, numbered from 1 as in the reference.
     pub positions: Vec<i32>,
@@ -122,24 +123,36 @@ pub(crate) struct Batch<'a> {
     pub slots: Vec<usize>,
     /// First row of each token's sequence.
     pub seq_base: Vec<usize>,
-    /// A whole prefix of one sequence: its tokens see each other both ways.
+    /// Whole prefixes (one per sequence): a prefix's tokens see each other both ways.
     pub prefix: bool,
-    /// Tokens at the end of the batch whose logits are wanted.
-    pub n_logits: usize,
+    /// Batch rows whose logits are wanted, in the order they are returned.
+    pub outputs: Vec<usize>,
 }
 
+/// A prefix to prefill: its image, its ids, the first KV cache row of its sequence.
+pub(crate) type Prefix<'a> = (&'a ImageEmbedding, &'a [u32], usize);
+
 impl<'a> Batch<'a> {
-    /// The whole prefix of the sequence starting at row `base`.
-    pub fn prefix(image: &'a ImageEmbedding, ids: &[u32], base: usize, n_logits: usize) -> Batch<'a> {
-        Batch {
-            image: Some(image),
-            ids: ids.to_vec(),
-            positions: (1..=ids.len() as i32).collect(),
-            slots: (base..base + ids.len()).collect(),
-            seq_base: vec![base; ids.len()],
-            prefix: true,
-            n_logits,
+    /// The whole prefixes of several sequences, one after another, with the logits of
+    /// each prefix's last token (or of every token, with `all_logits`).
+    pub fn prefixes(prefixes: &[Prefix<'a>], all_logits: bool) -> Batch<'a> {
+        let mut batch =
+            Batch { images: Vec::new(), ids: Vec::new(), positions: Vec::new(), slots: Vec::new(), seq_base: Vec::new(), prefix: true, outputs: Vec::new() };
+        for &(image, ids, base) in prefixes {
+            let first = batch.ids.len();
+            batch.images.push((first, image));
+            batch.ids.extend_from_slice(ids);
+            batch.positions.extend(1..=ids.len() as i32);
+            batch.slots.extend(base..base + ids.len());
+            batch.seq_base.extend(std::iter::repeat_n(base, ids.len()));
+            let end = batch.ids.len();
+            if all_logits {
+                batch.outputs.extend(first..end);
+            } else if end > first {
+                batch.outputs.push(end - 1);
+            }
         }
+        batch
     }
 
     /// Splits the batch into runs of consecutive tokens of one sequence. Each run attends

@@ -20,6 +20,11 @@ use std::time::Instant;
 /// Nodes a graph may have; PaliGemma 2 28B's decoder needs about 2,500.
 const GRAPH_SIZE: usize = 16 * 1024;
 
+/// Image patches one vision graph takes at most when [`Model::encode_images`] encodes
+/// several frames together (four 224 px frames): it bounds the compute buffers. A
+/// larger image runs in a graph of its own.
+pub const VISION_BATCH_PATCHES: usize = 1024;
+
 /// CPU threads when none are asked for: half the cores this process may use, at
 /// least one. ggml's workers meet at every node of a graph and wait for each other by
 /// spinning, so one worker that shares a core with another busy program holds all the
@@ -239,34 +244,68 @@ impl Model {
 
     /// Preprocesses an image and encodes it.
     pub fn encode_image(&mut self, image: &RgbImage) -> Result<ImageEmbedding> {
-        let start = Instant::now();
-        let pixels = preprocess(image, &self.config.vision);
-        let pre = ms(start);
-        let mut emb = self.encode_pixels(&pixels)?;
-        emb.timings.preprocess = pre;
-        (emb.width, emb.height) = (image.width, image.height);
-        Ok(emb)
+        Ok(self.encode_images(&[image])?.remove(0))
+    }
+
+    /// Preprocesses several images and encodes them together: as many as fit in
+    /// [`VISION_BATCH_PATCHES`] share one graph, so that frames of several cameras
+    /// cost one pass over the weights (and one set of graph overheads) instead of one
+    /// each.
+    pub fn encode_images(&mut self, images: &[&RgbImage]) -> Result<Vec<ImageEmbedding>> {
+        let mut pre = Vec::with_capacity(images.len());
+        let pixels: Vec<PixelValues> = images
+            .iter()
+            .map(|image| {
+                let start = Instant::now();
+                let pixels = preprocess(image, &self.config.vision);
+                pre.push(ms(start));
+                pixels
+            })
+            .collect();
+        let mut embeddings = self.encode_pixels_batch(&pixels.iter().collect::<Vec<_>>())?;
+        for ((emb, image), pre) in embeddings.iter_mut().zip(images).zip(pre) {
+            emb.timings.preprocess = pre;
+            (emb.width, emb.height) = (image.width, image.height);
+        }
+        Ok(embeddings)
     }
 
     /// Encodes preprocessed pixel values.
     pub fn encode_pixels(&mut self, pixels: &PixelValues) -> Result<ImageEmbedding> {
-        let start = Instant::now();
-        let stages = self.run_vision(pixels, false)?;
-        Ok(ImageEmbedding { features: stages.projector, width: pixels.size, height: pixels.size, timings: Timings { vision: ms(start), ..Default::default() } })
+        Ok(self.encode_pixels_batch(&[pixels])?.remove(0))
+    }
+
+    /// Encodes several images' pixel values, [`VISION_BATCH_PATCHES`] at most per graph.
+    fn encode_pixels_batch(&mut self, pixels: &[&PixelValues]) -> Result<Vec<ImageEmbedding>> {
+        let per_graph = (VISION_BATCH_PATCHES / self.config.vision.n_patches()).max(1);
+        let mut embeddings = Vec::with_capacity(pixels.len());
+        for group in pixels.chunks(per_graph) {
+            let start = Instant::now();
+            let stages = self.run_vision(group, false)?;
+            let vision = ms(start);
+            embeddings.extend(stages.into_iter().zip(group).map(|(s, p)| ImageEmbedding {
+                features: s.projector,
+                width: p.size,
+                height: p.size,
+                timings: Timings { vision, ..Default::default() },
+            }));
+        }
+        Ok(embeddings)
     }
 
     /// Vision tower and projector outputs, for parity checks.
     pub fn vision_stages(&mut self, pixels: &PixelValues) -> Result<VisionStages> {
-        self.run_vision(pixels, true)
+        Ok(self.run_vision(&[pixels], true)?.remove(0))
     }
 
-    fn run_vision(&mut self, pixels: &PixelValues, keep_vision: bool) -> Result<VisionStages> {
+    /// Runs the vision graph on images of the model's size, all in one graph.
+    fn run_vision(&mut self, pixels: &[&PixelValues], keep_vision: bool) -> Result<Vec<VisionStages>> {
         let v = &self.config.vision;
-        if pixels.size != v.image_size {
-            return Err(Error::Image(format!("pixel values are {0}x{0}, the model takes {1}x{1}", pixels.size, v.image_size)));
+        if let Some(bad) = pixels.iter().find(|p| p.size != v.image_size) {
+            return Err(Error::Image(format!("pixel values are {0}x{0}, the model takes {1}x{1}", bad.size, v.image_size)));
         }
         let ctx = Context::new(GRAPH_SIZE, GRAPH_SIZE)?;
-        let input = ctx.input("pixels", Type::F32, &[v.image_size, v.image_size, 3, 1])?;
+        let input = ctx.input("pixels", Type::F32, &[v.image_size, v.image_size, 3, pixels.len()])?;
         let (vision, projector) = crate::vision::build(&ctx, &self.weights.store, &self.vision, v, input)?;
         vision.set_output();
         projector.set_output();
@@ -274,45 +313,50 @@ impl Model {
         graph.expand(vision)?;
         graph.expand(projector)?;
         self.sched.alloc(&graph)?;
-        input.write_f32(&pixels.data)?;
+        input.write_f32(&pixels.iter().flat_map(|p| p.data.iter().copied()).collect::<Vec<_>>())?;
         self.sched.compute(&graph)?;
-        Ok(VisionStages { vision: if keep_vision { vision.read_f32()? } else { Vec::new() }, projector: projector.read_f32()? })
+        let n = pixels.len();
+        let vision = if keep_vision { vision.read_f32()? } else { Vec::new() };
+        let projector = projector.read_f32()?;
+        let (vision_size, projector_size) = (vision.len() / n, projector.len() / n);
+        Ok((0..n)
+            .map(|i| VisionStages {
+                vision: vision.get(i * vision_size..(i + 1) * vision_size).unwrap_or_default().to_vec(),
+                projector: projector[i * projector_size..(i + 1) * projector_size].to_vec(),
+            })
+            .collect())
     }
 
-    /// Runs the decoder over a batch and returns the logits of its last
-    /// `batch.n_logits` tokens, [n_logits, vocab] row-major, before the final softcap.
+    /// Runs the decoder over a batch and returns the logits of its `batch.outputs`
+    /// rows, [outputs, vocab] row-major, before the final softcap.
     pub(crate) fn forward(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
         let t = &self.config.text;
         let n = batch.ids.len();
+        if n == 0 || batch.outputs.is_empty() || batch.outputs.iter().any(|&r| r >= n) {
+            return Err(Error::Invalid(format!("a batch of {n} tokens with logits wanted at rows {:?}", batch.outputs)));
+        }
         if let Some(&bad) = batch.ids.iter().find(|&&id| id as usize >= t.vocab_size) {
             return Err(Error::Prompt(format!("token id {bad} is outside the vocabulary of {}", t.vocab_size)));
         }
-        let image_id = self.config.tokens.image_token_id;
-        let n_image = batch.ids.iter().take_while(|&&id| id == image_id).count();
-        if n_image > 0 {
-            let expected = self.config.tokens.image_token_count;
-            let features = batch.image.map_or(0, |e| e.features.len() / t.width);
-            if !batch.prefix || n_image != expected || features != expected {
-                return Err(Error::Prompt(format!("the prefix needs {expected} image tokens at the start and an image encoding of as many features")));
-            }
-        }
         let runs = batch.runs(t.sliding_window);
+        let embeddings = self.embedding_rows(batch, &runs)?;
 
         let ctx = Context::new(GRAPH_SIZE, GRAPH_SIZE)?;
         let store = &self.weights.store;
-        let text_ids: Vec<i32> = batch.ids[n_image..].iter().map(|&id| id as i32).collect();
+        // The image features of every prefix in one input, the text tokens' embeddings
+        // in another; a gather puts the rows in batch order when they interleave.
         let mut parts = Vec::new();
-        let image_in = if n_image > 0 {
-            let img = ctx.input("image_features", Type::F32, &[t.width, n_image])?;
+        let image_in = if embeddings.image_features.is_empty() {
+            None
+        } else {
+            let img = ctx.input("image_features", Type::F32, &[t.width, embeddings.image_features.len() / t.width])?;
             parts.push(img);
             Some(img)
-        } else {
-            None
         };
-        let ids_in = if text_ids.is_empty() {
+        let ids_in = if embeddings.text_ids.is_empty() {
             None
         } else {
-            let tid = ctx.input("token_ids", Type::I32, &[text_ids.len()])?;
+            let tid = ctx.input("token_ids", Type::I32, &[embeddings.text_ids.len()])?;
             let emb = ctx.get_rows(store.get(self.decoder.token_embd), tid)?;
             parts.push(ctx.scale(emb, t.embed_scale)?);
             Some(tid)
@@ -321,6 +365,18 @@ impl Model {
         for p in &parts[1..] {
             x = ctx.concat(x, *p, 1)?;
         }
+        let order_in = if embeddings.order.iter().enumerate().all(|(i, &o)| i as i32 == o) {
+            None
+        } else {
+            let order = ctx.input("row_order", Type::I32, &[n])?;
+            x = ctx.get_rows(x, order)?;
+            Some(order)
+        };
+        let outputs_in = if batch.outputs.len() == n && batch.outputs.iter().enumerate().all(|(i, &r)| i == r) {
+            None
+        } else {
+            Some(ctx.input("output_rows", Type::I32, &[batch.outputs.len()])?)
+        };
         let pos = ctx.input("positions", Type::I32, &[n])?;
         let slots = ctx.input("slots", Type::I32, &[n])?;
         // Masks as f32 inputs (written below), read by the attention as f16. A mask no
@@ -341,17 +397,23 @@ impl Model {
             attention.push(Run { base: run.base, first: run.first, len: run.len, kv: run.kv, full, sliding });
         }
         let mut graph = ctx.graph(GRAPH_SIZE)?;
-        let inputs = DecoderInputs { x, pos, slots, runs: attention, n_logits: batch.n_logits };
+        let inputs = DecoderInputs { x, pos, slots, runs: attention, outputs: outputs_in };
         let logits = crate::decoder::build(&ctx, store, &self.decoder, t, &mut graph, &self.kv, inputs)?;
         logits.set_output();
         graph.expand(logits)?;
         self.sched.alloc(&graph)?;
 
-        if let (Some(img), Some(e)) = (image_in, batch.image) {
-            img.write_f32(&e.features)?;
+        if let Some(img) = image_in {
+            img.write_f32(&embeddings.image_features)?;
         }
         if let Some(tid) = ids_in {
-            tid.write_i32(&text_ids)?;
+            tid.write_i32(&embeddings.text_ids)?;
+        }
+        if let Some(order) = order_in {
+            order.write_i32(&embeddings.order)?;
+        }
+        if let Some(outputs) = outputs_in {
+            outputs.write_i32(&batch.outputs.iter().map(|&r| r as i32).collect::<Vec<_>>())?;
         }
         pos.write_i32(&batch.positions)?;
         slots.write_i32(&batch.slots.iter().map(|&s| s as i32).collect::<Vec<_>>())?;
@@ -360,6 +422,61 @@ impl Model {
         }
         self.sched.compute(&graph)?;
         Ok(logits.read_f32()?)
+    }
+}
+
+/// Where each row of a batch takes its embedding from (see [`Model::forward`]).
+struct EmbeddingRows {
+    /// The features of every prefix's image tokens, one after another.
+    image_features: Vec<f32>,
+    /// The ids of the other tokens, in batch order.
+    text_ids: Vec<i32>,
+    /// Per batch row, its row among the image features followed by the text embeddings.
+    order: Vec<i32>,
+}
+
+impl Model {
+    /// Sorts the rows of a batch into image features (the image tokens that start each
+    /// prefix, which must be exactly the model's count with an encoding of as many
+    /// features) and text tokens (every other id: a generated image token is embedded
+    /// as text).
+    fn embedding_rows(&self, batch: &Batch<'_>, runs: &[Run<Vec<f32>>]) -> Result<EmbeddingRows> {
+        let t = &self.config.text;
+        let (image_id, expected) = (self.config.tokens.image_token_id, self.config.tokens.image_token_count);
+        let mut image_rows = vec![false; batch.ids.len()];
+        let mut image_features = Vec::new();
+        for run in runs {
+            let leading = batch.ids[run.first..run.first + run.len].iter().take_while(|&&id| id == image_id).count();
+            let image = batch.images.iter().find(|(row, _)| *row == run.first).map(|(_, e)| *e);
+            if leading == 0 || !batch.prefix {
+                continue;
+            }
+            let features = image.map_or(0, |e| e.features.len() / t.width);
+            let Some(image) = image.filter(|_| leading == expected && features == expected) else {
+                return Err(Error::Prompt(format!("the prefix needs {expected} image tokens at the start and an image encoding of as many features")));
+            };
+            image_rows[run.first..run.first + leading].iter_mut().for_each(|r| *r = true);
+            image_features.extend_from_slice(&image.features);
+        }
+        let n_image = image_features.len() / t.width;
+        let (mut next_image, mut next_text) = (0, n_image as i32);
+        let mut text_ids = Vec::new();
+        let order = batch
+            .ids
+            .iter()
+            .zip(&image_rows)
+            .map(|(&id, &image)| {
+                if image {
+                    next_image += 1;
+                    next_image - 1
+                } else {
+                    text_ids.push(id as i32);
+                    next_text += 1;
+                    next_text - 1
+                }
+            })
+            .collect();
+        Ok(EmbeddingRows { image_features, text_ids, order })
     }
 }
 

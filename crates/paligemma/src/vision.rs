@@ -60,27 +60,29 @@ impl VisionWeights {
     }
 }
 
-/// Builds the tower on `pixels` ([size, size, 3, 1]). Returns (vision output [width,
-/// n_patches], projector output [text width, n_patches]).
+/// Builds the tower on `pixels` ([size, size, 3, images]): every image is encoded on
+/// its own, the matrices taking all their patches as one batch. Returns (vision output
+/// [width, n_patches * images], projector output [text width, n_patches * images]).
 pub(crate) fn build<'c>(ctx: &'c Context, store: &TensorStore, w: &VisionWeights, cfg: &VisionConfig, pixels: Tensor<'_>) -> Result<(Tensor<'c>, Tensor<'c>)> {
-    let (d, n, heads) = (cfg.width, cfg.n_patches(), cfg.heads);
+    let (d, n, heads, images) = (cfg.width, cfg.n_patches(), cfg.heads, pixels.ne()[3]);
     let hd = d / heads;
     // Patch embedding: a conv with kernel = stride = patch; patches in row-major order.
-    let patches = ctx.conv_2d(store.get(w.patch_kernel), pixels, cfg.patch_size, 0)?; // [px, py, d, 1]
-    let patches = ctx.reshape(patches, &[n, d])?;
-    let mut x = ctx.cont(ctx.transpose(patches)?)?; // [d, n]
+    let patches = ctx.conv_2d(store.get(w.patch_kernel), pixels, cfg.patch_size, 0)?; // [px, py, d, images]
+    let patches = ctx.reshape(patches, &[n, d, images])?;
+    let mut x = ctx.reshape(ctx.cont(ctx.transpose(patches)?)?, &[d, n * images])?;
     x = ctx.add(x, store.get(w.patch_bias))?;
+    // [d, n] repeated for every image.
     x = ctx.add(x, store.get(w.positions))?;
     let scale = (hd as f32).powf(-0.5);
-    // [d, n] -> [hd, n, heads]
-    let heads_of = |t: Tensor<'c>| -> Result<Tensor<'c>> { Ok(ctx.permute(ctx.reshape(t, &[hd, heads, n])?, [0, 2, 1, 3])?) };
+    // [d, n * images] -> [hd, n, heads, images]
+    let heads_of = |t: Tensor<'c>| -> Result<Tensor<'c>> { Ok(ctx.permute(ctx.reshape(t, &[hd, heads, n, images])?, [0, 2, 1, 3])?) };
     for layer in &w.layers {
         let h = layer.ln1.forward(ctx, store, x)?;
         let q = heads_of(layer.q.forward(ctx, store, h)?)?;
         let k = heads_of(layer.k.forward(ctx, store, h)?)?;
         let v = heads_of(layer.v.forward(ctx, store, h)?)?;
-        let attn = ctx.flash_attn_ext(q, k, v, None, scale, 0.0)?; // [hd, heads, n]
-        let attn = ctx.reshape(attn, &[d, n])?;
+        let attn = ctx.flash_attn_ext(q, k, v, None, scale, 0.0)?; // [hd, heads, n, images]
+        let attn = ctx.reshape(attn, &[d, n * images])?;
         x = ctx.add(x, layer.out.forward(ctx, store, attn)?)?;
         let h = layer.ln2.forward(ctx, store, x)?;
         let h = ctx.gelu_precise(layer.up.forward(ctx, store, h)?)?;

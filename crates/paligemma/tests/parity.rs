@@ -215,3 +215,52 @@ fn repacked_weights_match_in_place() {
     #[cfg(target_arch = "x86_64")]
     assert!(!std::arch::is_x86_feature_detected!("avx2") || repacked_any, "ggml repacks q4_0 on any CPU with AVX2");
 }
+
+/// Frames of several cameras encoded in one vision graph, and prompts on different
+/// frames prefilled in one decoder graph, give each what it gives alone: every image
+/// and prefix attends only to itself.
+#[test]
+fn frames_and_prefixes_batched_match_alone() {
+    use paligemma::Start;
+    use paligemma::preprocess::RgbImage;
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = convert_fixture("pg2_gqa", Type::F32, Type::F32, dir.path());
+    let mut model = Model::load(&gguf, &ModelOptions { threads: 2, kv_type: KvType::F32, max_sequences: 6, ..Default::default() }).unwrap();
+    let images: Vec<RgbImage> = ["photo.jpg", "rgb.png", "rgba.png"].iter().map(|f| RgbImage::open(&fixtures_dir().join("images").join(f)).unwrap()).collect();
+    let alone: Vec<_> = images.iter().map(|i| model.encode_image(i).unwrap()).collect();
+    let together = model.encode_images(&images.iter().collect::<Vec<_>>()).unwrap();
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        let diff = rel_max_diff(&t.features, &a.features);
+        assert!(diff < 1e-5, "image {i}: features differ by {diff:e} when encoded together");
+        assert_eq!((t.width, t.height), (images[i].width, images[i].height));
+    }
+    assert!(rel_max_diff(&alone[0].features, &alone[1].features) > 1e-2, "the images must differ for this test to mean anything");
+
+    // Prefixes of different lengths on different frames.
+    let cases = [(0, "detect cat ; dog"), (1, "caption en"), (2, "ocr"), (0, "answer en what is in the picture?"), (1, "detect cat")];
+    let opts = GenerateOptions { max_tokens: 8, ignore_eos: true, ..Default::default() };
+    let prefixes: Vec<Vec<u32>> = cases.iter().map(|(_, p)| model.tokenizer().prefix_ids(p).unwrap()).collect();
+    let single: Vec<_> = cases.iter().zip(&prefixes).map(|((i, _), ids)| common::generate_ids(&mut model, &alone[*i], ids, &opts).unwrap()).collect();
+    let starts: Vec<Start<'_>> = cases.iter().zip(&prefixes).map(|((i, _), ids)| Start { image: &together[*i], prefix: ids, opts: &opts }).collect();
+    let seqs = model.start_batch(&starts).unwrap();
+    while model.active_sequences() > 0 {
+        model.step(&mut |_, _| true).unwrap();
+    }
+    for (c, (seq, alone)) in seqs.into_iter().zip(&single).enumerate() {
+        let g = model.finish(seq).unwrap();
+        let diff = rel_max_diff(&g.first_logits, &alone.first_logits);
+        assert!(diff < 1e-5, "{:?}: first logits differ by {diff:e} when prefilled together", cases[c]);
+        assert_eq!(g.tokens, alone.tokens, "{:?}", cases[c]);
+        assert_eq!(g.prompt_tokens, prefixes[c].len());
+    }
+
+    // One prefix that cannot start refuses the whole batch and takes no region.
+    let too_long = vec![prefixes[0][0]; model.context_size() + 1];
+    let bad = [starts[0], Start { image: &together[0], prefix: &too_long, opts: &opts }];
+    let e = model.start_batch(&bad).unwrap_err().to_string();
+    assert!(e.contains("exceeds the context"), "{e}");
+    assert_eq!(model.free_sequences(), model.max_sequences());
+    let e = model.start_batch(&vec![starts[0]; model.max_sequences() + 1]).unwrap_err().to_string();
+    assert!(e.contains("free"), "{e}");
+    assert_eq!(model.free_sequences(), model.max_sequences());
+}
