@@ -40,10 +40,10 @@ pub struct BenchArgs {
     pub decode_tokens: usize,
     /// Untimed runs first.
     #[arg(long, default_value_t = 1)]
-    warmup: usize,
+    pub warmup: usize,
     /// Timed runs (medians are reported).
     #[arg(long, default_value_t = 3)]
-    reps: usize,
+    pub reps: usize,
     /// Also prefill and decode this many prompts on one frame as one batch, and encode
     /// as many frames together, and compare with running them one after another.
     #[arg(long, default_value_t = 4)]
@@ -74,6 +74,11 @@ pub struct BenchArgs {
     /// With --streams: the frame every camera sends (default: a generated 640x480 one).
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// Instead of the stages: compare prefill and decode with this `llama-bench` (see
+    /// scripts/llama-bench-build.sh) on the model's Gemma 2 decoder, the same bytes
+    /// written as a llama.cpp GGUF beside the model, --reps runs of each interleaved.
+    #[arg(long, value_name = "LLAMA_BENCH")]
+    pub vs_llama_bench: Option<PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -173,6 +178,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     if args.streams > 0 {
         return crate::bench_streams::run(args, &path, opts, image);
+    }
+    if let Some(llama) = &args.vs_llama_bench {
+        return crate::vs_llama::run(args, &path, opts, &image, llama);
     }
     let mut model = Model::load(&path, &opts)?;
     let ids = model.tokenizer().prefix_ids("caption en")?;

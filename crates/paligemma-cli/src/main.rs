@@ -7,6 +7,7 @@ use paligemma::{AnswerOptions, KvType, Model, ModelOptions, Sampling, Task};
 mod bench;
 mod bench_streams;
 mod eval;
+mod vs_llama;
 
 use npyz::WriterBuilder;
 use std::io::Write;
