@@ -146,7 +146,11 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: &RgbImage, 
             llama_prefill.push(lp);
             llama_decode.push(ld);
         }
-        eprintln!("rep {rep}: prefill {:.1} / {lp:.1} tokens/s, decode {:.1} / {ld:.1} tokens/s", ids.len() as f64 / (g.timings.prefill / 1e3), g.tokens.len().saturating_sub(1) as f64 / (g.timings.decode / 1e3));
+        eprintln!(
+            "rep {rep}: prefill {:.1} / {lp:.1} tokens/s, decode {:.1} / {ld:.1} tokens/s",
+            ids.len() as f64 / (g.timings.prefill / 1e3),
+            g.tokens.len().saturating_sub(1) as f64 / (g.timings.decode / 1e3)
+        );
     }
     let (cpu, cpu_flags) = cpu();
     let (op, lp, od, ld) = (median(ours_prefill), median(llama_prefill), median(ours_decode), median(llama_decode));
