@@ -7,8 +7,9 @@ use serde_json::Value as Json;
 use std::path::Path;
 
 /// Version of our GGUF layout; bumped on any incompatible change. Version 2 may pad
-/// weight rows with zero columns; version 1 files (never padded) still load.
-pub const FORMAT_VERSION: u32 = 2;
+/// weight rows with zero columns; version 3 may also pad the outputs that feed such
+/// rows (SigLIP's `ffn_up`, see [`crate::convert`]). Versions 1 and 2 still load.
+pub const FORMAT_VERSION: u32 = 3;
 /// Value of `general.architecture` in the model files this crate writes and reads.
 pub const ARCHITECTURE: &str = "paligemma";
 

@@ -13,7 +13,8 @@ pub(crate) struct Linear {
 
 impl Linear {
     /// A weight whose rows were padded with zero columns (see the converter) gets its
-    /// input padded with zeros to match.
+    /// input padded with zeros to match, unless the input already comes padded (the
+    /// outputs of a matrix padded to feed it, format version 3).
     pub fn forward<'c>(&self, ctx: &'c Context, store: &TensorStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
         let w = store.get(self.w);
         let (k, have) = (w.ne()[0], x.ne()[0]);

@@ -186,6 +186,13 @@ pub fn tensors(cfg: &Config, table: &[TensorInfo]) -> std::result::Result<(), Pr
         check(role.allowed().contains(&info.ty), || format!("tensor {name} is {}, expected one of {}", info.ty.name(), names(role.allowed())))?;
         let mut got = info.shape.clone();
         got.resize(shape.len().max(got.len()), 1);
+        // Outputs may be padded to the padded rows of the matrix they feed.
+        let mut shape = shape;
+        let outputs = shape.len() - 1;
+        if let Some(n) = crate::convert::padded_consumer(&name).and_then(|c| find(&c)).map(|c| c.shape[0]).filter(|&n| n > shape[outputs] && got[outputs] == n)
+        {
+            shape[outputs] = n;
+        }
         let padded = role == Role::Matrix && crate::convert::is_padded_matrix(&name, &got, &shape, info.ty.block_size());
         check(got == shape || padded, || format!("tensor {name} has shape {:?}, expected {shape:?}", info.shape))?;
     }

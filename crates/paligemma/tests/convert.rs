@@ -220,4 +220,41 @@ fn quantized_types_fall_back_where_rows_do_not_fit() {
     assert_eq!((down.ty, down.shape.clone()), (Type::Q8_0, vec![64, 32]));
     let rows = ggml::to_f32(down.ty, f.tensor_data(down), 64 * 32).unwrap();
     assert!(rows.chunks(64).all(|r| r[48..].iter().all(|&v| v == 0.0)), "padding columns are zero");
+    // The MLP's first matrix and its bias give 64 outputs to match, the extra ones zero.
+    let (up, bias) = (f.tensor("v.blk.0.ffn_up.weight").unwrap(), f.tensor("v.blk.0.ffn_up.bias").unwrap());
+    assert_eq!((up.shape.clone(), bias.shape.clone()), (vec![32, 64], vec![64]));
+    let up_rows = ggml::to_f32(up.ty, f.tensor_data(up), 32 * 64).unwrap();
+    assert!(up_rows[48 * 32..].iter().all(|&v| v == 0.0) && up_rows[..48 * 32].iter().any(|&v| v != 0.0));
+    assert!(f.tensor_f32("v.blk.0.ffn_up.bias").unwrap()[48..].iter().all(|&v| v == 0.0));
+}
+
+/// A format version 2 file (SigLIP's `ffn_up` outputs not padded, so the graph pads
+/// `ffn_down`'s input instead) still loads and computes what version 3 computes.
+#[test]
+fn version_2_files_with_unpadded_outputs_still_load() {
+    use paligemma::{GenerateOptions, Model, ModelOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let v3 = convert_fixture("pg2_gqa", Type::Q8_0, Type::Q8_0, dir.path());
+    let v2 = dir.path().join("v2.gguf");
+    GgufFile::open(&v3)
+        .unwrap()
+        .rewrite(&v2, |meta, tensors| {
+            meta.iter_mut().filter(|(k, _)| k == "paligemma.format_version").for_each(|(_, v)| *v = ggml::gguf::Value::U32(2));
+            for (name, _, shape) in tensors.iter_mut().filter(|(n, ..)| n.starts_with("v.blk.") && n.contains(".ffn_up.")) {
+                *shape.last_mut().unwrap() = 48;
+                assert!(name.ends_with("weight") || shape.len() == 1);
+            }
+        })
+        .unwrap();
+    let image = paligemma::preprocess::RgbImage::open(&fixtures_dir().join("images/photo.jpg")).unwrap();
+    let run = |path: &Path| {
+        let mut model = Model::load(path, &ModelOptions { threads: 2, ..Default::default() }).unwrap();
+        let emb = model.encode_image(&image).unwrap();
+        let tokens = generate(&mut model, &emb, "caption en", &GenerateOptions { max_tokens: 8, ..Default::default() }).unwrap().tokens;
+        (emb.features, tokens)
+    };
+    let ((f3, t3), (f2, t2)) = (run(&v3), run(&v2));
+    assert_eq!(GgufFile::open(&v2).unwrap().tensor("v.blk.0.ffn_up.bias").unwrap().shape, vec![48]);
+    assert!(rel_max_diff(&f2, &f3) < 1e-6, "{}", rel_max_diff(&f2, &f3));
+    assert_eq!(t2, t3);
 }
