@@ -268,3 +268,47 @@ fn flush_of_one_stream_leaves_the_others() {
     assert!(got_a.lock().unwrap().is_empty(), "the flushed stream gets no stale result");
     assert_eq!(got_b.lock().unwrap().len(), 1, "the other stream's answer arrives");
 }
+
+/// Cameras whose frames arrive together are served by one vision pass and one prefill
+/// (see the scheduler): each still gets the answers its frame gets alone.
+#[test]
+fn cameras_served_together_get_their_own_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = model_file(dir.path());
+    let images: Vec<RgbImage> = ["photo.jpg", "rgb.png", "rgba.png"].iter().map(|f| RgbImage::open(&fixtures().join("images").join(f)).unwrap()).collect();
+    let frame_of = |i: usize| {
+        Frame::new(FrameInfo { seq: i as u64, width: images[i % 3].width, height: images[i % 3].height, ..Default::default() }, images[i % 3].clone())
+    };
+    let prompts = || PromptSet::from_short("caption en|detect cat ; dog", 0, 12).unwrap();
+    let alone_engine = Engine::new(Model::load(&path, &ModelOptions { threads: 1, ..Default::default() }).unwrap());
+    let (_g, sink) = collector();
+    let alone = Worker::spawn(alone_engine, prompts(), stream_config("alone"), sink);
+    let want: Vec<Vec<String>> = (0..4).map(|i| alone.analyse(frame_of(i)).unwrap().iter().map(|m| m.raw.clone()).collect()).collect();
+
+    let engine = Engine::new(Model::load(&path, &ModelOptions { threads: 1, max_sequences: 8, ..Default::default() }).unwrap());
+    let cams: Vec<_> = (0..4)
+        .map(|i| {
+            let (got, sink) = collector();
+            (got, Worker::spawn(engine.clone(), prompts(), stream_config(&format!("cam{i}")), sink))
+        })
+        .collect();
+    for round in 0..3 {
+        for (i, (_, w)) in cams.iter().enumerate() {
+            w.submit(frame_of(i));
+        }
+        for (_, w) in &cams {
+            assert!(w.drain(Duration::from_secs(30)), "round {round}");
+        }
+    }
+    for (i, (got, _)) in cams.iter().enumerate() {
+        let got = got.lock().unwrap();
+        assert!(!got.is_empty(), "camera {i} was answered");
+        for m in got.iter() {
+            let p = if m.prompt.id == "caption" { 0 } else { 1 };
+            assert!(!m.is_error(), "{m:?}");
+            assert_eq!(m.raw, want[i][p], "camera {i}, prompt {}", m.prompt.id);
+        }
+        let vision: Vec<f64> = got.iter().map(|m| m.latency_ms.vision).collect();
+        println!("camera {i}: {} answers, vision ms {vision:.2?}", got.len());
+    }
+}
