@@ -152,3 +152,49 @@ fn demo_model_scores() {
     let lp = v["mean_logprob"].as_f64().unwrap();
     assert!(lp <= 0.0 && lp.is_finite(), "{v}");
 }
+
+/// `bench --vs-llama-bench`: the decoder is written as a llama.cpp `gemma2` GGUF, byte
+/// for byte, and our runs alternate with llama-bench's (here a stand-in that logs its
+/// arguments and prints llama-bench's JSON), whose figures are read back.
+#[test]
+fn bench_against_llama_bench() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path());
+    let (log, fake) = (dir.path().join("args.log"), dir.path().join("llama-bench"));
+    std::fs::write(&fake, format!("#!/bin/sh\necho \"$@\" >> '{}'\necho '[{{\"avg_ts\": 2.5}}]'\n", log.display())).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let args = ["bench", "-m", &model, "--threads", "1", "--reps", "2", "--warmup", "0", "--decode-tokens", "4", "--json", "--vs-llama-bench"];
+    let (ok, stdout, stderr) = paligemma(&[&args[..], &[fake.to_str().unwrap()]].concat());
+    assert!(ok, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let n = r["prefix_tokens"].as_u64().unwrap();
+    assert_eq!((r["llama_prefill"].as_f64(), r["llama_decode"].as_f64()), (Some(2.5), Some(2.5)));
+    let ratio = r["ours_prefill"].as_f64().unwrap() / 2.5;
+    assert!(ratio > 0.0 && (r["prefill_ratio"].as_f64().unwrap() - ratio).abs() < 1e-9 * ratio, "{r}");
+    let gemma2 = Path::new(&model).with_extension("gemma2.gguf");
+    let g = gemma2.to_str().unwrap();
+    let calls: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(String::from).collect();
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    for (i, call) in calls.iter().enumerate() {
+        assert!(call.starts_with(&format!("-m {g} -t 1 -fa 1 -r 1 -o json")), "{call}");
+        let test = if i % 2 == 0 { format!("-p {n} -n 0") } else { format!("-p 0 -n 4 -d {n}") };
+        assert!(call.ends_with(&test), "call {i}: {call}");
+    }
+    // The file llama.cpp loads: its architecture's keys, a vocabulary of the model's
+    // size, and exactly the decoder's tensors with our bytes.
+    let (ours, theirs) = (ggml::gguf::GgufFile::open(&model).unwrap(), ggml::gguf::GgufFile::open(&gemma2).unwrap());
+    assert_eq!(theirs.get("general.architecture").and_then(|v| v.as_str()), Some("gemma2"));
+    let key = |f: &ggml::gguf::GgufFile, k: &str| f.get(k).and_then(|v| v.as_u64()).unwrap();
+    assert_eq!(key(&theirs, "gemma2.block_count"), key(&ours, "paligemma.text.block_count"));
+    assert_eq!(key(&theirs, "gemma2.attention.head_count_kv"), key(&ours, "paligemma.text.attention.head_count_kv"));
+    let vocab = theirs.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).unwrap().len() as u64;
+    assert_eq!(vocab, key(&ours, "paligemma.text.vocab_size"));
+    let decoder = |n: &str| n.starts_with("blk.") || n == "token_embd.weight" || n == "output_norm.weight";
+    assert_eq!(theirs.tensors.len(), ours.tensors.iter().filter(|t| decoder(&t.name)).count());
+    for t in &theirs.tensors {
+        let o = ours.tensor(&t.name).unwrap_or_else(|| panic!("{} is not ours", t.name));
+        assert_eq!((t.ty, &t.shape), (o.ty, &o.shape), "{}", t.name);
+        assert!(theirs.tensor_data(t) == ours.tensor_data(o), "{}: other bytes", t.name);
+    }
+}
