@@ -337,7 +337,7 @@ pub fn resize_f32_bilinear(data: &[f32], w: usize, h: usize, out_w: usize, out_h
     if vertical_first(w, h, out_w, out_h) { horizontal(&vertical(data, w, h), w, out_h) } else { vertical(&horizontal(data, w, h), out_w, h) }
 }
 
-fn clip8(acc: i64) -> u8 {
+fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
@@ -352,24 +352,32 @@ pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
     }
 }
 
+/// Each output pixel: its taps over the input row, the three channels at once. The
+/// sums stay in i32 as Pillow's do (the taps' magnitudes sum to well under
+/// 2^31 / 255), which lets the compiler vectorise them.
 fn horizontal_pass(img: &RgbImage, width: usize) -> RgbImage {
     if width == img.width {
         return img.clone();
     }
     let coeffs = coefficients(img.width, width);
     let mut out = vec![0u8; width * img.height * 3];
-    for y in 0..img.height {
-        let row = &img.data[y * img.width * 3..][..img.width * 3];
-        for (xx, (xmin, taps)) in coeffs.iter().enumerate() {
+    for (row, out_row) in img.data.chunks_exact(img.width * 3).zip(out.chunks_exact_mut(width * 3)) {
+        for ((xmin, taps), px) in coeffs.iter().zip(out_row.chunks_exact_mut(3)) {
+            let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+            for (&k, src) in taps.iter().zip(row[xmin * 3..].chunks_exact(3)) {
+                for c in 0..3 {
+                    acc[c] += src[c] as i32 * k;
+                }
+            }
             for c in 0..3 {
-                let acc = taps.iter().enumerate().fold(1i64 << (PRECISION_BITS - 1), |acc, (i, &k)| acc + row[(xmin + i) * 3 + c] as i64 * k as i64);
-                out[(y * width + xx) * 3 + c] = clip8(acc);
+                px[c] = clip8(acc[c]);
             }
         }
     }
     RgbImage { width, height: img.height, data: out }
 }
 
+/// Each output row: the weighted input rows added up across the whole row at once.
 fn vertical_pass(img: &RgbImage, height: usize) -> RgbImage {
     if height == img.height {
         return img.clone();
@@ -377,10 +385,16 @@ fn vertical_pass(img: &RgbImage, height: usize) -> RgbImage {
     let coeffs = coefficients(img.height, height);
     let row = img.width * 3;
     let mut out = vec![0u8; row * height];
-    for (yy, (ymin, taps)) in coeffs.iter().enumerate() {
-        for x in 0..row {
-            let acc = taps.iter().enumerate().fold(1i64 << (PRECISION_BITS - 1), |acc, (i, &k)| acc + img.data[(ymin + i) * row + x] as i64 * k as i64);
-            out[yy * row + x] = clip8(acc);
+    let mut acc = vec![0i32; row];
+    for ((ymin, taps), out_row) in coeffs.iter().zip(out.chunks_exact_mut(row)) {
+        acc.fill(1 << (PRECISION_BITS - 1));
+        for (&k, src) in taps.iter().zip(img.data[ymin * row..].chunks_exact(row)) {
+            for (a, &p) in acc.iter_mut().zip(src) {
+                *a += p as i32 * k;
+            }
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
     RgbImage { width: img.width, height, data: out }
