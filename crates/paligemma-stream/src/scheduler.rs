@@ -11,7 +11,8 @@
 //!   region of the model; every step decodes one token of every sequence in progress,
 //!   whatever stream and prompt it belongs to, and sequences join (after their frame's
 //!   vision pass and their prefill) and leave (at eos, their token limit or a flush) as
-//!   they start and finish.
+//!   they start and finish. Jobs admitted together share one vision graph for their
+//!   frames and one prefill graph for their prompts.
 //! - **Containment.** A panic below the loop fails the work in progress with error
 //!   results; the thread, and every stream it serves, goes on.
 use crate::engine::EngineShared;

@@ -2,9 +2,9 @@
 //!
 //! The cache holds, per decoder layer, a K and a V tensor of `n_ctx * max_sequences`
 //! rows: sequence `s` owns the rows `s * n_ctx .. (s + 1) * n_ctx`. A [`Batch`] is a
-//! set of tokens to run through the decoder in one graph (a whole prefix, or one new
-//! token for each of several sequences), with the cache row each one writes and the
-//! attention masks that keep every sequence to its own region.
+//! set of tokens to run through the decoder in one graph (the whole prefixes of one or
+//! more sequences, or one new token for each of several sequences), with the cache row
+//! each one writes and the attention masks that keep every sequence to its own region.
 use crate::config::TextConfig;
 use crate::model::ImageEmbedding;
 use crate::{Error, Result};

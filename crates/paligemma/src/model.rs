@@ -451,8 +451,7 @@ impl Model {
             if leading == 0 || !batch.prefix {
                 continue;
             }
-            let features = image.map_or(0, |e| e.features.len() / t.width);
-            let Some(image) = image.filter(|_| leading == expected && features == expected) else {
+            let Some(image) = image.filter(|e| leading == expected && e.features.len() == expected * t.width) else {
                 return Err(Error::Prompt(format!("the prefix needs {expected} image tokens at the start and an image encoding of as many features")));
             };
             image_rows[run.first..run.first + leading].iter_mut().for_each(|r| *r = true);

@@ -262,5 +262,10 @@ fn frames_and_prefixes_batched_match_alone() {
     assert_eq!(model.free_sequences(), model.max_sequences());
     let e = model.start_batch(&vec![starts[0]; model.max_sequences() + 1]).unwrap_err().to_string();
     assert!(e.contains("free"), "{e}");
+    // An encoding one value short of its image tokens' features.
+    let mut short = together[1].clone();
+    short.features.pop();
+    let e = model.start_batch(&[starts[0], Start { image: &short, ..starts[1] }]).unwrap_err().to_string();
+    assert!(e.contains("image encoding"), "{e}");
     assert_eq!(model.free_sequences(), model.max_sequences());
 }
