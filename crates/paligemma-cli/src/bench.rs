@@ -81,7 +81,7 @@ pub struct BenchArgs {
     pub vs_llama_bench: Option<PathBuf>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }

@@ -5,7 +5,7 @@
 //! `llama-bench`'s (`-p` at depth 0, `-n` at a depth of our prefix) run in turn, rep by
 //! rep, so that the machine's drift hits both alike. Build llama-bench on our ggml with
 //! `scripts/llama-bench-build.sh`.
-use crate::bench::BenchArgs;
+use crate::bench::{BenchArgs, median};
 use anyhow::{Context, Result, bail};
 use ggml::gguf::{GgufFile, GgufHeader, GgufWriter, Value};
 use paligemma::config::TextArch;
@@ -120,11 +120,6 @@ fn llama_bench(bin: &Path, model: &Path, threads: usize, args: &[String]) -> Res
     runs.get(0).and_then(|r| r.get("avg_ts")).and_then(serde_json::Value::as_f64).context("llama-bench printed no avg_ts")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: &RgbImage, llama: &Path) -> Result<()> {
     let gemma2 = path.with_extension("gemma2.gguf");
     write_gemma2(path, &gemma2).with_context(|| format!("writing {}", gemma2.display()))?;
@@ -138,19 +133,17 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: &RgbImage, 
     let (mut ours_prefill, mut ours_decode, mut llama_prefill, mut llama_decode) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..args.warmup + args.reps {
         let g = model.generate(&emb, std::slice::from_ref(&ids), &options, &mut |_| true)?.remove(0);
+        let op = ids.len() as f64 / (g.timings.prefill / 1e3);
+        let od = g.tokens.len().saturating_sub(1) as f64 / (g.timings.decode / 1e3);
         let lp = llama_bench(llama, &gemma2, threads, &["-p".into(), p.clone(), "-n".into(), "0".into()])?;
         let ld = llama_bench(llama, &gemma2, threads, &["-p".into(), "0".into(), "-n".into(), n.to_string(), "-d".into(), depth.clone()])?;
+        eprintln!("rep {rep}: prefill {op:.1} / {lp:.1} tokens/s, decode {od:.1} / {ld:.1} tokens/s");
         if rep >= args.warmup {
-            ours_prefill.push(ids.len() as f64 / (g.timings.prefill / 1e3));
-            ours_decode.push(g.tokens.len().saturating_sub(1) as f64 / (g.timings.decode / 1e3));
+            ours_prefill.push(op);
+            ours_decode.push(od);
             llama_prefill.push(lp);
             llama_decode.push(ld);
         }
-        eprintln!(
-            "rep {rep}: prefill {:.1} / {lp:.1} tokens/s, decode {:.1} / {ld:.1} tokens/s",
-            ids.len() as f64 / (g.timings.prefill / 1e3),
-            g.tokens.len().saturating_sub(1) as f64 / (g.timings.decode / 1e3)
-        );
     }
     let (cpu, cpu_flags) = cpu();
     let (op, lp, od, ld) = (median(ours_prefill), median(llama_prefill), median(ours_decode), median(llama_decode));
