@@ -40,7 +40,7 @@ impl Context {
         self.ptr.as_ptr()
     }
 
-    fn room(&self) -> Result<()> {
+    pub(crate) fn room(&self) -> Result<()> {
         // SAFETY: valid context.
         let free = unsafe { sys::ggml_get_mem_size(self.as_ptr()) - sys::ggml_used_mem(self.as_ptr()) };
         // SAFETY: pure size computation.
@@ -50,7 +50,7 @@ impl Context {
         Ok(())
     }
 
-    fn wrap(&self, op: &'static str, raw: *mut sys::ggml_tensor) -> Result<Tensor<'_>> {
+    pub(crate) fn wrap(&self, op: &'static str, raw: *mut sys::ggml_tensor) -> Result<Tensor<'_>> {
         NonNull::new(raw).map(|ptr| Tensor { ptr, _ctx: PhantomData }).ok_or_else(|| shape(op, "ggml returned no tensor"))
     }
 
@@ -524,7 +524,7 @@ impl Context {
         self.cont(self.permute(out, [0, 1, 3, 2])?)
     }
 
-    fn room_for(&self, n: usize) -> Result<()> {
+    pub(crate) fn room_for(&self, n: usize) -> Result<()> {
         // SAFETY: valid context.
         let free = unsafe { sys::ggml_get_mem_size(self.as_ptr()) - sys::ggml_used_mem(self.as_ptr()) };
         if free < n * unsafe { sys::ggml_tensor_overhead() } {

@@ -10,6 +10,7 @@
 //!   handle in typed structs.
 //! - [`gguf`]: read (every metadata type, tensor infos, in-place data) and write.
 //! - [`quantize`] / [`to_f32`]: f32 rows to any ggml type and back.
+//! - [`packed_q4`]: q4_0 matrix products with AVX-512 VNNI, on weights packed for them.
 //!
 //! This crate and `ggml-sys` are the only ones in the workspace with `unsafe`.
 
@@ -17,6 +18,7 @@ mod backend;
 mod context;
 mod error;
 pub mod gguf;
+pub mod packed_q4;
 mod quant;
 mod store;
 mod types;

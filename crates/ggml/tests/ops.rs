@@ -1,16 +1,8 @@
 //! Each operation on the CPU backend against a plain Rust computation of the same thing.
-use ggml::{Backend, Context, Result, Scheduler, Tensor, Type};
+mod common;
 
-/// Deterministic pseudo-random values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use common::{f32_bytes, values};
+use ggml::{Backend, Context, Result, Scheduler, Tensor, Type};
 
 /// Builds a graph with `build`, which declares inputs (with their f32 data) and
 /// returns the output; computes it on a CPU scheduler and returns the output as f32.
@@ -27,10 +19,6 @@ fn run<'c>(ctx: &'c Context, build: impl FnOnce(&'c Context, &mut Vec<(Tensor<'c
     }
     sched.compute(&graph).unwrap();
     out.read_f32().unwrap()
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 fn input<'c>(ctx: &'c Context, inputs: &mut Vec<(Tensor<'c>, Vec<u8>)>, name: &str, ne: &[usize], data: &[f32]) -> Result<Tensor<'c>> {

@@ -8,6 +8,8 @@ use ggml::{Context, Tensor, TensorRef, TensorStore};
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Linear {
     pub w: TensorRef,
+    /// `w` is in `ggml::packed_q4`'s layout.
+    pub packed: bool,
     pub b: Option<TensorRef>,
 }
 
@@ -18,7 +20,8 @@ impl Linear {
     pub fn forward<'c>(&self, ctx: &'c Context, store: &TensorStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
         let w = store.get(self.w);
         let (k, have) = (w.ne()[0], x.ne()[0]);
-        let y = if k > have { ctx.mul_mat(w, ctx.pad(x, [k - have, 0, 0, 0])?)? } else { ctx.mul_mat(w, x)? };
+        let x = if k > have { ctx.pad(x, [k - have, 0, 0, 0])? } else { x };
+        let y = if self.packed { ctx.mul_mat_packed_q4_0(w, x)? } else { ctx.mul_mat(w, x)? };
         Ok(match self.b {
             Some(b) => ctx.add(y, store.get(b))?,
             None => y,

@@ -6,12 +6,15 @@
 use crate::nn::{LayerNorm, Linear, RmsNorm};
 use crate::{Error, Result};
 use ggml::gguf::{GgufFile, TensorInfo};
-use ggml::{Backend, Buffer, Context, TensorRef, TensorStore};
+use ggml::{Backend, Buffer, Context, TensorRef, TensorStore, packed_q4};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Name of the repacked copy of the token embedding used as the LM head.
 pub(crate) const LM_HEAD: &str = "lm_head.repacked";
+
+/// How [`crate::Model::repacked`] names the matrices in `ggml::packed_q4`'s layout.
+pub(crate) const PACKED_Q4_0: &str = "packed q4_0 (AVX-512 VNNI)";
 
 /// Every weight of a model file on a backend.
 pub(crate) struct WeightStore {
@@ -25,7 +28,15 @@ pub(crate) struct WeightStore {
 /// Weights by name, only while a model is being loaded.
 pub(crate) struct WeightNames<'a> {
     path: &'a Path,
-    by_name: HashMap<String, TensorRef>,
+    by_name: HashMap<String, Weight>,
+}
+
+/// A loaded tensor, and whether it is in `ggml::packed_q4`'s layout (then only
+/// `Context::mul_mat_packed_q4_0` may read it).
+#[derive(Clone, Copy)]
+struct Weight {
+    tensor: TensorRef,
+    packed: bool,
 }
 
 impl WeightStore {
@@ -37,10 +48,20 @@ impl WeightStore {
         // token embedding is also gathered by row, the mask decoder's tensors by their own ops).
         let extra = if repack && backend.is_cpu() { backend.device().extra_buffer_types() } else { Vec::new() };
         let repack_group = |info: &TensorInfo| extra.iter().position(|b| b.supports_weight(backend.device(), info.ty, &info.shape)).map(|g| g + 1);
-        let mut groups: Vec<Vec<(String, &TensorInfo)>> = vec![Vec::new(); 1 + extra.len()];
+        // On CPUs with AVX-512 VNNI, q4_0 matrices go to our own packed layout instead of
+        // ggml's (see `ggml::packed_q4`): the last group.
+        let pack = repack && backend.is_cpu() && packed_q4::available();
+        let packed_group = 1 + extra.len();
+        let mut groups: Vec<Vec<(String, &TensorInfo)>> = vec![Vec::new(); 2 + extra.len()];
         for info in &gguf.tensors {
             let matrix = info.shape.len() == 2 && info.name != "token_embd.weight" && !info.name.starts_with("seg.");
-            let g = if matrix { repack_group(info) } else { None };
+            let g = if !matrix {
+                None
+            } else if pack && packed_q4::packable(info.ty, &info.shape) {
+                Some(packed_group)
+            } else {
+                repack_group(info)
+            };
             groups[g.unwrap_or(0)].push((info.name.clone(), info));
             // The tied LM head reads the whole embedding: like llama.cpp, it gets a repacked
             // copy of its own while the row lookups keep using the file.
@@ -67,26 +88,38 @@ impl WeightStore {
                 }
                 buffer
             } else {
-                let buft = if g == 0 { backend.buffer_type() } else { extra[g - 1] };
+                let buft = if g == 0 || g == packed_group { backend.buffer_type() } else { extra[g - 1] };
                 let buffer = buft.alloc_tensors(&ctx)?;
                 // Read with plain file reads: touching the mapping would leave those pages
                 // counted in the process's memory beside the copy.
                 let mut file = std::fs::File::open(path).map_err(crate::error::io(path))?;
                 let mut data = Vec::new();
-                for (t, (_, info)) in ctx.tensors().zip(infos) {
+                for (t, (name, info)) in ctx.tensors().zip(infos) {
                     data.resize(t.nbytes(), 0);
                     read_at(&mut file, (gguf.data_offset + info.offset) as u64, &mut data).map_err(crate::error::io(path))?;
-                    t.write_bytes(&data)?;
+                    if g == packed_group {
+                        let packed = packed_q4::pack_q4_0(&data, info.shape[0], info.shape[1]).map_err(|e| Error::Tensor {
+                            path: path.to_path_buf(),
+                            name: name.clone(),
+                            detail: e.to_string(),
+                        })?;
+                        t.write_bytes(&packed)?;
+                    } else {
+                        t.write_bytes(&data)?;
+                    }
                 }
-                if g > 0 {
+                if g == packed_group {
+                    weights.repacked.push((PACKED_Q4_0.to_string(), infos.len()));
+                } else if g > 0 {
                     weights.repacked.push((buft.name(), infos.len()));
                 }
                 buffer
             };
             buffer.set_weights_usage();
             weights._buffers.push(buffer);
-            for ((name, _), r) in infos.iter().zip(weights.store.insert(ctx)) {
-                by_name.insert(name.clone(), r);
+            let refs = weights.store.insert(ctx);
+            for ((name, _), r) in infos.iter().zip(refs) {
+                by_name.insert(name.clone(), Weight { tensor: r, packed: g == packed_group });
             }
         }
         Ok((weights, WeightNames { path, by_name }))
@@ -110,12 +143,17 @@ impl WeightNames<'_> {
 
     /// The tensor `name`; its absence is an error naming the file and the tensor.
     pub fn tensor(&self, name: &str) -> Result<TensorRef> {
+        Ok(self.weight(name)?.tensor)
+    }
+
+    fn weight(&self, name: &str) -> Result<Weight> {
         self.by_name.get(name).copied().ok_or_else(|| Error::Tensor { path: self.path(), name: name.into(), detail: "missing from the model file".into() })
     }
 
     /// `{prefix}.weight` and, when `bias`, `{prefix}.bias`.
     pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        Ok(Linear { w: self.tensor(&format!("{prefix}.weight"))?, b: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None } })
+        let w = self.weight(&format!("{prefix}.weight"))?;
+        Ok(Linear { w: w.tensor, packed: w.packed, b: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None } })
     }
 
     pub fn layer_norm(&self, prefix: &str, eps: f32) -> Result<LayerNorm> {
