@@ -1,36 +1,56 @@
-//! q4_0 matrix products with AVX-512 VNNI, for the many-row products of prefill and
-//! the vision tower.
+//! q4_0 and q4_K matrix products with AVX-512 VNNI, for the many-row products of
+//! prefill and the vision tower.
 //!
-//! Why this exists: ggml's repacked q4_0 kernel turns every 4-bit weight into a
-//! signed byte and spends three more instructions on each `vpdpbusd` to make one
-//! operand unsigned, which leaves it near 40% of the core's int8 peak. Here the
-//! weights stay the unsigned nibbles q4_0 stores (the value plus 8) and feed
-//! `vpdpbusd` as they are; the offset comes off once per block as `8 * sum(a)`, a sum
-//! taken when the activations are quantized.
+//! Why this exists: ggml's repacked q4 kernels turn every 4-bit weight into a signed
+//! byte and spend three more instructions on each `vpdpbusd` to make one operand
+//! unsigned, which leaves them near 40% of the core's int8 peak. Here the weights stay
+//! the unsigned nibbles both formats store and feed `vpdpbusd` as they are; what the
+//! format subtracts (q4_0's offset of 8, q4_K's per-block minimum) comes off once per
+//! block of 32 as a multiple of `sum(a)`, a sum taken when the activations are quantized.
 //!
-//! The packed layout holds the very bytes of q4_0, regrouped by 16 output rows (so a
-//! packed matrix is exactly as large as the file's): for each group of 16 rows and
-//! each block of 32 inputs, the 16 rows' f16 scales (32 bytes), then 4 chunks of 64
-//! bytes where chunk `p` holds bytes `4p..4p+4` of each row's 16 quant bytes. A byte's
-//! low nibble is input `4p + t` and its high nibble input `16 + 4p + t`, so one
-//! 32-bit broadcast of the activations meets 16 rows at once.
+//! A packed matrix holds the very bytes of the file, regrouped by 16 output rows, so it
+//! is exactly as large. Per group of 16 rows, block by block:
+//! - q4_0 (32 inputs, 288 bytes): the 16 rows' f16 scales, then 4 chunks of 64 bytes
+//!   where chunk `p` holds bytes `4p..4p+4` of each row's 16 quant bytes: a byte's low
+//!   nibble is input `4p + t`, its high nibble input `16 + 4p + t`.
+//! - q4_K (256 inputs, 2304 bytes): the 16 `d`, the 16 `dmin` (f16), the 12 bytes of
+//!   6-bit scales and minimums as 12 vectors of 16 rows, then 32 chunks of 64 bytes where
+//!   chunk `8c + t` holds bytes `32c + 4t..+4` of each row's 128 quant bytes: low nibbles
+//!   are sub-block `2c`, high nibbles sub-block `2c + 1`, inputs `4t..4t+4` of each.
 //!
-//! Activations are quantized per block of 32 exactly as ggml's q8_0 does, so the two
-//! engines multiply the same integers and differ only in the order of float sums.
+//! Either way one 32-bit broadcast of four activations meets 16 rows at once.
+//!
+//! Activations are quantized per block of 32 exactly as ggml's q8_0 does (q4_0's
+//! products then differ from ggml's only in the order of float sums; ggml quantizes
+//! q4_K's activations per 256 instead, so those differ by that rounding).
 use crate::error::shape;
 use crate::{Context, Error, Result, Tensor, Type, sys};
 use std::ptr;
 
-/// Inputs per quantization block (q4_0's and q8_0's).
+/// Inputs per activation block (q8_0's, q4_0's, a q4_K sub-block).
 const BLOCK: usize = 32;
 /// Output rows per packed group: one 512-bit vector of f32 results.
 const GROUP: usize = 16;
-/// Bytes of one q4_0 block: an f16 scale and 16 bytes of nibbles.
-const Q4_0_BLOCK_BYTES: usize = 18;
-/// Bytes of one packed block of a group: 16 scales and 16 x 16 bytes of nibbles.
-const PACKED_BLOCK_BYTES: usize = GROUP * Q4_0_BLOCK_BYTES;
-/// Bytes of one quantized activation block: 32 quants, the scale, the offset term.
+/// Bytes of one quantized activation block: 32 quants, the scale, scale * sum.
 const ACT_BLOCK_BYTES: usize = BLOCK + 8;
+
+/// The two packed formats: inputs and bytes per block of one row.
+#[derive(Clone, Copy)]
+struct Format {
+    inputs: usize,
+    bytes: usize,
+}
+
+const Q4_0: Format = Format { inputs: 32, bytes: 18 };
+const Q4_K: Format = Format { inputs: 256, bytes: 144 };
+
+fn format(ty: Type) -> Option<Format> {
+    match ty {
+        Type::Q4_0 => Some(Q4_0),
+        Type::Q4_K => Some(Q4_K),
+        _ => None,
+    }
+}
 
 /// Whether this CPU runs the packed kernels (AVX-512 F/BW with VNNI, and F16C).
 pub fn available() -> bool {
@@ -49,27 +69,44 @@ pub fn available() -> bool {
 
 /// Whether a weight of this type and shape (`[inputs, outputs]`) can be packed.
 pub fn packable(ty: Type, shape: &[usize]) -> bool {
-    ty == Type::Q4_0 && shape.len() == 2 && shape[0].is_multiple_of(BLOCK) && shape[1].is_multiple_of(GROUP)
+    format(ty).is_some_and(|f| shape.len() == 2 && shape[0].is_multiple_of(f.inputs) && shape[1].is_multiple_of(GROUP))
 }
 
-/// Regroups a q4_0 matrix of `outputs` rows of `inputs` values into the packed layout.
-pub fn pack_q4_0(data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<u8>> {
-    if !packable(Type::Q4_0, &[inputs, outputs]) {
-        return Err(shape("pack_q4_0", format!("[{inputs}, {outputs}]: inputs must be a multiple of {BLOCK}, outputs of {GROUP}")));
-    }
-    let blocks = inputs / BLOCK;
-    let expected = outputs * blocks * Q4_0_BLOCK_BYTES;
+/// Regroups a q4_0 or q4_K matrix of `outputs` rows of `inputs` values into the packed layout.
+pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<u8>> {
+    let f = match format(ty) {
+        Some(f) if packable(ty, &[inputs, outputs]) => f,
+        _ => {
+            return Err(shape(
+                "pack",
+                format!("{} [{inputs}, {outputs}]: q4_0 or q4_K with whole blocks of inputs and outputs in groups of {GROUP}", ty.name()),
+            ));
+        }
+    };
+    let blocks = inputs / f.inputs;
+    let expected = outputs * blocks * f.bytes;
     if data.len() != expected {
-        return Err(Error::DataSize { name: "<q4_0 matrix>".into(), got: data.len(), expected });
+        return Err(Error::DataSize { name: format!("<{} matrix>", ty.name()), got: data.len(), expected });
     }
     let mut out = vec![0u8; expected];
-    for (g, group) in out.chunks_exact_mut(blocks * PACKED_BLOCK_BYTES).enumerate() {
-        for (b, packed) in group.chunks_exact_mut(PACKED_BLOCK_BYTES).enumerate() {
+    for (g, group) in out.chunks_exact_mut(blocks * GROUP * f.bytes).enumerate() {
+        for (b, packed) in group.chunks_exact_mut(GROUP * f.bytes).enumerate() {
             for j in 0..GROUP {
-                let src = &data[((g * GROUP + j) * blocks + b) * Q4_0_BLOCK_BYTES..][..Q4_0_BLOCK_BYTES];
-                packed[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
-                for p in 0..4 {
-                    packed[2 * GROUP + p * 64 + j * 4..][..4].copy_from_slice(&src[2 + 4 * p..2 + 4 * p + 4]);
+                let src = &data[((g * GROUP + j) * blocks + b) * f.bytes..][..f.bytes];
+                if ty == Type::Q4_0 {
+                    packed[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
+                    for p in 0..4 {
+                        packed[32 + p * 64 + j * 4..][..4].copy_from_slice(&src[2 + 4 * p..][..4]);
+                    }
+                } else {
+                    packed[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
+                    packed[32 + 2 * j..32 + 2 * j + 2].copy_from_slice(&src[2..4]);
+                    for i in 0..12 {
+                        packed[64 + i * GROUP + j] = src[4 + i];
+                    }
+                    for chunk in 0..32 {
+                        packed[256 + chunk * 64 + j * 4..][..4].copy_from_slice(&src[16 + 4 * chunk..][..4]);
+                    }
                 }
             }
         }
@@ -78,21 +115,22 @@ pub fn pack_q4_0(data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<u8>> 
 }
 
 impl Context {
-    /// `w^T x` for a weight packed by [`pack_q4_0`] (typed q4_0, shape `[k, n]`) and f32
-    /// `x` of shape `[k, ...]`: two graph nodes, one quantizing the rows of `x`, one
+    /// `w^T x` for a weight packed by [`pack`] (typed q4_0 or q4_K, shape `[k, n]`) and
+    /// f32 `x` of shape `[k, ...]`: two graph nodes, one quantizing the rows of `x`, one
     /// multiplying. CPU backends only, and only where [`available`].
-    pub fn mul_mat_packed_q4_0<'s>(&'s self, w: Tensor<'_>, x: Tensor<'_>) -> Result<Tensor<'s>> {
+    pub fn mul_mat_packed<'s>(&'s self, w: Tensor<'_>, x: Tensor<'_>) -> Result<Tensor<'s>> {
         let (wn, xn) = (w.ne(), x.ne());
         if !packable(w.ty(), &w.shape()) || x.ty() != Type::F32 || xn[0] != wn[0] || x.nb()[0] != 4 {
-            return Err(shape("mul_mat_packed_q4_0", format!("{} {:?} x {} {:?}", w.ty().name(), w.shape(), x.ty().name(), x.shape())));
+            return Err(shape("mul_mat_packed", format!("{} {:?} x {} {:?}", w.ty().name(), w.shape(), x.ty().name(), x.shape())));
         }
         if !available() {
-            return Err(shape("mul_mat_packed_q4_0", "this CPU lacks AVX-512 VNNI".to_string()));
+            return Err(shape("mul_mat_packed", "this CPU lacks AVX-512 VNNI".to_string()));
         }
         self.room_for(2)?;
         let row_bytes = xn[0] / BLOCK * ACT_BLOCK_BYTES;
         let q = self.custom(Type::I8, [row_bytes, xn[1], xn[2], xn[3]], &[x], kernels::quantize_rows)?;
-        self.custom(Type::F32, [wn[1], xn[1], xn[2], xn[3]], &[w, q], kernels::multiply)
+        let multiply = if w.ty() == Type::Q4_0 { kernels::multiply_q4_0 } else { kernels::multiply_q4_k };
+        self.custom(Type::F32, [wn[1], xn[1], xn[2], xn[3]], &[w, q], multiply)
     }
 
     fn custom<'s>(
@@ -125,15 +163,19 @@ impl Context {
     }
 }
 
-/// The two kernels, called by ggml's CPU threads (`ith` of `nth`) on allocated tensors.
+/// The kernels, called by ggml's CPU threads (`ith` of `nth`) on allocated tensors.
 #[cfg(target_arch = "x86_64")]
 mod kernels {
-    use super::{ACT_BLOCK_BYTES, BLOCK, GROUP, PACKED_BLOCK_BYTES};
+    use super::{ACT_BLOCK_BYTES, BLOCK, Format, GROUP, Q4_0, Q4_K};
     use crate::sys;
     use std::arch::x86_64::*;
+    use std::ptr;
 
-    /// Rows of activations per tile: 8 rows x 16 outputs keep 16 accumulators in registers.
+    /// Rows of activations per tile: 8 rows x 16 outputs keep the sums in registers.
     const ROWS: usize = 8;
+
+    /// A tile kernel: 16 outputs of the first `R` rows, over `blocks` blocks.
+    type Tile = unsafe fn(*const u8, usize, &[*const u8; ROWS], &[*mut f32; ROWS]);
 
     /// The part `[ith * n / nth, (ith + 1) * n / nth)` of `n` items.
     fn share(n: usize, ith: i32, nth: i32) -> std::ops::Range<usize> {
@@ -143,7 +185,7 @@ mod kernels {
 
     /// Quantizes each row of `src[0]` (f32, any row strides) into the contiguous rows of `dst`.
     pub unsafe extern "C" fn quantize_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
-        // SAFETY: ggml hands allocated tensors of the shapes `mul_mat_packed_q4_0` built.
+        // SAFETY: ggml hands allocated tensors of the shapes `mul_mat_packed` built.
         unsafe {
             let (d, x) = (&*dst, &*(*dst).src[0]);
             let (n1, n2) = (x.ne[1] as usize, x.ne[2] as usize);
@@ -165,91 +207,150 @@ mod kernels {
                 let (v0, v1) = (_mm512_loadu_ps(src.add(b * BLOCK)), _mm512_loadu_ps(src.add(b * BLOCK + 16)));
                 let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
                 // ggml's q8_0 exactly: the scale is kept as f16, the values are multiplied
-                // by 127 / amax, so both engines see the same 8-bit activations.
+                // by 127 / amax and rounded to nearest even.
                 let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(amax / 127.0))));
                 let inv = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-                // Round to nearest (even), as ggml's SIMD q8_0 quantizers do.
                 let (q0, q1) = (_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)));
                 let out = dst.add(b * ACT_BLOCK_BYTES);
                 _mm_storeu_si128(out as *mut __m128i, _mm512_cvtsepi32_epi8(q0));
                 _mm_storeu_si128(out.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(q1));
                 let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
                 (out.add(BLOCK) as *mut f32).write_unaligned(scale);
-                (out.add(BLOCK + 4) as *mut f32).write_unaligned(scale * 8.0 * sum as f32);
+                (out.add(BLOCK + 4) as *mut f32).write_unaligned(scale * sum as f32);
             }
         }
     }
 
-    /// `dst = src[0]^T src[1]`: packed weights times quantized rows. Threads split the
-    /// groups of 16 outputs; each group's weights stay in cache while every row passes.
-    pub unsafe extern "C" fn multiply(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
-        // SAFETY: as in `quantize_rows`; `src[0]` is packed by `pack_q4_0`, `src[1]` was
-        // written by `quantize_rows`.
+    pub unsafe extern "C" fn multiply_q4_0(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+        const TILES: [Tile; ROWS] =
+            [tile_q4_0::<1>, tile_q4_0::<2>, tile_q4_0::<3>, tile_q4_0::<4>, tile_q4_0::<5>, tile_q4_0::<6>, tile_q4_0::<7>, tile_q4_0::<8>];
+        // SAFETY: as `multiply` requires.
+        unsafe { multiply(dst, ith, nth, Q4_0, &TILES) }
+    }
+
+    pub unsafe extern "C" fn multiply_q4_k(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+        const TILES: [Tile; ROWS] =
+            [tile_q4_k::<1>, tile_q4_k::<2>, tile_q4_k::<3>, tile_q4_k::<4>, tile_q4_k::<5>, tile_q4_k::<6>, tile_q4_k::<7>, tile_q4_k::<8>];
+        // SAFETY: as `multiply` requires.
+        unsafe { multiply(dst, ith, nth, Q4_K, &TILES) }
+    }
+
+    /// `dst = src[0]^T src[1]`: packed weights of format `f` times quantized rows. Threads
+    /// split the groups of 16 outputs; each group's weights stay in cache while every
+    /// row passes.
+    ///
+    /// # Safety
+    /// `src[0]` was packed by `pack` in format `f`, `src[1]` written by `quantize_rows`.
+    unsafe fn multiply(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, f: Format, tiles: &[Tile; ROWS]) {
+        // SAFETY: see above; ggml hands allocated tensors of the shapes `mul_mat_packed` built.
         unsafe {
             let (d, w, q) = (&*dst, &*(*dst).src[0], &*(*dst).src[1]);
-            let blocks = w.ne[0] as usize / BLOCK;
+            let blocks = w.ne[0] as usize / f.inputs;
             let rows = (q.ne[1] * q.ne[2] * q.ne[3]) as usize;
+            let row = |r: usize| (q.data as *const u8).add(r * q.nb[1]);
             for g in share(w.ne[1] as usize / GROUP, ith, nth) {
-                let wg = (w.data as *const u8).add(g * blocks * PACKED_BLOCK_BYTES);
+                let wg = (w.data as *const u8).add(g * blocks * GROUP * f.bytes);
                 let mut r0 = 0;
                 while r0 < rows {
                     let n = (rows - r0).min(ROWS);
-                    let mut a = [ptr_row(q, r0); ROWS];
+                    let mut a = [row(r0); ROWS];
                     let mut out = [ptr::null_mut(); ROWS];
                     for i in 0..n {
-                        a[i] = ptr_row(q, r0 + i);
+                        a[i] = row(r0 + i);
                         out[i] = (d.data as *mut u8).add((r0 + i) * d.nb[1] + g * GROUP * 4) as *mut f32;
                     }
-                    match n {
-                        8 => tile::<8>(wg, blocks, &a, &out),
-                        7 => tile::<7>(wg, blocks, &a, &out),
-                        6 => tile::<6>(wg, blocks, &a, &out),
-                        5 => tile::<5>(wg, blocks, &a, &out),
-                        4 => tile::<4>(wg, blocks, &a, &out),
-                        3 => tile::<3>(wg, blocks, &a, &out),
-                        2 => tile::<2>(wg, blocks, &a, &out),
-                        _ => tile::<1>(wg, blocks, &a, &out),
-                    }
+                    tiles[n - 1](wg, blocks, &a, &out);
                     r0 += n;
                 }
             }
         }
     }
 
-    use std::ptr;
-
-    fn ptr_row(q: &sys::ggml_tensor, r: usize) -> *const u8 {
-        (q.data as *const u8).wrapping_add(r * q.nb[1])
+    /// The activation block `b` of a row: its 32 quants, its scale, scale * sum.
+    #[inline(always)]
+    unsafe fn act(a: *const u8, b: usize) -> (*const i32, f32, f32) {
+        // SAFETY: the caller's row holds block `b`.
+        unsafe {
+            let p = a.add(b * ACT_BLOCK_BYTES);
+            let f = p.add(BLOCK) as *const f32;
+            (p as *const i32, f.read_unaligned(), f.add(1).read_unaligned())
+        }
     }
 
-    /// 16 outputs of `R` rows: per block, 8 `vpdpbusd` per row into integer sums, then
+    /// q4_0: per block, 8 `vpdpbusd` per row into integer sums, then
     /// `scale_w * (scale_a * sum - 8 * scale_a * sum(a))` into f32 accumulators.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-    unsafe fn tile<const R: usize>(w: *const u8, blocks: usize, a: &[*const u8; ROWS], out: &[*mut f32; ROWS]) {
+    unsafe fn tile_q4_0<const R: usize>(w: *const u8, blocks: usize, a: &[*const u8; ROWS], out: &[*mut f32; ROWS]) {
         // SAFETY: `w` holds `blocks` packed blocks, each `a[i]` `blocks` activation blocks,
         // each `out[i]` room for 16 floats.
         unsafe {
             let low = _mm512_set1_epi8(0x0F);
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..blocks {
-                let wb = w.add(b * PACKED_BLOCK_BYTES);
+                let wb = w.add(b * GROUP * Q4_0.bytes);
                 let scales = _mm512_cvtph_ps(_mm256_loadu_si256(wb as *const __m256i));
                 let mut sums = [_mm512_setzero_si512(); R];
                 for p in 0..4 {
-                    let raw = _mm512_loadu_si512(wb.add(2 * GROUP + p * 64) as *const __m512i);
+                    let raw = _mm512_loadu_si512(wb.add(32 + p * 64) as *const __m512i);
                     let lo = _mm512_and_si512(raw, low);
                     let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
                     for i in 0..R {
-                        let ab = a[i].add(b * ACT_BLOCK_BYTES) as *const i32;
-                        sums[i] = _mm512_dpbusd_epi32(sums[i], lo, _mm512_set1_epi32(ab.add(p).read_unaligned()));
-                        sums[i] = _mm512_dpbusd_epi32(sums[i], hi, _mm512_set1_epi32(ab.add(4 + p).read_unaligned()));
+                        let (q, _, _) = act(a[i], b);
+                        sums[i] = _mm512_dpbusd_epi32(sums[i], lo, _mm512_set1_epi32(q.add(p).read_unaligned()));
+                        sums[i] = _mm512_dpbusd_epi32(sums[i], hi, _mm512_set1_epi32(q.add(4 + p).read_unaligned()));
                     }
                 }
                 for i in 0..R {
-                    let ab = a[i].add(b * ACT_BLOCK_BYTES + BLOCK) as *const f32;
-                    let (scale, offset) = (ab.read_unaligned(), ab.add(1).read_unaligned());
-                    let t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums[i]), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+                    let (_, scale, scaled_sum) = act(a[i], b);
+                    let t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums[i]), _mm512_set1_ps(scale), _mm512_set1_ps(8.0 * scaled_sum));
                     acc[i] = _mm512_fmadd_ps(scales, t, acc[i]);
+                }
+            }
+            for i in 0..R {
+                _mm512_storeu_ps(out[i], acc[i]);
+            }
+        }
+    }
+
+    /// q4_K: per sub-block of 32, 8 `vpdpbusd` per row, then
+    /// `d * sc * scale_a * sum - dmin * m * scale_a * sum(a)` into f32 accumulators.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    unsafe fn tile_q4_k<const R: usize>(w: *const u8, blocks: usize, a: &[*const u8; ROWS], out: &[*mut f32; ROWS]) {
+        // SAFETY: as in `tile_q4_0`, with q4_K's blocks of 256 inputs (8 activation blocks).
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            let (six, four) = (_mm_set1_epi8(63), _mm_set1_epi8(0x0F));
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..blocks {
+                let wb = w.add(b * GROUP * Q4_K.bytes);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(wb as *const __m256i));
+                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(wb.add(32) as *const __m256i));
+                let sb = |i: usize| _mm_loadu_si128(wb.add(64 + i * GROUP) as *const __m128i);
+                let top2 = |v: __m128i| _mm_and_si128(_mm_srli_epi16::<2>(v), _mm_set1_epi8(0x30)); // bits 6-7 to 4-5
+                for s in 0..8 {
+                    // The 6-bit scale and minimum of sub-block `s` for the 16 rows (ggml's get_scale_min_k4).
+                    let (sc, m) = if s < 4 {
+                        (_mm_and_si128(sb(s), six), _mm_and_si128(sb(s + 4), six))
+                    } else {
+                        let v = sb(s + 4);
+                        (_mm_or_si128(_mm_and_si128(v, four), top2(sb(s - 4))), _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(v), four), top2(sb(s))))
+                    };
+                    let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
+                    let min = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m)));
+                    let mut sums = [_mm512_setzero_si512(); R];
+                    for t in 0..8 {
+                        let raw = _mm512_loadu_si512(wb.add(256 + ((s / 2) * 8 + t) * 64) as *const __m512i);
+                        let v = if s % 2 == 0 { _mm512_and_si512(raw, low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low) };
+                        for i in 0..R {
+                            let (q, _, _) = act(a[i], b * 8 + s);
+                            sums[i] = _mm512_dpbusd_epi32(sums[i], v, _mm512_set1_epi32(q.add(t).read_unaligned()));
+                        }
+                    }
+                    for i in 0..R {
+                        let (_, sa, scaled_sum) = act(a[i], b * 8 + s);
+                        acc[i] = _mm512_fmadd_ps(scale, _mm512_mul_ps(_mm512_cvtepi32_ps(sums[i]), _mm512_set1_ps(sa)), acc[i]);
+                        acc[i] = _mm512_fnmadd_ps(min, _mm512_set1_ps(scaled_sum), acc[i]);
+                    }
                 }
             }
             for i in 0..R {
@@ -264,5 +365,6 @@ mod kernels {
 mod kernels {
     use crate::sys;
     pub unsafe extern "C" fn quantize_rows(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
-    pub unsafe extern "C" fn multiply(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
+    pub unsafe extern "C" fn multiply_q4_0(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
+    pub unsafe extern "C" fn multiply_q4_k(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
 }

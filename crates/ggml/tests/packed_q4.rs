@@ -1,4 +1,4 @@
-//! The packed q4_0 products against ggml's own q4_0 `mul_mat` on the same bytes.
+//! The packed q4_0 and q4_K products against ggml's own `mul_mat` on the same bytes.
 mod common;
 
 use common::{f32_bytes, values};
@@ -6,6 +6,7 @@ use ggml::{Backend, Context, Scheduler, Tensor, Type, packed_q4};
 
 /// Computes `build(w, x)` on a 2-thread CPU scheduler.
 fn compute(
+    ty: Type,
     w_bytes: &[u8],
     w_ne: [usize; 2],
     x: &[f32],
@@ -13,7 +14,7 @@ fn compute(
     build: impl for<'c> Fn(&'c Context, Tensor<'c>, Tensor<'c>) -> ggml::Result<Tensor<'c>>,
 ) -> Vec<f32> {
     let ctx = Context::new(16, 64).unwrap();
-    let w = ctx.input("w", Type::Q4_0, &w_ne).unwrap();
+    let w = ctx.input("w", ty, &w_ne).unwrap();
     let xt = ctx.input("x", Type::F32, x_ne).unwrap();
     let out = build(&ctx, w, xt).unwrap();
     out.set_output();
@@ -33,26 +34,46 @@ fn worst_relative(got: &[f32], want: &[f32]) -> f32 {
     got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
 }
 
-#[test]
-fn products_match_ggml_for_every_tile_height() {
-    let (k, n) = (96, 48);
-    let w = ggml::quantize(Type::Q4_0, &values(k * n, 1), k).unwrap();
-    let packed = packed_q4::pack_q4_0(&w, k, n).unwrap();
+/// out[r][j] = sum_i w[j][i] * x[r][i], in f64.
+fn exact_product(w: &[f32], x: &[f32], k: usize) -> Vec<f32> {
+    x.chunks_exact(k).flat_map(|row| w.chunks_exact(k).map(move |col| col.iter().zip(row).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32)).collect()
+}
+
+/// The packed product against ggml's on the same bytes, for every tile height.
+fn matches_ggml(ty: Type, k: usize, n: usize, tol: f32) {
+    let w = ggml::quantize(ty, &values(k * n, 1), k).unwrap();
+    let packed = packed_q4::pack(ty, &w, k, n).unwrap();
     assert_eq!(packed.len(), w.len());
-    for m in [1, 2, 3, 7, 8, 9, 13, 19] {
+    for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 19] {
         let x = values(k * m, 10 + m as u64);
-        let want = compute(&w, [k, n], &x, &[k, m], |ctx, w, x| ctx.mul_mat(w, x));
+        let want = compute(ty, &w, [k, n], &x, &[k, m], |ctx, w, x| ctx.mul_mat(w, x));
         if !packed_q4::available() {
             let ctx = Context::new(4, 0).unwrap();
-            let (wt, xt) = (ctx.new_tensor(Type::Q4_0, &[k, n]).unwrap(), ctx.new_tensor(Type::F32, &[k, m]).unwrap());
-            assert!(ctx.mul_mat_packed_q4_0(wt, xt).unwrap_err().to_string().contains("VNNI"));
+            let (wt, xt) = (ctx.new_tensor(ty, &[k, n]).unwrap(), ctx.new_tensor(Type::F32, &[k, m]).unwrap());
+            assert!(ctx.mul_mat_packed(wt, xt).unwrap_err().to_string().contains("VNNI"));
             continue;
         }
-        let got = compute(&packed, [k, n], &x, &[k, m], |ctx, w, x| ctx.mul_mat_packed_q4_0(w, x));
-        // Both quantize the activations alike; only the order of float sums differs.
+        let got = compute(ty, &packed, [k, n], &x, &[k, m], |ctx, w, x| ctx.mul_mat_packed(w, x));
         let err = worst_relative(&got, &want);
-        assert!(err < 1e-5, "{m} rows: relative difference {err}");
+        assert!(err < tol, "{ty}, {m} rows: relative difference {err}");
+        // Against the exact product with the dequantized weights, no worse than ggml (RMS).
+        let exact = exact_product(&ggml::to_f32(ty, &w, k * n).unwrap(), &x, k);
+        let rms = |v: &[f32]| (v.iter().zip(&exact).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+        let (ours, theirs) = (rms(&got), rms(&want));
+        assert!(ours <= theirs * 1.1, "{ty}, {m} rows: {ours} from the exact product, ggml {theirs}");
     }
+}
+
+#[test]
+fn q4_0_products_match_ggml() {
+    // Both quantize the activations alike; only the order of float sums differs.
+    matches_ggml(Type::Q4_0, 96, 48, 1e-5);
+}
+
+#[test]
+fn q4_k_products_match_ggml() {
+    // ggml quantizes q4_K's activations per 256 values, this per 32: they round differently.
+    matches_ggml(Type::Q4_K, 512, 32, 1e-2);
 }
 
 #[test]
@@ -63,10 +84,10 @@ fn rows_with_gaps_and_batches() {
     // x is [k, 3, 4] seen as [k, 4, 3] through a permutation: rows are not contiguous.
     let (k, n) = (64, 32);
     let w = ggml::quantize(Type::Q4_0, &values(k * n, 2), k).unwrap();
-    let packed = packed_q4::pack_q4_0(&w, k, n).unwrap();
+    let packed = packed_q4::pack(Type::Q4_0, &w, k, n).unwrap();
     let x = values(k * 12, 3);
-    let want = compute(&w, [k, n], &x, &[k, 3, 4], |ctx, w, x| ctx.mul_mat(w, ctx.cont(ctx.permute(x, [0, 2, 1, 3])?)?));
-    let got = compute(&packed, [k, n], &x, &[k, 3, 4], |ctx, w, x| ctx.mul_mat_packed_q4_0(w, ctx.permute(x, [0, 2, 1, 3])?));
+    let want = compute(Type::Q4_0, &w, [k, n], &x, &[k, 3, 4], |ctx, w, x| ctx.mul_mat(w, ctx.cont(ctx.permute(x, [0, 2, 1, 3])?)?));
+    let got = compute(Type::Q4_0, &packed, [k, n], &x, &[k, 3, 4], |ctx, w, x| ctx.mul_mat_packed(w, ctx.permute(x, [0, 2, 1, 3])?));
     let err = worst_relative(&got, &want);
     assert!(err < 1e-5, "relative difference {err}");
 }
@@ -74,13 +95,16 @@ fn rows_with_gaps_and_batches() {
 #[test]
 fn packing_checks_shapes_and_sizes() {
     assert!(packed_q4::packable(Type::Q4_0, &[64, 32]));
+    assert!(packed_q4::packable(Type::Q4_K, &[256, 32]));
+    assert!(!packed_q4::packable(Type::Q4_K, &[128, 32]), "q4_K blocks hold 256 inputs");
     assert!(!packed_q4::packable(Type::Q4_0, &[64, 24]), "outputs must come in groups of 16");
     assert!(!packed_q4::packable(Type::Q8_0, &[64, 32]));
     assert!(!packed_q4::packable(Type::Q4_0, &[64, 32, 2]));
-    let err = packed_q4::pack_q4_0(&[0u8; 10], 64, 32).unwrap_err().to_string();
+    let err = packed_q4::pack(Type::Q4_0, &[0u8; 10], 64, 32).unwrap_err().to_string();
     assert!(err.contains("10"), "{err}");
-    assert!(packed_q4::pack_q4_0(&[], 48, 32).is_err());
+    assert!(packed_q4::pack(Type::Q4_0, &[], 48, 32).is_err());
+    assert!(packed_q4::pack(Type::Q8_0, &[0u8; 34 * 2 * 32], 64, 32).is_err());
     let ctx = Context::new(4, 0).unwrap();
     let (w, x) = (ctx.new_tensor(Type::Q4_0, &[64, 32]).unwrap(), ctx.new_tensor(Type::F32, &[32, 2]).unwrap());
-    assert!(ctx.mul_mat_packed_q4_0(w, x).is_err());
+    assert!(ctx.mul_mat_packed(w, x).is_err());
 }

@@ -21,7 +21,7 @@ impl Linear {
         let w = store.get(self.w);
         let (k, have) = (w.ne()[0], x.ne()[0]);
         let x = if k > have { ctx.pad(x, [k - have, 0, 0, 0])? } else { x };
-        let y = if self.packed { ctx.mul_mat_packed_q4_0(w, x)? } else { ctx.mul_mat(w, x)? };
+        let y = if self.packed { ctx.mul_mat_packed(w, x)? } else { ctx.mul_mat(w, x)? };
         Ok(match self.b {
             Some(b) => ctx.add(y, store.get(b))?,
             None => y,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 pub(crate) const LM_HEAD: &str = "lm_head.repacked";
 
 /// How [`crate::Model::repacked`] names the matrices in `ggml::packed_q4`'s layout.
-pub(crate) const PACKED_Q4_0: &str = "packed q4_0 (AVX-512 VNNI)";
+pub(crate) const PACKED_Q4: &str = "packed q4_0/q4_K (AVX-512 VNNI)";
 
 /// Every weight of a model file on a backend.
 pub(crate) struct WeightStore {
@@ -32,7 +32,7 @@ pub(crate) struct WeightNames<'a> {
 }
 
 /// A loaded tensor, and whether it is in `ggml::packed_q4`'s layout (then only
-/// `Context::mul_mat_packed_q4_0` may read it).
+/// `Context::mul_mat_packed` may read it).
 #[derive(Clone, Copy)]
 struct Weight {
     tensor: TensorRef,
@@ -48,7 +48,7 @@ impl WeightStore {
         // token embedding is also gathered by row, the mask decoder's tensors by their own ops).
         let extra = if repack && backend.is_cpu() { backend.device().extra_buffer_types() } else { Vec::new() };
         let repack_group = |info: &TensorInfo| extra.iter().position(|b| b.supports_weight(backend.device(), info.ty, &info.shape)).map(|g| g + 1);
-        // On CPUs with AVX-512 VNNI, q4_0 matrices go to our own packed layout instead of
+        // On CPUs with AVX-512 VNNI, q4_0 and q4_K matrices go to our own packed layout instead of
         // ggml's (see `ggml::packed_q4`): the last group.
         let pack = repack && backend.is_cpu() && packed_q4::available();
         let packed_group = 1 + extra.len();
@@ -98,7 +98,7 @@ impl WeightStore {
                     data.resize(t.nbytes(), 0);
                     read_at(&mut file, (gguf.data_offset + info.offset) as u64, &mut data).map_err(crate::error::io(path))?;
                     if g == packed_group {
-                        let packed = packed_q4::pack_q4_0(&data, info.shape[0], info.shape[1]).map_err(|e| Error::Tensor {
+                        let packed = packed_q4::pack(info.ty, &data, info.shape[0], info.shape[1]).map_err(|e| Error::Tensor {
                             path: path.to_path_buf(),
                             name: name.clone(),
                             detail: e.to_string(),
@@ -109,7 +109,7 @@ impl WeightStore {
                     }
                 }
                 if g == packed_group {
-                    weights.repacked.push((PACKED_Q4_0.to_string(), infos.len()));
+                    weights.repacked.push((PACKED_Q4.to_string(), infos.len()));
                 } else if g > 0 {
                     weights.repacked.push((buft.name(), infos.len()));
                 }
