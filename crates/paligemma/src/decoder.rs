@@ -34,8 +34,8 @@ struct DecoderLayer {
 pub(crate) struct DecoderWeights {
     /// Token embedding, gathered by row.
     pub token_embd: TensorRef,
-    /// The LM head: the (tied) token embedding, or its repacked copy.
-    lm_head: TensorRef,
+    /// The LM head: the (tied) token embedding, or its repacked or packed copy.
+    lm_head: Linear,
     layers: Vec<DecoderLayer>,
     output_norm: RmsNorm,
 }
@@ -67,7 +67,7 @@ impl DecoderWeights {
         let token_embd = w.tensor("token_embd.weight")?;
         Ok(DecoderWeights {
             token_embd,
-            lm_head: if w.has(LM_HEAD) { w.tensor(LM_HEAD)? } else { token_embd },
+            lm_head: if w.has(LM_HEAD) { w.matrix(LM_HEAD)? } else { Linear { w: token_embd, packed: false, b: None } },
             layers,
             output_norm: w.rms_norm("output_norm", eps)?,
         })
@@ -158,5 +158,5 @@ pub(crate) fn build<'c>(
         x = ctx.add(x, down)?;
     }
     let h = w.output_norm.forward(ctx, store, x)?;
-    Ok(ctx.mul_mat(store.get(w.lm_head), h)?)
+    w.lm_head.forward(ctx, store, h)
 }

@@ -65,10 +65,11 @@ impl WeightStore {
             groups[g.unwrap_or(0)].push((info.name.clone(), info));
             // The tied LM head reads the whole embedding: like llama.cpp, it gets a repacked
             // copy of its own while the row lookups keep using the file.
-            if info.name == "token_embd.weight"
-                && let Some(g) = repack_group(info)
-            {
-                groups[g].push((LM_HEAD.to_string(), info));
+            if info.name == "token_embd.weight" {
+                let g = if pack && packed_q4::packable(info.ty, &info.shape) { Some(packed_group) } else { repack_group(info) };
+                if let Some(g) = g {
+                    groups[g].push((LM_HEAD.to_string(), info));
+                }
             }
         }
         let mut weights = WeightStore { store: TensorStore::new(), _buffers: Vec::new(), repacked: Vec::new() };
@@ -152,8 +153,13 @@ impl WeightNames<'_> {
 
     /// `{prefix}.weight` and, when `bias`, `{prefix}.bias`.
     pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        let w = self.weight(&format!("{prefix}.weight"))?;
-        Ok(Linear { w: w.tensor, packed: w.packed, b: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None } })
+        Ok(Linear { b: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None }, ..self.matrix(&format!("{prefix}.weight"))? })
+    }
+
+    /// The matrix `name`, without a bias.
+    pub fn matrix(&self, name: &str) -> Result<Linear> {
+        let w = self.weight(name)?;
+        Ok(Linear { w: w.tensor, packed: w.packed, b: None })
     }
 
     pub fn layer_norm(&self, prefix: &str, eps: f32) -> Result<LayerNorm> {
