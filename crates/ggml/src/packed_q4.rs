@@ -33,6 +33,8 @@ const BLOCK: usize = 32;
 const GROUP: usize = 16;
 /// Bytes of one quantized activation block: 32 quants, the scale, scale * sum.
 const ACT_BLOCK_BYTES: usize = BLOCK + 8;
+/// Room after the quantized rows for the multiplication's work counter.
+const COUNTER_BYTES: usize = 64;
 
 /// The two packed formats: inputs and bytes per block of one row.
 #[derive(Clone, Copy)]
@@ -127,8 +129,9 @@ impl Context {
             return Err(shape("mul_mat_packed", "this CPU lacks AVX-512 VNNI".to_string()));
         }
         self.room_for(2)?;
-        let row_bytes = xn[0] / BLOCK * ACT_BLOCK_BYTES;
-        let q = self.custom(Type::I8, [row_bytes, xn[1], xn[2], xn[3]], &[x], kernels::quantize_rows)?;
+        // The quantized rows, then the multiplication's work counter (see `kernels::multiply`).
+        let rows = xn[1] * xn[2] * xn[3];
+        let q = self.custom(Type::I8, [rows * (xn[0] / BLOCK * ACT_BLOCK_BYTES) + COUNTER_BYTES, 1, 1, 1], &[x], kernels::quantize_rows)?;
         let multiply = if w.ty() == Type::Q4_0 { kernels::multiply_q4_0 } else { kernels::multiply_q4_k };
         self.custom(Type::F32, [wn[1], xn[1], xn[2], xn[3]], &[w, q], multiply)
     }
@@ -170,12 +173,25 @@ mod kernels {
     use crate::sys;
     use std::arch::x86_64::*;
     use std::ptr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Rows of activations per tile: 8 rows x 16 outputs keep the sums in registers.
     const ROWS: usize = 8;
+    /// Groups of 16 outputs a thread takes at a time.
+    const GROUPS_PER_CHUNK: usize = 4;
 
     /// A tile kernel: 16 outputs of the first `R` rows, over `blocks` blocks.
     type Tile = unsafe fn(*const u8, usize, &[*const u8; ROWS], &[*mut f32; ROWS]);
+
+    /// The work counter after `offset` bytes of quantized rows (a multiple of 8).
+    ///
+    /// # Safety
+    /// `q` was built by `mul_mat_packed` with those rows.
+    unsafe fn counter<'a>(q: *const sys::ggml_tensor, offset: usize) -> &'a AtomicUsize {
+        // SAFETY: `COUNTER_BYTES` follow the rows in `q`'s allocation, and ggml aligns
+        // tensor data to at least 32 bytes; the counter lives while the graph runs.
+        unsafe { AtomicUsize::from_ptr((*q).data.cast::<u8>().add(offset).cast()) }
+    }
 
     /// The part `[ith * n / nth, (ith + 1) * n / nth)` of `n` items.
     fn share(n: usize, ith: i32, nth: i32) -> std::ops::Range<usize> {
@@ -194,7 +210,10 @@ mod kernels {
             for r in share(rows, ith, nth) {
                 let (i1, i2, i3) = (r % n1, r / n1 % n2, r / (n1 * n2));
                 let src = (x.data as *const u8).add(i1 * x.nb[1] + i2 * x.nb[2] + i3 * x.nb[3]) as *const f32;
-                quantize_row(src, (d.data as *mut u8).add(r * d.nb[1]), blocks);
+                quantize_row(src, (d.data as *mut u8).add(r * blocks * ACT_BLOCK_BYTES), blocks);
+            }
+            if ith == 0 {
+                counter(dst, rows * blocks * ACT_BLOCK_BYTES).store(0, Ordering::Relaxed);
             }
         }
     }
@@ -221,46 +240,57 @@ mod kernels {
         }
     }
 
-    pub unsafe extern "C" fn multiply_q4_0(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+    pub unsafe extern "C" fn multiply_q4_0(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
         const TILES: [Tile; ROWS] =
             [tile_q4_0::<1>, tile_q4_0::<2>, tile_q4_0::<3>, tile_q4_0::<4>, tile_q4_0::<5>, tile_q4_0::<6>, tile_q4_0::<7>, tile_q4_0::<8>];
         // SAFETY: as `multiply` requires.
-        unsafe { multiply(dst, ith, nth, Q4_0, &TILES) }
+        unsafe { multiply(dst, Q4_0, &TILES) }
     }
 
-    pub unsafe extern "C" fn multiply_q4_k(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+    pub unsafe extern "C" fn multiply_q4_k(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
         const TILES: [Tile; ROWS] =
             [tile_q4_k::<1>, tile_q4_k::<2>, tile_q4_k::<3>, tile_q4_k::<4>, tile_q4_k::<5>, tile_q4_k::<6>, tile_q4_k::<7>, tile_q4_k::<8>];
         // SAFETY: as `multiply` requires.
-        unsafe { multiply(dst, ith, nth, Q4_K, &TILES) }
+        unsafe { multiply(dst, Q4_K, &TILES) }
     }
 
-    /// `dst = src[0]^T src[1]`: packed weights of format `f` times quantized rows. Threads
-    /// split the groups of 16 outputs; each group's weights stay in cache while every
-    /// row passes.
+    /// `dst = src[0]^T src[1]`: packed weights of format `f` times quantized rows. Each
+    /// group's weights stay in cache while every row passes. Threads take chunks of
+    /// groups from a shared counter rather than fixed shares, as ggml's own products do:
+    /// a thread that loses its core to another process then holds up the others by one
+    /// chunk, not by its whole share.
     ///
     /// # Safety
     /// `src[0]` was packed by `pack` in format `f`, `src[1]` written by `quantize_rows`.
-    unsafe fn multiply(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, f: Format, tiles: &[Tile; ROWS]) {
+    unsafe fn multiply(dst: *mut sys::ggml_tensor, f: Format, tiles: &[Tile; ROWS]) {
         // SAFETY: see above; ggml hands allocated tensors of the shapes `mul_mat_packed` built.
         unsafe {
-            let (d, w, q) = (&*dst, &*(*dst).src[0], &*(*dst).src[1]);
+            let (d, w, q) = (&*dst, &*(*dst).src[0], (*dst).src[1]);
             let blocks = w.ne[0] as usize / f.inputs;
-            let rows = (q.ne[1] * q.ne[2] * q.ne[3]) as usize;
-            let row = |r: usize| (q.data as *const u8).add(r * q.nb[1]);
-            for g in share(w.ne[1] as usize / GROUP, ith, nth) {
-                let wg = (w.data as *const u8).add(g * blocks * GROUP * f.bytes);
-                let mut r0 = 0;
-                while r0 < rows {
-                    let n = (rows - r0).min(ROWS);
-                    let mut a = [row(r0); ROWS];
-                    let mut out = [ptr::null_mut(); ROWS];
-                    for i in 0..n {
-                        a[i] = row(r0 + i);
-                        out[i] = (d.data as *mut u8).add((r0 + i) * d.nb[1] + g * GROUP * 4) as *mut f32;
+            let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
+            let row_bytes = w.ne[0] as usize / BLOCK * ACT_BLOCK_BYTES;
+            let row = |r: usize| ((*q).data as *const u8).add(r * row_bytes);
+            let next = counter(q, rows * row_bytes);
+            let groups = w.ne[1] as usize / GROUP;
+            loop {
+                let start = next.fetch_add(GROUPS_PER_CHUNK, Ordering::Relaxed);
+                if start >= groups {
+                    break;
+                }
+                for g in start..(start + GROUPS_PER_CHUNK).min(groups) {
+                    let wg = (w.data as *const u8).add(g * blocks * GROUP * f.bytes);
+                    let mut r0 = 0;
+                    while r0 < rows {
+                        let n = (rows - r0).min(ROWS);
+                        let mut a = [row(r0); ROWS];
+                        let mut out = [ptr::null_mut(); ROWS];
+                        for i in 0..n {
+                            a[i] = row(r0 + i);
+                            out[i] = (d.data as *mut u8).add((r0 + i) * d.nb[1] + g * GROUP * 4) as *mut f32;
+                        }
+                        tiles[n - 1](wg, blocks, &a, &out);
+                        r0 += n;
                     }
-                    tiles[n - 1](wg, blocks, &a, &out);
-                    r0 += n;
                 }
             }
         }
