@@ -379,6 +379,10 @@ fn devices() -> Result<()> {
         let got = c.read_f32()?;
         let ok = got == [3.25, 10.75];
         println!("{:<10} {:<40} {}", device.spec(), device.description(), if ok { "ok" } else { "WRONG RESULT" });
+        if device.spec() == "cpu" {
+            let kernels = if ggml::packed_q4::available() { "packed AVX-512 VNNI kernels" } else { "ggml's kernels (no AVX-512 VNNI)" };
+            println!("{:<10} q4_0 and q4_K matrices run on {kernels}", "");
+        }
     }
     Ok(())
 }
