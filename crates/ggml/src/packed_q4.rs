@@ -95,13 +95,13 @@ pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<
         for (b, packed) in group.chunks_exact_mut(GROUP * f.bytes).enumerate() {
             for j in 0..GROUP {
                 let src = &data[((g * GROUP + j) * blocks + b) * f.bytes..][..f.bytes];
+                // Both formats start with an f16 scale (`d`).
+                packed[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
                 if ty == Type::Q4_0 {
-                    packed[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
                     for p in 0..4 {
                         packed[32 + p * 64 + j * 4..][..4].copy_from_slice(&src[2 + 4 * p..][..4]);
                     }
                 } else {
-                    packed[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
                     packed[32 + 2 * j..32 + 2 * j + 2].copy_from_slice(&src[2..4]);
                     for i in 0..12 {
                         packed[64 + i * GROUP + j] = src[4 + i];
@@ -145,8 +145,9 @@ impl Context {
     ) -> Result<Tensor<'s>> {
         self.room()?;
         let mut srcs: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.as_ptr()).collect();
-        // SAFETY: valid context and tensors, positive dimensions taken from them; the callback only
-        // reads its sources and writes its own result.
+        // SAFETY: valid context and tensors, positive dimensions taken from them; the
+        // callbacks read their sources and write their own result, except the work counter
+        // the multiplication takes chunks from, which lives in its quantized input.
         let raw = unsafe {
             sys::ggml_custom_4d(
                 self.as_ptr(),
