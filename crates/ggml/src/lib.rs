@@ -10,7 +10,8 @@
 //!   handle in typed structs.
 //! - [`gguf`]: read (every metadata type, tensor infos, in-place data) and write.
 //! - [`quantize`] / [`to_f32`]: f32 rows to any ggml type and back.
-//! - [`packed_q4`]: q4_0 matrix products with AVX-512 VNNI, on weights packed for them.
+//! - [`packed`]: q4_0, q8_0 and q4_K matrix products with AVX-512 VNNI, on weights
+//!   packed for them.
 //!
 //! This crate and `ggml-sys` are the only ones in the workspace with `unsafe`.
 
@@ -18,7 +19,7 @@ mod backend;
 mod context;
 mod error;
 pub mod gguf;
-pub mod packed_q4;
+pub mod packed;
 mod quant;
 mod store;
 mod types;

@@ -8,7 +8,7 @@ use ggml::{Context, Tensor, TensorRef, TensorStore};
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Linear {
     pub w: TensorRef,
-    /// `w` is in `ggml::packed_q4`'s layout.
+    /// `w` is in `ggml::packed`'s layout.
     pub packed: bool,
     pub b: Option<TensorRef>,
 }

@@ -6,15 +6,15 @@
 use crate::nn::{LayerNorm, Linear, RmsNorm};
 use crate::{Error, Result};
 use ggml::gguf::{GgufFile, TensorInfo};
-use ggml::{Backend, Buffer, Context, TensorRef, TensorStore, packed_q4};
+use ggml::{Backend, Buffer, Context, TensorRef, TensorStore, packed};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Name of the repacked copy of the token embedding used as the LM head.
 pub(crate) const LM_HEAD: &str = "lm_head.repacked";
 
-/// How [`crate::Model::repacked`] names the matrices in `ggml::packed_q4`'s layout.
-pub(crate) const PACKED_Q4: &str = "packed q4_0/q4_K (AVX-512 VNNI)";
+/// How [`crate::Model::repacked`] names the matrices in `ggml::packed`'s layout.
+pub(crate) const PACKED: &str = "packed q4_0/q4_K/q8_0 (AVX-512 VNNI)";
 
 /// Every weight of a model file on a backend.
 pub(crate) struct WeightStore {
@@ -31,7 +31,7 @@ pub(crate) struct WeightNames<'a> {
     by_name: HashMap<String, Weight>,
 }
 
-/// A loaded tensor, and whether it is in `ggml::packed_q4`'s layout (then only
+/// A loaded tensor, and whether it is in `ggml::packed`'s layout (then only
 /// `Context::mul_mat_packed` may read it).
 #[derive(Clone, Copy)]
 struct Weight {
@@ -48,16 +48,16 @@ impl WeightStore {
         // token embedding is also gathered by row, the mask decoder's tensors by their own ops).
         let extra = if repack && backend.is_cpu() { backend.device().extra_buffer_types() } else { Vec::new() };
         let repack_group = |info: &TensorInfo| extra.iter().position(|b| b.supports_weight(backend.device(), info.ty, &info.shape)).map(|g| g + 1);
-        // On CPUs with AVX-512 VNNI, q4_0 and q4_K matrices go to our own packed layout instead of
-        // ggml's (see `ggml::packed_q4`): the last group.
-        let pack = repack && backend.is_cpu() && packed_q4::available();
+        // On CPUs with AVX-512 VNNI, q4_0, q4_K and q8_0 matrices go to our own packed layout instead of
+        // ggml's (see `ggml::packed`): the last group.
+        let pack = repack && backend.is_cpu() && packed::available();
         let packed_group = 1 + extra.len();
         let mut groups: Vec<Vec<(String, &TensorInfo)>> = vec![Vec::new(); 2 + extra.len()];
         for info in &gguf.tensors {
             let matrix = info.shape.len() == 2 && info.name != "token_embd.weight" && !info.name.starts_with("seg.");
             let g = if !matrix {
                 None
-            } else if pack && packed_q4::packable(info.ty, &info.shape) {
+            } else if pack && packed::packable(info.ty, &info.shape) {
                 Some(packed_group)
             } else {
                 repack_group(info)
@@ -66,7 +66,7 @@ impl WeightStore {
             // The tied LM head reads the whole embedding: like llama.cpp, it gets a repacked
             // copy of its own while the row lookups keep using the file.
             if info.name == "token_embd.weight" {
-                let g = if pack && packed_q4::packable(info.ty, &info.shape) { Some(packed_group) } else { repack_group(info) };
+                let g = if pack && packed::packable(info.ty, &info.shape) { Some(packed_group) } else { repack_group(info) };
                 if let Some(g) = g {
                     groups[g].push((LM_HEAD.to_string(), info));
                 }
@@ -99,7 +99,7 @@ impl WeightStore {
                     data.resize(t.nbytes(), 0);
                     read_at(&mut file, (gguf.data_offset + info.offset) as u64, &mut data).map_err(crate::error::io(path))?;
                     if g == packed_group {
-                        let packed = packed_q4::pack(info.ty, &data, info.shape[0], info.shape[1]).map_err(|e| Error::Tensor {
+                        let packed = packed::pack(info.ty, &data, info.shape[0], info.shape[1]).map_err(|e| Error::Tensor {
                             path: path.to_path_buf(),
                             name: name.clone(),
                             detail: e.to_string(),
@@ -110,7 +110,7 @@ impl WeightStore {
                     }
                 }
                 if g == packed_group {
-                    weights.repacked.push((PACKED_Q4.to_string(), infos.len()));
+                    weights.repacked.push((PACKED.to_string(), infos.len()));
                 } else if g > 0 {
                     weights.repacked.push((buft.name(), infos.len()));
                 }

@@ -1,8 +1,8 @@
-//! The packed q4_0 and q4_K products against ggml's own `mul_mat` on the same bytes.
+//! The packed q4_0, q8_0 and q4_K products against ggml's own `mul_mat` on the same bytes.
 mod common;
 
 use common::{f32_bytes, values};
-use ggml::{Backend, Context, Scheduler, Tensor, Type, packed_q4};
+use ggml::{Backend, Context, Scheduler, Tensor, Type, packed};
 
 /// Computes `build(w, x)` on a 2-thread CPU scheduler.
 fn compute(
@@ -42,12 +42,12 @@ fn exact_product(w: &[f32], x: &[f32], k: usize) -> Vec<f32> {
 /// The packed product against ggml's on the same bytes, for every tile height.
 fn matches_ggml(ty: Type, k: usize, n: usize, tol: f32) {
     let w = ggml::quantize(ty, &values(k * n, 1), k).unwrap();
-    let packed = packed_q4::pack(ty, &w, k, n).unwrap();
+    let packed = packed::pack(ty, &w, k, n).unwrap();
     assert_eq!(packed.len(), w.len());
     for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 19] {
         let x = values(k * m, 10 + m as u64);
         let want = compute(ty, &w, [k, n], &x, &[k, m], |ctx, w, x| ctx.mul_mat(w, x));
-        if !packed_q4::available() {
+        if !packed::available() {
             let ctx = Context::new(4, 0).unwrap();
             let (wt, xt) = (ctx.new_tensor(ty, &[k, n]).unwrap(), ctx.new_tensor(Type::F32, &[k, m]).unwrap());
             assert!(ctx.mul_mat_packed(wt, xt).unwrap_err().to_string().contains("VNNI"));
@@ -71,6 +71,11 @@ fn q4_0_products_match_ggml() {
 }
 
 #[test]
+fn q8_0_products_match_ggml() {
+    matches_ggml(Type::Q8_0, 96, 48, 1e-5);
+}
+
+#[test]
 fn q4_k_products_match_ggml() {
     // ggml quantizes q4_K's activations per 256 values, this per 32: they round differently.
     matches_ggml(Type::Q4_K, 512, 32, 1e-2);
@@ -78,13 +83,13 @@ fn q4_k_products_match_ggml() {
 
 #[test]
 fn rows_with_gaps_and_batches() {
-    if !packed_q4::available() {
+    if !packed::available() {
         return;
     }
     // x is [k, 3, 4] seen as [k, 4, 3] through a permutation: rows are not contiguous.
     let (k, n) = (64, 32);
     let w = ggml::quantize(Type::Q4_0, &values(k * n, 2), k).unwrap();
-    let packed = packed_q4::pack(Type::Q4_0, &w, k, n).unwrap();
+    let packed = packed::pack(Type::Q4_0, &w, k, n).unwrap();
     let x = values(k * 12, 3);
     let want = compute(Type::Q4_0, &w, [k, n], &x, &[k, 3, 4], |ctx, w, x| ctx.mul_mat(w, ctx.cont(ctx.permute(x, [0, 2, 1, 3])?)?));
     let got = compute(Type::Q4_0, &packed, [k, n], &x, &[k, 3, 4], |ctx, w, x| ctx.mul_mat_packed(w, ctx.permute(x, [0, 2, 1, 3])?));
@@ -94,16 +99,17 @@ fn rows_with_gaps_and_batches() {
 
 #[test]
 fn packing_checks_shapes_and_sizes() {
-    assert!(packed_q4::packable(Type::Q4_0, &[64, 32]));
-    assert!(packed_q4::packable(Type::Q4_K, &[256, 32]));
-    assert!(!packed_q4::packable(Type::Q4_K, &[128, 32]), "q4_K blocks hold 256 inputs");
-    assert!(!packed_q4::packable(Type::Q4_0, &[64, 24]), "outputs must come in groups of 16");
-    assert!(!packed_q4::packable(Type::Q8_0, &[64, 32]));
-    assert!(!packed_q4::packable(Type::Q4_0, &[64, 32, 2]));
-    let err = packed_q4::pack(Type::Q4_0, &[0u8; 10], 64, 32).unwrap_err().to_string();
+    assert!(packed::packable(Type::Q4_0, &[64, 32]));
+    assert!(packed::packable(Type::Q4_K, &[256, 32]));
+    assert!(!packed::packable(Type::Q4_K, &[128, 32]), "q4_K blocks hold 256 inputs");
+    assert!(!packed::packable(Type::Q4_0, &[64, 24]), "outputs must come in groups of 16");
+    assert!(packed::packable(Type::Q8_0, &[64, 32]));
+    assert!(!packed::packable(Type::Q5_0, &[64, 32]));
+    assert!(!packed::packable(Type::Q4_0, &[64, 32, 2]));
+    let err = packed::pack(Type::Q4_0, &[0u8; 10], 64, 32).unwrap_err().to_string();
     assert!(err.contains("10"), "{err}");
-    assert!(packed_q4::pack(Type::Q4_0, &[], 48, 32).is_err());
-    assert!(packed_q4::pack(Type::Q8_0, &[0u8; 34 * 2 * 32], 64, 32).is_err());
+    assert!(packed::pack(Type::Q4_0, &[], 48, 32).is_err());
+    assert!(packed::pack(Type::Q5_0, &[0u8; 22 * 2 * 32], 64, 32).is_err());
     let ctx = Context::new(4, 0).unwrap();
     let (w, x) = (ctx.new_tensor(Type::Q4_0, &[64, 32]).unwrap(), ctx.new_tensor(Type::F32, &[32, 2]).unwrap());
     assert!(ctx.mul_mat_packed(w, x).is_err());

@@ -1,28 +1,32 @@
-//! q4_0 and q4_K matrix products with AVX-512 VNNI, for the many-row products of
-//! prefill and the vision tower.
+//! q4_0, q8_0 and q4_K matrix products with AVX-512 VNNI, for the many-row products of
+//! prefill and the vision tower (and the one-row products of decoding, which they also
+//! run at memory speed).
 //!
-//! Why this exists: ggml's repacked q4 kernels turn every 4-bit weight into a signed
-//! byte and spend three more instructions on each `vpdpbusd` to make one operand
-//! unsigned, which leaves them near 40% of the core's int8 peak. Here the weights stay
-//! the unsigned nibbles both formats store and feed `vpdpbusd` as they are; what the
-//! format subtracts (q4_0's offset of 8, q4_K's per-block minimum) comes off once per
-//! block of 32 as a multiple of `sum(a)`, a sum taken when the activations are quantized.
+//! Why this exists: ggml's repacked kernels turn every weight into a signed byte and
+//! spend three more instructions on each `vpdpbusd` to make one operand unsigned, which
+//! leaves them near 40% of the core's int8 peak. Here the weights are made unsigned as
+//! stored (q4's nibbles are already the value plus 8 or above the block's minimum; q8_0's
+//! bytes get 128 added by flipping their top bit) and feed `vpdpbusd` as they are; what
+//! that added (8, 128, q4_K's minimum) comes off once per block of 32 as a multiple of
+//! `sum(a)`, a sum taken when the activations are quantized.
 //!
 //! A packed matrix holds the very bytes of the file, regrouped by 16 output rows, so it
 //! is exactly as large. Per group of 16 rows, block by block:
 //! - q4_0 (32 inputs, 288 bytes): the 16 rows' f16 scales, then 4 chunks of 64 bytes
 //!   where chunk `p` holds bytes `4p..4p+4` of each row's 16 quant bytes: a byte's low
 //!   nibble is input `4p + t`, its high nibble input `16 + 4p + t`.
+//! - q8_0 (32 inputs, 544 bytes): the 16 scales, then 8 chunks of 64 bytes where chunk
+//!   `p` holds inputs `4p..4p+4` of each row.
 //! - q4_K (256 inputs, 2304 bytes): the 16 `d`, the 16 `dmin` (f16), the 12 bytes of
 //!   6-bit scales and minimums as 12 vectors of 16 rows, then 32 chunks of 64 bytes where
 //!   chunk `8c + t` holds bytes `32c + 4t..+4` of each row's 128 quant bytes: low nibbles
 //!   are sub-block `2c`, high nibbles sub-block `2c + 1`, inputs `4t..4t+4` of each.
 //!
-//! Either way one 32-bit broadcast of four activations meets 16 rows at once.
+//! Every way, one 32-bit broadcast of four activations meets 16 rows at once.
 //!
-//! Activations are quantized per block of 32 exactly as ggml's q8_0 does (q4_0's
-//! products then differ from ggml's only in the order of float sums; ggml quantizes
-//! q4_K's activations per 256 instead, so those differ by that rounding).
+//! Activations are quantized per block of 32 exactly as ggml's q8_0 does (q4_0's and
+//! q8_0's products then differ from ggml's only in the order of float sums; ggml
+//! quantizes q4_K's activations per 256 instead, so those differ by that rounding).
 use crate::error::shape;
 use crate::{Context, Error, Result, Tensor, Type, sys};
 use std::ptr;
@@ -45,11 +49,13 @@ struct Format {
 
 const Q4_0: Format = Format { inputs: 32, bytes: 18 };
 const Q4_K: Format = Format { inputs: 256, bytes: 144 };
+const Q8_0: Format = Format { inputs: 32, bytes: 34 };
 
 fn format(ty: Type) -> Option<Format> {
     match ty {
         Type::Q4_0 => Some(Q4_0),
         Type::Q4_K => Some(Q4_K),
+        Type::Q8_0 => Some(Q8_0),
         _ => None,
     }
 }
@@ -74,14 +80,14 @@ pub fn packable(ty: Type, shape: &[usize]) -> bool {
     format(ty).is_some_and(|f| shape.len() == 2 && shape[0].is_multiple_of(f.inputs) && shape[1].is_multiple_of(GROUP))
 }
 
-/// Regroups a q4_0 or q4_K matrix of `outputs` rows of `inputs` values into the packed layout.
+/// Regroups a q4_0, q8_0 or q4_K matrix of `outputs` rows of `inputs` values into the packed layout.
 pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<u8>> {
     let f = match format(ty) {
         Some(f) if packable(ty, &[inputs, outputs]) => f,
         _ => {
             return Err(shape(
                 "pack",
-                format!("{} [{inputs}, {outputs}]: q4_0 or q4_K with whole blocks of inputs and outputs in groups of {GROUP}", ty.name()),
+                format!("{} [{inputs}, {outputs}]: q4_0, q8_0 or q4_K with whole blocks of inputs and outputs in groups of {GROUP}", ty.name()),
             ));
         }
     };
@@ -97,8 +103,9 @@ pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<
                 let src = &data[((g * GROUP + j) * blocks + b) * f.bytes..][..f.bytes];
                 // Both formats start with an f16 scale (`d`).
                 packed[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
-                if ty == Type::Q4_0 {
-                    for p in 0..4 {
+                if ty != Type::Q4_K {
+                    // q4_0's 16 and q8_0's 32 quant bytes, 4 at a time.
+                    for p in 0..(f.bytes - 2) / 4 {
                         packed[32 + p * 64 + j * 4..][..4].copy_from_slice(&src[2 + 4 * p..][..4]);
                     }
                 } else {
@@ -117,7 +124,7 @@ pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<
 }
 
 impl Context {
-    /// `w^T x` for a weight packed by [`pack`] (typed q4_0 or q4_K, shape `[k, n]`) and
+    /// `w^T x` for a weight packed by [`pack`] (typed q4_0, q8_0 or q4_K, shape `[k, n]`) and
     /// f32 `x` of shape `[k, ...]`: two graph nodes, one quantizing the rows of `x`, one
     /// multiplying. CPU backends only, and only where [`available`].
     pub fn mul_mat_packed<'s>(&'s self, w: Tensor<'_>, x: Tensor<'_>) -> Result<Tensor<'s>> {
@@ -132,7 +139,11 @@ impl Context {
         // The quantized rows, then the multiplication's work counter (see `kernels::multiply`).
         let rows = xn[1] * xn[2] * xn[3];
         let q = self.custom(Type::I8, [rows * (xn[0] / BLOCK * ACT_BLOCK_BYTES) + COUNTER_BYTES, 1, 1, 1], &[x], kernels::quantize_rows)?;
-        let multiply = if w.ty() == Type::Q4_0 { kernels::multiply_q4_0 } else { kernels::multiply_q4_k };
+        let multiply = match w.ty() {
+            Type::Q4_0 => kernels::multiply_q4_0,
+            Type::Q8_0 => kernels::multiply_q8_0,
+            _ => kernels::multiply_q4_k,
+        };
         self.custom(Type::F32, [wn[1], xn[1], xn[2], xn[3]], &[w, q], multiply)
     }
 
@@ -170,7 +181,7 @@ impl Context {
 /// The kernels, called by ggml's CPU threads (`ith` of `nth`) on allocated tensors.
 #[cfg(target_arch = "x86_64")]
 mod kernels {
-    use super::{ACT_BLOCK_BYTES, BLOCK, Format, GROUP, Q4_0, Q4_K};
+    use super::{ACT_BLOCK_BYTES, BLOCK, Format, GROUP, Q4_0, Q4_K, Q8_0};
     use crate::sys;
     use std::arch::x86_64::*;
     use std::ptr;
@@ -242,10 +253,33 @@ mod kernels {
     }
 
     pub unsafe extern "C" fn multiply_q4_0(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
-        const TILES: [Tile; ROWS] =
-            [tile_q4_0::<1>, tile_q4_0::<2>, tile_q4_0::<3>, tile_q4_0::<4>, tile_q4_0::<5>, tile_q4_0::<6>, tile_q4_0::<7>, tile_q4_0::<8>];
+        const TILES: [Tile; ROWS] = [
+            tile_b32::<1, false>,
+            tile_b32::<2, false>,
+            tile_b32::<3, false>,
+            tile_b32::<4, false>,
+            tile_b32::<5, false>,
+            tile_b32::<6, false>,
+            tile_b32::<7, false>,
+            tile_b32::<8, false>,
+        ];
         // SAFETY: as `multiply` requires.
         unsafe { multiply(dst, Q4_0, &TILES) }
+    }
+
+    pub unsafe extern "C" fn multiply_q8_0(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
+        const TILES: [Tile; ROWS] = [
+            tile_b32::<1, true>,
+            tile_b32::<2, true>,
+            tile_b32::<3, true>,
+            tile_b32::<4, true>,
+            tile_b32::<5, true>,
+            tile_b32::<6, true>,
+            tile_b32::<7, true>,
+            tile_b32::<8, true>,
+        ];
+        // SAFETY: as `multiply` requires.
+        unsafe { multiply(dst, Q8_0, &TILES) }
     }
 
     pub unsafe extern "C" fn multiply_q4_k(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
@@ -308,32 +342,47 @@ mod kernels {
         }
     }
 
-    /// q4_0: per block, 8 `vpdpbusd` per row into integer sums, then
-    /// `scale_w * (scale_a * sum - 8 * scale_a * sum(a))` into f32 accumulators.
+    /// q4_0 and q8_0 (`EIGHT_BIT`): per block, 8 `vpdpbusd` per row into integer sums of
+    /// the stored weights made unsigned (q4_0's nibbles are the value + 8; q8_0's bytes
+    /// get + 128 by flipping their top bit), then `scale_w * (scale_a * sum - offset *
+    /// scale_a * sum(a))` into f32 accumulators.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-    unsafe fn tile_q4_0<const R: usize>(w: *const u8, blocks: usize, a: &[*const u8; ROWS], out: &[*mut f32; ROWS]) {
+    unsafe fn tile_b32<const R: usize, const EIGHT_BIT: bool>(w: *const u8, blocks: usize, a: &[*const u8; ROWS], out: &[*mut f32; ROWS]) {
         // SAFETY: `w` holds `blocks` packed blocks, each `a[i]` `blocks` activation blocks,
         // each `out[i]` room for 16 floats.
         unsafe {
-            let low = _mm512_set1_epi8(0x0F);
+            let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(-128));
+            let (f, offset) = if EIGHT_BIT { (Q8_0, 128.0) } else { (Q4_0, 8.0) };
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..blocks {
-                let wb = w.add(b * GROUP * Q4_0.bytes);
+                let wb = w.add(b * GROUP * f.bytes);
                 let scales = _mm512_cvtph_ps(_mm256_loadu_si256(wb as *const __m256i));
                 let mut sums = [_mm512_setzero_si512(); R];
-                for p in 0..4 {
-                    let raw = _mm512_loadu_si512(wb.add(32 + p * 64) as *const __m512i);
-                    let lo = _mm512_and_si512(raw, low);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
-                    for i in 0..R {
-                        let (q, _, _) = act(a[i], b);
-                        sums[i] = _mm512_dpbusd_epi32(sums[i], lo, _mm512_set1_epi32(q.add(p).read_unaligned()));
-                        sums[i] = _mm512_dpbusd_epi32(sums[i], hi, _mm512_set1_epi32(q.add(4 + p).read_unaligned()));
+                // A chunk of 64 bytes is 16 rows x 4 inputs (q8_0) or two such vectors
+                // (q4_0: inputs 4p.. in the low nibbles, 16 + 4p.. in the high ones).
+                if EIGHT_BIT {
+                    for p in 0..8 {
+                        let v = _mm512_xor_si512(_mm512_loadu_si512(wb.add(32 + p * 64) as *const __m512i), top);
+                        for i in 0..R {
+                            let (q, _, _) = act(a[i], b);
+                            sums[i] = _mm512_dpbusd_epi32(sums[i], v, _mm512_set1_epi32(q.add(p).read_unaligned()));
+                        }
+                    }
+                } else {
+                    for p in 0..4 {
+                        let raw = _mm512_loadu_si512(wb.add(32 + p * 64) as *const __m512i);
+                        let lo = _mm512_and_si512(raw, low);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
+                        for i in 0..R {
+                            let (q, _, _) = act(a[i], b);
+                            sums[i] = _mm512_dpbusd_epi32(sums[i], lo, _mm512_set1_epi32(q.add(p).read_unaligned()));
+                            sums[i] = _mm512_dpbusd_epi32(sums[i], hi, _mm512_set1_epi32(q.add(4 + p).read_unaligned()));
+                        }
                     }
                 }
                 for i in 0..R {
                     let (_, scale, scaled_sum) = act(a[i], b);
-                    let t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums[i]), _mm512_set1_ps(scale), _mm512_set1_ps(8.0 * scaled_sum));
+                    let t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums[i]), _mm512_set1_ps(scale), _mm512_set1_ps(offset * scaled_sum));
                     acc[i] = _mm512_fmadd_ps(scales, t, acc[i]);
                 }
             }
@@ -398,4 +447,5 @@ mod kernels {
     pub unsafe extern "C" fn quantize_rows(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
     pub unsafe extern "C" fn multiply_q4_0(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
     pub unsafe extern "C" fn multiply_q4_k(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
+    pub unsafe extern "C" fn multiply_q8_0(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
 }
