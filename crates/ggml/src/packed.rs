@@ -252,41 +252,26 @@ mod kernels {
         }
     }
 
+    /// The tile kernel `$tile` (with its further generic arguments) for 1 to 8 rows.
+    macro_rules! tiles {
+        ($tile:ident $(, $arg:expr)?) => {
+            [$tile::<1 $(, $arg)?>, $tile::<2 $(, $arg)?>, $tile::<3 $(, $arg)?>, $tile::<4 $(, $arg)?>, $tile::<5 $(, $arg)?>, $tile::<6 $(, $arg)?>, $tile::<7 $(, $arg)?>, $tile::<8 $(, $arg)?>]
+        };
+    }
+
     pub unsafe extern "C" fn multiply_q4_0(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
-        const TILES: [Tile; ROWS] = [
-            tile_b32::<1, false>,
-            tile_b32::<2, false>,
-            tile_b32::<3, false>,
-            tile_b32::<4, false>,
-            tile_b32::<5, false>,
-            tile_b32::<6, false>,
-            tile_b32::<7, false>,
-            tile_b32::<8, false>,
-        ];
         // SAFETY: as `multiply` requires.
-        unsafe { multiply(dst, Q4_0, &TILES) }
+        unsafe { multiply(dst, Q4_0, &tiles!(tile_b32, false)) }
     }
 
     pub unsafe extern "C" fn multiply_q8_0(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
-        const TILES: [Tile; ROWS] = [
-            tile_b32::<1, true>,
-            tile_b32::<2, true>,
-            tile_b32::<3, true>,
-            tile_b32::<4, true>,
-            tile_b32::<5, true>,
-            tile_b32::<6, true>,
-            tile_b32::<7, true>,
-            tile_b32::<8, true>,
-        ];
         // SAFETY: as `multiply` requires.
-        unsafe { multiply(dst, Q8_0, &TILES) }
+        unsafe { multiply(dst, Q8_0, &tiles!(tile_b32, true)) }
     }
 
     pub unsafe extern "C" fn multiply_q4_k(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
-        const TILES: [Tile; ROWS] =
-            [tile_q4_k::<1>, tile_q4_k::<2>, tile_q4_k::<3>, tile_q4_k::<4>, tile_q4_k::<5>, tile_q4_k::<6>, tile_q4_k::<7>, tile_q4_k::<8>];
         // SAFETY: as `multiply` requires.
-        unsafe { multiply(dst, Q4_K, &TILES) }
+        unsafe { multiply(dst, Q4_K, &tiles!(tile_q4_k)) }
     }
 
     /// `dst = src[0]^T src[1]`: packed weights of format `f` times quantized rows. Each
