@@ -27,6 +27,13 @@
 //! Activations are quantized per block of 32 exactly as ggml's q8_0 does (q4_0's and
 //! q8_0's products then differ from ggml's only in the order of float sums; ggml
 //! quantizes q4_K's activations per 256 instead, so those differ by that rounding).
+//!
+//! f16 and bf16 matrices (the SigLIP tower of a default conversion, whole f16 models)
+//! are packed as one 16-row vector of weights per input: `vcvtph2ps` (or a shift, for
+//! bf16) gives 16 f32 weights that meet one broadcast activation in an FMA, 8 rows at
+//! a time. The activations stay f32, where ggml rounds them to f16 (or bf16) first, so
+//! these products are nearer the exact one than ggml's; ggml's own f16 kernel (tinyBLAS)
+//! also converts both operands on every step and runs at about half the FMA peak.
 use crate::error::shape;
 use crate::{Context, Error, Result, Tensor, Type, sys};
 use std::ptr;
@@ -40,23 +47,34 @@ const ACT_BLOCK_BYTES: usize = BLOCK + 8;
 /// Room after the quantized rows for the multiplication's work counter.
 const COUNTER_BYTES: usize = 64;
 
-/// The two packed formats: inputs and bytes per block of one row.
+/// The packed formats: inputs and bytes per block of one row, and whether the
+/// activations stay f32 (f16, bf16: a "block" is one input) or are quantized.
 #[derive(Clone, Copy)]
 struct Format {
     inputs: usize,
     bytes: usize,
+    float: bool,
 }
 
-const Q4_0: Format = Format { inputs: 32, bytes: 18 };
-const Q4_K: Format = Format { inputs: 256, bytes: 144 };
-const Q8_0: Format = Format { inputs: 32, bytes: 34 };
+const Q4_0: Format = Format { inputs: 32, bytes: 18, float: false };
+const Q4_K: Format = Format { inputs: 256, bytes: 144, float: false };
+const Q8_0: Format = Format { inputs: 32, bytes: 34, float: false };
+const HALF: Format = Format { inputs: 1, bytes: 2, float: true };
 
 fn format(ty: Type) -> Option<Format> {
     match ty {
         Type::Q4_0 => Some(Q4_0),
         Type::Q4_K => Some(Q4_K),
         Type::Q8_0 => Some(Q8_0),
+        Type::F16 | Type::BF16 => Some(HALF),
         _ => None,
+    }
+}
+
+impl Format {
+    /// Bytes of one row of `k` activations as the multiplication reads them.
+    fn activation_row_bytes(self, k: usize) -> usize {
+        if self.float { k * 4 } else { k / BLOCK * ACT_BLOCK_BYTES }
     }
 }
 
@@ -80,14 +98,14 @@ pub fn packable(ty: Type, shape: &[usize]) -> bool {
     format(ty).is_some_and(|f| shape.len() == 2 && shape[0].is_multiple_of(f.inputs) && shape[1].is_multiple_of(GROUP))
 }
 
-/// Regroups a q4_0, q8_0 or q4_K matrix of `outputs` rows of `inputs` values into the packed layout.
+/// Regroups an f16, bf16, q4_0, q8_0 or q4_K matrix of `outputs` rows of `inputs` values into the packed layout.
 pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<u8>> {
     let f = match format(ty) {
         Some(f) if packable(ty, &[inputs, outputs]) => f,
         _ => {
             return Err(shape(
                 "pack",
-                format!("{} [{inputs}, {outputs}]: q4_0, q8_0 or q4_K with whole blocks of inputs and outputs in groups of {GROUP}", ty.name()),
+                format!("{} [{inputs}, {outputs}]: f16, bf16, q4_0, q8_0 or q4_K with whole blocks of inputs and outputs in groups of {GROUP}", ty.name()),
             ));
         }
     };
@@ -97,11 +115,23 @@ pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<
         return Err(Error::DataSize { name: format!("<{} matrix>", ty.name()), got: data.len(), expected });
     }
     let mut out = vec![0u8; expected];
+    if f.float {
+        // Per group, input `k`'s 16 weights side by side; each source row read in order.
+        for (g, group) in out.chunks_exact_mut(inputs * GROUP * 2).enumerate() {
+            for j in 0..GROUP {
+                let row = &data[(g * GROUP + j) * inputs * 2..][..inputs * 2];
+                for (k, w) in row.chunks_exact(2).enumerate() {
+                    group[(k * GROUP + j) * 2..][..2].copy_from_slice(w);
+                }
+            }
+        }
+        return Ok(out);
+    }
     for (g, group) in out.chunks_exact_mut(blocks * GROUP * f.bytes).enumerate() {
         for (b, packed) in group.chunks_exact_mut(GROUP * f.bytes).enumerate() {
             for j in 0..GROUP {
                 let src = &data[((g * GROUP + j) * blocks + b) * f.bytes..][..f.bytes];
-                // Both formats start with an f16 scale (`d`).
+                // Every quantized format starts with an f16 scale (`d`).
                 packed[2 * j..2 * j + 2].copy_from_slice(&src[..2]);
                 if ty != Type::Q4_K {
                     // q4_0's 16 and q8_0's 32 quant bytes, 4 at a time.
@@ -124,9 +154,10 @@ pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<
 }
 
 impl Context {
-    /// `w^T x` for a weight packed by [`pack`] (typed q4_0, q8_0 or q4_K, shape `[k, n]`) and
-    /// f32 `x` of shape `[k, ...]`: two graph nodes, one quantizing the rows of `x`, one
-    /// multiplying. CPU backends only, and only where [`available`].
+    /// `w^T x` for a weight packed by [`pack`] (typed f16, bf16, q4_0, q8_0 or q4_K, shape
+    /// `[k, n]`) and f32 `x` of shape `[k, ...]`: two graph nodes, one quantizing the rows
+    /// of `x` (f16, bf16: gathering them as they are), one multiplying. CPU backends
+    /// only, and only where [`available`].
     pub fn mul_mat_packed<'s>(&'s self, w: Tensor<'_>, x: Tensor<'_>) -> Result<Tensor<'s>> {
         let (wn, xn) = (w.ne(), x.ne());
         if !packable(w.ty(), &w.shape()) || x.ty() != Type::F32 || xn[0] != wn[0] || x.nb()[0] != 4 {
@@ -136,13 +167,17 @@ impl Context {
             return Err(shape("mul_mat_packed", "this CPU lacks AVX-512 VNNI".to_string()));
         }
         self.room_for(2)?;
-        // The quantized rows, then the multiplication's work counter (see `kernels::multiply`).
+        // The quantized (or gathered) rows, then the multiplication's work counter (see `kernels::multiply`).
+        let f = format(w.ty()).expect("packable");
         let rows = xn[1] * xn[2] * xn[3];
-        let q = self.custom(Type::I8, [rows * (xn[0] / BLOCK * ACT_BLOCK_BYTES) + COUNTER_BYTES, 1, 1, 1], &[x], kernels::quantize_rows)?;
+        let prepare = if f.float { kernels::gather_rows } else { kernels::quantize_rows };
+        let q = self.custom(Type::I8, [rows * f.activation_row_bytes(xn[0]) + COUNTER_BYTES, 1, 1, 1], &[x], prepare)?;
         let multiply = match w.ty() {
             Type::Q4_0 => kernels::multiply_q4_0,
             Type::Q8_0 => kernels::multiply_q8_0,
-            _ => kernels::multiply_q4_k,
+            Type::Q4_K => kernels::multiply_q4_k,
+            Type::F16 => kernels::multiply_f16,
+            _ => kernels::multiply_bf16,
         };
         self.custom(Type::F32, [wn[1], xn[1], xn[2], xn[3]], &[w, q], multiply)
     }
@@ -181,7 +216,7 @@ impl Context {
 /// The kernels, called by ggml's CPU threads (`ith` of `nth`) on allocated tensors.
 #[cfg(target_arch = "x86_64")]
 mod kernels {
-    use super::{ACT_BLOCK_BYTES, BLOCK, Format, GROUP, Q4_0, Q4_K, Q8_0};
+    use super::{ACT_BLOCK_BYTES, BLOCK, Format, GROUP, HALF, Q4_0, Q4_K, Q8_0};
     use crate::sys;
     use std::arch::x86_64::*;
     use std::ptr;
@@ -230,6 +265,25 @@ mod kernels {
         }
     }
 
+    /// Copies each row of `src[0]` (f32, any row strides) into the contiguous rows of `dst`.
+    pub unsafe extern "C" fn gather_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+        // SAFETY: ggml hands allocated tensors of the shapes `mul_mat_packed` built.
+        unsafe {
+            let (d, x) = (&*dst, &*(*dst).src[0]);
+            let (n1, n2) = (x.ne[1] as usize, x.ne[2] as usize);
+            let rows = n1 * n2 * x.ne[3] as usize;
+            let k = x.ne[0] as usize;
+            for r in share(rows, ith, nth) {
+                let (i1, i2, i3) = (r % n1, r / n1 % n2, r / (n1 * n2));
+                let src = (x.data as *const u8).add(i1 * x.nb[1] + i2 * x.nb[2] + i3 * x.nb[3]) as *const f32;
+                ptr::copy_nonoverlapping(src, (d.data as *mut f32).add(r * k), k);
+            }
+            if ith == 0 {
+                counter(dst, rows * k * 4).store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,f16c")]
     unsafe fn quantize_row(src: *const f32, dst: *mut u8, blocks: usize) {
         // SAFETY: `src` holds `blocks * 32` floats, `dst` `blocks * 40` bytes.
@@ -274,6 +328,16 @@ mod kernels {
         unsafe { multiply(dst, Q4_K, &tiles!(tile_q4_k)) }
     }
 
+    pub unsafe extern "C" fn multiply_f16(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
+        // SAFETY: as `multiply` requires.
+        unsafe { multiply(dst, HALF, &tiles!(tile_half, false)) }
+    }
+
+    pub unsafe extern "C" fn multiply_bf16(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
+        // SAFETY: as `multiply` requires.
+        unsafe { multiply(dst, HALF, &tiles!(tile_half, true)) }
+    }
+
     /// `dst = src[0]^T src[1]`: packed weights of format `f` times quantized rows. Each
     /// group's weights stay in cache while every row passes. Threads take chunks of
     /// groups from a shared counter rather than fixed shares, as ggml's own products do:
@@ -281,14 +345,15 @@ mod kernels {
     /// chunk, not by its whole share.
     ///
     /// # Safety
-    /// `src[0]` was packed by `pack` in format `f`, `src[1]` written by `quantize_rows`.
+    /// `src[0]` was packed by `pack` in format `f`, `src[1]` written by `quantize_rows`
+    /// (`gather_rows` for f16 and bf16).
     unsafe fn multiply(dst: *mut sys::ggml_tensor, f: Format, tiles: &[Tile; ROWS]) {
         // SAFETY: see above; ggml hands allocated tensors of the shapes `mul_mat_packed` built.
         unsafe {
             let (d, w, q) = (&*dst, &*(*dst).src[0], (*dst).src[1]);
             let blocks = w.ne[0] as usize / f.inputs;
             let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
-            let row_bytes = w.ne[0] as usize / BLOCK * ACT_BLOCK_BYTES;
+            let row_bytes = f.activation_row_bytes(w.ne[0] as usize);
             let row = |r: usize| ((*q).data as *const u8).add(r * row_bytes);
             let next = counter(q, rows * row_bytes);
             let groups = w.ne[1] as usize / GROUP;
@@ -377,6 +442,48 @@ mod kernels {
         }
     }
 
+    /// f16 and bf16 (`BF16`): per input, its 16 weights made f32 and one FMA per row with
+    /// the broadcast activation. Below 4 rows the sum over inputs is split into
+    /// interleaved partial sums, so that at least 4 independent FMA chains hide the
+    /// FMA's latency (decoding has one row).
+    #[target_feature(enable = "avx512f,avx512bw,f16c")]
+    unsafe fn tile_half<const R: usize, const BF16: bool>(w: *const u8, inputs: usize, a: &[*const u8; ROWS], out: &[*mut f32; ROWS]) {
+        // SAFETY: `w` holds `inputs` vectors of 16 weights, each `a[i]` `inputs` floats,
+        // each `out[i]` room for 16 floats.
+        unsafe {
+            const UNROLL: usize = 4;
+            let split = if R >= UNROLL { 1 } else { UNROLL / R };
+            let weights = |k: usize| {
+                let v = _mm256_loadu_si256(w.add(k * GROUP * 2) as *const __m256i);
+                if BF16 { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v))) } else { _mm512_cvtph_ps(v) }
+            };
+            let x = |i: usize, k: usize| _mm512_set1_ps((a[i] as *const f32).add(k).read());
+            let mut acc = [[_mm512_setzero_ps(); R]; UNROLL];
+            let whole = inputs / UNROLL * UNROLL;
+            for k in (0..whole).step_by(UNROLL) {
+                for u in 0..UNROLL {
+                    let v = weights(k + u);
+                    for (i, sum) in acc[u % split].iter_mut().enumerate() {
+                        *sum = _mm512_fmadd_ps(v, x(i, k + u), *sum);
+                    }
+                }
+            }
+            for k in whole..inputs {
+                let v = weights(k);
+                for (i, sum) in acc[0].iter_mut().enumerate() {
+                    *sum = _mm512_fmadd_ps(v, x(i, k), *sum);
+                }
+            }
+            for i in 0..R {
+                let mut sum = acc[0][i];
+                for part in acc.iter().take(split).skip(1) {
+                    sum = _mm512_add_ps(sum, part[i]);
+                }
+                _mm512_storeu_ps(out[i], sum);
+            }
+        }
+    }
+
     /// q4_K: per sub-block of 32, 8 `vpdpbusd` per row, then
     /// `d * sc * scale_a * sum - dmin * m * scale_a * sum(a)` into f32 accumulators.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
@@ -433,4 +540,7 @@ mod kernels {
     pub unsafe extern "C" fn multiply_q4_0(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
     pub unsafe extern "C" fn multiply_q4_k(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
     pub unsafe extern "C" fn multiply_q8_0(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
+    pub unsafe extern "C" fn gather_rows(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
+    pub unsafe extern "C" fn multiply_f16(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
+    pub unsafe extern "C" fn multiply_bf16(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
 }

@@ -1,4 +1,5 @@
-//! The packed q4_0, q8_0 and q4_K products against ggml's own `mul_mat` on the same bytes.
+//! The packed f16, bf16, q4_0, q8_0 and q4_K products against ggml's own `mul_mat` on
+//! the same bytes, and against the exact product.
 mod common;
 
 use common::{f32_bytes, values};
@@ -39,11 +40,13 @@ fn exact_product(w: &[f32], x: &[f32], k: usize) -> Vec<f32> {
     x.chunks_exact(k).flat_map(|row| w.chunks_exact(k).map(move |col| col.iter().zip(row).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32)).collect()
 }
 
-/// The packed product against ggml's on the same bytes, for every tile height.
-fn matches_ggml(ty: Type, k: usize, n: usize, tol: f32) {
+/// The packed product against ggml's on the same bytes, for every tile height; returns
+/// the worst relative difference from the exact product of the stored weights.
+fn matches_ggml(ty: Type, k: usize, n: usize, tol: f32) -> f32 {
     let w = ggml::quantize(ty, &values(k * n, 1), k).unwrap();
     let packed = packed::pack(ty, &w, k, n).unwrap();
     assert_eq!(packed.len(), w.len());
+    let mut worst_exact = 0f32;
     for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 19] {
         let x = values(k * m, 10 + m as u64);
         let want = compute(ty, &w, [k, n], &x, &[k, m], |ctx, w, x| ctx.mul_mat(w, x));
@@ -61,6 +64,19 @@ fn matches_ggml(ty: Type, k: usize, n: usize, tol: f32) {
         let rms = |v: &[f32]| (v.iter().zip(&exact).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
         let (ours, theirs) = (rms(&got), rms(&want));
         assert!(ours <= theirs * 1.1, "{ty}, {m} rows: {ours} from the exact product, ggml {theirs}");
+        worst_exact = worst_exact.max(worst_relative(&got, &exact));
+    }
+    worst_exact
+}
+
+#[test]
+fn half_products_are_exact_in_f32() {
+    // ggml rounds the activations to f16 (bf16) first; the packed kernel keeps them f32,
+    // so it is within float rounding of the exact product. 100 inputs: not a multiple of
+    // the kernel's unrolling.
+    for (ty, ggml_tol) in [(Type::F16, 2e-3), (Type::BF16, 1e-2)] {
+        let err = matches_ggml(ty, 100, 48, ggml_tol);
+        assert!(err < 1e-5, "{ty}: relative difference {err} from the exact product");
     }
 }
 
@@ -104,6 +120,9 @@ fn packing_checks_shapes_and_sizes() {
     assert!(!packed::packable(Type::Q4_K, &[128, 32]), "q4_K blocks hold 256 inputs");
     assert!(!packed::packable(Type::Q4_0, &[64, 24]), "outputs must come in groups of 16");
     assert!(packed::packable(Type::Q8_0, &[64, 32]));
+    assert!(packed::packable(Type::F16, &[7, 32]), "f16 takes any number of inputs");
+    assert!(!packed::packable(Type::BF16, &[64, 40]));
+    assert!(!packed::packable(Type::F32, &[64, 32]));
     assert!(!packed::packable(Type::Q5_0, &[64, 32]));
     assert!(!packed::packable(Type::Q4_0, &[64, 32, 2]));
     let err = packed::pack(Type::Q4_0, &[0u8; 10], 64, 32).unwrap_err().to_string();

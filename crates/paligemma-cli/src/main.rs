@@ -381,7 +381,7 @@ fn devices() -> Result<()> {
         println!("{:<10} {:<40} {}", device.spec(), device.description(), if ok { "ok" } else { "WRONG RESULT" });
         if device.spec() == "cpu" {
             let kernels = if ggml::packed::available() { "packed AVX-512 VNNI kernels" } else { "ggml's kernels (no AVX-512 VNNI)" };
-            println!("{:<10} q4_0, q8_0 and q4_K matrices run on {kernels}", "");
+            println!("{:<10} f16, bf16, q4_0, q8_0 and q4_K matrices run on {kernels}", "");
         }
     }
     Ok(())

@@ -103,7 +103,7 @@ fn devices_lists_a_working_cpu() {
     let cpu = stdout.lines().find(|l| l.starts_with("cpu ")).unwrap_or_else(|| panic!("{stdout}"));
     assert!(cpu.ends_with(" ok"), "{cpu}");
     let kernels = if ggml::packed::available() { "packed AVX-512 VNNI kernels" } else { "ggml's kernels" };
-    assert!(stdout.contains(&format!("q4_0, q8_0 and q4_K matrices run on {kernels}")), "{stdout}");
+    assert!(stdout.contains(&format!("f16, bf16, q4_0, q8_0 and q4_K matrices run on {kernels}")), "{stdout}");
 }
 
 /// The bundled demo model on the committed held-out frames, through the engine and

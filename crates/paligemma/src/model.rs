@@ -50,8 +50,8 @@ pub struct ModelOptions {
     /// Prompts that one call of [`Model::answer_batch`] or [`Model::generate`] decodes
     /// together (each gets its own KV cache region of `context` tokens).
     pub max_sequences: usize,
-    /// On the CPU, store q4_0, q8_0 and q4_k matrices in `ggml::packed`'s layout where
-    /// the CPU has AVX-512 VNNI, and otherwise the matrices whose type the CPU's extra
+    /// On the CPU, store f16, bf16, q4_0, q8_0 and q4_k matrices in `ggml::packed`'s
+    /// layout where the CPU has AVX-512 VNNI, and otherwise the matrices whose type the CPU's extra
     /// buffer types take (q4_0, q4_k, iq4_nl on x86 with AVX2) in their interleaved
     /// layouts, as llama.cpp does by default: faster prompt processing and batched
     /// decoding, at the cost of a copy of those weights in memory instead of using the

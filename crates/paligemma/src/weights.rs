@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 pub(crate) const LM_HEAD: &str = "lm_head.repacked";
 
 /// How [`crate::Model::repacked`] names the matrices in `ggml::packed`'s layout.
-pub(crate) const PACKED: &str = "packed q4_0/q4_K/q8_0 (AVX-512 VNNI)";
+pub(crate) const PACKED: &str = "packed f16/bf16/q4_0/q4_K/q8_0 (AVX-512)";
 
 /// Every weight of a model file on a backend.
 pub(crate) struct WeightStore {
@@ -45,16 +45,18 @@ impl WeightStore {
     pub fn load<'g>(gguf: &'g GgufFile, backend: &Backend, repack: bool) -> Result<(WeightStore, WeightNames<'g>)> {
         let path = gguf.path();
         // Matrices the CPU may repack: every 2-D weight read only by matrix products (the
-        // token embedding is also gathered by row, the mask decoder's tensors by their own ops).
+        // token embedding is also gathered by row, the position embedding added, the mask
+        // decoder's tensors read by their own ops).
         let extra = if repack && backend.is_cpu() { backend.device().extra_buffer_types() } else { Vec::new() };
         let repack_group = |info: &TensorInfo| extra.iter().position(|b| b.supports_weight(backend.device(), info.ty, &info.shape)).map(|g| g + 1);
-        // On CPUs with AVX-512 VNNI, q4_0, q4_K and q8_0 matrices go to our own packed layout instead of
-        // ggml's (see `ggml::packed`): the last group.
+        // On CPUs with AVX-512 VNNI, f16, bf16, q4_0, q4_K and q8_0 matrices go to our own packed
+        // layout instead of ggml's (see `ggml::packed`): the last group.
         let pack = repack && backend.is_cpu() && packed::available();
         let packed_group = 1 + extra.len();
         let mut groups: Vec<Vec<(String, &TensorInfo)>> = vec![Vec::new(); 2 + extra.len()];
         for info in &gguf.tensors {
-            let matrix = info.shape.len() == 2 && info.name != "token_embd.weight" && !info.name.starts_with("seg.");
+            let matrix =
+                info.shape.len() == 2 && !matches!(info.name.as_str(), "token_embd.weight" | "v.position_embd.weight") && !info.name.starts_with("seg.");
             let g = if !matrix {
                 None
             } else if pack && packed::packable(info.ty, &info.shape) {
@@ -64,9 +66,12 @@ impl WeightStore {
             };
             groups[g.unwrap_or(0)].push((info.name.clone(), info));
             // The tied LM head reads the whole embedding: like llama.cpp, it gets a repacked
-            // copy of its own while the row lookups keep using the file.
+            // copy of its own while the row lookups keep using the file. Not a packed one in
+            // f16 or bf16: that copy would be large (1.2 GB for 3B), and only decoding's
+            // one-row products, bound by memory, read the head.
             if info.name == "token_embd.weight" {
-                let g = if pack && packed::packable(info.ty, &info.shape) { Some(packed_group) } else { repack_group(info) };
+                let half = matches!(info.ty, ggml::Type::F16 | ggml::Type::BF16);
+                let g = if pack && !half && packed::packable(info.ty, &info.shape) { Some(packed_group) } else { repack_group(info) };
                 if let Some(g) = g {
                     groups[g].push((LM_HEAD.to_string(), info));
                 }
