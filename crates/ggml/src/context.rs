@@ -524,6 +524,41 @@ impl Context {
         self.cont(self.permute(out, [0, 1, 3, 2])?)
     }
 
+    /// A node computed by our own CPU kernel `fun` (`ggml_custom_4d`, run on all of the
+    /// pool's threads) over `args`, with a result of type `ty` and shape `ne`; `userdata`
+    /// is handed to `fun` as it is, never dereferenced by ggml.
+    pub(crate) fn custom<'s>(
+        &'s self,
+        ty: Type,
+        ne: [usize; 4],
+        args: &[Tensor<'_>],
+        fun: unsafe extern "C" fn(*mut sys::ggml_tensor, i32, i32, *mut std::ffi::c_void),
+        userdata: usize,
+    ) -> Result<Tensor<'s>> {
+        self.room()?;
+        let mut srcs: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.as_ptr()).collect();
+        // SAFETY: valid context and tensors, positive dimensions taken from them; the
+        // callbacks (see `packed` and `attention`) read their sources and write their own
+        // result, except the work counter the packed multiplication takes chunks from,
+        // which lives in its quantized input.
+        let raw = unsafe {
+            sys::ggml_custom_4d(
+                self.as_ptr(),
+                ty.raw(),
+                ne[0] as i64,
+                ne[1] as i64,
+                ne[2] as i64,
+                ne[3] as i64,
+                srcs.as_mut_ptr(),
+                srcs.len() as i32,
+                Some(fun),
+                -1,
+                userdata as *mut std::ffi::c_void,
+            )
+        };
+        self.wrap("custom", raw)
+    }
+
     pub(crate) fn room_for(&self, n: usize) -> Result<()> {
         // SAFETY: valid context.
         let free = unsafe { sys::ggml_get_mem_size(self.as_ptr()) - sys::ggml_used_mem(self.as_ptr()) };

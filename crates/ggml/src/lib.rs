@@ -10,11 +10,13 @@
 //!   handle in typed structs.
 //! - [`gguf`]: read (every metadata type, tensor infos, in-place data) and write.
 //! - [`quantize`] / [`to_f32`]: f32 rows to any ggml type and back.
-//! - [`packed`]: q4_0, q8_0 and q4_K matrix products with AVX-512 VNNI, on weights
-//!   packed for them.
+//! - [`packed`]: f16, bf16, q4_0, q8_0 and q4_K matrix products with AVX-512, on
+//!   weights packed for them; [`Context::attention_cpu`]: attention over many queries
+//!   with AVX-512.
 //!
 //! This crate and `ggml-sys` are the only ones in the workspace with `unsafe`.
 
+mod attention;
 mod backend;
 mod context;
 mod error;

@@ -35,8 +35,7 @@
 //! these products are nearer the exact one than ggml's; ggml's own f16 kernel (tinyBLAS)
 //! also converts both operands on every step and runs at about half the FMA peak.
 use crate::error::shape;
-use crate::{Context, Error, Result, Tensor, Type, sys};
-use std::ptr;
+use crate::{Context, Error, Result, Tensor, Type};
 
 /// Inputs per activation block (q8_0's, q4_0's, a q4_K sub-block).
 const BLOCK: usize = 32;
@@ -171,7 +170,7 @@ impl Context {
         let f = format(w.ty()).expect("packable");
         let rows = xn[1] * xn[2] * xn[3];
         let prepare = if f.float { kernels::gather_rows } else { kernels::quantize_rows };
-        let q = self.custom(Type::I8, [rows * f.activation_row_bytes(xn[0]) + COUNTER_BYTES, 1, 1, 1], &[x], prepare)?;
+        let q = self.custom(Type::I8, [rows * f.activation_row_bytes(xn[0]) + COUNTER_BYTES, 1, 1, 1], &[x], prepare, 0)?;
         let multiply = match w.ty() {
             Type::Q4_0 => kernels::multiply_q4_0,
             Type::Q8_0 => kernels::multiply_q8_0,
@@ -179,37 +178,7 @@ impl Context {
             Type::F16 => kernels::multiply_f16,
             _ => kernels::multiply_bf16,
         };
-        self.custom(Type::F32, [wn[1], xn[1], xn[2], xn[3]], &[w, q], multiply)
-    }
-
-    fn custom<'s>(
-        &'s self,
-        ty: Type,
-        ne: [usize; 4],
-        args: &[Tensor<'_>],
-        fun: unsafe extern "C" fn(*mut sys::ggml_tensor, i32, i32, *mut std::ffi::c_void),
-    ) -> Result<Tensor<'s>> {
-        self.room()?;
-        let mut srcs: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.as_ptr()).collect();
-        // SAFETY: valid context and tensors, positive dimensions taken from them; the
-        // callbacks read their sources and write their own result, except the work counter
-        // the multiplication takes chunks from, which lives in its quantized input.
-        let raw = unsafe {
-            sys::ggml_custom_4d(
-                self.as_ptr(),
-                ty.raw(),
-                ne[0] as i64,
-                ne[1] as i64,
-                ne[2] as i64,
-                ne[3] as i64,
-                srcs.as_mut_ptr(),
-                srcs.len() as i32,
-                Some(fun),
-                -1,
-                ptr::null_mut(),
-            )
-        };
-        self.wrap("custom", raw)
+        self.custom(Type::F32, [wn[1], xn[1], xn[2], xn[3]], &[w, q], multiply, 0)
     }
 }
 

@@ -4,7 +4,7 @@
 //! attention and MLP, logit softcaps and sliding-window layers.
 use crate::config::{TextArch, TextConfig};
 use crate::kv_cache::{KvCache, Run};
-use crate::nn::{Linear, RmsNorm};
+use crate::nn::{Attention, Linear, RmsNorm};
 use crate::weights::{LM_HEAD, WeightNames};
 use crate::{Error, Result};
 use ggml::{Context, Graph, Tensor, TensorRef, TensorStore};
@@ -38,6 +38,7 @@ pub(crate) struct DecoderWeights {
     lm_head: Linear,
     layers: Vec<DecoderLayer>,
     output_norm: RmsNorm,
+    attention: Attention,
 }
 
 impl DecoderWeights {
@@ -70,6 +71,7 @@ impl DecoderWeights {
             lm_head: if w.has(LM_HEAD) { w.matrix(LM_HEAD)? } else { Linear { w: token_embd, packed: false, b: None } },
             layers,
             output_norm: w.rms_norm("output_norm", eps)?,
+            attention: w.attention(),
         })
     }
 }
@@ -128,7 +130,7 @@ pub(crate) fn build<'c>(
             let keys = ctx.view(ck, &[hd, run.kv, kv_heads], &[row, head_row], run.base * row)?;
             let values = ctx.view(cv, &[hd, run.kv, kv_heads], &[row, head_row], run.base * row)?;
             let mask = if layer.sliding { run.sliding } else { run.full };
-            let a = ctx.flash_attn_ext(q, keys, values, mask, scale, softcap)?; // [hd, heads, len]
+            let a = w.attention.forward(ctx, q, keys, values, mask, scale, softcap)?; // [hd, heads, len]
             attn = Some(match attn {
                 Some(prev) => ctx.concat(prev, a, 2)?,
                 None => a,

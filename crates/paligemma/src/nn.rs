@@ -4,6 +4,30 @@
 use crate::Result;
 use ggml::{Context, Tensor, TensorRef, TensorStore};
 
+/// Which op computes attention: ggml's `flash_attn_ext`, or on a CPU with AVX-512 our own
+/// kernel (`Context::attention_cpu`, which keeps ggml's op for decoding's few queries).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Attention {
+    pub cpu_kernel: bool,
+}
+
+impl Attention {
+    /// Attention of q [d, n_q, H, B] over k/v [d, n_kv, H_kv, B]; result [d, H, n_q, B].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<'c>(
+        &self,
+        ctx: &'c Context,
+        q: Tensor<'_>,
+        k: Tensor<'_>,
+        v: Tensor<'_>,
+        mask: Option<Tensor<'_>>,
+        scale: f32,
+        softcap: f32,
+    ) -> Result<Tensor<'c>> {
+        Ok(if self.cpu_kernel { ctx.attention_cpu(q, k, v, mask, scale, softcap)? } else { ctx.flash_attn_ext(q, k, v, mask, scale, softcap)? })
+    }
+}
+
 /// `w x + b`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Linear {

@@ -3,7 +3,7 @@
 //! learned positions, pre-norm encoder layers, a final layer norm, the projector.
 use crate::Result;
 use crate::config::VisionConfig;
-use crate::nn::{LayerNorm, Linear};
+use crate::nn::{Attention, LayerNorm, Linear};
 use crate::weights::WeightNames;
 use ggml::{Context, Tensor, TensorRef, TensorStore};
 
@@ -29,6 +29,7 @@ pub(crate) struct VisionWeights {
     layers: Vec<EncoderLayer>,
     post_ln: LayerNorm,
     projector: Linear,
+    attention: Attention,
 }
 
 impl VisionWeights {
@@ -56,6 +57,7 @@ impl VisionWeights {
             layers,
             post_ln: w.layer_norm("v.post_ln", eps)?,
             projector: w.linear("mm", true)?,
+            attention: w.attention(),
         })
     }
 }
@@ -81,7 +83,7 @@ pub(crate) fn build<'c>(ctx: &'c Context, store: &TensorStore, w: &VisionWeights
         let q = heads_of(layer.q.forward(ctx, store, h)?)?;
         let k = heads_of(layer.k.forward(ctx, store, h)?)?;
         let v = heads_of(layer.v.forward(ctx, store, h)?)?;
-        let attn = ctx.flash_attn_ext(q, k, v, None, scale, 0.0)?; // [hd, heads, n, images]
+        let attn = w.attention.forward(ctx, q, k, v, None, scale, 0.0)?; // [hd, heads, n, images]
         let attn = ctx.reshape(attn, &[d, n * images])?;
         x = ctx.add(x, layer.out.forward(ctx, store, attn)?)?;
         let h = layer.ln2.forward(ctx, store, x)?;

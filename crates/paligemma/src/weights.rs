@@ -3,7 +3,7 @@
 //! device otherwise. The graphs get typed structs of handles ([`crate::vision::VisionWeights`],
 //! [`crate::decoder::DecoderWeights`], [`crate::segment::MaskDecoderWeights`]) resolved
 //! here once, so a missing tensor is a load error and a graph build looks nothing up.
-use crate::nn::{LayerNorm, Linear, RmsNorm};
+use crate::nn::{Attention, LayerNorm, Linear, RmsNorm};
 use crate::{Error, Result};
 use ggml::gguf::{GgufFile, TensorInfo};
 use ggml::{Backend, Buffer, Context, TensorRef, TensorStore, packed};
@@ -29,6 +29,8 @@ pub(crate) struct WeightStore {
 pub(crate) struct WeightNames<'a> {
     path: &'a Path,
     by_name: HashMap<String, Weight>,
+    /// Our own CPU kernels run (the weights were packed for them).
+    own_kernels: bool,
 }
 
 /// A loaded tensor, and whether it is in `ggml::packed`'s layout (then only
@@ -128,7 +130,7 @@ impl WeightStore {
                 by_name.insert(name.clone(), Weight { tensor: r, packed: g == packed_group });
             }
         }
-        Ok((weights, WeightNames { path, by_name }))
+        Ok((weights, WeightNames { path, by_name, own_kernels: pack }))
     }
 }
 
@@ -165,6 +167,11 @@ impl WeightNames<'_> {
     pub fn matrix(&self, name: &str) -> Result<Linear> {
         let w = self.weight(name)?;
         Ok(Linear { w: w.tensor, packed: w.packed, b: None })
+    }
+
+    /// The attention op, by the same choice as the matrices' (see `ModelOptions::repack`).
+    pub fn attention(&self) -> Attention {
+        Attention { cpu_kernel: self.own_kernels }
     }
 
     pub fn layer_norm(&self, prefix: &str, eps: f32) -> Result<LayerNorm> {

@@ -18,34 +18,41 @@ fn tolerance() -> f64 {
     std::env::var("PALIGEMMA_TEST_TOL").ok().and_then(|s| s.parse().ok()).unwrap_or(1e-4)
 }
 
+/// An f32 model against the reference, stage by stage, with an f32 KV cache and with the
+/// default f16 one: rounding the cached keys and values costs under 2e-3 of the logits'
+/// spread (8.4e-4 on pg2_gqa, where ggml's own CPU attention, which also rounds the
+/// queries to f16 for fewer than 32 of them, is 5.7e-3 away).
 #[test]
 fn f32_matches_reference_per_stage() {
     let dir = tempfile::tempdir().unwrap();
     for name in FIXTURES {
         let reference = reference_json(name);
         let gguf = convert_fixture(name, Type::F32, Type::F32, dir.path());
-        let mut model = load(&gguf, KvType::F32);
-        let size = model.config().vision.image_size;
-        let pixels = PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
+        for kv_type in [KvType::F32, KvType::F16] {
+            let mut model = load(&gguf, kv_type);
+            let size = model.config().vision.image_size;
+            let pixels = PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
 
-        let stages = model.vision_stages(&pixels).unwrap();
-        let vision = rel_max_diff(&stages.vision, &reference_tensor(name, "vision_out"));
-        let projector = rel_max_diff(&stages.projector, &reference_tensor(name, "projector_out"));
+            let stages = model.vision_stages(&pixels).unwrap();
+            let vision = rel_max_diff(&stages.vision, &reference_tensor(name, "vision_out"));
+            let projector = rel_max_diff(&stages.projector, &reference_tensor(name, "projector_out"));
 
-        let ids = ids(&reference["input_ids"]);
-        let emb = model.encode_pixels(&pixels).unwrap();
-        let logits = model.prefix_logits(&emb, &ids).unwrap();
-        let prefix = rel_max_diff(&logits, &reference_tensor(name, "prefix_logits"));
+            let ids = ids(&reference["input_ids"]);
+            let emb = model.encode_pixels(&pixels).unwrap();
+            let logits = model.prefix_logits(&emb, &ids).unwrap();
+            let prefix = rel_max_diff(&logits, &reference_tensor(name, "prefix_logits"));
 
-        let generation = common::generate_ids(&mut model, &emb, &ids, &GenerateOptions { max_tokens: 20, ..Default::default() }).unwrap();
-        let first = rel_max_diff(&generation.first_logits, &reference_tensor(name, "first_logits"));
-        println!("{name}: vision {vision:.2e} projector {projector:.2e} prefix logits {prefix:.2e} first logits {first:.2e}");
-        let tol = tolerance();
-        assert!(vision < tol, "{name}: vision tower differs by {vision:e} of the reference's std");
-        assert!(projector < tol, "{name}: projector differs by {projector:e}");
-        assert!(prefix < tol, "{name}: prefix logits differ by {prefix:e}");
-        assert!(first < tol, "{name}: first generated logits differ by {first:e}");
-        assert_eq!(generation.tokens, common::ids(&reference["greedy_ids"]), "{name}: greedy ids");
+            let generation = common::generate_ids(&mut model, &emb, &ids, &GenerateOptions { max_tokens: 20, ..Default::default() }).unwrap();
+            let first = rel_max_diff(&generation.first_logits, &reference_tensor(name, "first_logits"));
+            println!("{name}, {kv_type:?} cache: vision {vision:.2e} projector {projector:.2e} prefix logits {prefix:.2e} first logits {first:.2e}");
+            let tol = tolerance();
+            assert!(vision < tol, "{name}: vision tower differs by {vision:e} of the reference's std");
+            assert!(projector < tol, "{name}: projector differs by {projector:e}");
+            let tol = if kv_type == KvType::F32 { tol } else { tol.max(2e-3) };
+            assert!(prefix < tol, "{name}, {kv_type:?} cache: prefix logits differ by {prefix:e}");
+            assert!(first < tol, "{name}, {kv_type:?} cache: first generated logits differ by {first:e}");
+            assert_eq!(generation.tokens, common::ids(&reference["greedy_ids"]), "{name}, {kv_type:?} cache: greedy ids");
+        }
     }
 }
 
@@ -183,6 +190,8 @@ fn batched_prompts_match_one_by_one() {
 
 /// Matrices repacked into the CPU's interleaved layouts compute what the same weights
 /// used in place from the file compute (the kernels differ, the arithmetic does not).
+/// With an f32 cache, where ggml's attention (used with the weights in place) does not
+/// round the queries to f16 and so computes what ours does.
 #[test]
 fn repacked_weights_match_in_place() {
     if std::env::var("PALIGEMMA_TEST_DEVICE").is_ok_and(|d| d != "cpu") {
@@ -194,7 +203,7 @@ fn repacked_weights_match_in_place() {
         let reference = reference_json(name);
         let gguf = convert_fixture(name, Type::Q4_0, Type::Q4_0, dir.path());
         let run = |repack: bool| {
-            let mut model = Model::load(&gguf, &ModelOptions { threads: 2, repack, ..Default::default() }).unwrap();
+            let mut model = Model::load(&gguf, &ModelOptions { threads: 2, repack, kv_type: KvType::F32, ..Default::default() }).unwrap();
             let size = model.config().vision.image_size;
             let pixels = PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
             let emb = model.encode_pixels(&pixels).unwrap();
