@@ -32,6 +32,12 @@ pub struct TensorRef {
 unsafe impl Send for TensorRef {}
 unsafe impl Sync for TensorRef {}
 
+// SAFETY: a shared store only hands out its tensors to build graphs on (ggml reads a
+// source tensor's fields when it builds an op on it and its data when it computes, and
+// writes neither). A store shared between threads is one whose tensors are written
+// before it is shared (weights, while loading) and only read after.
+unsafe impl Sync for TensorStore {}
+
 impl Default for TensorStore {
     fn default() -> Self {
         TensorStore { id: NEXT_STORE.fetch_add(1, Ordering::Relaxed), contexts: Vec::new() }

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// With --streams: an engine (model, thread pool) per camera instead of one shared.
     #[arg(long)]
     pub separate: bool,
+    /// With --streams: batches the shared engine runs at once, each on --threads / lanes
+    /// threads (see `ModelOptions::lanes`).
+    #[arg(long, default_value_t = 1)]
+    pub lanes: usize,
     /// With --streams: the standing prompts of every camera, `|`-separated (each
     /// answers at most --decode-tokens tokens).
     #[arg(long, default_value = "caption en|detect cat ; dog")]

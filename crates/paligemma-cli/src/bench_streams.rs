@@ -48,7 +48,7 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
     let engines: Vec<Arc<Engine>> = if args.separate {
         (0..n).map(|_| Ok(Engine::new(Model::load(path, &opts)?))).collect::<Result<_>>()?
     } else {
-        vec![Engine::new(Model::load(path, &opts)?)]
+        vec![Engine::with_lanes(Model::load(path, &opts)?, args.lanes)?]
     };
     let image = Arc::new(image);
     let results: Vec<Arc<Mutex<Vec<ResultMessage>>>> = (0..n).map(|_| Arc::default()).collect();

@@ -105,6 +105,10 @@ pub struct ModelConfig {
     /// number of standing prompts of all cameras, at least 4.
     #[serde(default)]
     pub max_sequences: usize,
+    /// Batches run at once, each on `threads / lanes` threads (see
+    /// `paligemma::ModelOptions::lanes`); 0 or 1: one.
+    #[serde(default)]
+    pub lanes: usize,
 }
 
 fn default_device() -> String {
@@ -245,6 +249,7 @@ impl Config {
             threads: m.threads,
             kv_type: m.kv_type.parse::<paligemma::KvType>()?,
             max_sequences,
+            lanes: m.lanes.max(1),
             ..Default::default()
         })
     }

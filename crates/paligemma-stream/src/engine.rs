@@ -1,14 +1,15 @@
 //! One loaded model per process and model file, shared by every stream (a camera of
-//! the node, a `paligemma` element) that asks for it, with the one thread that runs
-//! it: weights, repacked buffers, the KV cache and the CPU thread pool exist once,
-//! and streams never compete for cores with each other. How that thread shares the
-//! model between streams is `scheduler.rs`.
+//! the node, a `paligemma` element) that asks for it, with the thread that runs it
+//! (one per lane, see `ModelOptions::lanes`): weights and repacked buffers exist once,
+//! the KV cache and the CPU threads once per lane, and streams never compete for cores
+//! with each other. How those threads share the model between streams is `scheduler.rs`.
 use crate::message::ModelInfo;
 use crate::worker::StreamShared;
 use crate::{Error, Result};
 use paligemma::{KvType, Model, ModelOptions};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 
@@ -22,6 +23,7 @@ struct EngineKey {
     context: usize,
     max_sequences: usize,
     repack: bool,
+    lanes: usize,
 }
 
 /// Where the engine of one key lives while a stream holds it. Locked while that engine
@@ -35,10 +37,10 @@ fn registry() -> MutexGuard<'static, HashMap<EngineKey, Slot>> {
     ENGINES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A model and the thread that serves its streams.
+/// A model and the threads (one per lane) that serve its streams.
 pub struct Engine {
     shared: Arc<EngineShared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// What the serving thread and the streams' handles share.
@@ -47,6 +49,9 @@ pub(crate) struct EngineShared {
     /// Signalled when a stream has new work (a frame, a request, new prompts) or goes.
     pub wake: Condvar,
     pub info: ModelInfo,
+    /// Jobs handed out so far, by every lane: a stream's `last_served` is this count
+    /// when it last got one.
+    pub jobs_started: AtomicU64,
 }
 
 pub(crate) struct EngineState {
@@ -78,6 +83,7 @@ impl Engine {
             context: opts.context,
             max_sequences: opts.max_sequences,
             repack: opts.repack,
+            lanes: opts.lanes,
         };
         let slot = {
             let mut engines = registry();
@@ -89,21 +95,56 @@ impl Engine {
         if let Some(engine) = slot.upgrade() {
             return Ok(engine);
         }
-        let engine = Engine::new(Model::load(path, opts)?);
+        let engine = Engine::with_lanes(Model::load(path, opts)?, opts.lanes)?;
         *slot = Arc::downgrade(&engine);
         Ok(engine)
     }
 
-    /// An engine of its own around a loaded model (not shared through [`Engine::shared`]).
+    /// An engine of its own around a loaded model (not shared through [`Engine::shared`]),
+    /// one batch at a time.
     pub fn new(model: Model) -> Arc<Engine> {
+        Engine::start(vec![(model, usize::MAX)])
+    }
+
+    /// An engine of its own serving `lanes` batches at once (see `ModelOptions::lanes`):
+    /// the model and `lanes - 1` forks of it, splitting its threads and sequences.
+    pub fn with_lanes(mut model: Model, lanes: usize) -> Result<Arc<Engine>> {
+        let lanes = lanes.clamp(1, model.threads().max(1));
+        if lanes > 1 && model.device() != "cpu" {
+            tracing::warn!("{} runs on {}: lanes are for the CPU, using one", model.path().display(), model.device());
+        }
+        if lanes == 1 || model.device() != "cpu" {
+            return Ok(Engine::new(model));
+        }
+        let (threads, sequences) = (model.threads() / lanes, model.max_sequences().div_ceil(lanes));
+        model.set_threads(threads)?;
+        let mut models = Vec::with_capacity(lanes);
+        for _ in 1..lanes {
+            models.push((model.fork(threads, sequences)?, sequences));
+        }
+        models.insert(0, (model, sequences));
+        Ok(Engine::start(models))
+    }
+
+    /// Spawns a serving thread per model, each admitting at most its many sequences at once.
+    fn start(models: Vec<(Model, usize)>) -> Arc<Engine> {
+        let model = &models[0].0;
         let info = ModelInfo { name: model.config().name.clone(), ty: model.weight_type().to_string(), device: model.device().to_string() };
-        let shared = Arc::new(EngineShared { state: Mutex::new(EngineState { streams: Vec::new(), woken: false, stop: false }), wake: Condvar::new(), info });
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("paligemma-engine".into())
-            .spawn(move || crate::scheduler::serve(model, &thread_shared))
-            .expect("spawning a thread");
-        Arc::new(Engine { shared, thread: Mutex::new(Some(thread)) })
+        let state = EngineState { streams: Vec::new(), woken: false, stop: false };
+        let shared = Arc::new(EngineShared { state: Mutex::new(state), wake: Condvar::new(), info, jobs_started: AtomicU64::new(0) });
+        let lanes = models.len();
+        let threads = models
+            .into_iter()
+            .enumerate()
+            .map(|(lane, (model, sequences))| {
+                let thread_shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(if lane == 0 { "paligemma-engine".into() } else { format!("paligemma-lane{lane}") })
+                    .spawn(move || crate::scheduler::serve(model, sequences, lanes > 1, &thread_shared))
+                    .expect("spawning a thread")
+            })
+            .collect();
+        Arc::new(Engine { shared, threads: Mutex::new(threads) })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -136,7 +177,7 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.shared.lock().stop = true;
         self.shared.wake.notify_all();
-        if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        for thread in std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner())) {
             let _ = thread.join();
         }
     }

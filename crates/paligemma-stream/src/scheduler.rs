@@ -3,8 +3,9 @@
 //! - **Jobs.** A job is one frame of one stream with the prompts to answer on it: an
 //!   ask, a sync analysis, or the stream's due standing prompts on its newest frame.
 //!   Asks and analyses of every stream go before standing work.
-//! - **Fairness.** Standing work is taken round-robin over the streams, and a stream
-//!   has at most one standing frame in flight, so a busy camera cannot starve another.
+//! - **Fairness.** Work is taken round-robin: from the stream served longest ago that
+//!   has some, and a stream has at most one standing frame in flight, so a busy camera
+//!   cannot starve another.
 //!   Per stream the newest frame wins and each prompt keeps its own rate
 //!   ([`crate::prompts::Schedule`]).
 //! - **Continuous batching.** Each prompt of a job becomes a sequence in a KV cache
@@ -13,6 +14,10 @@
 //!   vision pass and their prefill) and leave (at eos, their token limit or a flush) as
 //!   they start and finish. Jobs admitted together share one vision graph for their
 //!   frames and one prefill graph for their prompts.
+//! - **Lanes.** With `ModelOptions::lanes` above 1, a thread per lane runs this loop
+//!   on its own fork of the model (the same weights), taking jobs from the same streams
+//!   in the same round-robin; each admits at most its share of the sequences, so that the
+//!   cameras spread over the lanes and their batches run at the same time.
 //! - **Containment.** A panic below the loop fails the work in progress with error
 //!   results; the thread, and every stream it serves, goes on.
 use crate::engine::EngineShared;
@@ -23,6 +28,7 @@ use crate::worker::{Request, StreamShared};
 use paligemma::{GenerateOptions, ImageEmbedding, Model, SequenceId, Start, TaskResult};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
@@ -65,12 +71,13 @@ impl Job {
     }
 }
 
-/// Serves the engine's streams until the engine is dropped.
-pub(crate) fn serve(mut model: Model, engine: &EngineShared) {
+/// Serves the engine's streams until the engine is dropped, with at most `sequences`
+/// of the model's sequences in use at once.
+pub(crate) fn serve(mut model: Model, sequences: usize, whole_batches: bool, engine: &EngineShared) {
     let mut jobs: Vec<Job> = Vec::new();
-    let mut cursor = 0usize;
+    let reserved = model.max_sequences().saturating_sub(sequences);
     loop {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn(&mut model, engine, &mut jobs, &mut cursor)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn(&mut model, reserved, whole_batches, engine, &mut jobs)));
         match outcome {
             Ok(true) => {}
             Ok(false) => break,
@@ -86,28 +93,30 @@ pub(crate) fn serve(mut model: Model, engine: &EngineShared) {
                 }
             }
         }
-        deliver_done(&mut model, &mut jobs);
+        deliver_done(&mut model, engine, &mut jobs);
     }
     // Stopping: nothing more is delivered, but waiting callers are released.
     for job in jobs {
-        finish_job(job, false);
+        finish_job(engine, job, false);
     }
 }
 
-/// One turn of the loop: admit work while sequences are free, then one decode step.
-/// False when the engine stops.
-fn turn(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>, cursor: &mut usize) -> bool {
+/// One turn of the loop: admit work while sequences are free (beyond `reserved`), then
+/// one decode step. False when the engine stops.
+fn turn(model: &mut Model, reserved: usize, whole_batches: bool, engine: &EngineShared, jobs: &mut Vec<Job>) -> bool {
     // Admission: new jobs while their prompts (after those of the jobs already open)
     // find free sequences; their frames go through the vision tower together, then every
     // prompt that has a sequence is prefilled together. Cameras that sent frames at
     // the same time are thus served by one vision pass and one prefill, not one each.
     let first_new = jobs.len();
+    let sequences = model.max_sequences().saturating_sub(reserved);
     loop {
         let waiting: usize = jobs.iter().map(|j| j.pending.len()).sum();
-        if waiting >= model.free_sequences() {
+        let room = model.free_sequences().saturating_sub(reserved).saturating_sub(waiting);
+        if room == 0 || (whole_batches && first_new > 0) {
             break;
         }
-        match next_job(engine, jobs, cursor) {
+        match next_job(engine, room, sequences) {
             // In the list before any engine call: whatever happens to it (even a
             // panic) it is delivered, and its stream's `in_flight` goes back down.
             Next::Job(job) => jobs.push(*job),
@@ -133,7 +142,7 @@ fn turn(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>, cursor: &
         }
     }
     prepare(model, &mut jobs[first_new..]);
-    start_pending(model, jobs);
+    start_pending(model, reserved, jobs);
     if jobs.iter().all(|j| j.running.is_empty()) {
         return true;
     }
@@ -161,31 +170,37 @@ enum Next {
     Stop,
 }
 
-/// The next job: the oldest request of any stream (round-robin), else the due
-/// standing prompts on the newest frame of the next stream that has one and nothing
-/// standing in flight.
-fn next_job(engine: &EngineShared, jobs: &[Job], cursor: &mut usize) -> Next {
+/// The next job, from the streams in the order they were last served (longest ago
+/// first): the oldest request of any, else the due standing prompts on the newest
+/// frame of the first that has one, nothing standing in flight, and room for all its
+/// prompts in the `room` sequences free (or the lane's whole `sequences` free): a
+/// frame is not taken to wait half-started, and with several lanes the cameras go to
+/// the lanes that have room for them.
+fn next_job(engine: &EngineShared, room: usize, sequences: usize) -> Next {
     let mut state = engine.lock();
     if state.stop {
         return Next::Stop;
     }
     state.woken = false;
-    let n = state.streams.len();
-    if n == 0 {
+    if state.streams.is_empty() {
         return Next::Wait(None);
     }
-    let order: Vec<Arc<StreamShared>> = (0..n).map(|i| state.streams[(*cursor + i) % n].clone()).collect();
+    let streams = state.streams.clone();
     drop(state);
-    for (i, stream) in order.iter().enumerate() {
+    let mut order: Vec<(u64, Arc<StreamShared>)> = streams.into_iter().map(|s| (s.lock().last_served, s.clone())).collect();
+    order.sort_by_key(|(served, _)| *served);
+    let order: Vec<Arc<StreamShared>> = order.into_iter().map(|(_, s)| s).collect();
+    let served = || engine.jobs_started.fetch_add(1, Ordering::Relaxed) + 1;
+    for stream in &order {
         let mut st = stream.lock();
         if st.closed {
             continue;
         }
         if let Some(request) = st.requests.pop_front() {
             st.in_flight += 1;
+            st.last_served = served();
             let epoch = stream.epoch();
             drop(st);
-            *cursor = (*cursor + i + 1) % n;
             let (frame, prompts, reply) = match request {
                 Request::Analyse(frame, tx) => {
                     let prompts = stream.lock().prompts.prompts.clone();
@@ -198,12 +213,9 @@ fn next_job(engine: &EngineShared, jobs: &[Job], cursor: &mut usize) -> Next {
     }
     let now = Instant::now();
     let mut wait: Option<Duration> = None;
-    for (i, stream) in order.iter().enumerate() {
-        if jobs.iter().any(|j| Arc::ptr_eq(&j.stream, stream) && matches!(j.reply, Reply::Standing)) {
-            continue;
-        }
+    for stream in &order {
         let mut st = stream.lock();
-        if st.closed {
+        if st.closed || st.standing || (st.prompts.prompts.len() > room && room < sequences) {
             continue;
         }
         match st.sampler.wait_time(now) {
@@ -225,8 +237,10 @@ fn next_job(engine: &EngineShared, jobs: &[Job], cursor: &mut usize) -> Next {
                 };
                 let dropped = std::mem::take(&mut st.sampler.dropped);
                 st.in_flight += 1;
+                st.standing = true;
+                st.last_served = served();
                 let epoch = stream.epoch();
-                *cursor = (*cursor + i + 1) % n;
+                drop(st);
                 return Next::Job(Box::new(Job::new(stream.clone(), epoch, Reply::Standing, frame, due, dropped, engine.info.clone())));
             }
             Some(w) => wait = Some(wait.map_or(w, |v: Duration| v.min(w))),
@@ -315,10 +329,10 @@ fn prepare(model: &mut Model, jobs: &mut [Job]) {
 /// A prompt to start: its job, its index in the job, its prefix ids and options.
 type Picked = (usize, usize, Vec<u32>, GenerateOptions);
 
-/// Starts the pending prompts of the jobs, oldest job first, in the free sequences,
-/// prefilled together. A prompt that cannot start fails on its own.
-fn start_pending(model: &mut Model, jobs: &mut [Job]) {
-    let mut free = model.free_sequences();
+/// Starts the pending prompts of the jobs, oldest job first, in the free sequences
+/// (beyond `reserved`), prefilled together. A prompt that cannot start fails on its own.
+fn start_pending(model: &mut Model, reserved: usize, jobs: &mut [Job]) {
+    let mut free = model.free_sequences().saturating_sub(reserved);
     let mut picked: Vec<Picked> = Vec::new();
     for (j, job) in jobs.iter_mut().enumerate() {
         if job.cancelled() || job.embedding.is_none() {
@@ -403,7 +417,7 @@ fn collect_finished(model: &mut Model, job: &mut Job, failed: Option<&str>) {
 }
 
 /// Delivers every finished job: to the stream's sink and any waiting caller.
-fn deliver_done(model: &mut Model, jobs: &mut Vec<Job>) {
+fn deliver_done(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>) {
     let mut i = 0;
     while i < jobs.len() {
         let job = &mut jobs[i];
@@ -423,7 +437,7 @@ fn deliver_done(model: &mut Model, jobs: &mut Vec<Job>) {
                     msg.latency_ms.total = job.started.elapsed().as_secs_f64() * 1e3 + job.queue_ms;
                 }
             }
-            finish_job(job, !cancelled);
+            finish_job(engine, job, !cancelled);
         } else {
             i += 1;
         }
@@ -431,9 +445,10 @@ fn deliver_done(model: &mut Model, jobs: &mut Vec<Job>) {
 }
 
 /// Ends a job: counts and delivers its messages (unless abandoned), releases the
-/// stream's waiters.
-fn finish_job(job: Job, deliver: bool) {
+/// stream's waiters, and after standing work lets every lane look at the stream again.
+fn finish_job(engine: &EngineShared, job: Job, deliver: bool) {
     let Job { stream, reply, messages, .. } = job;
+    let standing = matches!(reply, Reply::Standing);
     let messages: Vec<ResultMessage> = if deliver { messages.into_iter().flatten().collect() } else { Vec::new() };
     {
         let mut st = stream.lock();
@@ -462,6 +477,14 @@ fn finish_job(job: Job, deliver: bool) {
             }
         }
     }
-    stream.lock().in_flight -= 1;
+    {
+        let mut st = stream.lock();
+        st.in_flight -= 1;
+        st.standing &= !standing;
+    }
     stream.delivered.notify_all();
+    if standing {
+        engine.lock().woken = true;
+        engine.wake.notify_all();
+    }
 }

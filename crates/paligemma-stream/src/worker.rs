@@ -72,6 +72,11 @@ pub(crate) struct StreamState {
     pub newest: Option<Frame>,
     /// Jobs of this stream the engine has started and not yet delivered.
     pub in_flight: usize,
+    /// Whether one of them is standing work (at most one is, over every lane).
+    pub standing: bool,
+    /// The engine's job count when this stream last got a job: the stream served
+    /// longest ago goes first (round-robin, over every lane).
+    pub last_served: u64,
     pub stats: WorkerStats,
     /// The handle has stopped: the engine starts nothing more for it.
     pub closed: bool,
@@ -121,6 +126,8 @@ impl Worker {
                 taken: 0,
                 newest: None,
                 in_flight: 0,
+                standing: false,
+                last_served: 0,
                 stats: WorkerStats::default(),
                 closed: false,
             }),

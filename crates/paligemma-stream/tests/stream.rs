@@ -205,7 +205,18 @@ fn one_engine_per_model_file_and_options() {
 #[test]
 fn streams_share_fairly_and_asks_go_first() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::new(Model::load(model_file(dir.path()), &ModelOptions { threads: 1, max_sequences: 8, ..Default::default() }).unwrap());
+    share_fairly(Engine::new(Model::load(model_file(dir.path()), &ModelOptions { threads: 1, max_sequences: 8, ..Default::default() }).unwrap()));
+}
+
+/// The same with two lanes (forks of one model, a thread each) taking the cameras' work.
+#[test]
+fn lanes_share_fairly_and_asks_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(model_file(dir.path()), &ModelOptions { threads: 2, max_sequences: 8, ..Default::default() }).unwrap();
+    share_fairly(Engine::with_lanes(model, 2).unwrap());
+}
+
+fn share_fairly(engine: Arc<Engine>) {
     let cams: Vec<_> = (0..4)
         .map(|i| {
             let (got, sink) = collector();
@@ -285,7 +296,14 @@ fn cameras_served_together_get_their_own_answers() {
     let alone = Worker::spawn(alone_engine, prompts(), stream_config("alone"), sink);
     let want: Vec<Vec<String>> = (0..4).map(|i| alone.analyse(frame_of(i)).unwrap().iter().map(|m| m.raw.clone()).collect()).collect();
 
-    let engine = Engine::new(Model::load(&path, &ModelOptions { threads: 1, max_sequences: 8, ..Default::default() }).unwrap());
+    // One lane, then two (each fork must compute what the model computes alone).
+    for lanes in [1, 2] {
+        let model = Model::load(&path, &ModelOptions { threads: lanes, max_sequences: 8, ..Default::default() }).unwrap();
+        same_answers_together(Engine::with_lanes(model, lanes).unwrap(), &want, &frame_of, &prompts);
+    }
+}
+
+fn same_answers_together(engine: Arc<Engine>, want: &[Vec<String>], frame_of: &dyn Fn(usize) -> Frame, prompts: &dyn Fn() -> PromptSet) {
     let cams: Vec<_> = (0..4)
         .map(|i| {
             let (got, sink) = collector();

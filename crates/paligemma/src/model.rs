@@ -15,6 +15,7 @@ use crate::{Error, Result};
 use ggml::gguf::GgufFile;
 use ggml::{Backend, Context, Scheduler, Type};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Nodes a graph may have; PaliGemma 2 28B's decoder needs about 2,500.
@@ -57,11 +58,18 @@ pub struct ModelOptions {
     /// decoding, at the cost of a copy of those weights in memory instead of using the
     /// mapped file in place.
     pub repack: bool,
+    /// Batches a `paligemma_stream::Engine` of this model runs at once on the CPU, each
+    /// on a [`Model::fork`] with `threads / lanes` of the threads and `max_sequences /
+    /// lanes` of the sequences (rounded up). A small model's graphs leave threads
+    /// waiting on each other, so with several cameras two lanes of one thread answer
+    /// more than one batch on two threads; a camera alone then gets one lane's threads.
+    /// 1: one batch at a time on every thread. [`Model::load`] itself loads one.
+    pub lanes: usize,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { device: "cpu".into(), threads: 0, kv_type: KvType::F16, context: 0, max_sequences: 4, repack: true }
+        ModelOptions { device: "cpu".into(), threads: 0, kv_type: KvType::F16, context: 0, max_sequences: 4, repack: true, lanes: 1 }
     }
 }
 
@@ -107,11 +115,9 @@ pub struct VisionStages {
 pub struct Model {
     path: PathBuf,
     pub(crate) config: Config,
-    pub(crate) tokenizer: Tokenizer,
-    weights: WeightStore,
-    vision: VisionWeights,
-    decoder: DecoderWeights,
-    mask_decoder: Option<MaskDecoderWeights>,
+    pub(crate) tokenizer: Arc<Tokenizer>,
+    /// Shared with every [`Model::fork`].
+    weights: Arc<Weights>,
     pub(crate) kv: KvCache,
     /// The answers in progress, by KV cache region (see [`crate::generate`]).
     pub(crate) sequences: Vec<Option<Sequence>>,
@@ -120,6 +126,15 @@ pub struct Model {
     threads: usize,
     /// `general.file_type` of the file (for reports).
     file_type: String,
+}
+
+/// The weights on their backend and the typed handles the graphs read them by: loaded
+/// once, read (never written) by every fork's graphs.
+struct Weights {
+    tensors: WeightStore,
+    vision: VisionWeights,
+    decoder: DecoderWeights,
+    mask_decoder: Option<MaskDecoderWeights>,
 }
 
 impl Model {
@@ -146,7 +161,33 @@ impl Model {
         let sched = Scheduler::new(backend, threads, GRAPH_SIZE)?;
         let file_type = gguf.get("general.file_type").and_then(|v| v.as_str()).unwrap_or("?").to_string();
         let sequences = (0..kv.max_sequences).map(|_| None).collect();
-        Ok(Model { path, config, tokenizer, weights, vision, decoder, mask_decoder, kv, sequences, sched, device, threads, file_type })
+        let weights = Arc::new(Weights { tensors: weights, vision, decoder, mask_decoder });
+        Ok(Model { path, config, tokenizer: Arc::new(tokenizer), weights, kv, sequences, sched, device, threads, file_type })
+    }
+
+    /// Another executor of this model on the CPU: the same weights (not a copy), with a
+    /// KV cache of its own (`max_sequences` regions of this one's size) and a pool of
+    /// `threads`. Forks run graphs at the same time from different threads, for
+    /// independent batches (see `paligemma_stream::Engine`).
+    pub fn fork(&self, threads: usize, max_sequences: usize) -> Result<Model> {
+        if self.device != "cpu" {
+            return Err(Error::Invalid(format!("a model on {} cannot be forked (only on the CPU)", self.device)));
+        }
+        let backend = Backend::new(&self.device)?;
+        let kv = KvCache::new(&backend, &self.config.text, self.kv.ty, self.kv.n_ctx, max_sequences)?;
+        let threads = threads.max(1);
+        Ok(Model {
+            path: self.path.clone(),
+            config: self.config.clone(),
+            tokenizer: self.tokenizer.clone(),
+            weights: self.weights.clone(),
+            sequences: (0..kv.max_sequences).map(|_| None).collect(),
+            kv,
+            sched: Scheduler::new(backend, threads, GRAPH_SIZE)?,
+            device: self.device.clone(),
+            threads,
+            file_type: self.file_type.clone(),
+        })
     }
 
     /// The model's hyper-parameters.
@@ -173,7 +214,7 @@ impl Model {
     /// The extra buffer types holding repacked weights, with how many tensors each holds
     /// (empty when nothing was repacked).
     pub fn repacked(&self) -> &[(String, usize)] {
-        &self.weights.repacked
+        &self.weights.tensors.repacked
     }
 
     /// The device spec the model runs on (`cpu`, `cuda:0`...).
@@ -220,12 +261,12 @@ impl Model {
 
     /// Whether the file carries the VQ-VAE mask decoder.
     pub fn has_segmentation(&self) -> bool {
-        self.mask_decoder.is_some()
+        self.weights.mask_decoder.is_some()
     }
 
     /// Decodes 16 `<segNNN>` codes (0..128) to the decoder's raw 64x64 output, row-major.
     pub fn decode_mask(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
-        let Some(w) = &self.mask_decoder else {
+        let Some(w) = &self.weights.mask_decoder else {
             return Err(Error::Invalid(format!("{} has no segmentation decoder (convert with --seg-decoder vae-oid.npz)", self.path.display())));
         };
         let size = w.codebook_size;
@@ -234,7 +275,7 @@ impl Model {
         }
         let ctx = Context::new(1024, 1024)?;
         let input = ctx.input("seg_codes", Type::I32, &[codes.len()])?;
-        let out = crate::segment::build(&ctx, &self.weights.store, w, input)?;
+        let out = crate::segment::build(&ctx, &self.weights.tensors.store, w, input)?;
         out.set_output();
         let mut graph = ctx.graph(1024)?;
         graph.expand(out)?;
@@ -308,7 +349,7 @@ impl Model {
         }
         let ctx = Context::new(GRAPH_SIZE, GRAPH_SIZE)?;
         let input = ctx.input("pixels", Type::F32, &[v.image_size, v.image_size, 3, pixels.len()])?;
-        let (vision, projector) = crate::vision::build(&ctx, &self.weights.store, &self.vision, v, input)?;
+        let (vision, projector) = crate::vision::build(&ctx, &self.weights.tensors.store, &self.weights.vision, v, input)?;
         vision.set_output();
         projector.set_output();
         let mut graph = ctx.graph(GRAPH_SIZE)?;
@@ -344,7 +385,7 @@ impl Model {
         let embeddings = self.embedding_rows(batch, &runs)?;
 
         let ctx = Context::new(GRAPH_SIZE, GRAPH_SIZE)?;
-        let store = &self.weights.store;
+        let store = &self.weights.tensors.store;
         // The image features of every prefix in one input, the text tokens' embeddings
         // in another; a gather puts the rows in batch order when they interleave.
         let mut parts = Vec::new();
@@ -359,7 +400,7 @@ impl Model {
             None
         } else {
             let tid = ctx.input("token_ids", Type::I32, &[embeddings.text_ids.len()])?;
-            let emb = ctx.get_rows(store.get(self.decoder.token_embd), tid)?;
+            let emb = ctx.get_rows(store.get(self.weights.decoder.token_embd), tid)?;
             parts.push(ctx.scale(emb, t.embed_scale)?);
             Some(tid)
         };
@@ -400,7 +441,7 @@ impl Model {
         }
         let mut graph = ctx.graph(GRAPH_SIZE)?;
         let inputs = DecoderInputs { x, pos, slots, runs: attention, outputs: outputs_in };
-        let logits = crate::decoder::build(&ctx, store, &self.decoder, t, &mut graph, &self.kv, inputs)?;
+        let logits = crate::decoder::build(&ctx, store, &self.weights.decoder, t, &mut graph, &self.kv, inputs)?;
         logits.set_output();
         graph.expand(logits)?;
         self.sched.alloc(&graph)?;
