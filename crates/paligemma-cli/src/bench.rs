@@ -48,7 +48,7 @@ pub struct BenchArgs {
     /// as many frames together, and compare with running them one after another.
     #[arg(long, default_value_t = 4)]
     prompts: usize,
-    /// Use every weight in place from the file (no repacked CPU layouts).
+    /// Use every weight in place from the file (no repacked CPU layouts) and ggml's kernels only.
     #[arg(long)]
     no_repack: bool,
     /// Print JSON.

@@ -125,7 +125,7 @@ struct LoadArgs {
     #[arg(long, default_value_t = 0)]
     context: usize,
     /// Use every CPU weight in place from the file instead of repacking the matrices the
-    /// CPU kernels read faster interleaved (q4_0, q4_k).
+    /// CPU kernels read faster interleaved (f16, q4_0, q4_k...), and ggml's kernels only.
     #[arg(long)]
     no_repack: bool,
 }

@@ -56,7 +56,8 @@ pub struct ModelOptions {
     /// buffer types take (q4_0, q4_k, iq4_nl on x86 with AVX2) in their interleaved
     /// layouts, as llama.cpp does by default: faster prompt processing and batched
     /// decoding, at the cost of a copy of those weights in memory instead of using the
-    /// mapped file in place.
+    /// mapped file in place. With the packed layout the graphs also use our own CPU
+    /// attention (`ggml::Context::attention_cpu`); off, ggml's kernels do everything.
     pub repack: bool,
     /// Batches a `paligemma_stream::Engine` of this model runs at once on the CPU, each
     /// on a [`Model::fork`] with `threads / lanes` of the threads and `max_sequences /
