@@ -3,7 +3,7 @@
 //!
 //! Why this exists: ggml's CPU flash attention applies Gemma 2's logit soft-cap with one
 //! scalar libm `tanhf` per score, re-converts the keys for every tile of 32 queries, and
-//! took about a third of the demo model's prefill and a quarter of a 448 px 3B frame.
+//! took about a third of the demo model's prefill and 30% of a 448 px 3B frame.
 //!
 //! The layout puts query rows in vector lanes: one work item is up to 32 rows (the
 //! heads that share a key/value head, times a block of queries), and each key's
@@ -12,8 +12,9 @@
 //! (running maximum, rescale, exponentials, the soft-cap as `1 - 2 / (exp(2x) + 1)`)
 //! then works lane-wise with no horizontal sums, and the output accumulates transposed
 //! too, `out[d][row] += v[j][d] * p[j][row]`, from keys and values converted to f32
-//! once per chunk of 32 keys. Everything is f32, as in ggml's tiled path; rows of one
-//! item that a block does not fill repeat its last query and are not written.
+//! once per chunk of 32 keys for all of an item's rows. Everything is f32, as in
+//! ggml's tiled path; rows of one item that a block does not fill repeat its last
+//! query and are not written.
 //!
 //! Decoding's one query per sequence would leave most lanes empty: graphs with fewer
 //! than [`MIN_ROWS`] queries, and key/value types other than f16 and f32, keep ggml's op.

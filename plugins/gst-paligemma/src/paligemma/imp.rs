@@ -29,6 +29,7 @@ struct Settings {
     prompts_file: Option<String>,
     device: String,
     threads: u32,
+    lanes: u32,
     max_tokens: u32,
     interval_ms: u64,
     mode: Mode,
@@ -46,6 +47,7 @@ impl Default for Settings {
             prompts_file: None,
             device: "cpu".into(),
             threads: 0,
+            lanes: 1,
             max_tokens: DEFAULT_MAX_TOKENS as u32,
             interval_ms: DEFAULT_INTERVAL_MS,
             mode: Mode::Async,
@@ -141,6 +143,14 @@ impl ObjectImpl for PaliGemma {
                     .default_value(0)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("lanes")
+                    .nick("Lanes")
+                    .blurb("Batches the shared CPU engine runs at once, each on threads / lanes threads (for several elements on one small model)")
+                    .minimum(1)
+                    .maximum(64)
+                    .default_value(1)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt::builder("max-tokens")
                     .nick("Max tokens")
                     .blurb("Longest answer in tokens (for prompts from the prompts property)")
@@ -197,6 +207,7 @@ impl ObjectImpl for PaliGemma {
             "prompts-file" => settings.prompts_file = value.get().expect("type checked upstream"),
             "device" => settings.device = value.get::<Option<String>>().expect("type checked upstream").unwrap_or_else(|| "cpu".into()),
             "threads" => settings.threads = value.get().expect("type checked upstream"),
+            "lanes" => settings.lanes = value.get().expect("type checked upstream"),
             "max-tokens" => settings.max_tokens = value.get().expect("type checked upstream"),
             "interval" => settings.interval_ms = value.get().expect("type checked upstream"),
             "mode" => settings.mode = value.get().expect("type checked upstream"),
@@ -226,6 +237,7 @@ impl ObjectImpl for PaliGemma {
             "prompts-file" => settings.prompts_file.to_value(),
             "device" => settings.device.to_value(),
             "threads" => settings.threads.to_value(),
+            "lanes" => settings.lanes.to_value(),
             "max-tokens" => settings.max_tokens.to_value(),
             "interval" => settings.interval_ms.to_value(),
             "mode" => settings.mode.to_value(),
@@ -536,7 +548,7 @@ impl BaseTransformImpl for PaliGemma {
         let obj = self.obj();
         let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Start, "load", &format!("Loading {path}")).src(&*obj).build());
         gst::info!(CAT, imp = self, "loading {} on {}", path, settings.device);
-        let opts = ModelOptions { device: settings.device.clone(), threads: settings.threads as usize, kv_type: KvType::F16, context: 0, ..Default::default() };
+        let opts = ModelOptions { device: settings.device.clone(), threads: settings.threads as usize, kv_type: KvType::F16, context: 0, lanes: settings.lanes as usize, ..Default::default() };
         // Elements of one process that load the same file with the same options share
         // one engine: the weights and the thread pool exist once.
         let engine = match Engine::shared(&path, &opts) {
