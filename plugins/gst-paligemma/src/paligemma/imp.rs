@@ -548,7 +548,14 @@ impl BaseTransformImpl for PaliGemma {
         let obj = self.obj();
         let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Start, "load", &format!("Loading {path}")).src(&*obj).build());
         gst::info!(CAT, imp = self, "loading {} on {}", path, settings.device);
-        let opts = ModelOptions { device: settings.device.clone(), threads: settings.threads as usize, kv_type: KvType::F16, context: 0, lanes: settings.lanes as usize, ..Default::default() };
+        let opts = ModelOptions {
+            device: settings.device.clone(),
+            threads: settings.threads as usize,
+            kv_type: KvType::F16,
+            context: 0,
+            lanes: settings.lanes as usize,
+            ..Default::default()
+        };
         // Elements of one process that load the same file with the same options share
         // one engine: the weights and the thread pool exist once.
         let engine = match Engine::shared(&path, &opts) {
