@@ -278,3 +278,40 @@ fn frames_and_prefixes_batched_match_alone() {
     assert!(e.contains("image encoding"), "{e}");
     assert_eq!(model.free_sequences(), model.max_sequences());
 }
+
+/// Forks of one model (the same weights, their own caches and threads) run at the same
+/// time on two threads and each computes what the model computes alone, bit for bit,
+/// over several rounds.
+#[test]
+fn forks_run_together_and_match_the_model() {
+    use paligemma::preprocess::RgbImage;
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = convert_fixture("pg2_gqa", Type::F16, Type::F16, dir.path());
+    let mut model = Model::load(&gguf, &ModelOptions { threads: 1, ..Default::default() }).unwrap();
+    let images: Vec<RgbImage> = ["photo.jpg", "rgb.png"].iter().map(|f| RgbImage::open(&fixtures_dir().join("images").join(f)).unwrap()).collect();
+    let prompts = ["caption en", "detect cat ; dog"];
+    let opts = GenerateOptions { max_tokens: 8, ignore_eos: true, ..Default::default() };
+    let answer = |model: &mut Model, i: usize| {
+        let emb = model.encode_image(&images[i]).unwrap();
+        let ids = model.tokenizer().prefix_ids(prompts[i]).unwrap();
+        let g = common::generate_ids(model, &emb, &ids, &opts).unwrap();
+        (emb.features, g.first_logits, g.tokens)
+    };
+    let want: Vec<_> = (0..2).map(|i| answer(&mut model, i)).collect();
+    let forks: Vec<Model> = (0..2).map(|_| model.fork(1, 2).unwrap()).collect();
+    assert_eq!(forks[0].max_sequences(), 2);
+    let got: Vec<Vec<_>> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            forks.into_iter().enumerate().map(|(i, mut fork)| s.spawn(move || (0..5).map(|_| answer(&mut fork, i)).collect::<Vec<_>>())).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, rounds) in got.iter().enumerate() {
+        for (features, logits, tokens) in rounds {
+            assert_eq!(features, &want[i].0, "fork {i}: image features");
+            assert_eq!(logits, &want[i].1, "fork {i}: first logits");
+            assert_eq!(tokens, &want[i].2, "fork {i}: tokens");
+        }
+    }
+    // The original still works beside its forks.
+    assert_eq!(answer(&mut model, 1).1, want[1].1);
+}
