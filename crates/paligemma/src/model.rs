@@ -64,7 +64,8 @@ pub struct ModelOptions {
     /// lanes` of the sequences (rounded up). A small model's graphs leave threads
     /// waiting on each other, so with several cameras two lanes of one thread answer
     /// more than one batch on two threads; a camera alone then gets one lane's threads.
-    /// 1: one batch at a time on every thread. [`Model::load`] itself loads one.
+    /// 1: one batch at a time on every thread; at most one lane per thread, CPU only.
+    /// [`Model::load`] itself loads one.
     pub lanes: usize,
 }
 
