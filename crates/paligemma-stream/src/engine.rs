@@ -103,12 +103,14 @@ impl Engine {
     /// An engine of its own around a loaded model (not shared through [`Engine::shared`]),
     /// one batch at a time.
     pub fn new(model: Model) -> Arc<Engine> {
-        Engine::start(vec![(model, usize::MAX)])
+        Engine::start(vec![model])
     }
 
     /// An engine of its own serving `lanes` batches at once (see `ModelOptions::lanes`):
-    /// the model and `lanes - 1` forks of it, splitting its threads and sequences.
-    pub fn with_lanes(mut model: Model, lanes: usize) -> Result<Arc<Engine>> {
+    /// `lanes` forks of the model sharing its weights, splitting its threads (the first
+    /// lanes taking one more where they do not divide) and sequences; the model's own
+    /// KV cache and thread pool go.
+    pub fn with_lanes(model: Model, lanes: usize) -> Result<Arc<Engine>> {
         let lanes = lanes.clamp(1, model.threads().max(1));
         if lanes > 1 && model.device() != "cpu" {
             tracing::warn!("{} runs on {}: lanes are for the CPU, using one", model.path().display(), model.device());
@@ -116,19 +118,14 @@ impl Engine {
         if lanes == 1 || model.device() != "cpu" {
             return Ok(Engine::new(model));
         }
-        let (threads, sequences) = (model.threads() / lanes, model.max_sequences().div_ceil(lanes));
-        model.set_threads(threads)?;
-        let mut models = Vec::with_capacity(lanes);
-        for _ in 1..lanes {
-            models.push((model.fork(threads, sequences)?, sequences));
-        }
-        models.insert(0, (model, sequences));
-        Ok(Engine::start(models))
+        let (threads, sequences) = (model.threads(), model.max_sequences().div_ceil(lanes));
+        let forks = (0..lanes).map(|lane| model.fork(threads / lanes + usize::from(lane < threads % lanes), sequences)).collect::<paligemma::Result<_>>()?;
+        Ok(Engine::start(forks))
     }
 
-    /// Spawns a serving thread per model, each admitting at most its many sequences at once.
-    fn start(models: Vec<(Model, usize)>) -> Arc<Engine> {
-        let model = &models[0].0;
+    /// Spawns a serving thread per model (a lane each).
+    fn start(models: Vec<Model>) -> Arc<Engine> {
+        let model = &models[0];
         let info = ModelInfo { name: model.config().name.clone(), ty: model.weight_type().to_string(), device: model.device().to_string() };
         let state = EngineState { streams: Vec::new(), woken: false, stop: false };
         let shared = Arc::new(EngineShared { state: Mutex::new(state), wake: Condvar::new(), info, jobs_started: AtomicU64::new(0) });
@@ -136,11 +133,11 @@ impl Engine {
         let threads = models
             .into_iter()
             .enumerate()
-            .map(|(lane, (model, sequences))| {
+            .map(|(lane, model)| {
                 let thread_shared = shared.clone();
                 std::thread::Builder::new()
                     .name(if lane == 0 { "paligemma-engine".into() } else { format!("paligemma-lane{lane}") })
-                    .spawn(move || crate::scheduler::serve(model, sequences, lanes > 1, &thread_shared))
+                    .spawn(move || crate::scheduler::serve(model, lanes > 1, &thread_shared))
                     .expect("spawning a thread")
             })
             .collect();

@@ -16,7 +16,7 @@
 //!   frames and one prefill graph for their prompts.
 //! - **Lanes.** With `ModelOptions::lanes` above 1, a thread per lane runs this loop
 //!   on its own fork of the model (the same weights), taking jobs from the same streams
-//!   in the same round-robin; each admits at most its share of the sequences, so that the
+//!   in the same round-robin; each fork has its share of the sequences, so that the
 //!   cameras spread over the lanes and their batches run at the same time.
 //! - **Containment.** A panic below the loop fails the work in progress with error
 //!   results; the thread, and every stream it serves, goes on.
@@ -71,13 +71,12 @@ impl Job {
     }
 }
 
-/// Serves the engine's streams until the engine is dropped, with at most `sequences`
-/// of the model's sequences in use at once.
-pub(crate) fn serve(mut model: Model, sequences: usize, whole_batches: bool, engine: &EngineShared) {
+/// Serves the engine's streams until the engine is dropped; with `whole_batches` (one
+/// of several lanes), new jobs are admitted only when the model has none open.
+pub(crate) fn serve(mut model: Model, whole_batches: bool, engine: &EngineShared) {
     let mut jobs: Vec<Job> = Vec::new();
-    let reserved = model.max_sequences().saturating_sub(sequences);
     loop {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn(&mut model, reserved, whole_batches, engine, &mut jobs)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn(&mut model, whole_batches, engine, &mut jobs)));
         match outcome {
             Ok(true) => {}
             Ok(false) => break,
@@ -101,22 +100,21 @@ pub(crate) fn serve(mut model: Model, sequences: usize, whole_batches: bool, eng
     }
 }
 
-/// One turn of the loop: admit work while sequences are free (beyond `reserved`), then
-/// one decode step. False when the engine stops.
-fn turn(model: &mut Model, reserved: usize, whole_batches: bool, engine: &EngineShared, jobs: &mut Vec<Job>) -> bool {
+/// One turn of the loop: admit work while sequences are free, then one decode step.
+/// False when the engine stops.
+fn turn(model: &mut Model, whole_batches: bool, engine: &EngineShared, jobs: &mut Vec<Job>) -> bool {
     // Admission: new jobs while their prompts (after those of the jobs already open)
     // find free sequences; their frames go through the vision tower together, then every
     // prompt that has a sequence is prefilled together. Cameras that sent frames at
     // the same time are thus served by one vision pass and one prefill, not one each.
     let first_new = jobs.len();
-    let sequences = model.max_sequences().saturating_sub(reserved);
     loop {
         let waiting: usize = jobs.iter().map(|j| j.pending.len()).sum();
-        let room = model.free_sequences().saturating_sub(reserved).saturating_sub(waiting);
+        let room = model.free_sequences().saturating_sub(waiting);
         if room == 0 || (whole_batches && first_new > 0) {
             break;
         }
-        match next_job(engine, room, sequences) {
+        match next_job(engine, room, model.max_sequences()) {
             // In the list before any engine call: whatever happens to it (even a
             // panic) it is delivered, and its stream's `in_flight` goes back down.
             Next::Job(job) => jobs.push(*job),
@@ -142,7 +140,7 @@ fn turn(model: &mut Model, reserved: usize, whole_batches: bool, engine: &Engine
         }
     }
     prepare(model, &mut jobs[first_new..]);
-    start_pending(model, reserved, jobs);
+    start_pending(model, jobs);
     if jobs.iter().all(|j| j.running.is_empty()) {
         return true;
     }
@@ -329,10 +327,10 @@ fn prepare(model: &mut Model, jobs: &mut [Job]) {
 /// A prompt to start: its job, its index in the job, its prefix ids and options.
 type Picked = (usize, usize, Vec<u32>, GenerateOptions);
 
-/// Starts the pending prompts of the jobs, oldest job first, in the free sequences
-/// (beyond `reserved`), prefilled together. A prompt that cannot start fails on its own.
-fn start_pending(model: &mut Model, reserved: usize, jobs: &mut [Job]) {
-    let mut free = model.free_sequences().saturating_sub(reserved);
+/// Starts the pending prompts of the jobs, oldest job first, in the free sequences,
+/// prefilled together. A prompt that cannot start fails on its own.
+fn start_pending(model: &mut Model, jobs: &mut [Job]) {
+    let mut free = model.free_sequences();
     let mut picked: Vec<Picked> = Vec::new();
     for (j, job) in jobs.iter_mut().enumerate() {
         if job.cancelled() || job.embedding.is_none() {
