@@ -170,10 +170,10 @@ enum Next {
 
 /// The next job, from the streams in the order they were last served (longest ago
 /// first): the oldest request of any, else the due standing prompts on the newest
-/// frame of the first that has one, nothing standing in flight, and room for all its
-/// prompts in the `room` sequences free (or the lane's whole `sequences` free): a
-/// frame is not taken to wait half-started, and with several lanes the cameras go to
-/// the lanes that have room for them.
+/// frame of the first that has one and nothing standing in flight. That stream waits,
+/// and no other goes before it, until its prompts fit in the `room` sequences free (or
+/// the model's whole `sequences` are free): a frame is not taken to wait half-started,
+/// and a stream of many prompts is not overtaken for ever by streams of few.
 fn next_job(engine: &EngineShared, room: usize, sequences: usize) -> Next {
     let mut state = engine.lock();
     if state.stop {
@@ -213,10 +213,11 @@ fn next_job(engine: &EngineShared, room: usize, sequences: usize) -> Next {
     let mut wait: Option<Duration> = None;
     for stream in &order {
         let mut st = stream.lock();
-        if st.closed || st.standing || (st.prompts.prompts.len() > room && room < sequences) {
+        if st.closed || st.standing {
             continue;
         }
         match st.sampler.wait_time(now) {
+            Some(w) if w.is_zero() && st.prompts.prompts.len() > room && room < sequences => return Next::Wait(None),
             Some(w) if w.is_zero() => {
                 let frame = st.sampler.take(now);
                 let due: Vec<StandingPrompt> = match &frame {

@@ -262,6 +262,41 @@ fn share_fairly(engine: Arc<Engine>) {
     assert!(ask_ms < 3.0 * hi, "the ask took {ask_ms:.0} ms, a standing answer's p90 is {hi:.0} ms");
 }
 
+/// A camera with more prompts than the others keeps its turn: while cameras of one
+/// prompt each keep the engine's sequences busy, it is not overtaken (it got half the
+/// frames of the others when streams that did not fit were skipped).
+#[test]
+fn many_prompts_are_not_starved_by_few() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(Model::load(model_file(dir.path()), &ModelOptions { threads: 1, max_sequences: 4, ..Default::default() }).unwrap());
+    // The one-prompt answers stop at different lengths, so their sequences come free one
+    // at a time: three are never free together unless the scheduler waits for them.
+    let cams: Vec<_> = [("caption en|detect cat|ocr", 12), ("caption en", 3), ("caption en", 5), ("caption en", 7)]
+        .iter()
+        .enumerate()
+        .map(|(i, (prompts, tokens))| {
+            let (got, sink) = collector();
+            (got, Worker::spawn(engine.clone(), PromptSet::from_short(prompts, 0, *tokens).unwrap(), stream_config(&format!("cam{i}")), sink))
+        })
+        .collect();
+    let start = Instant::now();
+    let mut seq = 0;
+    while start.elapsed() < Duration::from_secs(2) {
+        for (_, w) in &cams {
+            w.submit(frame(seq));
+            seq += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for (_, w) in &cams {
+        assert!(w.drain(Duration::from_secs(60)));
+    }
+    let frames: Vec<usize> = cams.iter().enumerate().map(|(i, (g, _))| g.lock().unwrap().len() / if i == 0 { 3 } else { 1 }).collect();
+    println!("frames answered per camera {frames:?}");
+    let most = frames.iter().copied().max().unwrap();
+    assert!(frames[0] * 3 >= most * 2, "the three-prompt camera got {} frames answered, the others up to {most}", frames[0]);
+}
+
 /// A flush abandons only its own stream's work.
 #[test]
 fn flush_of_one_stream_leaves_the_others() {
