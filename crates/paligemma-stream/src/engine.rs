@@ -57,15 +57,22 @@ pub(crate) struct EngineShared {
 pub(crate) struct EngineState {
     /// Every stream attached, in the order they came (the round-robin order).
     pub streams: Vec<Arc<StreamShared>>,
-    /// Set by [`Engine::wake`], cleared by the serving thread when it looks for work:
-    /// a wake-up between its look and its wait is not lost.
-    pub woken: bool,
+    /// Wake-ups so far ([`EngineShared::wake`]). Each lane notes the count when it looks
+    /// for work and sleeps only while it is unchanged: a wake-up between its look and its
+    /// wait is not lost, whichever lane looked meanwhile.
+    pub wakes: u64,
     pub stop: bool,
 }
 
 impl EngineShared {
     pub fn lock(&self) -> MutexGuard<'_, EngineState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells every lane to look for work again.
+    pub fn wake(&self) {
+        self.lock().wakes += 1;
+        self.wake.notify_all();
     }
 }
 
@@ -127,7 +134,7 @@ impl Engine {
     fn start(models: Vec<Model>) -> Arc<Engine> {
         let model = &models[0];
         let info = ModelInfo { name: model.config().name.clone(), ty: model.weight_type().to_string(), device: model.device().to_string() };
-        let state = EngineState { streams: Vec::new(), woken: false, stop: false };
+        let state = EngineState { streams: Vec::new(), wakes: 0, stop: false };
         let shared = Arc::new(EngineShared { state: Mutex::new(state), wake: Condvar::new(), info, jobs_started: AtomicU64::new(0) });
         let lanes = models.len();
         let threads = models
@@ -165,8 +172,7 @@ impl Engine {
 
     /// Tells the serving thread that a stream has new work.
     pub(crate) fn wake(&self) {
-        self.shared.lock().woken = true;
-        self.shared.wake.notify_all();
+        self.shared.wake();
     }
 }
 

@@ -75,8 +75,9 @@ impl Job {
 /// of several lanes), new jobs are admitted only when the model has none open.
 pub(crate) fn serve(mut model: Model, whole_batches: bool, engine: &EngineShared) {
     let mut jobs: Vec<Job> = Vec::new();
+    let mut seen_wakes = 0;
     loop {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn(&mut model, whole_batches, engine, &mut jobs)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn(&mut model, whole_batches, engine, &mut jobs, &mut seen_wakes)));
         match outcome {
             Ok(true) => {}
             Ok(false) => break,
@@ -101,8 +102,9 @@ pub(crate) fn serve(mut model: Model, whole_batches: bool, engine: &EngineShared
 }
 
 /// One turn of the loop: admit work while sequences are free, then one decode step.
-/// False when the engine stops.
-fn turn(model: &mut Model, whole_batches: bool, engine: &EngineShared, jobs: &mut Vec<Job>) -> bool {
+/// False when the engine stops. `seen_wakes`: the engine's wake count when this lane
+/// last looked for work.
+fn turn(model: &mut Model, whole_batches: bool, engine: &EngineShared, jobs: &mut Vec<Job>, seen_wakes: &mut u64) -> bool {
     // Admission: new jobs while their prompts (after those of the jobs already open)
     // find free sequences; their frames go through the vision tower together, then every
     // prompt that has a sequence is prefilled together. Cameras that sent frames at
@@ -114,7 +116,7 @@ fn turn(model: &mut Model, whole_batches: bool, engine: &EngineShared, jobs: &mu
         if room == 0 || (whole_batches && first_new > 0) {
             break;
         }
-        match next_job(engine, room, model.max_sequences()) {
+        match next_job(engine, room, model.max_sequences(), seen_wakes) {
             // In the list before any engine call: whatever happens to it (even a
             // panic) it is delivered, and its stream's `in_flight` goes back down.
             Next::Job(job) => jobs.push(*job),
@@ -127,7 +129,7 @@ fn turn(model: &mut Model, whole_batches: bool, engine: &EngineShared, jobs: &mu
                 if state.stop {
                     return false;
                 }
-                if state.woken {
+                if state.wakes != *seen_wakes {
                     return true;
                 }
                 // Woken by a new frame, request or prompt change of any stream.
@@ -174,12 +176,12 @@ enum Next {
 /// and no other goes before it, until its prompts fit in the `room` sequences free (or
 /// the model's whole `sequences` are free): a frame is not taken to wait half-started,
 /// and a stream of many prompts is not overtaken for ever by streams of few.
-fn next_job(engine: &EngineShared, room: usize, sequences: usize) -> Next {
-    let mut state = engine.lock();
+fn next_job(engine: &EngineShared, room: usize, sequences: usize, seen_wakes: &mut u64) -> Next {
+    let state = engine.lock();
     if state.stop {
         return Next::Stop;
     }
-    state.woken = false;
+    *seen_wakes = state.wakes;
     if state.streams.is_empty() {
         return Next::Wait(None);
     }
@@ -483,7 +485,6 @@ fn finish_job(engine: &EngineShared, job: Job, deliver: bool) {
     }
     stream.delivered.notify_all();
     if standing {
-        engine.lock().woken = true;
-        engine.wake.notify_all();
+        engine.wake();
     }
 }
