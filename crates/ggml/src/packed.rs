@@ -199,14 +199,16 @@ mod kernels {
     /// A tile kernel: 16 outputs of the first `R` rows, over `blocks` blocks.
     type Tile = unsafe fn(*const u8, usize, &[*const u8; ROWS], &[*mut f32; ROWS]);
 
-    /// The work counter after `offset` bytes of quantized rows (a multiple of 8).
+    /// The work counter after `offset` bytes of quantized or gathered rows, at the next
+    /// multiple of 8 (f32 rows of an odd width times an odd count end off it).
     ///
     /// # Safety
     /// `q` was built by `mul_mat_packed` with those rows.
     unsafe fn counter<'a>(q: *const sys::ggml_tensor, offset: usize) -> &'a AtomicUsize {
-        // SAFETY: `COUNTER_BYTES` follow the rows in `q`'s allocation, and ggml aligns
-        // tensor data to at least 32 bytes; the counter lives while the graph runs.
-        unsafe { AtomicUsize::from_ptr((*q).data.cast::<u8>().add(offset).cast()) }
+        // SAFETY: `COUNTER_BYTES` (64, room for the rounding and the counter) follow the
+        // rows in `q`'s allocation, and ggml aligns tensor data to at least 32 bytes; the
+        // counter lives while the graph runs.
+        unsafe { AtomicUsize::from_ptr((*q).data.cast::<u8>().add(offset.next_multiple_of(8)).cast()) }
     }
 
     /// The part `[ith * n / nth, (ith + 1) * n / nth)` of `n` items.
