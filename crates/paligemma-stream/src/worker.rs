@@ -102,9 +102,13 @@ impl StreamShared {
         self.epoch.load(Ordering::SeqCst)
     }
 
-    /// Hands a message to the stream's owner.
+    /// Hands a message to the stream's owner. A sink that panics loses that message
+    /// only: the engine's lane, and every stream it serves, goes on.
     pub fn deliver(&self, msg: &ResultMessage) {
-        (self.sink.lock().unwrap_or_else(|e| e.into_inner()))(msg);
+        let sink = std::panic::AssertUnwindSafe(|| (self.sink.lock().unwrap_or_else(|e| e.into_inner()))(msg));
+        if std::panic::catch_unwind(sink).is_err() {
+            tracing::error!("{}: the result sink panicked; the message is lost", self.config.source.camera);
+        }
     }
 }
 

@@ -297,6 +297,31 @@ fn many_prompts_are_not_starved_by_few() {
     assert!(frames[0] * 3 >= most * 2, "the three-prompt camera got {} frames answered, the others up to {most}", frames[0]);
 }
 
+/// A sink that panics loses its message, not the engine: the stream is still served
+/// and the other stream of the engine too.
+#[test]
+fn a_panicking_sink_does_not_stop_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = model(dir.path());
+    let calls = Arc::new(Mutex::new(0));
+    let c = calls.clone();
+    let sink: paligemma_stream::worker::Sink = Box::new(move |_: &ResultMessage| {
+        *c.lock().unwrap() += 1;
+        panic!("a broken sink");
+    });
+    let a = Worker::spawn(engine.clone(), PromptSet::from_short("caption en", 0, 4).unwrap(), stream_config("a"), sink);
+    let (got_b, sink_b) = collector();
+    let b = Worker::spawn(engine.clone(), PromptSet::from_short("caption en", 0, 4).unwrap(), stream_config("b"), sink_b);
+    for seq in 0..2 {
+        a.submit(frame(seq));
+        assert!(a.drain(Duration::from_secs(30)), "frame {seq}: the stream drains after its sink panicked");
+    }
+    b.submit(frame(7));
+    assert!(b.drain(Duration::from_secs(30)));
+    assert_eq!(*calls.lock().unwrap(), 2, "both frames reached the sink");
+    assert_eq!(got_b.lock().unwrap().len(), 1, "the other stream is answered");
+}
+
 /// A flush abandons only its own stream's work.
 #[test]
 fn flush_of_one_stream_leaves_the_others() {
