@@ -32,10 +32,13 @@ pub struct TensorRef {
 unsafe impl Send for TensorRef {}
 unsafe impl Sync for TensorRef {}
 
-// SAFETY: a shared store only hands out its tensors to build graphs on (ggml reads a
+// SAFETY: a shared store only hands out its tensors to build graphs on: ggml reads a
 // source tensor's fields when it builds an op on it and its data when it computes, and
-// writes neither). A store shared between threads is one whose tensors are written
-// before it is shared (weights, while loading) and only read after.
+// writes only the name of a leaf that has none (`ggml_visit_parents`), which a tensor
+// made with `Context::new_named` always has. This rests on a contract the types do not
+// enforce: a store shared between threads (a model's weights, see `paligemma::Model::fork`)
+// has its tensors named and written before it is shared, and `Tensor`'s setters are not
+// called on them after.
 unsafe impl Sync for TensorStore {}
 
 impl Default for TensorStore {
