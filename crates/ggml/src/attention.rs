@@ -63,7 +63,7 @@ impl Context {
 
 #[cfg(target_arch = "x86_64")]
 mod kernels {
-    use crate::sys;
+    use crate::{Context, sys};
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -75,12 +75,6 @@ mod kernels {
     thread_local! {
         /// Each ggml worker's scratch, kept between calls.
         static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// A tensor's element `(i1, i2, i3)` row start.
-    unsafe fn row(t: &sys::ggml_tensor, i1: usize, i2: usize, i3: usize) -> *const u8 {
-        // SAFETY: the caller passes indices inside `t`.
-        unsafe { (t.data as *const u8).add(i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3]) }
     }
 
     /// `d` elements of an f16 or f32 row as f32.
@@ -217,7 +211,7 @@ mod kernels {
                 let factor = if self.cap != 0.0 { self.scale / self.cap } else { self.scale };
                 for r in 0..w {
                     let (h, i) = self.lane(kvh, first, r);
-                    let src = row(self.q, i, h, b) as *const f32;
+                    let src = Context::row_start(self.q, i, h, b) as *const f32;
                     for dd in 0..hd {
                         *qt.add(dd * w + r) = *src.add(dd) * factor;
                     }
@@ -238,8 +232,8 @@ mod kernels {
                         continue;
                     }
                     for j in 0..n {
-                        load_row(row(self.k, j0 + j, kvh, b), k16, hd, keys.add(j * hd));
-                        load_row(row(self.v, j0 + j, kvh, b), v16, hd, values.add(j * hd));
+                        load_row(Context::row_start(self.k, j0 + j, kvh, b), k16, hd, keys.add(j * hd));
+                        load_row(Context::row_start(self.v, j0 + j, kvh, b), v16, hd, values.add(j * hd));
                     }
                     // Scores: s[j][lanes] = sum_d keys[j][d] * qt[d][lanes], 4 keys at a time.
                     let mut j = 0;
@@ -327,7 +321,7 @@ mod kernels {
                         continue;
                     }
                     let (h, i) = self.lane(kvh, first, r);
-                    let dst = (self.dst.data as *mut u8).add(h * self.dst.nb[1] + i * self.dst.nb[2] + b * self.dst.nb[3]) as *mut f32;
+                    let dst = Context::row_start(self.dst, h, i, b) as *mut f32;
                     for dd in 0..hd {
                         *dst.add(dd) = *out.add(dd * w + r) * f;
                     }
@@ -346,7 +340,7 @@ mod kernels {
             // SAFETY: rows `first..first + queries` and keys `j0..j0 + n` are inside the mask.
             unsafe {
                 for i in first..first + queries {
-                    let bits = row(mk, i, 0, 0) as *const u16;
+                    let bits = Context::row_start(mk, i, 0, 0) as *const u16;
                     for j in j0..j0 + n {
                         let x = *bits.add(j);
                         zero &= x & 0x7FFF == 0;
@@ -361,7 +355,7 @@ mod kernels {
                 }
                 for r in 0..w {
                     let (_, i) = self.lane(kvh, first, r);
-                    let bits = row(mk, i, 0, 0) as *const u16;
+                    let bits = Context::row_start(mk, i, 0, 0) as *const u16;
                     for j in 0..n {
                         *maskt.add(j * w + r) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*bits.add(j0 + j) as i32)));
                     }

@@ -524,6 +524,16 @@ impl Context {
         self.cont(self.permute(out, [0, 1, 3, 2])?)
     }
 
+    /// Where row `(i1, i2, i3)` of an allocated tensor starts (any strides): for our
+    /// kernels (`packed`, `attention`), which read ggml's tensors as ggml hands them over.
+    ///
+    /// # Safety
+    /// The indices are inside `t`, whose data is allocated.
+    pub(crate) unsafe fn row_start(t: &sys::ggml_tensor, i1: usize, i2: usize, i3: usize) -> *const u8 {
+        // SAFETY: as the caller promises.
+        unsafe { (t.data as *const u8).add(i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3]) }
+    }
+
     /// A node computed by our own CPU kernel `fun` (`ggml_custom_4d`, run on all of the
     /// pool's threads) over `args`, with a result of type `ty` and shape `ne`; `userdata`
     /// is handed to `fun` as it is, never dereferenced by ggml.

@@ -186,7 +186,7 @@ impl Context {
 #[cfg(target_arch = "x86_64")]
 mod kernels {
     use super::{ACT_BLOCK_BYTES, BLOCK, Format, GROUP, HALF, Q4_0, Q4_K, Q8_0};
-    use crate::sys;
+    use crate::{Context, sys};
     use std::arch::x86_64::*;
     use std::ptr;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -221,18 +221,8 @@ mod kernels {
     pub unsafe extern "C" fn quantize_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
         // SAFETY: ggml hands allocated tensors of the shapes `mul_mat_packed` built.
         unsafe {
-            let (d, x) = (&*dst, &*(*dst).src[0]);
-            let (n1, n2) = (x.ne[1] as usize, x.ne[2] as usize);
-            let rows = n1 * n2 * x.ne[3] as usize;
-            let blocks = x.ne[0] as usize / BLOCK;
-            for r in share(rows, ith, nth) {
-                let (i1, i2, i3) = (r % n1, r / n1 % n2, r / (n1 * n2));
-                let src = (x.data as *const u8).add(i1 * x.nb[1] + i2 * x.nb[2] + i3 * x.nb[3]) as *const f32;
-                quantize_row(src, (d.data as *mut u8).add(r * blocks * ACT_BLOCK_BYTES), blocks);
-            }
-            if ith == 0 {
-                counter(dst, rows * blocks * ACT_BLOCK_BYTES).store(0, Ordering::Relaxed);
-            }
+            let blocks = (*(*dst).src[0]).ne[0] as usize / BLOCK;
+            prepare_rows(dst, ith, nth, blocks * ACT_BLOCK_BYTES, |src, out| quantize_row(src, out, blocks));
         }
     }
 
@@ -240,17 +230,29 @@ mod kernels {
     pub unsafe extern "C" fn gather_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
         // SAFETY: ggml hands allocated tensors of the shapes `mul_mat_packed` built.
         unsafe {
+            let k = (*(*dst).src[0]).ne[0] as usize;
+            prepare_rows(dst, ith, nth, k * 4, |src, out| ptr::copy_nonoverlapping(src, out as *mut f32, k));
+        }
+    }
+
+    /// This thread's share of the rows of `src[0]`, each handed to `write` with its place
+    /// among `dst`'s contiguous rows of `row_bytes`; thread 0 then resets the work counter.
+    ///
+    /// # Safety
+    /// `dst` was built by `mul_mat_packed` with rows of `row_bytes`, and `write` writes
+    /// at most that many bytes.
+    unsafe fn prepare_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, row_bytes: usize, write: impl Fn(*const f32, *mut u8)) {
+        // SAFETY: as the caller promises; every row index is inside `src[0]`.
+        unsafe {
             let (d, x) = (&*dst, &*(*dst).src[0]);
             let (n1, n2) = (x.ne[1] as usize, x.ne[2] as usize);
             let rows = n1 * n2 * x.ne[3] as usize;
-            let k = x.ne[0] as usize;
             for r in share(rows, ith, nth) {
-                let (i1, i2, i3) = (r % n1, r / n1 % n2, r / (n1 * n2));
-                let src = (x.data as *const u8).add(i1 * x.nb[1] + i2 * x.nb[2] + i3 * x.nb[3]) as *const f32;
-                ptr::copy_nonoverlapping(src, (d.data as *mut f32).add(r * k), k);
+                let src = Context::row_start(x, r % n1, r / n1 % n2, r / (n1 * n2)) as *const f32;
+                write(src, (d.data as *mut u8).add(r * row_bytes));
             }
             if ith == 0 {
-                counter(dst, rows * k * 4).store(0, Ordering::Relaxed);
+                counter(dst, rows * row_bytes).store(0, Ordering::Relaxed);
             }
         }
     }
