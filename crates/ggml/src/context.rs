@@ -10,6 +10,9 @@ use std::ffi::{CStr, CString};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
+/// Most sources a custom op takes (ggml asserts fewer than `GGML_MAX_SRC`).
+pub(crate) const MAX_CUSTOM_ARGS: usize = sys::GGML_MAX_SRC as usize - 1;
+
 /// Owner of a `ggml_context` holding tensor and graph metadata.
 pub struct Context {
     ptr: NonNull<sys::ggml_context>,
@@ -545,6 +548,9 @@ impl Context {
         fun: unsafe extern "C" fn(*mut sys::ggml_tensor, i32, i32, *mut std::ffi::c_void),
         userdata: usize,
     ) -> Result<Tensor<'s>> {
+        if args.len() > MAX_CUSTOM_ARGS {
+            return Err(shape("custom", format!("{} arguments, at most {MAX_CUSTOM_ARGS}", args.len())));
+        }
         self.room()?;
         let mut srcs: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.as_ptr()).collect();
         // SAFETY: valid context and tensors, positive dimensions taken from them; the

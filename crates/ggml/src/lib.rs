@@ -12,7 +12,7 @@
 //! - [`quantize`] / [`to_f32`]: f32 rows to any ggml type and back.
 //! - [`packed`]: f16, bf16, q4_0, q8_0 and q4_K matrix products with AVX-512, on
 //!   weights packed for them; [`Context::attention_cpu`]: attention over many queries
-//!   with AVX-512.
+//!   with AVX-512; [`Context::join_cpu`]: concatenation as one copy.
 //!
 //! This crate and `ggml-sys` are the only ones in the workspace with `unsafe`.
 
@@ -21,6 +21,7 @@ mod backend;
 mod context;
 mod error;
 pub mod gguf;
+mod join;
 pub mod packed;
 mod quant;
 mod store;

@@ -316,3 +316,31 @@ fn type_names_round_trip() {
     assert!(Type::from_raw(9999).is_err());
     assert!(ggml::quantize(Type::Q4_K, &[0.0; 100], 100).is_err(), "100 is not a multiple of 256");
 }
+
+#[test]
+fn join_cpu_puts_parts_back_to_back() {
+    // 13 parts (more than one node takes) of uneven lengths along dimension 2.
+    let lens: Vec<usize> = (1..=13).map(|i| (i * 7) % 5 + 1).collect();
+    let data: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &n)| values(5 * 3 * n, i as u64 + 10)).collect();
+    let ctx = Context::new(64, 64).unwrap();
+    let got = run(&ctx, |ctx, inputs| {
+        let parts = lens.iter().zip(&data).enumerate().map(|(i, (&n, d))| input(ctx, inputs, &format!("p{i}"), &[5, 3, n], d)).collect::<Result<Vec<_>>>()?;
+        let joined = ctx.join_cpu(&parts, 2)?;
+        assert_eq!(joined.shape(), vec![5, 3, lens.iter().sum::<usize>()]);
+        Ok(joined)
+    });
+    assert_eq!(got, data.concat());
+}
+
+#[test]
+fn join_cpu_rejects_parts_that_are_not_stacked() {
+    let ctx = Context::new(16, 16).unwrap();
+    let a = ctx.input("a", Type::F32, &[4, 2, 3]).unwrap();
+    let narrow = ctx.input("narrow", Type::F32, &[4, 1, 3]).unwrap();
+    let wide = ctx.input("wide", Type::F32, &[4, 2, 3, 2]).unwrap();
+    assert!(ctx.join_cpu(&[a, narrow], 2).is_err(), "dimension 1 differs");
+    assert!(ctx.join_cpu(&[a, wide], 2).is_err(), "a dimension above the joined one is not 1");
+    assert!(ctx.join_cpu(&[a, ctx.permute(a, [0, 2, 1, 3]).unwrap()], 2).is_err(), "not contiguous");
+    assert!(ctx.join_cpu(&[], 2).is_err());
+    assert_eq!(ctx.join_cpu(&[a, a], 2).unwrap().shape(), vec![4, 2, 6]);
+}

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 struct StreamReport {
     answers: usize,
     answers_per_s: f64,
+    /// Generated tokens per answer, on average: how much of the work is decoding.
+    mean_tokens: f64,
     p50_latency_ms: f64,
     p90_latency_ms: f64,
     frames_seen: u64,
@@ -84,6 +86,7 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
             StreamReport {
                 answers: msgs.len(),
                 answers_per_s: msgs.len() as f64 / elapsed,
+                mean_tokens: msgs.iter().map(|m| m.tokens.generated as f64).sum::<f64>() / msgs.len().max(1) as f64,
                 p50_latency_ms: percentile(&latency, 0.5),
                 p90_latency_ms: percentile(&latency, 0.9),
                 frames_seen: s.frames_seen,
@@ -110,8 +113,8 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
     println!("{} stream(s) x {} prompt(s) on {} engine(s), {:.1} s", report.streams, report.prompts_per_stream, report.engines, report.seconds);
     for (i, s) in report.per_stream.iter().enumerate() {
         println!(
-            "cam{i}  {:>6.2} answers/s  latency p50 {:>7.0} ms  p90 {:>7.0} ms  dropped {}/{} frames",
-            s.answers_per_s, s.p50_latency_ms, s.p90_latency_ms, s.frames_dropped, s.frames_seen
+            "cam{i}  {:>6.2} answers/s ({:.1} tokens)  latency p50 {:>7.0} ms  p90 {:>7.0} ms  dropped {}/{} frames",
+            s.answers_per_s, s.mean_tokens, s.p50_latency_ms, s.p90_latency_ms, s.frames_dropped, s.frames_seen
         );
     }
     println!("total {:>6.2} answers/s", report.total_answers_per_s);

@@ -2,11 +2,11 @@
 //! each token's K/V written to its cache row, attention of every sequence over its
 //! own cache region, logits of the last tokens out. Gemma 2 adds post-norms after
 //! attention and MLP, logit softcaps and sliding-window layers.
+use crate::Result;
 use crate::config::{TextArch, TextConfig};
 use crate::kv_cache::{KvCache, Run};
 use crate::nn::{Attention, Linear, RmsNorm};
 use crate::weights::{LM_HEAD, WeightNames};
-use crate::{Error, Result};
 use ggml::{Context, Graph, Tensor, TensorRef, TensorStore};
 
 /// One decoder layer.
@@ -124,19 +124,15 @@ pub(crate) fn build<'c>(
         let row = ck.ty().row_size(hd * kv_heads)?;
         let head_row = ck.ty().row_size(hd)?;
         let q = ctx.permute(q, [0, 2, 1, 3])?; // [hd, n, heads]
-        let mut attn: Option<Tensor<'c>> = None;
+        let mut parts = Vec::with_capacity(runs.len());
         for run in &runs {
             let q = if run.len == n { q } else { ctx.view(q, &[hd, run.len, heads], &[q.nb()[1], q.nb()[2]], run.first * q.nb()[1])? };
             let keys = ctx.view(ck, &[hd, run.kv, kv_heads], &[row, head_row], run.base * row)?;
             let values = ctx.view(cv, &[hd, run.kv, kv_heads], &[row, head_row], run.base * row)?;
             let mask = if layer.sliding { run.sliding } else { run.full };
-            let a = w.attention.forward(ctx, q, keys, values, mask, scale, softcap)?; // [hd, heads, len]
-            attn = Some(match attn {
-                Some(prev) => ctx.concat(prev, a, 2)?,
-                None => a,
-            });
+            parts.push(w.attention.forward(ctx, q, keys, values, mask, scale, softcap)?); // [hd, heads, len]
         }
-        let mut attn = ctx.reshape(attn.ok_or_else(|| Error::Invalid("an empty batch".into()))?, &[hd * heads, n])?;
+        let mut attn = ctx.reshape(w.attention.join(ctx, &parts)?, &[hd * heads, n])?;
         // After the last layer's attention (every row's K/V is in the cache by then)
         // only the output rows matter: its projection and MLP run on them alone, as in
         // llama.cpp (1/26 of a 3B prefill's matrix work).

@@ -4,8 +4,9 @@
 use crate::Result;
 use ggml::{Context, Tensor, TensorRef, TensorStore};
 
-/// Which op computes attention: ggml's `flash_attn_ext`, or on a CPU with AVX-512 our own
-/// kernel (`Context::attention_cpu`, which keeps ggml's op for decoding's few queries).
+/// Which ops compute attention: ggml's `flash_attn_ext` and `concat`, or on a CPU with
+/// AVX-512 our own kernel (`Context::attention_cpu`, which keeps ggml's op for decoding's
+/// few queries) and `Context::join_cpu`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Attention {
     pub cpu_kernel: bool,
@@ -25,6 +26,15 @@ impl Attention {
         softcap: f32,
     ) -> Result<Tensor<'c>> {
         Ok(if self.cpu_kernel { ctx.attention_cpu(q, k, v, mask, scale, softcap)? } else { ctx.flash_attn_ext(q, k, v, mask, scale, softcap)? })
+    }
+
+    /// The results of several sequences' attention [d, H, n_i] as one [d, H, sum n_i].
+    pub fn join<'c>(&self, ctx: &'c Context, parts: &[Tensor<'c>]) -> Result<Tensor<'c>> {
+        if self.cpu_kernel {
+            return Ok(ctx.join_cpu(parts, 2)?);
+        }
+        let (&first, rest) = parts.split_first().ok_or_else(|| crate::Error::Invalid("an empty batch".into()))?;
+        rest.iter().try_fold(first, |joined, &part| Ok(ctx.concat(joined, part, 2)?))
     }
 }
 
