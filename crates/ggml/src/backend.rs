@@ -349,6 +349,8 @@ pub struct Scheduler {
     backends: Vec<Backend>,
     /// Declared last: dropped after the backends that use it.
     pool: Option<ThreadPool>,
+    /// Threads in `pool`.
+    pool_threads: usize,
 }
 
 // SAFETY: the scheduler is used from one thread at a time (`!Sync`).
@@ -366,7 +368,7 @@ impl Scheduler {
         // SAFETY: valid backends, the last is the CPU as ggml requires.
         let ptr = unsafe { sys::ggml_backend_sched_new(raw.as_mut_ptr(), std::ptr::null_mut(), raw.len() as i32, graph_size, false, true) };
         let ptr = NonNull::new(ptr).ok_or_else(|| Error::BackendInit("scheduler".into()))?;
-        let mut sched = Scheduler { ptr, backends, pool: None };
+        let mut sched = Scheduler { ptr, backends, pool: None, pool_threads: 0 };
         sched.set_n_threads(threads)?;
         Ok(sched)
     }
@@ -388,7 +390,18 @@ impl Scheduler {
         }
         // The previous pool is detached from every backend now.
         self.pool = Some(pool);
+        self.pool_threads = threads;
         Ok(())
+    }
+
+    /// Runs the next graphs on `threads` of the pool's threads (at least one, at most
+    /// the pool's); the others sleep meanwhile. For threads shared with other work
+    /// graph by graph, without making a new pool each time.
+    pub fn use_threads(&mut self, threads: usize) {
+        let threads = threads.clamp(1, self.pool_threads.max(1));
+        for b in &self.backends {
+            b.set_n_threads(threads);
+        }
     }
 
     /// Reserves compute buffers big enough for `graph` (call with the largest graph).

@@ -3,6 +3,7 @@
 //! (one per lane, see `ModelOptions::lanes`): weights and repacked buffers exist once,
 //! the KV cache and the CPU threads once per lane, and streams never compete for cores
 //! with each other. How those threads share the model between streams is `scheduler.rs`.
+use crate::lanes::ThreadShare;
 use crate::message::ModelInfo;
 use crate::worker::StreamShared;
 use crate::{Error, Result};
@@ -52,6 +53,8 @@ pub(crate) struct EngineShared {
     /// Jobs handed out so far, by every lane: a stream's `last_served` is this count
     /// when it last got one.
     pub jobs_started: AtomicU64,
+    /// With several lanes: the CPU threads they take turn by turn.
+    pub threads: Option<ThreadShare>,
 }
 
 pub(crate) struct EngineState {
@@ -110,13 +113,14 @@ impl Engine {
     /// An engine of its own around a loaded model (not shared through [`Engine::shared`]),
     /// one batch at a time.
     pub fn new(model: Model) -> Arc<Engine> {
-        Engine::start(vec![model])
+        Engine::start(vec![model], None)
     }
 
     /// An engine of its own serving `lanes` batches at once (see `ModelOptions::lanes`):
-    /// `lanes` forks of the model sharing its weights, splitting its threads (the first
-    /// lanes taking one more where they do not divide) and sequences; the model's own
-    /// KV cache and thread pool go.
+    /// `lanes` forks of the model sharing its weights and splitting its sequences, each
+    /// with a pool of the model's threads, of which it uses those free for each turn
+    /// (all of them when it is the only lane with work; see `lanes.rs`); the model's
+    /// own KV cache and thread pool go.
     pub fn with_lanes(model: Model, lanes: usize) -> Result<Arc<Engine>> {
         let lanes = lanes.clamp(1, model.threads().max(1));
         if lanes > 1 && model.device() != "cpu" {
@@ -126,17 +130,16 @@ impl Engine {
             return Ok(Engine::new(model));
         }
         let (threads, sequences) = (model.threads(), model.max_sequences().div_ceil(lanes));
-        let forks = (0..lanes).map(|lane| model.fork(threads / lanes + usize::from(lane < threads % lanes), sequences)).collect::<paligemma::Result<_>>()?;
-        Ok(Engine::start(forks))
+        let forks = (0..lanes).map(|_| model.fork(threads, sequences)).collect::<paligemma::Result<_>>()?;
+        Ok(Engine::start(forks, Some(ThreadShare::new(threads))))
     }
 
-    /// Spawns a serving thread per model (a lane each).
-    fn start(models: Vec<Model>) -> Arc<Engine> {
+    /// Spawns a serving thread per model (a lane each), sharing `threads` when several.
+    fn start(models: Vec<Model>, threads: Option<ThreadShare>) -> Arc<Engine> {
         let model = &models[0];
         let info = ModelInfo { name: model.config().name.clone(), ty: model.weight_type().to_string(), device: model.device().to_string() };
         let state = EngineState { streams: Vec::new(), wakes: 0, stop: false };
-        let shared = Arc::new(EngineShared { state: Mutex::new(state), wake: Condvar::new(), info, jobs_started: AtomicU64::new(0) });
-        let lanes = models.len();
+        let shared = Arc::new(EngineShared { state: Mutex::new(state), wake: Condvar::new(), info, jobs_started: AtomicU64::new(0), threads });
         let threads = models
             .into_iter()
             .enumerate()
@@ -144,7 +147,7 @@ impl Engine {
                 let thread_shared = shared.clone();
                 std::thread::Builder::new()
                     .name(if lane == 0 { "paligemma-engine".into() } else { format!("paligemma-lane{lane}") })
-                    .spawn(move || crate::scheduler::serve(model, lanes > 1, &thread_shared))
+                    .spawn(move || crate::scheduler::serve(model, &thread_shared))
                     .expect("spawning a thread")
             })
             .collect();

@@ -13,6 +13,7 @@
 
 pub mod engine;
 pub mod frame_sampler;
+mod lanes;
 pub mod message;
 pub mod payload;
 pub mod prompts;

@@ -17,11 +17,13 @@
 //! - **Lanes.** With `ModelOptions::lanes` above 1, a thread per lane runs this loop
 //!   on its own fork of the model (the same weights), taking jobs from the same streams
 //!   in the same round-robin; each fork has its share of the sequences, so that the
-//!   cameras spread over the lanes and their batches run at the same time.
+//!   cameras spread over the lanes and their batches run at the same time. Each turn
+//!   runs on the threads the lane takes for it (`crate::lanes`).
 //! - **Containment.** A panic below the loop fails the work in progress with error
 //!   results; the thread, and every stream it serves, goes on.
 use crate::engine::EngineShared;
 use crate::frame_sampler::Frame;
+use crate::lanes::{Taken, ThreadShare};
 use crate::message::{Latency, ModelInfo, PromptInfo, ResultMessage, SCHEMA, TokenCounts};
 use crate::prompts::StandingPrompt;
 use crate::worker::{Request, StreamShared};
@@ -71,13 +73,45 @@ impl Job {
     }
 }
 
-/// Serves the engine's streams until the engine is dropped; with `whole_batches` (one
-/// of several lanes), new jobs are admitted only when the model has none open.
-pub(crate) fn serve(mut model: Model, whole_batches: bool, engine: &EngineShared) {
+/// One serving thread's part in the engine's CPU threads: none when it is the only
+/// lane; else it takes threads turn by turn while it has jobs open.
+struct Lane<'a> {
+    share: Option<&'a ThreadShare>,
+    busy: bool,
+}
+
+impl Lane<'_> {
+    /// One of several lanes: new jobs are admitted only when none is open, so that the
+    /// cameras spread over the lanes.
+    fn whole_batches(&self) -> bool {
+        self.share.is_some()
+    }
+
+    /// Tells the share whether this lane has jobs open.
+    fn set_busy(&mut self, busy: bool) {
+        if let Some(share) = self.share
+            && busy != self.busy
+        {
+            share.set_busy(busy);
+            self.busy = busy;
+        }
+    }
+
+    /// Threads for this turn's graphs, set on the model (given back when dropped).
+    fn take_threads(&self, model: &mut Model) -> Option<Taken<'_>> {
+        let taken = self.share?.take();
+        model.use_threads(taken.threads);
+        Some(taken)
+    }
+}
+
+/// Serves the engine's streams until the engine is dropped, as one of its lanes.
+pub(crate) fn serve(mut model: Model, engine: &EngineShared) {
     let mut jobs: Vec<Job> = Vec::new();
     let mut seen_wakes = 0;
+    let mut lane = Lane { share: engine.threads.as_ref(), busy: false };
     loop {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn(&mut model, whole_batches, engine, &mut jobs, &mut seen_wakes)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn(&mut model, &mut lane, engine, &mut jobs, &mut seen_wakes)));
         match outcome {
             Ok(true) => {}
             Ok(false) => break,
@@ -93,8 +127,14 @@ pub(crate) fn serve(mut model: Model, whole_batches: bool, engine: &EngineShared
                 }
             }
         }
+        // Not busy once nothing stays open, before delivering: the delivery wakes the
+        // other lanes, and one taking the stream's next frame gets all the threads.
+        if jobs.iter().all(|j| j.done() || j.cancelled()) {
+            lane.set_busy(false);
+        }
         deliver_done(&mut model, engine, &mut jobs);
     }
+    lane.set_busy(false);
     // Stopping: nothing more is delivered, but waiting callers are released.
     for job in jobs {
         finish_job(engine, job, false);
@@ -104,7 +144,7 @@ pub(crate) fn serve(mut model: Model, whole_batches: bool, engine: &EngineShared
 /// One turn of the loop: admit work while sequences are free, then one decode step.
 /// False when the engine stops. `seen_wakes`: the engine's wake count when this lane
 /// last looked for work.
-fn turn(model: &mut Model, whole_batches: bool, engine: &EngineShared, jobs: &mut Vec<Job>, seen_wakes: &mut u64) -> bool {
+fn turn(model: &mut Model, lane: &mut Lane<'_>, engine: &EngineShared, jobs: &mut Vec<Job>, seen_wakes: &mut u64) -> bool {
     // Admission: new jobs while their prompts (after those of the jobs already open)
     // find free sequences; their frames go through the vision tower together, then every
     // prompt that has a sequence is prefilled together. Cameras that sent frames at
@@ -113,7 +153,7 @@ fn turn(model: &mut Model, whole_batches: bool, engine: &EngineShared, jobs: &mu
     loop {
         let waiting: usize = jobs.iter().map(|j| j.pending.len()).sum();
         let room = model.free_sequences().saturating_sub(waiting);
-        if room == 0 || (whole_batches && first_new > 0) {
+        if room == 0 || (lane.whole_batches() && first_new > 0) {
             break;
         }
         match next_job(engine, room, model.max_sequences(), seen_wakes) {
@@ -141,6 +181,8 @@ fn turn(model: &mut Model, whole_batches: bool, engine: &EngineShared, jobs: &mu
             }
         }
     }
+    lane.set_busy(!jobs.is_empty());
+    let _threads = lane.take_threads(model);
     prepare(model, &mut jobs[first_new..]);
     start_pending(model, jobs);
     if jobs.iter().all(|j| j.running.is_empty()) {

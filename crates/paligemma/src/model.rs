@@ -224,9 +224,17 @@ impl Model {
         &self.device
     }
 
-    /// CPU threads the graphs run on.
+    /// CPU threads of the model's pool (what its graphs run on unless
+    /// [`Model::use_threads`] says fewer).
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Runs the next graphs on `threads` of the pool's threads (at least one, at most
+    /// [`Model::threads`]): for an engine whose models share the cores, each taking as
+    /// many as are free for its next step.
+    pub fn use_threads(&mut self, threads: usize) {
+        self.sched.use_threads(threads);
     }
 
     /// Changes the number of CPU threads (a new pool of that many).

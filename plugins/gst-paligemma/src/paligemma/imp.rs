@@ -380,7 +380,7 @@ impl PaliGemma {
                 let s = imp.settings.lock().unwrap();
                 (s.post_messages, s.attach_meta)
             };
-            let took = gst::ClockTime::from_nseconds((msg.latency_ms.total - msg.latency_ms.queue).max(0.0) as u64 * 1_000_000);
+            let took = gst::ClockTime::from_nseconds(((msg.latency_ms.total - msg.latency_ms.queue).max(0.0) * 1e6) as u64);
             {
                 let mut worst = outbox.worst_analysis.lock().unwrap();
                 if worst.is_none_or(|w| took > w) {

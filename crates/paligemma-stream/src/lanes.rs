@@ -1,0 +1,110 @@
+//! The CPU threads of a multi-lane engine, handed out turn by turn.
+//!
+//! Why: lanes with a fixed share each (two lanes of one thread on two cores) leave a
+//! camera that is served alone with half the machine. Instead every lane's model has
+//! a pool as big as the engine's threads and, before each turn of work, takes as many
+//! as are free, up to its share of the lanes that have work (`ceil(threads / busy)`).
+//! A lane alone takes them all; two busy lanes split them. The threads in use never
+//! exceed the engine's, so the lanes never oversubscribe the cores: ggml's workers
+//! spin at every graph node, and a worker without a core of its own holds up its pool.
+//! A lane that becomes busy while another holds every thread waits for the end of that
+//! one's turn (one decode step, or an admission's vision pass and prefill).
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+pub(crate) struct ThreadShare {
+    total: usize,
+    state: Mutex<ShareState>,
+    freed: Condvar,
+}
+
+struct ShareState {
+    free: usize,
+    /// Lanes with jobs open (taking threads now or between two turns).
+    busy: usize,
+}
+
+/// Threads taken for one turn; given back when dropped (also when the turn panics).
+pub(crate) struct Taken<'a> {
+    share: &'a ThreadShare,
+    pub threads: usize,
+}
+
+impl ThreadShare {
+    pub fn new(total: usize) -> ThreadShare {
+        let total = total.max(1);
+        ThreadShare { total, state: Mutex::new(ShareState { free: total, busy: 0 }), freed: Condvar::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ShareState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A lane now has jobs open (`true`) or none left (`false`).
+    pub fn set_busy(&self, busy: bool) {
+        let mut s = self.lock();
+        if busy {
+            s.busy += 1;
+        } else {
+            s.busy = s.busy.saturating_sub(1);
+        }
+    }
+
+    /// Threads for one turn of a busy lane: its share, or as many as are free when
+    /// fewer, waiting while none is.
+    pub fn take(&self) -> Taken<'_> {
+        let mut s = self.lock();
+        while s.free == 0 {
+            s = self.freed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        let threads = s.free.min(self.total.div_ceil(s.busy.max(1)));
+        s.free -= threads;
+        Taken { share: self, threads }
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.share.lock().free += self.threads;
+        self.share.freed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lane_alone_takes_all_and_busy_lanes_split() {
+        let share = ThreadShare::new(4);
+        share.set_busy(true);
+        assert_eq!(share.take().threads, 4, "alone");
+        share.set_busy(true);
+        let a = share.take();
+        let b = share.take();
+        assert_eq!((a.threads, b.threads), (2, 2));
+        drop((a, b));
+        share.set_busy(false);
+        assert_eq!(share.take().threads, 4, "the other lane is done");
+    }
+
+    #[test]
+    fn threads_in_use_never_exceed_the_total() {
+        // Three threads, two lanes: the first takes two, the second the one left.
+        let share = ThreadShare::new(3);
+        share.set_busy(true);
+        share.set_busy(true);
+        let a = share.take();
+        let b = share.take();
+        assert_eq!((a.threads, b.threads), (2, 1));
+        // A lane that comes while all are taken waits for some to be given back.
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| share.take().threads);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!waiter.is_finished(), "took a thread while none was free");
+            drop(b);
+            assert_eq!(waiter.join().unwrap(), 1);
+        });
+        drop(a);
+        assert_eq!(share.lock().free, 3);
+    }
+}
