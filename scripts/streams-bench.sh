@@ -14,6 +14,8 @@
 #   shared, 2 lanes N cameras on one engine, --threads split over two lanes
 #   shared, 1 lane  N cameras on one engine, one batch at a time on all --threads
 #   separate        N cameras, an engine each (default threads each)
+#   alone on lanes  one camera on a 2-lane engine (a lane working alone takes every
+#                   thread: this should match the baseline)
 # Other `paligemma bench` arguments (e.g. --random pg2-3b-224 --type q4_0 instead of
 # -m) follow `--`.
 set -euo pipefail
@@ -52,8 +54,8 @@ fi
 common=("${source_args[@]}" --seconds "$seconds" --fps "$fps" --stream-prompts "$prompts" --json "${extra[@]}")
 [ -n "$image" ] && common+=(--image "$image")
 
-names=("one camera, $threads threads" "$streams cameras, shared, 2 lanes" "$streams cameras, shared, 1 lane" "$streams cameras, separate engines")
-setups=("--streams 1 --threads $threads" "--streams $streams --threads $threads --lanes 2" "--streams $streams --threads $threads" "--streams $streams --separate")
+names=("one camera, $threads threads" "$streams cameras, shared, 2 lanes" "$streams cameras, shared, 1 lane" "$streams cameras, separate engines" "one camera, 2 lanes")
+setups=("--streams 1 --threads $threads" "--streams $streams --threads $threads --lanes 2" "--streams $streams --threads $threads" "--streams $streams --separate" "--streams 1 --threads $threads --lanes 2")
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

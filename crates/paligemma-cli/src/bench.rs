@@ -61,8 +61,8 @@ pub struct BenchArgs {
     /// With --streams: an engine (model, thread pool) per camera instead of one shared.
     #[arg(long)]
     pub separate: bool,
-    /// With --streams: batches the shared engine runs at once, each on --threads / lanes
-    /// threads (see `ModelOptions::lanes`).
+    /// With --streams: batches the shared engine runs at once, sharing --threads (see
+    /// `ModelOptions::lanes`).
     #[arg(long, default_value_t = 1)]
     pub lanes: usize,
     /// With --streams: the standing prompts of every camera, `|`-separated (each

@@ -46,7 +46,10 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
     let n = args.streams;
     let prompts = PromptSet::from_short(&args.stream_prompts, 0, args.decode_tokens)?;
     let prompt_count = prompts.prompts.len();
-    let opts = ModelOptions { max_sequences: if args.separate { prompt_count } else { n * prompt_count }.clamp(1, paligemma::MAX_SEQUENCES), ..opts };
+    // A sequence per prompt of every camera, and with lanes enough for each to hold one
+    // camera's frame (its prompts decode together).
+    let cameras = if args.separate { 1 } else { n.max(args.lanes) };
+    let opts = ModelOptions { max_sequences: (cameras * prompt_count).clamp(1, paligemma::MAX_SEQUENCES), ..opts };
     let engines: Vec<Arc<Engine>> = if args.separate {
         (0..n).map(|_| Ok(Engine::new(Model::load(path, &opts)?))).collect::<Result<_>>()?
     } else {

@@ -102,11 +102,12 @@ pub struct ModelConfig {
     #[serde(default = "default_kv")]
     pub kv_type: String,
     /// Answers decoded together across all cameras (each a KV cache region); 0: the
-    /// number of standing prompts of all cameras, at least 4.
+    /// number of standing prompts of all cameras, at least 4, and with lanes at least
+    /// enough for each lane to hold the camera of most prompts.
     #[serde(default)]
     pub max_sequences: usize,
-    /// Batches run at once, each on `threads / lanes` threads (see
-    /// `paligemma::ModelOptions::lanes`); 0 or 1: one.
+    /// Batches run at once, sharing the threads (see `paligemma::ModelOptions::lanes`);
+    /// 0 or 1: one.
     #[serde(default)]
     pub lanes: usize,
 }
@@ -243,7 +244,8 @@ impl Config {
     pub fn model_options(&self) -> Result<paligemma::ModelOptions> {
         let m = &self.model;
         let prompts: usize = self.cameras.iter().map(|c| c.prompts.len()).sum();
-        let max_sequences = if m.max_sequences == 0 { prompts.clamp(4, paligemma::MAX_SEQUENCES) } else { m.max_sequences };
+        let widest = self.cameras.iter().map(|c| c.prompts.len()).max().unwrap_or(0);
+        let max_sequences = if m.max_sequences == 0 { prompts.max(widest * m.lanes.max(1)).clamp(4, paligemma::MAX_SEQUENCES) } else { m.max_sequences };
         Ok(paligemma::ModelOptions {
             device: m.device.clone(),
             threads: m.threads,
@@ -313,5 +315,31 @@ impl Config {
             (None, Some(_)) => {}
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(cameras: &[usize], lanes: usize) -> Config {
+        let mut text = format!("node = \"n\"\n[model]\npath = \"m.gguf\"\nlanes = {lanes}\n");
+        for (c, &prompts) in cameras.iter().enumerate() {
+            text += &format!("[[camera]]\nname = \"c{c}\"\nzenoh_key = \"k{c}\"\n");
+            for p in 0..prompts {
+                text += &format!("[[camera.prompt]]\nid = \"p{p}\"\ntask = \"caption en\"\n");
+            }
+        }
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn default_sequences_fit_every_prompt_and_a_camera_per_lane() {
+        let sequences = |cameras: &[usize], lanes| config(cameras, lanes).model_options().unwrap().max_sequences;
+        assert_eq!(sequences(&[1], 1), 4, "at least 4");
+        assert_eq!(sequences(&[2, 3, 2], 1), 7, "every standing prompt");
+        // Two lanes each hold half the sequences: each must fit the camera of 5 prompts.
+        assert_eq!(sequences(&[5, 1], 2), 10);
+        assert_eq!(sequences(&[2, 2, 2, 2], 2), 8);
     }
 }

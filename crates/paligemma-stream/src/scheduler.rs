@@ -127,17 +127,22 @@ pub(crate) fn serve(mut model: Model, engine: &EngineShared) {
                 }
             }
         }
-        // Not busy once nothing stays open, before delivering: the delivery wakes the
-        // other lanes, and one taking the stream's next frame gets all the threads.
         if jobs.iter().all(|j| j.done() || j.cancelled()) {
             lane.set_busy(false);
         }
-        deliver_done(&mut model, engine, &mut jobs);
+        // A stream whose standing frame is done here may have been passed over by the
+        // other lanes meanwhile. This lane looks at it again on its next turn if it has
+        // no job left open (it admits only then); else it wakes the others to. Waking
+        // them always would hand a lone camera's frames from lane to lane, each time to
+        // a sleeping thread and its sleeping pool.
+        if deliver_done(&mut model, &mut jobs) && !jobs.is_empty() {
+            engine.wake();
+        }
     }
     lane.set_busy(false);
     // Stopping: nothing more is delivered, but waiting callers are released.
     for job in jobs {
-        finish_job(engine, job, false);
+        finish_job(job, false);
     }
 }
 
@@ -459,8 +464,10 @@ fn collect_finished(model: &mut Model, job: &mut Job, failed: Option<&str>) {
     }
 }
 
-/// Delivers every finished job: to the stream's sink and any waiting caller.
-fn deliver_done(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>) {
+/// Delivers every finished job: to the stream's sink and any waiting caller. True when
+/// one was standing work (its stream can have its next frame taken now).
+fn deliver_done(model: &mut Model, jobs: &mut Vec<Job>) -> bool {
+    let mut standing = false;
     let mut i = 0;
     while i < jobs.len() {
         let job = &mut jobs[i];
@@ -480,16 +487,17 @@ fn deliver_done(model: &mut Model, engine: &EngineShared, jobs: &mut Vec<Job>) {
                     msg.latency_ms.total = job.started.elapsed().as_secs_f64() * 1e3 + job.queue_ms;
                 }
             }
-            finish_job(engine, job, !cancelled);
+            standing |= finish_job(job, !cancelled);
         } else {
             i += 1;
         }
     }
+    standing
 }
 
-/// Ends a job: counts and delivers its messages (unless abandoned), releases the
-/// stream's waiters, and after standing work lets every lane look at the stream again.
-fn finish_job(engine: &EngineShared, job: Job, deliver: bool) {
+/// Ends a job: counts and delivers its messages (unless abandoned) and releases the
+/// stream's waiters. True for standing work.
+fn finish_job(job: Job, deliver: bool) -> bool {
     let Job { stream, reply, messages, .. } = job;
     let standing = matches!(reply, Reply::Standing);
     let messages: Vec<ResultMessage> = if deliver { messages.into_iter().flatten().collect() } else { Vec::new() };
@@ -526,7 +534,5 @@ fn finish_job(engine: &EngineShared, job: Job, deliver: bool) {
         st.standing &= !standing;
     }
     stream.delivered.notify_all();
-    if standing {
-        engine.wake();
-    }
+    standing
 }

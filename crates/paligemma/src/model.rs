@@ -60,11 +60,12 @@ pub struct ModelOptions {
     /// attention (`ggml::Context::attention_cpu`); off, ggml's kernels do everything.
     pub repack: bool,
     /// Batches a `paligemma_stream::Engine` of this model runs at once on the CPU, each
-    /// on a [`Model::fork`] with `threads / lanes` of the threads and `max_sequences /
-    /// lanes` of the sequences (rounded up). A small model's graphs leave threads
-    /// waiting on each other, so with several cameras two lanes of one thread answer
-    /// more than one batch on two threads; a camera alone then gets one lane's threads.
-    /// 1: one batch at a time on every thread; at most one lane per thread, CPU only.
+    /// on a [`Model::fork`] with `max_sequences / lanes` of the sequences (rounded up),
+    /// the lanes taking the `threads` turn by turn: all of them for a lane working
+    /// alone, a share each for lanes working together. A small model's graphs leave
+    /// threads waiting on each other, so with several cameras two lanes of one thread
+    /// answer more than one batch on two threads. 1: one batch at a time on every
+    /// thread; at most one lane per thread, CPU only.
     /// [`Model::load`] itself loads one.
     pub lanes: usize,
 }

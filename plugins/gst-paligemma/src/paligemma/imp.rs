@@ -145,7 +145,7 @@ impl ObjectImpl for PaliGemma {
                     .build(),
                 glib::ParamSpecUInt::builder("lanes")
                     .nick("Lanes")
-                    .blurb("Batches the shared CPU engine runs at once, each on threads / lanes threads (for several elements on one small model)")
+                    .blurb("Batches the shared CPU engine runs at once, sharing its threads (for several elements on one small model)")
                     .minimum(1)
                     .maximum(64)
                     .default_value(1)
