@@ -81,8 +81,9 @@ for i, name in enumerate(names):
     rss = max(run["peak_rss_bytes"] or 0 for run in runs) / 1e9
     rows.append((name, totals, statistics.median(totals), max(p90), tokens, rss))
 base = rows[0][2]
+fmt = lambda x: f"{x:.1f}" if x >= 10 else f"{x:.3f}"
 print(f"| setup | answers/s per round | median | vs one camera | worst p90 spread | tokens/answer | peak RSS |")
 print(f"|---|---|---|---|---|---|---|")
 for name, totals, median, spread, tokens, rss in rows:
-    print(f"| {name} | {' / '.join(f'{t:.1f}' for t in totals)} | {median:.1f} | {median / base:.2f}x | {spread:.2f}x | {tokens:.1f} | {rss:.2f} GB |")
+    print(f"| {name} | {' / '.join(fmt(t) for t in totals)} | {fmt(median)} | {median / base:.2f}x | {spread:.2f}x | {tokens:.1f} | {rss:.2f} GB |")
 EOF
