@@ -344,3 +344,31 @@ fn join_cpu_rejects_parts_that_are_not_stacked() {
     assert!(ctx.join_cpu(&[], 2).is_err());
     assert_eq!(ctx.join_cpu(&[a, a], 2).unwrap().shape(), vec![4, 2, 6]);
 }
+
+#[test]
+fn a_full_graph_is_an_error_and_takes_what_fits_after() {
+    let ctx = Context::new(64, 64).unwrap();
+    let a = ctx.input("a", Type::F32, &[4]).unwrap();
+    let mut chain = vec![a];
+    for _ in 0..10 {
+        chain.push(ctx.scale(*chain.last().unwrap(), 2.0).unwrap());
+    }
+    let mut graph = ctx.graph(8).unwrap();
+    graph.expand(chain[4]).unwrap();
+    assert_eq!(graph.n_nodes(), 4);
+    // Six more nodes do not fit in 8; the refused expansion adds nothing, so two more
+    // fit, then two more, then none.
+    assert!(matches!(graph.expand(chain[10]), Err(ggml::Error::GraphFull(8))));
+    graph.expand(chain[6]).unwrap();
+    graph.expand(chain[8]).unwrap();
+    assert_eq!(graph.n_nodes(), 8);
+    assert!(matches!(graph.expand(chain[9]), Err(ggml::Error::GraphFull(8))));
+    // Expanding what the graph holds adds nothing.
+    graph.expand(chain[8]).unwrap();
+    let mut sched = Scheduler::new(Backend::cpu().unwrap(), 1, 8).unwrap();
+    chain[8].set_output();
+    sched.alloc(&graph).unwrap();
+    a.write_bytes(&f32_bytes(&[1.0, 2.0, 3.0, 4.0])).unwrap();
+    sched.compute(&graph).unwrap();
+    assert_eq!(chain[8].read_f32().unwrap(), [256.0, 512.0, 768.0, 1024.0]);
+}
