@@ -285,6 +285,9 @@ impl Buffer {
         let host = self._host.as_ref().ok_or_else(|| crate::error::shape("place", "buffer is not over host memory"))?;
         let len = host.bytes().len();
         let end = offset.checked_add(tensor.nbytes());
+        if tensor.is_read_only() {
+            return Err(Error::ReadOnly(tensor.name()));
+        }
         if end.is_none_or(|e| e > len) || tensor.is_allocated() {
             return Err(Error::DataSize { name: tensor.name(), got: len.saturating_sub(offset), expected: tensor.nbytes() });
         }

@@ -10,6 +10,10 @@ use std::ffi::{CStr, CString};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
+/// A bit of a tensor's `flags` that ggml leaves alone (it uses the low four), set on
+/// the tensors of a [`crate::SharedStore`]: their data and fields are never written again.
+const READ_ONLY: i32 = 1 << 24;
+
 /// Most sources a custom op takes (ggml asserts fewer than `GGML_MAX_SRC`).
 pub(crate) const MAX_CUSTOM_ARGS: usize = sys::GGML_MAX_SRC as usize - 1;
 
@@ -182,8 +186,40 @@ impl<'a> Tensor<'a> {
         unsafe { CStr::from_ptr(self.raw().name.as_ptr()) }.to_string_lossy().into_owned()
     }
 
+    /// Whether the tensor's data belongs to a [`crate::SharedStore`]: the tensor's own or
+    /// that of the tensor it views (at any depth).
+    pub fn is_read_only(&self) -> bool {
+        let mut p = self.as_ptr();
+        while !p.is_null() {
+            // SAFETY: the tensor and those it views live as long as its context.
+            let (flags, view_src) = unsafe { ((*p).flags, (*p).view_src) };
+            if flags & READ_ONLY != 0 {
+                return true;
+            }
+            p = view_src;
+        }
+        false
+    }
+
+    /// Marks a tensor as a [`crate::SharedStore`]'s (see [`Tensor::is_read_only`]).
+    pub(crate) fn mark_read_only(&self) {
+        // SAFETY: valid tensor, not shared yet (its store is being made a SharedStore).
+        unsafe { (*self.as_ptr()).flags |= READ_ONLY };
+    }
+
+    /// Panics on a tensor of a shared store: other threads read its fields (a
+    /// programming error, never a consequence of input).
+    fn assert_own(&self, what: &str) {
+        // SAFETY: valid tensor.
+        assert!(unsafe { (*self.as_ptr()).flags } & READ_ONLY == 0, "{what} of {:?}, a tensor of a shared store", self.name());
+    }
+
     /// Sets the name (truncated to ggml's 63 bytes).
+    ///
+    /// # Panics
+    /// On a tensor of a [`crate::SharedStore`].
     pub fn set_name(&self, name: &str) {
+        self.assert_own("set_name");
         let clean: String = name.chars().filter(|&c| c != '\0').collect();
         let c = CString::new(clean).expect("NUL bytes removed");
         // SAFETY: valid tensor and C string; ggml copies and truncates.
@@ -191,7 +227,11 @@ impl<'a> Tensor<'a> {
     }
 
     /// Marks the tensor as a graph output so the allocator keeps its data.
+    ///
+    /// # Panics
+    /// On a tensor of a [`crate::SharedStore`].
     pub fn set_output(&self) {
+        self.assert_own("set_output");
         // SAFETY: valid tensor.
         unsafe { sys::ggml_set_output(self.as_ptr()) }
     }
@@ -212,6 +252,9 @@ impl<'a> Tensor<'a> {
 
     /// Copies raw bytes into the tensor's backend buffer (all of it).
     pub fn write_bytes(&self, data: &[u8]) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::ReadOnly(self.name()));
+        }
         self.check_allocated()?;
         let n = self.nbytes();
         if data.len() != n || !self.is_contiguous() {
@@ -605,6 +648,9 @@ impl Context {
         let (d, s) = (dst.ne(), src.ne());
         if !(ids.ty() == Type::I32 || ids.raw().type_ == sys::GGML_TYPE_I64) || d[0] != s[0] || ids.ne()[0] != s[1] {
             return Err(shape("set_rows", format!("{:?} into {:?} by {:?}", src.shape(), dst.shape(), ids.shape())));
+        }
+        if dst.is_read_only() {
+            return Err(Error::ReadOnly(dst.name()));
         }
         self.room()?;
         // SAFETY: checked.

@@ -29,6 +29,8 @@ pub enum Error {
     Compute(i32),
     #[error("ggml: graph has no room for more nodes (capacity {0})")]
     GraphFull(usize),
+    #[error("ggml: tensor {0:?} belongs to a shared store and cannot be written")]
+    ReadOnly(String),
     #[error("ggml: cannot quantize to {ty}: {detail}")]
     Quantize { ty: &'static str, detail: String },
     #[error("gguf: {path}: {detail}")]

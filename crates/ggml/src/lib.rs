@@ -7,7 +7,7 @@
 //! - [`Buffer`]: tensor data on a backend, or CPU tensors used in place from a
 //!   memory-mapped file.
 //! - [`TensorStore`] / [`TensorRef`]: long-lived tensors (weights, caches) kept by
-//!   handle in typed structs.
+//!   handle in typed structs; [`SharedStore`]: one made read-only, for threads to share.
 //! - [`gguf`]: read (every metadata type, tensor infos, in-place data) and write.
 //! - [`quantize`] / [`to_f32`]: f32 rows to any ggml type and back.
 //! - [`packed`]: f16, bf16, q4_0, q8_0 and q4_K matrix products with AVX-512, on
@@ -32,7 +32,7 @@ pub use context::{Context, Graph, Tensor};
 pub use error::{Error, Result};
 pub use ggml_sys as sys;
 pub use quant::{quantize, to_f32};
-pub use store::{TensorRef, TensorStore};
+pub use store::{SharedStore, TensorRef, TensorStore};
 pub use types::Type;
 
 /// Maps a file read-only. Tensor data is then used in place (see [`Buffer::from_host`]).

@@ -14,7 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Tells stores apart, so that a handle is only ever resolved by the store it came from.
 static NEXT_STORE: AtomicU64 = AtomicU64::new(1);
 
-/// Owner of the contexts of long-lived tensors.
+/// Owner of the contexts of long-lived tensors. Not for threads to share (its tensors
+/// can be written); [`TensorStore::share`] makes one that is:
+///
+/// ```compile_fail
+/// fn shared<T: Sync>() {}
+/// shared::<ggml::TensorStore>();
+/// ```
 pub struct TensorStore {
     id: u64,
     contexts: Vec<Context>,
@@ -32,14 +38,19 @@ pub struct TensorRef {
 unsafe impl Send for TensorRef {}
 unsafe impl Sync for TensorRef {}
 
-// SAFETY: a shared store only hands out its tensors to build graphs on: ggml reads a
-// source tensor's fields when it builds an op on it and its data when it computes, and
-// writes only the name of a leaf that has none (`ggml_visit_parents`), which a tensor
-// made with `Context::new_named` always has. This rests on a contract the types do not
-// enforce: a store shared between threads (a model's weights, see `paligemma::Model::fork`)
-// has its tensors named and written before it is shared, and `Tensor`'s setters are not
-// called on them after.
-unsafe impl Sync for TensorStore {}
+/// A [`TensorStore`] made final to be shared between threads (a model's weights, see
+/// `paligemma::Model::fork`): [`TensorStore::share`] names every tensor and marks it
+/// read-only, after which writing one (its data, name or output flag, or rows through
+/// `Context::set_rows`, directly or through a view) is refused.
+pub struct SharedStore(TensorStore);
+
+// SAFETY: threads only read a shared store's tensors. ggml reads a source tensor's
+// fields when it builds an op on it and its data when it computes; the one field it
+// writes on a source, the name of a leaf that has none (`ggml_visit_parents`), is set
+// on every tensor by `share`. Our safe API refuses every write to them (see
+// `Tensor::is_read_only`): data (`write_bytes`, `Context::set_rows`, `Buffer::place`,
+// also through views), name and flags (`set_name`, `set_output` panic).
+unsafe impl Sync for SharedStore {}
 
 impl Default for TensorStore {
     fn default() -> Self {
@@ -60,6 +71,20 @@ impl TensorStore {
         refs
     }
 
+    /// Names the tensors that have no name and marks all of them read-only, for
+    /// threads to share.
+    pub fn share(self) -> SharedStore {
+        for (i, ctx) in self.contexts.iter().enumerate() {
+            for (j, t) in ctx.tensors().enumerate() {
+                if t.name().is_empty() {
+                    t.set_name(&format!("shared.{i}.{j}"));
+                }
+                t.mark_read_only();
+            }
+        }
+        SharedStore(self)
+    }
+
     /// The tensor behind a handle of this store.
     ///
     /// # Panics
@@ -70,6 +95,22 @@ impl TensorStore {
         // The tensor's metadata lives in one of `self.contexts`, which live as long as
         // `self`: the returned borrow keeps the store (and so the context) alive.
         Tensor { ptr: r.ptr, _ctx: PhantomData }
+    }
+}
+
+impl SharedStore {
+    /// The tensor behind a handle of this store (read-only).
+    ///
+    /// # Panics
+    /// When the handle comes from another store (see [`TensorStore::get`]).
+    pub fn get(&self, r: TensorRef) -> Tensor<'_> {
+        self.0.get(r)
+    }
+}
+
+impl std::fmt::Debug for SharedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Shared{:?}", self.0)
     }
 }
 

@@ -7,7 +7,7 @@ use crate::config::{TextArch, TextConfig};
 use crate::kv_cache::{KvCache, Run};
 use crate::nn::{Attention, Linear, RmsNorm};
 use crate::weights::{LM_HEAD, WeightNames};
-use ggml::{Context, Graph, Tensor, TensorRef, TensorStore};
+use ggml::{Context, Graph, SharedStore, Tensor, TensorRef};
 
 /// One decoder layer.
 #[derive(Debug)]
@@ -96,7 +96,7 @@ pub(crate) struct DecoderInputs<'a> {
 /// [`crate::sampling::softcap`]).
 pub(crate) fn build<'c>(
     ctx: &'c Context,
-    store: &TensorStore,
+    store: &SharedStore,
     w: &DecoderWeights,
     t: &TextConfig,
     graph: &mut Graph<'_>,

@@ -1,8 +1,8 @@
 //! The building blocks shared by the vision tower and the decoder: typed weights
 //! with a `forward` that adds their ops to a graph (as candle's `Linear` and
-//! `LayerNorm`). Weights are handles into the model's [`TensorStore`].
+//! `LayerNorm`). Weights are handles into the model's [`SharedStore`].
 use crate::Result;
-use ggml::{Context, Tensor, TensorRef, TensorStore};
+use ggml::{Context, SharedStore, Tensor, TensorRef};
 
 /// Which ops compute attention: ggml's `flash_attn_ext` and `concat`, or on a CPU with
 /// AVX-512 our own kernel (`Context::attention_cpu`, which keeps ggml's op for decoding's
@@ -51,7 +51,7 @@ impl Linear {
     /// A weight whose rows were padded with zero columns (see the converter) gets its
     /// input padded with zeros to match, unless the input already comes padded (the
     /// outputs of a matrix padded to feed it, format version 3).
-    pub fn forward<'c>(&self, ctx: &'c Context, store: &TensorStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
+    pub fn forward<'c>(&self, ctx: &'c Context, store: &SharedStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
         let w = store.get(self.w);
         let (k, have) = (w.ne()[0], x.ne()[0]);
         let x = if k > have { ctx.pad(x, [k - have, 0, 0, 0])? } else { x };
@@ -72,7 +72,7 @@ pub(crate) struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn forward<'c>(&self, ctx: &'c Context, store: &TensorStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
+    pub fn forward<'c>(&self, ctx: &'c Context, store: &SharedStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
         Ok(ctx.add(ctx.mul(ctx.norm(x, self.eps)?, store.get(self.w))?, store.get(self.b))?)
     }
 }
@@ -85,7 +85,7 @@ pub(crate) struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn forward<'c>(&self, ctx: &'c Context, store: &TensorStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
+    pub fn forward<'c>(&self, ctx: &'c Context, store: &SharedStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
         Ok(ctx.mul(ctx.rms_norm(x, self.eps)?, store.get(self.w))?)
     }
 }

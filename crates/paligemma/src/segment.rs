@@ -15,7 +15,7 @@ use crate::output::Mask;
 use crate::weights::WeightNames;
 use crate::{Error, Result};
 use ggml::gguf::GgufHeader;
-use ggml::{Context, Tensor, TensorRef, TensorStore, Type};
+use ggml::{Context, SharedStore, Tensor, TensorRef, Type};
 use std::path::Path;
 
 /// Side of the decoder's output mask.
@@ -211,7 +211,7 @@ pub(crate) struct MaskDecoderWeights {
 impl MaskDecoderWeights {
     /// The decoder of a model file; none when it has no `seg.` tensors (validation
     /// guarantees all or none).
-    pub fn load(w: &WeightNames<'_>, store: &TensorStore) -> Result<Option<MaskDecoderWeights>> {
+    pub fn load(w: &WeightNames<'_>, store: &SharedStore) -> Result<Option<MaskDecoderWeights>> {
         if !w.has("seg.codebook") {
             return Ok(None);
         }
@@ -232,7 +232,7 @@ impl MaskDecoderWeights {
 }
 
 /// Builds the decoder graph on `codes` (I32 [16]); returns [64, 64] f32.
-pub(crate) fn build<'c>(ctx: &'c Context, store: &TensorStore, w: &MaskDecoderWeights, codes: Tensor<'_>) -> Result<Tensor<'c>> {
+pub(crate) fn build<'c>(ctx: &'c Context, store: &SharedStore, w: &MaskDecoderWeights, codes: Tensor<'_>) -> Result<Tensor<'c>> {
     let bias = |x: Tensor<'c>, b: TensorRef| -> Result<Tensor<'c>> {
         let b = store.get(b);
         Ok(ctx.add(x, ctx.reshape(b, &[1, 1, b.ne()[0]])?)?)

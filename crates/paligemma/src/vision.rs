@@ -5,7 +5,7 @@ use crate::Result;
 use crate::config::VisionConfig;
 use crate::nn::{Attention, LayerNorm, Linear};
 use crate::weights::WeightNames;
-use ggml::{Context, Tensor, TensorRef, TensorStore};
+use ggml::{Context, SharedStore, Tensor, TensorRef};
 
 /// One encoder layer: attention then a GELU MLP, each behind a layer norm.
 #[derive(Debug)]
@@ -65,7 +65,7 @@ impl VisionWeights {
 /// Builds the tower on `pixels` ([size, size, 3, images]): every image is encoded on
 /// its own, the matrices taking all their patches as one batch. Returns (vision output
 /// [width, n_patches * images], projector output [text width, n_patches * images]).
-pub(crate) fn build<'c>(ctx: &'c Context, store: &TensorStore, w: &VisionWeights, cfg: &VisionConfig, pixels: Tensor<'_>) -> Result<(Tensor<'c>, Tensor<'c>)> {
+pub(crate) fn build<'c>(ctx: &'c Context, store: &SharedStore, w: &VisionWeights, cfg: &VisionConfig, pixels: Tensor<'_>) -> Result<(Tensor<'c>, Tensor<'c>)> {
     let (d, n, heads, images) = (cfg.width, cfg.n_patches(), cfg.heads, pixels.ne()[3]);
     let hd = d / heads;
     // Patch embedding: a conv with kernel = stride = patch; patches in row-major order.

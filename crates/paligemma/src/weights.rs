@@ -6,7 +6,7 @@
 use crate::nn::{Attention, LayerNorm, Linear, RmsNorm};
 use crate::{Error, Result};
 use ggml::gguf::{GgufFile, TensorInfo};
-use ggml::{Backend, Buffer, Context, TensorRef, TensorStore, packed};
+use ggml::{Backend, Buffer, Context, SharedStore, TensorRef, TensorStore, packed};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -16,9 +16,10 @@ pub(crate) const LM_HEAD: &str = "lm_head.repacked";
 /// How [`crate::Model::repacked`] names the matrices in `ggml::packed`'s layout.
 pub(crate) const PACKED: &str = "packed f16/bf16/q4_0/q4_K/q8_0 (AVX-512)";
 
-/// Every weight of a model file on a backend.
+/// Every weight of a model file on a backend, read-only once loaded (the forks of a
+/// model share them).
 pub(crate) struct WeightStore {
-    pub store: TensorStore,
+    pub store: SharedStore,
     /// Kept alive for the tensors placed in them.
     _buffers: Vec<Buffer>,
     /// Names of the extra buffer types used, with how many tensors each holds.
@@ -79,7 +80,7 @@ impl WeightStore {
                 }
             }
         }
-        let mut weights = WeightStore { store: TensorStore::new(), _buffers: Vec::new(), repacked: Vec::new() };
+        let (mut store, mut buffers, mut repacked) = (TensorStore::new(), Vec::new(), Vec::new());
         let mut by_name = HashMap::new();
         for (g, infos) in groups.iter().enumerate() {
             if infos.is_empty() && g > 0 {
@@ -117,19 +118,20 @@ impl WeightStore {
                     }
                 }
                 if g == packed_group {
-                    weights.repacked.push((PACKED.to_string(), infos.len()));
+                    repacked.push((PACKED.to_string(), infos.len()));
                 } else if g > 0 {
-                    weights.repacked.push((buft.name(), infos.len()));
+                    repacked.push((buft.name(), infos.len()));
                 }
                 buffer
             };
             buffer.set_weights_usage();
-            weights._buffers.push(buffer);
-            let refs = weights.store.insert(ctx);
+            buffers.push(buffer);
+            let refs = store.insert(ctx);
             for ((name, _), r) in infos.iter().zip(refs) {
                 by_name.insert(name.clone(), Weight { tensor: r, packed: g == packed_group });
             }
         }
+        let weights = WeightStore { store: store.share(), _buffers: buffers, repacked };
         Ok((weights, WeightNames { path, by_name, own_kernels: pack }))
     }
 }

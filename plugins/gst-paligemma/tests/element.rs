@@ -122,10 +122,12 @@ fn caps_change_mid_stream() {
 
 #[test]
 fn flushing_drops_stale_work() {
-    let (mut h, bus) = harness("mode=async prompts=\"caption en\" max-tokens=300");
+    // 400 tokens take the demo model 65 ms on a fast core: the flush comes 5 ms after
+    // the frame, well inside the answer (a fixed 50 ms with 300 tokens was not).
+    let (mut h, bus) = harness("mode=async prompts=\"caption en\" max-tokens=400");
     h.push(frame(64, 48, 0)).unwrap();
     h.pull().unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(5));
     assert!(h.push_event(gst::event::FlushStart::new()));
     assert!(h.push_event(gst::event::FlushStop::new(true)));
     std::thread::sleep(Duration::from_millis(500));
