@@ -10,7 +10,7 @@ use std::ffi::{CStr, CString};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-/// A bit of a tensor's `flags` that ggml leaves alone (it uses the low four), set on
+/// A bit of a tensor's `flags` that ggml leaves alone (it uses the low five), set on
 /// the tensors of a [`crate::SharedStore`]: their data and fields are never written again.
 const READ_ONLY: i32 = 1 << 24;
 
@@ -201,6 +201,11 @@ impl<'a> Tensor<'a> {
         false
     }
 
+    /// Whether the tensor is an op's result (not a leaf made with `new_named`/`input`).
+    pub(crate) fn is_op(&self) -> bool {
+        self.raw().op != sys::GGML_OP_NONE
+    }
+
     /// Marks a tensor as a [`crate::SharedStore`]'s (see [`Tensor::is_read_only`]).
     pub(crate) fn mark_read_only(&self) {
         // SAFETY: valid tensor, not shared yet (its store is being made a SharedStore).
@@ -341,9 +346,11 @@ impl<'a> Graph<'a> {
     pub fn expand(&mut self, t: Tensor<'_>) -> Result<()> {
         // ggml asserts when the graph overflows; count the nodes that would be added
         // conservatively by walking the sources of new nodes.
+        // Nodes and leaves have `size` slots each; `held` has both.
         let before = self.n_nodes();
+        let leaves = self.held.len().saturating_sub(before);
         let new = self.new_tensors(t);
-        if before + new.len() > self.size {
+        if before.max(leaves) + new.len() > self.size {
             return Err(Error::GraphFull(self.size));
         }
         // SAFETY: valid graph and tensor; capacity checked above.

@@ -5,8 +5,9 @@
 //! hands out [`TensorRef`]s: plain copyable handles that typed weight structs keep,
 //! turned back into tensors with [`TensorStore::get`] while building a graph, with no
 //! lookup by name and no allocation.
+use crate::error::shape;
 use crate::sys;
-use crate::{Context, Tensor};
+use crate::{Context, Result, Tensor};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,10 +45,12 @@ unsafe impl Sync for TensorRef {}
 /// `Context::set_rows`, directly or through a view) is refused.
 pub struct SharedStore(TensorStore);
 
-// SAFETY: threads only read a shared store's tensors. ggml reads a source tensor's
-// fields when it builds an op on it and its data when it computes; the one field it
-// writes on a source, the name of a leaf that has none (`ggml_visit_parents`), is set
-// on every tensor by `share`. Our safe API refuses every write to them (see
+// SAFETY: threads only read a shared store's tensors. `share` admits only named,
+// allocated tensors that are no op's result (`GGML_OP_NONE`): ggml, building graphs on
+// them, writes the name of a leaf that has none and the compute flag of a tensor that
+// is an op (`ggml_visit_parents_graph`), and the allocator places tensors that have no
+// data; the scheduler rewrites the sources of op nodes. None of that touches such a
+// tensor, and it is never computed. Our safe API refuses every other write (see
 // `Tensor::is_read_only`): data (`write_bytes`, `Context::set_rows`, `Buffer::place`,
 // also through views), name and flags (`set_name`, `set_output` panic).
 unsafe impl Sync for SharedStore {}
@@ -71,18 +74,18 @@ impl TensorStore {
         refs
     }
 
-    /// Names the tensors that have no name and marks all of them read-only, for
-    /// threads to share.
-    pub fn share(self) -> SharedStore {
-        for (i, ctx) in self.contexts.iter().enumerate() {
-            for (j, t) in ctx.tensors().enumerate() {
-                if t.name().is_empty() {
-                    t.set_name(&format!("shared.{i}.{j}"));
-                }
-                t.mark_read_only();
+    /// Marks every tensor read-only, for threads to share. Each must be named, have its
+    /// data in a buffer and be no op's result (see `SharedStore`'s safety note).
+    pub fn share(self) -> Result<SharedStore> {
+        for t in self.contexts.iter().flat_map(|ctx| ctx.tensors()) {
+            if t.name().is_empty() || !t.is_allocated() || t.is_op() {
+                return Err(shape("share", format!("tensor {:?} (unnamed, unallocated or an op's result)", t.name())));
             }
         }
-        SharedStore(self)
+        for t in self.contexts.iter().flat_map(|ctx| ctx.tensors()) {
+            t.mark_read_only();
+        }
+        Ok(SharedStore(self))
     }
 
     /// The tensor behind a handle of this store.

@@ -2,24 +2,41 @@
 //! thread, and every write to them is refused.
 use ggml::{Backend, Context, Error, Scheduler, SharedStore, TensorStore, Type};
 
-fn store() -> (SharedStore, ggml::TensorRef, ggml::TensorRef, ggml::Buffer) {
+fn store() -> (SharedStore, ggml::TensorRef, ggml::Buffer) {
     let backend = Backend::cpu().unwrap();
     let ctx = Context::new(8, 0).unwrap();
-    let w = ctx.new_named("w", Type::F32, &[4, 2]).unwrap();
-    ctx.scale(w, 2.0).unwrap(); // a tensor without a name
+    ctx.new_named("w", Type::F32, &[4, 2]).unwrap();
     let buffer = backend.alloc_tensors(&ctx).unwrap();
     let mut store = TensorStore::new();
-    let refs = store.insert(ctx);
-    store.get(refs[0]).write_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).unwrap();
-    (store.share(), refs[0], refs[1], buffer)
+    let w = store.insert(ctx)[0];
+    store.get(w).write_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).unwrap();
+    (store.share().unwrap(), w, buffer)
+}
+
+#[test]
+fn only_named_allocated_leaves_are_shared() {
+    // ggml writes the flags of op results and places unallocated tensors while building
+    // graphs on them: neither may be shared.
+    let backend = Backend::cpu().unwrap();
+    let ctx = Context::new(8, 0).unwrap();
+    let w = ctx.new_named("w", Type::F32, &[4]).unwrap();
+    ctx.scale(w, 2.0).unwrap();
+    let _buffer = backend.alloc_tensors(&ctx).unwrap();
+    let mut with_op = TensorStore::new();
+    with_op.insert(ctx);
+    assert!(with_op.share().is_err());
+    let ctx = Context::new(8, 0).unwrap();
+    ctx.new_named("w", Type::F32, &[4]).unwrap();
+    let mut unallocated = TensorStore::new();
+    unallocated.insert(ctx);
+    assert!(unallocated.share().is_err());
 }
 
 #[test]
 fn a_shared_store_refuses_every_write() {
-    let (shared, w, unnamed, _buffer) = store();
+    let (shared, w, _buffer) = store();
     let w = shared.get(w);
     assert!(w.is_read_only());
-    assert!(!shared.get(unnamed).name().is_empty(), "named when shared, so graphs never name it");
     assert!(matches!(w.write_f32(&[0.0; 8]), Err(Error::ReadOnly(_))));
     let g = Context::new(16, 16).unwrap();
     let row = g.view(w, &[4], &[], 16).unwrap();
@@ -37,7 +54,7 @@ fn a_shared_store_refuses_every_write() {
 
 #[test]
 fn graphs_on_other_threads_read_a_shared_store() {
-    let (shared, w, _, _buffer) = store();
+    let (shared, w, _buffer) = store();
     std::thread::scope(|scope| {
         for factor in [2.0f32, 3.0] {
             let shared = &shared;

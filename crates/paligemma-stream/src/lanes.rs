@@ -3,7 +3,9 @@
 //! Why: lanes with a fixed share each (two lanes of one thread on two cores) leave a
 //! camera that is served alone with half the machine. Instead every lane's model has
 //! a pool as big as the engine's threads and, before each turn of work, takes as many
-//! as are free, up to its share of the lanes that have work (`ceil(threads / busy)`).
+//! as are free, up to its share among the lanes that have work: `threads / busy`, and
+//! one more for the first `threads % busy` takers, so that the shares add up to the
+//! threads (larger shares could leave a lane waiting while the others take turns).
 //! A lane alone takes them all; two busy lanes split them. The threads in use never
 //! exceed the engine's, so the lanes never oversubscribe the cores: ggml's workers
 //! spin at every graph node, and a worker without a core of its own holds up its pool.
@@ -21,18 +23,21 @@ struct ShareState {
     free: usize,
     /// Lanes with jobs open (taking threads now or between two turns).
     busy: usize,
+    /// Turns holding one thread more than the even share.
+    extra: usize,
 }
 
 /// Threads taken for one turn; given back when dropped (also when the turn panics).
 pub(crate) struct Taken<'a> {
     share: &'a ThreadShare,
     pub threads: usize,
+    extra: bool,
 }
 
 impl ThreadShare {
     pub fn new(total: usize) -> ThreadShare {
         let total = total.max(1);
-        ThreadShare { total, state: Mutex::new(ShareState { free: total, busy: 0 }), freed: Condvar::new() }
+        ThreadShare { total, state: Mutex::new(ShareState { free: total, busy: 0, extra: 0 }), freed: Condvar::new() }
     }
 
     fn lock(&self) -> MutexGuard<'_, ShareState> {
@@ -56,15 +61,21 @@ impl ThreadShare {
         while s.free == 0 {
             s = self.freed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
-        let threads = s.free.min(self.total.div_ceil(s.busy.max(1)));
+        let busy = s.busy.max(1);
+        let extra = s.extra < self.total % busy;
+        let threads = s.free.min(self.total / busy + usize::from(extra)).max(1);
         s.free -= threads;
-        Taken { share: self, threads }
+        s.extra += usize::from(extra);
+        Taken { share: self, threads, extra }
     }
 }
 
 impl Drop for Taken<'_> {
     fn drop(&mut self) {
-        self.share.lock().free += self.threads;
+        let mut s = self.share.lock();
+        s.free += self.threads;
+        s.extra -= usize::from(self.extra);
+        drop(s);
         self.share.freed.notify_all();
     }
 }
@@ -85,6 +96,19 @@ mod tests {
         drop((a, b));
         share.set_busy(false);
         assert_eq!(share.take().threads, 4, "the other lane is done");
+    }
+
+    #[test]
+    fn the_shares_add_up_to_the_threads() {
+        // Four threads, three busy lanes: two, one and one, so that none waits while
+        // the others take turns.
+        let share = ThreadShare::new(4);
+        (0..3).for_each(|_| share.set_busy(true));
+        let taken: Vec<_> = (0..3).map(|_| share.take()).collect();
+        assert_eq!(taken.iter().map(|t| t.threads).collect::<Vec<_>>(), [2, 1, 1]);
+        drop(taken);
+        let s = share.lock();
+        assert_eq!((s.free, s.extra), (4, 0));
     }
 
     #[test]

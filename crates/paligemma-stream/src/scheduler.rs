@@ -80,6 +80,13 @@ struct Lane<'a> {
     busy: bool,
 }
 
+impl Drop for Lane<'_> {
+    /// A serving thread that ends (or unwinds) has no jobs open any more.
+    fn drop(&mut self) {
+        self.set_busy(false);
+    }
+}
+
 impl Lane<'_> {
     /// One of several lanes: new jobs are admitted only when none is open, so that the
     /// cameras spread over the lanes.
@@ -131,15 +138,11 @@ pub(crate) fn serve(mut model: Model, engine: &EngineShared) {
             lane.set_busy(false);
         }
         // A stream whose standing frame is done here may have been passed over by the
-        // other lanes meanwhile. This lane looks at it again on its next turn if it has
-        // no job left open (it admits only then); else it wakes the others to. Waking
-        // them always would hand a lone camera's frames from lane to lane, each time to
-        // a sleeping thread and its sleeping pool.
-        if deliver_done(&mut model, &mut jobs) && !jobs.is_empty() {
+        // other lanes meanwhile: they look at it again.
+        if deliver_done(&mut model, &mut jobs) {
             engine.wake();
         }
     }
-    lane.set_busy(false);
     // Stopping: nothing more is delivered, but waiting callers are released.
     for job in jobs {
         finish_job(job, false);
@@ -186,7 +189,10 @@ fn turn(model: &mut Model, lane: &mut Lane<'_>, engine: &EngineShared, jobs: &mu
             }
         }
     }
-    lane.set_busy(!jobs.is_empty());
+    if jobs.is_empty() {
+        return true;
+    }
+    lane.set_busy(true);
     let _threads = lane.take_threads(model);
     prepare(model, &mut jobs[first_new..]);
     start_pending(model, jobs);

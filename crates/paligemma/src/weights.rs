@@ -131,7 +131,7 @@ impl WeightStore {
                 by_name.insert(name.clone(), Weight { tensor: r, packed: g == packed_group });
             }
         }
-        let weights = WeightStore { store: store.share(), _buffers: buffers, repacked };
+        let weights = WeightStore { store: store.share()?, _buffers: buffers, repacked };
         Ok((weights, WeightNames { path, by_name, own_kernels: pack }))
     }
 }
