@@ -56,12 +56,20 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
         vec![Engine::with_lanes(Model::load(path, &opts)?, args.lanes)?]
     };
     let image = Arc::new(image);
-    let results: Vec<Arc<Mutex<Vec<ResultMessage>>>> = (0..n).map(|_| Arc::default()).collect();
+    // Per answer only its latency and generated tokens: keeping whole messages would
+    // count thousands of them in the peak RSS (32 KB each for a detection, allocator
+    // pages included).
+    let results: Vec<Arc<Mutex<Vec<(f64, usize)>>>> = (0..n).map(|_| Arc::default()).collect();
     let workers: Vec<Worker> = (0..n)
         .map(|i| {
             let got = results[i].clone();
             let config = WorkerConfig { source: Source { node: "bench".into(), camera: format!("cam{i}") }, ..Default::default() };
-            Worker::spawn(engines[i % engines.len()].clone(), prompts.clone(), config, Box::new(move |m: &ResultMessage| got.lock().unwrap().push(m.clone())))
+            Worker::spawn(
+                engines[i % engines.len()].clone(),
+                prompts.clone(),
+                config,
+                Box::new(move |m: &ResultMessage| got.lock().unwrap().push((m.latency_ms.total, m.tokens.generated))),
+            )
         })
         .collect();
     eprintln!("{n} stream(s) x {prompt_count} prompt(s) at {} fps for {} s on {} engine(s) ...", args.fps, args.seconds, engines.len());
@@ -84,12 +92,12 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
         .zip(&stats)
         .map(|(r, s)| {
             let msgs = r.lock().unwrap();
-            let mut latency: Vec<f64> = msgs.iter().map(|m| m.latency_ms.total).collect();
+            let mut latency: Vec<f64> = msgs.iter().map(|m| m.0).collect();
             latency.sort_by(f64::total_cmp);
             StreamReport {
                 answers: msgs.len(),
                 answers_per_s: msgs.len() as f64 / elapsed,
-                mean_tokens: msgs.iter().map(|m| m.tokens.generated as f64).sum::<f64>() / msgs.len().max(1) as f64,
+                mean_tokens: msgs.iter().map(|m| m.1 as f64).sum::<f64>() / msgs.len().max(1) as f64,
                 p50_latency_ms: percentile(&latency, 0.5),
                 p90_latency_ms: percentile(&latency, 0.9),
                 frames_seen: s.frames_seen,
