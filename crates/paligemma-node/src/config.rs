@@ -245,7 +245,10 @@ impl Config {
         let m = &self.model;
         let prompts: usize = self.cameras.iter().map(|c| c.prompts.len()).sum();
         let widest = self.cameras.iter().map(|c| c.prompts.len()).max().unwrap_or(0);
-        let max_sequences = if m.max_sequences == 0 { prompts.max(widest * m.lanes.max(1)).clamp(4, paligemma::MAX_SEQUENCES) } else { m.max_sequences };
+        // The lanes the engine will run: CPU only, at most one per thread.
+        let threads = if m.threads == 0 { paligemma::default_threads() } else { m.threads };
+        let lanes = if m.device == "cpu" { m.lanes.clamp(1, threads) } else { 1 };
+        let max_sequences = if m.max_sequences == 0 { prompts.max(widest * lanes).clamp(4, paligemma::MAX_SEQUENCES) } else { m.max_sequences };
         Ok(paligemma::ModelOptions {
             device: m.device.clone(),
             threads: m.threads,
@@ -323,7 +326,7 @@ mod tests {
     use super::*;
 
     fn config(cameras: &[usize], lanes: usize) -> Config {
-        let mut text = format!("node = \"n\"\n[model]\npath = \"m.gguf\"\nlanes = {lanes}\n");
+        let mut text = format!("node = \"n\"\n[model]\npath = \"m.gguf\"\nthreads = 4\nlanes = {lanes}\n");
         for (c, &prompts) in cameras.iter().enumerate() {
             text += &format!("[[camera]]\nname = \"c{c}\"\nzenoh_key = \"k{c}\"\n");
             for p in 0..prompts {
@@ -341,5 +344,6 @@ mod tests {
         // Two lanes each hold half the sequences: each must fit the camera of 5 prompts.
         assert_eq!(sequences(&[5, 1], 2), 10);
         assert_eq!(sequences(&[2, 2, 2, 2], 2), 8);
+        assert_eq!(sequences(&[3], 8), 12, "no more lanes than the 4 threads");
     }
 }
