@@ -344,9 +344,8 @@ impl<'a> Graph<'a> {
 
     /// Adds `t` and everything it depends on.
     pub fn expand(&mut self, t: Tensor<'_>) -> Result<()> {
-        // ggml asserts when the graph overflows; count the nodes that would be added
-        // conservatively by walking the sources of new nodes.
-        // Nodes and leaves have `size` slots each; `held` has both.
+        // ggml asserts when the graph overflows: the tensors not held yet bound what is
+        // added. Nodes and leaves have `size` slots each; `held` has both.
         let before = self.n_nodes();
         let leaves = self.held.len().saturating_sub(before);
         let new = self.new_tensors(t);
@@ -361,7 +360,7 @@ impl<'a> Graph<'a> {
 
     /// The tensors `t` depends on (itself included) that the graph does not hold yet:
     /// an upper bound on the nodes expanding it adds.
-    fn new_tensors(&self, t: Tensor<'_>) -> Vec<*mut sys::ggml_tensor> {
+    fn new_tensors(&self, t: Tensor<'_>) -> std::collections::HashSet<*mut sys::ggml_tensor> {
         let mut new = std::collections::HashSet::new();
         let mut stack = vec![t.as_ptr()];
         while let Some(p) = stack.pop() {
@@ -372,7 +371,7 @@ impl<'a> Graph<'a> {
             let src = unsafe { (*p).src };
             stack.extend(src.iter().copied().filter(|s| !s.is_null()));
         }
-        new.into_iter().collect()
+        new
     }
 
     pub fn n_nodes(&self) -> usize {

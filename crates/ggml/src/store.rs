@@ -40,7 +40,7 @@ unsafe impl Send for TensorRef {}
 unsafe impl Sync for TensorRef {}
 
 /// A [`TensorStore`] made final to be shared between threads (a model's weights, see
-/// `paligemma::Model::fork`): [`TensorStore::share`] names every tensor and marks it
+/// `paligemma::Model::fork`): [`TensorStore::share`] checks every tensor and marks it
 /// read-only, after which writing one (its data, name or output flag, or rows through
 /// `Context::set_rows`, directly or through a view) is refused.
 pub struct SharedStore(TensorStore);
@@ -77,12 +77,11 @@ impl TensorStore {
     /// Marks every tensor read-only, for threads to share. Each must be named, have its
     /// data in a buffer and be no op's result (see `SharedStore`'s safety note).
     pub fn share(self) -> Result<SharedStore> {
+        // A store refused is dropped with whatever was marked.
         for t in self.contexts.iter().flat_map(|ctx| ctx.tensors()) {
             if t.name().is_empty() || !t.is_allocated() || t.is_op() {
                 return Err(shape("share", format!("tensor {:?} (unnamed, unallocated or an op's result)", t.name())));
             }
-        }
-        for t in self.contexts.iter().flat_map(|ctx| ctx.tensors()) {
             t.mark_read_only();
         }
         Ok(SharedStore(self))

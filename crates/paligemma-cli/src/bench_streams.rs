@@ -38,6 +38,13 @@ struct Report {
     peak_rss_bytes: Option<u64>,
 }
 
+/// What the bench keeps of an answer: keeping whole messages would count thousands of
+/// them in the peak RSS (32 KB each for a detection, allocator pages included).
+struct Answer {
+    latency_ms: f64,
+    tokens: usize,
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() { 0.0 } else { sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)] }
 }
@@ -48,7 +55,7 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
     let prompt_count = prompts.prompts.len();
     // A sequence per prompt of every camera, and with lanes enough for each to hold one
     // camera's frame (its prompts decode together).
-    let cameras = if args.separate { 1 } else { n.max(args.lanes) };
+    let cameras = if args.separate { 1 } else { n.max(paligemma::usable_lanes(&opts.device, opts.threads_or_default(), args.lanes)) };
     let opts = ModelOptions { max_sequences: (cameras * prompt_count).clamp(1, paligemma::MAX_SEQUENCES), ..opts };
     let engines: Vec<Arc<Engine>> = if args.separate {
         (0..n).map(|_| Ok(Engine::new(Model::load(path, &opts)?))).collect::<Result<_>>()?
@@ -56,10 +63,7 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
         vec![Engine::with_lanes(Model::load(path, &opts)?, args.lanes)?]
     };
     let image = Arc::new(image);
-    // Per answer only its latency and generated tokens: keeping whole messages would
-    // count thousands of them in the peak RSS (32 KB each for a detection, allocator
-    // pages included).
-    let results: Vec<Arc<Mutex<Vec<(f64, usize)>>>> = (0..n).map(|_| Arc::default()).collect();
+    let results: Vec<Arc<Mutex<Vec<Answer>>>> = (0..n).map(|_| Arc::default()).collect();
     let workers: Vec<Worker> = (0..n)
         .map(|i| {
             let got = results[i].clone();
@@ -68,7 +72,7 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
                 engines[i % engines.len()].clone(),
                 prompts.clone(),
                 config,
-                Box::new(move |m: &ResultMessage| got.lock().unwrap().push((m.latency_ms.total, m.tokens.generated))),
+                Box::new(move |m: &ResultMessage| got.lock().unwrap().push(Answer { latency_ms: m.latency_ms.total, tokens: m.tokens.generated })),
             )
         })
         .collect();
@@ -92,12 +96,12 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
         .zip(&stats)
         .map(|(r, s)| {
             let msgs = r.lock().unwrap();
-            let mut latency: Vec<f64> = msgs.iter().map(|m| m.0).collect();
+            let mut latency: Vec<f64> = msgs.iter().map(|m| m.latency_ms).collect();
             latency.sort_by(f64::total_cmp);
             StreamReport {
                 answers: msgs.len(),
                 answers_per_s: msgs.len() as f64 / elapsed,
-                mean_tokens: msgs.iter().map(|m| m.1 as f64).sum::<f64>() / msgs.len().max(1) as f64,
+                mean_tokens: msgs.iter().map(|m| m.tokens as f64).sum::<f64>() / msgs.len().max(1) as f64,
                 p50_latency_ms: percentile(&latency, 0.5),
                 p90_latency_ms: percentile(&latency, 0.9),
                 frames_seen: s.frames_seen,

@@ -243,20 +243,21 @@ impl Config {
     /// engine (see `paligemma_stream::Engine::shared`).
     pub fn model_options(&self) -> Result<paligemma::ModelOptions> {
         let m = &self.model;
-        let prompts: usize = self.cameras.iter().map(|c| c.prompts.len()).sum();
-        let widest = self.cameras.iter().map(|c| c.prompts.len()).max().unwrap_or(0);
-        // The lanes the engine will run: CPU only, at most one per thread.
-        let threads = if m.threads == 0 { paligemma::default_threads() } else { m.threads };
-        let lanes = if m.device == "cpu" { m.lanes.clamp(1, threads) } else { 1 };
-        let max_sequences = if m.max_sequences == 0 { prompts.max(widest * lanes).clamp(4, paligemma::MAX_SEQUENCES) } else { m.max_sequences };
-        Ok(paligemma::ModelOptions {
+        let mut opts = paligemma::ModelOptions {
             device: m.device.clone(),
             threads: m.threads,
             kv_type: m.kv_type.parse::<paligemma::KvType>()?,
-            max_sequences,
+            max_sequences: m.max_sequences,
             lanes: m.lanes.max(1),
             ..Default::default()
-        })
+        };
+        if m.max_sequences == 0 {
+            let prompts: usize = self.cameras.iter().map(|c| c.prompts.len()).sum();
+            let widest = self.cameras.iter().map(|c| c.prompts.len()).max().unwrap_or(0);
+            let lanes = paligemma::usable_lanes(&opts.device, opts.threads_or_default(), opts.lanes);
+            opts.max_sequences = prompts.max(widest * lanes).clamp(4, paligemma::MAX_SEQUENCES);
+        }
+        Ok(opts)
     }
 
     pub fn prefix(&self) -> String {

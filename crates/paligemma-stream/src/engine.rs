@@ -122,11 +122,11 @@ impl Engine {
     /// (all of them when it is the only lane with work; see `lanes.rs`); the model's
     /// own KV cache and thread pool go.
     pub fn with_lanes(model: Model, lanes: usize) -> Result<Arc<Engine>> {
-        let lanes = lanes.clamp(1, model.threads().max(1));
         if lanes > 1 && model.device() != "cpu" {
             tracing::warn!("{} runs on {}: lanes are for the CPU, using one", model.path().display(), model.device());
         }
-        if lanes == 1 || model.device() != "cpu" {
+        let lanes = paligemma::usable_lanes(model.device(), model.threads(), lanes);
+        if lanes == 1 {
             return Ok(Engine::new(model));
         }
         let (threads, sequences) = (model.threads(), model.max_sequences().div_ceil(lanes));

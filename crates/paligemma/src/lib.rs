@@ -71,7 +71,7 @@ pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, OnToken, PREFILL_BATCH_TOKENS, SequenceId, Start, Token};
 pub use input_file::read_input_file;
 pub use kv_cache::{KvType, MAX_SEQUENCES};
-pub use model::{ImageEmbedding, Model, ModelOptions, Timings, VISION_BATCH_PATCHES, default_threads};
+pub use model::{ImageEmbedding, Model, ModelOptions, Timings, VISION_BATCH_PATCHES, default_threads, usable_lanes};
 pub use output::{ResultKind, TaskResult};
 pub use sampling::Sampling;
 pub use task::{Task, TaskKind};

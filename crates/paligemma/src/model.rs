@@ -37,6 +37,12 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).div_ceil(2)
 }
 
+/// The lanes an engine runs when `lanes` are asked of a model on `device` with
+/// `threads` CPU threads: lanes are for the CPU, at most one per thread.
+pub fn usable_lanes(device: &str, threads: usize, lanes: usize) -> usize {
+    if device == "cpu" { lanes.clamp(1, threads.max(1)) } else { 1 }
+}
+
 /// How to load a model.
 #[derive(Clone, Debug)]
 pub struct ModelOptions {
@@ -73,6 +79,14 @@ pub struct ModelOptions {
 impl Default for ModelOptions {
     fn default() -> Self {
         ModelOptions { device: "cpu".into(), threads: 0, kv_type: KvType::F16, context: 0, max_sequences: 4, repack: true, lanes: 1 }
+    }
+}
+
+impl ModelOptions {
+    /// The CPU threads a model loaded with these options runs on: `threads`, or
+    /// [`default_threads`] for 0.
+    pub fn threads_or_default(&self) -> usize {
+        if self.threads == 0 { default_threads() } else { self.threads }
     }
 }
 
@@ -148,7 +162,7 @@ impl Model {
         // Everything the graphs rely on is checked before touching a backend.
         let (config, tokenizer) = crate::validate::model_file(&gguf)?;
 
-        let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
+        let threads = opts.threads_or_default();
         let backend = Backend::new(&opts.device)?;
         let device = backend.device().spec();
         let (weights, names) = WeightStore::load(&gguf, &backend, opts.repack)?;
