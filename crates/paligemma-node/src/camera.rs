@@ -3,6 +3,7 @@
 //! camera), asks, prompt updates, the prompt list, status. Results and errors go out
 //! through the [`Publisher`].
 use crate::config::{CameraConfig, Config, Encoding};
+use crate::refusals::{RefusalKind, Refusals, Report};
 use crate::ros2::Ros2;
 use crate::{frames, limiter::RateLimiter};
 use anyhow::{Context, Result};
@@ -12,7 +13,7 @@ use paligemma_stream::ros2::msgs::Header;
 use paligemma_stream::{Engine, Frame, FrameSamplerConfig, ResultMessage, Worker, WorkerConfig, payload};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use zenoh::Wait;
 
 /// One attempt of a supervised task.
@@ -29,12 +30,19 @@ fn encode<T: serde::Serialize>(encoding: Encoding, value: &T) -> (Vec<u8>, zenoh
     }
 }
 
-/// An error report on `<prefix>/<camera>/errors`.
+/// An error report on `<prefix>/<camera>/errors`. Reports of refused input carry their
+/// kind and how many refusals they account for (a window's summary: all it suppressed).
 #[derive(serde::Serialize)]
 struct ErrorMessage<'a> {
     schema: &'static str,
     source: &'a Source,
     message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refusals: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    suppressed: Option<u64>,
 }
 
 /// Everything a camera needs to publish.
@@ -45,11 +53,11 @@ pub struct Publisher {
     base: String,
     source: Source,
     encoding: Encoding,
-    /// Errors reported outside the engine (bad frames, refused updates, restarted
-    /// tasks), counted in status beside the stream's own.
+    /// Errors reported outside the engine (restarted tasks, a failing frame source,
+    /// results that could not go to ROS 2), counted in status beside the stream's own.
     errors: Arc<AtomicU64>,
-    /// Asks refused by the node's rate, counted in status beside the stream's own.
-    refused: Arc<AtomicU64>,
+    /// Refused input, reported under the refusal policy and counted by kind.
+    refusals: Arc<Refusals>,
 }
 
 impl Publisher {
@@ -68,7 +76,29 @@ impl Publisher {
     fn error(&self, message: String) {
         tracing::warn!("{}: {message}", self.base);
         self.errors.fetch_add(1, Ordering::Relaxed);
-        self.put(&format!("{}/errors", self.base), &ErrorMessage { schema: "paligemma.error/1", source: &self.source, message });
+        let error = ErrorMessage { schema: "paligemma.error/1", source: &self.source, message, kind: None, refusals: None, suppressed: None };
+        self.put(&format!("{}/errors", self.base), &error);
+    }
+
+    /// Counts refused input from `source` and reports it if the refusal policy says so.
+    fn refuse(&self, kind: RefusalKind, source: &str, message: String) {
+        if let Some(report) = self.refusals.refuse(kind, source, Instant::now(), message) {
+            self.report(report);
+        }
+    }
+
+    /// Logs and publishes a report of refused input.
+    fn report(&self, report: Report) {
+        tracing::warn!("{}: {}", self.base, report.message);
+        let error = ErrorMessage {
+            schema: "paligemma.error/1",
+            source: &self.source,
+            message: report.message,
+            kind: Some(report.kind.name()),
+            refusals: Some(report.refusals),
+            suppressed: Some(report.suppressed),
+        };
+        self.put(&format!("{}/errors", self.base), &error);
     }
 
     fn key(&self, name: &str) -> String {
@@ -157,10 +187,10 @@ async fn frames_in(ctx: Ctx, key: String, max_pixels: usize) -> Result<()> {
     let sub = session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
     while let Ok(sample) = sub.recv_async().await {
         let payload = sample.payload().to_bytes();
-        let attachment = sample.attachment().map(|a| a.to_bytes().into_owned());
+        let attachment = sample.attachment().map(|a| a.to_bytes());
         match payload::decode_frame(&payload, attachment.as_deref(), max_pixels) {
             Ok(img) => ctx.deliver(img, None, None),
-            Err(e) => ctx.publisher.error(format!("frame on {} refused: {e:#}", sample.key_expr())),
+            Err(e) => ctx.publisher.refuse(RefusalKind::Frame, sample.key_expr().as_str(), format!("frame refused: {e:#}")),
         }
     }
     Ok(())
@@ -173,7 +203,7 @@ async fn frames_from_ros2(ctx: Ctx, key: String, kind: ImageKind, max_pixels: us
     while let Ok(sample) = sub.recv_async().await {
         match images::decode(kind, &sample.payload().to_bytes(), max_pixels) {
             Ok((img, header)) => ctx.deliver(img, None, Some(header)),
-            Err(e) => ctx.publisher.error(format!("ROS 2 image on {} refused: {e:#}", sample.key_expr())),
+            Err(e) => ctx.publisher.refuse(RefusalKind::Ros2Image, sample.key_expr().as_str(), format!("ROS 2 image refused: {e:#}")),
         }
     }
     Ok(())
@@ -193,16 +223,23 @@ async fn asks(ctx: Ctx, limits: AskLimits) -> Result<()> {
     let key = ctx.publisher.key("ask");
     let queryable = ctx.publisher.session.declare_queryable(key.as_str()).await.map_err(|e| anyhow::anyhow!("queryable {key}: {e}"))?;
     while let Ok(query) = queryable.recv_async().await {
+        const BUSY: &str = "busy: this node answers at most ask_rate asks per second; try again later";
         if !limits.rate.try_take() {
-            ctx.publisher.refused.fetch_add(1, Ordering::Relaxed);
-            let _ = query.reply_err("busy: this node answers at most ask_rate asks per second; try again later").await;
+            ctx.publisher.refuse(RefusalKind::AskRate, &key, format!("ask refused, {BUSY}"));
+            let _ = query.reply_err(BUSY).await;
             continue;
         }
+        let prompt = match payload::parse_ask(&query.payload().map(|p| p.to_bytes()).unwrap_or_default(), limits.max_bytes) {
+            Ok(prompt) => prompt,
+            Err(e) => {
+                ctx.publisher.refuse(RefusalKind::Ask, &key, format!("ask refused: {e:#}"));
+                let _ = query.reply_err(format!("{e:#}")).await;
+                continue;
+            }
+        };
         let (ctx, limits) = (ctx.clone(), limits.clone());
         tokio::spawn(async move {
-            let payload = query.payload().map(|p| p.to_bytes().into_owned()).unwrap_or_default();
             let outcome = async {
-                let prompt = payload::parse_ask(&payload, limits.max_bytes)?;
                 let frame = ctx.worker.newest().context("no frame has arrived yet")?;
                 let worker = ctx.worker.clone();
                 // A panic in the engine comes back as an error here and is the reply.
@@ -235,7 +272,8 @@ async fn prompt_updates(ctx: Ctx, allowed: bool) -> Result<()> {
             continue;
         }
         if !allowed {
-            ctx.publisher.error("prompts update refused: this node does not take prompt updates (allow_prompt_updates = false)".into());
+            let why = "prompts update refused: this node does not take prompt updates (allow_prompt_updates = false)";
+            ctx.publisher.refuse(RefusalKind::PromptUpdate, &key, why.into());
             continue;
         }
         match payload::parse_prompts(&sample.payload().to_bytes()) {
@@ -243,7 +281,7 @@ async fn prompt_updates(ctx: Ctx, allowed: bool) -> Result<()> {
                 tracing::info!("{key}: new standing prompts {:?}", set.prompts.iter().map(|p| &p.id).collect::<Vec<_>>());
                 ctx.worker.set_prompts(set);
             }
-            Err(e) => ctx.publisher.error(format!("prompts update refused, keeping the current ones: {e:#}")),
+            Err(e) => ctx.publisher.refuse(RefusalKind::PromptUpdate, &key, format!("prompts update refused, keeping the current ones: {e:#}")),
         }
     }
     Ok(())
@@ -266,12 +304,26 @@ async fn status(ctx: Ctx, period: Duration, model: String, device: String) -> Re
     loop {
         tick.tick().await;
         let mut stats = ctx.worker.stats();
-        // Results that could not be published count as errors too, asks refused by the
-        // node's rate as refused requests.
-        stats.errors += ctx.publisher.errors.load(Ordering::Relaxed);
-        stats.requests_refused += ctx.publisher.refused.load(Ordering::Relaxed);
+        // The node's own errors and refused input count as errors too, refused asks as
+        // refused requests; `refusals` has them by kind.
+        let refusals = ctx.publisher.refusals.counts();
+        let count = |kinds: &[RefusalKind]| kinds.iter().map(|k| refusals.get(k.name()).copied().unwrap_or(0)).sum::<u64>();
+        stats.errors += ctx.publisher.errors.load(Ordering::Relaxed) + count(&[RefusalKind::Frame, RefusalKind::Ros2Image, RefusalKind::PromptUpdate]);
+        stats.requests_refused += count(&[RefusalKind::AskRate, RefusalKind::Ask]);
         let p = &ctx.publisher;
-        p.put(&p.key("status"), &StatusMessage { schema: STATUS_SCHEMA, source: p.source.clone(), model: model.clone(), device: device.clone(), stats });
+        let (source, model, device) = (p.source.clone(), model.clone(), device.clone());
+        p.put(&p.key("status"), &StatusMessage { schema: STATUS_SCHEMA, source, model, device, stats, refusals });
+    }
+}
+
+/// Reports of refused input that are due (see [`Refusals::due`]), a few times a second.
+async fn refusal_summaries(publisher: Publisher) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        for report in publisher.refusals.due(Instant::now()) {
+            publisher.report(report);
+        }
     }
 }
 
@@ -286,7 +338,7 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
         source: source.clone(),
         encoding: cfg.encoding,
         errors: Arc::default(),
-        refused: Arc::default(),
+        refusals: Arc::new(Refusals::new(Duration::from_secs_f64(cfg.refusal_window_s), cfg.errors_per_s)),
     };
     let engine = Engine::shared(&cfg.model.path, &cfg.model_options()?).with_context(|| format!("camera {}", cam.name))?;
     tracing::info!(
@@ -347,6 +399,8 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
     spawn("the ask queryable", Box::new(move || Box::pin(asks(c.clone(), limits.clone()))));
     let (c, allowed) = (ctx.clone(), cfg.allow_prompt_updates);
     spawn("the prompts subscriber", Box::new(move || Box::pin(prompt_updates(c.clone(), allowed))));
+    let p = publisher.clone();
+    spawn("the refusal reporter", Box::new(move || Box::pin(refusal_summaries(p.clone()))));
     let c = ctx.clone();
     spawn("the prompts queryable", Box::new(move || Box::pin(prompt_list(c.clone()))));
     if cfg.status_interval_s > 0.0 {

@@ -42,6 +42,14 @@ pub struct Config {
     pub ask_rate: f64,
     #[serde(default = "default_ask_burst")]
     pub ask_burst: u32,
+    /// Refused input (bad frames, refused prompt updates, asks over the rate) is logged
+    /// and published in full once per kind and source in this many seconds; repeats are
+    /// counted and summed up when the window closes (see `refusals.rs`).
+    #[serde(default = "default_refusal_window")]
+    pub refusal_window_s: f64,
+    /// Messages on a camera's `errors` key per second at most.
+    #[serde(default = "default_errors_per_s")]
+    pub errors_per_s: usize,
     pub model: ModelConfig,
     #[serde(default)]
     pub zenoh: ZenohConfig,
@@ -68,6 +76,12 @@ fn default_ask_rate() -> f64 {
 }
 fn default_ask_burst() -> u32 {
     8
+}
+fn default_refusal_window() -> f64 {
+    10.0
+}
+fn default_errors_per_s() -> usize {
+    5
 }
 fn default_max_pixels() -> usize {
     paligemma::preprocess::DEFAULT_MAX_PIXELS
@@ -265,6 +279,12 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if !(self.refusal_window_s.is_finite() && self.refusal_window_s > 0.0) {
+            bail!("refusal_window_s must be a positive number of seconds, not {}", self.refusal_window_s);
+        }
+        if self.errors_per_s == 0 {
+            bail!("errors_per_s must be at least 1");
+        }
         if self.cameras.is_empty() {
             bail!("no camera configured (add a [[camera]] section or --camera NAME=PIPELINE)");
         }

@@ -2,7 +2,8 @@
 //!
 //! Keys under the prefix (default `paligemma/<node>`):
 //! - `<prefix>/<camera>/<prompt-id>`: one result message per standing prompt per analysed frame
-//! - `<prefix>/<camera>/errors`: engine errors and bad frames
+//! - `<prefix>/<camera>/errors`: engine errors and refused input (bad frames, prompt
+//!   updates, asks), the latter at most `errors_per_s` a second (see `refusals.rs`)
 //! - `<prefix>/<camera>/status`: periodic counters and latencies
 //! - `<prefix>/<camera>/ask`: queryable; payload a prompt (text, or JSON `{"prompt", "max_tokens"}`)
 //! - `<prefix>/<camera>/prompts`: put a list (TOML or JSON) to replace the standing prompts; get to read it
@@ -21,6 +22,7 @@ mod camera;
 mod config;
 mod frames;
 mod limiter;
+mod refusals;
 mod ros2;
 
 #[derive(Parser, Debug)]

@@ -106,7 +106,7 @@ pub fn unix_time_ns() -> Option<u64> {
 }
 
 /// A stream's periodic status (`paligemma.status/1`): its counters as the engine
-/// keeps them. Within version 1, `requests_refused` was added.
+/// keeps them. Within version 1, `requests_refused` was added, then `refusals`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct StatusMessage {
     pub schema: &'static str,
@@ -116,4 +116,8 @@ pub struct StatusMessage {
     pub device: String,
     #[serde(flatten)]
     pub stats: crate::WorkerStats,
+    /// Input refused on the way in (by a node: bad frames, prompt updates, asks), by
+    /// kind, every one counted; left out when nothing was refused.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub refusals: std::collections::BTreeMap<&'static str, u64>,
 }

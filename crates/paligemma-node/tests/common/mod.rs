@@ -30,12 +30,29 @@ impl Drop for Node {
 
 /// Writes `toml` as `dir/node.toml` and starts the node on it.
 pub fn start_node(dir: &Path, toml: &str) -> Node {
+    spawn_node(dir, toml, std::process::Stdio::inherit())
+}
+
+/// The same with the node's log (stderr) written to `dir/node.log`.
+pub fn start_node_logged(dir: &Path, toml: &str) -> (Node, PathBuf) {
+    let log = dir.join("node.log");
+    (spawn_node(dir, toml, std::fs::File::create(&log).unwrap().into()), log)
+}
+
+fn spawn_node(dir: &Path, toml: &str, stderr: std::process::Stdio) -> Node {
     let config = dir.join("node.toml");
     std::fs::write(&config, toml).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_paligemma-node"))
         .args(["--config", config.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     Node(child)
+}
+
+/// Whether the tests run under emulation (`scripts/arm64-check.sh` sets it), where the
+/// floods and loads of some tests are scaled down.
+pub fn emulated() -> bool {
+    std::env::var_os("PALIGEMMA_EMULATED").is_some()
 }
