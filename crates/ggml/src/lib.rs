@@ -13,12 +13,14 @@
 //! - [`packed`]: f16, bf16, q4_0, q8_0 and q4_K matrix products with AVX-512, on
 //!   weights packed for them; [`Context::attention_cpu`]: attention over many queries
 //!   with AVX-512; [`Context::join_cpu`]: concatenation as one copy.
+//! - [`cpu_features`]: the CPU features ggml's own kernels use here.
 //!
 //! This crate and `ggml-sys` are the only ones in the workspace with `unsafe`.
 
 mod attention;
 mod backend;
 mod context;
+mod cpu;
 mod error;
 pub mod gguf;
 mod join;
@@ -29,6 +31,7 @@ mod types;
 
 pub use backend::{Backend, Buffer, BufferType, Device, DeviceKind, HostMemory, Scheduler, set_log_quiet};
 pub use context::{Context, Graph, Tensor};
+pub use cpu::cpu_features;
 pub use error::{Error, Result};
 pub use ggml_sys as sys;
 pub use quant::{quantize, to_f32};

@@ -372,3 +372,44 @@ fn a_full_graph_is_an_error_and_takes_what_fits_after() {
     sched.compute(&graph).unwrap();
     assert_eq!(chain[8].read_f32().unwrap(), [256.0, 512.0, 768.0, 1024.0]);
 }
+
+/// `w · x` with the weight `w` (`[k, n]`, bytes of `ty`) placed in a buffer of `buft`
+/// (ggml's CPU repacks its weights when they are written there) and `m` rows of `x`.
+fn product_in(buft: ggml::BufferType, ty: Type, w: &[u8], k: usize, n: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let weights = Context::new(1, 0).unwrap();
+    let tw = weights.new_named("w", ty, &[k, n]).unwrap();
+    let _buffer = buft.alloc_tensors(&weights).unwrap();
+    tw.write_bytes(w).unwrap();
+    let ctx = Context::new(16, 256).unwrap();
+    run(&ctx, |ctx, ins| {
+        let tx = input(ctx, ins, "x", &[k, m], x)?;
+        ctx.mul_mat(tw, tx)
+    })
+}
+
+/// ggml's CPU repacks weights into interleaved layouts for its own kernels, other ones on
+/// each CPU (AVX2 on x86-64; dotprod and i8mm on ARM), with activations quantized the
+/// same way: a product with repacked weights is the product in place but for the order
+/// of its sums, for every batch of rows (whole interleaved groups and the rest).
+#[test]
+fn repacked_matmul_matches_in_place() {
+    let backend = Backend::cpu().unwrap();
+    let (k, n) = (256, 16);
+    let mut checked = Vec::new();
+    for ty in [Type::Q4_0, Type::Q8_0, Type::Q4_K] {
+        let w = ggml::quantize(ty, &values(k * n, 5), k).unwrap();
+        for buft in backend.device().extra_buffer_types().into_iter().filter(|b| b.supports_weight(backend.device(), ty, &[k, n])) {
+            for m in [1, 2, 3, 4, 5, 8, 9, 17] {
+                let x = values(k * m, 6);
+                let plain = product_in(backend.buffer_type(), ty, &w, k, n, &x, m);
+                let repacked = product_in(buft, ty, &w, k, n, &x, m);
+                let scale = plain.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let worst = plain.iter().zip(&repacked).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+                println!("{ty} in {}, {m} rows: repacked differs by {worst:.2e} of the largest output", buft.name());
+                assert!(worst < 1e-5, "{ty} in {}, {m} rows: {worst:e}", buft.name());
+            }
+            checked.push(format!("{ty} in {}", buft.name()));
+        }
+    }
+    println!("checked: {checked:?}");
+}

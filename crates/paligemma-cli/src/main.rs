@@ -380,8 +380,14 @@ fn devices() -> Result<()> {
         let ok = got == [3.25, 10.75];
         println!("{:<10} {:<40} {}", device.spec(), device.description(), if ok { "ok" } else { "WRONG RESULT" });
         if device.spec() == "cpu" {
-            let kernels = if ggml::packed::available() { "packed AVX-512 VNNI kernels" } else { "ggml's kernels (no AVX-512 VNNI)" };
+            let features = ggml::cpu_features().join(" ");
+            let kernels = if ggml::packed::available() {
+                "packed AVX-512 VNNI kernels".to_string()
+            } else {
+                format!("ggml's kernels ({})", if features.is_empty() { "plain C" } else { &features })
+            };
             println!("{:<10} f16, bf16, q4_0, q8_0 and q4_K matrices run on {kernels}", "");
+            println!("{:<10} ggml's CPU features: {features} ({})", "", std::env::consts::ARCH);
         }
     }
     Ok(())

@@ -104,6 +104,10 @@ fn devices_lists_a_working_cpu() {
     assert!(cpu.ends_with(" ok"), "{cpu}");
     let kernels = if ggml::packed::available() { "packed AVX-512 VNNI kernels" } else { "ggml's kernels" };
     assert!(stdout.contains(&format!("f16, bf16, q4_0, q8_0 and q4_K matrices run on {kernels}")), "{stdout}");
+    // What ggml's kernels use: at least the baseline SIMD of the architecture it was built for.
+    let baseline = if cfg!(target_arch = "aarch64") { "NEON" } else { "SSE3" };
+    let features = stdout.lines().find_map(|l| l.trim().strip_prefix("ggml's CPU features: ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(features.split(' ').any(|f| f == baseline), "{features}");
 }
 
 /// The bundled demo model on the committed held-out frames, through the engine and

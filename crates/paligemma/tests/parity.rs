@@ -14,6 +14,15 @@ fn load(path: &std::path::Path, kv_type: KvType) -> Model {
 }
 
 /// Tolerance on max |diff| / std(reference); looser on non-CPU backends.
+/// An f16 cache rounds keys and values to f16: 6e-4 to 8.4e-4 of the logits' spread on
+/// x86-64. ggml built with Arm's fp16 vector arithmetic (`FP16_VA`: the Jetson Orin's
+/// `armv8.2-a+fp16`) also multiplies and sums the attention's f16 dot products in f16
+/// (`vfmaq_f16` in ggml's simd-mappings.h) instead of widening them to f32: 6.0e-3 on
+/// pg2_gqa under `qemu-aarch64 -cpu cortex-a78ae` (scripts/arm64-check.sh).
+fn f16_cache_tolerance(tol: f64) -> f64 {
+    if ggml::cpu_features().contains(&"FP16_VA") { tol.max(1e-2) } else { tol.max(2e-3) }
+}
+
 fn tolerance() -> f64 {
     std::env::var("PALIGEMMA_TEST_TOL").ok().and_then(|s| s.parse().ok()).unwrap_or(1e-4)
 }
@@ -48,7 +57,7 @@ fn f32_matches_reference_per_stage() {
             let tol = tolerance();
             assert!(vision < tol, "{name}: vision tower differs by {vision:e} of the reference's std");
             assert!(projector < tol, "{name}: projector differs by {projector:e}");
-            let tol = if kv_type == KvType::F32 { tol } else { tol.max(2e-3) };
+            let tol = if kv_type == KvType::F32 { tol } else { f16_cache_tolerance(tol) };
             assert!(prefix < tol, "{name}, {kv_type:?} cache: prefix logits differ by {prefix:e}");
             assert!(first < tol, "{name}, {kv_type:?} cache: first generated logits differ by {first:e}");
             assert_eq!(generation.tokens, common::ids(&reference["greedy_ids"]), "{name}, {kv_type:?} cache: greedy ids");
