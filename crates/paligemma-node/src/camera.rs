@@ -4,6 +4,7 @@
 //! through the [`Publisher`].
 use crate::config::{CameraConfig, Config, Encoding};
 use crate::refusals::{RefusalKind, Refusals, Report};
+use crate::state::PromptState;
 use crate::ros2::Ros2;
 use crate::{frames, limiter::RateLimiter};
 use anyhow::{Context, Result};
@@ -125,6 +126,13 @@ struct Ctx {
     publisher: Publisher,
     /// Sequence numbers of the camera's frames.
     seq: Arc<AtomicU64>,
+}
+
+/// The node's persisted prompts, when it takes prompt updates, and why its state file
+/// was ignored, if it was (reported on every camera's errors key).
+pub struct Persisted {
+    pub state: Arc<PromptState>,
+    pub error: Option<String>,
 }
 
 impl Ctx {
@@ -263,8 +271,9 @@ async fn asks(ctx: Ctx, limits: AskLimits) -> Result<()> {
 }
 
 /// Puts on `<camera>/prompts`: a new list of standing prompts, taken only when the
-/// node allows updates; anything else is reported and the current prompts stay.
-async fn prompt_updates(ctx: Ctx, allowed: bool) -> Result<()> {
+/// node allows updates (and then saved in its state file, if it has one); anything else
+/// is reported and the current prompts stay.
+async fn prompt_updates(ctx: Ctx, allowed: bool, camera: String, state: Option<Arc<PromptState>>) -> Result<()> {
     let key = ctx.publisher.key("prompts");
     let sub = ctx.publisher.session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
     while let Ok(sample) = sub.recv_async().await {
@@ -279,7 +288,14 @@ async fn prompt_updates(ctx: Ctx, allowed: bool) -> Result<()> {
         match payload::parse_prompts(&sample.payload().to_bytes()) {
             Ok(set) => {
                 tracing::info!("{key}: new standing prompts {:?}", set.prompts.iter().map(|p| &p.id).collect::<Vec<_>>());
-                ctx.worker.set_prompts(set);
+                ctx.worker.set_prompts(set.clone());
+                let Some(state) = state.clone() else { continue };
+                let camera = camera.clone();
+                match tokio::task::spawn_blocking(move || state.save(&camera, &set)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => ctx.publisher.error(format!("the new prompts are in force but not saved: {e:#}")),
+                    Err(e) => ctx.publisher.error(format!("the new prompts are in force but not saved: {e}")),
+                }
             }
             Err(e) => ctx.publisher.refuse(RefusalKind::PromptUpdate, &key, format!("prompts update refused, keeping the current ones: {e:#}")),
         }
@@ -329,7 +345,14 @@ async fn refusal_summaries(publisher: Publisher) -> Result<()> {
 
 /// Starts a camera: attaches a stream to the shared engine, starts its frame source
 /// and one task per key, and declares its liveliness token.
-pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, ask_rate: Arc<RateLimiter>, ros2: Option<Arc<Ros2>>) -> Result<Camera> {
+pub async fn start(
+    cfg: &Config,
+    cam: &CameraConfig,
+    session: &zenoh::Session,
+    ask_rate: Arc<RateLimiter>,
+    ros2: Option<Arc<Ros2>>,
+    persisted: Option<&Persisted>,
+) -> Result<Camera> {
     let base = format!("{}/{}", cfg.prefix(), cam.name);
     let source = Source { node: cfg.node.clone(), camera: cam.name.clone() };
     let publisher = Publisher {
@@ -364,7 +387,18 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
             sink.error(format!("{e:#}"));
         }
     };
-    let worker = Arc::new(Worker::spawn(engine, cam.prompt_set()?, config, Box::new(deliver)));
+    if let Some(why) = persisted.and_then(|p| p.error.as_ref()) {
+        publisher.error(why.clone());
+    }
+    let prompts = match persisted.and_then(|p| p.state.restored(&cam.name).map(|set| (set, p.state.path()))) {
+        Some((set, path)) => {
+            let ids: Vec<_> = set.prompts.iter().map(|p| &p.id).collect();
+            tracing::info!("camera {}: standing prompts {ids:?} restored from {}", cam.name, path.display());
+            set
+        }
+        None => cam.prompt_set()?,
+    };
+    let worker = Arc::new(Worker::spawn(engine, prompts, config, Box::new(deliver)));
     let ctx = Ctx { worker: worker.clone(), publisher: publisher.clone(), seq: Arc::default() };
 
     let mut tasks = Vec::new();
@@ -397,8 +431,8 @@ pub async fn start(cfg: &Config, cam: &CameraConfig, session: &zenoh::Session, a
     let limits = AskLimits { rate: ask_rate, timeout: Duration::from_millis(cfg.ask_timeout_ms), max_bytes: cfg.max_prompt_bytes };
     let c = ctx.clone();
     spawn("the ask queryable", Box::new(move || Box::pin(asks(c.clone(), limits.clone()))));
-    let (c, allowed) = (ctx.clone(), cfg.allow_prompt_updates);
-    spawn("the prompts subscriber", Box::new(move || Box::pin(prompt_updates(c.clone(), allowed))));
+    let (c, allowed, name, state) = (ctx.clone(), cfg.allow_prompt_updates, cam.name.clone(), persisted.map(|p| p.state.clone()));
+    spawn("the prompts subscriber", Box::new(move || Box::pin(prompt_updates(c.clone(), allowed, name.clone(), state.clone()))));
     let p = publisher.clone();
     spawn("the refusal reporter", Box::new(move || Box::pin(refusal_summaries(p.clone()))));
     let c = ctx.clone();

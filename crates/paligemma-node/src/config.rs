@@ -36,6 +36,10 @@ pub struct Config {
     /// what the robot looks for. Who may put is then up to Zenoh's access control.
     #[serde(default)]
     pub allow_prompt_updates: bool,
+    /// Where accepted prompt updates are kept across restarts (see `state.rs`); relative
+    /// to the configuration file. Default: `<config>.state.json` beside it (none for a
+    /// node started from flags alone). Read and written only with `allow_prompt_updates`.
+    pub state_file: Option<PathBuf>,
     /// Asks the whole node answers per second at most (each costs a prefill on the
     /// robot's cores); asks beyond it, and beyond `ask_burst` at once, get a "busy" reply.
     #[serde(default = "default_ask_rate")]
@@ -241,6 +245,11 @@ impl Config {
         let mut cfg: Config = toml::from_str(&text).with_context(|| format!("{}: invalid configuration", path.display()))?;
         // Relative paths are relative to the configuration file.
         let base = path.parent().unwrap_or(Path::new("."));
+        cfg.state_file = Some(match cfg.state_file.take() {
+            Some(state) if state.is_relative() => base.join(state),
+            Some(state) => state,
+            None => path.with_extension("state.json"),
+        });
         if cfg.model.path.is_relative() && !cfg.model.path.exists() {
             cfg.model.path = base.join(&cfg.model.path);
         }

@@ -24,6 +24,7 @@ mod frames;
 mod limiter;
 mod refusals;
 mod ros2;
+mod state;
 
 #[derive(Parser, Debug)]
 #[command(name = "paligemma-node", version, about = "PaliGemma on cameras, answers on Zenoh", long_about = None)]
@@ -165,9 +166,16 @@ async fn run(cfg: Config) -> Result<()> {
     // One budget of asks for the whole node, whatever camera they are for.
     let asks = Arc::new(limiter::RateLimiter::new(cfg.ask_rate, cfg.ask_burst));
     let ros2 = if cfg.ros2.enabled { Some(Arc::new(ros2::Ros2::start(&session, &cfg.ros2)?)) } else { None };
+    let persisted = match (&cfg.state_file, cfg.allow_prompt_updates) {
+        (Some(path), true) => {
+            let (state, error) = state::PromptState::open(path.clone());
+            Some(camera::Persisted { state: Arc::new(state), error: error.map(|e| format!("{e:#}")) })
+        }
+        _ => None,
+    };
     let mut cameras = Vec::new();
     for cam in &cfg.cameras {
-        cameras.push(camera::start(&cfg, cam, &session, asks.clone(), ros2.clone()).await?);
+        cameras.push(camera::start(&cfg, cam, &session, asks.clone(), ros2.clone(), persisted.as_ref()).await?);
     }
     tracing::info!("serving {} camera(s) under {prefix}", cameras.len());
     println!("paligemma-node: serving {} camera(s) under {prefix}", cameras.len());

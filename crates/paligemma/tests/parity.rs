@@ -198,9 +198,14 @@ fn batched_prompts_match_one_by_one() {
 }
 
 /// Matrices repacked into the CPU's interleaved layouts compute what the same weights
-/// used in place from the file compute (the kernels differ, the arithmetic does not).
-/// With an f32 cache, where ggml's attention (used with the weights in place) does not
-/// round the queries to f16 and so computes what ours does.
+/// used in place from the file compute. With an f32 cache, where ggml's attention (used
+/// with the weights in place) does not round the queries to f16 and so computes what ours
+/// does. Our packed kernels (AVX-512 VNNI) sum in ggml's order: the logits agree to 7e-7
+/// of their spread. ggml's own repacked kernels (CPUs without ours: AVX2 only, ARM) sum in
+/// another order than its in-place ones, 1e-7 of a product apart (`repacked_matmul_matches_in_place`
+/// in crates/ggml/tests/ops.rs), which these small random decoders amplify to 5.6e-2 of
+/// the logits' spread (pg2_gqa on aarch64, qemu cortex-a78ae): there the logits must
+/// agree in direction and the greedy ids exactly.
 #[test]
 fn repacked_weights_match_in_place() {
     if std::env::var("PALIGEMMA_TEST_DEVICE").is_ok_and(|d| d != "cpu") {
@@ -224,14 +229,16 @@ fn repacked_weights_match_in_place() {
         let (n_repacked, features, logits, tokens) = run(true);
         let (n_plain, plain_features, plain_logits, plain_tokens) = run(false);
         let (vision, prefix) = (rel_max_diff(&features, &plain_features), rel_max_diff(&logits, &plain_logits));
-        println!("{name}: {n_repacked} matrices repacked; projector {vision:.2e}, prefix logits {prefix:.2e} from the in-place weights");
+        let cos = cosine(&logits, &plain_logits);
+        println!("{name}: {n_repacked} matrices repacked; projector {vision:.2e}, prefix logits {prefix:.2e} (cosine {cos:.7}) from the in-place weights");
         assert_eq!(n_plain, 0);
         repacked_any |= n_repacked > 0;
-        assert!(vision < 1e-3 && prefix < 1e-3, "{name}: repacked weights give other results ({vision:e}, {prefix:e})");
+        let close = if ggml::packed::available() { prefix < 1e-3 } else { cos > 0.999 };
+        assert!(vision < 1e-3 && close, "{name}: repacked weights give other results ({vision:e}, {prefix:e}, cosine {cos})");
         assert_eq!(tokens, plain_tokens, "{name}: greedy ids");
     }
-    #[cfg(target_arch = "x86_64")]
-    assert!(!std::arch::is_x86_feature_detected!("avx2") || repacked_any, "ggml repacks q4_0 on any CPU with AVX2");
+    let repacking = ggml::cpu_features().iter().any(|f| ["AVX2", "DOTPROD", "MATMUL_INT8"].contains(f));
+    assert!(!repacking || repacked_any, "ggml repacks q4_0 on any CPU with AVX2, dotprod or i8mm");
 }
 
 /// Frames of several cameras encoded in one vision graph, and prompts on different
