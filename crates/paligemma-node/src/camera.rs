@@ -4,6 +4,7 @@
 //! through the [`Publisher`].
 use crate::config::{CameraConfig, Config, Encoding};
 use crate::refusals::{RefusalKind, Refusals, Report};
+use crate::source::{self, Backoff, Health, Transition};
 use crate::state::PromptState;
 use crate::ros2::Ros2;
 use crate::{frames, limiter::RateLimiter};
@@ -44,6 +45,12 @@ struct ErrorMessage<'a> {
     refusals: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     suppressed: Option<u64>,
+    /// The frame source's new state and its restarts so far, for a report of its change
+    /// (kind `source`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<paligemma_stream::message::SourceState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restarts: Option<u64>,
 }
 
 /// Everything a camera needs to publish.
@@ -77,8 +84,29 @@ impl Publisher {
     fn error(&self, message: String) {
         tracing::warn!("{}: {message}", self.base);
         self.errors.fetch_add(1, Ordering::Relaxed);
-        let error = ErrorMessage { schema: "paligemma.error/1", source: &self.source, message, kind: None, refusals: None, suppressed: None };
+        let error = ErrorMessage { schema: "paligemma.error/1", source: &self.source, message, kind: None, refusals: None, suppressed: None, state: None, restarts: None };
         self.put(&format!("{}/errors", self.base), &error);
+    }
+
+    /// Logs and publishes a change of the frame source's state.
+    fn source_event(&self, t: &Transition) {
+        let message = t.message();
+        if t.to == paligemma_stream::message::SourceState::Streaming {
+            tracing::info!("{}: {message}", self.base);
+        } else {
+            tracing::warn!("{}: {message}", self.base);
+        }
+        let event = ErrorMessage {
+            schema: "paligemma.error/1",
+            source: &self.source,
+            message,
+            kind: Some("source"),
+            refusals: None,
+            suppressed: None,
+            state: Some(t.to),
+            restarts: Some(t.restarts),
+        };
+        self.put(&format!("{}/errors", self.base), &event);
     }
 
     /// Counts refused input from `source` and reports it if the refusal policy says so.
@@ -98,6 +126,8 @@ impl Publisher {
             kind: Some(report.kind.name()),
             refusals: Some(report.refusals),
             suppressed: Some(report.suppressed),
+            state: None,
+            restarts: None,
         };
         self.put(&format!("{}/errors", self.base), &error);
     }
@@ -112,7 +142,7 @@ pub struct Camera {
     pub name: String,
     pub worker: Arc<Worker>,
     pub publisher: Publisher,
-    pub gst: Option<frames::GstSource>,
+    /// Its tasks, the frame source's supervisor among them.
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
     _token: zenoh::liveliness::LivelinessToken,
     /// The ROS 2 subscription's token, for a camera that reads a ROS 2 topic.
@@ -126,6 +156,8 @@ struct Ctx {
     publisher: Publisher,
     /// Sequence numbers of the camera's frames.
     seq: Arc<AtomicU64>,
+    /// The frame source's state.
+    health: Arc<Health>,
 }
 
 /// The node's persisted prompts, when it takes prompt updates, and why its state file
@@ -139,6 +171,7 @@ impl Ctx {
     /// Hands a frame to the stream (the newest wins; asks read it too), stamped with
     /// its capture time when the source gives one, else with now.
     fn deliver(&self, image: paligemma::preprocess::RgbImage, pts_ns: Option<u64>, source: Option<Header>) {
+        self.health.frame();
         let capture = source.as_ref().and_then(|h| h.stamp.to_unix_ns()).filter(|&ns| ns > 0);
         let info = FrameInfo {
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
@@ -327,8 +360,8 @@ async fn status(ctx: Ctx, period: Duration, model: String, device: String) -> Re
         stats.errors += ctx.publisher.errors.load(Ordering::Relaxed) + count(&[RefusalKind::Frame, RefusalKind::Ros2Image, RefusalKind::PromptUpdate]);
         stats.requests_refused += count(&[RefusalKind::AskRate, RefusalKind::Ask]);
         let p = &ctx.publisher;
-        let (source, model, device) = (p.source.clone(), model.clone(), device.clone());
-        p.put(&p.key("status"), &StatusMessage { schema: STATUS_SCHEMA, source, model, device, stats, refusals });
+        let (source, model, device, source_state) = (p.source.clone(), model.clone(), device.clone(), Some(ctx.health.status()));
+        p.put(&p.key("status"), &StatusMessage { schema: STATUS_SCHEMA, source, model, device, stats, refusals, source_state });
     }
 }
 
@@ -399,7 +432,9 @@ pub async fn start(
         None => cam.prompt_set()?,
     };
     let worker = Arc::new(Worker::spawn(engine, prompts, config, Box::new(deliver)));
-    let ctx = Ctx { worker: worker.clone(), publisher: publisher.clone(), seq: Arc::default() };
+    let events = publisher.clone();
+    let health = Arc::new(Health::new(move |t: &Transition| events.source_event(t)));
+    let ctx = Ctx { worker: worker.clone(), publisher: publisher.clone(), seq: Arc::default(), health: health.clone() };
 
     let mut tasks = Vec::new();
     let mut spawn = |what: &'static str, task: Box<dyn Fn() -> Attempt + Send>| tasks.push(supervise(publisher.clone(), what, task));
@@ -409,11 +444,10 @@ pub async fn start(
         (None, None) => None,
     };
     let mut ros2_token = None;
-    let gst = match (&cam.zenoh_key, ros2_source) {
+    match (&cam.zenoh_key, ros2_source) {
         (Some(key), _) => {
             let (c, key, max_pixels) = (ctx.clone(), key.clone(), cfg.max_pixels);
             spawn("the frame subscriber", Box::new(move || Box::pin(frames_in(c.clone(), key.clone(), max_pixels))));
-            None
         }
         (None, Some((topic, kind))) => {
             let ros2 = ros2.as_ref().context("a ROS 2 image topic needs [ros2] enabled")?;
@@ -421,13 +455,21 @@ pub async fn start(
             ros2_token = Some(token);
             let (c, max_pixels) = (ctx.clone(), cfg.max_pixels);
             spawn("the ROS 2 image subscriber", Box::new(move || Box::pin(frames_from_ros2(c.clone(), key.clone(), kind, max_pixels))));
-            None
         }
         (None, None) => {
-            let (c, p) = (ctx.clone(), publisher.clone());
-            Some(frames::GstSource::start(cam.pipeline.as_deref(), cam.uri.as_deref(), move |img, pts| c.deliver(img, pts, None), move |e| p.error(e))?)
+            frames::check(cam.pipeline.as_deref(), cam.uri.as_deref()).with_context(|| format!("camera {}", cam.name))?;
+            let c = ctx.clone();
+            let sink: source::FrameSink = Arc::new(move |img, pts| c.deliver(img, pts, None));
+            let (pipeline, uri, health) = (cam.pipeline.clone(), cam.uri.clone(), health.clone());
+            let (first, most) = (Duration::from_millis(cam.restart_backoff_ms), Duration::from_millis(cam.restart_backoff_max_ms));
+            spawn(
+                "the frame source",
+                Box::new(move || Box::pin(source::run_gst(pipeline.clone(), uri.clone(), health.clone(), sink.clone(), Backoff::new(first, most)))),
+            );
         }
-    };
+    }
+    let (h, stall_after) = (health.clone(), Duration::from_millis(cam.stall_after_ms));
+    spawn("the stall watch", Box::new(move || Box::pin(source::watch_stalls(h.clone(), stall_after))));
     let limits = AskLimits { rate: ask_rate, timeout: Duration::from_millis(cfg.ask_timeout_ms), max_bytes: cfg.max_prompt_bytes };
     let c = ctx.clone();
     spawn("the ask queryable", Box::new(move || Box::pin(asks(c.clone(), limits.clone()))));
@@ -443,5 +485,5 @@ pub async fn start(
         spawn("the status publisher", Box::new(move || Box::pin(status(c.clone(), period, model.clone(), device.clone()))));
     }
     let token = session.liveliness().declare_token(base.as_str()).await.map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
-    Ok(Camera { name: cam.name.clone(), worker, publisher, gst, tasks, _token: token, _ros2_subscription: ros2_token })
+    Ok(Camera { name: cam.name.clone(), worker, publisher, tasks, _token: token, _ros2_subscription: ros2_token })
 }

@@ -231,6 +231,26 @@ pub struct CameraConfig {
     pub prompts: Vec<StandingPrompt>,
     /// `frame_id` of the camera's ROS 2 messages (default: the camera's name).
     pub frame_id: Option<String>,
+    /// A streaming source without a frame for this long is `stalled` (see `source.rs`).
+    #[serde(default = "default_stall_after")]
+    pub stall_after_ms: u64,
+    /// A GStreamer source that ends or fails is started again after this, doubled at
+    /// each failure (with ±20% jitter) up to `restart_backoff_max_ms`, and back to this
+    /// once it has streamed for 10 s.
+    #[serde(default = "default_backoff")]
+    pub restart_backoff_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub restart_backoff_max_ms: u64,
+}
+
+fn default_stall_after() -> u64 {
+    2000
+}
+fn default_backoff() -> u64 {
+    500
+}
+fn default_backoff_max() -> u64 {
+    30_000
 }
 
 impl CameraConfig {
@@ -314,6 +334,9 @@ impl Config {
                 bail!("camera {:?} reads a ROS 2 topic: enable the [ros2] section", c.name);
             }
             c.prompt_set()?;
+            if c.stall_after_ms == 0 || c.restart_backoff_ms == 0 || c.restart_backoff_max_ms < c.restart_backoff_ms {
+                bail!("camera {:?}: stall_after_ms and restart_backoff_ms must be positive, restart_backoff_max_ms at least restart_backoff_ms", c.name);
+            }
         }
         Ok(())
     }

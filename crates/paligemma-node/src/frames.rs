@@ -1,34 +1,59 @@
 //! Frame sources: a GStreamer pipeline ending in an appsink (frames published on a
-//! Zenoh key are decoded by `paligemma_stream::payload`).
+//! Zenoh key are decoded by `paligemma_stream::payload`). `source.rs` supervises them.
 use anyhow::{Context, Result, anyhow, bail};
 use gst::prelude::*;
 use paligemma::preprocess::{PixelFormat, RgbImage};
+
+/// What a pipeline's bus says that ends its stream.
+#[derive(Debug)]
+pub enum BusEvent {
+    Eos,
+    Error(String),
+}
 
 /// A GStreamer pipeline feeding frames to a callback from its streaming thread.
 pub struct GstSource {
     pipeline: gst::Pipeline,
 }
 
+/// The pipeline description of a camera: `pipeline` as given (an appsink named `sink`
+/// is added when it has none) or `uridecodebin` for a URI.
+fn description(pipeline: Option<&str>, uri: Option<&str>) -> Result<String> {
+    const TAIL: &str = "videoconvert ! video/x-raw,format=RGB ! appsink name=sink";
+    Ok(match (pipeline, uri) {
+        (Some(p), _) if p.contains("appsink") => p.to_string(),
+        (Some(p), _) => format!("{p} ! {TAIL}"),
+        (None, Some(u)) => format!("uridecodebin uri={u} ! {TAIL}"),
+        (None, None) => bail!("no pipeline or uri"),
+    })
+}
+
+fn parse(pipeline: Option<&str>, uri: Option<&str>) -> Result<gst::Pipeline> {
+    let desc = description(pipeline, uri)?;
+    gst::parse::launch(&desc)
+        .with_context(|| format!("invalid pipeline {desc:?}"))?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| anyhow!("{desc:?} is not a pipeline"))
+}
+
+/// Whether the camera's pipeline can be built at all: a description that does not parse
+/// (or names elements that are not installed) is a configuration error, not a fault to
+/// ride out.
+pub fn check(pipeline: Option<&str>, uri: Option<&str>) -> Result<()> {
+    parse(pipeline, uri).map(drop)
+}
+
 impl GstSource {
-    /// Builds the pipeline: `pipeline` as given (an appsink named `sink` is added
-    /// when it has none) or `uridecodebin` for a URI.
+    /// Builds the pipeline and sets it playing; `on_bus` hears of its end (EOS or an
+    /// error), once.
     pub fn start(
         pipeline: Option<&str>,
         uri: Option<&str>,
-        on_frame: impl Fn(RgbImage, Option<u64>) + Send + 'static,
-        on_error: impl Fn(String) + Send + Sync + 'static,
+        on_frame: crate::source::FrameSink,
+        on_bus: impl Fn(BusEvent) + Send + Sync + 'static,
     ) -> Result<GstSource> {
-        const TAIL: &str = "videoconvert ! video/x-raw,format=RGB ! appsink name=sink";
-        let desc = match (pipeline, uri) {
-            (Some(p), _) if p.contains("appsink") => p.to_string(),
-            (Some(p), _) => format!("{p} ! {TAIL}"),
-            (None, Some(u)) => format!("uridecodebin uri={u} ! {TAIL}"),
-            (None, None) => bail!("no pipeline or uri"),
-        };
-        let pipeline = gst::parse::launch(&desc)
-            .with_context(|| format!("invalid pipeline {desc:?}"))?
-            .downcast::<gst::Pipeline>()
-            .map_err(|_| anyhow!("{desc:?} is not a pipeline"))?;
+        let desc = description(pipeline, uri)?;
+        let pipeline = parse(Some(&desc), None)?;
         let sink = pipeline
             .by_name("sink")
             .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
@@ -60,15 +85,23 @@ impl GstSource {
                 .build(),
         );
         let bus = pipeline.bus().context("pipeline without a bus")?;
-        let on_error = std::sync::Arc::new(on_error);
-        let handler = on_error.clone();
+        let ended = std::sync::atomic::AtomicBool::new(false);
+        // Nothing pops the bus: every message is handled here and dropped.
         bus.set_sync_handler(move |_, msg| {
-            if let gst::MessageView::Error(e) = msg.view() {
-                handler(format!("frame source: {} ({:?})", e.error(), e.debug()));
+            let event = match msg.view() {
+                gst::MessageView::Eos(_) => Some(BusEvent::Eos),
+                gst::MessageView::Error(e) => Some(BusEvent::Error(format!("{} ({})", e.error(), e.debug().as_deref().unwrap_or("no details")))),
+                _ => None,
+            };
+            if let Some(event) = event.filter(|_| !ended.swap(true, std::sync::atomic::Ordering::SeqCst)) {
+                on_bus(event);
             }
-            gst::BusSyncReply::Pass
+            gst::BusSyncReply::Drop
         });
-        pipeline.set_state(gst::State::Playing).with_context(|| format!("cannot start {desc:?}"))?;
+        if let Err(e) = pipeline.set_state(gst::State::Playing) {
+            let _ = pipeline.set_state(gst::State::Null);
+            bail!("cannot start the pipeline: {e}");
+        }
         Ok(GstSource { pipeline })
     }
 

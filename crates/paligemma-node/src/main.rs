@@ -24,6 +24,7 @@ mod frames;
 mod limiter;
 mod refusals;
 mod ros2;
+mod source;
 mod state;
 
 #[derive(Parser, Debug)]
@@ -137,6 +138,9 @@ fn build_config(cli: &Cli) -> Result<Config> {
             skip_unchanged_below: None,
             prompts: prompts.prompts,
             frame_id: None,
+            stall_after_ms: 2000,
+            restart_backoff_ms: 500,
+            restart_backoff_max_ms: 30_000,
         });
     }
     cfg.validate()?;
@@ -181,14 +185,15 @@ async fn run(cfg: Config) -> Result<()> {
     println!("paligemma-node: serving {} camera(s) under {prefix}", cameras.len());
     shutdown_signal().await;
     tracing::info!("shutting down");
+    // Every camera's tasks first (their frame sources stop with them), then each stream.
     for cam in &cameras {
-        if let Some(g) = &cam.gst {
-            g.stop();
+        for t in &cam.tasks {
+            t.abort();
         }
     }
     for cam in cameras {
-        for t in &cam.tasks {
-            t.abort();
+        for t in cam.tasks {
+            let _ = t.await;
         }
         let worker = cam.worker.clone();
         let finish = cfg.on_shutdown == OnShutdown::Finish;

@@ -105,8 +105,36 @@ pub fn unix_time_ns() -> Option<u64> {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_nanos() as u64)
 }
 
+/// Where a camera's frame source stands (a node's cameras; see `source.rs` there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceState {
+    /// Started, no frame yet.
+    Starting,
+    Streaming,
+    /// No frame for the camera's `stall_after_ms`.
+    Stalled,
+    /// Ended (EOS) or failed; waiting out the back-off before starting it again.
+    Restarting,
+    /// Could not be started; tried again after the back-off.
+    Failed,
+}
+
+/// A camera's frame source in status: its state since when, how often it was
+/// restarted, and the last error it had.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SourceStatus {
+    pub state: SourceState,
+    /// When it entered that state, nanoseconds since the Unix epoch.
+    pub since_unix_ns: Option<u64>,
+    pub restarts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
 /// A stream's periodic status (`paligemma.status/1`): its counters as the engine
-/// keeps them. Within version 1, `requests_refused` was added, then `refusals`.
+/// keeps them. Within version 1, `requests_refused` was added, then `refusals` and
+/// `source_state`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct StatusMessage {
     pub schema: &'static str,
@@ -120,4 +148,7 @@ pub struct StatusMessage {
     /// kind, every one counted; left out when nothing was refused.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub refusals: std::collections::BTreeMap<&'static str, u64>,
+    /// The camera's frame source (a node's cameras).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_state: Option<SourceStatus>,
 }
