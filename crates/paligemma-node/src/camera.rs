@@ -4,9 +4,9 @@
 //! through the [`Publisher`].
 use crate::config::{CameraConfig, Config, Encoding};
 use crate::refusals::{RefusalKind, Refusals, Report};
+use crate::ros2::Ros2;
 use crate::source::{self, Backoff, Health, Transition};
 use crate::state::PromptState;
-use crate::ros2::Ros2;
 use crate::{frames, limiter::RateLimiter};
 use anyhow::{Context, Result};
 use paligemma_stream::message::{FrameInfo, STATUS_SCHEMA, Source, StatusMessage};
@@ -84,7 +84,16 @@ impl Publisher {
     fn error(&self, message: String) {
         tracing::warn!("{}: {message}", self.base);
         self.errors.fetch_add(1, Ordering::Relaxed);
-        let error = ErrorMessage { schema: "paligemma.error/1", source: &self.source, message, kind: None, refusals: None, suppressed: None, state: None, restarts: None };
+        let error = ErrorMessage {
+            schema: "paligemma.error/1",
+            source: &self.source,
+            message,
+            kind: None,
+            refusals: None,
+            suppressed: None,
+            state: None,
+            restarts: None,
+        };
         self.put(&format!("{}/errors", self.base), &error);
     }
 

@@ -215,7 +215,14 @@ mod tests {
         use SourceState::*;
         assert_eq!(
             *seen.lock().unwrap(),
-            [(Starting, Streaming, 0), (Streaming, Stalled, 0), (Stalled, Streaming, 0), (Streaming, Restarting, 1), (Restarting, Failed, 2), (Failed, Streaming, 2)]
+            [
+                (Starting, Streaming, 0),
+                (Streaming, Stalled, 0),
+                (Stalled, Streaming, 0),
+                (Streaming, Restarting, 1),
+                (Restarting, Failed, 2),
+                (Failed, Streaming, 2)
+            ]
         );
         let status = health.status();
         assert_eq!((status.state, status.restarts, status.last_error.as_deref()), (Streaming, 2, Some("no such device")));

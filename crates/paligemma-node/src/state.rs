@@ -51,10 +51,7 @@ impl PromptState {
     pub fn save(&self, camera: &str, set: &PromptSet) -> Result<()> {
         let mut cameras = self.cameras.lock().unwrap_or_else(|e| e.into_inner());
         cameras.insert(camera.to_string(), set.clone());
-        let file = StateFile {
-            schema: SCHEMA.into(),
-            cameras: cameras.iter().map(|(k, v)| Ok((k.clone(), serde_json::to_value(v)?))).collect::<Result<_>>()?,
-        };
+        let file = StateFile { schema: SCHEMA.into(), cameras: cameras.iter().map(|(k, v)| Ok((k.clone(), serde_json::to_value(v)?))).collect::<Result<_>>()? };
         write_atomically(&self.path, &serde_json::to_vec_pretty(&file)?).with_context(|| format!("writing the state file {}", self.path.display()))
     }
 
@@ -73,7 +70,10 @@ fn read(path: &Path) -> Result<BTreeMap<String, PromptSet>> {
     if file.schema != SCHEMA {
         bail!("schema {:?}, expected {SCHEMA:?}", file.schema);
     }
-    file.cameras.into_iter().map(|(camera, prompts)| Ok((camera.clone(), PromptSet::from_json(&prompts.to_string()).with_context(|| format!("camera {camera:?}"))?))).collect()
+    file.cameras
+        .into_iter()
+        .map(|(camera, prompts)| Ok((camera.clone(), PromptSet::from_json(&prompts.to_string()).with_context(|| format!("camera {camera:?}"))?)))
+        .collect()
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

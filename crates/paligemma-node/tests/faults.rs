@@ -8,19 +8,13 @@ use std::time::{Duration, Instant};
 use zenoh::Wait;
 
 mod common;
-use common::{fixture_model, free_port, start_node_logged};
+use common::{client, fixture_model, free_port, start_node_logged};
 
-fn client(port: u16) -> zenoh::Session {
-    let mut c = zenoh::Config::default();
-    c.insert_json5("mode", "\"peer\"").unwrap();
-    c.insert_json5("connect/endpoints", &format!("[\"tcp/127.0.0.1:{port}\"]")).unwrap();
-    c.insert_json5("listen/endpoints", "[]").unwrap();
-    c.insert_json5("scouting/multicast/enabled", "false").unwrap();
-    zenoh::open(c).wait().unwrap()
-}
+/// Samples as they arrived: when, on which key, the JSON.
+type Seen = Arc<Mutex<Vec<(Instant, String, Value)>>>;
 
 /// Every sample under `key` with the time it arrived, as JSON.
-fn collect(session: &zenoh::Session, key: String) -> (Arc<Mutex<Vec<(Instant, String, Value)>>>, zenoh::pubsub::Subscriber<()>) {
+fn collect(session: &zenoh::Session, key: String) -> (Seen, zenoh::pubsub::Subscriber<()>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
     let sub = session
@@ -137,7 +131,11 @@ max_tokens = 2
     let eos = s.iter().rev().find(|(_, k, _)| k.ends_with("/eos/status")).map(|(_, _, v)| v["source_state"].clone()).unwrap();
     assert!(eos["restarts"].as_u64() >= Some(3) && eos["last_error"] == "the stream ended (EOS)", "{eos}");
     let log = std::fs::read_to_string(log).unwrap();
-    for line in ["eos: frame source streaming -> restarting: the stream ended (EOS)", "net: frame source streaming -> stalled: no frame for", "net: frame source stalled -> streaming"] {
+    for line in [
+        "eos: frame source streaming -> restarting: the stream ended (EOS)",
+        "net: frame source streaming -> stalled: no frame for",
+        "net: frame source stalled -> streaming",
+    ] {
         assert!(log.contains(line), "{line:?} not in the log:\n{log}");
     }
 }

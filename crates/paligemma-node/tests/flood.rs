@@ -8,7 +8,7 @@ use zenoh::Wait;
 use zenoh::qos::CongestionControl;
 
 mod common;
-use common::{fixture_model, free_port, start_node_logged};
+use common::{client, fixture_model, free_port, start_node_logged};
 
 /// Malformed samples per flood (fewer under emulation, where the node's side runs
 /// 10-50 times slower).
@@ -20,15 +20,6 @@ const MEASURE: Duration = Duration::from_secs(4);
 /// One good frame every 100 ms.
 const FRAME_EVERY: Duration = Duration::from_millis(100);
 const WINDOW_S: f64 = 2.0;
-
-fn client(port: u16) -> zenoh::Session {
-    let mut c = zenoh::Config::default();
-    c.insert_json5("mode", "\"peer\"").unwrap();
-    c.insert_json5("connect/endpoints", &format!("[\"tcp/127.0.0.1:{port}\"]")).unwrap();
-    c.insert_json5("listen/endpoints", "[]").unwrap();
-    c.insert_json5("scouting/multicast/enabled", "false").unwrap();
-    zenoh::open(c).wait().unwrap()
-}
 
 type Sub = zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>;
 

@@ -6,16 +6,7 @@ use std::time::{Duration, Instant};
 use zenoh::Wait;
 
 mod common;
-use common::{Node, fixture_model, free_port, start_node};
-
-fn client(port: u16) -> zenoh::Session {
-    let mut c = zenoh::Config::default();
-    c.insert_json5("mode", "\"peer\"").unwrap();
-    c.insert_json5("connect/endpoints", &format!("[\"tcp/127.0.0.1:{port}\"]")).unwrap();
-    c.insert_json5("listen/endpoints", "[]").unwrap();
-    c.insert_json5("scouting/multicast/enabled", "false").unwrap();
-    zenoh::open(c).wait().unwrap()
-}
+use common::{Node, client, fixture_model, free_port, start_node};
 
 /// Collects JSON payloads from a subscriber until `pred` matches or the deadline.
 fn wait_for(

@@ -14,6 +14,17 @@ pub fn fixture_model(dir: &Path) -> PathBuf {
     model
 }
 
+/// A Zenoh peer connected to the node on loopback only.
+pub fn client(port: u16) -> zenoh::Session {
+    use zenoh::Wait;
+    let mut c = zenoh::Config::default();
+    c.insert_json5("mode", "\"peer\"").unwrap();
+    c.insert_json5("connect/endpoints", &format!("[\"tcp/127.0.0.1:{port}\"]")).unwrap();
+    c.insert_json5("listen/endpoints", "[]").unwrap();
+    c.insert_json5("scouting/multicast/enabled", "false").unwrap();
+    zenoh::open(c).wait().unwrap()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
