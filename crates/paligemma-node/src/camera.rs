@@ -33,24 +33,29 @@ fn encode<T: serde::Serialize>(encoding: Encoding, value: &T) -> (Vec<u8>, zenoh
 }
 
 /// An error report on `<prefix>/<camera>/errors`. Reports of refused input carry their
-/// kind and how many refusals they account for (a window's summary: all it suppressed).
-#[derive(serde::Serialize)]
-struct ErrorMessage<'a> {
-    schema: &'static str,
-    source: &'a Source,
-    message: String,
+/// kind and how many refusals they account for (a window's summary: all it suppressed);
+/// reports of a frame source's change carry kind `source`, its new state and restarts.
+#[derive(Default, serde::Serialize)]
+struct ErrorDetails {
     #[serde(skip_serializing_if = "Option::is_none")]
     kind: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     refusals: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     suppressed: Option<u64>,
-    /// The frame source's new state and its restarts so far, for a report of its change
-    /// (kind `source`).
     #[serde(skip_serializing_if = "Option::is_none")]
     state: Option<paligemma_stream::message::SourceState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     restarts: Option<u64>,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorMessage<'a> {
+    schema: &'static str,
+    source: &'a Source,
+    message: String,
+    #[serde(flatten)]
+    details: ErrorDetails,
 }
 
 /// Everything a camera needs to publish.
@@ -77,24 +82,19 @@ impl Publisher {
     }
 
     fn result(&self, msg: &ResultMessage) {
-        let key = if msg.is_error() { format!("{}/errors", self.base) } else { format!("{}/{}", self.base, msg.prompt.id) };
+        let key = self.key(if msg.is_error() { "errors" } else { &msg.prompt.id });
         self.put(&key, msg);
     }
 
     fn error(&self, message: String) {
         tracing::warn!("{}: {message}", self.base);
         self.errors.fetch_add(1, Ordering::Relaxed);
-        let error = ErrorMessage {
-            schema: "paligemma.error/1",
-            source: &self.source,
-            message,
-            kind: None,
-            refusals: None,
-            suppressed: None,
-            state: None,
-            restarts: None,
-        };
-        self.put(&format!("{}/errors", self.base), &error);
+        self.put_error(message, ErrorDetails::default());
+    }
+
+    /// Publishes on `<camera>/errors` (the caller logs).
+    fn put_error(&self, message: String, details: ErrorDetails) {
+        self.put(&self.key("errors"), &ErrorMessage { schema: "paligemma.error/1", source: &self.source, message, details });
     }
 
     /// Logs and publishes a change of the frame source's state.
@@ -105,17 +105,7 @@ impl Publisher {
         } else {
             tracing::warn!("{}: {message}", self.base);
         }
-        let event = ErrorMessage {
-            schema: "paligemma.error/1",
-            source: &self.source,
-            message,
-            kind: Some("source"),
-            refusals: None,
-            suppressed: None,
-            state: Some(t.to),
-            restarts: Some(t.restarts),
-        };
-        self.put(&format!("{}/errors", self.base), &event);
+        self.put_error(message, ErrorDetails { kind: Some("source"), state: Some(t.to), restarts: Some(t.restarts), ..Default::default() });
     }
 
     /// Counts refused input from `source` and reports it if the refusal policy says so.
@@ -128,17 +118,9 @@ impl Publisher {
     /// Logs and publishes a report of refused input.
     fn report(&self, report: Report) {
         tracing::warn!("{}: {}", self.base, report.message);
-        let error = ErrorMessage {
-            schema: "paligemma.error/1",
-            source: &self.source,
-            message: report.message,
-            kind: Some(report.kind.name()),
-            refusals: Some(report.refusals),
-            suppressed: Some(report.suppressed),
-            state: None,
-            restarts: None,
-        };
-        self.put(&format!("{}/errors", self.base), &error);
+        let details =
+            ErrorDetails { kind: Some(report.kind.name()), refusals: Some(report.refusals), suppressed: Some(report.suppressed), ..Default::default() };
+        self.put_error(report.message, details);
     }
 
     fn key(&self, name: &str) -> String {

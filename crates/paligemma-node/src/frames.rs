@@ -28,9 +28,8 @@ fn description(pipeline: Option<&str>, uri: Option<&str>) -> Result<String> {
     })
 }
 
-fn parse(pipeline: Option<&str>, uri: Option<&str>) -> Result<gst::Pipeline> {
-    let desc = description(pipeline, uri)?;
-    gst::parse::launch(&desc)
+fn parse(desc: &str) -> Result<gst::Pipeline> {
+    gst::parse::launch(desc)
         .with_context(|| format!("invalid pipeline {desc:?}"))?
         .downcast::<gst::Pipeline>()
         .map_err(|_| anyhow!("{desc:?} is not a pipeline"))
@@ -40,7 +39,7 @@ fn parse(pipeline: Option<&str>, uri: Option<&str>) -> Result<gst::Pipeline> {
 /// (or names elements that are not installed) is a configuration error, not a fault to
 /// ride out.
 pub fn check(pipeline: Option<&str>, uri: Option<&str>) -> Result<()> {
-    parse(pipeline, uri).map(drop)
+    parse(&description(pipeline, uri)?).map(drop)
 }
 
 impl GstSource {
@@ -53,7 +52,7 @@ impl GstSource {
         on_bus: impl Fn(BusEvent) + Send + Sync + 'static,
     ) -> Result<GstSource> {
         let desc = description(pipeline, uri)?;
-        let pipeline = parse(Some(&desc), None)?;
+        let pipeline = parse(&desc)?;
         let sink = pipeline
             .by_name("sink")
             .and_then(|e| e.downcast::<gst_app::AppSink>().ok())

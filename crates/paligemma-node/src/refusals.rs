@@ -10,8 +10,8 @@
 //!   "cannot decode" against "larger than the limit") are kinds of their own.
 //! - At most `errors_per_s` reports go out in any second: a first report or a summary
 //!   beyond that waits for the next tick with room (a first one then carries the count
-//!   of its repeats meanwhile). So `<camera>/errors` carries a bounded rate whatever comes in, and
-//!   the counts of what it carries add up to the refusals.
+//!   of its repeats meanwhile). So `<camera>/errors` carries a bounded rate whatever
+//!   comes in, and the counts of what it carries add up to the refusals.
 //! - The work per refusal is a counter, a short message and a map look-up, whatever the
 //!   sample claims; at most [`MAX_WINDOWS`] windows are open, so that a peer that varies
 //!   its keys or its garbage cannot grow the map.
@@ -31,7 +31,7 @@ pub enum RefusalKind {
     PromptUpdate,
     /// An ask beyond the node's ask rate.
     AskRate,
-    /// An ask that could not be answered (a bad prompt, no frame yet, a timeout).
+    /// An ask whose payload is not a prompt (empty, too long, not UTF-8, bad JSON).
     Ask,
 }
 
