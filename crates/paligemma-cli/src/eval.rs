@@ -2,7 +2,9 @@
 //! held-out synthetic frames.
 use anyhow::{Context, Result};
 use paligemma::preprocess::RgbImage;
-use paligemma::{AnswerOptions, KvType, Model, ModelOptions, Task, TaskResult};
+use paligemma::filter::DEFAULT_DUPLICATE_IOU;
+use paligemma::output::Detection;
+use paligemma::{AnswerOptions, DetectionFilter, KvType, Model, ModelOptions, Task, TaskResult};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -70,6 +72,36 @@ struct Object {
     colour: String,
 }
 
+/// A detection as the evaluation saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct Scored {
+    /// Its score ([`paligemma::confidence`]).
+    pub score: f32,
+    /// The engine's first score, the probability of its least certain token.
+    pub min_token_prob: f32,
+    /// Whether it matched a true box at IoU >= 0.5.
+    pub right: bool,
+}
+
+/// Which of a detection's scores a figure is about.
+#[derive(Clone, Copy)]
+pub enum ScoreKind {
+    Score,
+    MinTokenProb,
+}
+
+impl ScoreKind {
+    fn of(self, s: &Scored) -> f32 {
+        match self {
+            ScoreKind::Score => s.score,
+            ScoreKind::MinTokenProb => s.min_token_prob,
+        }
+    }
+}
+
+/// The threshold the evaluation reports precision and recall at.
+pub const EVAL_MIN_SCORE: f32 = 0.5;
+
 /// The results of an evaluation.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Scores {
@@ -84,9 +116,15 @@ pub struct Scores {
     pub counts_correct: usize,
     /// Per label: (boxes, found).
     pub per_label: std::collections::BTreeMap<String, (usize, usize)>,
-    /// Each detection's score and whether it matched a true box at IoU >= 0.5.
+    /// Same-label pairs of detections overlapping with IoU > 0.5 in what the model wrote,
+    /// and after duplicate suppression.
+    pub duplicate_pairs_written: usize,
+    pub duplicate_pairs_kept: usize,
+    /// Right boxes that duplicate suppression dropped.
+    pub right_boxes_suppressed: usize,
+    /// Every detection after duplicate suppression.
     #[serde(skip)]
-    pub scored: Vec<(f32, bool)>,
+    pub scored: Vec<Scored>,
 }
 
 impl Scores {
@@ -100,34 +138,82 @@ impl Scores {
         n as f64 / self.frames.max(1) as f64
     }
 
-    /// Area under the ROC curve of the detection scores for right (IoU >= 0.5) against
-    /// wrong boxes: the chance that a right box scores above a wrong one (ties count
-    /// half). None without both kinds.
-    pub fn score_auc(&self) -> Option<f64> {
-        let right: Vec<f32> = self.scored.iter().filter(|s| s.1).map(|s| s.0).collect();
-        let wrong: Vec<f32> = self.scored.iter().filter(|s| !s.1).map(|s| s.0).collect();
+    /// Area under the ROC curve of the scores for right (IoU >= 0.5) against wrong
+    /// boxes: the chance that a right box scores above a wrong one (ties count half).
+    /// None without both kinds.
+    pub fn auc(&self, kind: ScoreKind) -> Option<f64> {
+        let of = |right: bool| self.scored.iter().filter(|s| s.right == right).map(|s| kind.of(s)).collect::<Vec<f32>>();
+        let (right, wrong) = (of(true), of(false));
         if right.is_empty() || wrong.is_empty() {
             return None;
         }
-        let wins: f64 = right
-            .iter()
-            .map(|r| {
-                wrong
-                    .iter()
-                    .map(|w| {
-                        if r > w {
-                            1.0
-                        } else if r == w {
-                            0.5
-                        } else {
-                            0.0
-                        }
-                    })
-                    .sum::<f64>()
-            })
-            .sum();
+        let wins: f64 = right.iter().flat_map(|r| wrong.iter().map(move |w| (r, w))).map(|(r, w)| if r > w { 1.0 } else if r == w { 0.5 } else { 0.0 }).sum();
         Some(wins / (right.len() * wrong.len()) as f64)
     }
+
+    /// Expected calibration error over 10 equal-width bins: the mean over detections of
+    /// the gap between their bin's mean score and its share of right boxes.
+    pub fn calibration_error(&self, kind: ScoreKind) -> Option<f64> {
+        if self.scored.is_empty() {
+            return None;
+        }
+        let mut bins = [(0usize, 0f64, 0usize); 10];
+        for s in &self.scored {
+            let v = kind.of(s).clamp(0.0, 1.0);
+            let bin = &mut bins[((v * 10.0) as usize).min(9)];
+            *bin = (bin.0 + 1, bin.1 + f64::from(v), bin.2 + usize::from(s.right));
+        }
+        let gap: f64 = bins.iter().filter(|b| b.0 > 0).map(|&(_, sum, right)| (sum - right as f64).abs()).sum();
+        Some(gap / self.scored.len() as f64)
+    }
+
+    /// Precision and recall of the detections scoring at least `min_score`.
+    pub fn at_threshold(&self, kind: ScoreKind, min_score: f32) -> (f64, f64) {
+        let kept: Vec<&Scored> = self.scored.iter().filter(|s| kind.of(s) >= min_score).collect();
+        let right = kept.iter().filter(|s| s.right).count();
+        (right as f64 / kept.len().max(1) as f64, right as f64 / self.boxes.max(1) as f64)
+    }
+
+    /// The median score of the right boxes.
+    pub fn median_right(&self, kind: ScoreKind) -> Option<f32> {
+        let mut v: Vec<f32> = self.scored.iter().filter(|s| s.right).map(|s| kind.of(s)).collect();
+        v.sort_by(f32::total_cmp);
+        v.get(v.len() / 2).copied()
+    }
+
+    /// The score figures as JSON.
+    fn score_figures(&self, kind: ScoreKind) -> serde_json::Value {
+        let (precision, recall) = self.at_threshold(kind, EVAL_MIN_SCORE);
+        serde_json::json!({"roc_auc": self.auc(kind), "calibration_error": self.calibration_error(kind), "precision_at_0_5": precision,
+                           "recall_at_0_5": recall, "median_right": self.median_right(kind)})
+    }
+}
+
+/// Same-label pairs overlapping with IoU above the default duplicate threshold.
+fn duplicate_pairs(found: &[Detection]) -> usize {
+    (0..found.len())
+        .flat_map(|i| (i + 1..found.len()).map(move |j| (i, j)))
+        .filter(|&(i, j)| found[i].label == found[j].label && paligemma::filter::iou(&found[i], &found[j]) > DEFAULT_DUPLICATE_IOU)
+        .count()
+}
+
+/// Which detections match a true box (same label, IoU >= 0.5, each used once, greedy
+/// per true box).
+fn match_truth(found: &[Detection], truth: &[LabelledBox]) -> Vec<bool> {
+    let mut used = vec![false; found.len()];
+    for b in truth {
+        let truth_box = [b.x1, b.y1, b.x2, b.y2];
+        let best = found
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| !used[*i] && d.label == b.label)
+            .map(|(i, d)| (i, iou(truth_box, [d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2])))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((i, _)) = best.filter(|(_, v)| *v >= 0.5) {
+            used[i] = true;
+        }
+    }
+    used
 }
 
 fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
@@ -166,6 +252,7 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
     let text = std::fs::read_to_string(&truth_path).with_context(|| truth_path.display().to_string())?;
     let mut s = Scores::default();
     let opts = AnswerOptions { max_tokens: 48, ..Default::default() };
+    let written = AnswerOptions { filter: DetectionFilter { min_score: 0.0, duplicate_iou: 1.0 }, ..opts.clone() };
     for (n, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         if limit > 0 && n >= limit {
             break;
@@ -175,30 +262,30 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
         let emb = model.encode_image(&image)?;
         s.frames += 1;
 
-        let det = model.answer(&emb, &Task::parse(&t.detect.prompt)?, &opts)?;
-        let found = det.result.detections();
+        // Everything the model wrote, then what the default filter keeps.
+        let det = model.answer(&emb, &Task::parse(&t.detect.prompt)?, &written)?;
+        let mut kept = det.result.clone();
+        DetectionFilter::default().apply(&mut kept);
+        s.duplicate_pairs_written += duplicate_pairs(det.result.detections());
+        s.duplicate_pairs_kept += duplicate_pairs(kept.detections());
+        let right_written = match_truth(det.result.detections(), &t.detect.boxes).iter().filter(|r| **r).count();
+        let found = kept.detections();
+        let used = match_truth(found, &t.detect.boxes);
+        let right = used.iter().filter(|r| **r).count();
+        s.right_boxes_suppressed += right_written - right;
         s.detections += found.len();
-        let mut used = vec![false; found.len()];
+        s.detections_correct += right;
+        s.boxes += t.detect.boxes.len();
+        s.boxes_found += right;
         for b in &t.detect.boxes {
-            s.boxes += 1;
             s.per_label.entry(b.label.clone()).or_default().0 += 1;
-            let truth_box = [b.x1, b.y1, b.x2, b.y2];
-            let best = found
-                .iter()
-                .enumerate()
-                .filter(|(i, d)| !used[*i] && d.label == b.label)
-                .map(|(i, d)| (i, iou(truth_box, [d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2])))
-                .max_by(|a, b| a.1.total_cmp(&b.1));
-            if let Some((i, v)) = best.filter(|(_, v)| *v >= 0.5) {
-                used[i] = true;
-                s.boxes_found += 1;
-                s.per_label.entry(b.label.clone()).or_default().1 += 1;
-                s.detections_correct += 1;
-                let _ = v;
-            }
         }
-
-        s.scored.extend(found.iter().zip(&used).map(|(d, &right)| (d.score.unwrap_or(0.0), right)));
+        for (d, _) in found.iter().zip(&used).filter(|(_, r)| **r) {
+            s.per_label.entry(d.label.clone()).or_default().1 += 1;
+        }
+        s.scored.extend(
+            found.iter().zip(&used).map(|(d, &right)| Scored { score: d.score.unwrap_or(0.0), min_token_prob: d.min_token_prob.unwrap_or(0.0), right }),
+        );
 
         let cap = model.answer(&emb, &Task::parse(&t.caption.prompt)?, &opts)?;
         let cap_text = match &cap.result {
@@ -237,7 +324,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         let v = serde_json::json!({
             "scores": s, "detection_recall_iou50": s.recall(), "detection_precision_iou50": s.precision(),
             "caption_exact": s.rate(s.captions_exact), "caption_objects": s.rate(s.captions_objects), "count_accuracy": s.rate(s.counts_correct),
-            "detection_score_auc": s.score_auc(), "detections_right_wrong": [s.detections_correct, s.detections - s.detections_correct],
+            "detections_right_wrong": [s.detections_correct, s.detections - s.detections_correct],
+            "score": s.score_figures(ScoreKind::Score), "min_token_prob": s.score_figures(ScoreKind::MinTokenProb),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -246,11 +334,24 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         for (label, (n, found)) in &s.per_label {
             println!("  recall for {label:<9}       {:.1}% ({found} of {n})", 100.0 * *found as f64 / (*n).max(1) as f64);
         }
-        println!("detection precision         {:.1}%", 100.0 * s.precision());
-        match s.score_auc() {
-            Some(auc) => println!("score ROC AUC, right/wrong  {auc:.3} ({} right, {} wrong boxes)", s.detections_correct, s.detections - s.detections_correct),
-            None => println!("score ROC AUC, right/wrong  - (needs right and wrong boxes)"),
-        }
+        println!("detection precision         {:.1}% ({} right, {} wrong boxes)", 100.0 * s.precision(), s.detections_correct, s.detections - s.detections_correct);
+        println!(
+            "duplicate pairs             {} written, {} kept; {} right boxes suppressed",
+            s.duplicate_pairs_written, s.duplicate_pairs_kept, s.right_boxes_suppressed
+        );
+        println!("                            score    min token prob");
+        let both = |f: &dyn Fn(ScoreKind) -> String| println!("{:<10} {}", f(ScoreKind::Score), f(ScoreKind::MinTokenProb));
+        let or_dash = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+        print!("  ROC AUC, right/wrong      ");
+        both(&|k| or_dash(s.auc(k)));
+        print!("  calibration error (ECE)   ");
+        both(&|k| or_dash(s.calibration_error(k)));
+        print!("  precision at score >= 0.5 ");
+        both(&|k| format!("{:.1}%", 100.0 * s.at_threshold(k, EVAL_MIN_SCORE).0));
+        print!("  recall at score >= 0.5    ");
+        both(&|k| format!("{:.1}%", 100.0 * s.at_threshold(k, EVAL_MIN_SCORE).1));
+        print!("  median score, right boxes ");
+        both(&|k| or_dash(s.median_right(k).map(f64::from)));
         println!("captions exact              {:.1}%", 100.0 * s.rate(s.captions_exact));
         println!("captions right objects      {:.1}%", 100.0 * s.rate(s.captions_objects));
         println!("counting accuracy           {:.1}%", 100.0 * s.rate(s.counts_correct));
@@ -272,12 +373,23 @@ mod tests {
         assert_eq!(iou([0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]), 0.0);
     }
 
+    fn scores(scored: &[(f32, bool)]) -> Scores {
+        let scored = scored.iter().map(|&(score, right)| Scored { score, min_token_prob: 0.0, right }).collect();
+        Scores { scored, boxes: 4, ..Default::default() }
+    }
+
     #[test]
-    fn score_auc_ranks_right_above_wrong() {
-        let with = |scored: Vec<(f32, bool)>| Scores { scored, ..Default::default() }.score_auc();
-        assert_eq!(with(vec![(0.9, true), (0.8, true), (0.2, false)]), Some(1.0));
-        assert_eq!(with(vec![(0.1, true), (0.8, false)]), Some(0.0));
-        assert_eq!(with(vec![(0.5, true), (0.5, false), (0.9, true), (0.1, false)]), Some(0.875));
-        assert_eq!(with(vec![(0.5, true)]), None);
+    fn score_figures() {
+        let auc = |scored: &[(f32, bool)]| scores(scored).auc(ScoreKind::Score);
+        assert_eq!(auc(&[(0.9, true), (0.8, true), (0.2, false)]), Some(1.0));
+        assert_eq!(auc(&[(0.1, true), (0.8, false)]), Some(0.0));
+        assert_eq!(auc(&[(0.5, true), (0.5, false), (0.9, true), (0.1, false)]), Some(0.875));
+        assert_eq!(auc(&[(0.5, true)]), None);
+        // Bins [0.9, 1): 0.95 and 0.95, both right (gap 0.1); [0.2, 0.3): 0.25, wrong (0.25);
+        // [0.6, 0.7): 0.65 right, 0.65 wrong (2 x 0.65 - 1 = 0.3).
+        let s = scores(&[(0.95, true), (0.95, true), (0.25, false), (0.65, true), (0.65, false)]);
+        assert!((s.calibration_error(ScoreKind::Score).unwrap() - (0.1 + 0.25 + 0.3) / 5.0).abs() < 1e-6);
+        assert_eq!(s.at_threshold(ScoreKind::Score, 0.5), (0.75, 0.75));
+        assert_eq!(s.median_right(ScoreKind::Score), Some(0.95));
     }
 }

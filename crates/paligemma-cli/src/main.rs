@@ -3,7 +3,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use paligemma::convert::{ConvertOptions, default_vision_type, parse_weight_type};
 use paligemma::preprocess::{PixelValues, RgbImage};
-use paligemma::{AnswerOptions, KvType, Model, ModelOptions, Sampling, Task};
+use paligemma::{AnswerOptions, DetectionFilter, KvType, Model, ModelOptions, Sampling, Task};
 mod bench;
 mod bench_streams;
 mod eval;
@@ -85,6 +85,14 @@ enum Command {
         /// Largest image accepted, in pixels (width x height), checked before decoding.
         #[arg(long, default_value_t = paligemma::preprocess::DEFAULT_MAX_PIXELS)]
         max_pixels: usize,
+        /// Drop detections scoring below this (0 to 1; the score is the model's probability
+        /// that the box and label are right).
+        #[arg(long, default_value_t = 0.0)]
+        min_score: f32,
+        /// Same-label boxes overlapping with an IoU above this are one object: the
+        /// better-scoring one is kept (1 keeps every box).
+        #[arg(long, default_value_t = paligemma::filter::DEFAULT_DUPLICATE_IOU)]
+        duplicate_iou: f32,
     },
     /// Decode 16 segmentation codes to the mask decoder's raw 64x64 f32 output.
     DecodeMask {
@@ -157,8 +165,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Convert { hf_dir, out, ty, vision_type, seg_decoder } => convert(&hf_dir, &out, &ty, vision_type.as_deref(), seg_decoder),
         Command::Info { model, json } => info(&model, json),
-        Command::Run { load, image, prompt, max_tokens, temperature, top_k, top_p, seed, json, logits_out, pixel_values, loc_divisor, max_pixels } => {
-            let opts = AnswerOptions { max_tokens, sampling: Sampling { temperature, top_k, top_p, seed }, loc_divisor };
+        Command::Run { load, image, prompt, max_tokens, temperature, top_k, top_p, seed, json, logits_out, pixel_values, loc_divisor, max_pixels, min_score, duplicate_iou } => {
+            let filter = DetectionFilter { min_score, duplicate_iou };
+            filter.validate()?;
+            let opts = AnswerOptions { max_tokens, sampling: Sampling { temperature, top_k, top_p, seed }, loc_divisor, filter };
             let inputs = Inputs { image: image.as_deref(), pixel_values: pixel_values.as_deref(), max_pixels };
             run_prompt(&load, inputs, &prompt, &opts, json, logits_out.as_deref())
         }
@@ -355,6 +365,11 @@ fn run_prompt(load: &LoadArgs, inputs: Inputs<'_>, prompt: &str, opts: &AnswerOp
             let b = &d.bbox;
             let score = d.score.map_or(String::new(), |s| format!(" score {s:.2}"));
             eprintln!("  {}: x {:.0} y {:.0} w {:.0} h {:.0}{score}{}", d.label, b.x, b.y, b.w, b.h, if d.mask.is_some() { " (mask)" } else { "" });
+        }
+        if let paligemma::TaskResult::Detections { dropped, .. } | paligemma::TaskResult::Segmentation { dropped, .. } = &answer.result {
+            if !dropped.is_none() {
+                eprintln!("  dropped: {} below --min-score, {} duplicates", dropped.below_min_score, dropped.duplicates);
+            }
         }
     }
     Ok(())

@@ -129,26 +129,26 @@ fn demo_model_evaluation() {
     assert!(v["detection_precision_iou50"].as_f64().unwrap() >= 0.9);
     assert!(v["caption_objects"].as_f64().unwrap() >= 0.85);
     assert!(v["count_accuracy"].as_f64().unwrap() >= 0.75);
+    // The score means what it says: right boxes score high (0.87 median, the old
+    // least-certain-token score 0.025), so a threshold of 0.5 keeps almost all of them.
+    assert!(v["score"]["median_right"].as_f64().unwrap() >= 0.7, "{v}");
+    assert!(v["score"]["recall_at_0_5"].as_f64().unwrap() >= 0.9, "{v}");
+    assert_eq!(v["scores"]["duplicate_pairs_kept"], 0, "{v}");
+}
+
+/// `paligemma run --json` with the demo model on its first held-out frame.
+fn run_demo_frame(prompt: &str, extra: &[&str]) -> serde_json::Value {
+    let args = ["run", "-m", "models/demo/paligemma2-demo-f16.gguf", "-i", "tests/fixtures/demo_eval/frame_0000.png", "-p", prompt, "--threads", "1", "--json"];
+    let (ok, stdout, stderr) = paligemma(&[&args[..], extra].concat());
+    assert!(ok, "{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap()
 }
 
 /// Every detection of the demo model carries a confidence score, and an answer its
 /// mean token log-probability.
 #[test]
 fn demo_model_scores() {
-    let (ok, stdout, stderr) = paligemma(&[
-        "run",
-        "-m",
-        "models/demo/paligemma2-demo-f16.gguf",
-        "-i",
-        "tests/fixtures/demo_eval/frame_0000.png",
-        "-p",
-        "detect circle",
-        "--threads",
-        "1",
-        "--json",
-    ]);
-    assert!(ok, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = run_demo_frame("detect circle", &[]);
     let detections = v["result"]["detections"].as_array().unwrap();
     assert!(!detections.is_empty(), "{v}");
     for d in detections {
@@ -157,6 +157,23 @@ fn demo_model_scores() {
     }
     let lp = v["mean_logprob"].as_f64().unwrap();
     assert!(lp <= 0.0 && lp.is_finite(), "{v}");
+}
+
+/// `--min-score` drops the detections scoring below it and says how many it dropped.
+#[test]
+fn min_score_drops_and_counts() {
+    let run = |min_score: &str| run_demo_frame("detect ball ; circle ; square ; triangle", &["--min-score", min_score])["result"].clone();
+    let all = run("0");
+    let scores: Vec<f64> = all["detections"].as_array().unwrap().iter().map(|d| d["score"].as_f64().unwrap()).collect();
+    assert!(all.get("dropped").is_none(), "{all}");
+    assert!(!scores.is_empty(), "{all}");
+    // Above the best score: every detection is dropped, and counted.
+    let cut = (scores.iter().copied().fold(0.0, f64::max) + 1.0) / 2.0;
+    let none = run(&format!("{cut}"));
+    assert_eq!(none["detections"].as_array().unwrap().len(), 0, "{none}");
+    assert_eq!(none["dropped"]["below_min_score"], scores.len(), "{none}");
+    let (ok, _, stderr) = paligemma(&["run", "-m", "models/demo/paligemma2-demo-f16.gguf", "-i", "x.png", "-p", "detect a", "--min-score", "2"]);
+    assert!(!ok && stderr.contains("min_score 2: expected a number from 0 to 1"), "{stderr}");
 }
 
 /// `bench --vs-llama-bench`: the decoder is written as a llama.cpp `gemma2` GGUF, byte

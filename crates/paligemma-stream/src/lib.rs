@@ -19,6 +19,7 @@ pub mod payload;
 pub mod prompts;
 pub mod ros2;
 mod scheduler;
+pub mod tracker;
 pub mod worker;
 
 pub use engine::Engine;

@@ -36,6 +36,14 @@ pub struct FrameInfo {
     pub height: usize,
 }
 
+impl FrameInfo {
+    /// The frame's time in seconds, on the clock its source gives: the presentation
+    /// timestamp, else the capture time, else 0 (trackers then match by overlap alone).
+    pub fn time_s(&self) -> f64 {
+        self.pts_ns.or(self.capture_unix_ns).map_or(0.0, |ns| ns as f64 / 1e9)
+    }
+}
+
 /// Which prompt a message answers.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PromptInfo {

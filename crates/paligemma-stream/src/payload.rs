@@ -55,27 +55,39 @@ pub fn decode_frame(payload: &[u8], attachment: Option<&[u8]>, max_pixels: usize
     Ok(RgbImage::decode_limited(payload, max_pixels)?)
 }
 
+/// An ask in its JSON form.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonAsk {
+    prompt: String,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    min_score: Option<f32>,
+    #[serde(default)]
+    duplicate_iou: Option<f32>,
+}
+
 /// Parses an `ask` payload of at most `max_bytes`: plain text, or JSON
-/// `{"prompt": ..., "max_tokens": ...}`.
+/// `{"prompt": ..., "max_tokens": ..., "min_score": ..., "duplicate_iou": ...}`.
 pub fn parse_ask(payload: &[u8], max_bytes: usize) -> Result<StandingPrompt> {
     let bad = |detail: String| Error::Prompts(detail);
     if payload.len() > max_bytes {
         return Err(bad(format!("prompt of {} bytes is longer than {max_bytes}", payload.len())));
     }
     let text = std::str::from_utf8(payload).map_err(|_| bad("prompt is not UTF-8".into()))?.trim();
-    let (prompt, max_tokens) = match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(serde_json::Value::Object(o)) => {
-            let prompt = o.get("prompt").and_then(|p| p.as_str()).ok_or_else(|| bad("JSON ask without a \"prompt\" string".into()))?;
-            let max_tokens = match o.get("max_tokens") {
-                None => DEFAULT_MAX_TOKENS,
-                Some(m) => m.as_u64().and_then(|m| usize::try_from(m).ok()).ok_or_else(|| bad(format!("max_tokens {m} is not a count")))?,
-            };
-            (prompt.to_string(), max_tokens)
-        }
-        _ => (text.to_string(), DEFAULT_MAX_TOKENS),
+    let ask = if text.starts_with('{') {
+        serde_json::from_str::<JsonAsk>(text).map_err(|e| bad(format!("JSON ask: {e}")))?
+    } else {
+        JsonAsk { prompt: text.to_string(), max_tokens: None, min_score: None, duplicate_iou: None }
     };
-    let task = Task::parse(&prompt)?;
-    let p = StandingPrompt { max_tokens, ..StandingPrompt::new(crate::prompts::ASK_ID, task) };
+    let task = Task::parse(&ask.prompt)?;
+    let p = StandingPrompt {
+        max_tokens: ask.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        min_score: ask.min_score,
+        duplicate_iou: ask.duplicate_iou,
+        ..StandingPrompt::new(crate::prompts::ASK_ID, task)
+    };
     p.validate()?;
     Ok(p)
 }

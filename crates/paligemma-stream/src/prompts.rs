@@ -9,12 +9,14 @@
 //! every_ms = 2000             # at most this often (0: every analysed frame)
 //! every_frames = 0            # and/or every N-th frame (0: no frame condition)
 //! max_tokens = 32
+//! min_score = 0.5             # detections scoring below are dropped (default: the stream's)
+//! duplicate_iou = 0.5         # same-label boxes overlapping more are one (default: the stream's)
 //! ```
 //!
 //! The short form (the element's `prompts` property) separates tasks with `|`:
 //! `caption en|detect person ; car`; ids are then derived from the task.
 use crate::{Error, Result};
-use paligemma::Task;
+use paligemma::{DetectionFilter, Task};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -44,6 +46,13 @@ pub struct StandingPrompt {
     pub every_frames: u64,
     #[serde(default = "default_max_tokens")]
     pub max_tokens: usize,
+    /// Detections scoring below this are dropped; none: the stream's
+    /// ([`crate::WorkerConfig::filter`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_score: Option<f32>,
+    /// Same-label boxes overlapping with an IoU above this are one object; none: the stream's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_iou: Option<f32>,
 }
 
 fn default_max_tokens() -> usize {
@@ -52,7 +61,13 @@ fn default_max_tokens() -> usize {
 
 impl StandingPrompt {
     pub fn new(id: impl Into<String>, task: Task) -> StandingPrompt {
-        StandingPrompt { id: id.into(), task, every_ms: 0, every_frames: 0, max_tokens: DEFAULT_MAX_TOKENS }
+        StandingPrompt { id: id.into(), task, every_ms: 0, every_frames: 0, max_tokens: DEFAULT_MAX_TOKENS, min_score: None, duplicate_iou: None }
+    }
+
+    /// The detection filter of this prompt: its own values where it sets them, the
+    /// stream's `defaults` elsewhere.
+    pub fn filter(&self, defaults: &DetectionFilter) -> DetectionFilter {
+        DetectionFilter { min_score: self.min_score.unwrap_or(defaults.min_score), duplicate_iou: self.duplicate_iou.unwrap_or(defaults.duplicate_iou) }
     }
 
     /// Checks the id's characters and the token limit.
@@ -63,6 +78,7 @@ impl StandingPrompt {
         if self.max_tokens == 0 || self.max_tokens > 4096 {
             return Err(Error::Prompts(format!("prompt {:?}: max_tokens {} is not in 1..=4096", self.id, self.max_tokens)));
         }
+        self.filter(&DetectionFilter::default()).validate().map_err(|e| Error::Prompts(format!("prompt {:?}: {e}", self.id)))?;
         Ok(())
     }
 }
@@ -135,7 +151,7 @@ impl PromptSet {
                 n += 1;
                 id = format!("{kind}{n}");
             }
-            prompts.push(StandingPrompt { id, task, every_ms, every_frames: 0, max_tokens });
+            prompts.push(StandingPrompt { every_ms, max_tokens, ..StandingPrompt::new(id, task) });
         }
         Self::new(prompts)
     }

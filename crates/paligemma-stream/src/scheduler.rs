@@ -26,7 +26,8 @@ use crate::frame_sampler::Frame;
 use crate::lanes::{Taken, ThreadShare};
 use crate::message::{Latency, ModelInfo, PromptInfo, ResultMessage, SCHEMA, TokenCounts};
 use crate::prompts::StandingPrompt;
-use crate::worker::{Request, StreamShared};
+use crate::tracker::{Tracker, TrackerConfig};
+use crate::worker::{Request, StreamShared, StreamState};
 use paligemma::{GenerateOptions, ImageEmbedding, Model, SequenceId, Start, TaskResult};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -453,7 +454,9 @@ fn collect_finished(model: &mut Model, job: &mut Job, failed: Option<&str>) {
             continue;
         }
         let embedding = job.embedding.as_ref().expect("a running prompt has its frame encoded");
-        match model.task_result(embedding, &job.prompts[p].task, &generation, job.stream.config.loc_divisor) {
+        let prompt = &job.prompts[p];
+        let filter = prompt.filter(&job.stream.config.filter);
+        match model.task_result(embedding, &prompt.task, &generation, job.stream.config.loc_divisor, &filter) {
             Ok(result) => {
                 let t = &generation.timings;
                 let mut msg = job.message(p);
@@ -501,18 +504,40 @@ fn deliver_done(model: &mut Model, jobs: &mut Vec<Job>) -> bool {
     standing
 }
 
+/// Gives the detections of standing answers their track ids, one tracker per prompt id
+/// (asks are one-off questions and are not tracked); trackers of prompts that are no
+/// longer standing are dropped.
+fn track(st: &mut StreamState, config: &TrackerConfig, messages: &mut [ResultMessage]) {
+    let StreamState { trackers, prompts, .. } = st;
+    trackers.retain(|id, _| prompts.prompts.iter().any(|p| &p.id == id));
+    for msg in messages {
+        let time = msg.frame.time_s();
+        if let TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } = &mut msg.result {
+            trackers.entry(msg.prompt.id.clone()).or_insert_with(|| Tracker::new(config.clone())).update(detections, time);
+        }
+    }
+}
+
 /// Ends a job: counts and delivers its messages (unless abandoned) and releases the
 /// stream's waiters. True for standing work.
 fn finish_job(job: Job, deliver: bool) -> bool {
     let Job { stream, reply, messages, .. } = job;
     let standing = matches!(reply, Reply::Standing);
-    let messages: Vec<ResultMessage> = if deliver { messages.into_iter().flatten().collect() } else { Vec::new() };
+    let mut messages: Vec<ResultMessage> = if deliver { messages.into_iter().flatten().collect() } else { Vec::new() };
     {
         let mut st = stream.lock();
+        if !matches!(reply, Reply::Ask(_)) && stream.config.tracking.enabled {
+            track(&mut st, &stream.config.tracking, &mut messages);
+        }
         for msg in &messages {
             st.stats.results += 1;
             if msg.is_error() {
                 st.stats.errors += 1;
+            }
+            st.stats.detections += msg.result.detections().len() as u64;
+            if let TaskResult::Detections { dropped, .. } | TaskResult::Segmentation { dropped, .. } = &msg.result {
+                st.stats.detections_dropped.below_min_score += dropped.below_min_score;
+                st.stats.detections_dropped.duplicates += dropped.duplicates;
             }
             st.stats.last_latency_ms = msg.latency_ms;
         }

@@ -7,8 +7,11 @@ use crate::engine::Engine;
 use crate::frame_sampler::{Frame, FrameSampler, FrameSamplerConfig};
 use crate::message::{Latency, ResultMessage, Source};
 use crate::prompts::{PromptSet, Schedule, StandingPrompt};
+use crate::tracker::{Predicted, Tracker, TrackerConfig};
+use std::collections::HashMap;
 use crate::{Error, Result};
 use paligemma::output::DEFAULT_LOC_DIVISOR;
+use paligemma::{DetectionFilter, Dropped};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -27,11 +30,15 @@ pub struct WorkerConfig {
     pub source: Source,
     pub sampler: FrameSamplerConfig,
     pub loc_divisor: f32,
+    /// The detection filter of prompts that set none of their own.
+    pub filter: DetectionFilter,
+    /// How detections of standing prompts get track ids.
+    pub tracking: TrackerConfig,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { source: Source::default(), sampler: FrameSamplerConfig::default(), loc_divisor: DEFAULT_LOC_DIVISOR }
+        WorkerConfig { source: Source::default(), sampler: FrameSamplerConfig::default(), loc_divisor: DEFAULT_LOC_DIVISOR, filter: DetectionFilter::default(), tracking: TrackerConfig::default() }
     }
 }
 
@@ -45,6 +52,10 @@ pub struct WorkerStats {
     pub frames_dropped: u64,
     pub results: u64,
     pub errors: u64,
+    /// Detections delivered in results.
+    pub detections: u64,
+    /// Detections the prompts' filters dropped (below `min_score`, duplicates).
+    pub detections_dropped: Dropped,
     /// Asks and sync analyses refused because [`MAX_PENDING_REQUESTS`] were waiting.
     pub requests_refused: u64,
     /// Latency of the last result.
@@ -78,6 +89,8 @@ pub(crate) struct StreamState {
     /// longest ago goes first (round-robin, over every lane).
     pub last_served: u64,
     pub stats: WorkerStats,
+    /// One tracker per standing prompt id that has answered with detections.
+    pub trackers: HashMap<String, Tracker>,
     /// The handle has stopped: the engine starts nothing more for it.
     pub closed: bool,
 }
@@ -133,6 +146,7 @@ impl Worker {
                 standing: false,
                 last_served: 0,
                 stats: WorkerStats::default(),
+                trackers: HashMap::new(),
                 closed: false,
             }),
             delivered: Condvar::new(),
@@ -223,6 +237,14 @@ impl Worker {
 
     pub fn prompts(&self) -> PromptSet {
         self.lock().prompts.clone()
+    }
+
+    /// Where each standing prompt's tracked objects are at `time` (seconds on the clock
+    /// of [`FrameInfo::time_s`](crate::FrameInfo::time_s)), for frames between two
+    /// answers: per prompt id, the confirmed tracks seen in its last answer.
+    pub fn predict(&self, time: f64) -> Vec<(String, Vec<Predicted>)> {
+        let state = self.lock();
+        state.trackers.iter().map(|(id, t)| (id.clone(), t.predict(time))).collect()
     }
 
     /// Drops the waiting frame and abandons the work in progress (seeks, flushes).

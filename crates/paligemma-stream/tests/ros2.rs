@@ -169,7 +169,7 @@ fn results_as_ros_messages() {
     let mut edge = detections[1].clone();
     edge.mask = Some(Mask::from_bitmap(7, 5, 3, 3, &[true; 9]));
     detections.push(edge);
-    let result = paligemma::TaskResult::Segmentation { detections: detections.clone(), warnings: Vec::new() };
+    let result = paligemma::TaskResult::Segmentation { detections: detections.clone(), warnings: Vec::new(), dropped: Default::default() };
     let mut message = result_message(result);
     message.frame.frame_id = Some("arm_camera".into());
     let msgs = to_ros(&message, "front_camera");

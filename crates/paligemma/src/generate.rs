@@ -4,7 +4,7 @@
 //! tasks and parsed results.
 use crate::kv_cache::{Batch, Prefix};
 use crate::model::{ImageEmbedding, Model, Timings, ms};
-use crate::sampling::{Sampling, TokenSampler, probability, softcap};
+use crate::sampling::{Sampling, TokenSampler, probabilities, probability, softcap};
 use crate::{Error, Result};
 use std::time::Instant;
 
@@ -56,6 +56,11 @@ pub struct Generation {
     /// The probability the model gave each generated id (softmax of its final logits at
     /// temperature 1, whatever the sampling settings): the basis of confidences.
     pub token_probs: Vec<f32>,
+    /// At every generated `<locNNNN>` token, the model's whole distribution over the
+    /// location bins: what detection confidences are worked out from
+    /// ([`crate::confidence`]).
+    #[serde(skip)]
+    pub loc_distributions: Vec<LocDistribution>,
     /// Tokens of the prefix: image tokens, `<bos>`, prompt and newline.
     pub prompt_tokens: usize,
     /// Whether generation ended at eos (rather than the token limit or the callback).
@@ -74,6 +79,22 @@ impl Generation {
         (!self.token_probs.is_empty()).then(|| self.token_probs.iter().map(|p| p.max(f32::MIN_POSITIVE).ln()).sum::<f32>() / self.token_probs.len() as f32)
     }
 }
+
+/// The probabilities the model gave the 1024 location bins (`<loc0000>` to
+/// `<loc1023>`, under the softmax over the whole vocabulary at temperature 1) where it
+/// generated a location token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocDistribution {
+    /// The generated token's index in [`Generation::tokens`].
+    pub index: usize,
+    /// The bin it wrote (its id less `<loc0000>`'s).
+    pub bin: u32,
+    /// One probability per bin; they sum to the probability of writing any location there.
+    pub probs: Vec<f32>,
+}
+
+/// Location tokens in a PaliGemma vocabulary, from `<loc0000>`.
+pub const LOC_BINS: usize = 1024;
 
 /// Tokens one prefill graph takes at most when [`Model::start_batch`] prefills several
 /// prefixes together (llama.cpp's default physical batch): it bounds the compute
@@ -98,6 +119,7 @@ pub(crate) struct Sequence {
     prefix: usize,
     tokens: Vec<u32>,
     token_probs: Vec<f32>,
+    loc_distributions: Vec<LocDistribution>,
     text: String,
     /// Logits for its next token (from the prefill or its last decode step).
     logits: Vec<f32>,
@@ -221,6 +243,7 @@ impl Model {
                 prefix: s.prefix.len(),
                 tokens: Vec::new(),
                 token_probs: Vec::new(),
+                loc_distributions: Vec::new(),
                 text: String::new(),
                 logits: logits.to_vec(),
                 first_logits,
@@ -241,6 +264,7 @@ impl Model {
     pub fn step(&mut self, on_token: &mut dyn FnMut(SequenceId, &Token<'_>) -> bool) -> Result<()> {
         let eos = self.config.tokens.eos;
         let cap = self.config.text.final_softcap;
+        let locs = self.config.tokens.loc_first.map(|first| first as usize..first as usize + LOC_BINS);
         for (slot, seq) in self.sequences.iter_mut().enumerate() {
             let Some(seq) = seq.as_mut().filter(|q| !q.done) else { continue };
             let next = seq.sampler.sample(&mut seq.logits);
@@ -249,7 +273,16 @@ impl Model {
                 seq.done = true;
                 continue;
             }
-            let p = probability(&seq.logits, next, cap);
+            let p = match locs.clone().filter(|l| l.contains(&(next as usize))) {
+                Some(locs) => {
+                    let probs = probabilities(&seq.logits, locs.clone(), cap);
+                    let p = probs.get(next as usize - locs.start).copied().unwrap_or(0.0);
+                    let bin = next - locs.start as u32;
+                    seq.loc_distributions.push(LocDistribution { index: seq.tokens.len(), bin, probs });
+                    p
+                }
+                None => probability(&seq.logits, next, cap),
+            };
             seq.tokens.push(next);
             seq.token_probs.push(p);
             let full = self.tokenizer.decode(&seq.tokens)?;
@@ -307,6 +340,7 @@ impl Model {
             text: q.text,
             tokens: q.tokens,
             token_probs: q.token_probs,
+            loc_distributions: q.loc_distributions,
             prompt_tokens: q.prefix,
             stopped_at_eos: q.eos,
             first_logits: q.first_logits,

@@ -46,10 +46,12 @@
 //!   before any graph is built from it.
 
 mod answer;
+pub mod confidence;
 pub mod config;
 pub mod convert;
 mod decoder;
 mod error;
+pub mod filter;
 pub mod generate;
 mod input_file;
 mod kv_cache;
@@ -68,7 +70,8 @@ mod weights;
 pub use answer::{Answer, AnswerOptions};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use generate::{GenerateOptions, Generation, OnToken, PREFILL_BATCH_TOKENS, SequenceId, Start, Token};
+pub use filter::{DetectionFilter, Dropped};
+pub use generate::{GenerateOptions, Generation, LocDistribution, OnToken, PREFILL_BATCH_TOKENS, SequenceId, Start, Token};
 pub use input_file::read_input_file;
 pub use kv_cache::{KvType, MAX_SEQUENCES};
 pub use model::{ImageEmbedding, Model, ModelOptions, Timings, VISION_BATCH_PATCHES, default_threads, usable_lanes};

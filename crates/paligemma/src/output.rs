@@ -1,6 +1,7 @@
 //! Structured results: the model's text parsed for its task. Detections carry
 //! boxes in pixels of the original frame; malformed outputs become warnings with
 //! the raw text kept, never a panic.
+use crate::filter::Dropped;
 use crate::task::Task;
 
 /// Loc-bin convention: bins 0..=1023 encode round(v * 1023), so v = bin / 1023.
@@ -115,11 +116,22 @@ pub struct Detection {
     /// The object's mask, when the seg codes were decoded (segmentation with a model file
     /// that has the mask decoder) and the box covers at least one pixel.
     pub mask: Option<Mask>,
-    /// Confidence in 0..1: the lowest probability the model gave one of the object's
-    /// tokens (its four loc tokens, its seg tokens and its label), filled in by
-    /// [`crate::Model::answer`]; none when parsed from text alone.
+    /// Confidence in 0..1: the model's probability that the box is right (IoU >= 0.5)
+    /// and the label too, worked out from its distributions over the location bins and
+    /// its label tokens ([`crate::confidence`]); filled in by [`crate::Model::answer`],
+    /// none when parsed from text alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<f32>,
+    /// The lowest probability the model gave one of the object's tokens (its loc, seg
+    /// and label tokens): the engine's first score, which ranks boxes but is small even
+    /// for right ones (each loc token spreads its probability over neighbouring bins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_token_prob: Option<f32>,
+    /// The object's identity over time: the same id in the results of later frames is
+    /// the same object (set by `paligemma-stream`'s tracker; none from the engine alone
+    /// and for an object not confirmed yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_id: Option<u64>,
     /// Which `;`-separated object of the output this is (0-based).
     #[serde(skip)]
     pub object: usize,
@@ -157,6 +169,9 @@ pub enum TaskResult {
         /// number of loc tokens, swapped corners...), one message each.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         warnings: Vec<String>,
+        /// What [`crate::DetectionFilter`] dropped (absent when nothing).
+        #[serde(default, skip_serializing_if = "Dropped::is_none")]
+        dropped: Dropped,
     },
     /// The answer to [`Task::Segment`]: boxes with a mask each when the model file has the
     /// mask decoder.
@@ -167,6 +182,9 @@ pub enum TaskResult {
         /// box...) or why no mask could be decoded, one message each.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         warnings: Vec<String>,
+        /// What [`crate::DetectionFilter`] dropped (absent when nothing).
+        #[serde(default, skip_serializing_if = "Dropped::is_none")]
+        dropped: Dropped,
     },
     /// A task that failed. [`Model::answer`](crate::Model::answer) returns an error instead;
     /// this is for callers that report a failure in place of a result (as `paligemma-stream`
@@ -391,9 +409,10 @@ pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, se
         };
         let box_norm = NormBox { x1, y1, x2, y2 };
         let bbox = box_norm.to_pixels(width, height);
-        detections.push(Detection { label, bbox, box_norm, loc_bins, loc_divisor: divisor, seg_codes, mask: None, score: None, object: n });
+        detections.push(Detection { label, bbox, box_norm, loc_bins, loc_divisor: divisor, seg_codes, mask: None, score: None, min_token_prob: None, track_id: None, object: n });
     }
-    if segmentation { TaskResult::Segmentation { detections, warnings } } else { TaskResult::Detections { detections, warnings } }
+    let dropped = Dropped::default();
+    if segmentation { TaskResult::Segmentation { detections, warnings, dropped } } else { TaskResult::Detections { detections, warnings, dropped } }
 }
 
 /// Parses the model's text for `task` on a frame of `width` x `height` pixels.

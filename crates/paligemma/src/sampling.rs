@@ -51,16 +51,24 @@ pub(crate) fn softcap(l: f32, cap: f32) -> f32 {
 /// of the same formula in f64 (1e-5 for probabilities below 1e-6). The softcap is monotonic, so the largest capped logit
 /// is the cap of the largest raw one.
 pub(crate) fn probability(logits: &[f32], id: u32, cap: Option<f32>) -> f32 {
+    let id = id as usize;
+    probabilities(logits, id..id + 1, cap).first().copied().unwrap_or(0.0)
+}
+
+/// The probabilities of the ids in `range` (clipped to the vocabulary) under the same
+/// softmax as [`probability`], for one pass over the vocabulary: the distribution over
+/// the location tokens that detection confidences are worked out from.
+pub(crate) fn probabilities(logits: &[f32], range: std::ops::Range<usize>, cap: Option<f32>) -> Vec<f32> {
     match cap {
-        Some(c) => probability_with(logits, id, |l| c - 2.0 * c / (1.0 + exp(2.0 * l / c))),
-        None => probability_with(logits, id, |l| l),
+        Some(c) => probabilities_with(logits, range, |l| c - 2.0 * c / (1.0 + exp(2.0 * l / c))),
+        None => probabilities_with(logits, range, |l| l),
     }
 }
 
-/// [`probability`] with the cap as a function, so that each case compiles to its own
+/// [`probabilities`] with the cap as a function, so that each case compiles to its own
 /// branch-free loop.
 #[inline(always)]
-fn probability_with(logits: &[f32], id: u32, capped: impl Fn(f32) -> f32 + Copy) -> f32 {
+fn probabilities_with(logits: &[f32], range: std::ops::Range<usize>, capped: impl Fn(f32) -> f32 + Copy) -> Vec<f32> {
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = logits.chunks_exact(LANES);
@@ -85,7 +93,8 @@ fn probability_with(logits: &[f32], id: u32, capped: impl Fn(f32) -> f32 + Copy)
         }
         total += sums.iter().map(|&s| s as f64).sum::<f64>() + chunks.remainder().iter().map(|&l| term(l) as f64).sum::<f64>();
     }
-    logits.get(id as usize).map_or(0.0, |&l| (term(l) as f64 / total) as f32)
+    let range = range.start.min(logits.len())..range.end.min(logits.len());
+    logits[range].iter().map(|&l| (term(l) as f64 / total) as f32).collect()
 }
 
 /// `e^x` in f32 with plain arithmetic, so that loops over it vectorise: `x = n ln 2 + r`
@@ -210,6 +219,9 @@ mod tests {
                 assert!((got - want).abs() <= tol * want, "cap {cap:?} id {id}: {got:e} against {want:e}");
             }
         }
+        let all = probabilities(&logits, 0..logits.len() + 5, Some(30.0));
+        assert_eq!(all.len(), logits.len());
+        assert!((all.iter().map(|&p| p as f64).sum::<f64>() - 1.0).abs() < 1e-5);
         for x in [-100.0f32, -87.0, -20.5, -1.0, -0.3, 0.0, 0.2, 1.0, 10.25, 80.0] {
             let want = (x as f64).clamp(-87.0, 88.0).exp();
             assert!(((exp(x) as f64) - want).abs() <= 3e-7 * want, "exp({x}) = {} against {want}", exp(x));

@@ -23,7 +23,7 @@ fn tasks_render_the_trained_prompts() {
 fn real_detection_output() {
     // From design.md: a real model's answer to "detect giraffe" on a 640x480 frame.
     let raw = "<loc0210><loc0125><loc0937><loc0641> giraffe ; <loc0157><loc0529><loc0933><loc0802> giraffe";
-    let TaskResult::Detections { detections, warnings } = parse(&Task::parse("detect giraffe").unwrap(), raw, 640, 480, 1023.0) else {
+    let TaskResult::Detections { detections, warnings, .. } = parse(&Task::parse("detect giraffe").unwrap(), raw, 640, 480, 1023.0) else {
         panic!("not detections")
     };
     assert!(warnings.is_empty(), "{warnings:?}");
@@ -45,7 +45,7 @@ fn segmentation_output_keeps_codes() {
     let codes: String = (0..16).map(|i| format!("<seg{:03}>", i * 7)).collect();
     let raw = format!("<loc0100><loc0200><loc0300><loc0400> {codes} cat");
     let r = parse_detections(&raw, 100, 50, 1023.0, true);
-    let TaskResult::Segmentation { detections, warnings } = r else { panic!() };
+    let TaskResult::Segmentation { detections, warnings, .. } = r else { panic!() };
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(detections[0].label, "cat");
     assert_eq!(detections[0].seg_codes.as_deref(), Some(&(0..16).map(|i| i * 7).collect::<Vec<u32>>()[..]));
@@ -71,11 +71,11 @@ fn malformed_outputs_become_warnings() {
     assert!((b.y1 - 100.0).abs() < 1e-3 && (b.x2 - 600.0).abs() < 1e-3);
     // Segmentation with a short code run keeps the box, not the mask.
     let r = parse_detections("<loc0100><loc0200><loc0300><loc0400><seg001><seg002> cat", 10, 10, 1023.0, true);
-    let TaskResult::Segmentation { detections, warnings } = r else { panic!() };
+    let TaskResult::Segmentation { detections, warnings, .. } = r else { panic!() };
     assert_eq!(detections.len(), 1);
     assert!(detections[0].seg_codes.is_none() && warnings[0].contains("2 seg tokens"));
     // Empty output: nothing, no warnings.
-    assert_eq!(parse_detections("", 10, 10, 1023.0, false), TaskResult::Detections { detections: vec![], warnings: vec![] });
+    assert_eq!(parse_detections("", 10, 10, 1023.0, false), TaskResult::Detections { detections: vec![], warnings: vec![], dropped: Default::default() });
 }
 
 #[test]

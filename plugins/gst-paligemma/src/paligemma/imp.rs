@@ -37,6 +37,8 @@ struct Settings {
     meta_kind: MetaKind,
     post_messages: bool,
     max_pixels: u64,
+    min_score: f32,
+    duplicate_iou: f32,
 }
 
 impl Default for Settings {
@@ -55,16 +57,25 @@ impl Default for Settings {
             meta_kind: MetaKind::default(),
             post_messages: true,
             max_pixels: paligemma::preprocess::DEFAULT_MAX_PIXELS as u64,
+            min_score: 0.0,
+            duplicate_iou: paligemma::filter::DEFAULT_DUPLICATE_IOU,
         }
     }
 }
 
 impl Settings {
+    /// The standing prompts; those that set no detection filter of their own get the
+    /// element's (`min-score`, `duplicate-iou`).
     fn prompt_set(&self) -> Result<PromptSet, String> {
-        match &self.prompts_file {
-            Some(path) => PromptSet::from_file(std::path::Path::new(path)).map_err(|e| e.to_string()),
-            None => PromptSet::from_short(&self.prompts, self.interval_ms, self.max_tokens as usize).map_err(|e| e.to_string()),
+        let mut set = match &self.prompts_file {
+            Some(path) => PromptSet::from_file(std::path::Path::new(path)).map_err(|e| e.to_string())?,
+            None => PromptSet::from_short(&self.prompts, self.interval_ms, self.max_tokens as usize).map_err(|e| e.to_string())?,
+        };
+        for p in &mut set.prompts {
+            p.min_score.get_or_insert(self.min_score);
+            p.duplicate_iou.get_or_insert(self.duplicate_iou);
         }
+        Ok(set)
     }
 }
 
@@ -194,6 +205,22 @@ impl ObjectImpl for PaliGemma {
                     .default_value(paligemma::preprocess::DEFAULT_MAX_PIXELS as u64)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecFloat::builder("min-score")
+                    .nick("Minimum score")
+                    .blurb("Drop detections scoring below this: the model's probability that the box (IoU >= 0.5) and label are right (prompts of a prompts-file may set their own min_score)")
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(0.0)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecFloat::builder("duplicate-iou")
+                    .nick("Duplicate IoU")
+                    .blurb("Same-label boxes overlapping with an IoU above this are one object and only the better-scoring one is kept (1: keep all)")
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(paligemma::filter::DEFAULT_DUPLICATE_IOU)
+                    .mutable_playing()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -215,10 +242,12 @@ impl ObjectImpl for PaliGemma {
             "meta-kind" => settings.meta_kind = value.get().expect("type checked upstream"),
             "post-messages" => settings.post_messages = value.get().expect("type checked upstream"),
             "max-pixels" => settings.max_pixels = value.get().expect("type checked upstream"),
+            "min-score" => settings.min_score = value.get().expect("type checked upstream"),
+            "duplicate-iou" => settings.duplicate_iou = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
         // Prompt changes take effect at once while running.
-        if matches!(pspec.name(), "prompts" | "prompts-file" | "max-tokens") {
+        if matches!(pspec.name(), "prompts" | "prompts-file" | "max-tokens" | "min-score" | "duplicate-iou") {
             let result = settings.prompt_set();
             drop(settings);
             match (result, self.state.lock().unwrap().as_ref()) {
@@ -245,6 +274,8 @@ impl ObjectImpl for PaliGemma {
             "meta-kind" => settings.meta_kind.to_value(),
             "post-messages" => settings.post_messages.to_value(),
             "max-pixels" => settings.max_pixels.to_value(),
+            "min-score" => settings.min_score.to_value(),
+            "duplicate-iou" => settings.duplicate_iou.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
