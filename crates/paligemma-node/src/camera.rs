@@ -398,6 +398,7 @@ pub async fn start(
     let config = WorkerConfig {
         source,
         sampler: FrameSamplerConfig { min_interval: Duration::from_millis(cam.interval_ms), skip_unchanged_below: cam.skip_unchanged_below },
+        tracking: cam.tracking.clone(),
         ..Default::default()
     };
     let results_to_ros2 = ros2.clone();

@@ -1,6 +1,7 @@
 //! The node's configuration: one TOML file (see `configs/node.toml`), overridable
 //! from the command line.
 use anyhow::{Context, Result, bail};
+use paligemma_stream::tracker::TrackerConfig;
 use paligemma_stream::{PromptSet, StandingPrompt};
 use std::path::{Path, PathBuf};
 
@@ -241,6 +242,11 @@ pub struct CameraConfig {
     pub restart_backoff_ms: u64,
     #[serde(default = "default_backoff_max")]
     pub restart_backoff_max_ms: u64,
+    /// How detections of the camera's standing prompts get track ids
+    /// (`[camera.tracking]`: enabled, confirm_frames, keep_lost_frames, min_iou,
+    /// max_predict_ms).
+    #[serde(default)]
+    pub tracking: TrackerConfig,
 }
 
 fn default_stall_after() -> u64 {
@@ -334,6 +340,9 @@ impl Config {
                 bail!("camera {:?} reads a ROS 2 topic: enable the [ros2] section", c.name);
             }
             c.prompt_set()?;
+            if let Err(e) = c.tracking.validate() {
+                bail!("camera {:?}: {e}", c.name);
+            }
             if c.stall_after_ms == 0 || c.restart_backoff_ms == 0 || c.restart_backoff_max_ms < c.restart_backoff_ms {
                 bail!("camera {:?}: stall_after_ms and restart_backoff_ms must be positive, restart_backoff_max_ms at least restart_backoff_ms", c.name);
             }

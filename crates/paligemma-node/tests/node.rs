@@ -393,7 +393,7 @@ max_tokens = 3
     let detections = session.declare_subscriber(detections_key.as_str()).wait().unwrap();
     let texts = session.declare_subscriber(text_key.as_str()).wait().unwrap();
 
-    let (mut sequences, mut found) = (Vec::new(), 0);
+    let (mut sequences, mut found, mut track_ids) = (Vec::new(), 0, std::collections::BTreeSet::new());
     for _ in 0..3 {
         let sample = detections.recv_timeout(Duration::from_secs(60)).unwrap().expect("a Detection2DArray sample");
         let array: msgs::Detection2DArray = msgs::from_cdr(&sample.payload().to_bytes(), 1 << 20).unwrap();
@@ -401,7 +401,9 @@ max_tokens = 3
         assert_eq!(array.header.frame_id, "front_camera");
         assert!(array.header.stamp.sec > 1_700_000_000, "the frame's capture time: {:?}", array.header.stamp);
         for d in &array.detections {
-            assert!(d.results[0].hypothesis.class_id == "ball" && d.id == "objects", "{d:?}");
+            // The ball is tracked: its id is its track id, the same over the frames.
+            assert!(d.results[0].hypothesis.class_id == "ball" && d.id.parse::<u64>().is_ok(), "{d:?}");
+            track_ids.insert(d.id.clone());
             assert!(d.results[0].hypothesis.score > 0.0 && d.results[0].hypothesis.score <= 1.0, "{d:?}");
             let (b, c) = (&d.bbox, &d.bbox.center.position);
             assert!(b.size_x > 0.0 && b.size_y > 0.0 && c.x > 0.0 && c.x < 320.0 && c.y > 0.0 && c.y < 240.0, "{d:?}");
@@ -413,6 +415,7 @@ max_tokens = 3
     // Numbered from 1 per publisher, one by one (the first may have gone before we subscribed).
     assert!(sequences[0] >= 1 && sequences.windows(2).all(|w| w[1] == w[0] + 1), "{sequences:?}");
     assert!(found > 0, "the demo model finds the ball");
+    assert_eq!(track_ids.len(), 1, "one ball, one track id: {track_ids:?}");
     let sample = texts.recv_timeout(Duration::from_secs(60)).unwrap().expect("a String sample");
     let text: msgs::StringMsg = msgs::from_cdr(&sample.payload().to_bytes(), 1 << 20).unwrap();
     println!("{}: {text:?}", sample.key_expr());

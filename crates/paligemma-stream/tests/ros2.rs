@@ -151,13 +151,16 @@ fn results_as_ros_messages() {
     // Two boxes (loc bins of 1024 over 8 x 6 pixels): (0,0)-(4,3) and (2,1)-(8,6).
     let raw = "<loc0000><loc0000><loc0512><loc0512> ball ; <loc0171><loc0256><loc1023><loc1023> cup";
     let mut result = parse_detections(raw, 8, 6, 1024.0, false);
+    if let paligemma::TaskResult::Detections { detections, .. } = &mut result {
+        detections[1].track_id = Some(7);
+    }
     let msgs = to_ros(&result_message(result.clone()), "front_camera");
     let [RosResult::Detections(array)] = msgs.as_slice() else { panic!("one Detection2DArray, no masks: {msgs:?}") };
     assert_eq!(array.header, header());
     let [ball, cup] = array.detections.as_slice() else { panic!("{array:?}") };
     assert_eq!((ball.results[0].hypothesis.class_id.as_str(), ball.id.as_str()), ("ball", "objects"));
     assert_eq!((ball.bbox.center.position.x, ball.bbox.center.position.y, ball.bbox.size_x, ball.bbox.size_y), (2.0, 1.5, 4.0, 3.0));
-    assert_eq!(cup.results[0].hypothesis.class_id, "cup");
+    assert_eq!((cup.results[0].hypothesis.class_id.as_str(), cup.id.as_str()), ("cup", "7"), "a tracked object's id is its track id");
 
     // Masks: the ball fills its box, the cup only its top-left pixel, which the ball's
     // box covers too (the later object wins); one more mask hangs off the frame's edge.

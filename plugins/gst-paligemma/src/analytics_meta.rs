@@ -9,6 +9,11 @@
 //!   CONTAINs the prompt's objects and each IS_PART_OF it, so that a consumer can tell
 //!   prompts apart (and sees that a prompt ran even when it found nothing).
 //!
+//! - a tracking entry per tracked object (`GstAnalyticsTrackingMtd`, its track id), related
+//!   to the object's entry both ways (RELATE_TO), as `bytetracker`-style trackers do. Its
+//!   first- and last-seen times are the analysed frame's timestamp: the result message
+//!   does not carry when the track began.
+//!
 //! Captions, answers and OCR add no entry. A class is a GQuark, which lives as long as
 //! the process, so free text that changes with every frame would leak a quark per
 //! answer; their text stays on the ROI meta, the bus messages and the text pad. Masks
@@ -38,6 +43,12 @@ pub fn attach(buffer: &mut gst::BufferRef, msg: &ResultMessage, width: u32, heig
         let object = meta.add_od_mtd(glib::Quark::from_str(&r.label), x as i32, y as i32, w as i32, h as i32, r.score.unwrap_or(0.0))?.id();
         meta.set_relation(RelTypes::CONTAIN, prompt, object)?;
         meta.set_relation(RelTypes::IS_PART_OF, object, prompt)?;
+        if let Some(track_id) = r.track_id {
+            let seen = gst::ClockTime::from_nseconds(msg.frame.pts_ns.unwrap_or(0));
+            let track = meta.add_tracking_mtd(track_id, seen)?.id();
+            meta.set_relation(RelTypes::RELATE_TO, object, track)?;
+            meta.set_relation(RelTypes::RELATE_TO, track, object)?;
+        }
     }
     Ok(())
 }
@@ -69,6 +80,8 @@ pub fn regions(buffer: &gst::BufferRef, width: u32, height: u32) -> Vec<Region> 
                 mask: None,
                 frame: (width, height),
                 active_prompts: Vec::new(),
+                track_id: None,
+                predicted: false,
             })
         })
         .collect()

@@ -9,9 +9,12 @@
 //! `mask-x mask-y mask-width mask-height` (u32, frame pixels) and `mask-rle`
 //! (string: run lengths of alternating 0/1 pixels, row-major, starting with 0s), and
 //! `active-prompts` (array of strings: the ids of the standing prompts in force when
-//! the result was attached, so that a reader can forget the results of removed prompts).
+//! the result was attached, so that a reader can forget the results of removed prompts),
+//! `track-id` (u64, the object's identity over frames, when tracked) and `predicted`
+//! (boolean: true for a box the tracker predicts on a frame between two answers).
 use paligemma::{ResultKind, TaskResult};
 use paligemma_stream::ResultMessage;
+use paligemma_stream::tracker::Predicted;
 
 pub const PARAM_NAME: &str = "paligemma/result";
 
@@ -34,6 +37,10 @@ pub struct Region {
     pub frame: (u32, u32),
     /// Ids of the standing prompts in force when the region was attached.
     pub active_prompts: Vec<String>,
+    /// The object's track id, when tracked.
+    pub track_id: Option<u64>,
+    /// Whether the box is the tracker's prediction for this frame rather than an answer.
+    pub predicted: bool,
 }
 
 /// The regions of a result message, attached while the prompts `active` are in force.
@@ -51,6 +58,8 @@ pub fn regions(msg: &ResultMessage, active: &[String]) -> Vec<Region> {
         text: String::new(),
         mask: None,
         frame: (msg.frame.width as u32, msg.frame.height as u32),
+        track_id: None,
+        predicted: false,
     };
     match &msg.result {
         TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } => detections
@@ -63,6 +72,7 @@ pub fn regions(msg: &ResultMessage, active: &[String]) -> Vec<Region> {
                 y2: d.box_norm.y2 as f64,
                 score: d.score,
                 mask: d.mask.as_ref().map(|m| (m.x as u32, m.y as u32, m.width as u32, m.height as u32, m.rle.clone())),
+                track_id: d.track_id,
                 ..base.clone()
             })
             .collect(),
@@ -84,7 +94,11 @@ impl Region {
             .field("frame-width", self.frame.0)
             .field("frame-height", self.frame.1)
             .field("active-prompts", gst::Array::new(&self.active_prompts))
+            .field("predicted", self.predicted)
             .build();
+        if let Some(id) = self.track_id {
+            s.set("track-id", id);
+        }
         if let Some(score) = self.score {
             s.set("score", f64::from(score));
         }
@@ -120,6 +134,8 @@ impl Region {
             mask,
             frame: (s.get("frame-width").unwrap_or(0), s.get("frame-height").unwrap_or(0)),
             active_prompts: s.get::<gst::Array>("active-prompts").map(|a| a.iter().filter_map(|v| v.get::<String>().ok()).collect()).unwrap_or_default(),
+            track_id: s.get("track-id").ok(),
+            predicted: s.get("predicted").unwrap_or(false),
         })
     }
 
@@ -137,6 +153,30 @@ impl Region {
         let roi_type = if self.label.is_empty() { self.kind.as_str() } else { self.label.as_str() };
         let mut meta = gst_video::VideoRegionOfInterestMeta::add(buffer, roi_type, (x, y, w, h));
         meta.add_param(self.to_structure());
+    }
+
+    /// The regions of the boxes a tracker predicts for prompt `prompt_id` on a frame of
+    /// `frame` pixels, while the prompts `active` are in force.
+    pub fn predicted(prompt_id: &str, boxes: &[Predicted], frame: (u32, u32), active: &[String]) -> Vec<Region> {
+        boxes
+            .iter()
+            .map(|p| Region {
+                prompt_id: prompt_id.to_string(),
+                kind: ResultKind::Detections,
+                label: p.label.clone(),
+                x1: f64::from(p.box_norm.x1),
+                y1: f64::from(p.box_norm.y1),
+                x2: f64::from(p.box_norm.x2),
+                y2: f64::from(p.box_norm.y2),
+                score: p.score,
+                text: String::new(),
+                mask: None,
+                frame,
+                active_prompts: active.to_vec(),
+                track_id: Some(p.track_id),
+                predicted: true,
+            })
+            .collect()
     }
 
     /// Regions carried by a buffer's metas.

@@ -5,7 +5,7 @@
 #![cfg(feature = "analytics")]
 use gst::prelude::*;
 use gst_analytics::prelude::*;
-use gst_analytics::{AnalyticsClassificationMtd, AnalyticsODMtd, AnalyticsRelationMeta, RelTypes};
+use gst_analytics::{AnalyticsClassificationMtd, AnalyticsODMtd, AnalyticsRelationMeta, AnalyticsTrackingMtd, RelTypes};
 use gstpaligemma::result_meta::Region;
 use std::path::PathBuf;
 
@@ -37,7 +37,7 @@ fn run(prompts: &str, meta_kind: &str, overlay: bool, frames: u32) -> Vec<gst::B
 fn detections_as_object_detection_entries_grouped_by_prompt() {
     let buffers = run("detect ball|caption en", "both", false, 4);
     assert_eq!(buffers.len(), 4);
-    let mut objects = 0;
+    let (mut objects, mut track_ids) = (0, std::collections::BTreeSet::new());
     for (i, buffer) in buffers.iter().enumerate() {
         let meta = buffer.meta::<AnalyticsRelationMeta>().expect("a relation meta on every analysed frame");
         // One classification entry for the detect prompt (captions add none), containing its objects.
@@ -61,6 +61,11 @@ fn detections_as_object_detection_entries_grouped_by_prompt() {
             assert!(score > 0.0 && score <= 1.0 && (od.confidence_level() - score).abs() < 1e-6);
             assert!(meta.exist(prompts[0].id(), od.id(), 1, RelTypes::CONTAIN));
             assert!(meta.exist(od.id(), prompts[0].id(), 1, RelTypes::IS_PART_OF));
+            // Its track, related to it, with the ROI meta's track id.
+            let tracks: Vec<_> = meta.iter_direct_related::<AnalyticsTrackingMtd>(od.id(), RelTypes::RELATE_TO).collect();
+            let track_id = r.track_id.expect("the ball is tracked");
+            assert_eq!(tracks.iter().map(|t| t.info().0).collect::<Vec<_>>(), [track_id], "frame {i}");
+            track_ids.insert(track_id);
             objects += 1;
         }
         // Read back as regions, as the overlay does.
@@ -68,6 +73,7 @@ fn detections_as_object_detection_entries_grouped_by_prompt() {
         assert!(back.iter().all(|b| b.prompt_id == "detect" && b.label == "ball"), "{back:?}");
     }
     assert!(objects > 0, "the demo model finds the ball");
+    assert_eq!(track_ids.len(), 1, "one ball, one track over the frames: {track_ids:?}");
 }
 
 #[test]

@@ -1,4 +1,6 @@
-//! The overlay draws boxes where the results say, rendered to a PNG.
+//! The overlay draws boxes where the results say, rendered to a PNG, and follows the
+//! tracked ball between two answers.
+use gst::prelude::*;
 use gstpaligemma::result_meta::Region;
 use paligemma::ResultKind;
 
@@ -28,6 +30,8 @@ fn overlay_draws_boxes_where_results_say() {
         mask: None,
         frame: (w, h),
         active_prompts: Vec::new(),
+        track_id: None,
+        predicted: false,
     };
     let caption = Region {
         prompt_id: "caption".into(),
@@ -42,6 +46,8 @@ fn overlay_draws_boxes_where_results_say() {
         mask: None,
         frame: (w, h),
         active_prompts: Vec::new(),
+        track_id: None,
+        predicted: false,
     };
     let mut buf = gst::Buffer::from_mut_slice(vec![40u8; (w * h * 4) as usize]);
     region.attach(buf.get_mut().unwrap(), w, h);
@@ -105,6 +111,8 @@ fn overlay_forgets_regions_of_removed_prompts() {
         mask: None,
         frame: (w, h),
         active_prompts: active.iter().map(|s| s.to_string()).collect(),
+        track_id: None,
+        predicted: false,
     };
     let blank = || gst::Buffer::from_mut_slice(vec![0u8; (w * h * 4) as usize]);
     // Left edge pixel of a box starting at x1 (rows 32..57).
@@ -128,4 +136,67 @@ fn overlay_forgets_regions_of_removed_prompts() {
     assert!(drawn(&out, 0.5));
     harness.push(blank()).unwrap();
     assert!(!drawn(&harness.pull().unwrap(), 0.0), "and stays gone");
+}
+
+/// 60 frames of `videotestsrc pattern=ball` at 30 fps, paced by the clock, through the
+/// element with the demo model (async, detect ball, an answer at most every 300 ms) and
+/// the overlay.
+fn ball_pipeline(props: &str) -> Vec<gst::Buffer> {
+    gst::init().unwrap();
+    gstpaligemma::plugin_register_static().unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo/paligemma2-demo-f16.gguf");
+    let desc = format!(
+        "videotestsrc num-buffers=60 pattern=ball ! video/x-raw,format=RGBA,width=320,height=240,framerate=30/1 \
+         ! paligemma model={} threads=1 prompts=\"detect ball\" max-tokens=12 interval=300 {props} ! paligemmaoverlay ! appsink name=out sync=true",
+        model.display()
+    );
+    let pipeline = gst::parse::launch(&desc).unwrap().downcast::<gst::Pipeline>().unwrap();
+    let sink = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let buffers = std::iter::from_fn(|| sink.pull_sample().ok()).map(|s| s.buffer_owned().unwrap()).collect();
+    pipeline.set_state(gst::State::Null).unwrap();
+    buffers
+}
+
+/// Between two answers, every frame carries the tracked ball where the tracker predicts
+/// it (ROI meta with predicted=true and the track id), and the overlay draws it there:
+/// the box's corner has the colour of the answered boxes' corners.
+#[test]
+fn predicted_boxes_follow_the_video_between_answers() {
+    let buffers = ball_pipeline("");
+    assert_eq!(buffers.len(), 60);
+    let corner = |buffer: &gst::Buffer, r: &Region| {
+        let (x, y, _, _) = r.pixel_box(320, 240);
+        let map = buffer.map_readable().unwrap();
+        let i = ((y * 320 + x) * 4) as usize;
+        [map[i], map[i + 1], map[i + 2]]
+    };
+    let (mut answered, mut predicted, mut positions) = (0, 0, std::collections::BTreeSet::new());
+    let mut colour = None;
+    for (n, buffer) in buffers.iter().enumerate() {
+        let regions: Vec<Region> = Region::from_buffer(buffer).into_iter().filter(|r| r.prompt_id == "ball" || r.label == "ball").collect();
+        if answered == 0 {
+            answered += regions.iter().filter(|r| !r.predicted && r.track_id.is_some()).count().min(1);
+            continue;
+        }
+        assert!(!regions.is_empty(), "frame {n}: after the first answer every frame has the ball, answered or predicted");
+        for r in &regions {
+            assert!(r.track_id.is_some(), "frame {n}: {r:?}");
+            let drawn = corner(buffer, r);
+            assert_ne!(drawn, [0, 0, 0], "frame {n}: the overlay drew the box's corner");
+            assert_eq!(*colour.get_or_insert(drawn), drawn, "frame {n}: in the label's colour");
+            if r.predicted {
+                predicted += 1;
+                positions.insert((r.pixel_box(320, 240).0, r.pixel_box(320, 240).1));
+            } else {
+                answered += 1;
+            }
+        }
+    }
+    println!("{answered} answered boxes, {predicted} predicted at {} positions", positions.len());
+    assert!(answered >= 2 && predicted >= 5, "{answered} answered, {predicted} predicted");
+    assert!(positions.len() >= 3, "the predicted box moves with the ball: {positions:?}");
+    // Off switch: answers only.
+    let buffers = ball_pipeline("predict-boxes=false");
+    assert!(buffers.iter().flat_map(|b| Region::from_buffer(b)).all(|r| !r.predicted));
 }

@@ -79,7 +79,9 @@ fn detection(d: &Detection, header: &Header, prompt_id: &str) -> Detection2D {
             size_x: f64::from(b.w),
             size_y: f64::from(b.h),
         },
-        id: prompt_id.to_string(),
+        // vision_msgs: "a unique ID of the object (e.g. a tracking id)"; untracked
+        // detections (asks, tracking off, an object not confirmed yet) name their prompt.
+        id: d.track_id.map_or_else(|| prompt_id.to_string(), |t| t.to_string()),
     }
 }
 

@@ -39,7 +39,7 @@ impl ElementImpl for PaliGemmaOverlay {
             gst::subclass::ElementMetadata::new(
                 "PaliGemma overlay",
                 "Filter/Effect/Video",
-                "Draws the newest PaliGemma results (boxes, labels, masks, captions) on the video",
+                "Draws the newest PaliGemma results (boxes, labels and track ids, masks, captions) on the video; boxes the tracker predicts between two answers are drawn thin",
                 "paligemma-rs developers",
             )
         });
@@ -128,9 +128,14 @@ impl BaseTransformImpl for PaliGemmaOverlay {
                                 canvas.mask(*mx as usize, *my as usize, *mw as usize, *mh as usize, rle, color);
                             }
                         }
-                        canvas.rect(x1, y1, x2, y2, scale + 1, color);
+                        // A predicted box (between two answers) is drawn thin; an answer's thick.
+                        canvas.rect(x1, y1, x2, y2, if r.predicted { 1 } else { scale + 1 }, color);
                         let label_y = y1.saturating_sub(8 * scale + 2);
-                        canvas.text(x1, label_y, &r.label, scale, color);
+                        let label = match r.track_id {
+                            Some(id) => format!("{} #{id}", r.label),
+                            None => r.label.clone(),
+                        };
+                        canvas.text(x1, label_y, &label, scale, color);
                     }
                     _ if !r.text.is_empty() => {
                         let line = format!("{}: {}", r.prompt_id, r.text);

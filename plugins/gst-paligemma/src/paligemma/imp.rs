@@ -1,5 +1,5 @@
 use super::{MetaKind, Mode};
-use crate::result_meta::regions;
+use crate::result_meta::{Region, regions};
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
@@ -10,6 +10,7 @@ use paligemma::preprocess::{PixelFormat, RgbImage, Yuv420, YuvMatrix};
 use paligemma::{KvType, ModelOptions};
 use paligemma_stream::message::{FrameInfo, Source};
 use paligemma_stream::prompts::DEFAULT_MAX_TOKENS;
+use paligemma_stream::tracker::TrackerConfig;
 use paligemma_stream::{Engine, Frame, FrameSamplerConfig, PromptSet, ResultMessage, Worker, WorkerConfig};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -39,6 +40,8 @@ struct Settings {
     max_pixels: u64,
     min_score: f32,
     duplicate_iou: f32,
+    track: bool,
+    predict_boxes: bool,
 }
 
 impl Default for Settings {
@@ -59,6 +62,8 @@ impl Default for Settings {
             max_pixels: paligemma::preprocess::DEFAULT_MAX_PIXELS as u64,
             min_score: 0.0,
             duplicate_iou: paligemma::filter::DEFAULT_DUPLICATE_IOU,
+            track: true,
+            predict_boxes: true,
         }
     }
 }
@@ -221,6 +226,18 @@ impl ObjectImpl for PaliGemma {
                     .default_value(paligemma::filter::DEFAULT_DUPLICATE_IOU)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecBoolean::builder("track")
+                    .nick("Track")
+                    .blurb("Give detected objects track ids that stay the same over analysed frames (track-id on the metas and bus messages)")
+                    .default_value(true)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecBoolean::builder("predict-boxes")
+                    .nick("Predict boxes")
+                    .blurb("On frames between two answers, attach each tracked box where the tracker predicts it (ROI metas with predicted=true), so that overlays follow the video")
+                    .default_value(true)
+                    .mutable_playing()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -244,6 +261,8 @@ impl ObjectImpl for PaliGemma {
             "max-pixels" => settings.max_pixels = value.get().expect("type checked upstream"),
             "min-score" => settings.min_score = value.get().expect("type checked upstream"),
             "duplicate-iou" => settings.duplicate_iou = value.get().expect("type checked upstream"),
+            "track" => settings.track = value.get().expect("type checked upstream"),
+            "predict-boxes" => settings.predict_boxes = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
         // Prompt changes take effect at once while running.
@@ -276,6 +295,8 @@ impl ObjectImpl for PaliGemma {
             "max-pixels" => settings.max_pixels.to_value(),
             "min-score" => settings.min_score.to_value(),
             "duplicate-iou" => settings.duplicate_iou.to_value(),
+            "track" => settings.track.to_value(),
+            "predict-boxes" => settings.predict_boxes.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -478,6 +499,22 @@ impl PaliGemma {
     }
 }
 
+/// Attaches, for each standing prompt not answered on this buffer (`answered`), the
+/// boxes its tracker predicts at the buffer's timestamp, as ROI metas marked predicted.
+fn attach_predictions(buf: &mut gst::BufferRef, info: &gst_video::VideoInfo, worker: &Worker, answered: &[&str]) {
+    let Some(pts) = buf.pts() else { return };
+    let active = prompt_ids(worker);
+    let (width, height) = (info.width(), info.height());
+    for (prompt_id, boxes) in worker.predict(pts.nseconds() as f64 / 1e9) {
+        if answered.contains(&prompt_id.as_str()) || !active.contains(&prompt_id) {
+            continue;
+        }
+        for region in Region::predicted(&prompt_id, &boxes, (width, height), &active) {
+            region.attach(buf, width, height);
+        }
+    }
+}
+
 /// Ids of the worker's standing prompts.
 fn prompt_ids(worker: &Worker) -> Vec<String> {
     worker.prompts().prompts.into_iter().map(|p| p.id).collect()
@@ -505,6 +542,9 @@ fn result_message(element: &super::PaliGemma, msg: &ResultMessage) -> gst::Messa
                 .build();
             if let Some(score) = d.score {
                 s.set("score", score as f64);
+            }
+            if let Some(id) = d.track_id {
+                s.set("track-id", id);
             }
             s.to_send_value()
         })
@@ -601,6 +641,7 @@ impl BaseTransformImpl for PaliGemma {
         let config = WorkerConfig {
             source: Source { node: String::new(), camera: obj.name().to_string() },
             sampler: FrameSamplerConfig { min_interval: Duration::from_millis(settings.interval_ms), skip_unchanged_below: None },
+            tracking: TrackerConfig { enabled: settings.track, ..Default::default() },
             ..Default::default()
         };
         let worker = Worker::spawn(engine, prompts, config, self.make_sink(settings.mode));
@@ -676,9 +717,9 @@ impl BaseTransformImpl for PaliGemma {
     }
 
     fn transform_ip(&self, buf: &mut gst::BufferRef) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let (mode, attach) = {
+        let (mode, attach, predict) = {
             let s = self.settings.lock().unwrap();
-            (s.mode, s.attach_meta.then_some(s.meta_kind))
+            (s.mode, s.attach_meta.then_some(s.meta_kind), s.attach_meta && s.meta_kind.roi() && s.predict_boxes)
         };
         let mut guard = self.state.lock().unwrap();
         let Some(state) = guard.as_mut() else {
@@ -695,6 +736,10 @@ impl BaseTransformImpl for PaliGemma {
                 let fresh = std::mem::take(&mut *self.outbox.fresh.lock().unwrap());
                 if let (Some(kind), false) = (attach, fresh.is_empty()) {
                     self.attach_results(buf, &info, &fresh, &prompt_ids(&state.worker), kind);
+                }
+                if predict {
+                    let answered: Vec<&str> = fresh.iter().map(|m| m.prompt.id.as_str()).collect();
+                    attach_predictions(buf, &info, &state.worker, &answered);
                 }
                 // Convert and offer the frame; while the model is busy, at most every
                 // BUSY_OFFER_PERIOD, so a slow model does not cost a copy per frame.
@@ -719,6 +764,9 @@ impl BaseTransformImpl for PaliGemma {
                     }
                 };
                 if !state.worker.sample_now(&frame) {
+                    if predict {
+                        attach_predictions(buf, &info, &state.worker, &[]);
+                    }
                     return Ok(gst::FlowSuccess::Ok);
                 }
                 // Analyse without holding the state lock, so a state change can
