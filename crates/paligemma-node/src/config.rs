@@ -249,13 +249,13 @@ pub struct CameraConfig {
     pub tracking: TrackerConfig,
 }
 
-fn default_stall_after() -> u64 {
+pub(crate) fn default_stall_after() -> u64 {
     2000
 }
-fn default_backoff() -> u64 {
+pub(crate) fn default_backoff() -> u64 {
     500
 }
-fn default_backoff_max() -> u64 {
+pub(crate) fn default_backoff_max() -> u64 {
     30_000
 }
 

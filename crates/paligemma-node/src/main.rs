@@ -138,9 +138,10 @@ fn build_config(cli: &Cli) -> Result<Config> {
             skip_unchanged_below: None,
             prompts: prompts.prompts,
             frame_id: None,
-            stall_after_ms: 2000,
-            restart_backoff_ms: 500,
-            restart_backoff_max_ms: 30_000,
+            stall_after_ms: config::default_stall_after(),
+            restart_backoff_ms: config::default_backoff(),
+            restart_backoff_max_ms: config::default_backoff_max(),
+            tracking: Default::default(),
         });
     }
     cfg.validate()?;

@@ -116,6 +116,11 @@ max_tokens = 3
     let v = get(&session, &format!("{prefix}/cam/ask"), br#"{"prompt":"detect cat","max_tokens":3}"#.to_vec()).unwrap();
     assert_eq!(v["result"]["kind"], "detections");
     assert!(v["tokens"]["generated"].as_u64().unwrap() <= 3);
+    // An ask's own threshold: nothing scores above 1.
+    let v = get(&session, &format!("{prefix}/cam/ask"), br#"{"prompt":"detect cat","max_tokens":6,"min_score":1.0}"#.to_vec()).unwrap();
+    assert_eq!(v["result"]["detections"], serde_json::json!([]), "{v}");
+    let e = get(&session, &format!("{prefix}/cam/ask"), br#"{"prompt":"detect cat","min_score":2}"#.to_vec()).unwrap_err();
+    assert!(e.contains("min_score 2: expected a number from 0 to 1"), "{e}");
     // Bad asks are reply errors.
     let e = get(&session, &format!("{prefix}/cam/ask"), Vec::new()).unwrap_err();
     assert!(e.contains("prompt is empty"), "{e}");
@@ -391,6 +396,7 @@ max_tokens = 3
         format!("3/robot1/paligemma/front_cam/objects/vision_msgs::msg::dds_::Detection2DArray_/{}", rihs01("vision_msgs/msg/Detection2DArray").unwrap());
     let text_key = format!("3/robot1/paligemma/front_cam/scene/std_msgs::msg::dds_::String_/{}", rihs01("std_msgs/msg/String").unwrap());
     let detections = session.declare_subscriber(detections_key.as_str()).wait().unwrap();
+    let own = session.declare_subscriber("**/front-cam/objects").wait().unwrap();
     let texts = session.declare_subscriber(text_key.as_str()).wait().unwrap();
 
     let (mut sequences, mut found, mut track_ids) = (Vec::new(), 0, std::collections::BTreeSet::new());
@@ -416,6 +422,11 @@ max_tokens = 3
     assert!(sequences[0] >= 1 && sequences.windows(2).all(|w| w[1] == w[0] + 1), "{sequences:?}");
     assert!(found > 0, "the demo model finds the ball");
     assert_eq!(track_ids.len(), 1, "one ball, one track id: {track_ids:?}");
+    // The node's own result messages carry the same track id.
+    let sample = own.recv_timeout(Duration::from_secs(30)).unwrap().expect("a result message");
+    let v: serde_json::Value = serde_json::from_slice(&sample.payload().to_bytes()).unwrap();
+    let ids: Vec<String> = v["result"]["detections"].as_array().unwrap().iter().map(|d| d["track_id"].to_string()).collect();
+    assert!(!ids.is_empty() && ids.iter().all(|id| track_ids.contains(id)), "{v}");
     let sample = texts.recv_timeout(Duration::from_secs(60)).unwrap().expect("a String sample");
     let text: msgs::StringMsg = msgs::from_cdr(&sample.payload().to_bytes(), 1 << 20).unwrap();
     println!("{}: {text:?}", sample.key_expr());
