@@ -5,6 +5,7 @@ use paligemma::preprocess::RgbImage;
 use paligemma::filter::DEFAULT_DUPLICATE_IOU;
 use paligemma::output::Detection;
 use paligemma::{AnswerOptions, DetectionFilter, KvType, Model, ModelOptions, Task, TaskResult};
+use paligemma_stream::tracker::TrackerConfig;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -28,6 +29,14 @@ pub struct EvalArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// The set is moving sequences (tests/reference/track_sequence.py): evaluate the
+    /// tracker instead (ID switches, fragmentations, MOTA, IDF1).
+    #[arg(long)]
+    tracking: bool,
+    /// With --tracking: answer every N-th frame, as a model a few times slower than the
+    /// video would.
+    #[arg(long, default_value_t = 3)]
+    analyse_every: usize,
 }
 
 #[derive(serde::Deserialize)]
@@ -319,6 +328,15 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
 pub fn run(args: &EvalArgs) -> Result<()> {
     let opts = ModelOptions { device: args.device.clone(), threads: args.threads, kv_type: KvType::F16, context: 0, ..Default::default() };
     let mut model = Model::load(&args.model, &opts)?;
+    if args.tracking {
+        let e = crate::eval_tracking::evaluate(&mut model, &args.set, args.analyse_every, args.limit, &TrackerConfig::default())?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": e.model, "true_boxes": e.oracle}))?);
+        } else {
+            crate::eval_tracking::print(&e, args.analyse_every);
+        }
+        return Ok(());
+    }
     let s = evaluate(&mut model, &args.set, args.limit, args.verbose)?;
     if args.json {
         let v = serde_json::json!({

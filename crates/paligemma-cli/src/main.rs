@@ -7,6 +7,7 @@ use paligemma::{AnswerOptions, DetectionFilter, KvType, Model, ModelOptions, Sam
 mod bench;
 mod bench_streams;
 mod eval;
+mod eval_tracking;
 mod vs_llama;
 
 use npyz::WriterBuilder;

@@ -336,4 +336,55 @@ mod tests {
         tracker.update(&mut d, 0.1);
         assert_eq!(ids(&d), [Some(2)]);
     }
+
+    /// A detection with any box at all, NaN and far outside the frame included.
+    fn any_detection() -> impl proptest::strategy::Strategy<Value = Detection> {
+        use proptest::prelude::*;
+        let coordinate = prop_oneof![8 => -2.0f32..3.0, 1 => Just(f32::NAN), 1 => Just(f32::INFINITY)];
+        (prop::sample::select(vec!["cup", "plate"]), [coordinate.clone(), coordinate.clone(), coordinate.clone(), coordinate])
+            .prop_map(|(label, [x1, y1, x2, y2])| {
+                let mut d = at(label, &[(0.5, 0.5)]).remove(0);
+                d.box_norm = NormBox { x1, y1, x2, y2 };
+                d
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever the boxes (empty frames, NaN, off the frame, many at once) and the
+        /// clock: no panic, ids unique within a frame, finite predictions, and no more
+        /// tracks kept than there were boxes.
+        #[test]
+        fn any_input_is_handled(frames in proptest::collection::vec(proptest::collection::vec(any_detection(), 0..40), 1..12),
+                                times in proptest::collection::vec(-1.0f64..100.0, 12),
+                                confirm_frames in 1u32..3, keep_lost_frames in 0u32..4) {
+            let mut tracker = Tracker::new(TrackerConfig { confirm_frames, keep_lost_frames, ..Default::default() });
+            let mut boxes = 0;
+            for (mut frame, time) in frames.into_iter().zip(times) {
+                boxes += frame.len();
+                tracker.update(&mut frame, time);
+                let ids: Vec<u64> = frame.iter().filter_map(|d| d.track_id).collect();
+                let unique: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+                proptest::prop_assert_eq!(ids.len(), unique.len());
+                proptest::prop_assert!(tracker.len() <= boxes);
+                for p in tracker.predict(time + 0.5) {
+                    let b = p.box_norm;
+                    proptest::prop_assert!([b.x1, b.y1, b.x2, b.y2].iter().all(|v| v.is_finite()), "{:?}", p);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn thousands_of_boxes_in_little_time() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let centres: Vec<(f32, f32)> = (0..2000).map(|i| ((i % 50) as f32 / 50.0 + 0.01, (i / 50) as f32 / 40.0 + 0.01)).collect();
+        let start = std::time::Instant::now();
+        for t in 0..3 {
+            let mut d = at("cup", &centres);
+            tracker.update(&mut d, f64::from(t));
+            assert!(d.iter().all(|d| d.track_id.is_some()));
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{:?}", start.elapsed());
+    }
 }

@@ -138,16 +138,16 @@ fn overlay_forgets_regions_of_removed_prompts() {
     assert!(!drawn(&harness.pull().unwrap(), 0.0), "and stays gone");
 }
 
-/// 60 frames of `videotestsrc pattern=ball` at 30 fps, paced by the clock, through the
-/// element with the demo model (async, detect ball, an answer at most every 300 ms) and
-/// the overlay.
-fn ball_pipeline(props: &str) -> Vec<gst::Buffer> {
+/// `frames` frames of `videotestsrc pattern=ball` at 30 fps, paced by the clock, through
+/// the element with the demo model (async, detect ball, an answer at most every
+/// `interval` ms) and the overlay.
+fn ball_pipeline(frames: u32, interval: u32, props: &str) -> Vec<gst::Buffer> {
     gst::init().unwrap();
     gstpaligemma::plugin_register_static().unwrap();
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo/paligemma2-demo-f16.gguf");
     let desc = format!(
-        "videotestsrc num-buffers=60 pattern=ball ! video/x-raw,format=RGBA,width=320,height=240,framerate=30/1 \
-         ! paligemma model={} threads=1 prompts=\"detect ball\" max-tokens=12 interval=300 {props} ! paligemmaoverlay ! appsink name=out sync=true",
+        "videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,format=RGBA,width=320,height=240,framerate=30/1 \
+         ! paligemma model={} threads=1 prompts=\"detect ball\" max-tokens=12 interval={interval} {props} ! paligemmaoverlay ! appsink name=out sync=true",
         model.display()
     );
     let pipeline = gst::parse::launch(&desc).unwrap().downcast::<gst::Pipeline>().unwrap();
@@ -163,7 +163,7 @@ fn ball_pipeline(props: &str) -> Vec<gst::Buffer> {
 /// the box's corner has the colour of the answered boxes' corners.
 #[test]
 fn predicted_boxes_follow_the_video_between_answers() {
-    let buffers = ball_pipeline("");
+    let buffers = ball_pipeline(60, 300, "");
     assert_eq!(buffers.len(), 60);
     let corner = |buffer: &gst::Buffer, r: &Region| {
         let (x, y, _, _) = r.pixel_box(320, 240);
@@ -197,6 +197,18 @@ fn predicted_boxes_follow_the_video_between_answers() {
     assert!(answered >= 2 && predicted >= 5, "{answered} answered, {predicted} predicted");
     assert!(positions.len() >= 3, "the predicted box moves with the ball: {positions:?}");
     // Off switch: answers only.
-    let buffers = ball_pipeline("predict-boxes=false");
+    let buffers = ball_pipeline(60, 300, "predict-boxes=false");
     assert!(buffers.iter().flat_map(|b| Region::from_buffer(b)).all(|r| !r.predicted));
+}
+
+/// Over 300 frames (10 s) with an answer at most every 100 ms, the ball keeps one track id.
+#[test]
+fn the_ball_keeps_one_track_id() {
+    let buffers = ball_pipeline(300, 100, "predict-boxes=false");
+    let answered: Vec<Region> = buffers.iter().flat_map(|b| Region::from_buffer(b)).filter(|r| r.label == "ball").collect();
+    let ids: std::collections::BTreeSet<Option<u64>> = answered.iter().map(|r| r.track_id).collect();
+    println!("{} answers, track ids {ids:?}", answered.len());
+    assert!(answered.len() >= 20, "{} answers", answered.len());
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(ids.iter().all(Option::is_some));
 }
