@@ -176,11 +176,12 @@ impl Scores {
         Some(gap / self.scored.len() as f64)
     }
 
-    /// Precision and recall of the detections scoring at least `min_score`.
-    pub fn at_threshold(&self, kind: ScoreKind, min_score: f32) -> (f64, f64) {
+    /// Precision (none when nothing is kept) and recall of the detections scoring at
+    /// least `min_score`.
+    pub fn at_threshold(&self, kind: ScoreKind, min_score: f32) -> (Option<f64>, f64) {
         let kept: Vec<&Scored> = self.scored.iter().filter(|s| kind.of(s) >= min_score).collect();
         let right = kept.iter().filter(|s| s.right).count();
-        (right as f64 / kept.len().max(1) as f64, right as f64 / self.boxes.max(1) as f64)
+        ((!kept.is_empty()).then(|| right as f64 / kept.len() as f64), right as f64 / self.boxes.max(1) as f64)
     }
 
     /// The median score of the right boxes.
@@ -365,7 +366,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         print!("  calibration error (ECE)   ");
         both(&|k| or_dash(s.calibration_error(k)));
         print!("  precision at score >= 0.5 ");
-        both(&|k| format!("{:.1}%", 100.0 * s.at_threshold(k, EVAL_MIN_SCORE).0));
+        both(&|k| s.at_threshold(k, EVAL_MIN_SCORE).0.map_or("- (none kept)".into(), |p| format!("{:.1}%", 100.0 * p)));
         print!("  recall at score >= 0.5    ");
         both(&|k| format!("{:.1}%", 100.0 * s.at_threshold(k, EVAL_MIN_SCORE).1));
         print!("  median score, right boxes ");
@@ -407,7 +408,8 @@ mod tests {
         // [0.6, 0.7): 0.65 right, 0.65 wrong (2 x 0.65 - 1 = 0.3).
         let s = scores(&[(0.95, true), (0.95, true), (0.25, false), (0.65, true), (0.65, false)]);
         assert!((s.calibration_error(ScoreKind::Score).unwrap() - (0.1 + 0.25 + 0.3) / 5.0).abs() < 1e-6);
-        assert_eq!(s.at_threshold(ScoreKind::Score, 0.5), (0.75, 0.75));
+        assert_eq!(s.at_threshold(ScoreKind::Score, 0.5), (Some(0.75), 0.75));
+        assert_eq!(s.at_threshold(ScoreKind::Score, 0.99), (None, 0.0));
         assert_eq!(s.median_right(ScoreKind::Score), Some(0.95));
     }
 }

@@ -258,7 +258,7 @@ pub fn evaluate(model: &mut Model, set: &Path, analyse_every: usize, limit: usiz
 
 pub fn print(e: &Evaluation, analyse_every: usize) {
     let (m, o) = (&e.model, &e.oracle);
-    println!("sequences                   {} ({} frames, every {analyse_every}th analysed: {})", m.sequences, m.frames, m.analysed_frames);
+    println!("sequences                   {} ({} frames, one in {analyse_every} analysed: {})", m.sequences, m.frames, m.analysed_frames);
     println!("                            model's boxes      true boxes");
     let row = |name: &str, f: &dyn Fn(&TrackingScores) -> String| println!("{name:<28}{:<19}{}", f(m), f(o));
     row("objects matched", &|s| format!("{:.1}% of {}", 100.0 * s.matched as f64 / s.objects.max(1) as f64, s.objects));

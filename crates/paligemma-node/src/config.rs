@@ -408,4 +408,15 @@ mod tests {
         assert_eq!(sequences(&[2, 2, 2, 2], 2), 8);
         assert_eq!(sequences(&[3], 8), 12, "no more lanes than the 4 threads");
     }
+
+    /// The example configurations in configs/ load and validate (their model paths
+    /// resolve against the folder, so they name the bundled demo model).
+    #[test]
+    fn example_configurations_are_valid() {
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        for name in ["node.toml", "node-ros2.toml", "node-secure.toml"] {
+            let cfg = Config::load(&configs.join(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            cfg.validate().unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        }
+    }
 }
