@@ -212,3 +212,11 @@ fn the_ball_keeps_one_track_id() {
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert!(ids.iter().all(Option::is_some));
 }
+
+/// `min-score=1` keeps no detection (no score reaches 1); the default keeps the ball.
+#[test]
+fn min_score_drops_detections() {
+    let balls = |props: &str| ball_pipeline(15, 0, props).iter().flat_map(|b| Region::from_buffer(b)).filter(|r| r.label == "ball").count();
+    assert!(balls("") > 0);
+    assert_eq!(balls("min-score=1"), 0);
+}
