@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Times transformers' PaliGemma 2 stage by stage on random weights of a published
 shape, in bf16 on the CPU: the anchor `paligemma bench` is compared with in the same
-sitting (README, Performance). The stages are ours: vision tower and projector, the
+sitting (docs/performance.md). The stages are ours: vision tower and projector, the
 prefix (image tokens, <bos>, a 3-token prompt) through the decoder, then greedy decode
 steps with the KV cache. Medians of --reps after one warm-up.
 
