@@ -22,7 +22,7 @@
 use crate::result_meta::{self, Region};
 use gst::glib;
 use gst_analytics::prelude::*;
-use gst_analytics::{AnalyticsClassificationMtd, AnalyticsODMtd, AnalyticsRelationMeta, RelTypes};
+use gst_analytics::{AnalyticsClassificationMtd, AnalyticsODMtd, AnalyticsRelationMeta, AnalyticsTrackingMtd, RelTypes};
 use paligemma::ResultKind;
 use paligemma_stream::ResultMessage;
 
@@ -55,7 +55,8 @@ pub fn attach(buffer: &mut gst::BufferRef, msg: &ResultMessage, width: u32, heig
 
 /// The objects of a buffer's relation meta as regions of a `width` x `height` frame,
 /// whoever attached them: the prompt id is the class of the classification entry an
-/// object is part of (empty for another element's objects).
+/// object is part of (empty for another element's objects), the track id that of a
+/// tracking entry it relates to.
 pub fn regions(buffer: &gst::BufferRef, width: u32, height: u32) -> Vec<Region> {
     let Some(meta) = buffer.meta::<AnalyticsRelationMeta>() else { return Vec::new() };
     let (w, h) = (f64::from(width.max(1)), f64::from(height.max(1)));
@@ -80,7 +81,7 @@ pub fn regions(buffer: &gst::BufferRef, width: u32, height: u32) -> Vec<Region> 
                 mask: None,
                 frame: (width, height),
                 active_prompts: Vec::new(),
-                track_id: None,
+                track_id: meta.iter_direct_related::<AnalyticsTrackingMtd>(od.id(), RelTypes::RELATE_TO).next().map(|t| t.info().0),
                 predicted: false,
             })
         })
