@@ -22,7 +22,43 @@ pub struct Device(sys::ggml_backend_dev_t);
 unsafe impl Send for Device {}
 unsafe impl Sync for Device {}
 
+// Devices are entries of ggml's registry, which lives as long as the process: two
+// handles are the same device when they point at the same entry.
+impl PartialEq for Device {
+    fn eq(&self, other: &Device) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for Device {}
+
+impl std::hash::Hash for Device {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.0 as usize).hash(state);
+    }
+}
+
+impl Default for Device {
+    /// The CPU.
+    fn default() -> Device {
+        Device::cpu()
+    }
+}
+
 impl Device {
+    /// The CPU, which every build of ggml-sys registers (its CPU backend is built in).
+    pub fn cpu() -> Device {
+        // SAFETY: registry query.
+        let dev = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) };
+        assert!(!dev.is_null(), "ggml was built without its CPU backend");
+        Device(dev)
+    }
+
+    /// Whether this is the CPU (where lanes, repacked weights and our own kernels run).
+    pub fn is_cpu(&self) -> bool {
+        self.kind() == DeviceKind::Cpu
+    }
+
     /// All devices ggml knows in this build (CPU, and CUDA/Vulkan when compiled in).
     pub fn all() -> Vec<Device> {
         // SAFETY: registry queries.
@@ -191,7 +227,7 @@ impl Backend {
     }
 
     pub fn is_cpu(&self) -> bool {
-        self.device.kind() == DeviceKind::Cpu
+        self.device.is_cpu()
     }
 
     /// Sets the number of worker threads where the backend has them (the CPU one).

@@ -3,7 +3,7 @@ use anyhow::{Context, Result, bail};
 use paligemma::config::{Config, NAMED_SHAPES, TokenConfig};
 use paligemma::convert::{ConvertOptions, default_vision_type, parse_weight_type, write_random};
 use paligemma::preprocess::{RgbImage, preprocess};
-use paligemma::{GenerateOptions, KvType, Model, ModelOptions, Start};
+use paligemma::{ContextOptions, Device, GenerateOptions, KvType, Model, Start, WeightOptions, Weights};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -62,7 +62,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub separate: bool,
     /// With --streams: batches the shared engine runs at once, sharing --threads (see
-    /// `ModelOptions::lanes`).
+    /// `paligemma_stream::EngineOptions::lanes`).
     #[arg(long, default_value_t = 1)]
     pub lanes: usize,
     /// With --streams: the standing prompts of every camera, `|`-separated (each
@@ -169,24 +169,19 @@ fn test_frame() -> RgbImage {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let path = model_path(args)?;
     let file_bytes = std::fs::metadata(&path)?.len();
-    let opts = ModelOptions {
-        device: args.device.clone(),
-        threads: args.threads,
-        kv_type: args.kv_type.parse::<KvType>()?,
-        repack: !args.no_repack,
-        ..Default::default()
-    };
+    let weights = WeightOptions { device: Device::find(&args.device)?, repack: !args.no_repack };
+    let context = ContextOptions { threads: args.threads, kv_type: args.kv_type.parse::<KvType>()?, ..Default::default() };
     let image = match &args.image {
         Some(p) => RgbImage::open(p)?,
         None => test_frame(),
     };
     if args.streams > 0 {
-        return crate::bench_streams::run(args, &path, opts, image);
+        return crate::bench_streams::run(args, &path, &weights, &context, image);
     }
     if let Some(llama) = &args.vs_llama_bench {
-        return crate::vs_llama::run(args, &path, opts, &image, llama);
+        return crate::vs_llama::run(args, &path, Model::new(Weights::load(&path, &weights)?, &context)?, &image, llama);
     }
-    let mut model = Model::load(&path, &opts)?;
+    let mut model = Model::new(Weights::load(&path, &weights)?, &context)?;
     let ids = model.tokenizer().prefix_ids("caption en")?;
     let options = GenerateOptions { max_tokens: args.decode_tokens + 1, ignore_eos: true, ..Default::default() };
     let (mut pre, mut vis, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -239,9 +234,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let report = Report {
         model: path.display().to_string(),
         file_bytes,
-        device: model.device().to_string(),
+        device: model.weights().device().spec(),
         threads: model.threads(),
-        repacked: model.repacked().to_vec(),
+        repacked: model.weights().repacked().to_vec(),
         prefix_tokens: ids.len(),
         preprocess_ms: pre,
         vision_ms: vis,

@@ -5,9 +5,9 @@
 use crate::bench::{BenchArgs, peak_rss};
 use anyhow::Result;
 use paligemma::preprocess::RgbImage;
-use paligemma::{Model, ModelOptions};
+use paligemma::{ContextOptions, Model, WeightOptions, Weights};
 use paligemma_stream::message::{FrameInfo, Source};
-use paligemma_stream::{Engine, Frame, PromptSet, ResultMessage, Worker, WorkerConfig};
+use paligemma_stream::{Engine, Frame, PromptSet, ResultMessage, Stream, StreamConfig};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,26 +49,26 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() { 0.0 } else { sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)] }
 }
 
-pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -> Result<()> {
+pub fn run(args: &BenchArgs, path: &Path, weights: &WeightOptions, context: &ContextOptions, image: RgbImage) -> Result<()> {
     let n = args.streams;
     let prompts = PromptSet::from_short(&args.stream_prompts, 0, args.decode_tokens)?;
     let prompt_count = prompts.prompts.len();
     // A sequence per prompt of every camera, and with lanes enough for each to hold one
     // camera's frame (its prompts decode together).
-    let cameras = if args.separate { 1 } else { n.max(paligemma::usable_lanes(&opts.device, opts.threads_or_default(), args.lanes)) };
-    let opts = ModelOptions { max_sequences: (cameras * prompt_count).clamp(1, paligemma::MAX_SEQUENCES), ..opts };
+    let cameras = if args.separate { 1 } else { n.max(paligemma_stream::usable_lanes(weights.device, context.threads_or_default(), args.lanes)) };
+    let context = ContextOptions { max_sequences: (cameras * prompt_count).clamp(1, paligemma::MAX_SEQUENCES), ..*context };
     let engines: Vec<Arc<Engine>> = if args.separate {
-        (0..n).map(|_| Ok(Engine::new(Model::load(path, &opts)?))).collect::<Result<_>>()?
+        (0..n).map(|_| Ok(Engine::new(Model::new(Weights::load(path, weights)?, &context)?))).collect::<Result<_>>()?
     } else {
-        vec![Engine::with_lanes(Model::load(path, &opts)?, args.lanes)?]
+        vec![Engine::with_lanes(Weights::load(path, weights)?, &context, args.lanes)?]
     };
     let image = Arc::new(image);
     let results: Vec<Arc<Mutex<Vec<Answer>>>> = (0..n).map(|_| Arc::default()).collect();
-    let workers: Vec<Worker> = (0..n)
+    let workers: Vec<Stream> = (0..n)
         .map(|i| {
             let got = results[i].clone();
-            let config = WorkerConfig { source: Source { node: "bench".into(), camera: format!("cam{i}") }, ..Default::default() };
-            Worker::spawn(
+            let config = StreamConfig { source: Source { node: "bench".into(), camera: format!("cam{i}") }, ..Default::default() };
+            Stream::attach(
                 engines[i % engines.len()].clone(),
                 prompts.clone(),
                 config,
@@ -89,7 +89,7 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
         std::thread::sleep(period.saturating_sub(Duration::from_micros(200)));
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let stats: Vec<_> = workers.iter().map(Worker::stats).collect();
+    let stats: Vec<_> = workers.iter().map(Stream::stats).collect();
     drop(workers);
     let per_stream: Vec<StreamReport> = results
         .iter()
@@ -114,7 +114,7 @@ pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: RgbImage) -
         streams: n,
         prompts_per_stream: prompt_count,
         engines: engines.len(),
-        threads: opts.threads,
+        threads: context.threads,
         seconds: elapsed,
         fps: args.fps,
         total_answers_per_s: per_stream.iter().map(|s| s.answers_per_s).sum(),

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use paligemma::preprocess::RgbImage;
 use paligemma::filter::DEFAULT_DUPLICATE_IOU;
 use paligemma::output::Detection;
-use paligemma::{AnswerOptions, DetectionFilter, KvType, Model, ModelOptions, Task, TaskResult};
+use paligemma::{AnswerOptions, ContextOptions, DetectionFilter, Device, Model, Task, TaskResult, WeightOptions, Weights};
 use paligemma_stream::tracker::TrackerConfig;
 use std::path::PathBuf;
 
@@ -327,8 +327,8 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let opts = ModelOptions { device: args.device.clone(), threads: args.threads, kv_type: KvType::F16, context: 0, ..Default::default() };
-    let mut model = Model::load(&args.model, &opts)?;
+    let weights = WeightOptions { device: Device::find(&args.device)?, ..Default::default() };
+    let mut model = Model::new(Weights::load(&args.model, &weights)?, &ContextOptions { threads: args.threads, ..Default::default() })?;
     if args.tracking {
         let e = crate::eval_tracking::evaluate(&mut model, &args.set, args.analyse_every, args.limit, &TrackerConfig::default())?;
         if args.json {

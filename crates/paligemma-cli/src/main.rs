@@ -3,7 +3,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use paligemma::convert::{ConvertOptions, default_vision_type, parse_weight_type};
 use paligemma::preprocess::{PixelValues, RgbImage};
-use paligemma::{AnswerOptions, DetectionFilter, KvType, Model, ModelOptions, Sampling, Task};
+use paligemma::{AnswerOptions, ContextOptions, DetectionFilter, Device, KvType, Model, Sampling, Task, WeightOptions, Weights};
 mod bench;
 mod bench_streams;
 mod eval;
@@ -141,15 +141,9 @@ struct LoadArgs {
 
 impl LoadArgs {
     fn load(&self) -> Result<Model> {
-        let opts = ModelOptions {
-            device: self.device.clone(),
-            threads: self.threads,
-            kv_type: self.kv_type.parse::<KvType>()?,
-            context: self.context,
-            repack: !self.no_repack,
-            ..Default::default()
-        };
-        Ok(Model::load(&self.model, &opts)?)
+        let weights = WeightOptions { device: Device::find(&self.device)?, repack: !self.no_repack };
+        let context = ContextOptions { threads: self.threads, kv_type: self.kv_type.parse::<KvType>()?, context: self.context, ..Default::default() };
+        Ok(Model::new(Weights::load(&self.model, &weights)?, &context)?)
     }
 }
 
@@ -395,7 +389,7 @@ fn devices() -> Result<()> {
         let got = c.read_f32()?;
         let ok = got == [3.25, 10.75];
         println!("{:<10} {:<40} {}", device.spec(), device.description(), if ok { "ok" } else { "WRONG RESULT" });
-        if device.spec() == "cpu" {
+        if device.is_cpu() {
             let features = ggml::cpu_features().join(" ");
             let kernels = if ggml::packed::available() {
                 "packed AVX-512 VNNI kernels".to_string()

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use ggml::gguf::{GgufFile, GgufHeader, GgufWriter, Value};
 use paligemma::config::TextArch;
 use paligemma::preprocess::RgbImage;
-use paligemma::{GenerateOptions, Model, ModelOptions};
+use paligemma::{GenerateOptions, Model};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -120,10 +120,9 @@ fn llama_bench(bin: &Path, model: &Path, threads: usize, args: &[String]) -> Res
     runs.get(0).and_then(|r| r.get("avg_ts")).and_then(serde_json::Value::as_f64).context("llama-bench printed no avg_ts")
 }
 
-pub fn run(args: &BenchArgs, path: &Path, opts: ModelOptions, image: &RgbImage, llama: &Path) -> Result<()> {
+pub fn run(args: &BenchArgs, path: &Path, mut model: Model, image: &RgbImage, llama: &Path) -> Result<()> {
     let gemma2 = path.with_extension("gemma2.gguf");
     write_gemma2(path, &gemma2).with_context(|| format!("writing {}", gemma2.display()))?;
-    let mut model = Model::load(path, &opts)?;
     let threads = model.threads();
     let ids = model.tokenizer().prefix_ids("caption en")?;
     let emb = model.encode_image(image)?;

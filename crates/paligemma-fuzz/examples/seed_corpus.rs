@@ -110,7 +110,7 @@ fn main() {
     // ROS 2 samples as rosbags wrote them (tests/fixtures/ros2/reference.json).
     let ros2 = corpus.join("ros2");
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string("tests/fixtures/ros2/reference.json").unwrap()).unwrap();
-    let attachment = paligemma_stream::ros2::keys::attachment(1, 1_700_000_000_000_000_000, &[0xa5; 16]);
+    let attachment = paligemma_ros2::keys::attachment(1, 1_700_000_000_000_000_000, &[0xa5; 16]);
     for (name, hex) in reference["cdr"].as_object().unwrap() {
         let hex = hex.as_str().unwrap();
         let cdr: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();

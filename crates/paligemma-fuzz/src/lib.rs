@@ -83,7 +83,7 @@ pub fn output(data: &[u8]) {
 /// A ROS 2 sample from the network: its attachment (first part) and CDR payload, read
 /// as each message type the node takes or sends, and as a camera image.
 pub fn ros2(data: &[u8]) {
-    use paligemma_stream::ros2::{keys, msgs};
+    use paligemma_ros2::{keys, msgs};
     let (attachment, payload) = split(data);
     let _ = keys::parse_attachment(attachment);
     let limit = 1 << 20;
@@ -91,8 +91,8 @@ pub fn ros2(data: &[u8]) {
     let _ = msgs::from_cdr::<msgs::CompressedImage>(payload, limit);
     let _ = msgs::from_cdr::<msgs::StringMsg>(payload, limit);
     let _ = msgs::from_cdr::<msgs::Detection2DArray>(payload, limit);
-    for kind in [paligemma_stream::ros2::images::ImageKind::Raw, paligemma_stream::ros2::images::ImageKind::Compressed] {
-        let _ = paligemma_stream::ros2::images::decode(kind, payload, FUZZ_MAX_PIXELS);
+    for kind in [paligemma_ros2::images::ImageKind::Raw, paligemma_ros2::images::ImageKind::Compressed] {
+        let _ = paligemma_ros2::images::decode(kind, payload, FUZZ_MAX_PIXELS);
     }
 }
 

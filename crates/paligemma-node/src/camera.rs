@@ -10,9 +10,9 @@ use crate::state::PromptState;
 use crate::{frames, limiter::RateLimiter};
 use anyhow::{Context, Result};
 use paligemma_stream::message::{FrameInfo, STATUS_SCHEMA, Source, StatusMessage};
-use paligemma_stream::ros2::images::{self, ImageKind};
-use paligemma_stream::ros2::msgs::Header;
-use paligemma_stream::{Engine, Frame, FrameSamplerConfig, ResultMessage, Worker, WorkerConfig, payload};
+use paligemma_ros2::images::{self, ImageKind};
+use paligemma_ros2::msgs::Header;
+use paligemma_stream::{Engine, Frame, FrameSamplerConfig, ResultMessage, Stream, StreamConfig, payload};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -131,7 +131,7 @@ impl Publisher {
 /// A running camera: its stream, its frame source and its tasks.
 pub struct Camera {
     pub name: String,
-    pub worker: Arc<Worker>,
+    pub worker: Arc<Stream>,
     pub publisher: Publisher,
     /// Its tasks, the frame source's supervisor among them.
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -143,7 +143,7 @@ pub struct Camera {
 /// What every task of a camera shares.
 #[derive(Clone)]
 struct Ctx {
-    worker: Arc<Worker>,
+    worker: Arc<Stream>,
     publisher: Publisher,
     /// Sequence numbers of the camera's frames.
     seq: Arc<AtomicU64>,
@@ -387,7 +387,7 @@ pub async fn start(
         errors: Arc::default(),
         refusals: Arc::new(Refusals::new(Duration::from_secs_f64(cfg.refusal_window_s), cfg.errors_per_s)),
     };
-    let engine = Engine::shared(&cfg.model.path, &cfg.model_options()?).with_context(|| format!("camera {}", cam.name))?;
+    let engine = Engine::shared(&cfg.model.path, &cfg.engine_options()?).with_context(|| format!("camera {}", cam.name))?;
     tracing::info!(
         "camera {}: model {} on {} (an engine shared by {} stream(s))",
         cam.name,
@@ -395,7 +395,7 @@ pub async fn start(
         engine.info().device,
         engine.streams() + 1
     );
-    let config = WorkerConfig {
+    let config = StreamConfig {
         source,
         sampler: FrameSamplerConfig { min_interval: Duration::from_millis(cam.interval_ms), skip_unchanged_below: cam.skip_unchanged_below },
         tracking: cam.tracking.clone(),
@@ -423,7 +423,7 @@ pub async fn start(
         }
         None => cam.prompt_set()?,
     };
-    let worker = Arc::new(Worker::spawn(engine, prompts, config, Box::new(deliver)));
+    let worker = Arc::new(Stream::attach(engine, prompts, config, Box::new(deliver)));
     let events = publisher.clone();
     let health = Arc::new(Health::new(move |t: &Transition| events.source_event(t)));
     let ctx = Ctx { worker: worker.clone(), publisher: publisher.clone(), seq: Arc::default(), health: health.clone() };

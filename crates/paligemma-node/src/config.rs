@@ -2,7 +2,8 @@
 //! from the command line.
 use anyhow::{Context, Result, bail};
 use paligemma_stream::tracker::TrackerConfig;
-use paligemma_stream::{PromptSet, StandingPrompt};
+use paligemma::{ContextOptions, WeightOptions};
+use paligemma_stream::{EngineOptions, PromptSet, StandingPrompt, usable_lanes};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -125,7 +126,7 @@ pub struct ModelConfig {
     /// enough for each lane to hold the camera of most prompts.
     #[serde(default)]
     pub max_sequences: usize,
-    /// Batches run at once, sharing the threads (see `paligemma::ModelOptions::lanes`);
+    /// Batches run at once, sharing the threads (see `paligemma_stream::EngineOptions::lanes`);
     /// 0 or 1: one.
     #[serde(default)]
     pub lanes: usize,
@@ -164,7 +165,10 @@ pub const DEFAULT_LISTEN: &str = "tcp/127.0.0.1:7448";
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ros2Config {
-    #[serde(default)]
+    /// On when the `[ros2]` section is there (a section that silently did nothing
+    /// would leave a robot without its topics); `enabled = false` keeps the settings
+    /// and turns it off. Off without the section.
+    #[serde(default = "on_when_present")]
     pub enabled: bool,
     /// `ROS_DOMAIN_ID` of the graph.
     #[serde(default)]
@@ -177,7 +181,7 @@ pub struct Ros2Config {
     pub node_name: String,
     /// `jazzy` (Jazzy, Kilted, Rolling: type hashes in keys) or `humble`.
     #[serde(default)]
-    pub distro: paligemma_stream::ros2::keys::Distro,
+    pub distro: paligemma_ros2::keys::Distro,
     /// Keep-last depth the publishers announce (reliable, volatile).
     #[serde(default = "default_depth")]
     pub depth: u32,
@@ -196,6 +200,9 @@ impl Default for Ros2Config {
     }
 }
 
+fn on_when_present() -> bool {
+    true
+}
 fn default_namespace() -> String {
     "/".into()
 }
@@ -290,23 +297,18 @@ impl Config {
 
     /// How every camera loads the model: the same options, so that they share one
     /// engine (see `paligemma_stream::Engine::shared`).
-    pub fn model_options(&self) -> Result<paligemma::ModelOptions> {
+    pub fn engine_options(&self) -> Result<EngineOptions> {
         let m = &self.model;
-        let mut opts = paligemma::ModelOptions {
-            device: m.device.clone(),
-            threads: m.threads,
-            kv_type: m.kv_type.parse::<paligemma::KvType>()?,
-            max_sequences: m.max_sequences,
-            lanes: m.lanes.max(1),
-            ..Default::default()
-        };
+        let weights = WeightOptions { device: paligemma::Device::find(&m.device)?, ..Default::default() };
+        let mut context = ContextOptions { threads: m.threads, kv_type: m.kv_type.parse::<paligemma::KvType>()?, max_sequences: m.max_sequences, ..Default::default() };
+        let lanes = m.lanes.max(1);
         if m.max_sequences == 0 {
             let prompts: usize = self.cameras.iter().map(|c| c.prompts.len()).sum();
             let widest = self.cameras.iter().map(|c| c.prompts.len()).max().unwrap_or(0);
-            let lanes = paligemma::usable_lanes(&opts.device, opts.threads_or_default(), opts.lanes);
-            opts.max_sequences = prompts.max(widest * lanes).clamp(4, paligemma::MAX_SEQUENCES);
+            let lanes = usable_lanes(weights.device, context.threads_or_default(), lanes);
+            context.max_sequences = prompts.max(widest * lanes).clamp(4, paligemma::MAX_SEQUENCES);
         }
-        Ok(opts)
+        Ok(EngineOptions { weights, context, lanes })
     }
 
     pub fn prefix(&self) -> String {
@@ -337,7 +339,7 @@ impl Config {
                 bail!("camera {:?} needs exactly one of pipeline, uri, zenoh_key, ros2_image or ros2_compressed_image", c.name);
             }
             if ros2.contains(&true) && !self.ros2.enabled {
-                bail!("camera {:?} reads a ROS 2 topic: enable the [ros2] section", c.name);
+                bail!("camera {:?} reads a ROS 2 topic, but ROS 2 is off: add a [ros2] section (without enabled = false)", c.name);
             }
             c.prompt_set()?;
             if let Err(e) = c.tracking.validate() {
@@ -400,7 +402,7 @@ mod tests {
 
     #[test]
     fn default_sequences_fit_every_prompt_and_a_camera_per_lane() {
-        let sequences = |cameras: &[usize], lanes| config(cameras, lanes).model_options().unwrap().max_sequences;
+        let sequences = |cameras: &[usize], lanes| config(cameras, lanes).engine_options().unwrap().context.max_sequences;
         assert_eq!(sequences(&[1], 1), 4, "at least 4");
         assert_eq!(sequences(&[2, 3, 2], 1), 7, "every standing prompt");
         // Two lanes each hold half the sequences: each must fit the camera of 5 prompts.
@@ -418,5 +420,14 @@ mod tests {
             let cfg = Config::load(&configs.join(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
             cfg.validate().unwrap_or_else(|e| panic!("{name}: {e:#}"));
         }
+    }
+
+    /// A `[ros2]` section turns ROS 2 on unless it says `enabled = false`; none leaves it off.
+    #[test]
+    fn a_ros2_section_is_on_unless_it_says_otherwise() {
+        let ros2 = |extra: &str| toml::from_str::<Config>(&format!("[model]\npath = \"m.gguf\"\n{extra}")).unwrap().ros2.enabled;
+        assert!(!ros2(""));
+        assert!(ros2("[ros2]\ndomain_id = 3\n"));
+        assert!(!ros2("[ros2]\nenabled = false\n"));
     }
 }

@@ -5,8 +5,8 @@
 use crate::config::Ros2Config;
 use anyhow::{Result, anyhow};
 use paligemma_stream::ResultMessage;
-use paligemma_stream::ros2::keys::{EntityKind, NodeName, attachment, gid, topic_key};
-use paligemma_stream::ros2::results::to_ros;
+use paligemma_ros2::keys::{EntityKind, NodeName, attachment, gid, topic_key};
+use paligemma_ros2::results::to_ros;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -227,7 +227,7 @@ fn bad_configuration_is_a_clear_error() {
     std::fs::write(&config, "[model]\npath = \"x.gguf\"\n[[camera]]\nname = \"a\"\nros2_image = \"/cam/image_raw\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("enable the [ros2] section"), "{err}");
+    assert!(!out.status.success() && err.contains("ROS 2 is off: add a [ros2] section"), "{err}");
     std::fs::write(&config, "[model]\npath = \"x.gguf\"\ncolour = 1\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_paligemma-node")).args(["--config", config.to_str().unwrap()]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
@@ -333,7 +333,7 @@ max_tokens = 4
 /// `rmw_zenoh` keys (CDR, attachment) and the node and its publishers are on the graph.
 #[test]
 fn ros2_publications_on_rmw_zenoh_keys() {
-    use paligemma_stream::ros2::{keys, msgs, type_hash::rihs01};
+    use paligemma_ros2::{keys, msgs, type_hash::rihs01};
     let dir = tempfile::tempdir().unwrap();
     // The bundled demo model finds the ball of videotestsrc's "ball" pattern.
     let model = common::repo_root().join("models/demo/paligemma2-demo-f16.gguf");
@@ -451,7 +451,7 @@ max_tokens = 3
 /// ROS 2 images as frame sources: raw and compressed samples are analysed with their
 /// header's stamp and frame_id; bad ones are errors and the camera goes on.
 fn ros2_images_in(session: &zenoh::Session, prefix: &str) {
-    use paligemma_stream::ros2::{keys, msgs, type_hash::rihs01};
+    use paligemma_ros2::{keys, msgs, type_hash::rihs01};
     let results = session.declare_subscriber(format!("{prefix}/**")).wait().unwrap();
     let header = msgs::Header { stamp: msgs::Time { sec: 1_700_000_123, nanosec: 45 }, frame_id: "arm_camera".into() };
     let png = std::fs::read(common::repo_root().join("tests/fixtures/images/rgb.png")).unwrap();

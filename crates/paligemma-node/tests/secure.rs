@@ -1,7 +1,7 @@
 //! The node behind mutual TLS and access control, with the shipped
 //! `configs/zenoh-secure.json5` and certificates made at test time (never committed):
 //! who cannot connect, who may watch and ask, who may steer, who may feed frames.
-use paligemma_stream::ros2::{keys, msgs, type_hash::rihs01};
+use paligemma_ros2::{keys, msgs, type_hash::rihs01};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -1,31 +1,46 @@
-//! One loaded model per process and model file, shared by every stream (a camera of
-//! the node, a `paligemma` element) that asks for it, with the thread that runs it
-//! (one per lane, see `ModelOptions::lanes`): weights and repacked buffers exist once,
-//! the KV cache and the CPU threads once per lane, and streams never compete for cores
-//! with each other. How those threads share the model between streams is `scheduler.rs`.
-use crate::lanes::ThreadShare;
+//! One loaded model per process, model file and options, shared by every stream (a
+//! camera of the node, a `paligemma` element) that asks for it, with the threads that
+//! run it (one per lane, see [`EngineOptions::lanes`]): weights and repacked buffers
+//! exist once, a context (KV cache and CPU threads) once per lane, and streams never
+//! compete for cores with each other. How those threads share the model between
+//! streams is `scheduler.rs`.
+use crate::lanes::{ThreadShare, usable_lanes};
 use crate::message::ModelInfo;
-use crate::worker::StreamShared;
+use crate::shared::{EngineShared, EngineState, StreamShared};
 use crate::{Error, Result};
-use paligemma::{KvType, Model, ModelOptions};
+use paligemma::{ContextOptions, Model, WeightOptions, Weights};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 
-/// What makes two loads the same model: the file and every load option.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct EngineKey {
-    path: PathBuf,
-    device: String,
-    threads: usize,
-    kv_type: KvType,
-    context: usize,
-    max_sequences: usize,
-    repack: bool,
-    lanes: usize,
+/// How an engine loads its model and how many lanes serve it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EngineOptions {
+    /// Where and how the weights are loaded.
+    pub weights: WeightOptions,
+    /// What each lane's context holds; `max_sequences` is for all lanes together.
+    pub context: ContextOptions,
+    /// Batches run at once on the CPU, each by a context of its own with
+    /// `max_sequences / lanes` of the sequences (rounded up), the lanes taking the
+    /// `threads` turn by turn: all of them for a lane working alone, a share each for
+    /// lanes working together (`lanes.rs`). A small model's graphs leave threads waiting
+    /// on each other, so with several cameras two lanes of one thread answer more than
+    /// one batch on two threads. 1: one batch at a time on every thread; at most one
+    /// lane per thread, CPU only.
+    pub lanes: usize,
 }
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { weights: WeightOptions::default(), context: ContextOptions::default(), lanes: 1 }
+    }
+}
+
+/// What makes two loads the same engine: the file and the options themselves, so that
+/// an option added later keeps engines apart without anyone remembering to.
+type EngineKey = (PathBuf, EngineOptions);
 
 /// Where the engine of one key lives while a stream holds it. Locked while that engine
 /// loads, so that two streams starting together load it once.
@@ -44,57 +59,13 @@ pub struct Engine {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// What the serving thread and the streams' handles share.
-pub(crate) struct EngineShared {
-    pub state: Mutex<EngineState>,
-    /// Signalled when a stream has new work (a frame, a request, new prompts) or goes.
-    pub wake: Condvar,
-    pub info: ModelInfo,
-    /// Jobs handed out so far, by every lane: a stream's `last_served` is this count
-    /// when it last got one.
-    pub jobs_started: AtomicU64,
-    /// With several lanes: the CPU threads they take turn by turn.
-    pub threads: Option<ThreadShare>,
-}
-
-pub(crate) struct EngineState {
-    /// Every stream attached, in the order they came (the round-robin order).
-    pub streams: Vec<Arc<StreamShared>>,
-    /// Wake-ups so far ([`EngineShared::wake`]). Each lane notes the count when it looks
-    /// for work and sleeps only while it is unchanged: a wake-up between its look and its
-    /// wait is not lost, whichever lane looked meanwhile.
-    pub wakes: u64,
-    pub stop: bool,
-}
-
-impl EngineShared {
-    pub fn lock(&self) -> MutexGuard<'_, EngineState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Tells every lane to look for work again.
-    pub fn wake(&self) {
-        self.lock().wakes += 1;
-        self.wake.notify_all();
-    }
-}
-
 impl Engine {
     /// The engine of this model file and options, loaded on first use: a second
     /// camera or element asking for the same returns the same engine.
-    pub fn shared(path: impl AsRef<Path>, opts: &ModelOptions) -> Result<Arc<Engine>> {
+    pub fn shared(path: impl AsRef<Path>, opts: &EngineOptions) -> Result<Arc<Engine>> {
         let path = path.as_ref();
         let canonical = std::fs::canonicalize(path).map_err(|e| Error::Engine(paligemma::Error::Io { path: path.into(), source: e }))?;
-        let key = EngineKey {
-            path: canonical,
-            device: opts.device.clone(),
-            threads: opts.threads,
-            kv_type: opts.kv_type,
-            context: opts.context,
-            max_sequences: opts.max_sequences,
-            repack: opts.repack,
-            lanes: opts.lanes,
-        };
+        let key = (canonical, *opts);
         let slot = {
             let mut engines = registry();
             // Forget the slots of engines gone (not those loading: their lock is held).
@@ -105,39 +76,41 @@ impl Engine {
         if let Some(engine) = slot.upgrade() {
             return Ok(engine);
         }
-        let engine = Engine::with_lanes(Model::load(path, opts)?, opts.lanes)?;
+        let engine = Engine::with_lanes(Weights::load(path, &opts.weights)?, &opts.context, opts.lanes)?;
         *slot = Arc::downgrade(&engine);
         Ok(engine)
     }
 
-    /// An engine of its own around a loaded model (not shared through [`Engine::shared`]),
+    /// An engine of its own around a context (not shared through [`Engine::shared`]),
     /// one batch at a time.
     pub fn new(model: Model) -> Arc<Engine> {
         Engine::start(vec![model], None)
     }
 
-    /// An engine of its own serving `lanes` batches at once (see `ModelOptions::lanes`):
-    /// `lanes` forks of the model sharing its weights and splitting its sequences, each
-    /// with a pool of the model's threads, of which it uses those free for each turn
-    /// (all of them when it is the only lane with work; see `lanes.rs`); the model's
-    /// own KV cache and thread pool go.
-    pub fn with_lanes(model: Model, lanes: usize) -> Result<Arc<Engine>> {
-        if lanes > 1 && model.device() != "cpu" {
-            tracing::warn!("{} runs on {}: lanes are for the CPU, using one", model.path().display(), model.device());
+    /// An engine of its own serving `lanes` batches at once (see [`EngineOptions::lanes`]):
+    /// `lanes` contexts of `weights` splitting `context.max_sequences`, each with a pool
+    /// of `context.threads`, of which it uses those free for each turn (all of them when
+    /// it is the only lane with work; see `lanes.rs`).
+    pub fn with_lanes(weights: Arc<Weights>, context: &ContextOptions, lanes: usize) -> Result<Arc<Engine>> {
+        let device = weights.device();
+        if lanes > 1 && !device.is_cpu() {
+            tracing::warn!("{} runs on {}: lanes are for the CPU, using one", weights.path().display(), device.spec());
         }
-        let lanes = paligemma::usable_lanes(model.device(), model.threads(), lanes);
+        let threads = context.threads_or_default();
+        let lanes = usable_lanes(device, threads, lanes);
         if lanes == 1 {
-            return Ok(Engine::new(model));
+            return Ok(Engine::new(Model::new(weights, context)?));
         }
-        let (threads, sequences) = (model.threads(), model.max_sequences().div_ceil(lanes));
-        let forks = (0..lanes).map(|_| model.fork(threads, sequences)).collect::<paligemma::Result<_>>()?;
-        Ok(Engine::start(forks, Some(ThreadShare::new(threads))))
+        let lane = ContextOptions { threads, max_sequences: context.max_sequences.div_ceil(lanes), ..*context };
+        let contexts = (0..lanes).map(|_| Model::new(weights.clone(), &lane)).collect::<paligemma::Result<_>>()?;
+        Ok(Engine::start(contexts, Some(ThreadShare::new(threads))))
     }
 
     /// Spawns a serving thread per model (a lane each), sharing `threads` when several.
     fn start(models: Vec<Model>, threads: Option<ThreadShare>) -> Arc<Engine> {
         let model = &models[0];
-        let info = ModelInfo { name: model.config().name.clone(), ty: model.weight_type().to_string(), device: model.device().to_string() };
+        let weights = model.weights();
+        let info = ModelInfo { name: model.config().name.clone(), ty: weights.weight_type().to_string(), device: weights.device().spec() };
         let state = EngineState { streams: Vec::new(), wakes: 0, stop: false };
         let shared = Arc::new(EngineShared { state: Mutex::new(state), wake: Condvar::new(), info, jobs_started: AtomicU64::new(0), threads });
         let threads = models

@@ -1,12 +1,12 @@
 //! Newest frame wins: the producer (a pipeline's streaming thread, a Zenoh
-//! subscriber) never waits; the worker takes the latest frame once the minimum
+//! subscriber) never waits; the engine takes the latest frame once the minimum
 //! interval has passed, optionally skipping frames that barely changed.
 use crate::message::FrameInfo;
 use paligemma::preprocess::RgbImage;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A frame handed to the worker.
+/// A frame handed to the engine.
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub info: FrameInfo,
@@ -30,7 +30,7 @@ pub struct FrameSamplerConfig {
     pub skip_unchanged_below: Option<f32>,
 }
 
-/// The hand-over slot; lives inside the worker's lock.
+/// The hand-over slot; lives inside the stream's lock.
 #[derive(Default)]
 pub struct FrameSampler {
     pub config: FrameSamplerConfig,

@@ -11,7 +11,14 @@
 //! spin at every graph node, and a worker without a core of its own holds up its pool.
 //! A lane that becomes busy while another holds every thread waits for the end of that
 //! one's turn (one decode step, or an admission's vision pass and prefill).
+use ggml::Device;
 use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// The lanes an engine runs when `lanes` are asked of a model on `device` with
+/// `threads` CPU threads: lanes are for the CPU, at most one per thread.
+pub fn usable_lanes(device: Device, threads: usize, lanes: usize) -> usize {
+    if device.is_cpu() { lanes.clamp(1, threads.max(1)) } else { 1 }
+}
 
 pub(crate) struct ThreadShare {
     total: usize,

@@ -5,11 +5,14 @@
 //!   optional skip of frames that barely changed.
 //! - [`engine`]: one loaded model per process and model file, shared by every
 //!   stream, served by one thread that batches across streams (`scheduler`).
-//! - [`worker`]: a stream's handle on an engine: frames in, standing prompts, asks,
-//!   result messages out through its sink.
+//! - [`stream`]: a stream's handle on an engine ([`Stream::attach`]): frames in,
+//!   standing prompts, asks, result messages out through its sink. What the handles
+//!   and the engine's lanes share is `shared.rs`, below both.
 //! - [`message`]: the result message (`paligemma.result/1`).
 //! - [`payload`]: frames and prompts from network bytes, bounded and checked.
-//! - [`ros2`]: ROS 2 messages in CDR and their type hashes, for `rmw_zenoh`.
+//! - [`tracker`]: identities of detected objects over frames.
+//!
+//! ROS 2's wire format is the `paligemma-ros2` crate, used by the node alone.
 
 pub mod engine;
 pub mod frame_sampler;
@@ -17,16 +20,18 @@ mod lanes;
 pub mod message;
 pub mod payload;
 pub mod prompts;
-pub mod ros2;
 mod scheduler;
+mod shared;
 pub mod tracker;
-pub mod worker;
+pub mod stream;
 
-pub use engine::Engine;
+pub use engine::{Engine, EngineOptions};
+pub use lanes::usable_lanes;
 pub use frame_sampler::{Frame, FrameSampler, FrameSamplerConfig};
 pub use message::{FrameInfo, ResultMessage};
 pub use prompts::{PromptSet, StandingPrompt};
-pub use worker::{Worker, WorkerConfig, WorkerStats};
+pub use shared::{MAX_PENDING_REQUESTS, Sink, StreamConfig, StreamStats};
+pub use stream::Stream;
 
 /// Errors of configuration and streaming.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +42,7 @@ pub enum Error {
     Frame(String),
     #[error(transparent)]
     Engine(#[from] paligemma::Error),
-    #[error("the worker has stopped")]
+    #[error("the stream has stopped")]
     Stopped,
     #[error("no frame has arrived yet")]
     NoFrame,

@@ -151,7 +151,7 @@ pub struct StatusMessage {
     pub model: String,
     pub device: String,
     #[serde(flatten)]
-    pub stats: crate::WorkerStats,
+    pub stats: crate::StreamStats,
     /// Input refused on the way in (by a node: bad frames, prompt updates, asks), by
     /// kind, every one counted; left out when nothing was refused.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]

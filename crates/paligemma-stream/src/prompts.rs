@@ -36,7 +36,7 @@ pub const DEFAULT_MAX_TOKENS: usize = 32;
 pub struct StandingPrompt {
     pub id: String,
     /// The task, written as its prompt text (`caption en`, `detect person ; car`) and
-    /// parsed when the prompt is read, so a malformed one never reaches the worker.
+    /// parsed when the prompt is read, so a malformed one never reaches the engine.
     pub task: Task,
     /// Minimum milliseconds between two answers (0: every analysed frame).
     #[serde(default)]
@@ -47,7 +47,7 @@ pub struct StandingPrompt {
     #[serde(default = "default_max_tokens")]
     pub max_tokens: usize,
     /// Detections scoring below this are dropped; none: the stream's
-    /// ([`crate::WorkerConfig::filter`]).
+    /// ([`crate::StreamConfig::filter`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_score: Option<f32>,
     /// Same-label boxes overlapping with an IoU above this are one object; none: the stream's.

@@ -14,20 +14,20 @@
 //!   vision pass and their prefill) and leave (at eos, their token limit or a flush) as
 //!   they start and finish. Jobs admitted together share one vision graph for their
 //!   frames and one prefill graph for their prompts.
-//! - **Lanes.** With `ModelOptions::lanes` above 1, a thread per lane runs this loop
+//! - **Lanes.** With `EngineOptions::lanes` above 1, a thread per lane runs this loop
 //!   on its own fork of the model (the same weights), taking jobs from the same streams
 //!   in the same round-robin; each fork has its share of the sequences, so that the
 //!   cameras spread over the lanes and their batches run at the same time. Each turn
 //!   runs on the threads the lane takes for it (`crate::lanes`).
 //! - **Containment.** A panic below the loop fails the work in progress with error
 //!   results; the thread, and every stream it serves, goes on.
-use crate::engine::EngineShared;
+use crate::shared::EngineShared;
 use crate::frame_sampler::Frame;
 use crate::lanes::{Taken, ThreadShare};
 use crate::message::{Latency, ModelInfo, PromptInfo, ResultMessage, SCHEMA, TokenCounts};
 use crate::prompts::StandingPrompt;
 use crate::tracker::{Tracker, TrackerConfig};
-use crate::worker::{Request, StreamShared, StreamState};
+use crate::shared::{Request, StreamShared, StreamState};
 use paligemma::{GenerateOptions, ImageEmbedding, Model, SequenceId, Start, TaskResult};
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -1,10 +1,10 @@
-//! Prompts, sampling and the worker on a fixture model.
+//! Prompts, sampling, streams and the shared engine on a fixture model.
 use paligemma::preprocess::RgbImage;
-use paligemma::{Model, ModelOptions, ResultKind, Task};
+use paligemma::{ContextOptions, Model, ResultKind, Task, WeightOptions, Weights};
 use paligemma_stream::message::FrameInfo;
 use paligemma_stream::message::Source;
 use paligemma_stream::prompts::Schedule;
-use paligemma_stream::{Engine, Frame, FrameSamplerConfig, PromptSet, ResultMessage, StandingPrompt, Worker, WorkerConfig};
+use paligemma_stream::{Engine, EngineOptions, Frame, FrameSamplerConfig, PromptSet, ResultMessage, StandingPrompt, Stream, StreamConfig};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ fn model_file(dir: &Path) -> PathBuf {
 
 /// An engine of its own on the fixture model.
 fn model(dir: &Path) -> Arc<Engine> {
-    Engine::new(Model::load(model_file(dir), &ModelOptions { threads: 1, ..Default::default() }).unwrap())
+    Engine::new(Model::load(model_file(dir), &ContextOptions { threads: 1, ..Default::default() }).unwrap())
 }
 
 fn frame(seq: u64) -> Frame {
@@ -34,7 +34,7 @@ fn frame(seq: u64) -> Frame {
 /// Returns once the engine works on the stream's frame. Tests flush then, not after a
 /// fixed pause: 400 tokens of the fixture take 80 ms on a fast core, and the answer
 /// could be finished first.
-fn wait_busy(worker: &Worker) {
+fn wait_busy(worker: &Stream) {
     let t = Instant::now();
     while !worker.stats().busy {
         assert!(t.elapsed() < Duration::from_secs(5), "the engine never took the frame");
@@ -42,7 +42,7 @@ fn wait_busy(worker: &Worker) {
     }
 }
 
-fn collector() -> (Arc<Mutex<Vec<ResultMessage>>>, paligemma_stream::worker::Sink) {
+fn collector() -> (Arc<Mutex<Vec<ResultMessage>>>, paligemma_stream::Sink) {
     let got = Arc::new(Mutex::new(Vec::new()));
     let g = got.clone();
     (got, Box::new(move |m: &ResultMessage| g.lock().unwrap().push(m.clone())))
@@ -100,7 +100,7 @@ fn worker_answers_standing_prompts_newest_frame_wins() {
     let dir = tempfile::tempdir().unwrap();
     let (got, sink) = collector();
     let prompts = PromptSet::from_short("detect cat ; dog|caption en", 0, 6).unwrap();
-    let worker = Worker::spawn(model(dir.path()), prompts, WorkerConfig::default(), sink);
+    let worker = Stream::attach(model(dir.path()), prompts, StreamConfig::default(), sink);
     // A burst of frames: the producer never waits, older frames are dropped.
     let start = Instant::now();
     for seq in 0..50 {
@@ -129,7 +129,7 @@ fn worker_answers_standing_prompts_newest_frame_wins() {
 fn sync_analysis_ask_errors_and_prompt_changes() {
     let dir = tempfile::tempdir().unwrap();
     let (_got, sink) = collector();
-    let worker = Worker::spawn(model(dir.path()), PromptSet::from_short("ocr", 0, 4).unwrap(), WorkerConfig::default(), sink);
+    let worker = Stream::attach(model(dir.path()), PromptSet::from_short("ocr", 0, 4).unwrap(), StreamConfig::default(), sink);
     let results = worker.analyse(frame(7)).unwrap();
     assert_eq!(results.len(), 1);
     assert_eq!((results[0].frame.seq, results[0].prompt.id.as_str()), (7, "ocr"));
@@ -155,7 +155,7 @@ fn stop_and_flush_return_promptly_mid_inference() {
     let dir = tempfile::tempdir().unwrap();
     let (got, sink) = collector();
     let prompts = PromptSet::from_short("caption en", 0, 400).unwrap();
-    let worker = Worker::spawn(model(dir.path()), prompts, WorkerConfig::default(), sink);
+    let worker = Stream::attach(model(dir.path()), prompts, StreamConfig::default(), sink);
     worker.submit(frame(1));
     wait_busy(&worker);
     let t = Instant::now();
@@ -173,8 +173,8 @@ fn minimum_interval_and_unchanged_frames() {
     let dir = tempfile::tempdir().unwrap();
     let (got, sink) = collector();
     let config =
-        WorkerConfig { sampler: FrameSamplerConfig { min_interval: Duration::from_millis(300), skip_unchanged_below: Some(1.0) }, ..Default::default() };
-    let worker = Worker::spawn(model(dir.path()), PromptSet::from_short("ocr", 0, 2).unwrap(), config, sink);
+        StreamConfig { sampler: FrameSamplerConfig { min_interval: Duration::from_millis(300), skip_unchanged_below: Some(1.0) }, ..Default::default() };
+    let worker = Stream::attach(model(dir.path()), PromptSet::from_short("ocr", 0, 2).unwrap(), config, sink);
     for seq in 0..5 {
         worker.submit(frame(seq));
         assert!(worker.drain(Duration::from_secs(20)));
@@ -184,8 +184,8 @@ fn minimum_interval_and_unchanged_frames() {
     assert!(worker.stats().frames_dropped >= 4);
 }
 
-fn stream_config(camera: &str) -> WorkerConfig {
-    WorkerConfig { source: Source { node: "test".into(), camera: camera.into() }, ..Default::default() }
+fn stream_config(camera: &str) -> StreamConfig {
+    StreamConfig { source: Source { node: "test".into(), camera: camera.into() }, ..Default::default() }
 }
 
 /// Streams that load the same file with the same options share one engine; other
@@ -194,16 +194,18 @@ fn stream_config(camera: &str) -> WorkerConfig {
 fn one_engine_per_model_file_and_options() {
     let dir = tempfile::tempdir().unwrap();
     let path = model_file(dir.path());
-    let opts = ModelOptions { threads: 1, ..Default::default() };
+    let opts = EngineOptions { context: ContextOptions { threads: 1, ..Default::default() }, ..Default::default() };
     let a = Engine::shared(&path, &opts).unwrap();
     let b = Engine::shared(dir.path().join(".").join("m.gguf"), &opts).unwrap();
     assert!(Arc::ptr_eq(&a, &b), "the same file by another path is the same engine");
-    let c = Engine::shared(&path, &ModelOptions { max_sequences: 2, ..opts.clone() }).unwrap();
+    let c = Engine::shared(&path, &EngineOptions { context: ContextOptions { max_sequences: 2, ..opts.context }, ..opts }).unwrap();
     assert!(!Arc::ptr_eq(&a, &c));
+    let d = Engine::shared(&path, &EngineOptions { weights: WeightOptions { repack: false, ..opts.weights }, ..opts }).unwrap();
+    assert!(!Arc::ptr_eq(&a, &d) && !Arc::ptr_eq(&c, &d), "every option keeps engines apart");
     let (_g1, s1) = collector();
     let (_g2, s2) = collector();
-    let w1 = Worker::spawn(a.clone(), PromptSet::from_short("ocr", 0, 2).unwrap(), stream_config("one"), s1);
-    let w2 = Worker::spawn(b.clone(), PromptSet::from_short("ocr", 0, 2).unwrap(), stream_config("two"), s2);
+    let w1 = Stream::attach(a.clone(), PromptSet::from_short("ocr", 0, 2).unwrap(), stream_config("one"), s1);
+    let w2 = Stream::attach(b.clone(), PromptSet::from_short("ocr", 0, 2).unwrap(), stream_config("two"), s2);
     assert_eq!(a.streams(), 2);
     drop(w1);
     assert!(w2.analyse(frame(1)).unwrap().len() == 1, "the other stream goes on");
@@ -216,15 +218,15 @@ fn one_engine_per_model_file_and_options() {
 #[test]
 fn streams_share_fairly_and_asks_go_first() {
     let dir = tempfile::tempdir().unwrap();
-    share_fairly(Engine::new(Model::load(model_file(dir.path()), &ModelOptions { threads: 1, max_sequences: 8, ..Default::default() }).unwrap()));
+    share_fairly(Engine::new(Model::load(model_file(dir.path()), &ContextOptions { threads: 1, max_sequences: 8, ..Default::default() }).unwrap()));
 }
 
-/// The same with two lanes (forks of one model, a thread each) taking the cameras' work.
+/// The same with two lanes (contexts of one model, a thread each) taking the cameras' work.
 #[test]
 fn lanes_share_fairly_and_asks_go_first() {
     let dir = tempfile::tempdir().unwrap();
-    let model = Model::load(model_file(dir.path()), &ModelOptions { threads: 2, max_sequences: 8, ..Default::default() }).unwrap();
-    share_fairly(Engine::with_lanes(model, 2).unwrap());
+    let weights = Weights::load(model_file(dir.path()), &WeightOptions::default()).unwrap();
+    share_fairly(Engine::with_lanes(weights, &ContextOptions { threads: 2, max_sequences: 8, ..Default::default() }, 2).unwrap());
 }
 
 fn share_fairly(engine: Arc<Engine>) {
@@ -232,7 +234,7 @@ fn share_fairly(engine: Arc<Engine>) {
         .map(|i| {
             let (got, sink) = collector();
             let prompts = PromptSet::from_short("caption en|detect cat ; dog", 0, 16).unwrap();
-            (got, Worker::spawn(engine.clone(), prompts, stream_config(&format!("cam{i}")), sink))
+            (got, Stream::attach(engine.clone(), prompts, stream_config(&format!("cam{i}")), sink))
         })
         .collect();
     // Every camera sends more frames than the engine can answer, camera 0 four times
@@ -286,7 +288,7 @@ fn share_fairly(engine: Arc<Engine>) {
 #[test]
 fn many_prompts_are_not_starved_by_few() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::new(Model::load(model_file(dir.path()), &ModelOptions { threads: 1, max_sequences: 4, ..Default::default() }).unwrap());
+    let engine = Engine::new(Model::load(model_file(dir.path()), &ContextOptions { threads: 1, max_sequences: 4, ..Default::default() }).unwrap());
     // The one-prompt answers stop at different lengths, so their sequences come free one
     // at a time: three are never free together unless the scheduler waits for them.
     let cams: Vec<_> = [("caption en|detect cat|ocr", 12), ("caption en", 3), ("caption en", 5), ("caption en", 7)]
@@ -294,7 +296,7 @@ fn many_prompts_are_not_starved_by_few() {
         .enumerate()
         .map(|(i, (prompts, tokens))| {
             let (got, sink) = collector();
-            (got, Worker::spawn(engine.clone(), PromptSet::from_short(prompts, 0, *tokens).unwrap(), stream_config(&format!("cam{i}")), sink))
+            (got, Stream::attach(engine.clone(), PromptSet::from_short(prompts, 0, *tokens).unwrap(), stream_config(&format!("cam{i}")), sink))
         })
         .collect();
     let start = Instant::now();
@@ -323,13 +325,13 @@ fn a_panicking_sink_does_not_stop_the_engine() {
     let engine = model(dir.path());
     let calls = Arc::new(Mutex::new(0));
     let c = calls.clone();
-    let sink: paligemma_stream::worker::Sink = Box::new(move |_: &ResultMessage| {
+    let sink: paligemma_stream::Sink = Box::new(move |_: &ResultMessage| {
         *c.lock().unwrap() += 1;
         panic!("a broken sink");
     });
-    let a = Worker::spawn(engine.clone(), PromptSet::from_short("caption en", 0, 4).unwrap(), stream_config("a"), sink);
+    let a = Stream::attach(engine.clone(), PromptSet::from_short("caption en", 0, 4).unwrap(), stream_config("a"), sink);
     let (got_b, sink_b) = collector();
-    let b = Worker::spawn(engine.clone(), PromptSet::from_short("caption en", 0, 4).unwrap(), stream_config("b"), sink_b);
+    let b = Stream::attach(engine.clone(), PromptSet::from_short("caption en", 0, 4).unwrap(), stream_config("b"), sink_b);
     for seq in 0..2 {
         a.submit(frame(seq));
         assert!(a.drain(Duration::from_secs(30)), "frame {seq}: the stream drains after its sink panicked");
@@ -347,8 +349,8 @@ fn flush_of_one_stream_leaves_the_others() {
     let engine = model(dir.path());
     let (got_a, sink_a) = collector();
     let (got_b, sink_b) = collector();
-    let a = Worker::spawn(engine.clone(), PromptSet::from_short("caption en", 0, 300).unwrap(), stream_config("a"), sink_a);
-    let b = Worker::spawn(engine.clone(), PromptSet::from_short("caption en", 0, 6).unwrap(), stream_config("b"), sink_b);
+    let a = Stream::attach(engine.clone(), PromptSet::from_short("caption en", 0, 300).unwrap(), stream_config("a"), sink_a);
+    let b = Stream::attach(engine.clone(), PromptSet::from_short("caption en", 0, 6).unwrap(), stream_config("b"), sink_b);
     a.submit(frame(1));
     b.submit(frame(1));
     wait_busy(&a);
@@ -369,15 +371,16 @@ fn cameras_served_together_get_their_own_answers() {
         Frame::new(FrameInfo { seq: i as u64, width: images[i % 3].width, height: images[i % 3].height, ..Default::default() }, images[i % 3].clone())
     };
     let prompts = || PromptSet::from_short("caption en|detect cat ; dog", 0, 12).unwrap();
-    let alone_engine = Engine::new(Model::load(&path, &ModelOptions { threads: 1, ..Default::default() }).unwrap());
+    let alone_engine = Engine::new(Model::load(&path, &ContextOptions { threads: 1, ..Default::default() }).unwrap());
     let (_g, sink) = collector();
-    let alone = Worker::spawn(alone_engine, prompts(), stream_config("alone"), sink);
+    let alone = Stream::attach(alone_engine, prompts(), stream_config("alone"), sink);
     let want: Vec<Vec<String>> = (0..4).map(|i| alone.analyse(frame_of(i)).unwrap().iter().map(|m| m.raw.clone()).collect()).collect();
 
-    // One lane, then two (each fork must compute what the model computes alone).
+    // One lane, then two (each context must compute what the model computes alone).
     for lanes in [1, 2] {
-        let model = Model::load(&path, &ModelOptions { threads: lanes, max_sequences: 8, ..Default::default() }).unwrap();
-        same_answers_together(Engine::with_lanes(model, lanes).unwrap(), &want, &frame_of, &prompts);
+        let weights = Weights::load(&path, &WeightOptions::default()).unwrap();
+        let context = ContextOptions { threads: lanes, max_sequences: 8, ..Default::default() };
+        same_answers_together(Engine::with_lanes(weights, &context, lanes).unwrap(), &want, &frame_of, &prompts);
     }
 }
 
@@ -385,7 +388,7 @@ fn same_answers_together(engine: Arc<Engine>, want: &[Vec<String>], frame_of: &d
     let cams: Vec<_> = (0..4)
         .map(|i| {
             let (got, sink) = collector();
-            (got, Worker::spawn(engine.clone(), prompts(), stream_config(&format!("cam{i}")), sink))
+            (got, Stream::attach(engine.clone(), prompts(), stream_config(&format!("cam{i}")), sink))
         })
         .collect();
     for round in 0..3 {

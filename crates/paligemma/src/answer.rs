@@ -3,7 +3,8 @@
 use crate::filter::DetectionFilter;
 use crate::{Result, confidence};
 use crate::generate::{GenerateOptions, Generation, OnToken};
-use crate::model::{ImageEmbedding, Model};
+use crate::embedding::ImageEmbedding;
+use crate::model::Model;
 use crate::output::{self, DEFAULT_LOC_DIVISOR, TaskResult};
 use crate::sampling::Sampling;
 use crate::task::Task;
@@ -57,7 +58,7 @@ impl Model {
         let mut answers = Vec::with_capacity(tasks.len());
         for (c, chunk) in tasks.chunks(self.max_sequences()).enumerate() {
             let first = c * self.max_sequences();
-            let prefixes = chunk.iter().map(|t| self.tokenizer.prefix_ids(&t.prompt())).collect::<Result<Vec<_>>>()?;
+            let prefixes = chunk.iter().map(|t| self.weights.tokenizer.prefix_ids(&t.prompt())).collect::<Result<Vec<_>>>()?;
             let generations = self.generate(image, &prefixes, &generate, &mut |t| on_token(&crate::Token { prompt: first + t.prompt, ..*t }))?;
             for (task, generation) in chunk.iter().zip(generations) {
                 let result = self.task_result(image, task, &generation, opts.loc_divisor, &opts.filter)?;
@@ -73,7 +74,7 @@ impl Model {
     pub fn task_result(&mut self, image: &ImageEmbedding, task: &Task, generation: &Generation, loc_divisor: f32, filter: &DetectionFilter) -> Result<TaskResult> {
         let mut result = output::parse(task, &generation.text, image.width, image.height, loc_divisor);
         if let TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } = &mut result {
-            let objects = confidence::objects(generation, &self.tokenizer);
+            let objects = confidence::objects(generation, &self.weights.tokenizer);
             for d in detections.iter_mut() {
                 let evidence = objects.get(d.object);
                 d.score = evidence.and_then(confidence::score);
@@ -82,7 +83,7 @@ impl Model {
         }
         filter.apply(&mut result);
         if let TaskResult::Segmentation { detections, warnings, .. } = &mut result {
-            if !self.has_segmentation() && detections.iter().any(|d| d.seg_codes.is_some()) {
+            if !self.weights.has_segmentation() && detections.iter().any(|d| d.seg_codes.is_some()) {
                 warnings.push("segmentation is unavailable: this model file has no mask decoder (convert with --seg-decoder)".into());
             } else {
                 for d in detections.iter_mut() {

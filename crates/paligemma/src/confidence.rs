@@ -18,7 +18,8 @@
 //! nearly the same box), which is why the probability of the single least certain
 //! token, the engine's first score (kept as
 //! [`crate::output::Detection::min_token_prob`]), is small even for a right box.
-use crate::generate::{Generation, LOC_BINS, LocDistribution};
+use crate::generate::Generation;
+use crate::sequence::{LOC_BINS, LocDistribution};
 use crate::tokenizer::Tokenizer;
 
 /// Points at which the box's distribution is sampled: the estimate's standard error is

@@ -6,7 +6,7 @@ use crate::Result;
 use crate::config::{TextArch, TextConfig};
 use crate::kv_cache::{KvCache, Run};
 use crate::nn::{Attention, Linear, RmsNorm};
-use crate::weights::{LM_HEAD, WeightNames};
+use crate::tensor_store::{LM_HEAD, WeightNames};
 use ggml::{Context, Graph, SharedStore, Tensor, TensorRef};
 
 /// One decoder layer.

@@ -2,8 +2,10 @@
 //! region, then decode the unfinished answers together, one batched step per token
 //! (llama.cpp's `llama_decode` loop). [`crate::Model::answer`] builds on this with
 //! tasks and parsed results.
+use crate::embedding::{ImageEmbedding, Timings, ms};
 use crate::kv_cache::{Batch, Prefix};
-use crate::model::{ImageEmbedding, Model, Timings, ms};
+use crate::model::Model;
+use crate::sequence::{LOC_BINS, LocDistribution, Sequence};
 use crate::sampling::{Sampling, TokenSampler, probabilities, probability, softcap};
 use crate::{Error, Result};
 use std::time::Instant;
@@ -80,22 +82,6 @@ impl Generation {
     }
 }
 
-/// The probabilities the model gave the 1024 location bins (`<loc0000>` to
-/// `<loc1023>`, under the softmax over the whole vocabulary at temperature 1) where it
-/// generated a location token.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LocDistribution {
-    /// The generated token's index in [`Generation::tokens`].
-    pub index: usize,
-    /// The bin it wrote (its id less `<loc0000>`'s).
-    pub bin: u32,
-    /// One probability per bin; they sum to the probability of writing any location there.
-    pub probs: Vec<f32>,
-}
-
-/// Location tokens in a PaliGemma vocabulary, from `<loc0000>`.
-pub const LOC_BINS: usize = 1024;
-
 /// Tokens one prefill graph takes at most when [`Model::start_batch`] prefills several
 /// prefixes together (llama.cpp's default physical batch): it bounds the compute
 /// buffers. A longer prefix runs in a graph of its own.
@@ -110,26 +96,6 @@ pub struct Start<'a> {
     pub prefix: &'a [u32],
     /// Its token limit and sampling.
     pub opts: &'a GenerateOptions,
-}
-
-/// An answer being generated in its KV cache region.
-pub(crate) struct Sequence {
-    /// First KV cache row of its region.
-    base: usize,
-    prefix: usize,
-    tokens: Vec<u32>,
-    token_probs: Vec<f32>,
-    loc_distributions: Vec<LocDistribution>,
-    text: String,
-    /// Logits for its next token (from the prefill or its last decode step).
-    logits: Vec<f32>,
-    first_logits: Vec<f32>,
-    max_tokens: usize,
-    ignore_eos: bool,
-    done: bool,
-    eos: bool,
-    sampler: TokenSampler,
-    timings: Timings,
 }
 
 /// An answer in progress, as [`Model::start`] returns it: the index of its KV cache
@@ -231,7 +197,7 @@ impl Model {
         let logits = self.forward(&Batch::prefixes(&prefixes, false))?;
         let elapsed = ms(start);
         let vocab = logits.len() / starts.len();
-        let cap = self.config.text.final_softcap;
+        let cap = self.weights.config.text.final_softcap;
         for ((s, &slot), logits) in starts.iter().zip(slots).zip(logits.chunks_exact(vocab)) {
             let mut first_logits = logits.to_vec();
             self.final_softcap(&mut first_logits);
@@ -251,7 +217,7 @@ impl Model {
                 ignore_eos: s.opts.ignore_eos,
                 done: s.opts.max_tokens == 0,
                 eos: false,
-                sampler: TokenSampler::new(&s.opts.sampling, cap, &self.config.tokens),
+                sampler: TokenSampler::new(&s.opts.sampling, cap, &self.weights.config.tokens),
                 timings,
             });
         }
@@ -262,9 +228,9 @@ impl Model {
     /// false ends that answer), then runs one decode step for those still going, as one
     /// batch. An error leaves every answer of the batch finished as it was.
     pub fn step(&mut self, on_token: &mut dyn FnMut(SequenceId, &Token<'_>) -> bool) -> Result<()> {
-        let eos = self.config.tokens.eos;
-        let cap = self.config.text.final_softcap;
-        let locs = self.config.tokens.loc_first.map(|first| first as usize..first as usize + LOC_BINS);
+        let eos = self.weights.config.tokens.eos;
+        let cap = self.weights.config.text.final_softcap;
+        let locs = self.weights.config.tokens.loc_first.map(|first| first as usize..first as usize + LOC_BINS);
         for (slot, seq) in self.sequences.iter_mut().enumerate() {
             let Some(seq) = seq.as_mut().filter(|q| !q.done) else { continue };
             let next = seq.sampler.sample(&mut seq.logits);
@@ -285,7 +251,7 @@ impl Model {
             };
             seq.tokens.push(next);
             seq.token_probs.push(p);
-            let full = self.tokenizer.decode(&seq.tokens)?;
+            let full = self.weights.tokenizer.decode(&seq.tokens)?;
             let piece = full.get(seq.text.len()..).unwrap_or("");
             let token = Token { prompt: 0, index: seq.tokens.len() - 1, id: next, text: piece, probability: p };
             if !on_token(SequenceId(slot), &token) || seq.tokens.len() >= seq.max_tokens {
@@ -360,7 +326,7 @@ impl Model {
     /// Applies Gemma 2's final logit softcap to logits the decoder returned (see
     /// [`softcap`]); nothing for a model without one.
     fn final_softcap(&self, logits: &mut [f32]) {
-        if let Some(cap) = self.config.text.final_softcap {
+        if let Some(cap) = self.weights.config.text.final_softcap {
             logits.iter_mut().for_each(|l| *l = softcap(*l, cap));
         }
     }

@@ -6,7 +6,7 @@
 //! more sequences, or one new token for each of several sequences), with the cache row
 //! each one writes and the attention masks that keep every sequence to its own region.
 use crate::config::TextConfig;
-use crate::model::ImageEmbedding;
+use crate::embedding::ImageEmbedding;
 use crate::{Error, Result};
 use ggml::{Backend, Buffer, Context, Tensor, TensorRef, TensorStore, Type};
 

@@ -4,11 +4,12 @@
 //!
 //! ```no_run
 //! use paligemma::preprocess::RgbImage;
-//! use paligemma::{AnswerOptions, Model, ModelOptions, Task, TaskResult};
+//! use paligemma::{AnswerOptions, ContextOptions, Model, Task, TaskResult};
 //!
 //! # fn main() -> paligemma::Result<()> {
-//! // Load a GGUF written by `paligemma convert` (device "cpu", "cuda:0", "vulkan:0"...).
-//! let mut model = Model::load("pg2-3b-224-q4_k.gguf", &ModelOptions { threads: 4, ..Default::default() })?;
+//! // Load a GGUF written by `paligemma convert` onto the CPU (`Weights::load` and
+//! // `Model::new` for "cuda:0", "vulkan:0"..., or several contexts of one file).
+//! let mut model = Model::load("pg2-3b-224-q4_k.gguf", &ContextOptions { threads: 4, ..Default::default() })?;
 //! // Encode the image once...
 //! let image = model.encode_image(&RgbImage::open("street.jpg".as_ref())?)?;
 //! // ...and ask it anything.
@@ -33,11 +34,15 @@
 //!
 //! The parts, in the order an image goes through them:
 //! - [`preprocess`]: images and raw frames -> pixel values, exactly as the reference.
-//! - [`model`]: loading ([`Model::load`]) and running graphs; the weights are resolved
-//!   once into typed structs (`weights`, `nn`), the graphs are built by `vision` (SigLIP
-//!   and the projector) and `decoder` (Gemma / Gemma 2) over a `kv_cache`.
-//! - [`generate`]: the token-level loop (prefill, batched decode); [`sampling`]: the
-//!   next token and its probability.
+//! - [`Weights`] ([`weights`]): a model file loaded once on a device
+//!   ([`WeightOptions`]), resolved into typed structs (`tensor_store`, `nn`);
+//!   [`Model`] ([`model`]): a context of those weights ([`ContextOptions`]: KV cache,
+//!   sequences, threads) that runs the graphs built by `vision` (SigLIP and the
+//!   projector, run in `encode`) and `decoder` (Gemma / Gemma 2 over a `kv_cache`, run
+//!   in `forward`); [`options`]: both kinds of options.
+//! - [`generate`]: the token-level loop (prefill, batched decode) over answers in
+//!   progress (`sequence`); [`sampling`]: the next token and its probability;
+//!   [`confidence`] and [`filter`]: detection scores, thresholds and duplicates.
 //! - [`task`] / [`output`]: typed prompts and structured results (detections in
 //!   pixels, masks through the [`segment`] decoder), joined by [`Model::answer`].
 //! - [`tokenizer`]: the prompt layout of the reference and decoding.
@@ -50,34 +55,47 @@ pub mod confidence;
 pub mod config;
 pub mod convert;
 mod decoder;
+mod embedding;
+mod encode;
 mod error;
 pub mod filter;
+mod forward;
 pub mod generate;
 mod input_file;
 mod kv_cache;
 pub mod model;
 mod nn;
+pub mod options;
 pub mod output;
 pub mod preprocess;
 pub mod sampling;
 pub mod segment;
+mod sequence;
 pub mod task;
+mod tensor_store;
 pub mod tokenizer;
 pub mod validate;
 mod vision;
-mod weights;
+pub mod weights;
 
 pub use answer::{Answer, AnswerOptions};
 pub use config::Config;
 pub use error::{Error, Result};
 pub use filter::{DetectionFilter, Dropped};
-pub use generate::{GenerateOptions, Generation, LocDistribution, OnToken, PREFILL_BATCH_TOKENS, SequenceId, Start, Token};
+pub use embedding::{ImageEmbedding, Timings, VisionStages};
+pub use encode::VISION_BATCH_PATCHES;
+pub use generate::{GenerateOptions, Generation, OnToken, PREFILL_BATCH_TOKENS, SequenceId, Start, Token};
 pub use input_file::read_input_file;
 pub use kv_cache::{KvType, MAX_SEQUENCES};
-pub use model::{ImageEmbedding, Model, ModelOptions, Timings, VISION_BATCH_PATCHES, default_threads, usable_lanes};
+pub use model::Model;
+pub use options::{ContextOptions, WeightOptions, default_threads};
 pub use output::{ResultKind, TaskResult};
 pub use sampling::Sampling;
+pub use sequence::{LOC_BINS, LocDistribution};
 pub use task::{Task, TaskKind};
+pub use weights::Weights;
+/// A compute device (`cpu`, `cuda:N`, `vulkan:N`), as [`WeightOptions::device`] takes it.
+pub use ggml::Device;
 
 /// Silences ggml's own log output (warnings and errors still reach stderr unless `quiet`).
 pub use ggml::set_log_quiet as set_backend_log_quiet;

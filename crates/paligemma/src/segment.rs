@@ -12,7 +12,7 @@
 //! works in f16, too coarse to match the reference to 1e-4); the converter stores
 //! the kernels already flipped.
 use crate::output::Mask;
-use crate::weights::WeightNames;
+use crate::tensor_store::WeightNames;
 use crate::{Error, Result};
 use ggml::gguf::GgufHeader;
 use ggml::{Context, SharedStore, Tensor, TensorRef, Type};
@@ -82,15 +82,17 @@ impl SegWeights {
     /// [`SegWeights::from_npz`] of the bytes of a file (`path` names it in errors).
     pub fn from_npz_bytes(path: &Path, bytes: &[u8]) -> Result<SegWeights> {
         let err = |detail: String| Error::Checkpoint { path: path.into(), detail };
-        let mut npz = npyz::npz::NpzArchive::new(std::io::Cursor::new(bytes)).map_err(|e| err(format!("not an npz archive: {e}")))?;
-        let names: Vec<String> = npz.array_names().map(String::from).collect();
+        // An npz is a zip archive of `.npy` files, one per array.
+        let mut npz = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| err(format!("not an npz archive: {e}")))?;
+        let names: Vec<String> = npz.file_names().filter_map(|n| n.strip_suffix(".npy")).map(String::from).collect();
         let find = |key: &str| names.iter().find(|n| n.as_str() == key || n.ends_with(&format!(".{key}")) || n.ends_with(&format!("/{key}"))).cloned();
         let mut tensors = Vec::new();
         let mut dim = None;
         for name in gguf_names() {
             let key = npz_key(&name);
             let found = find(&key).ok_or_else(|| err(format!("array {key:?} is missing (found: {})", names.join(", "))))?;
-            let array = npz.by_name(&found).map_err(|e| err(format!("{found}: {e}")))?.ok_or_else(|| err(format!("{found}: unreadable")))?;
+            let member = npz.by_name(&format!("{found}.npy")).map_err(|e| err(format!("{found}: {e}")))?;
+            let array = npyz::NpyFile::new(member).map_err(|e| err(format!("{found}: not a .npy array ({e})")))?;
             let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
             // The shape is checked before the data is read: an array's header may claim
             // any size.

@@ -4,7 +4,7 @@
 use crate::Result;
 use crate::config::VisionConfig;
 use crate::nn::{Attention, LayerNorm, Linear};
-use crate::weights::WeightNames;
+use crate::tensor_store::WeightNames;
 use ggml::{Context, SharedStore, Tensor, TensorRef};
 
 /// One encoder layer: attention then a GELU MLP, each behind a layer norm.

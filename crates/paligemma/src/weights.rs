@@ -1,186 +1,86 @@
-//! Loading a model file's weights onto a backend: used in place from the mapped
-//! file on the CPU (or repacked into the CPU's interleaved layouts), copied to the
-//! device otherwise. The graphs get typed structs of handles ([`crate::vision::VisionWeights`],
-//! [`crate::decoder::DecoderWeights`], [`crate::segment::MaskDecoderWeights`]) resolved
-//! here once, so a missing tensor is a load error and a graph build looks nothing up.
-use crate::nn::{Attention, LayerNorm, Linear, RmsNorm};
-use crate::{Error, Result};
-use ggml::gguf::{GgufFile, TensorInfo};
-use ggml::{Backend, Buffer, Context, SharedStore, TensorRef, TensorStore, packed};
-use std::collections::HashMap;
+//! A model file's weights loaded on a device, with its hyper-parameters and tokenizer:
+//! loaded once ([`Weights::load`]) and read, never written, by the graphs of every
+//! context ([`crate::Model::new`]) made of them, as llama.cpp's `llama_model` is by its
+//! contexts.
+use crate::config::Config;
+use crate::decoder::DecoderWeights;
+use crate::options::WeightOptions;
+use crate::segment::MaskDecoderWeights;
+use crate::tensor_store::WeightStore;
+use crate::tokenizer::Tokenizer;
+use crate::vision::VisionWeights;
+use crate::Result;
+use ggml::gguf::GgufFile;
+use ggml::{Backend, Device};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// Name of the repacked copy of the token embedding used as the LM head.
-pub(crate) const LM_HEAD: &str = "lm_head.repacked";
-
-/// How [`crate::Model::repacked`] names the matrices in `ggml::packed`'s layout.
-pub(crate) const PACKED: &str = "packed f16/bf16/q4_0/q4_K/q8_0 (AVX-512)";
-
-/// Every weight of a model file on a backend, read-only once loaded (the forks of a
-/// model share them).
-pub(crate) struct WeightStore {
-    pub store: SharedStore,
-    /// Kept alive for the tensors placed in them.
-    _buffers: Vec<Buffer>,
-    /// Names of the extra buffer types used, with how many tensors each holds.
-    pub repacked: Vec<(String, usize)>,
+/// A model file's weights on a device, the typed handles the graphs read them by, its
+/// hyper-parameters and its tokenizer.
+pub struct Weights {
+    path: PathBuf,
+    pub(crate) config: Config,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) tensors: WeightStore,
+    pub(crate) vision: VisionWeights,
+    pub(crate) decoder: DecoderWeights,
+    pub(crate) mask_decoder: Option<MaskDecoderWeights>,
+    device: Device,
+    /// `general.file_type` of the file (for reports).
+    file_type: String,
 }
 
-/// Weights by name, only while a model is being loaded.
-pub(crate) struct WeightNames<'a> {
-    path: &'a Path,
-    by_name: HashMap<String, Weight>,
-    /// Our own CPU kernels run (the weights were packed for them).
-    own_kernels: bool,
-}
-
-/// A loaded tensor, and whether it is in `ggml::packed`'s layout (then only
-/// `Context::mul_mat_packed` may read it).
-#[derive(Clone, Copy)]
-struct Weight {
-    tensor: TensorRef,
-    packed: bool,
-}
-
-impl WeightStore {
-    /// Loads every tensor of `gguf`; returns the store and the names to resolve the
-    /// typed weight structs from.
-    pub fn load<'g>(gguf: &'g GgufFile, backend: &Backend, repack: bool) -> Result<(WeightStore, WeightNames<'g>)> {
-        let path = gguf.path();
-        // Matrices the CPU may repack: every 2-D weight read only by matrix products (the
-        // token embedding is also gathered by row, the position embedding added, the mask
-        // decoder's tensors read by their own ops).
-        let extra = if repack && backend.is_cpu() { backend.device().extra_buffer_types() } else { Vec::new() };
-        let repack_group = |info: &TensorInfo| extra.iter().position(|b| b.supports_weight(backend.device(), info.ty, &info.shape)).map(|g| g + 1);
-        // On CPUs with AVX-512 VNNI, f16, bf16, q4_0, q4_K and q8_0 matrices go to our own packed
-        // layout instead of ggml's (see `ggml::packed`): the last group.
-        let pack = repack && backend.is_cpu() && packed::available();
-        let packed_group = 1 + extra.len();
-        let mut groups: Vec<Vec<(String, &TensorInfo)>> = vec![Vec::new(); 2 + extra.len()];
-        for info in &gguf.tensors {
-            let matrix =
-                info.shape.len() == 2 && !matches!(info.name.as_str(), "token_embd.weight" | "v.position_embd.weight") && !info.name.starts_with("seg.");
-            let g = if !matrix {
-                None
-            } else if pack && packed::packable(info.ty, &info.shape) {
-                Some(packed_group)
-            } else {
-                repack_group(info)
-            };
-            groups[g.unwrap_or(0)].push((info.name.clone(), info));
-            // The tied LM head reads the whole embedding: like llama.cpp, it gets a repacked
-            // copy of its own while the row lookups keep using the file. Not a packed one in
-            // f16 or bf16: that copy would be large (1.2 GB for 3B), and only decoding's
-            // one-row products, bound by memory, read the head.
-            if info.name == "token_embd.weight" {
-                let half = matches!(info.ty, ggml::Type::F16 | ggml::Type::BF16);
-                let g = if pack && !half && packed::packable(info.ty, &info.shape) { Some(packed_group) } else { repack_group(info) };
-                if let Some(g) = g {
-                    groups[g].push((LM_HEAD.to_string(), info));
-                }
-            }
-        }
-        let (mut store, mut buffers, mut repacked) = (TensorStore::new(), Vec::new(), Vec::new());
-        let mut by_name = HashMap::new();
-        for (g, infos) in groups.iter().enumerate() {
-            if infos.is_empty() && g > 0 {
-                continue;
-            }
-            let ctx = Context::new(infos.len() + 1, 0)?;
-            for (name, info) in infos {
-                ctx.new_named(name, info.ty, &info.shape)?;
-            }
-            let buffer = if g == 0 && backend.is_cpu() {
-                let buffer = Buffer::from_host(gguf.mmap())?;
-                for (t, (_, info)) in ctx.tensors().zip(infos) {
-                    buffer.place(t, gguf.data_offset + info.offset)?;
-                }
-                buffer
-            } else {
-                let buft = if g == 0 || g == packed_group { backend.buffer_type() } else { extra[g - 1] };
-                let buffer = buft.alloc_tensors(&ctx)?;
-                // Read with plain file reads: touching the mapping would leave those pages
-                // counted in the process's memory beside the copy.
-                let mut file = std::fs::File::open(path).map_err(crate::error::io(path))?;
-                let mut data = Vec::new();
-                for (t, (name, info)) in ctx.tensors().zip(infos) {
-                    data.resize(t.nbytes(), 0);
-                    read_at(&mut file, (gguf.data_offset + info.offset) as u64, &mut data).map_err(crate::error::io(path))?;
-                    if g == packed_group {
-                        let packed = packed::pack(info.ty, &data, info.shape[0], info.shape[1]).map_err(|e| Error::Tensor {
-                            path: path.to_path_buf(),
-                            name: name.clone(),
-                            detail: e.to_string(),
-                        })?;
-                        t.write_bytes(&packed)?;
-                    } else {
-                        t.write_bytes(&data)?;
-                    }
-                }
-                if g == packed_group {
-                    repacked.push((PACKED.to_string(), infos.len()));
-                } else if g > 0 {
-                    repacked.push((buft.name(), infos.len()));
-                }
-                buffer
-            };
-            buffer.set_weights_usage();
-            buffers.push(buffer);
-            let refs = store.insert(ctx);
-            for ((name, _), r) in infos.iter().zip(refs) {
-                by_name.insert(name.clone(), Weight { tensor: r, packed: g == packed_group });
-            }
-        }
-        let weights = WeightStore { store: store.share()?, _buffers: buffers, repacked };
-        Ok((weights, WeightNames { path, by_name, own_kernels: pack }))
-    }
-}
-
-fn read_at(file: &mut std::fs::File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    file.seek(SeekFrom::Start(offset))?;
-    file.read_exact(buf)
-}
-
-impl WeightNames<'_> {
-    pub fn path(&self) -> PathBuf {
-        self.path.to_path_buf()
+impl Weights {
+    /// Loads a GGUF written by `paligemma convert`: every tensor, on `opts.device`, after
+    /// checking everything the graphs rely on ([`crate::validate::model_file`]).
+    pub fn load(path: impl AsRef<Path>, opts: &WeightOptions) -> Result<Arc<Weights>> {
+        let path = path.as_ref().to_path_buf();
+        let gguf = GgufFile::open(&path)?;
+        let (config, tokenizer) = crate::validate::model_file(&gguf)?;
+        // The buffers hold the weights; the backend that placed them is not needed after.
+        let backend = Backend::on(opts.device)?;
+        let (tensors, names) = WeightStore::load(&gguf, &backend, opts.repack)?;
+        let vision = VisionWeights::load(&names, &config.vision)?;
+        let decoder = DecoderWeights::load(&names, &config.text)?;
+        let mask_decoder = MaskDecoderWeights::load(&names, &tensors.store)?;
+        let file_type = gguf.get("general.file_type").and_then(|v| v.as_str()).unwrap_or("?").to_string();
+        Ok(Arc::new(Weights { path, config, tokenizer, tensors, vision, decoder, mask_decoder, device: opts.device, file_type }))
     }
 
-    pub fn has(&self, name: &str) -> bool {
-        self.by_name.contains_key(name)
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
-    /// The tensor `name`; its absence is an error naming the file and the tensor.
-    pub fn tensor(&self, name: &str) -> Result<TensorRef> {
-        Ok(self.weight(name)?.tensor)
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
     }
 
-    fn weight(&self, name: &str) -> Result<Weight> {
-        self.by_name.get(name).copied().ok_or_else(|| Error::Tensor { path: self.path(), name: name.into(), detail: "missing from the model file".into() })
+    /// Path of the model file the weights were loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
-    /// `{prefix}.weight` and, when `bias`, `{prefix}.bias`.
-    pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        Ok(Linear { b: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None }, ..self.matrix(&format!("{prefix}.weight"))? })
+    /// The weight types of the file as the converter wrote them (`general.file_type`,
+    /// e.g. `q4_0` or `q4_0+vision-f16`).
+    pub fn weight_type(&self) -> &str {
+        &self.file_type
     }
 
-    /// The matrix `name`, without a bias.
-    pub fn matrix(&self, name: &str) -> Result<Linear> {
-        let w = self.weight(name)?;
-        Ok(Linear { w: w.tensor, packed: w.packed, b: None })
+    /// The extra buffer types holding repacked weights, with how many tensors each holds
+    /// (empty when nothing was repacked).
+    pub fn repacked(&self) -> &[(String, usize)] {
+        &self.tensors.repacked
     }
 
-    /// The attention op, by the same choice as the matrices' (see `ModelOptions::repack`).
-    pub fn attention(&self) -> Attention {
-        Attention { cpu_kernel: self.own_kernels }
+    /// The device the weights are on, and their contexts run.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
-    pub fn layer_norm(&self, prefix: &str, eps: f32) -> Result<LayerNorm> {
-        Ok(LayerNorm { w: self.tensor(&format!("{prefix}.weight"))?, b: self.tensor(&format!("{prefix}.bias"))?, eps })
-    }
-
-    pub fn rms_norm(&self, prefix: &str, eps: f32) -> Result<RmsNorm> {
-        Ok(RmsNorm { w: self.tensor(&format!("{prefix}.weight"))?, eps })
+    /// Whether the file carries the VQ-VAE mask decoder.
+    pub fn has_segmentation(&self) -> bool {
+        self.mask_decoder.is_some()
     }
 }

@@ -4,13 +4,13 @@ mod common;
 use common::convert_fixture;
 use ggml::Type;
 use paligemma::preprocess::RgbImage;
-use paligemma::{AnswerOptions, Model, ModelOptions, Task};
+use paligemma::{AnswerOptions, Model, ContextOptions, Task};
 
 #[test]
 fn token_probabilities_and_detection_scores() {
     let dir = tempfile::tempdir().unwrap();
     let path = convert_fixture("pg2_gqa", Type::F32, Type::F32, dir.path());
-    let mut model = Model::load(&path, &ModelOptions { threads: 1, ..Default::default() }).unwrap();
+    let mut model = Model::load(&path, &ContextOptions { threads: 1, ..Default::default() }).unwrap();
     let image = RgbImage::open(&common::fixtures_dir().join("images/rgb.png")).unwrap();
     let emb = model.encode_image(&image).unwrap();
     let opts = AnswerOptions { max_tokens: 24, ..Default::default() };

@@ -232,7 +232,7 @@ fn quantized_types_fall_back_where_rows_do_not_fit() {
 /// `ffn_down`'s input instead) still loads and computes what version 3 computes.
 #[test]
 fn version_2_files_with_unpadded_outputs_still_load() {
-    use paligemma::{GenerateOptions, Model, ModelOptions};
+    use paligemma::{GenerateOptions, Model, ContextOptions};
     let dir = tempfile::tempdir().unwrap();
     let v3 = convert_fixture("pg2_gqa", Type::Q8_0, Type::Q8_0, dir.path());
     let v2 = dir.path().join("v2.gguf");
@@ -248,7 +248,7 @@ fn version_2_files_with_unpadded_outputs_still_load() {
         .unwrap();
     let image = paligemma::preprocess::RgbImage::open(&fixtures_dir().join("images/photo.jpg")).unwrap();
     let run = |path: &Path| {
-        let mut model = Model::load(path, &ModelOptions { threads: 2, ..Default::default() }).unwrap();
+        let mut model = Model::load(path, &ContextOptions { threads: 2, ..Default::default() }).unwrap();
         let emb = model.encode_image(&image).unwrap();
         let tokens = generate(&mut model, &emb, "caption en", &GenerateOptions { max_tokens: 8, ..Default::default() }).unwrap().tokens;
         (emb.features, tokens)

@@ -7,7 +7,7 @@ use ggml::Type;
 use ggml::gguf::{GgufFile, Value};
 use paligemma::convert::{ConvertOptions, convert};
 use paligemma::preprocess::{PixelFormat, RgbImage};
-use paligemma::{GenerateOptions, Model, ModelOptions, Sampling};
+use paligemma::{GenerateOptions, Model, ContextOptions, Sampling};
 use std::path::{Path, PathBuf};
 
 /// A copy of `model` with metadata values and tensor types replaced.
@@ -30,7 +30,7 @@ fn edited(model: &Path, out: &Path, meta: &[(&str, Value)], types: &[(&str, Type
 }
 
 fn load_error(path: &Path) -> String {
-    let opts = ModelOptions { threads: 1, ..Default::default() };
+    let opts = ContextOptions { threads: 1, ..Default::default() };
     match Model::load(path, &opts) {
         Ok(_) => panic!("{} loaded", path.display()),
         Err(e) => e.to_string(),
@@ -98,7 +98,7 @@ fn a_model_that_passes_validation_runs() {
         let path = edited(&model, &dir.path().join(format!("{ty}.gguf")), &[], &[("blk.1.attn_output.weight", ty)]);
         let file = GgufFile::open(&path).unwrap();
         paligemma::validate::model_file(&file).unwrap_or_else(|e| panic!("{ty}: {e}"));
-        let mut m = Model::load(&path, &ModelOptions { threads: 1, ..Default::default() }).unwrap();
+        let mut m = Model::load(&path, &ContextOptions { threads: 1, ..Default::default() }).unwrap();
         let img = RgbImage::from_raw(&[90; 8 * 8 * 3], 8, 8, 24, PixelFormat::Rgb).unwrap();
         let emb = m.encode_image(&img).unwrap();
         common::generate(&mut m, &emb, "caption en", &GenerateOptions { max_tokens: 3, ..Default::default() }).unwrap_or_else(|e| panic!("{ty}: {e}"));
@@ -109,7 +109,7 @@ fn a_model_that_passes_validation_runs() {
 fn sampling_never_emits_prefix_tokens_and_limits_do_not_wrap() {
     let dir = tempfile::tempdir().unwrap();
     let path = convert_fixture("pg2_gqa", Type::F32, Type::F32, dir.path());
-    let mut m = Model::load(&path, &ModelOptions { threads: 1, ..Default::default() }).unwrap();
+    let mut m = Model::load(&path, &ContextOptions { threads: 1, ..Default::default() }).unwrap();
     let img = RgbImage::from_raw(&[200; 16 * 16 * 3], 16, 16, 48, PixelFormat::Rgb).unwrap();
     let emb = m.encode_image(&img).unwrap();
     let k = m.config().tokens.clone();

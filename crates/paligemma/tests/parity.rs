@@ -3,14 +3,12 @@ mod common;
 use common::*;
 use ggml::Type;
 use paligemma::preprocess::PixelValues;
-use paligemma::{GenerateOptions, KvType, Model, ModelOptions};
+use paligemma::{ContextOptions, Device, GenerateOptions, KvType, Model, WeightOptions, Weights};
 
 fn load(path: &std::path::Path, kv_type: KvType) -> Model {
-    Model::load(
-        path,
-        &ModelOptions { device: std::env::var("PALIGEMMA_TEST_DEVICE").unwrap_or("cpu".into()), threads: 2, kv_type, context: 0, ..Default::default() },
-    )
-    .unwrap()
+    let device = Device::find(&std::env::var("PALIGEMMA_TEST_DEVICE").unwrap_or("cpu".into())).unwrap();
+    let weights = Weights::load(path, &WeightOptions { device, ..Default::default() }).unwrap();
+    Model::new(weights, &ContextOptions { threads: 2, kv_type, ..Default::default() }).unwrap()
 }
 
 /// Tolerance on max |diff| / std(reference); looser on non-CPU backends.
@@ -135,13 +133,13 @@ fn other_files_are_refused_with_a_reason() {
     let mut header = ggml::gguf::GgufHeader::new();
     header.set("general.architecture", ggml::gguf::Value::String("llama".into()));
     ggml::gguf::GgufWriter::create(&path, header).unwrap().finish().unwrap();
-    let e = Model::load(&path, &ModelOptions::default()).err().unwrap().to_string();
+    let e = Model::load(&path, &ContextOptions::default()).err().unwrap().to_string();
     assert!(e.contains("llama") && e.contains("paligemma") && e.contains("llama.gguf"), "{e}");
     // Not a GGUF at all, and a missing file.
     let png = fixtures_dir().join("images/rgb.png");
-    let e = Model::load(&png, &ModelOptions::default()).err().unwrap().to_string();
+    let e = Model::load(&png, &ContextOptions::default()).err().unwrap().to_string();
     assert!(e.contains("not a GGUF file"), "{e}");
-    let e = Model::load(dir.path().join("nope.gguf"), &ModelOptions::default()).err().unwrap().to_string();
+    let e = Model::load(dir.path().join("nope.gguf"), &ContextOptions::default()).err().unwrap().to_string();
     assert!(e.contains("nope.gguf"), "{e}");
     // A model file with a tensor removed.
     let good = convert_fixture("pg1", Type::F32, Type::F32, dir.path());
@@ -160,10 +158,10 @@ fn other_files_are_refused_with_a_reason() {
         w.write_tensor(&t.name, f.tensor_data(t)).unwrap();
     }
     w.finish().unwrap();
-    let e = Model::load(&broken, &ModelOptions::default()).err().unwrap().to_string();
+    let e = Model::load(&broken, &ContextOptions::default()).err().unwrap().to_string();
     assert!(e.contains("blk.1.ffn_up.weight") && e.contains("missing"), "{e}");
     // An unknown device.
-    let e = Model::load(&good, &ModelOptions { device: "cuda:3".into(), ..Default::default() }).err().unwrap().to_string();
+    let e = Device::find("cuda:3").err().unwrap().to_string();
     assert!(e.contains("cuda:3") && e.contains("cpu"), "{e}");
 }
 
@@ -217,14 +215,15 @@ fn repacked_weights_match_in_place() {
         let reference = reference_json(name);
         let gguf = convert_fixture(name, Type::Q4_0, Type::Q4_0, dir.path());
         let run = |repack: bool| {
-            let mut model = Model::load(&gguf, &ModelOptions { threads: 2, repack, kv_type: KvType::F32, ..Default::default() }).unwrap();
+            let weights = Weights::load(&gguf, &WeightOptions { repack, ..Default::default() }).unwrap();
+            let mut model = Model::new(weights, &ContextOptions { threads: 2, kv_type: KvType::F32, ..Default::default() }).unwrap();
             let size = model.config().vision.image_size;
             let pixels = PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
             let emb = model.encode_pixels(&pixels).unwrap();
             let ids = ids(&reference["input_ids"]);
             let logits = model.prefix_logits(&emb, &ids).unwrap();
             let tokens = common::generate_ids(&mut model, &emb, &ids, &GenerateOptions { max_tokens: 10, ..Default::default() }).unwrap().tokens;
-            (model.repacked().iter().map(|(_, n)| n).sum::<usize>(), emb.features, logits, tokens)
+            (model.weights().repacked().iter().map(|(_, n)| n).sum::<usize>(), emb.features, logits, tokens)
         };
         let (n_repacked, features, logits, tokens) = run(true);
         let (n_plain, plain_features, plain_logits, plain_tokens) = run(false);
@@ -250,7 +249,7 @@ fn frames_and_prefixes_batched_match_alone() {
     use paligemma::preprocess::RgbImage;
     let dir = tempfile::tempdir().unwrap();
     let gguf = convert_fixture("pg2_gqa", Type::F32, Type::F32, dir.path());
-    let mut model = Model::load(&gguf, &ModelOptions { threads: 2, kv_type: KvType::F32, max_sequences: 6, ..Default::default() }).unwrap();
+    let mut model = Model::load(&gguf, &ContextOptions { threads: 2, kv_type: KvType::F32, max_sequences: 6, ..Default::default() }).unwrap();
     let images: Vec<RgbImage> = ["photo.jpg", "rgb.png", "rgba.png"].iter().map(|f| RgbImage::open(&fixtures_dir().join("images").join(f)).unwrap()).collect();
     let alone: Vec<_> = images.iter().map(|i| model.encode_image(i).unwrap()).collect();
     let together = model.encode_images(&images.iter().collect::<Vec<_>>()).unwrap();
@@ -295,15 +294,15 @@ fn frames_and_prefixes_batched_match_alone() {
     assert_eq!(model.free_sequences(), model.max_sequences());
 }
 
-/// Forks of one model (the same weights, their own caches and threads) run at the same
+/// Contexts of one model (the same weights, their own caches and threads) run at the same
 /// time on two threads and each computes what the model computes alone, bit for bit,
 /// over several rounds.
 #[test]
-fn forks_run_together_and_match_the_model() {
+fn contexts_of_one_model_run_together_and_match_it() {
     use paligemma::preprocess::RgbImage;
     let dir = tempfile::tempdir().unwrap();
     let gguf = convert_fixture("pg2_gqa", Type::F16, Type::F16, dir.path());
-    let mut model = Model::load(&gguf, &ModelOptions { threads: 1, ..Default::default() }).unwrap();
+    let mut model = Model::load(&gguf, &ContextOptions { threads: 1, ..Default::default() }).unwrap();
     let images: Vec<RgbImage> = ["photo.jpg", "rgb.png"].iter().map(|f| RgbImage::open(&fixtures_dir().join("images").join(f)).unwrap()).collect();
     let prompts = ["caption en", "detect cat ; dog"];
     let opts = GenerateOptions { max_tokens: 8, ignore_eos: true, ..Default::default() };
@@ -314,7 +313,8 @@ fn forks_run_together_and_match_the_model() {
         (emb.features, g.first_logits, g.tokens)
     };
     let want: Vec<_> = (0..2).map(|i| answer(&mut model, i)).collect();
-    let forks: Vec<Model> = (0..2).map(|_| model.fork(1, 2).unwrap()).collect();
+    let lane = ContextOptions { threads: 1, max_sequences: 2, ..Default::default() };
+    let forks: Vec<Model> = (0..2).map(|_| Model::new(model.weights().clone(), &lane).unwrap()).collect();
     assert_eq!(forks[0].max_sequences(), 2);
     let got: Vec<Vec<_>> = std::thread::scope(|s| {
         let handles: Vec<_> =

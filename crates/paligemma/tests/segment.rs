@@ -3,7 +3,7 @@ mod common;
 use common::*;
 use ggml::Type;
 use paligemma::convert::{ConvertOptions, convert};
-use paligemma::{Model, ModelOptions};
+use paligemma::{Model, ContextOptions};
 
 fn reference() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("vae/reference.json")).unwrap()).unwrap()
@@ -13,7 +13,7 @@ fn model_with_decoder(dir: &std::path::Path) -> Model {
     let out = dir.join("seg.gguf");
     let opts = ConvertOptions { ty: Type::F32, vision_ty: Type::F32, seg_decoder: Some(fixtures_dir().join("vae/vae-random.npz")), cancel: None };
     convert(&fixtures_dir().join("pg2_gqa/hf"), &out, &opts, |_| {}).unwrap();
-    Model::load(&out, &ModelOptions { threads: 2, ..Default::default() }).unwrap()
+    Model::load(&out, &ContextOptions { threads: 2, ..Default::default() }).unwrap()
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
@@ -24,7 +24,7 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
 fn decoder_matches_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = model_with_decoder(dir.path());
-    assert!(model.has_segmentation());
+    assert!(model.weights().has_segmentation());
     let mut worst = 0f32;
     for case in reference()["outputs"].as_array().unwrap() {
         let codes = ids(&case["codes"]);
@@ -106,8 +106,8 @@ fn segment_task_end_to_end_and_without_decoder() {
 
     // A model without the decoder still detects and says segmentation is unavailable.
     let plain = convert_fixture("pg2_gqa", Type::F16, Type::F16, dir.path());
-    let mut model = Model::load(&plain, &ModelOptions { threads: 2, ..Default::default() }).unwrap();
-    assert!(!model.has_segmentation());
+    let mut model = Model::load(&plain, &ContextOptions { threads: 2, ..Default::default() }).unwrap();
+    assert!(!model.weights().has_segmentation());
     assert!(model.decode_mask(&[0; 16]).unwrap_err().to_string().contains("no segmentation decoder"));
 }
 

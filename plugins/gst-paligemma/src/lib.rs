@@ -1,10 +1,12 @@
 //! GStreamer plugin `paligemma`:
 //!
-//! - `paligemma`: video passes through untouched while a worker thread samples
-//!   frames, answers standing prompts and attaches the results as
-//!   `GstVideoRegionOfInterestMeta` (and, with the `analytics` feature,
-//!   `GstAnalyticsRelationMeta`), bus messages and text buffers.
-//! - `paligemmaoverlay`: draws the newest results (boxes, labels, masks, captions).
+//! - `paligemma`: video passes through untouched; the element hands frames to a stream
+//!   of a shared engine (`paligemma_stream`), whose threads answer the standing prompts
+//!   on sampled frames; the results come back as `GstVideoRegionOfInterestMeta` (and,
+//!   with the `analytics` feature, `GstAnalyticsRelationMeta`), bus messages and text
+//!   buffers, with tracked boxes predicted on the frames between two answers.
+//! - `paligemmaoverlay`: draws the newest results (boxes, labels and track ids, masks,
+//!   captions).
 use gst::glib;
 
 #[cfg(feature = "analytics")]

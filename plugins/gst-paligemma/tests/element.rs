@@ -359,7 +359,8 @@ fn elements_share_one_engine() {
     buf.make_mut().set_pts(gst::ClockTime::from_mseconds(40));
     b.push(buf).unwrap();
     // The elements load with these options; asking for them again finds their engine.
-    let engine = paligemma_stream::Engine::shared(model, &paligemma::ModelOptions { threads: 1, ..Default::default() }).unwrap();
+    let context = paligemma::ContextOptions { threads: 1, ..Default::default() };
+    let engine = paligemma_stream::Engine::shared(model, &paligemma_stream::EngineOptions { context, ..Default::default() }).unwrap();
     assert!(engine.streams() >= 2, "both elements on one engine: {} stream(s)", engine.streams());
     assert!(!results(&bus_a).is_empty() && !results(&bus_b).is_empty(), "both answer");
     drop((a, b));

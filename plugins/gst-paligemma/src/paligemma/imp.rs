@@ -7,11 +7,11 @@ use gst_base::prelude::BaseTransformExtManual;
 use gst_base::subclass::prelude::*;
 use gst_video::prelude::VideoFrameExt;
 use paligemma::preprocess::{PixelFormat, RgbImage, Yuv420, YuvMatrix};
-use paligemma::{KvType, ModelOptions};
+use paligemma::{ContextOptions, Device, WeightOptions};
 use paligemma_stream::message::{FrameInfo, Source};
 use paligemma_stream::prompts::DEFAULT_MAX_TOKENS;
 use paligemma_stream::tracker::TrackerConfig;
-use paligemma_stream::{Engine, Frame, FrameSamplerConfig, PromptSet, ResultMessage, Worker, WorkerConfig};
+use paligemma_stream::{Engine, EngineOptions, Frame, FrameSamplerConfig, PromptSet, ResultMessage, Stream, StreamConfig};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ static CAT: LazyLock<gst::DebugCategory> =
 
 const DEFAULT_PROMPTS: &str = "caption en";
 const DEFAULT_INTERVAL_MS: u64 = 0;
-/// While the worker is busy, frames are converted and offered at most this often.
+/// While the engine is busy with this stream, frames are converted and offered at most this often.
 const BUSY_OFFER_PERIOD: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
@@ -84,7 +84,7 @@ impl Settings {
     }
 }
 
-/// Shared with the worker's sink (it runs on the worker thread).
+/// Shared with the stream's sink (it runs on the engine's thread).
 #[derive(Default)]
 struct Outbox {
     /// Async mode: results waiting to be attached to the next outgoing buffer.
@@ -100,12 +100,12 @@ struct TextPad {
     started: bool,
     segment: Option<gst::Segment>,
     /// Text buffers are pushed from their own thread: a downstream sink waiting
-    /// to preroll must not block the worker or the video stream.
+    /// to preroll must not block the engine or the video stream.
     queue: Option<std::sync::mpsc::Sender<ResultMessage>>,
 }
 
 struct State {
-    worker: Arc<Worker>,
+    stream: Arc<Stream>,
     info: Option<gst_video::VideoInfo>,
     seq: u64,
     last_offer: Option<Instant>,
@@ -270,7 +270,7 @@ impl ObjectImpl for PaliGemma {
             let result = settings.prompt_set();
             drop(settings);
             match (result, self.state.lock().unwrap().as_ref()) {
-                (Ok(set), Some(state)) => state.worker.set_prompts(set),
+                (Ok(set), Some(state)) => state.stream.set_prompts(set),
                 (Err(e), Some(_)) => gst::element_imp_warning!(self, gst::LibraryError::Settings, ["Keeping the current prompts: {}", e]),
                 _ => {}
             }
@@ -383,7 +383,7 @@ impl ElementImpl for PaliGemma {
         if transition == gst::StateChange::PausedToReady
             && let Some(state) = self.state.lock().unwrap().as_ref()
         {
-            state.worker.flush();
+            state.stream.flush();
         }
         self.parent_change_state(transition)
     }
@@ -419,8 +419,8 @@ impl PaliGemma {
         }
     }
 
-    /// The worker's sink: bus messages, text buffers, and (async) results for the next buffer.
-    fn make_sink(&self, mode: Mode) -> paligemma_stream::worker::Sink {
+    /// The stream's sink: bus messages, text buffers, and (async) results for the next buffer.
+    fn make_sink(&self, mode: Mode) -> paligemma_stream::Sink {
         let element = self.obj().downgrade();
         let outbox = self.outbox.clone();
         Box::new(move |msg: &ResultMessage| {
@@ -501,11 +501,11 @@ impl PaliGemma {
 
 /// Attaches, for each standing prompt not answered on this buffer (`answered`), the
 /// boxes its tracker predicts at the buffer's timestamp, as ROI metas marked predicted.
-fn attach_predictions(buf: &mut gst::BufferRef, info: &gst_video::VideoInfo, worker: &Worker, answered: &[&str]) {
+fn attach_predictions(buf: &mut gst::BufferRef, info: &gst_video::VideoInfo, stream: &Stream, answered: &[&str]) {
     let Some(pts) = buf.pts() else { return };
-    let active = prompt_ids(worker);
+    let active = prompt_ids(stream);
     let (width, height) = (info.width(), info.height());
-    for (prompt_id, boxes) in worker.predict(pts.nseconds() as f64 / 1e9) {
+    for (prompt_id, boxes) in stream.predict(pts.nseconds() as f64 / 1e9) {
         if answered.contains(&prompt_id.as_str()) || !active.contains(&prompt_id) {
             continue;
         }
@@ -515,9 +515,9 @@ fn attach_predictions(buf: &mut gst::BufferRef, info: &gst_video::VideoInfo, wor
     }
 }
 
-/// Ids of the worker's standing prompts.
-fn prompt_ids(worker: &Worker) -> Vec<String> {
-    worker.prompts().prompts.into_iter().map(|p| p.id).collect()
+/// Ids of the stream's standing prompts.
+fn prompt_ids(stream: &Stream) -> Vec<String> {
+    stream.prompts().prompts.into_iter().map(|p| p.id).collect()
 }
 
 /// The bus message for one result: the prompt, the text, the result as JSON and as
@@ -619,13 +619,11 @@ impl BaseTransformImpl for PaliGemma {
         let obj = self.obj();
         let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Start, "load", &format!("Loading {path}")).src(&*obj).build());
         gst::info!(CAT, imp = self, "loading {} on {}", path, settings.device);
-        let opts = ModelOptions {
-            device: settings.device.clone(),
-            threads: settings.threads as usize,
-            kv_type: KvType::F16,
-            context: 0,
+        let device = Device::find(&settings.device).map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ["Invalid device: {}", e]))?;
+        let opts = EngineOptions {
+            weights: WeightOptions { device, ..Default::default() },
+            context: ContextOptions { threads: settings.threads as usize, ..Default::default() },
             lanes: settings.lanes as usize,
-            ..Default::default()
         };
         // Elements of one process that load the same file with the same options share
         // one engine: the weights and the thread pool exist once.
@@ -638,24 +636,24 @@ impl BaseTransformImpl for PaliGemma {
             }
         };
         let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Complete, "load", &format!("Loaded {path}")).src(&*obj).build());
-        let config = WorkerConfig {
+        let config = StreamConfig {
             source: Source { node: String::new(), camera: obj.name().to_string() },
             sampler: FrameSamplerConfig { min_interval: Duration::from_millis(settings.interval_ms), skip_unchanged_below: None },
             tracking: TrackerConfig { enabled: settings.track, ..Default::default() },
             ..Default::default()
         };
-        let worker = Worker::spawn(engine, prompts, config, self.make_sink(settings.mode));
-        *self.state.lock().unwrap() = Some(State { worker: Arc::new(worker), info: None, seq: 0, last_offer: None });
+        let stream = Stream::attach(engine, prompts, config, self.make_sink(settings.mode));
+        *self.state.lock().unwrap() = Some(State { stream: Arc::new(stream), info: None, seq: 0, last_offer: None });
         *self.outbox.worst_analysis.lock().unwrap() = None;
         Ok(())
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        // Taking the state first means the streaming thread sees no worker while this
-        // one waits for the worker to abandon its work.
+        // Taking the state first means the streaming thread sees no stream while this
+        // one waits for the engine to abandon the stream's work.
         let state = self.state.lock().unwrap().take();
         if let Some(state) = state {
-            state.worker.stop();
+            state.stream.stop();
         }
         self.outbox.fresh.lock().unwrap().clear();
         let mut text = self.outbox.text.lock().unwrap();
@@ -676,7 +674,7 @@ impl BaseTransformImpl for PaliGemma {
         match event.view() {
             gst::EventView::FlushStart(_) => {
                 if let Some(state) = self.state.lock().unwrap().as_ref() {
-                    state.worker.flush();
+                    state.stream.flush();
                 }
                 self.outbox.fresh.lock().unwrap().clear();
             }
@@ -684,7 +682,7 @@ impl BaseTransformImpl for PaliGemma {
                 // Sync mode has nothing pending (frames wait for their results);
                 // async mode drops work that would arrive after the stream ended.
                 if let Some(state) = self.state.lock().unwrap().as_ref() {
-                    state.worker.flush();
+                    state.stream.flush();
                 }
             }
             gst::EventView::Segment(s) => {
@@ -735,20 +733,20 @@ impl BaseTransformImpl for PaliGemma {
                 // Attach what arrived since the last buffer.
                 let fresh = std::mem::take(&mut *self.outbox.fresh.lock().unwrap());
                 if let (Some(kind), false) = (attach, fresh.is_empty()) {
-                    self.attach_results(buf, &info, &fresh, &prompt_ids(&state.worker), kind);
+                    self.attach_results(buf, &info, &fresh, &prompt_ids(&state.stream), kind);
                 }
                 if predict {
                     let answered: Vec<&str> = fresh.iter().map(|m| m.prompt.id.as_str()).collect();
-                    attach_predictions(buf, &info, &state.worker, &answered);
+                    attach_predictions(buf, &info, &state.stream, &answered);
                 }
                 // Convert and offer the frame; while the model is busy, at most every
                 // BUSY_OFFER_PERIOD, so a slow model does not cost a copy per frame.
                 let now = Instant::now();
-                let busy = state.worker.stats().busy;
+                let busy = state.stream.stats().busy;
                 if !busy || state.last_offer.is_none_or(|t| now.duration_since(t) >= BUSY_OFFER_PERIOD) {
                     match self.frame_from_buffer(buf, &info, seq) {
                         Ok(frame) => {
-                            state.worker.submit(frame);
+                            state.stream.submit(frame);
                             state.last_offer = Some(now);
                         }
                         Err(e) => gst::warning!(CAT, imp = self, "frame {}: {}", seq, e),
@@ -763,18 +761,18 @@ impl BaseTransformImpl for PaliGemma {
                         return Ok(gst::FlowSuccess::Ok);
                     }
                 };
-                if !state.worker.sample_now(&frame) {
+                if !state.stream.sample_now(&frame) {
                     if predict {
-                        attach_predictions(buf, &info, &state.worker, &[]);
+                        attach_predictions(buf, &info, &state.stream, &[]);
                     }
                     return Ok(gst::FlowSuccess::Ok);
                 }
                 // Analyse without holding the state lock, so a state change can
                 // interrupt it (see change_state).
-                let worker = state.worker.clone();
+                let stream = state.stream.clone();
                 drop(guard);
-                match (worker.analyse(frame), attach) {
-                    (Ok(results), Some(kind)) => self.attach_results(buf, &info, &results, &prompt_ids(&worker), kind),
+                match (stream.analyse(frame), attach) {
+                    (Ok(results), Some(kind)) => self.attach_results(buf, &info, &results, &prompt_ids(&stream), kind),
                     (Ok(_), None) => {}
                     (Err(e), _) => gst::debug!(CAT, imp = self, "analysis of frame {} abandoned: {}", seq, e),
                 }

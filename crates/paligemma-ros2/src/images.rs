@@ -1,8 +1,8 @@
 //! ROS 2 camera images as frames: `sensor_msgs/msg/Image` (rgb8, bgr8, rgba8, bgra8,
 //! mono8) and `sensor_msgs/msg/CompressedImage` (JPEG, PNG), every size checked
 //! before anything is allocated from it.
-use crate::ros2::msgs::{CompressedImage, Header, Image, from_cdr};
-use crate::{Error, Result};
+use crate::msgs::{CompressedImage, Header, Image, from_cdr};
+use paligemma_stream::{Error, Result};
 use paligemma::preprocess::{PixelFormat, RgbImage, check_size};
 
 /// Which message a camera topic carries.

@@ -3,8 +3,8 @@
 //! (`ros2 node list`, `ros2 topic list`, `ros2 topic echo`) discover nodes, publishers
 //! and subscriptions. As in ros2/rmw_zenoh's design notes and its
 //! `liveliness_utils.cpp` / `attachment_helpers.cpp`.
-use crate::ros2::type_hash::rihs01;
-use crate::{Error, Result};
+use crate::type_hash::rihs01;
+use paligemma_stream::{Error, Result};
 
 /// Which ROS 2 distributions the keys are for: Jazzy, Kilted and Rolling put the
 /// type's RIHS01 hash in keys and tokens, Humble a fixed placeholder.

@@ -1,8 +1,8 @@
 //! ROS 2 messages and type hashes against tests/fixtures/ros2/reference.json, which
 //! rosbags (an independent implementation of ROS 2's CDR and REP 2011 hashing) wrote
 //! for the same messages (tests/reference/ros2_reference.py).
-use paligemma_stream::ros2::msgs::*;
-use paligemma_stream::ros2::type_hash::{TYPES, rihs01};
+use paligemma_ros2::msgs::*;
+use paligemma_ros2::type_hash::{TYPES, rihs01};
 
 fn reference() -> serde_json::Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/ros2/reference.json");
@@ -85,7 +85,7 @@ fn bad_cdr_is_an_error() {
     assert!(from_cdr::<Image>(&unknown, 1 << 20).is_err());
 }
 
-use paligemma_stream::ros2::keys::*;
+use paligemma_ros2::keys::*;
 
 /// Keys and tokens as rmw_zenoh writes them (ros2/rmw_zenoh `liveliness_utils.cpp`).
 #[test]
@@ -127,7 +127,7 @@ fn keys_tokens_and_attachments() {
 
 use paligemma::output::{Mask, parse_detections};
 use paligemma_stream::message::{FrameInfo, PromptInfo, ResultMessage};
-use paligemma_stream::ros2::results::{RosResult, to_ros};
+use paligemma_ros2::results::{RosResult, to_ros};
 
 /// A result message of a frame of 8 x 6 pixels taken at `header()`'s time.
 fn result_message(result: paligemma::TaskResult) -> ResultMessage {

@@ -1,8 +1,8 @@
 //! Result messages as ROS 2 messages: detections and segmentations as a
 //! `vision_msgs/msg/Detection2DArray`, every other answer as a `std_msgs/msg/String`,
 //! and a segmentation's masks as one `sensor_msgs/msg/Image` on a sibling topic.
-use crate::message::ResultMessage;
-use crate::ros2::msgs::{
+use paligemma_stream::message::ResultMessage;
+use crate::msgs::{
     BoundingBox2D, Detection2D, Detection2DArray, Header, Image, ObjectHypothesis, ObjectHypothesisWithPose, Point2D, Pose2D, StringMsg, Time,
 };
 use paligemma::TaskResult;
@@ -39,9 +39,9 @@ impl RosResult {
     /// Its CDR bytes.
     pub fn to_cdr(&self) -> Vec<u8> {
         match self {
-            RosResult::Detections(m) => crate::ros2::msgs::to_cdr(m),
-            RosResult::Text(m) => crate::ros2::msgs::to_cdr(m),
-            RosResult::Masks(m) => crate::ros2::msgs::to_cdr(m),
+            RosResult::Detections(m) => crate::msgs::to_cdr(m),
+            RosResult::Text(m) => crate::msgs::to_cdr(m),
+            RosResult::Masks(m) => crate::msgs::to_cdr(m),
         }
     }
 }

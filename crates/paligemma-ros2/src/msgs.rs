@@ -2,7 +2,7 @@
 //! their IDL (so that CDR, which is positional, reads them as ROS does), with their
 //! CDR encoding: little-endian, the 4-byte encapsulation header, each primitive
 //! aligned to its size from the start of the payload (the `cdr` crate).
-use crate::{Error, Result};
+use paligemma_stream::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// `builtin_interfaces/msg/Time`.
@@ -231,6 +231,6 @@ pub fn from_cdr<T: serde::de::DeserializeOwned>(bytes: &[u8], max_bytes: u64) ->
     if bytes.len() as u64 > max_bytes {
         return Err(Error::Frame(format!("a CDR message of {} bytes is larger than the limit of {max_bytes}", bytes.len())));
     }
-    let mut reader = super::cdr_read::Reader::new(bytes).map_err(|e| Error::Frame(format!("not a valid CDR message: {e}")))?;
+    let mut reader = crate::cdr_read::Reader::new(bytes).map_err(|e| Error::Frame(format!("not a valid CDR message: {e}")))?;
     T::deserialize(&mut reader).map_err(|e| Error::Frame(format!("not a valid CDR message: {e}")))
 }
