@@ -1,6 +1,7 @@
 //! `paligemma bench`: per-stage timings with warm-up and repetitions, and peak RSS.
 use anyhow::{Context, Result, bail};
-use paligemma::config::{Config, NAMED_SHAPES, TokenConfig};
+use crate::shapes::{NAMED_SHAPES, named};
+use paligemma::config::TokenConfig;
 use paligemma::convert::{ConvertOptions, default_vision_type, parse_weight_type, write_random};
 use paligemma::preprocess::{RgbImage, preprocess};
 use paligemma::{ContextOptions, Device, GenerateOptions, KvType, Model, Start, WeightOptions, Weights};
@@ -111,7 +112,7 @@ fn model_path(args: &BenchArgs) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&args.cache).with_context(|| args.cache.display().to_string())?;
     let tok = tokenizers_ids();
-    let cfg = Config::named(name, tok)?;
+    let cfg = named(name, tok)?;
     eprintln!("writing random weights of {name} ({} / vision {}) to {} ...", opts.ty, opts.vision_ty, path.display());
     let bar = indicatif::ProgressBar::new(0);
     write_random(&cfg, BENCH_TOKENIZER, &opts, &path, 42, |p| {

@@ -209,7 +209,7 @@ fn oracle(frame: &FrameTruth, width: usize, height: usize) -> Vec<Detection> {
             format!("<loc{:04}><loc{:04}><loc{:04}><loc{:04}> {}", bin(y1, height), bin(x1, width), bin(y2, height), bin(x2, width), o.label)
         })
         .collect();
-    paligemma::output::parse_detections(&text.join(" ; "), width, height, 1023.0, false).detections().to_vec()
+    paligemma::parse::parse_detections(&text.join(" ; "), width, height, 1023.0, false).detections().to_vec()
 }
 
 /// The tracker on the model's detections, and on the true boxes (its own share of the mistakes).
@@ -274,7 +274,7 @@ pub fn print(e: &Evaluation, analyse_every: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use paligemma::output::parse_detections;
+    use paligemma::parse::parse_detections;
 
     fn truth(id: u32, label: &str, bbox: [f32; 4]) -> ObjectTruth {
         ObjectTruth { id, label: label.into(), bbox, visible: 1.0 }

@@ -8,6 +8,7 @@ mod bench;
 mod bench_streams;
 mod eval;
 mod eval_tracking;
+mod shapes;
 mod vs_llama;
 
 use npyz::WriterBuilder;

@@ -42,7 +42,7 @@ pub fn checkpoint(data: &[u8]) {
         }
     }
     if let Some(config) = config {
-        let _ = paligemma::convert::tensor_shapes(&config).len();
+        let _ = paligemma::format::tensor_shapes(&config).len();
     }
 }
 
@@ -76,7 +76,7 @@ pub fn output(data: &[u8]) {
     let (Ok(prompt), Ok(answer)) = (std::str::from_utf8(prompt), std::str::from_utf8(answer)) else { return };
     let Ok(task) = paligemma::Task::parse(prompt) else { return };
     let size = prompt.len() % 2000 + 1;
-    let result = paligemma::output::parse(&task, answer, size, size / 2 + 1, paligemma::output::DEFAULT_LOC_DIVISOR);
+    let result = paligemma::parse::parse(&task, answer, size, size / 2 + 1, paligemma::output::DEFAULT_LOC_DIVISOR);
     let _ = serde_json::to_string(&result);
 }
 

@@ -125,7 +125,8 @@ fn keys_tokens_and_attachments() {
     assert!(parse_attachment(&a[..32]).is_err() && parse_attachment(&[0; 33]).is_err());
 }
 
-use paligemma::output::{Mask, parse_detections};
+use paligemma::output::Mask;
+use paligemma::parse::parse_detections;
 use paligemma_stream::message::{FrameInfo, PromptInfo, ResultMessage};
 use paligemma_ros2::results::{RosResult, to_ros};
 

@@ -254,7 +254,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use paligemma::output::parse_detections;
+    use paligemma::parse::parse_detections;
 
     /// Detections of `label` at these centres, 0.1 x 0.1 of the frame each.
     fn at(label: &str, centres: &[(f32, f32)]) -> Vec<Detection> {

@@ -5,7 +5,7 @@ use crate::{Result, confidence};
 use crate::generate::{GenerateOptions, Generation, OnToken};
 use crate::embedding::ImageEmbedding;
 use crate::model::Model;
-use crate::output::{self, DEFAULT_LOC_DIVISOR, TaskResult};
+use crate::output::{DEFAULT_LOC_DIVISOR, TaskResult};
 use crate::sampling::Sampling;
 use crate::task::Task;
 
@@ -72,7 +72,7 @@ impl Model {
     /// filtered, the kept ones' masks decoded (for callers that drive [`Model::start`]
     /// and [`Model::step`]).
     pub fn task_result(&mut self, image: &ImageEmbedding, task: &Task, generation: &Generation, loc_divisor: f32, filter: &DetectionFilter) -> Result<TaskResult> {
-        let mut result = output::parse(task, &generation.text, image.width, image.height, loc_divisor);
+        let mut result = crate::parse::parse(task, &generation.text, image.width, image.height, loc_divisor);
         if let TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } = &mut result {
             let objects = confidence::objects(generation, &self.weights.tokenizer);
             for d in detections.iter_mut() {

@@ -1,6 +1,7 @@
 //! Which detections a caller gets: a score threshold and duplicate suppression, the
 //! two steps every detector pipeline runs after its model. What they drop is counted
 //! in the result ([`Dropped`]), never lost silently.
+pub use crate::output::Dropped;
 use crate::output::{Detection, TaskResult};
 use crate::{Error, Result};
 
@@ -22,27 +23,6 @@ pub const DEFAULT_DUPLICATE_IOU: f32 = 0.5;
 impl Default for DetectionFilter {
     fn default() -> Self {
         DetectionFilter { min_score: 0.0, duplicate_iou: DEFAULT_DUPLICATE_IOU }
-    }
-}
-
-/// How many detections a [`DetectionFilter`] dropped from one result.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Dropped {
-    /// Scored below `min_score`.
-    pub below_min_score: usize,
-    /// Suppressed as duplicates of a better-scoring box of the same label.
-    pub duplicates: usize,
-}
-
-impl Dropped {
-    /// Whether nothing was dropped (the field is then left out of serialised results).
-    pub fn is_none(&self) -> bool {
-        *self == Dropped::default()
-    }
-
-    /// Both counts.
-    pub fn total(&self) -> usize {
-        self.below_min_score + self.duplicates
     }
 }
 
@@ -107,7 +87,7 @@ pub fn iou(a: &Detection, b: &Detection) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::parse_detections;
+    use crate::parse::parse_detections;
 
     fn result(text: &str, scores: &[f32]) -> TaskResult {
         let mut r = parse_detections(text, 100, 100, 1023.0, false);

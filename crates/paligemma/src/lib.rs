@@ -33,7 +33,8 @@
 //! ```
 //!
 //! The parts, in the order an image goes through them:
-//! - [`preprocess`]: images and raw frames -> pixel values, exactly as the reference.
+//! - [`preprocess`]: images (`rgb_image`: files, encoded bytes, raw and YUV frames)
+//!   -> pixel values, exactly as the reference.
 //! - [`Weights`] ([`weights`]): a model file loaded once on a device
 //!   ([`WeightOptions`]), resolved into typed structs (`tensor_store`, `nn`);
 //!   [`Model`] ([`model`]): a context of those weights ([`ContextOptions`]: KV cache,
@@ -44,13 +45,16 @@
 //!   progress (`sequence`); [`sampling`]: the next token and its probability;
 //!   [`confidence`] and [`filter`]: detection scores, thresholds and duplicates.
 //! - [`task`] / [`output`]: typed prompts and structured results (detections in
-//!   pixels, masks through the [`segment`] decoder), joined by [`Model::answer`].
+//!   pixels, masks through the [`segment`] decoder), [`parse`]d from the model's text
+//!   and joined by [`Model::answer`].
 //! - [`tokenizer`]: the prompt layout of the reference and decoding.
-//! - [`convert`]: Hugging Face checkpoint folder -> one self-contained GGUF;
-//!   [`config`]: hyper-parameters; [`validate`]: what a model file must satisfy
-//!   before any graph is built from it.
+//! - [`convert`]: Hugging Face checkpoint folder (`checkpoint`) -> one self-contained
+//!   GGUF laid out as [`format`] says; [`config`]: hyper-parameters (from `config.json`
+//!   in `hf_config`, as GGUF metadata in `metadata`); [`validate`]: what a model file
+//!   must satisfy before any graph is built from it, within `limits`.
 
 mod answer;
+mod checkpoint;
 pub mod confidence;
 pub mod config;
 pub mod convert;
@@ -59,7 +63,10 @@ mod embedding;
 mod encode;
 mod error;
 pub mod filter;
+pub mod format;
 mod forward;
+mod hf_config;
+mod rgb_image;
 pub mod generate;
 mod input_file;
 mod kv_cache;
@@ -67,6 +74,7 @@ pub mod model;
 mod nn;
 pub mod options;
 pub mod output;
+pub mod parse;
 pub mod preprocess;
 pub mod sampling;
 pub mod segment;
@@ -75,13 +83,16 @@ pub mod task;
 mod tensor_store;
 pub mod tokenizer;
 pub mod validate;
+mod limits;
+mod metadata;
 mod vision;
 pub mod weights;
 
 pub use answer::{Answer, AnswerOptions};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use filter::{DetectionFilter, Dropped};
+pub use filter::DetectionFilter;
+pub use output::Dropped;
 pub use embedding::{ImageEmbedding, Timings, VisionStages};
 pub use encode::VISION_BATCH_PATCHES;
 pub use generate::{GenerateOptions, Generation, OnToken, PREFILL_BATCH_TOKENS, SequenceId, Start, Token};

@@ -1,9 +1,6 @@
-//! Structured results: the model's text parsed for its task. Detections carry
-//! boxes in pixels of the original frame; malformed outputs become warnings with
-//! the raw text kept, never a panic.
-use crate::filter::Dropped;
-use crate::task::Task;
-
+//! Structured results: the model's text parsed for its task (by [`crate::parse`]).
+//! Detections carry boxes in pixels of the original frame; malformed outputs become
+//! warnings with the raw text kept, never a panic.
 /// Loc-bin convention: bins 0..=1023 encode round(v * 1023), so v = bin / 1023.
 pub const DEFAULT_LOC_DIVISOR: f32 = 1023.0;
 
@@ -137,31 +134,52 @@ pub struct Detection {
     pub object: usize,
 }
 
+/// How many detections a [`crate::DetectionFilter`] dropped from one result.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Dropped {
+    /// Scored below `min_score`.
+    pub below_min_score: usize,
+    /// Suppressed as duplicates of a better-scoring box of the same label.
+    pub duplicates: usize,
+}
+
+impl Dropped {
+    /// Whether nothing was dropped (the field is then left out of serialised results).
+    pub fn is_none(&self) -> bool {
+        *self == Dropped::default()
+    }
+
+    /// Both counts.
+    pub fn total(&self) -> usize {
+        self.below_min_score + self.duplicates
+    }
+}
+
 /// The parsed answer to a task.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum TaskResult {
-    /// The answer to [`Task::Caption`] or [`Task::Describe`].
+    /// The answer to [`crate::Task::Caption`] or [`crate::Task::Describe`].
     Caption {
         /// The generated text, trimmed.
         text: String,
     },
-    /// The answer to [`Task::Answer`] (a question about the image).
+    /// The answer to [`crate::Task::Answer`] (a question about the image).
     Answer {
         /// The generated text, trimmed.
         text: String,
     },
-    /// The answer to [`Task::Ocr`]: the text read in the image.
+    /// The answer to [`crate::Task::Ocr`]: the text read in the image.
     Ocr {
         /// The generated text, trimmed.
         text: String,
     },
-    /// The answer to [`Task::Question`] or to a free-text [`Task::Text`] prompt.
+    /// The answer to [`crate::Task::Question`] or to a free-text [`crate::Task::Text`] prompt.
     Text {
         /// The generated text, trimmed.
         text: String,
     },
-    /// The answer to [`Task::Detect`]: one box per object found.
+    /// The answer to [`crate::Task::Detect`]: one box per object found.
     Detections {
         /// The objects with a box, in the order the model wrote them.
         detections: Vec<Detection>,
@@ -173,7 +191,7 @@ pub enum TaskResult {
         #[serde(default, skip_serializing_if = "Dropped::is_none")]
         dropped: Dropped,
     },
-    /// The answer to [`Task::Segment`]: boxes with a mask each when the model file has the
+    /// The answer to [`crate::Task::Segment`]: boxes with a mask each when the model file has the
     /// mask decoder.
     Segmentation {
         /// The objects with a box, in the order the model wrote them.
@@ -280,151 +298,5 @@ impl std::str::FromStr for ResultKind {
 impl std::fmt::Display for ResultKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// One piece of model output: a `<locNNNN>` or `<segNNN>` token, or plain text.
-#[derive(Debug, PartialEq)]
-enum Piece<'a> {
-    Loc(u32),
-    Seg(u32),
-    Text(&'a str),
-}
-
-/// Splits text into loc/seg tokens and the text between them.
-fn pieces(s: &str) -> Vec<Piece<'_>> {
-    let mut out = Vec::new();
-    let mut rest = s;
-    let mut text_start = 0usize;
-    let mut offset = 0usize;
-    while let Some(i) = rest.find('<') {
-        let at = &rest[i..];
-        let token = parse_token(at);
-        match token {
-            Some((piece, len)) => {
-                let text = &s[text_start..offset + i];
-                if !text.is_empty() {
-                    out.push(Piece::Text(text));
-                }
-                out.push(piece);
-                offset += i + len;
-                rest = &s[offset..];
-                text_start = offset;
-            }
-            None => {
-                offset += i + 1;
-                rest = &s[offset..];
-            }
-        }
-    }
-    if text_start < s.len() {
-        out.push(Piece::Text(&s[text_start..]));
-    }
-    out
-}
-
-fn parse_token(at: &str) -> Option<(Piece<'static>, usize)> {
-    let digits = |prefix: &str, n: usize| -> Option<u32> {
-        let body = at.strip_prefix(prefix)?;
-        let num = body.get(..n)?;
-        if !num.bytes().all(|b| b.is_ascii_digit()) || body.as_bytes().get(n) != Some(&b'>') {
-            return None;
-        }
-        num.parse().ok()
-    };
-    if let Some(v) = digits("<loc", 4) {
-        return Some((Piece::Loc(v), 9));
-    }
-    digits("<seg", 3).map(|v| (Piece::Seg(v), 8))
-}
-
-/// Parses detection / segmentation output: objects separated by `;`, each four
-/// loc tokens (y1 x1 y2 x2), optional sixteen seg tokens, then the label.
-pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, segmentation: bool) -> TaskResult {
-    let mut detections = Vec::new();
-    let mut warnings = Vec::new();
-    let divisor = if divisor > 0.0 && divisor.is_finite() { divisor } else { DEFAULT_LOC_DIVISOR };
-    for (n, object) in raw.split(';').enumerate() {
-        let object = object.trim();
-        if object.is_empty() {
-            continue;
-        }
-        let mut locs = Vec::new();
-        let mut segs = Vec::new();
-        let mut label = String::new();
-        let mut out_of_place = false;
-        for piece in pieces(object) {
-            match piece {
-                Piece::Loc(v) if label.is_empty() && segs.is_empty() => locs.push(v),
-                Piece::Seg(v) if label.is_empty() => segs.push(v),
-                Piece::Text(t) => {
-                    if !label.is_empty() {
-                        label.push(' ');
-                    }
-                    label.push_str(t.trim());
-                }
-                _ => out_of_place = true,
-            }
-        }
-        let label = label.trim().to_string();
-        if out_of_place {
-            warnings.push(format!("object {}: loc/seg tokens after its label in {object:?}", n + 1));
-        }
-        if locs.len() != 4 {
-            if locs.is_empty() {
-                warnings.push(format!("object {}: label {label:?} with no box in {object:?}", n + 1));
-            } else {
-                warnings.push(format!("object {}: {} loc tokens (expected 4) in {object:?}", n + 1, locs.len()));
-            }
-            continue;
-        }
-        let v = |bin: u32| (bin as f32 / divisor).clamp(0.0, 1.0);
-        let (mut y1, mut x1, mut y2, mut x2) = (v(locs[0]), v(locs[1]), v(locs[2]), v(locs[3]));
-        let mut loc_bins = [locs[0], locs[1], locs[2], locs[3]];
-        if y2 < y1 || x2 < x1 {
-            loc_bins = [locs[0].min(locs[2]), locs[1].min(locs[3]), locs[0].max(locs[2]), locs[1].max(locs[3])];
-            warnings.push(format!("object {}: corners out of order in {object:?} (swapped)", n + 1));
-            if y2 < y1 {
-                std::mem::swap(&mut y1, &mut y2);
-            }
-            if x2 < x1 {
-                std::mem::swap(&mut x1, &mut x2);
-            }
-        }
-        if label.is_empty() {
-            warnings.push(format!("object {}: box without a label in {object:?}", n + 1));
-        }
-        let seg_codes = match (segmentation, segs.len()) {
-            (_, 0) => {
-                if segmentation {
-                    warnings.push(format!("object {}: no seg tokens (expected 16) in {object:?}", n + 1));
-                }
-                None
-            }
-            (_, 16) => Some(segs),
-            (_, k) => {
-                warnings.push(format!("object {}: {k} seg tokens (expected 16) in {object:?}", n + 1));
-                None
-            }
-        };
-        let box_norm = NormBox { x1, y1, x2, y2 };
-        let bbox = box_norm.to_pixels(width, height);
-        detections.push(Detection { label, bbox, box_norm, loc_bins, loc_divisor: divisor, seg_codes, mask: None, score: None, min_token_prob: None, track_id: None, object: n });
-    }
-    let dropped = Dropped::default();
-    if segmentation { TaskResult::Segmentation { detections, warnings, dropped } } else { TaskResult::Detections { detections, warnings, dropped } }
-}
-
-/// Parses the model's text for `task` on a frame of `width` x `height` pixels.
-/// Segmentation masks are filled in separately by the decoder.
-pub fn parse(task: &Task, raw: &str, width: usize, height: usize, divisor: f32) -> TaskResult {
-    let text = raw.trim().to_string();
-    match task {
-        Task::Caption { .. } | Task::Describe { .. } => TaskResult::Caption { text },
-        Task::Answer { .. } => TaskResult::Answer { text },
-        Task::Ocr => TaskResult::Ocr { text },
-        Task::Question { .. } | Task::Text { .. } => TaskResult::Text { text },
-        Task::Detect { .. } => parse_detections(raw, width, height, divisor, false),
-        Task::Segment { .. } => parse_detections(raw, width, height, divisor, true),
     }
 }

@@ -97,7 +97,7 @@ impl SegWeights {
             // The shape is checked before the data is read: an array's header may claim
             // any size.
             let expected = expected_shape(&name, *dim.get_or_insert(if name == "seg.codebook" { shape.get(1).copied().unwrap_or(0) } else { 0 }));
-            if shape != expected || dim.is_some_and(|d| d > crate::validate::MAX_WIDTH) {
+            if shape != expected || dim.is_some_and(|d| d > crate::limits::MAX_WIDTH) {
                 return Err(err(format!("array {found:?} has shape {shape:?}, expected {expected:?}")));
             }
             let data: Vec<f32> = array.into_vec::<f32>().map_err(|e| err(format!("{found}: expected float32 values ({e})")))?;

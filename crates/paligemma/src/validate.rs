@@ -12,24 +12,9 @@
 use crate::config::Config;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
+pub use crate::limits::*;
 use ggml::Type;
 use ggml::gguf::{GgufFile, TensorInfo};
-
-/// Upper bounds on hyper-parameters: far above every published PaliGemma (27 vision
-/// layers, 46 text layers, width 4608, 896 px, vocabulary 257,216), low enough that
-/// nothing sized from them can exhaust memory before the tensor table is checked.
-pub const MAX_LAYERS: usize = 512;
-/// Largest hidden size of either tower, attention head size and mask-decoder codebook width
-/// (MLP sizes may reach four times this).
-pub const MAX_WIDTH: usize = 1 << 16;
-/// Most attention heads per layer of either tower.
-pub const MAX_HEADS: usize = 1024;
-/// Largest input image side, in pixels.
-pub const MAX_IMAGE_SIZE: usize = 4096;
-/// Largest vocabulary (rows of the token embedding).
-pub const MAX_VOCAB: usize = 1 << 22;
-/// Longest context, in tokens.
-pub const MAX_CONTEXT: usize = 1 << 20;
 
 /// Types a weight matrix may have: the ones the converter writes (with its
 /// fallbacks) and every backend's `mul_mat` and `get_rows` take.
@@ -173,7 +158,7 @@ impl Config {
 /// The mask decoder is optional, but all or nothing. Errors name the tensor.
 pub fn tensors(cfg: &Config, table: &[TensorInfo]) -> std::result::Result<(), Problem> {
     let find = |name: &str| table.iter().find(|t| t.name == name);
-    let mut expected = crate::convert::tensor_shapes(cfg);
+    let mut expected = crate::format::tensor_shapes(cfg);
     let seg_dim = find("seg.codebook").map_or(0, |t| t.shape[0]);
     let seg = crate::segment::gguf_shapes(seg_dim);
     if seg.iter().any(|(name, _)| find(name).is_some()) {
@@ -189,11 +174,11 @@ pub fn tensors(cfg: &Config, table: &[TensorInfo]) -> std::result::Result<(), Pr
         // Outputs may be padded to the padded rows of the matrix they feed.
         let mut shape = shape;
         let outputs = shape.len() - 1;
-        if let Some(n) = crate::convert::padded_consumer(&name).and_then(|c| find(&c)).map(|c| c.shape[0]).filter(|&n| n > shape[outputs] && got[outputs] == n)
+        if let Some(n) = crate::format::padded_consumer(&name).and_then(|c| find(&c)).map(|c| c.shape[0]).filter(|&n| n > shape[outputs] && got[outputs] == n)
         {
             shape[outputs] = n;
         }
-        let padded = role == Role::Matrix && crate::convert::is_padded_matrix(&name, &got, &shape, info.ty.block_size());
+        let padded = role == Role::Matrix && crate::format::is_padded_matrix(&name, &got, &shape, info.ty.block_size());
         check(got == shape || padded, || format!("tensor {name} has shape {:?}, expected {shape:?}", info.shape))?;
     }
     Ok(())

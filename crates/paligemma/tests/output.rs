@@ -1,5 +1,6 @@
 //! Task prompts and output parsers on real and malformed strings.
-use paligemma::output::{Mask, TaskResult, parse, parse_detections};
+use paligemma::output::{Mask, TaskResult};
+use paligemma::parse::{parse, parse_detections};
 use paligemma::task::Task;
 use proptest::prelude::*;
 

@@ -97,7 +97,7 @@ fn segment_task_end_to_end_and_without_decoder() {
     let example = &reference["text_examples"][0];
     let text = example["output"].as_str().unwrap();
     let (w, h) = (example["frame"]["width"].as_u64().unwrap() as usize, example["frame"]["height"].as_u64().unwrap() as usize);
-    let r = paligemma::output::parse_detections(text, w, h, 1023.0, true);
+    let r = paligemma::parse::parse_detections(text, w, h, 1023.0, true);
     let d = &r.detections()[0];
     let mut model = model_with_decoder(dir.path());
     let raw = model.decode_mask(d.seg_codes.as_ref().unwrap()).unwrap();
