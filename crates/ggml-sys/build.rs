@@ -4,7 +4,13 @@
 use std::env;
 use std::path::PathBuf;
 
-const HEADERS: [&str; 5] = ["ggml.h", "ggml-backend.h", "ggml-alloc.h", "ggml-cpu.h", "gguf.h"];
+const HEADERS: [&str; 5] = [
+    "ggml.h",
+    "ggml-backend.h",
+    "ggml-alloc.h",
+    "ggml-cpu.h",
+    "gguf.h",
+];
 
 fn include_dir() -> PathBuf {
     println!("cargo:rerun-if-env-changed=GGML_INCLUDE_DIR");
@@ -41,5 +47,7 @@ fn main() {
     }
     let bindings = builder.generate().expect("ggml-sys: bindgen failed");
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("bindings.rs");
-    bindings.write_to_file(out).expect("ggml-sys: cannot write bindings");
+    bindings
+        .write_to_file(out)
+        .expect("ggml-sys: cannot write bindings");
 }

@@ -11,7 +11,12 @@
 //! the ggml build. To link a ggml that is already installed (for example a Jetson
 //! build with CUDA), enable `system-ggml`, put its CMake package on
 //! `CMAKE_PREFIX_PATH` and set `GGML_INCLUDE_DIR` to the directory holding `ggml.h`.
-#![allow(non_upper_case_globals, non_camel_case_types, non_snake_case, clippy::all)]
+#![allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    clippy::all
+)]
 
 // Only for its link directives (libggml, libggml-base, libggml-cpu, backends).
 use llama_cpp_sys_2 as _;

@@ -29,9 +29,19 @@ impl Context {
     /// [n_kv, >= n_q]; result [d, H, n_q, B]) from our CPU kernel where it applies (see the
     /// module documentation and [`packed::available`]), else from ggml's op. Only for
     /// graphs that run on the CPU.
-    pub fn attention_cpu<'s>(&'s self, q: Tensor<'_>, k: Tensor<'_>, v: Tensor<'_>, mask: Option<Tensor<'_>>, scale: f32, softcap: f32) -> Result<Tensor<'s>> {
+    pub fn attention_cpu<'s>(
+        &'s self,
+        q: Tensor<'_>,
+        k: Tensor<'_>,
+        v: Tensor<'_>,
+        mask: Option<Tensor<'_>>,
+        scale: f32,
+        softcap: f32,
+    ) -> Result<Tensor<'s>> {
         let (qn, kn, vn) = (q.ne(), k.ne(), v.ne());
-        let element = |t: Tensor<'_>| matches!(t.ty(), Type::F16 | Type::F32) && t.nb()[0] == t.ty().row_size(1).unwrap_or(0);
+        let element = |t: Tensor<'_>| {
+            matches!(t.ty(), Type::F16 | Type::F32) && t.nb()[0] == t.ty().row_size(1).unwrap_or(0)
+        };
         let fits = packed::available()
             && qn[1] >= MIN_ROWS
             && q.ty() == Type::F32
@@ -46,18 +56,34 @@ impl Context {
             && qn[2] / kn[2] <= kernels::LANES
             && kn[3] == qn[3]
             && vn[3] == qn[3]
-            && mask.is_none_or(|m| m.ty() == Type::F16 && m.nb()[0] == 2 && m.ne()[0] == kn[1] && m.ne()[1] >= qn[1] && m.ne()[2] == 1 && m.ne()[3] == 1);
+            && mask.is_none_or(|m| {
+                m.ty() == Type::F16
+                    && m.nb()[0] == 2
+                    && m.ne()[0] == kn[1]
+                    && m.ne()[1] >= qn[1]
+                    && m.ne()[2] == 1
+                    && m.ne()[3] == 1
+            });
         if !fits {
             return self.flash_attn_ext(q, k, v, mask, scale, softcap);
         }
         if !softcap.is_finite() || !scale.is_finite() {
-            return Err(shape("attention_cpu", format!("scale {scale}, soft-cap {softcap}")));
+            return Err(shape(
+                "attention_cpu",
+                format!("scale {scale}, soft-cap {softcap}"),
+            ));
         }
         let mut args = vec![q, k, v];
         args.extend(mask);
         // Both factors travel in the pointer-sized user data (ggml never reads it).
         let params = (scale.to_bits() as u64 | (softcap.to_bits() as u64) << 32) as usize;
-        self.custom(Type::F32, [kn[0], qn[2], qn[1], qn[3]], &args, kernels::attention, params)
+        self.custom(
+            Type::F32,
+            [kn[0], qn[2], qn[1], qn[3]],
+            &args,
+            kernels::attention,
+            params,
+        )
     }
 }
 
@@ -88,11 +114,16 @@ mod kernels {
             }
             let mut i = 0;
             while i + 16 <= d {
-                _mm512_storeu_ps(out.add(i), _mm512_cvtph_ps(_mm256_loadu_si256(src.add(2 * i) as *const __m256i)));
+                _mm512_storeu_ps(
+                    out.add(i),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(src.add(2 * i) as *const __m256i)),
+                );
                 i += 16;
             }
             for j in i..d {
-                *out.add(j) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((src.add(2 * j) as *const u16).read_unaligned() as i32)));
+                *out.add(j) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                    (src.add(2 * j) as *const u16).read_unaligned() as i32,
+                )));
             }
         }
     }
@@ -104,12 +135,25 @@ mod kernels {
         // SAFETY: register arithmetic only (the caller enables AVX-512F).
         unsafe {
             let zero = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, _mm512_set1_ps(-103.0));
-            let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7)), _mm512_set1_ps(-103.0));
-            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+            let x = _mm512_max_ps(
+                _mm512_min_ps(x, _mm512_set1_ps(88.7)),
+                _mm512_set1_ps(-103.0),
+            );
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+            );
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
             let mut p = _mm512_set1_ps(1.0 / 5040.0);
-            for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            for c in [
+                1.0 / 720.0,
+                1.0 / 120.0,
+                1.0 / 24.0,
+                1.0 / 6.0,
+                0.5,
+                1.0,
+                1.0,
+            ] {
                 p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
             }
             _mm512_maskz_mov_ps(!zero, _mm512_scalef_ps(p, n))
@@ -123,14 +167,28 @@ mod kernels {
         unsafe {
             let one = _mm512_set1_ps(1.0);
             let e = exp(_mm512_add_ps(x, x));
-            _mm512_mul_ps(cap, _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0), _mm512_add_ps(e, one))))
+            _mm512_mul_ps(
+                cap,
+                _mm512_sub_ps(
+                    one,
+                    _mm512_div_ps(_mm512_set1_ps(2.0), _mm512_add_ps(e, one)),
+                ),
+            )
         }
     }
 
     /// The custom op's entry: `dst` [d, H, n_q, B] from `src` = q, k, v (, mask).
-    pub unsafe extern "C" fn attention(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, params: *mut std::ffi::c_void) {
+    pub unsafe extern "C" fn attention(
+        dst: *mut sys::ggml_tensor,
+        ith: i32,
+        nth: i32,
+        params: *mut std::ffi::c_void,
+    ) {
         let params = params as usize as u64;
-        let (scale, cap) = (f32::from_bits(params as u32), f32::from_bits((params >> 32) as u32));
+        let (scale, cap) = (
+            f32::from_bits(params as u32),
+            f32::from_bits((params >> 32) as u32),
+        );
         // SAFETY: ggml hands the allocated tensors `attention_cpu` checked.
         unsafe {
             let d = &*dst;
@@ -144,8 +202,22 @@ mod kernels {
             let blocks = n_q.div_ceil(block);
             let items = batch * kv_heads * blocks;
             let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
-            let job = Job { dst: d, q, k, v, mask, group, block, scale, cap };
-            if group * block <= 16 { job.run::<1>(ith, nth, items, blocks) } else { job.run::<2>(ith, nth, items, blocks) }
+            let job = Job {
+                dst: d,
+                q,
+                k,
+                v,
+                mask,
+                group,
+                block,
+                scale,
+                cap,
+            };
+            if group * block <= 16 {
+                job.run::<1>(ith, nth, items, blocks)
+            } else {
+                job.run::<2>(ith, nth, items, blocks)
+            }
         }
     }
 
@@ -183,7 +255,11 @@ mod kernels {
                 let kv_heads = self.k.ne[2] as usize;
                 let mut item = ith;
                 while item < items {
-                    let (b, kvh, qb) = (item / (kv_heads * blocks), item / blocks % kv_heads, item % blocks);
+                    let (b, kvh, qb) = (
+                        item / (kv_heads * blocks),
+                        item / blocks % kv_heads,
+                        item % blocks,
+                    );
                     // SAFETY: indices inside the tensors; scratch sized above.
                     unsafe { self.item::<V>(b, kvh, qb * self.block, hd, n_kv, parts) };
                     item += nth;
@@ -194,11 +270,22 @@ mod kernels {
         /// Lane `r`'s head and query.
         fn lane(&self, kvh: usize, first: usize, r: usize) -> (usize, usize) {
             let n_q = self.q.ne[1] as usize;
-            (kvh * self.group + (r / self.block).min(self.group - 1), (first + r % self.block).min(n_q - 1))
+            (
+                kvh * self.group + (r / self.block).min(self.group - 1),
+                (first + r % self.block).min(n_q - 1),
+            )
         }
 
         #[target_feature(enable = "avx512f,avx512bw,f16c")]
-        unsafe fn item<const V: usize>(&self, b: usize, kvh: usize, first: usize, hd: usize, n_kv: usize, parts: [*mut f32; 6]) {
+        unsafe fn item<const V: usize>(
+            &self,
+            b: usize,
+            kvh: usize,
+            first: usize,
+            hd: usize,
+            n_kv: usize,
+            parts: [*mut f32; 6],
+        ) {
             let w = 16 * V;
             let [qt, keys, values, s, out, maskt] = parts;
             let n_q = self.q.ne[1] as usize;
@@ -208,7 +295,11 @@ mod kernels {
             // SAFETY: as `run` promises.
             unsafe {
                 // The queries, transposed and scaled (by 1 / cap too: the cap applies to q.k * scale).
-                let factor = if self.cap != 0.0 { self.scale / self.cap } else { self.scale };
+                let factor = if self.cap != 0.0 {
+                    self.scale / self.cap
+                } else {
+                    self.scale
+                };
                 for r in 0..w {
                     let (h, i) = self.lane(kvh, first, r);
                     let src = Context::row_start(self.q, i, h, b) as *const f32;
@@ -232,8 +323,18 @@ mod kernels {
                         continue;
                     }
                     for j in 0..n {
-                        load_row(Context::row_start(self.k, j0 + j, kvh, b), k16, hd, keys.add(j * hd));
-                        load_row(Context::row_start(self.v, j0 + j, kvh, b), v16, hd, values.add(j * hd));
+                        load_row(
+                            Context::row_start(self.k, j0 + j, kvh, b),
+                            k16,
+                            hd,
+                            keys.add(j * hd),
+                        );
+                        load_row(
+                            Context::row_start(self.v, j0 + j, kvh, b),
+                            v16,
+                            hd,
+                            values.add(j * hd),
+                        );
                     }
                     // Scores: s[j][lanes] = sum_d keys[j][d] * qt[d][lanes], 4 keys at a time.
                     let mut j = 0;
@@ -241,7 +342,8 @@ mod kernels {
                         let t = (n - j).min(4);
                         let mut acc = [[_mm512_setzero_ps(); V]; 4];
                         for dd in 0..hd {
-                            let qv: [__m512; V] = std::array::from_fn(|c| _mm512_loadu_ps(qt.add(dd * w + 16 * c)));
+                            let qv: [__m512; V] =
+                                std::array::from_fn(|c| _mm512_loadu_ps(qt.add(dd * w + 16 * c)));
                             for (u, a) in acc.iter_mut().enumerate() {
                                 let kd = _mm512_set1_ps(*keys.add((j + u.min(t - 1)) * hd + dd));
                                 for (a, q) in a.iter_mut().zip(&qv) {
@@ -256,7 +358,10 @@ mod kernels {
                                     x = softcap(x, cap);
                                 }
                                 if matches!(masking, Mask::Add) {
-                                    x = _mm512_add_ps(x, _mm512_loadu_ps(maskt.add((j + u) * w + 16 * c)));
+                                    x = _mm512_add_ps(
+                                        x,
+                                        _mm512_loadu_ps(maskt.add((j + u) * w + 16 * c)),
+                                    );
                                 }
                                 _mm512_storeu_ps(s.add((j + u) * w + 16 * c), x);
                             }
@@ -270,7 +375,10 @@ mod kernels {
                             top = _mm512_max_ps(top, _mm512_loadu_ps(s.add(j * w + 16 * c)));
                         }
                         // Lanes with nothing unmasked yet keep a finite reference (their p is 0).
-                        let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(top, _mm512_set1_ps(f32::NEG_INFINITY));
+                        let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(
+                            top,
+                            _mm512_set1_ps(f32::NEG_INFINITY),
+                        );
                         let top = _mm512_mask_mov_ps(top, none, _mm512_setzero_ps());
                         let alpha = exp(_mm512_sub_ps(m[c], top));
                         let mut sum = _mm512_setzero_ps();
@@ -290,10 +398,14 @@ mod kernels {
                     let mut dd = 0;
                     while dd < hd {
                         let t = (hd - dd).min(4);
-                        let mut acc: [[__m512; V]; 4] =
-                            std::array::from_fn(|u| std::array::from_fn(|c| _mm512_loadu_ps(out.add((dd + u.min(t - 1)) * w + 16 * c))));
+                        let mut acc: [[__m512; V]; 4] = std::array::from_fn(|u| {
+                            std::array::from_fn(|c| {
+                                _mm512_loadu_ps(out.add((dd + u.min(t - 1)) * w + 16 * c))
+                            })
+                        });
                         for j in 0..n {
-                            let p: [__m512; V] = std::array::from_fn(|c| _mm512_loadu_ps(s.add(j * w + 16 * c)));
+                            let p: [__m512; V] =
+                                std::array::from_fn(|c| _mm512_loadu_ps(s.add(j * w + 16 * c)));
                             for (u, a) in acc.iter_mut().enumerate() {
                                 let vd = _mm512_set1_ps(*values.add(j * hd + dd + u.min(t - 1)));
                                 for (a, p) in a.iter_mut().zip(&p) {
@@ -314,7 +426,10 @@ mod kernels {
                 let mut inv = [0f32; 32];
                 for (c, &lc) in l.iter().enumerate() {
                     let nz = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(lc, _mm512_setzero_ps());
-                    _mm512_storeu_ps(inv.as_mut_ptr().add(16 * c), _mm512_maskz_div_ps(nz, _mm512_set1_ps(1.0), lc));
+                    _mm512_storeu_ps(
+                        inv.as_mut_ptr().add(16 * c),
+                        _mm512_maskz_div_ps(nz, _mm512_set1_ps(1.0), lc),
+                    );
                 }
                 for (r, f) in inv.iter().enumerate().take(self.group * self.block) {
                     if r % self.block >= queries {
@@ -333,7 +448,15 @@ mod kernels {
         /// zero), entirely (all -inf: the chunk is skipped), or as a transposed block
         /// written to `maskt` [n][w].
         #[target_feature(enable = "avx512f,avx512bw,f16c")]
-        unsafe fn mask_chunk<const V: usize>(&self, mk: &sys::ggml_tensor, kvh: usize, first: usize, j0: usize, n: usize, maskt: *mut f32) -> Mask {
+        unsafe fn mask_chunk<const V: usize>(
+            &self,
+            mk: &sys::ggml_tensor,
+            kvh: usize,
+            first: usize,
+            j0: usize,
+            n: usize,
+            maskt: *mut f32,
+        ) -> Mask {
             let w = 16 * V;
             let queries = self.block.min(self.q.ne[1] as usize - first);
             let (mut zero, mut masked) = (true, true);
@@ -357,7 +480,9 @@ mod kernels {
                     let (_, i) = self.lane(kvh, first, r);
                     let bits = Context::row_start(mk, i, 0, 0) as *const u16;
                     for j in 0..n {
-                        *maskt.add(j * w + r) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*bits.add(j0 + j) as i32)));
+                        *maskt.add(j * w + r) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                            *bits.add(j0 + j) as i32,
+                        )));
                     }
                 }
             }
@@ -377,5 +502,11 @@ mod kernels {
 mod kernels {
     use crate::sys;
     pub const LANES: usize = 32;
-    pub unsafe extern "C" fn attention(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
+    pub unsafe extern "C" fn attention(
+        _: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
+    }
 }

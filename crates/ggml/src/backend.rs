@@ -63,18 +63,24 @@ impl Device {
     pub fn all() -> Vec<Device> {
         // SAFETY: registry queries.
         let n = unsafe { sys::ggml_backend_dev_count() };
-        (0..n).map(|i| Device(unsafe { sys::ggml_backend_dev_get(i) })).collect()
+        (0..n)
+            .map(|i| Device(unsafe { sys::ggml_backend_dev_get(i) }))
+            .collect()
     }
 
     /// ggml's device name, e.g. `CPU`, `CUDA0`, `Vulkan0`.
     pub fn name(&self) -> String {
         // SAFETY: static string from the registry.
-        unsafe { CStr::from_ptr(sys::ggml_backend_dev_name(self.0)) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(sys::ggml_backend_dev_name(self.0)) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     pub fn description(&self) -> String {
         // SAFETY: static string from the registry.
-        unsafe { CStr::from_ptr(sys::ggml_backend_dev_description(self.0)) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(sys::ggml_backend_dev_description(self.0)) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     pub fn kind(&self) -> DeviceKind {
@@ -90,9 +96,15 @@ impl Device {
     /// Our spelling of the device: `cpu`, `cuda:0`, `vulkan:1`, ...
     pub fn spec(&self) -> String {
         let name = self.name();
-        let split = name.find(|c: char| c.is_ascii_digit()).unwrap_or(name.len());
+        let split = name
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(name.len());
         let (family, index) = name.split_at(split);
-        if index.is_empty() { family.to_ascii_lowercase() } else { format!("{}:{index}", family.to_ascii_lowercase()) }
+        if index.is_empty() {
+            family.to_ascii_lowercase()
+        } else {
+            format!("{}:{index}", family.to_ascii_lowercase())
+        }
     }
 
     /// Finds a device by spec: `cpu`, `cuda:N`, `vulkan:N`, a ggml device name
@@ -101,13 +113,19 @@ impl Device {
         let all = Device::all();
         let want = spec.trim().to_ascii_lowercase();
         let found = if want == "gpu" {
-            all.iter().find(|d| matches!(d.kind(), DeviceKind::Gpu | DeviceKind::IntegratedGpu))
+            all.iter()
+                .find(|d| matches!(d.kind(), DeviceKind::Gpu | DeviceKind::IntegratedGpu))
         } else {
-            let complete = want.contains(':') || want.ends_with(|c: char| c.is_ascii_digit()) || want == "cpu";
+            let complete =
+                want.contains(':') || want.ends_with(|c: char| c.is_ascii_digit()) || want == "cpu";
             let want = if complete { want } else { format!("{want}:0") };
-            all.iter().find(|d| d.spec() == want || d.name().to_ascii_lowercase() == want)
+            all.iter()
+                .find(|d| d.spec() == want || d.name().to_ascii_lowercase() == want)
         };
-        found.copied().ok_or_else(|| Error::NoSuchDevice { spec: spec.to_string(), available: all.iter().map(|d| d.spec()).collect::<Vec<_>>().join(", ") })
+        found.copied().ok_or_else(|| Error::NoSuchDevice {
+            spec: spec.to_string(),
+            available: all.iter().map(|d| d.spec()).collect::<Vec<_>>().join(", "),
+        })
     }
 
     /// The device's extra buffer types, beside its default one: on the CPU, `CPU_REPACK`
@@ -118,7 +136,10 @@ impl Device {
         // null-terminated array.
         unsafe {
             let reg = sys::ggml_backend_dev_backend_reg(self.0);
-            let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_dev_get_extra_bufts".as_ptr());
+            let f = sys::ggml_backend_reg_get_proc_address(
+                reg,
+                c"ggml_backend_dev_get_extra_bufts".as_ptr(),
+            );
             if f.is_null() {
                 return Vec::new();
             }
@@ -147,7 +168,9 @@ unsafe impl Sync for BufferType {}
 impl BufferType {
     pub fn name(&self) -> String {
         // SAFETY: static string of a registered buffer type.
-        unsafe { CStr::from_ptr(sys::ggml_backend_buft_name(self.0)) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(sys::ggml_backend_buft_name(self.0)) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     /// Whether `device` runs a matrix multiplication whose weight, of type `ty` and shape
@@ -182,7 +205,10 @@ impl BufferType {
         let bytes: usize = ctx.tensors().map(|t| t.nbytes()).sum();
         // SAFETY: valid context and buffer type; null return handled.
         let ptr = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.as_ptr(), self.0) };
-        let ptr = NonNull::new(ptr).ok_or_else(|| Error::BufferAlloc { backend: self.name(), bytes })?;
+        let ptr = NonNull::new(ptr).ok_or_else(|| Error::BufferAlloc {
+            backend: self.name(),
+            bytes,
+        })?;
         Ok(Buffer { ptr, _host: None })
     }
 }
@@ -215,7 +241,10 @@ impl Backend {
     pub fn on(device: Device) -> Result<Backend> {
         // SAFETY: valid device, null params.
         let ptr = unsafe { sys::ggml_backend_dev_init(device.0, std::ptr::null()) };
-        Ok(Backend { ptr: NonNull::new(ptr).ok_or_else(|| Error::BackendInit(device.spec()))?, device })
+        Ok(Backend {
+            ptr: NonNull::new(ptr).ok_or_else(|| Error::BackendInit(device.spec()))?,
+            device,
+        })
     }
 
     pub(crate) fn as_ptr(&self) -> sys::ggml_backend_t {
@@ -311,26 +340,44 @@ impl Buffer {
         let bytes = memory.bytes();
         // SAFETY: the memory stays alive as long as the buffer (kept in `_host`); ggml
         // only reads weights placed there (they are never graph outputs).
-        let ptr = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(bytes.as_ptr() as *mut _, bytes.len()) };
-        let ptr = NonNull::new(ptr).ok_or_else(|| Error::BufferAlloc { backend: "cpu".into(), bytes: bytes.len() })?;
-        Ok(Buffer { ptr, _host: Some(memory) })
+        let ptr =
+            unsafe { sys::ggml_backend_cpu_buffer_from_ptr(bytes.as_ptr() as *mut _, bytes.len()) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| Error::BufferAlloc {
+            backend: "cpu".into(),
+            bytes: bytes.len(),
+        })?;
+        Ok(Buffer {
+            ptr,
+            _host: Some(memory),
+        })
     }
 
     /// Points `tensor` at `offset` bytes into a host buffer.
     pub fn place(&self, tensor: Tensor<'_>, offset: usize) -> Result<()> {
-        let host = self._host.as_ref().ok_or_else(|| crate::error::shape("place", "buffer is not over host memory"))?;
+        let host = self
+            ._host
+            .as_ref()
+            .ok_or_else(|| crate::error::shape("place", "buffer is not over host memory"))?;
         let len = host.bytes().len();
         let end = offset.checked_add(tensor.nbytes());
         if tensor.is_read_only() {
             return Err(Error::ReadOnly(tensor.name()));
         }
         if end.is_none_or(|e| e > len) || tensor.is_allocated() {
-            return Err(Error::DataSize { name: tensor.name(), got: len.saturating_sub(offset), expected: tensor.nbytes() });
+            return Err(Error::DataSize {
+                name: tensor.name(),
+                got: len.saturating_sub(offset),
+                expected: tensor.nbytes(),
+            });
         }
         // SAFETY: the range lies inside the buffer's memory, checked above.
         let status = unsafe {
             let base = sys::ggml_backend_buffer_get_base(self.ptr.as_ptr()) as *mut u8;
-            sys::ggml_backend_tensor_alloc(self.ptr.as_ptr(), tensor.as_ptr(), base.add(offset).cast())
+            sys::ggml_backend_tensor_alloc(
+                self.ptr.as_ptr(),
+                tensor.as_ptr(),
+                base.add(offset).cast(),
+            )
         };
         if status != sys::GGML_STATUS_SUCCESS {
             return Err(Error::Compute(status));
@@ -347,7 +394,12 @@ impl Buffer {
     /// operations that use them on this buffer's backend).
     pub fn set_weights_usage(&self) {
         // SAFETY: valid buffer.
-        unsafe { sys::ggml_backend_buffer_set_usage(self.ptr.as_ptr(), sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS) }
+        unsafe {
+            sys::ggml_backend_buffer_set_usage(
+                self.ptr.as_ptr(),
+                sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS,
+            )
+        }
     }
 }
 
@@ -370,7 +422,9 @@ impl ThreadPool {
         let mut params = unsafe { sys::ggml_threadpool_params_default(threads.max(1) as i32) };
         params.poll = 0;
         // SAFETY: valid parameters; a null return is handled.
-        NonNull::new(unsafe { sys::ggml_threadpool_new(&mut params) }).map(ThreadPool).ok_or_else(|| Error::BackendInit(format!("a pool of {threads} threads")))
+        NonNull::new(unsafe { sys::ggml_threadpool_new(&mut params) })
+            .map(ThreadPool)
+            .ok_or_else(|| Error::BackendInit(format!("a pool of {threads} threads")))
     }
 }
 
@@ -405,9 +459,23 @@ impl Scheduler {
         }
         let mut raw: Vec<sys::ggml_backend_t> = backends.iter().map(|b| b.as_ptr()).collect();
         // SAFETY: valid backends, the last is the CPU as ggml requires.
-        let ptr = unsafe { sys::ggml_backend_sched_new(raw.as_mut_ptr(), std::ptr::null_mut(), raw.len() as i32, graph_size, false, true) };
+        let ptr = unsafe {
+            sys::ggml_backend_sched_new(
+                raw.as_mut_ptr(),
+                std::ptr::null_mut(),
+                raw.len() as i32,
+                graph_size,
+                false,
+                true,
+            )
+        };
         let ptr = NonNull::new(ptr).ok_or_else(|| Error::BackendInit("scheduler".into()))?;
-        let mut sched = Scheduler { ptr, backends, pool: None, pool_threads: 0 };
+        let mut sched = Scheduler {
+            ptr,
+            backends,
+            pool: None,
+            pool_threads: 0,
+        };
         sched.set_n_threads(threads)?;
         Ok(sched)
     }
@@ -446,20 +514,29 @@ impl Scheduler {
     /// Reserves compute buffers big enough for `graph` (call with the largest graph).
     pub fn reserve(&mut self, graph: &Graph<'_>) -> Result<()> {
         // SAFETY: valid scheduler and graph.
-        if unsafe { sys::ggml_backend_sched_reserve(self.ptr.as_ptr(), graph.as_ptr()) } { Ok(()) } else { Err(Error::GraphAlloc) }
+        if unsafe { sys::ggml_backend_sched_reserve(self.ptr.as_ptr(), graph.as_ptr()) } {
+            Ok(())
+        } else {
+            Err(Error::GraphAlloc)
+        }
     }
 
     /// Allocates the graph's intermediate tensors; after this, inputs can be written.
     pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<()> {
         // SAFETY: valid scheduler and graph; reset releases the previous allocation.
         unsafe { sys::ggml_backend_sched_reset(self.ptr.as_ptr()) };
-        if unsafe { sys::ggml_backend_sched_alloc_graph(self.ptr.as_ptr(), graph.as_ptr()) } { Ok(()) } else { Err(Error::GraphAlloc) }
+        if unsafe { sys::ggml_backend_sched_alloc_graph(self.ptr.as_ptr(), graph.as_ptr()) } {
+            Ok(())
+        } else {
+            Err(Error::GraphAlloc)
+        }
     }
 
     /// Runs an allocated graph.
     pub fn compute(&mut self, graph: &Graph<'_>) -> Result<()> {
         // SAFETY: valid scheduler and allocated graph.
-        let status = unsafe { sys::ggml_backend_sched_graph_compute(self.ptr.as_ptr(), graph.as_ptr()) };
+        let status =
+            unsafe { sys::ggml_backend_sched_graph_compute(self.ptr.as_ptr(), graph.as_ptr()) };
         if status != sys::GGML_STATUS_SUCCESS {
             return Err(Error::Compute(status));
         }
@@ -472,7 +549,9 @@ impl Scheduler {
             .iter()
             .map(|b| {
                 // SAFETY: valid scheduler and one of its backends.
-                let n = unsafe { sys::ggml_backend_sched_get_buffer_size(self.ptr.as_ptr(), b.as_ptr()) };
+                let n = unsafe {
+                    sys::ggml_backend_sched_get_buffer_size(self.ptr.as_ptr(), b.as_ptr())
+                };
                 (b.device.spec(), n)
             })
             .collect()
@@ -488,14 +567,28 @@ impl Drop for Scheduler {
 
 /// Silences ggml's log output below warnings (or entirely with `quiet`).
 pub fn set_log_quiet(quiet: bool) {
-    unsafe extern "C" fn filter(level: sys::ggml_log_level, text: *const std::ffi::c_char, _: *mut std::ffi::c_void) {
+    unsafe extern "C" fn filter(
+        level: sys::ggml_log_level,
+        text: *const std::ffi::c_char,
+        _: *mut std::ffi::c_void,
+    ) {
         if level >= sys::GGML_LOG_LEVEL_WARN && !text.is_null() {
             // SAFETY: ggml passes a NUL-terminated message.
             let msg = unsafe { CStr::from_ptr(text) };
             eprint!("{}", msg.to_string_lossy());
         }
     }
-    unsafe extern "C" fn silent(_: sys::ggml_log_level, _: *const std::ffi::c_char, _: *mut std::ffi::c_void) {}
+    unsafe extern "C" fn silent(
+        _: sys::ggml_log_level,
+        _: *const std::ffi::c_char,
+        _: *mut std::ffi::c_void,
+    ) {
+    }
     // SAFETY: both callbacks are valid for the program's lifetime.
-    unsafe { sys::ggml_log_set(Some(if quiet { silent } else { filter }), std::ptr::null_mut()) };
+    unsafe {
+        sys::ggml_log_set(
+            Some(if quiet { silent } else { filter }),
+            std::ptr::null_mut(),
+        )
+    };
 }

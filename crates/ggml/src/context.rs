@@ -37,10 +37,18 @@ impl Context {
             mem += unsafe { sys::ggml_graph_overhead_custom(graph_size, false) };
         }
         mem += 1024;
-        let params = sys::ggml_init_params { mem_size: mem, mem_buffer: std::ptr::null_mut(), no_alloc: true };
+        let params = sys::ggml_init_params {
+            mem_size: mem,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        };
         // SAFETY: params are valid; a null return is handled.
-        let ptr = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or(Error::ContextAlloc(mem))?;
-        Ok(Context { ptr, capacity: max_tensors })
+        let ptr =
+            NonNull::new(unsafe { sys::ggml_init(params) }).ok_or(Error::ContextAlloc(mem))?;
+        Ok(Context {
+            ptr,
+            capacity: max_tensors,
+        })
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::ggml_context {
@@ -49,7 +57,8 @@ impl Context {
 
     pub(crate) fn room(&self) -> Result<()> {
         // SAFETY: valid context.
-        let free = unsafe { sys::ggml_get_mem_size(self.as_ptr()) - sys::ggml_used_mem(self.as_ptr()) };
+        let free =
+            unsafe { sys::ggml_get_mem_size(self.as_ptr()) - sys::ggml_used_mem(self.as_ptr()) };
         // SAFETY: pure size computation.
         if free < unsafe { sys::ggml_tensor_overhead() } {
             return Err(Error::ContextFull(self.capacity));
@@ -58,13 +67,21 @@ impl Context {
     }
 
     pub(crate) fn wrap(&self, op: &'static str, raw: *mut sys::ggml_tensor) -> Result<Tensor<'_>> {
-        NonNull::new(raw).map(|ptr| Tensor { ptr, _ctx: PhantomData }).ok_or_else(|| shape(op, "ggml returned no tensor"))
+        NonNull::new(raw)
+            .map(|ptr| Tensor {
+                ptr,
+                _ctx: PhantomData,
+            })
+            .ok_or_else(|| shape(op, "ggml returned no tensor"))
     }
 
     /// A new tensor with shape `ne` in ggml order (innermost dimension first, 1 to 4 dims).
     pub fn new_tensor(&self, ty: Type, ne: &[usize]) -> Result<Tensor<'_>> {
         if ne.is_empty() || ne.len() > 4 {
-            return Err(shape("new_tensor", format!("{} dimensions (ggml has 1 to 4)", ne.len())));
+            return Err(shape(
+                "new_tensor",
+                format!("{} dimensions (ggml has 1 to 4)", ne.len()),
+            ));
         }
         if ne.iter().any(|&d| d == 0 || d > i64::MAX as usize) {
             return Err(shape("new_tensor", format!("invalid shape {ne:?}")));
@@ -73,7 +90,9 @@ impl Context {
         self.room()?;
         let dims: Vec<i64> = ne.iter().map(|&d| d as i64).collect();
         // SAFETY: valid context with room; dims has ne.len() entries.
-        let raw = unsafe { sys::ggml_new_tensor(self.as_ptr(), ty.raw(), dims.len() as i32, dims.as_ptr()) };
+        let raw = unsafe {
+            sys::ggml_new_tensor(self.as_ptr(), ty.raw(), dims.len() as i32, dims.as_ptr())
+        };
         self.wrap("new_tensor", raw)
     }
 
@@ -100,7 +119,10 @@ impl Context {
             let t = NonNull::new(cur)?;
             // SAFETY: `cur` is a tensor of this context.
             cur = unsafe { sys::ggml_get_next_tensor(self.as_ptr(), cur) };
-            Some(Tensor { ptr: t, _ctx: PhantomData })
+            Some(Tensor {
+                ptr: t,
+                _ctx: PhantomData,
+            })
         })
     }
 
@@ -108,19 +130,28 @@ impl Context {
     pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
         let c = CString::new(name).ok()?;
         // SAFETY: valid context and C string.
-        NonNull::new(unsafe { sys::ggml_get_tensor(self.as_ptr(), c.as_ptr()) }).map(|ptr| Tensor { ptr, _ctx: PhantomData })
+        NonNull::new(unsafe { sys::ggml_get_tensor(self.as_ptr(), c.as_ptr()) }).map(|ptr| Tensor {
+            ptr,
+            _ctx: PhantomData,
+        })
     }
 
     /// A new graph with room for `size` nodes.
     pub fn graph(&self, size: usize) -> Result<Graph<'_>> {
         // SAFETY: valid context; a graph that does not fit asserts in ggml, so check first.
         let need = unsafe { sys::ggml_graph_overhead_custom(size, false) };
-        let free = unsafe { sys::ggml_get_mem_size(self.as_ptr()) - sys::ggml_used_mem(self.as_ptr()) };
+        let free =
+            unsafe { sys::ggml_get_mem_size(self.as_ptr()) - sys::ggml_used_mem(self.as_ptr()) };
         if free < need {
             return Err(Error::GraphFull(size));
         }
         let ptr = unsafe { sys::ggml_new_graph_custom(self.as_ptr(), size, false) };
-        Ok(Graph { ptr: NonNull::new(ptr).ok_or(Error::GraphFull(size))?, size, held: Default::default(), _ctx: PhantomData })
+        Ok(Graph {
+            ptr: NonNull::new(ptr).ok_or(Error::GraphFull(size))?,
+            size,
+            held: Default::default(),
+            _ctx: PhantomData,
+        })
     }
 }
 
@@ -183,7 +214,9 @@ impl<'a> Tensor<'a> {
 
     pub fn name(&self) -> String {
         // SAFETY: ggml keeps a NUL-terminated name inside the tensor.
-        unsafe { CStr::from_ptr(self.raw().name.as_ptr()) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(self.raw().name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     /// Whether the tensor's data belongs to a [`crate::SharedStore`]: the tensor's own or
@@ -216,7 +249,11 @@ impl<'a> Tensor<'a> {
     /// programming error, never a consequence of input).
     fn assert_own(&self, what: &str) {
         // SAFETY: valid tensor.
-        assert!(unsafe { (*self.as_ptr()).flags } & READ_ONLY == 0, "{what} of {:?}, a tensor of a shared store", self.name());
+        assert!(
+            unsafe { (*self.as_ptr()).flags } & READ_ONLY == 0,
+            "{what} of {:?}, a tensor of a shared store",
+            self.name()
+        );
     }
 
     /// Sets the name (truncated to ggml's 63 bytes).
@@ -252,7 +289,11 @@ impl<'a> Tensor<'a> {
     }
 
     fn check_allocated(&self) -> Result<()> {
-        if self.is_allocated() { Ok(()) } else { Err(Error::NotAllocated(self.name())) }
+        if self.is_allocated() {
+            Ok(())
+        } else {
+            Err(Error::NotAllocated(self.name()))
+        }
     }
 
     /// Copies raw bytes into the tensor's backend buffer (all of it).
@@ -263,7 +304,11 @@ impl<'a> Tensor<'a> {
         self.check_allocated()?;
         let n = self.nbytes();
         if data.len() != n || !self.is_contiguous() {
-            return Err(Error::DataSize { name: self.name(), got: data.len(), expected: n });
+            return Err(Error::DataSize {
+                name: self.name(),
+                got: data.len(),
+                expected: n,
+            });
         }
         // SAFETY: allocated contiguous tensor with exactly `n` bytes; source has `n` bytes.
         unsafe { sys::ggml_backend_tensor_set(self.as_ptr(), data.as_ptr().cast(), 0, n) };
@@ -284,7 +329,10 @@ impl<'a> Tensor<'a> {
 
     fn expect_type(&self, ty: Type, op: &'static str) -> Result<()> {
         if self.ty() != ty {
-            return Err(shape(op, format!("tensor {:?} is {}, expected {}", self.name(), self.ty(), ty)));
+            return Err(shape(
+                op,
+                format!("tensor {:?} is {}, expected {}", self.name(), self.ty(), ty),
+            ));
         }
         Ok(())
     }
@@ -293,11 +341,16 @@ impl<'a> Tensor<'a> {
     pub fn read_bytes(&self) -> Result<Vec<u8>> {
         self.check_allocated()?;
         if !self.is_contiguous() {
-            return Err(shape("read_bytes", format!("tensor {:?} is not contiguous", self.name())));
+            return Err(shape(
+                "read_bytes",
+                format!("tensor {:?} is not contiguous", self.name()),
+            ));
         }
         let mut out = vec![0u8; self.nbytes()];
         // SAFETY: allocated contiguous tensor of out.len() bytes.
-        unsafe { sys::ggml_backend_tensor_get(self.as_ptr(), out.as_mut_ptr().cast(), 0, out.len()) };
+        unsafe {
+            sys::ggml_backend_tensor_get(self.as_ptr(), out.as_mut_ptr().cast(), 0, out.len())
+        };
         Ok(out)
     }
 
@@ -310,7 +363,13 @@ impl<'a> Tensor<'a> {
 
 impl std::fmt::Debug for Tensor<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({:?}, {}, {:?})", self.name(), self.ty(), self.shape())
+        write!(
+            f,
+            "Tensor({:?}, {}, {:?})",
+            self.name(),
+            self.ty(),
+            self.shape()
+        )
     }
 }
 
@@ -392,17 +451,25 @@ impl Context {
     pub fn mul_mat<'s>(&'s self, a: Tensor<'_>, b: Tensor<'_>) -> Result<Tensor<'s>> {
         let (x, y) = (a.ne(), b.ne());
         if x[0] != y[0] || y[2] % x[2] != 0 || y[3] % x[3] != 0 || a.nb()[0] > a.nb()[1] {
-            return Err(shape("mul_mat", format!("{:?} x {:?}", a.shape(), b.shape())));
+            return Err(shape(
+                "mul_mat",
+                format!("{:?} x {:?}", a.shape(), b.shape()),
+            ));
         }
         self.room()?;
         // SAFETY: shapes checked as ggml_can_mul_mat does.
-        self.same_ctx("mul_mat", unsafe { sys::ggml_mul_mat(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
+        self.same_ctx("mul_mat", unsafe {
+            sys::ggml_mul_mat(self.as_ptr(), a.as_ptr(), b.as_ptr())
+        })
     }
 
     fn broadcast_check(op: &'static str, a: Tensor<'_>, b: Tensor<'_>) -> Result<()> {
         let (x, y) = (a.ne(), b.ne());
         if (0..4).any(|i| x[i] % y[i] != 0) {
-            return Err(shape(op, format!("cannot broadcast {:?} onto {:?}", b.shape(), a.shape())));
+            return Err(shape(
+                op,
+                format!("cannot broadcast {:?} onto {:?}", b.shape(), a.shape()),
+            ));
         }
         Ok(())
     }
@@ -412,7 +479,9 @@ impl Context {
         Self::broadcast_check("add", a, b)?;
         self.room()?;
         // SAFETY: broadcast checked.
-        self.same_ctx("add", unsafe { sys::ggml_add(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
+        self.same_ctx("add", unsafe {
+            sys::ggml_add(self.as_ptr(), a.as_ptr(), b.as_ptr())
+        })
     }
 
     /// `a * b` elementwise, b broadcast over a.
@@ -420,7 +489,9 @@ impl Context {
         Self::broadcast_check("mul", a, b)?;
         self.room()?;
         // SAFETY: broadcast checked.
-        self.same_ctx("mul", unsafe { sys::ggml_mul(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
+        self.same_ctx("mul", unsafe {
+            sys::ggml_mul(self.as_ptr(), a.as_ptr(), b.as_ptr())
+        })
     }
 
     /// `a / b`, `b` broadcast like in [`Context::mul`].
@@ -428,14 +499,18 @@ impl Context {
         Self::broadcast_check("div", a, b)?;
         self.room()?;
         // SAFETY: broadcast checked.
-        self.same_ctx("div", unsafe { sys::ggml_div(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
+        self.same_ctx("div", unsafe {
+            sys::ggml_div(self.as_ptr(), a.as_ptr(), b.as_ptr())
+        })
     }
 
     /// `a * s`.
     pub fn scale<'s>(&'s self, a: Tensor<'_>, s: f32) -> Result<Tensor<'s>> {
         self.room()?;
         // SAFETY: any tensor.
-        self.same_ctx("scale", unsafe { sys::ggml_scale(self.as_ptr(), a.as_ptr(), s) })
+        self.same_ctx("scale", unsafe {
+            sys::ggml_scale(self.as_ptr(), a.as_ptr(), s)
+        })
     }
 
     /// Unary functions on f32 tensors.
@@ -457,7 +532,14 @@ impl Context {
         let x2 = self.sqr(x)?;
         self.room()?;
         // SAFETY: any tensor. d = TWO_SQRT_2_OVER_PI * (1 + 0.044715 x^2)
-        let d = self.same_ctx("scale_bias", unsafe { sys::ggml_scale_bias(self.as_ptr(), x2.as_ptr(), TWO_SQRT_2_OVER_PI * 0.044715, TWO_SQRT_2_OVER_PI) })?;
+        let d = self.same_ctx("scale_bias", unsafe {
+            sys::ggml_scale_bias(
+                self.as_ptr(),
+                x2.as_ptr(),
+                TWO_SQRT_2_OVER_PI * 0.044715,
+                TWO_SQRT_2_OVER_PI,
+            )
+        })?;
         let two_u = self.mul(x, d)?;
         self.div(self.silu(two_u)?, d)
     }
@@ -484,36 +566,63 @@ impl Context {
     pub fn rms_norm<'s>(&'s self, a: Tensor<'_>, eps: f32) -> Result<Tensor<'s>> {
         self.room()?;
         // SAFETY: any tensor.
-        self.same_ctx("rms_norm", unsafe { sys::ggml_rms_norm(self.as_ptr(), a.as_ptr(), eps) })
+        self.same_ctx("rms_norm", unsafe {
+            sys::ggml_rms_norm(self.as_ptr(), a.as_ptr(), eps)
+        })
     }
 
     /// Layer normalisation (no affine part) over the innermost dimension.
     pub fn norm<'s>(&'s self, a: Tensor<'_>, eps: f32) -> Result<Tensor<'s>> {
         self.room()?;
         // SAFETY: any tensor.
-        self.same_ctx("norm", unsafe { sys::ggml_norm(self.as_ptr(), a.as_ptr(), eps) })
+        self.same_ctx("norm", unsafe {
+            sys::ggml_norm(self.as_ptr(), a.as_ptr(), eps)
+        })
     }
 
     /// `softmax(a * scale + mask)` over the innermost dimension. The mask (F16 or
     /// F32, [n_kv, n_q padded]) broadcasts over heads.
-    pub fn soft_max_ext<'s>(&'s self, a: Tensor<'_>, mask: Option<Tensor<'_>>, scale: f32) -> Result<Tensor<'s>> {
+    pub fn soft_max_ext<'s>(
+        &'s self,
+        a: Tensor<'_>,
+        mask: Option<Tensor<'_>>,
+        scale: f32,
+    ) -> Result<Tensor<'s>> {
         if let Some(m) = mask {
             let (x, y) = (a.ne(), m.ne());
             if y[0] != x[0] || y[1] < x[1] || x[2] % y[2] != 0 || x[3] % y[3] != 0 {
-                return Err(shape("soft_max_ext", format!("mask {:?} for scores {:?}", m.shape(), a.shape())));
+                return Err(shape(
+                    "soft_max_ext",
+                    format!("mask {:?} for scores {:?}", m.shape(), a.shape()),
+                ));
             }
         }
         self.room()?;
         let m = mask.map_or(std::ptr::null_mut(), |m| m.as_ptr());
         // SAFETY: mask shape checked.
-        self.same_ctx("soft_max_ext", unsafe { sys::ggml_soft_max_ext(self.as_ptr(), a.as_ptr(), m, scale, 0.0) })
+        self.same_ctx("soft_max_ext", unsafe {
+            sys::ggml_soft_max_ext(self.as_ptr(), a.as_ptr(), m, scale, 0.0)
+        })
     }
 
     /// NeoX-style rotary embedding of a [head_dim, n_head, n_tokens] tensor with
     /// one I32 position per token.
-    pub fn rope_neox<'s>(&'s self, a: Tensor<'_>, pos: Tensor<'_>, n_dims: usize, theta: f32) -> Result<Tensor<'s>> {
-        if pos.ty() != Type::I32 || pos.ne()[0] != a.ne()[2] || n_dims > a.ne()[0] || !n_dims.is_multiple_of(2) {
-            return Err(shape("rope", format!("{:?} with positions {:?}", a.shape(), pos.shape())));
+    pub fn rope_neox<'s>(
+        &'s self,
+        a: Tensor<'_>,
+        pos: Tensor<'_>,
+        n_dims: usize,
+        theta: f32,
+    ) -> Result<Tensor<'s>> {
+        if pos.ty() != Type::I32
+            || pos.ne()[0] != a.ne()[2]
+            || n_dims > a.ne()[0]
+            || !n_dims.is_multiple_of(2)
+        {
+            return Err(shape(
+                "rope",
+                format!("{:?} with positions {:?}", a.shape(), pos.shape()),
+            ));
         }
         self.room()?;
         // SAFETY: checked as ggml_rope_impl asserts.
@@ -539,21 +648,52 @@ impl Context {
 
     /// Fused attention: q [d, n_q, H], k/v [d, n_kv, H_kv] (F16 or F32), mask F16
     /// [n_kv, n_q]. Result: [d, H, n_q].
-    pub fn flash_attn_ext<'s>(&'s self, q: Tensor<'_>, k: Tensor<'_>, v: Tensor<'_>, mask: Option<Tensor<'_>>, scale: f32, softcap: f32) -> Result<Tensor<'s>> {
+    pub fn flash_attn_ext<'s>(
+        &'s self,
+        q: Tensor<'_>,
+        k: Tensor<'_>,
+        v: Tensor<'_>,
+        mask: Option<Tensor<'_>>,
+        scale: f32,
+        softcap: f32,
+    ) -> Result<Tensor<'s>> {
         let (qn, kn, vn) = (q.ne(), k.ne(), v.ne());
         if qn[0] != kn[0] || kn[1] != vn[1] || kn[2] != vn[2] || qn[2] % kn[2] != 0 {
-            return Err(shape("flash_attn_ext", format!("q {:?} k {:?} v {:?}", q.shape(), k.shape(), v.shape())));
+            return Err(shape(
+                "flash_attn_ext",
+                format!("q {:?} k {:?} v {:?}", q.shape(), k.shape(), v.shape()),
+            ));
         }
         if let Some(m) = mask {
             let mn = m.ne();
             if m.ty() != Type::F16 || mn[0] != kn[1] || mn[1] < qn[1] {
-                return Err(shape("flash_attn_ext", format!("mask {} {:?} for q {:?} k {:?}", m.ty(), m.shape(), q.shape(), k.shape())));
+                return Err(shape(
+                    "flash_attn_ext",
+                    format!(
+                        "mask {} {:?} for q {:?} k {:?}",
+                        m.ty(),
+                        m.shape(),
+                        q.shape(),
+                        k.shape()
+                    ),
+                ));
             }
         }
         self.room()?;
         let m = mask.map_or(std::ptr::null_mut(), |m| m.as_ptr());
         // SAFETY: shapes checked.
-        let raw = unsafe { sys::ggml_flash_attn_ext(self.as_ptr(), q.as_ptr(), k.as_ptr(), v.as_ptr(), m, scale, 0.0, softcap) };
+        let raw = unsafe {
+            sys::ggml_flash_attn_ext(
+                self.as_ptr(),
+                q.as_ptr(),
+                k.as_ptr(),
+                v.as_ptr(),
+                m,
+                scale,
+                0.0,
+                softcap,
+            )
+        };
         let t = self.same_ctx("flash_attn_ext", raw)?;
         // SAFETY: valid attention node.
         unsafe { sys::ggml_prec_set_acc(t.as_ptr(), sys::GGML_PREC_F32) };
@@ -563,17 +703,43 @@ impl Context {
     /// 2-D convolution by im2col + matmul. kernel [kw, kh, cin, cout], input
     /// [w, h, cin, n] -> [ow, oh, cout, n]. Unlike `ggml_conv_2d`, which always goes
     /// through an f16 im2col, an f32 kernel keeps the patches in f32.
-    pub fn conv_2d<'s>(&'s self, kernel: Tensor<'_>, input: Tensor<'_>, stride: usize, pad: usize) -> Result<Tensor<'s>> {
+    pub fn conv_2d<'s>(
+        &'s self,
+        kernel: Tensor<'_>,
+        input: Tensor<'_>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor<'s>> {
         let (k, x) = (kernel.ne(), input.ne());
         if k[2] != x[2] || x[0] + 2 * pad < k[0] || x[1] + 2 * pad < k[1] || stride == 0 {
-            return Err(shape("conv_2d", format!("kernel {:?} on input {:?}", kernel.shape(), input.shape())));
+            return Err(shape(
+                "conv_2d",
+                format!("kernel {:?} on input {:?}", kernel.shape(), input.shape()),
+            ));
         }
         self.room_for(2)?;
         let (s, p) = (stride as i32, pad as i32);
-        let patch_ty = if kernel.ty() == Type::F16 { Type::F16 } else { Type::F32 };
+        let patch_ty = if kernel.ty() == Type::F16 {
+            Type::F16
+        } else {
+            Type::F32
+        };
         // SAFETY: shapes checked. Result [cin*kh*kw, ow, oh, n].
-        let cols =
-            self.same_ctx("im2col", unsafe { sys::ggml_im2col(self.as_ptr(), kernel.as_ptr(), input.as_ptr(), s, s, p, p, 1, 1, true, patch_ty.raw()) })?;
+        let cols = self.same_ctx("im2col", unsafe {
+            sys::ggml_im2col(
+                self.as_ptr(),
+                kernel.as_ptr(),
+                input.as_ptr(),
+                s,
+                s,
+                p,
+                p,
+                1,
+                1,
+                true,
+                patch_ty.raw(),
+            )
+        })?;
         let c = cols.ne();
         let cols2 = self.reshape(cols, &[c[0], c[1] * c[2] * c[3]])?;
         let k2 = self.reshape(kernel, &[k[0] * k[1] * k[2], k[3]])?;
@@ -587,7 +753,12 @@ impl Context {
     ///
     /// # Safety
     /// The indices are inside `t`, whose data is allocated.
-    pub(crate) unsafe fn row_start(t: &sys::ggml_tensor, i1: usize, i2: usize, i3: usize) -> *const u8 {
+    pub(crate) unsafe fn row_start(
+        t: &sys::ggml_tensor,
+        i1: usize,
+        i2: usize,
+        i3: usize,
+    ) -> *const u8 {
         // SAFETY: as the caller promises.
         unsafe { (t.data as *const u8).add(i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3]) }
     }
@@ -604,7 +775,10 @@ impl Context {
         userdata: usize,
     ) -> Result<Tensor<'s>> {
         if args.len() > MAX_CUSTOM_ARGS {
-            return Err(shape("custom", format!("{} arguments, at most {MAX_CUSTOM_ARGS}", args.len())));
+            return Err(shape(
+                "custom",
+                format!("{} arguments, at most {MAX_CUSTOM_ARGS}", args.len()),
+            ));
         }
         self.room()?;
         let mut srcs: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.as_ptr()).collect();
@@ -632,7 +806,8 @@ impl Context {
 
     pub(crate) fn room_for(&self, n: usize) -> Result<()> {
         // SAFETY: valid context.
-        let free = unsafe { sys::ggml_get_mem_size(self.as_ptr()) - sys::ggml_used_mem(self.as_ptr()) };
+        let free =
+            unsafe { sys::ggml_get_mem_size(self.as_ptr()) - sys::ggml_used_mem(self.as_ptr()) };
         if free < n * unsafe { sys::ggml_tensor_overhead() } {
             return Err(Error::ContextFull(self.capacity));
         }
@@ -642,25 +817,48 @@ impl Context {
     /// Rows of `a` picked by the I32 indices in `ids`.
     pub fn get_rows<'s>(&'s self, a: Tensor<'_>, ids: Tensor<'_>) -> Result<Tensor<'s>> {
         if ids.ty() != Type::I32 || ids.ne()[2] != a.ne()[2] {
-            return Err(shape("get_rows", format!("{:?} by ids {:?}", a.shape(), ids.shape())));
+            return Err(shape(
+                "get_rows",
+                format!("{:?} by ids {:?}", a.shape(), ids.shape()),
+            ));
         }
         self.room()?;
         // SAFETY: checked.
-        self.same_ctx("get_rows", unsafe { sys::ggml_get_rows(self.as_ptr(), a.as_ptr(), ids.as_ptr()) })
+        self.same_ctx("get_rows", unsafe {
+            sys::ggml_get_rows(self.as_ptr(), a.as_ptr(), ids.as_ptr())
+        })
     }
 
     /// Writes the rows of `src` into `dst` at the I64 row indices `ids` (returns a view of dst).
-    pub fn set_rows<'s>(&'s self, dst: Tensor<'_>, src: Tensor<'_>, ids: Tensor<'_>) -> Result<Tensor<'s>> {
+    pub fn set_rows<'s>(
+        &'s self,
+        dst: Tensor<'_>,
+        src: Tensor<'_>,
+        ids: Tensor<'_>,
+    ) -> Result<Tensor<'s>> {
         let (d, s) = (dst.ne(), src.ne());
-        if !(ids.ty() == Type::I32 || ids.raw().type_ == sys::GGML_TYPE_I64) || d[0] != s[0] || ids.ne()[0] != s[1] {
-            return Err(shape("set_rows", format!("{:?} into {:?} by {:?}", src.shape(), dst.shape(), ids.shape())));
+        if !(ids.ty() == Type::I32 || ids.raw().type_ == sys::GGML_TYPE_I64)
+            || d[0] != s[0]
+            || ids.ne()[0] != s[1]
+        {
+            return Err(shape(
+                "set_rows",
+                format!(
+                    "{:?} into {:?} by {:?}",
+                    src.shape(),
+                    dst.shape(),
+                    ids.shape()
+                ),
+            ));
         }
         if dst.is_read_only() {
             return Err(Error::ReadOnly(dst.name()));
         }
         self.room()?;
         // SAFETY: checked.
-        self.same_ctx("set_rows", unsafe { sys::ggml_set_rows(self.as_ptr(), dst.as_ptr(), src.as_ptr(), ids.as_ptr()) })
+        self.same_ctx("set_rows", unsafe {
+            sys::ggml_set_rows(self.as_ptr(), dst.as_ptr(), src.as_ptr(), ids.as_ptr())
+        })
     }
 
     /// Reshape of a contiguous tensor (ggml order).
@@ -693,13 +891,17 @@ impl Context {
         self.room()?;
         let [a0, a1, a2, a3] = axes.map(|x| x as i32);
         // SAFETY: valid permutation.
-        self.same_ctx("permute", unsafe { sys::ggml_permute(self.as_ptr(), a.as_ptr(), a0, a1, a2, a3) })
+        self.same_ctx("permute", unsafe {
+            sys::ggml_permute(self.as_ptr(), a.as_ptr(), a0, a1, a2, a3)
+        })
     }
 
     pub fn transpose<'s>(&'s self, a: Tensor<'_>) -> Result<Tensor<'s>> {
         self.room()?;
         // SAFETY: any tensor.
-        self.same_ctx("transpose", unsafe { sys::ggml_transpose(self.as_ptr(), a.as_ptr()) })
+        self.same_ctx("transpose", unsafe {
+            sys::ggml_transpose(self.as_ptr(), a.as_ptr())
+        })
     }
 
     /// Makes a contiguous copy.
@@ -713,11 +915,19 @@ impl Context {
     pub fn cast<'s>(&'s self, a: Tensor<'_>, ty: Type) -> Result<Tensor<'s>> {
         self.room_for(2)?;
         // SAFETY: any tensor.
-        self.same_ctx("cast", unsafe { sys::ggml_cast(self.as_ptr(), a.as_ptr(), ty.raw()) })
+        self.same_ctx("cast", unsafe {
+            sys::ggml_cast(self.as_ptr(), a.as_ptr(), ty.raw())
+        })
     }
 
     /// A strided view: shape `ne`, byte strides `nb[1..]`, starting `offset` bytes in.
-    pub fn view<'s>(&'s self, a: Tensor<'_>, ne: &[usize], nb: &[usize], offset: usize) -> Result<Tensor<'s>> {
+    pub fn view<'s>(
+        &'s self,
+        a: Tensor<'_>,
+        ne: &[usize],
+        nb: &[usize],
+        offset: usize,
+    ) -> Result<Tensor<'s>> {
         if ne.is_empty() || ne.len() > 4 || nb.len() + 1 != ne.len() {
             return Err(shape("view", format!("shape {ne:?} with strides {nb:?}")));
         }
@@ -727,7 +937,14 @@ impl Context {
             last += (d - 1) * s;
         }
         if last > a.nbytes() {
-            return Err(shape("view", format!("view {ne:?}/{nb:?}+{offset} runs past {:?} ({} bytes)", a.shape(), a.nbytes())));
+            return Err(shape(
+                "view",
+                format!(
+                    "view {ne:?}/{nb:?}+{offset} runs past {:?} ({} bytes)",
+                    a.shape(),
+                    a.nbytes()
+                ),
+            ));
         }
         self.room()?;
         let d: Vec<i64> = ne.iter().map(|&x| x as i64).collect();
@@ -736,8 +953,28 @@ impl Context {
             match d.len() {
                 1 => sys::ggml_view_1d(self.as_ptr(), a.as_ptr(), d[0], offset),
                 2 => sys::ggml_view_2d(self.as_ptr(), a.as_ptr(), d[0], d[1], nb[0], offset),
-                3 => sys::ggml_view_3d(self.as_ptr(), a.as_ptr(), d[0], d[1], d[2], nb[0], nb[1], offset),
-                _ => sys::ggml_view_4d(self.as_ptr(), a.as_ptr(), d[0], d[1], d[2], d[3], nb[0], nb[1], nb[2], offset),
+                3 => sys::ggml_view_3d(
+                    self.as_ptr(),
+                    a.as_ptr(),
+                    d[0],
+                    d[1],
+                    d[2],
+                    nb[0],
+                    nb[1],
+                    offset,
+                ),
+                _ => sys::ggml_view_4d(
+                    self.as_ptr(),
+                    a.as_ptr(),
+                    d[0],
+                    d[1],
+                    d[2],
+                    d[3],
+                    nb[0],
+                    nb[1],
+                    nb[2],
+                    offset,
+                ),
             }
         };
         self.same_ctx("view", raw)
@@ -747,21 +984,31 @@ impl Context {
     pub fn concat<'s>(&'s self, a: Tensor<'_>, b: Tensor<'_>, dim: usize) -> Result<Tensor<'s>> {
         let (x, y) = (a.ne(), b.ne());
         if dim > 3 || (0..4).any(|i| i != dim && x[i] != y[i]) || a.ty() != b.ty() {
-            return Err(shape("concat", format!("{:?} and {:?} along {dim}", a.shape(), b.shape())));
+            return Err(shape(
+                "concat",
+                format!("{:?} and {:?} along {dim}", a.shape(), b.shape()),
+            ));
         }
         self.room()?;
         // SAFETY: checked.
-        self.same_ctx("concat", unsafe { sys::ggml_concat(self.as_ptr(), a.as_ptr(), b.as_ptr(), dim as i32) })
+        self.same_ctx("concat", unsafe {
+            sys::ggml_concat(self.as_ptr(), a.as_ptr(), b.as_ptr(), dim as i32)
+        })
     }
 
     /// Appends `pad[i]` zeros at the end of dimension i.
     pub fn pad<'s>(&'s self, a: Tensor<'_>, pad: [usize; 4]) -> Result<Tensor<'s>> {
         if pad.iter().any(|&p| p > i32::MAX as usize) || a.ty() != Type::F32 {
-            return Err(shape("pad", format!("{:?} {} by {pad:?}", a.shape(), a.ty())));
+            return Err(shape(
+                "pad",
+                format!("{:?} {} by {pad:?}", a.shape(), a.ty()),
+            ));
         }
         self.room()?;
         let [p0, p1, p2, p3] = pad.map(|p| p as i32);
         // SAFETY: f32 tensor, non-negative pads.
-        self.same_ctx("pad", unsafe { sys::ggml_pad(self.as_ptr(), a.as_ptr(), p0, p1, p2, p3) })
+        self.same_ctx("pad", unsafe {
+            sys::ggml_pad(self.as_ptr(), a.as_ptr(), p0, p1, p2, p3)
+        })
     }
 }

@@ -35,5 +35,9 @@ pub fn cpu_features() -> Vec<&'static str> {
         ("LLAMAFILE", sys::ggml_cpu_has_llamafile),
     ];
     // SAFETY: the probes take nothing and only read what ggml-cpu detected at start-up.
-    PROBES.iter().filter(|(_, probe)| unsafe { probe() } != 0).map(|(name, _)| *name).collect()
+    PROBES
+        .iter()
+        .filter(|(_, probe)| unsafe { probe() } != 0)
+        .map(|(name, _)| *name)
+        .collect()
 }

@@ -14,7 +14,11 @@ pub enum Error {
     #[error("ggml: unknown type name {0:?} (expected one of {1})")]
     UnknownTypeName(String, String),
     #[error("ggml: tensor {name:?} has {got} bytes of data, expected {expected}")]
-    DataSize { name: String, got: usize, expected: usize },
+    DataSize {
+        name: String,
+        got: usize,
+        expected: usize,
+    },
     #[error("ggml: tensor {0:?} has no backend buffer (was the graph allocated?)")]
     NotAllocated(String),
     #[error("ggml: no device matches {spec:?}; available: {available}")]
@@ -46,5 +50,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Error {
-    Error::Shape { op, detail: detail.into() }
+    Error::Shape {
+        op,
+        detail: detail.into(),
+    }
 }

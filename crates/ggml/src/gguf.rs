@@ -107,7 +107,10 @@ impl Value {
 
     /// A short description of the value's type, for error messages.
     pub fn type_name(&self) -> &'static str {
-        ["u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"][self.type_id() as usize]
+        [
+            "u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64",
+            "f64",
+        ][self.type_id() as usize]
     }
 }
 
@@ -140,7 +143,10 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| Error::Io { path: path.clone(), source };
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
         let file = File::open(&path).map_err(io)?;
         // SAFETY: the map is read-only; like every mmap user we assume the file is
         // not truncated underneath us while open.
@@ -154,7 +160,10 @@ impl GgufFile {
     /// map, so the result behaves as an opened file.
     pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| Error::Io { path: path.clone(), source };
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
         // An anonymous map cannot be empty: map one byte and parse none of it.
         let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
         map[..bytes.len()].copy_from_slice(bytes);
@@ -190,21 +199,38 @@ impl GgufFile {
 
     /// A tensor converted to f32.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let info = self.tensor(name).ok_or_else(|| self.err(format!("no tensor {name:?}")))?;
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| self.err(format!("no tensor {name:?}")))?;
         crate::quant::to_f32(info.ty, self.tensor_data(info), info.shape.iter().product())
     }
 
     fn err(&self, detail: String) -> Error {
-        Error::Gguf { path: self.path.clone(), detail }
+        Error::Gguf {
+            path: self.path.clone(),
+            detail,
+        }
     }
 
     /// Writes a copy of this file to `out` with its metadata (in file order) and its
     /// tensor table (name, type, shape) changed by `edit`; each tensor's data is cut
     /// or zero-padded to its new size. For tools and tests that derive a file from
     /// another (a corrupted model, a mutant).
-    pub fn rewrite(&self, out: &Path, edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, Type, Vec<usize>)>)) -> Result<u64> {
-        let mut metadata: Vec<(String, Value)> = self.keys.iter().map(|k| (k.clone(), self.metadata[k].clone())).collect();
-        let mut tensors: Vec<(String, Type, Vec<usize>)> = self.tensors.iter().map(|t| (t.name.clone(), t.ty, t.shape.clone())).collect();
+    pub fn rewrite(
+        &self,
+        out: &Path,
+        edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, Type, Vec<usize>)>),
+    ) -> Result<u64> {
+        let mut metadata: Vec<(String, Value)> = self
+            .keys
+            .iter()
+            .map(|k| (k.clone(), self.metadata[k].clone()))
+            .collect();
+        let mut tensors: Vec<(String, Type, Vec<usize>)> = self
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.ty, t.shape.clone()))
+            .collect();
         edit(&mut metadata, &mut tensors);
         let mut header = GgufHeader::new();
         for (key, value) in metadata {
@@ -216,7 +242,11 @@ impl GgufFile {
         let sizes: Vec<usize> = header.tensors().iter().map(|t| t.nbytes).collect();
         let mut writer = GgufWriter::create(out, header)?;
         for (i, ((name, ..), size)) in tensors.iter().zip(sizes).enumerate() {
-            let mut data = self.tensors.get(i).map_or(&[][..], |t| self.tensor_data(t)).to_vec();
+            let mut data = self
+                .tensors
+                .get(i)
+                .map_or(&[][..], |t| self.tensor_data(t))
+                .to_vec();
             data.resize(size, 0);
             writer.write_tensor(name, &data)?;
         }
@@ -233,13 +263,20 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn err(&self, detail: String) -> Error {
-        Error::Gguf { path: self.path.to_path_buf(), detail }
+        Error::Gguf {
+            path: self.path.to_path_buf(),
+            detail,
+        }
     }
 
     fn take(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len());
         let Some(end) = end else {
-            return Err(self.err(format!("truncated: file ends at byte {} while reading {}", self.data.len(), what())));
+            return Err(self.err(format!(
+                "truncated: file ends at byte {} while reading {}",
+                self.data.len(),
+                what()
+            )));
         };
         let s = &self.data[self.pos..end];
         self.pos = end;
@@ -257,10 +294,14 @@ impl<'a> Reader<'a> {
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
         let len = self.u64(what)?;
         if len > (self.data.len() - self.pos) as u64 {
-            return Err(self.err(format!("truncated: {} claims a string of {len} bytes past the end of the file", what())));
+            return Err(self.err(format!(
+                "truncated: {} claims a string of {len} bytes past the end of the file",
+                what()
+            )));
         }
         let bytes = self.take(len as usize, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|e| self.err(format!("{} is not valid UTF-8: {e}", what())))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|e| self.err(format!("{} is not valid UTF-8: {e}", what())))
     }
 
     fn value(&mut self, ty: u32, what: &dyn Fn() -> String, depth: usize) -> Result<Value> {
@@ -280,7 +321,10 @@ impl<'a> Reader<'a> {
             8 => Value::String(self.string(what)?),
             9 => {
                 if depth > 0 {
-                    return Err(self.err(format!("{} is a nested array deeper than GGUF allows", what())));
+                    return Err(self.err(format!(
+                        "{} is a nested array deeper than GGUF allows",
+                        what()
+                    )));
                 }
                 let elem = self.u32(what)?;
                 let n = self.u64(what)?;
@@ -308,11 +352,15 @@ fn parse(path: &Path, map: memmap2::Mmap, len: usize) -> Result<GgufFile> {
     let mut r = Reader { data, pos: 0, path };
     let magic = r.take(4, &|| "the magic".into())?;
     if magic != MAGIC {
-        return Err(r.err(format!("not a GGUF file: magic is {magic:02x?}, expected \"GGUF\"")));
+        return Err(r.err(format!(
+            "not a GGUF file: magic is {magic:02x?}, expected \"GGUF\""
+        )));
     }
     let version = r.u32(&|| "the version".into())?;
     if !(2..=3).contains(&version) {
-        return Err(r.err(format!("unsupported GGUF version {version} (this reader knows 2 and 3)")));
+        return Err(r.err(format!(
+            "unsupported GGUF version {version} (this reader knows 2 and 3)"
+        )));
     }
     let n_tensors = r.u64(&|| "the tensor count".into())?;
     let n_kv = r.u64(&|| "the metadata count".into())?;
@@ -320,7 +368,9 @@ fn parse(path: &Path, map: memmap2::Mmap, len: usize) -> Result<GgufFile> {
     // rest of the file cannot hold are refused before anything is reserved for them.
     let rest = (data.len() - r.pos) as u64;
     if n_tensors > MAX_ITEMS || n_kv > MAX_ITEMS {
-        return Err(r.err(format!("implausible header: {n_tensors} tensors, {n_kv} metadata entries")));
+        return Err(r.err(format!(
+            "implausible header: {n_tensors} tensors, {n_kv} metadata entries"
+        )));
     }
     if n_tensors * 32 + n_kv * 13 > rest {
         return Err(r.err(format!("truncated: {n_tensors} tensors and {n_kv} metadata entries cannot fit in the {rest} bytes left")));
@@ -342,7 +392,9 @@ fn parse(path: &Path, map: memmap2::Mmap, len: usize) -> Result<GgufFile> {
         Some(v) => match v.as_u64() {
             Some(a) if a.is_power_of_two() => a as usize,
             _ => {
-                return Err(r.err(format!("general.alignment is {v:?}, expected a power of two")));
+                return Err(r.err(format!(
+                    "general.alignment is {v:?}, expected a power of two"
+                )));
             }
         },
     };
@@ -352,7 +404,9 @@ fn parse(path: &Path, map: memmap2::Mmap, len: usize) -> Result<GgufFile> {
         let what = || format!("tensor {name:?}");
         let n_dims = r.u32(&what)?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(r.err(format!("tensor {name:?} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+            return Err(r.err(format!(
+                "tensor {name:?} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+            )));
         }
         let mut shape = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -363,20 +417,33 @@ fn parse(path: &Path, map: memmap2::Mmap, len: usize) -> Result<GgufFile> {
             shape.push(d as usize);
         }
         let raw_ty = r.u32(&what)?;
-        let ty = Type::from_raw(raw_ty).map_err(|_| r.err(format!("tensor {name:?} has unknown type id {raw_ty}")))?;
+        let ty = Type::from_raw(raw_ty)
+            .map_err(|_| r.err(format!("tensor {name:?} has unknown type id {raw_ty}")))?;
         let offset = r.u64(&what)? as usize;
         if !offset.is_multiple_of(alignment) {
-            return Err(r.err(format!("tensor {name:?} data offset {offset} is not aligned to {alignment}")));
+            return Err(r.err(format!(
+                "tensor {name:?} data offset {offset} is not aligned to {alignment}"
+            )));
         }
-        let nbytes = ty.nbytes(&shape).map_err(|e| r.err(format!("tensor {name:?}: {e}")))?;
+        let nbytes = ty
+            .nbytes(&shape)
+            .map_err(|e| r.err(format!("tensor {name:?}: {e}")))?;
         if tensors.iter().any(|t| t.name == name) {
             return Err(r.err(format!("tensor {name:?} appears twice")));
         }
-        tensors.push(TensorInfo { name, ty, shape, offset, nbytes });
+        tensors.push(TensorInfo {
+            name,
+            ty,
+            shape,
+            offset,
+            nbytes,
+        });
     }
     let data_offset = r.pos.next_multiple_of(alignment);
     for t in &tensors {
-        let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.nbytes));
+        let end = data_offset
+            .checked_add(t.offset)
+            .and_then(|s| s.checked_add(t.nbytes));
         if end.is_none_or(|e| e > data.len()) {
             return Err(r.err(format!(
                 "tensor {:?} data ({} bytes at offset {}) runs past the end of the file ({} bytes)",
@@ -387,7 +454,16 @@ fn parse(path: &Path, map: memmap2::Mmap, len: usize) -> Result<GgufFile> {
             )));
         }
     }
-    Ok(GgufFile { path: path.to_path_buf(), map: Arc::new(map), version, alignment, data_offset, metadata, keys, tensors })
+    Ok(GgufFile {
+        path: path.to_path_buf(),
+        map: Arc::new(map),
+        version,
+        alignment,
+        data_offset,
+        metadata,
+        keys,
+        tensors,
+    })
 }
 
 /// Writes a GGUF file: metadata and tensor infos first, then the tensor data one
@@ -428,15 +504,27 @@ impl GgufHeader {
     pub fn add_tensor(&mut self, name: impl Into<String>, ty: Type, shape: &[usize]) -> Result<()> {
         let name = name.into();
         if name.len() >= 64 {
-            return Err(crate::error::shape("gguf", format!("tensor name {name:?} is longer than ggml's 63 bytes")));
+            return Err(crate::error::shape(
+                "gguf",
+                format!("tensor name {name:?} is longer than ggml's 63 bytes"),
+            ));
         }
         if self.tensors.iter().any(|t| t.name == name) {
-            return Err(crate::error::shape("gguf", format!("tensor {name:?} declared twice")));
+            return Err(crate::error::shape(
+                "gguf",
+                format!("tensor {name:?} declared twice"),
+            ));
         }
         let nbytes = ty.nbytes(shape)?;
         let offset = self.next_offset;
         self.next_offset = (offset + nbytes).next_multiple_of(DEFAULT_ALIGNMENT);
-        self.tensors.push(TensorInfo { name, ty, shape: shape.to_vec(), offset, nbytes });
+        self.tensors.push(TensorInfo {
+            name,
+            ty,
+            shape: shape.to_vec(),
+            offset,
+            nbytes,
+        });
         Ok(())
     }
 
@@ -492,8 +580,13 @@ fn write_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
         Value::String(s) => write_string(w, s),
         Value::Array(items) => {
             let elem = items.first().map_or(4, Value::type_id);
-            if items.iter().any(|i| i.type_id() != elem || matches!(i, Value::Array(_))) {
-                return Err(std::io::Error::other("GGUF arrays hold values of one non-array type"));
+            if items
+                .iter()
+                .any(|i| i.type_id() != elem || matches!(i, Value::Array(_)))
+            {
+                return Err(std::io::Error::other(
+                    "GGUF arrays hold values of one non-array type",
+                ));
             }
             w.write_all(&elem.to_le_bytes())?;
             w.write_all(&(items.len() as u64).to_le_bytes())?;
@@ -509,15 +602,34 @@ impl GgufWriter {
     /// Starts writing `header` to `path` (through a temporary file beside it).
     pub fn create(path: impl AsRef<Path>, header: GgufHeader) -> Result<GgufWriter> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| Error::Io { path: path.clone(), source };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = tempfile::Builder::new().prefix(".gguf-partial-").tempfile_in(dir).map_err(io)?;
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = tempfile::Builder::new()
+            .prefix(".gguf-partial-")
+            .tempfile_in(dir)
+            .map_err(io)?;
         let mut out = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(io)?);
         let mut head = Vec::new();
-        header.write_header(&mut head).map_err(|e| Error::Gguf { path: path.clone(), detail: e.to_string() })?;
+        header.write_header(&mut head).map_err(|e| Error::Gguf {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
         head.resize(head.len().next_multiple_of(DEFAULT_ALIGNMENT), 0);
         out.write_all(&head).map_err(io)?;
-        Ok(GgufWriter { path, tmp: Some(tmp), out: Some(out), pending: header.tensors.into(), written: 0, alignment: DEFAULT_ALIGNMENT })
+        Ok(GgufWriter {
+            path,
+            tmp: Some(tmp),
+            out: Some(out),
+            pending: header.tensors.into(),
+            written: 0,
+            alignment: DEFAULT_ALIGNMENT,
+        })
     }
 
     /// Name of the next tensor whose data is expected.
@@ -527,19 +639,32 @@ impl GgufWriter {
 
     /// Writes the data of the next declared tensor.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let err = |detail: String| Error::Gguf { path: self.path.clone(), detail };
+        let err = |detail: String| Error::Gguf {
+            path: self.path.clone(),
+            detail,
+        };
         let Some(info) = self.pending.front() else {
             return Err(err(format!("tensor {name:?} was not declared")));
         };
         if info.name != name {
-            return Err(err(format!("expected data of tensor {:?}, got {name:?}", info.name)));
+            return Err(err(format!(
+                "expected data of tensor {:?}, got {name:?}",
+                info.name
+            )));
         }
         if info.nbytes != data.len() {
-            return Err(Error::DataSize { name: name.into(), got: data.len(), expected: info.nbytes });
+            return Err(Error::DataSize {
+                name: name.into(),
+                got: data.len(),
+                expected: info.nbytes,
+            });
         }
         let out = self.out.as_mut().expect("open until finish");
         let pad = (data.len()).next_multiple_of(self.alignment) - data.len();
-        let io = |source| Error::Io { path: self.path.clone(), source };
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
         out.write_all(data).map_err(io)?;
         out.write_all(&vec![0u8; pad]).map_err(io)?;
         self.written += (data.len() + pad) as u64;
@@ -550,9 +675,15 @@ impl GgufWriter {
     /// Flushes and moves the file into place. Fails if tensors are missing.
     pub fn finish(mut self) -> Result<u64> {
         if let Some(t) = self.pending.front() {
-            return Err(Error::Gguf { path: self.path.clone(), detail: format!("tensor {:?} was declared but never written", t.name) });
+            return Err(Error::Gguf {
+                path: self.path.clone(),
+                detail: format!("tensor {:?} was declared but never written", t.name),
+            });
         }
-        let io = |source| Error::Io { path: self.path.clone(), source };
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
         let out = self.out.take().expect("open until finish");
         let file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
@@ -562,7 +693,9 @@ impl GgufWriter {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+                .map_err(io)?;
         }
         tmp.persist(&self.path).map_err(|e| io(e.error))?;
         Ok(size)

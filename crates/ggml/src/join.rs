@@ -20,7 +20,15 @@ impl Context {
     pub fn join_cpu<'s>(&'s self, parts: &[Tensor<'s>], dim: usize) -> Result<Tensor<'s>> {
         let first = *parts.first().ok_or_else(|| shape("join_cpu", "no parts"))?;
         let fits = |t: &Tensor<'_>| {
-            t.ty() == first.ty() && t.is_contiguous() && (0..4).all(|d| if d < dim { t.ne()[d] == first.ne()[d] } else { d == dim || t.ne()[d] == 1 })
+            t.ty() == first.ty()
+                && t.is_contiguous()
+                && (0..4).all(|d| {
+                    if d < dim {
+                        t.ne()[d] == first.ne()[d]
+                    } else {
+                        d == dim || t.ne()[d] == 1
+                    }
+                })
         };
         if dim > 3 || !parts.iter().all(fits) {
             let shapes: Vec<_> = parts.iter().map(|t| t.shape()).collect();
@@ -29,8 +37,15 @@ impl Context {
         if parts.len() == 1 {
             return Ok(first);
         }
-        let groups: Vec<Tensor<'s>> = parts.chunks(MAX_PARTS).map(|group| self.join_group(group, dim)).collect::<Result<_>>()?;
-        if groups.len() == 1 { Ok(groups[0]) } else { self.join_cpu(&groups, dim) }
+        let groups: Vec<Tensor<'s>> = parts
+            .chunks(MAX_PARTS)
+            .map(|group| self.join_group(group, dim))
+            .collect::<Result<_>>()?;
+        if groups.len() == 1 {
+            Ok(groups[0])
+        } else {
+            self.join_cpu(&groups, dim)
+        }
     }
 
     fn join_group<'s>(&'s self, parts: &[Tensor<'s>], dim: usize) -> Result<Tensor<'s>> {
@@ -45,19 +60,31 @@ impl Context {
 
 /// The custom op: thread `ith` of `nth` copies its share of the result's bytes from
 /// the sources that hold them.
-unsafe extern "C" fn copy_parts(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+unsafe extern "C" fn copy_parts(
+    dst: *mut sys::ggml_tensor,
+    ith: i32,
+    nth: i32,
+    _: *mut std::ffi::c_void,
+) {
     // SAFETY: ggml hands us the node `join_group` made: its sources are contiguous, of
     // its type, and their sizes add up to its own; each thread writes a disjoint range.
     unsafe {
         let total = sys::ggml_nbytes(dst);
-        let (lo, hi) = (total * ith as usize / nth as usize, total * (ith as usize + 1) / nth as usize);
+        let (lo, hi) = (
+            total * ith as usize / nth as usize,
+            total * (ith as usize + 1) / nth as usize,
+        );
         let out = (*dst).data as *mut u8;
         let mut start = 0;
         for &src in (*dst).src.iter().take_while(|s| !s.is_null()) {
             let len = sys::ggml_nbytes(src);
             let (from, to) = (lo.max(start), hi.min(start + len));
             if from < to {
-                std::ptr::copy_nonoverlapping(((*src).data as *const u8).add(from - start), out.add(from), to - from);
+                std::ptr::copy_nonoverlapping(
+                    ((*src).data as *const u8).add(from - start),
+                    out.add(from),
+                    to - from,
+                );
             }
             start += len;
         }

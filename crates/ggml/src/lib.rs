@@ -29,7 +29,9 @@ mod quant;
 mod store;
 mod types;
 
-pub use backend::{Backend, Buffer, BufferType, Device, DeviceKind, HostMemory, Scheduler, set_log_quiet};
+pub use backend::{
+    Backend, Buffer, BufferType, Device, DeviceKind, HostMemory, Scheduler, set_log_quiet,
+};
 pub use context::{Context, Graph, Tensor};
 pub use cpu::cpu_features;
 pub use error::{Error, Result};

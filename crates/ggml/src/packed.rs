@@ -55,10 +55,26 @@ struct Format {
     float: bool,
 }
 
-const Q4_0: Format = Format { inputs: 32, bytes: 18, float: false };
-const Q4_K: Format = Format { inputs: 256, bytes: 144, float: false };
-const Q8_0: Format = Format { inputs: 32, bytes: 34, float: false };
-const HALF: Format = Format { inputs: 1, bytes: 2, float: true };
+const Q4_0: Format = Format {
+    inputs: 32,
+    bytes: 18,
+    float: false,
+};
+const Q4_K: Format = Format {
+    inputs: 256,
+    bytes: 144,
+    float: false,
+};
+const Q8_0: Format = Format {
+    inputs: 32,
+    bytes: 34,
+    float: false,
+};
+const HALF: Format = Format {
+    inputs: 1,
+    bytes: 2,
+    float: true,
+};
 
 fn format(ty: Type) -> Option<Format> {
     match ty {
@@ -73,7 +89,11 @@ fn format(ty: Type) -> Option<Format> {
 impl Format {
     /// Bytes of one row of `k` activations as the multiplication reads them.
     fn activation_row_bytes(self, k: usize) -> usize {
-        if self.float { k * 4 } else { k / BLOCK * ACT_BLOCK_BYTES }
+        if self.float {
+            k * 4
+        } else {
+            k / BLOCK * ACT_BLOCK_BYTES
+        }
     }
 }
 
@@ -94,7 +114,9 @@ pub fn available() -> bool {
 
 /// Whether a weight of this type and shape (`[inputs, outputs]`) can be packed.
 pub fn packable(ty: Type, shape: &[usize]) -> bool {
-    format(ty).is_some_and(|f| shape.len() == 2 && shape[0].is_multiple_of(f.inputs) && shape[1].is_multiple_of(GROUP))
+    format(ty).is_some_and(|f| {
+        shape.len() == 2 && shape[0].is_multiple_of(f.inputs) && shape[1].is_multiple_of(GROUP)
+    })
 }
 
 /// Regroups an f16, bf16, q4_0, q8_0 or q4_K matrix of `outputs` rows of `inputs` values into the packed layout.
@@ -104,14 +126,21 @@ pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<
         _ => {
             return Err(shape(
                 "pack",
-                format!("{} [{inputs}, {outputs}]: f16, bf16, q4_0, q8_0 or q4_K with whole blocks of inputs and outputs in groups of {GROUP}", ty.name()),
+                format!(
+                    "{} [{inputs}, {outputs}]: f16, bf16, q4_0, q8_0 or q4_K with whole blocks of inputs and outputs in groups of {GROUP}",
+                    ty.name()
+                ),
             ));
         }
     };
     let blocks = inputs / f.inputs;
     let expected = outputs * blocks * f.bytes;
     if data.len() != expected {
-        return Err(Error::DataSize { name: format!("<{} matrix>", ty.name()), got: data.len(), expected });
+        return Err(Error::DataSize {
+            name: format!("<{} matrix>", ty.name()),
+            got: data.len(),
+            expected,
+        });
     }
     let mut out = vec![0u8; expected];
     if f.float {
@@ -143,7 +172,8 @@ pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<
                         packed[64 + i * GROUP + j] = src[4 + i];
                     }
                     for chunk in 0..32 {
-                        packed[256 + chunk * 64 + j * 4..][..4].copy_from_slice(&src[16 + 4 * chunk..][..4]);
+                        packed[256 + chunk * 64 + j * 4..][..4]
+                            .copy_from_slice(&src[16 + 4 * chunk..][..4]);
                     }
                 }
             }
@@ -159,18 +189,46 @@ impl Context {
     /// only, and only where [`available`].
     pub fn mul_mat_packed<'s>(&'s self, w: Tensor<'_>, x: Tensor<'_>) -> Result<Tensor<'s>> {
         let (wn, xn) = (w.ne(), x.ne());
-        if !packable(w.ty(), &w.shape()) || x.ty() != Type::F32 || xn[0] != wn[0] || x.nb()[0] != 4 {
-            return Err(shape("mul_mat_packed", format!("{} {:?} x {} {:?}", w.ty().name(), w.shape(), x.ty().name(), x.shape())));
+        if !packable(w.ty(), &w.shape()) || x.ty() != Type::F32 || xn[0] != wn[0] || x.nb()[0] != 4
+        {
+            return Err(shape(
+                "mul_mat_packed",
+                format!(
+                    "{} {:?} x {} {:?}",
+                    w.ty().name(),
+                    w.shape(),
+                    x.ty().name(),
+                    x.shape()
+                ),
+            ));
         }
         if !available() {
-            return Err(shape("mul_mat_packed", "this CPU lacks AVX-512 VNNI".to_string()));
+            return Err(shape(
+                "mul_mat_packed",
+                "this CPU lacks AVX-512 VNNI".to_string(),
+            ));
         }
         self.room_for(2)?;
         // The quantized (or gathered) rows, then the multiplication's work counter (see `kernels::multiply`).
         let f = format(w.ty()).expect("packable");
         let rows = xn[1] * xn[2] * xn[3];
-        let prepare = if f.float { kernels::gather_rows } else { kernels::quantize_rows };
-        let q = self.custom(Type::I8, [rows * f.activation_row_bytes(xn[0]) + COUNTER_BYTES, 1, 1, 1], &[x], prepare, 0)?;
+        let prepare = if f.float {
+            kernels::gather_rows
+        } else {
+            kernels::quantize_rows
+        };
+        let q = self.custom(
+            Type::I8,
+            [
+                rows * f.activation_row_bytes(xn[0]) + COUNTER_BYTES,
+                1,
+                1,
+                1,
+            ],
+            &[x],
+            prepare,
+            0,
+        )?;
         let multiply = match w.ty() {
             Type::Q4_0 => kernels::multiply_q4_0,
             Type::Q8_0 => kernels::multiply_q8_0,
@@ -178,7 +236,13 @@ impl Context {
             Type::F16 => kernels::multiply_f16,
             _ => kernels::multiply_bf16,
         };
-        self.custom(Type::F32, [wn[1], xn[1], xn[2], xn[3]], &[w, q], multiply, 0)
+        self.custom(
+            Type::F32,
+            [wn[1], xn[1], xn[2], xn[3]],
+            &[w, q],
+            multiply,
+            0,
+        )
     }
 }
 
@@ -208,7 +272,14 @@ mod kernels {
         // SAFETY: `COUNTER_BYTES` (64, room for the rounding and the counter) follow the
         // rows in `q`'s allocation, and ggml aligns tensor data to at least 32 bytes; the
         // counter lives while the graph runs.
-        unsafe { AtomicUsize::from_ptr((*q).data.cast::<u8>().add(offset.next_multiple_of(8)).cast()) }
+        unsafe {
+            AtomicUsize::from_ptr(
+                (*q).data
+                    .cast::<u8>()
+                    .add(offset.next_multiple_of(8))
+                    .cast(),
+            )
+        }
     }
 
     /// The part `[ith * n / nth, (ith + 1) * n / nth)` of `n` items.
@@ -218,20 +289,34 @@ mod kernels {
     }
 
     /// Quantizes each row of `src[0]` (f32, any row strides) into the contiguous rows of `dst`.
-    pub unsafe extern "C" fn quantize_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+    pub unsafe extern "C" fn quantize_rows(
+        dst: *mut sys::ggml_tensor,
+        ith: i32,
+        nth: i32,
+        _: *mut std::ffi::c_void,
+    ) {
         // SAFETY: ggml hands allocated tensors of the shapes `mul_mat_packed` built.
         unsafe {
             let blocks = (*(*dst).src[0]).ne[0] as usize / BLOCK;
-            prepare_rows(dst, ith, nth, blocks * ACT_BLOCK_BYTES, |src, out| quantize_row(src, out, blocks));
+            prepare_rows(dst, ith, nth, blocks * ACT_BLOCK_BYTES, |src, out| {
+                quantize_row(src, out, blocks)
+            });
         }
     }
 
     /// Copies each row of `src[0]` (f32, any row strides) into the contiguous rows of `dst`.
-    pub unsafe extern "C" fn gather_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+    pub unsafe extern "C" fn gather_rows(
+        dst: *mut sys::ggml_tensor,
+        ith: i32,
+        nth: i32,
+        _: *mut std::ffi::c_void,
+    ) {
         // SAFETY: ggml hands allocated tensors of the shapes `mul_mat_packed` built.
         unsafe {
             let k = (*(*dst).src[0]).ne[0] as usize;
-            prepare_rows(dst, ith, nth, k * 4, |src, out| ptr::copy_nonoverlapping(src, out as *mut f32, k));
+            prepare_rows(dst, ith, nth, k * 4, |src, out| {
+                ptr::copy_nonoverlapping(src, out as *mut f32, k)
+            });
         }
     }
 
@@ -241,7 +326,13 @@ mod kernels {
     /// # Safety
     /// `dst` was built by `mul_mat_packed` with rows of `row_bytes`, and `write` writes
     /// at most that many bytes.
-    unsafe fn prepare_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, row_bytes: usize, write: impl Fn(*const f32, *mut u8)) {
+    unsafe fn prepare_rows(
+        dst: *mut sys::ggml_tensor,
+        ith: i32,
+        nth: i32,
+        row_bytes: usize,
+        write: impl Fn(*const f32, *mut u8),
+    ) {
         // SAFETY: as the caller promises; every row index is inside `src[0]`.
         unsafe {
             let (d, x) = (&*dst, &*(*dst).src[0]);
@@ -262,13 +353,22 @@ mod kernels {
         // SAFETY: `src` holds `blocks * 32` floats, `dst` `blocks * 40` bytes.
         unsafe {
             for b in 0..blocks {
-                let (v0, v1) = (_mm512_loadu_ps(src.add(b * BLOCK)), _mm512_loadu_ps(src.add(b * BLOCK + 16)));
-                let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+                let (v0, v1) = (
+                    _mm512_loadu_ps(src.add(b * BLOCK)),
+                    _mm512_loadu_ps(src.add(b * BLOCK + 16)),
+                );
+                let amax =
+                    _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
                 // ggml's q8_0 exactly: the scale is kept as f16, the values are multiplied
                 // by 127 / amax and rounded to nearest even.
-                let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(amax / 127.0))));
+                let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+                    _mm_set_ss(amax / 127.0),
+                )));
                 let inv = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-                let (q0, q1) = (_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)));
+                let (q0, q1) = (
+                    _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)),
+                    _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)),
+                );
                 let out = dst.add(b * ACT_BLOCK_BYTES);
                 _mm_storeu_si128(out as *mut __m128i, _mm512_cvtsepi32_epi8(q0));
                 _mm_storeu_si128(out.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(q1));
@@ -286,27 +386,52 @@ mod kernels {
         };
     }
 
-    pub unsafe extern "C" fn multiply_q4_0(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
+    pub unsafe extern "C" fn multiply_q4_0(
+        dst: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
         // SAFETY: as `multiply` requires.
         unsafe { multiply(dst, Q4_0, &tiles!(tile_b32, false)) }
     }
 
-    pub unsafe extern "C" fn multiply_q8_0(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
+    pub unsafe extern "C" fn multiply_q8_0(
+        dst: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
         // SAFETY: as `multiply` requires.
         unsafe { multiply(dst, Q8_0, &tiles!(tile_b32, true)) }
     }
 
-    pub unsafe extern "C" fn multiply_q4_k(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
+    pub unsafe extern "C" fn multiply_q4_k(
+        dst: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
         // SAFETY: as `multiply` requires.
         unsafe { multiply(dst, Q4_K, &tiles!(tile_q4_k)) }
     }
 
-    pub unsafe extern "C" fn multiply_f16(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
+    pub unsafe extern "C" fn multiply_f16(
+        dst: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
         // SAFETY: as `multiply` requires.
         unsafe { multiply(dst, HALF, &tiles!(tile_half, false)) }
     }
 
-    pub unsafe extern "C" fn multiply_bf16(dst: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {
+    pub unsafe extern "C" fn multiply_bf16(
+        dst: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
         // SAFETY: as `multiply` requires.
         unsafe { multiply(dst, HALF, &tiles!(tile_half, true)) }
     }
@@ -344,7 +469,8 @@ mod kernels {
                         let mut out = [ptr::null_mut(); ROWS];
                         for i in 0..n {
                             a[i] = row(r0 + i);
-                            out[i] = (d.data as *mut u8).add((r0 + i) * d.nb[1] + g * GROUP * 4) as *mut f32;
+                            out[i] = (d.data as *mut u8).add((r0 + i) * d.nb[1] + g * GROUP * 4)
+                                as *mut f32;
                         }
                         tiles[n - 1](wg, blocks, &a, &out);
                         r0 += n;
@@ -361,7 +487,11 @@ mod kernels {
         unsafe {
             let p = a.add(b * ACT_BLOCK_BYTES);
             let f = p.add(BLOCK) as *const f32;
-            (p as *const i32, f.read_unaligned(), f.add(1).read_unaligned())
+            (
+                p as *const i32,
+                f.read_unaligned(),
+                f.add(1).read_unaligned(),
+            )
         }
     }
 
@@ -370,12 +500,21 @@ mod kernels {
     /// get + 128 by flipping their top bit), then `scale_w * (scale_a * sum - offset *
     /// scale_a * sum(a))` into f32 accumulators.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-    unsafe fn tile_b32<const R: usize, const EIGHT_BIT: bool>(w: *const u8, blocks: usize, a: &[*const u8; ROWS], out: &[*mut f32; ROWS]) {
+    unsafe fn tile_b32<const R: usize, const EIGHT_BIT: bool>(
+        w: *const u8,
+        blocks: usize,
+        a: &[*const u8; ROWS],
+        out: &[*mut f32; ROWS],
+    ) {
         // SAFETY: `w` holds `blocks` packed blocks, each `a[i]` `blocks` activation blocks,
         // each `out[i]` room for 16 floats.
         unsafe {
             let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(-128));
-            let (f, offset) = if EIGHT_BIT { (Q8_0, 128.0) } else { (Q4_0, 8.0) };
+            let (f, offset) = if EIGHT_BIT {
+                (Q8_0, 128.0)
+            } else {
+                (Q4_0, 8.0)
+            };
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..blocks {
                 let wb = w.add(b * GROUP * f.bytes);
@@ -385,10 +524,17 @@ mod kernels {
                 // (q4_0: inputs 4p.. in the low nibbles, 16 + 4p.. in the high ones).
                 if EIGHT_BIT {
                     for p in 0..8 {
-                        let v = _mm512_xor_si512(_mm512_loadu_si512(wb.add(32 + p * 64) as *const __m512i), top);
+                        let v = _mm512_xor_si512(
+                            _mm512_loadu_si512(wb.add(32 + p * 64) as *const __m512i),
+                            top,
+                        );
                         for i in 0..R {
                             let (q, _, _) = act(a[i], b);
-                            sums[i] = _mm512_dpbusd_epi32(sums[i], v, _mm512_set1_epi32(q.add(p).read_unaligned()));
+                            sums[i] = _mm512_dpbusd_epi32(
+                                sums[i],
+                                v,
+                                _mm512_set1_epi32(q.add(p).read_unaligned()),
+                            );
                         }
                     }
                 } else {
@@ -398,14 +544,26 @@ mod kernels {
                         let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
                         for i in 0..R {
                             let (q, _, _) = act(a[i], b);
-                            sums[i] = _mm512_dpbusd_epi32(sums[i], lo, _mm512_set1_epi32(q.add(p).read_unaligned()));
-                            sums[i] = _mm512_dpbusd_epi32(sums[i], hi, _mm512_set1_epi32(q.add(4 + p).read_unaligned()));
+                            sums[i] = _mm512_dpbusd_epi32(
+                                sums[i],
+                                lo,
+                                _mm512_set1_epi32(q.add(p).read_unaligned()),
+                            );
+                            sums[i] = _mm512_dpbusd_epi32(
+                                sums[i],
+                                hi,
+                                _mm512_set1_epi32(q.add(4 + p).read_unaligned()),
+                            );
                         }
                     }
                 }
                 for i in 0..R {
                     let (_, scale, scaled_sum) = act(a[i], b);
-                    let t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sums[i]), _mm512_set1_ps(scale), _mm512_set1_ps(offset * scaled_sum));
+                    let t = _mm512_fmsub_ps(
+                        _mm512_cvtepi32_ps(sums[i]),
+                        _mm512_set1_ps(scale),
+                        _mm512_set1_ps(offset * scaled_sum),
+                    );
                     acc[i] = _mm512_fmadd_ps(scales, t, acc[i]);
                 }
             }
@@ -420,7 +578,12 @@ mod kernels {
     /// interleaved partial sums, so that at least 4 independent FMA chains hide the
     /// FMA's latency (decoding has one row).
     #[target_feature(enable = "avx512f,avx512bw,f16c")]
-    unsafe fn tile_half<const R: usize, const BF16: bool>(w: *const u8, inputs: usize, a: &[*const u8; ROWS], out: &[*mut f32; ROWS]) {
+    unsafe fn tile_half<const R: usize, const BF16: bool>(
+        w: *const u8,
+        inputs: usize,
+        a: &[*const u8; ROWS],
+        out: &[*mut f32; ROWS],
+    ) {
         // SAFETY: `w` holds `inputs` vectors of 16 weights, each `a[i]` `inputs` floats,
         // each `out[i]` room for 16 floats.
         unsafe {
@@ -428,7 +591,11 @@ mod kernels {
             let split = if R >= UNROLL { 1 } else { UNROLL / R };
             let weights = |k: usize| {
                 let v = _mm256_loadu_si256(w.add(k * GROUP * 2) as *const __m256i);
-                if BF16 { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v))) } else { _mm512_cvtph_ps(v) }
+                if BF16 {
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+                } else {
+                    _mm512_cvtph_ps(v)
+                }
             };
             let x = |i: usize, k: usize| _mm512_set1_ps((a[i] as *const f32).add(k).read());
             let mut acc = [[_mm512_setzero_ps(); R]; UNROLL];
@@ -460,7 +627,12 @@ mod kernels {
     /// q4_K: per sub-block of 32, 8 `vpdpbusd` per row, then
     /// `d * sc * scale_a * sum - dmin * m * scale_a * sum(a)` into f32 accumulators.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-    unsafe fn tile_q4_k<const R: usize>(w: *const u8, blocks: usize, a: &[*const u8; ROWS], out: &[*mut f32; ROWS]) {
+    unsafe fn tile_q4_k<const R: usize>(
+        w: *const u8,
+        blocks: usize,
+        a: &[*const u8; ROWS],
+        out: &[*mut f32; ROWS],
+    ) {
         // SAFETY: as in `tile_q4_0`, with q4_K's blocks of 256 inputs (8 activation blocks).
         unsafe {
             let low = _mm512_set1_epi8(0x0F);
@@ -478,22 +650,39 @@ mod kernels {
                         (_mm_and_si128(sb(s), six), _mm_and_si128(sb(s + 4), six))
                     } else {
                         let v = sb(s + 4);
-                        (_mm_or_si128(_mm_and_si128(v, four), top2(sb(s - 4))), _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(v), four), top2(sb(s))))
+                        (
+                            _mm_or_si128(_mm_and_si128(v, four), top2(sb(s - 4))),
+                            _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(v), four), top2(sb(s))),
+                        )
                     };
                     let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
                     let min = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m)));
                     let mut sums = [_mm512_setzero_si512(); R];
                     for t in 0..8 {
-                        let raw = _mm512_loadu_si512(wb.add(256 + ((s / 2) * 8 + t) * 64) as *const __m512i);
-                        let v = if s % 2 == 0 { _mm512_and_si512(raw, low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low) };
+                        let raw = _mm512_loadu_si512(
+                            wb.add(256 + ((s / 2) * 8 + t) * 64) as *const __m512i
+                        );
+                        let v = if s % 2 == 0 {
+                            _mm512_and_si512(raw, low)
+                        } else {
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low)
+                        };
                         for i in 0..R {
                             let (q, _, _) = act(a[i], b * 8 + s);
-                            sums[i] = _mm512_dpbusd_epi32(sums[i], v, _mm512_set1_epi32(q.add(t).read_unaligned()));
+                            sums[i] = _mm512_dpbusd_epi32(
+                                sums[i],
+                                v,
+                                _mm512_set1_epi32(q.add(t).read_unaligned()),
+                            );
                         }
                     }
                     for i in 0..R {
                         let (_, sa, scaled_sum) = act(a[i], b * 8 + s);
-                        acc[i] = _mm512_fmadd_ps(scale, _mm512_mul_ps(_mm512_cvtepi32_ps(sums[i]), _mm512_set1_ps(sa)), acc[i]);
+                        acc[i] = _mm512_fmadd_ps(
+                            scale,
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(sums[i]), _mm512_set1_ps(sa)),
+                            acc[i],
+                        );
                         acc[i] = _mm512_fnmadd_ps(min, _mm512_set1_ps(scaled_sum), acc[i]);
                     }
                 }
@@ -509,11 +698,53 @@ mod kernels {
 #[cfg(not(target_arch = "x86_64"))]
 mod kernels {
     use crate::sys;
-    pub unsafe extern "C" fn quantize_rows(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
-    pub unsafe extern "C" fn multiply_q4_0(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
-    pub unsafe extern "C" fn multiply_q4_k(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
-    pub unsafe extern "C" fn multiply_q8_0(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
-    pub unsafe extern "C" fn gather_rows(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
-    pub unsafe extern "C" fn multiply_f16(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
-    pub unsafe extern "C" fn multiply_bf16(_: *mut sys::ggml_tensor, _: i32, _: i32, _: *mut std::ffi::c_void) {}
+    pub unsafe extern "C" fn quantize_rows(
+        _: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
+    }
+    pub unsafe extern "C" fn multiply_q4_0(
+        _: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
+    }
+    pub unsafe extern "C" fn multiply_q4_k(
+        _: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
+    }
+    pub unsafe extern "C" fn multiply_q8_0(
+        _: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
+    }
+    pub unsafe extern "C" fn gather_rows(
+        _: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
+    }
+    pub unsafe extern "C" fn multiply_f16(
+        _: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
+    }
+    pub unsafe extern "C" fn multiply_bf16(
+        _: *mut sys::ggml_tensor,
+        _: i32,
+        _: i32,
+        _: *mut std::ffi::c_void,
+    ) {
+    }
 }

@@ -57,7 +57,10 @@ unsafe impl Sync for SharedStore {}
 
 impl Default for TensorStore {
     fn default() -> Self {
-        TensorStore { id: NEXT_STORE.fetch_add(1, Ordering::Relaxed), contexts: Vec::new() }
+        TensorStore {
+            id: NEXT_STORE.fetch_add(1, Ordering::Relaxed),
+            contexts: Vec::new(),
+        }
     }
 }
 
@@ -69,7 +72,13 @@ impl TensorStore {
     /// Takes ownership of a context (whose tensors are typically placed in a buffer
     /// already) and returns handles to its tensors in creation order.
     pub fn insert(&mut self, ctx: Context) -> Vec<TensorRef> {
-        let refs = ctx.tensors().map(|t| TensorRef { store: self.id, ptr: t.ptr }).collect();
+        let refs = ctx
+            .tensors()
+            .map(|t| TensorRef {
+                store: self.id,
+                ptr: t.ptr,
+            })
+            .collect();
         self.contexts.push(ctx);
         refs
     }
@@ -80,7 +89,13 @@ impl TensorStore {
         // A store refused is dropped with whatever was marked.
         for t in self.contexts.iter().flat_map(|ctx| ctx.tensors()) {
             if t.name().is_empty() || !t.is_allocated() || t.is_op() {
-                return Err(shape("share", format!("tensor {:?} (unnamed, unallocated or an op's result)", t.name())));
+                return Err(shape(
+                    "share",
+                    format!(
+                        "tensor {:?} (unnamed, unallocated or an op's result)",
+                        t.name()
+                    ),
+                ));
             }
             t.mark_read_only();
         }
@@ -93,10 +108,16 @@ impl TensorStore {
     /// When the handle comes from another store: a programming error, never a
     /// consequence of input.
     pub fn get(&self, r: TensorRef) -> Tensor<'_> {
-        assert_eq!(r.store, self.id, "a tensor handle resolved by a store it does not belong to");
+        assert_eq!(
+            r.store, self.id,
+            "a tensor handle resolved by a store it does not belong to"
+        );
         // The tensor's metadata lives in one of `self.contexts`, which live as long as
         // `self`: the returned borrow keeps the store (and so the context) alive.
-        Tensor { ptr: r.ptr, _ctx: PhantomData }
+        Tensor {
+            ptr: r.ptr,
+            _ctx: PhantomData,
+        }
     }
 }
 

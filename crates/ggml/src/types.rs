@@ -42,10 +42,14 @@ impl Type {
     /// Parses the lower-case ggml name (`f16`, `q8_0`, `q4_k`...).
     pub fn from_name(name: &str) -> Result<Type> {
         let lower = name.to_ascii_lowercase();
-        Self::ALL.iter().copied().find(|t| t.name() == lower).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
-            Error::UnknownTypeName(name.to_string(), names.join(", "))
-        })
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name() == lower)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+                Error::UnknownTypeName(name.to_string(), names.join(", "))
+            })
     }
 
     /// The types this crate offers by name.
@@ -107,7 +111,14 @@ impl Type {
     pub fn row_size(self, n: usize) -> Result<usize> {
         let block = self.block_size();
         if !n.is_multiple_of(block) {
-            return Err(crate::error::shape("row_size", format!("{} elements per row is not a multiple of {}'s block size {block}", n, self.name())));
+            return Err(crate::error::shape(
+                "row_size",
+                format!(
+                    "{} elements per row is not a multiple of {}'s block size {block}",
+                    n,
+                    self.name()
+                ),
+            ));
         }
         Ok(n / block * self.type_size())
     }
@@ -118,7 +129,9 @@ impl Type {
             return Ok(self.type_size());
         };
         let row = self.row_size(first)?;
-        rest.iter().try_fold(row, |acc, &d| acc.checked_mul(d)).ok_or_else(|| crate::error::shape("nbytes", format!("{shape:?} overflows")))
+        rest.iter()
+            .try_fold(row, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| crate::error::shape("nbytes", format!("{shape:?} overflows")))
     }
 }
 

@@ -22,24 +22,43 @@ struct Case {
 /// q is stored [hd, heads, n_q, batch] and read permuted to [hd, n_q, heads, batch].
 fn run(c: &Case, ours: bool) -> Vec<f32> {
     let ctx = Context::new(16, 64).unwrap();
-    let q = ctx.input("q", Type::F32, &[c.hd, c.heads, c.n_q, c.batch]).unwrap();
-    let k = ctx.input("k", c.kv_type, &[c.hd, c.n_kv, c.kv_heads, c.batch]).unwrap();
-    let v = ctx.input("v", c.kv_type, &[c.hd, c.n_kv, c.kv_heads, c.batch]).unwrap();
-    let mask = c.mask.map(|_| ctx.input("mask", Type::F16, &[c.n_kv, c.n_q]).unwrap());
+    let q = ctx
+        .input("q", Type::F32, &[c.hd, c.heads, c.n_q, c.batch])
+        .unwrap();
+    let k = ctx
+        .input("k", c.kv_type, &[c.hd, c.n_kv, c.kv_heads, c.batch])
+        .unwrap();
+    let v = ctx
+        .input("v", c.kv_type, &[c.hd, c.n_kv, c.kv_heads, c.batch])
+        .unwrap();
+    let mask = c
+        .mask
+        .map(|_| ctx.input("mask", Type::F16, &[c.n_kv, c.n_q]).unwrap());
     let qp = ctx.permute(q, [0, 2, 1, 3]).unwrap();
     let scale = 1.0 / (c.hd as f32).sqrt();
-    let out = if ours { ctx.attention_cpu(qp, k, v, mask, scale, c.softcap) } else { ctx.flash_attn_ext(qp, k, v, mask, scale, c.softcap) }.unwrap();
+    let out = if ours {
+        ctx.attention_cpu(qp, k, v, mask, scale, c.softcap)
+    } else {
+        ctx.flash_attn_ext(qp, k, v, mask, scale, c.softcap)
+    }
+    .unwrap();
     out.set_output();
     let mut graph = ctx.graph(64).unwrap();
     graph.expand(out).unwrap();
     let mut sched = Scheduler::new(Backend::cpu().unwrap(), 2, 64).unwrap();
     sched.alloc(&graph).unwrap();
-    q.write_bytes(&f32_bytes(&values(c.hd * c.heads * c.n_q * c.batch, 1))).unwrap();
-    k.write_bytes(&ggml::quantize(c.kv_type, &keys(c), c.hd).unwrap()).unwrap();
-    v.write_bytes(&ggml::quantize(c.kv_type, &vals(c), c.hd).unwrap()).unwrap();
+    q.write_bytes(&f32_bytes(&values(c.hd * c.heads * c.n_q * c.batch, 1)))
+        .unwrap();
+    k.write_bytes(&ggml::quantize(c.kv_type, &keys(c), c.hd).unwrap())
+        .unwrap();
+    v.write_bytes(&ggml::quantize(c.kv_type, &vals(c), c.hd).unwrap())
+        .unwrap();
     if let (Some(m), Some(f)) = (mask, c.mask) {
-        let bits: Vec<f32> = (0..c.n_q).flat_map(|i| (0..c.n_kv).map(move |j| if f(i, j) { f32::NEG_INFINITY } else { 0.0 })).collect();
-        m.write_bytes(&ggml::quantize(Type::F16, &bits, c.n_kv).unwrap()).unwrap();
+        let bits: Vec<f32> = (0..c.n_q)
+            .flat_map(|i| (0..c.n_kv).map(move |j| if f(i, j) { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        m.write_bytes(&ggml::quantize(Type::F16, &bits, c.n_kv).unwrap())
+            .unwrap();
     }
     sched.compute(&graph).unwrap();
     out.read_f32().unwrap()
@@ -47,7 +66,10 @@ fn run(c: &Case, ours: bool) -> Vec<f32> {
 
 fn keys(c: &Case) -> Vec<f32> {
     // Large enough that a soft-cap of 50 bites on some scores.
-    values(c.hd * c.n_kv * c.kv_heads * c.batch, 2).iter().map(|x| x * 12.0).collect()
+    values(c.hd * c.n_kv * c.kv_heads * c.batch, 2)
+        .iter()
+        .map(|x| x * 12.0)
+        .collect()
 }
 
 fn vals(c: &Case) -> Vec<f32> {
@@ -56,8 +78,19 @@ fn vals(c: &Case) -> Vec<f32> {
 
 /// The exact result [hd, heads, n_q, batch] on the stored (rounded) keys and values.
 fn exact(c: &Case) -> Vec<f32> {
-    let stored = |x: Vec<f32>| ggml::to_f32(c.kv_type, &ggml::quantize(c.kv_type, &x, c.hd).unwrap(), x.len()).unwrap();
-    let (q, k, v) = (values(c.hd * c.heads * c.n_q * c.batch, 1), stored(keys(c)), stored(vals(c)));
+    let stored = |x: Vec<f32>| {
+        ggml::to_f32(
+            c.kv_type,
+            &ggml::quantize(c.kv_type, &x, c.hd).unwrap(),
+            x.len(),
+        )
+        .unwrap()
+    };
+    let (q, k, v) = (
+        values(c.hd * c.heads * c.n_q * c.batch, 1),
+        stored(keys(c)),
+        stored(vals(c)),
+    );
     let scale = 1.0 / (c.hd as f64).sqrt();
     let mut out = vec![0f32; c.hd * c.heads * c.n_q * c.batch];
     for b in 0..c.batch {
@@ -65,14 +98,25 @@ fn exact(c: &Case) -> Vec<f32> {
             for h in 0..c.heads {
                 let kvh = h / (c.heads / c.kv_heads);
                 let qrow = &q[((b * c.n_q + i) * c.heads + h) * c.hd..][..c.hd];
-                let kv = |t: &[f32], j: usize| t[((b * c.kv_heads + kvh) * c.n_kv + j) * c.hd..][..c.hd].to_vec();
+                let kv = |t: &[f32], j: usize| {
+                    t[((b * c.kv_heads + kvh) * c.n_kv + j) * c.hd..][..c.hd].to_vec()
+                };
                 let scores: Vec<f64> = (0..c.n_kv)
                     .map(|j| {
                         if c.mask.is_some_and(|f| f(i, j)) {
                             return f64::NEG_INFINITY;
                         }
-                        let s = qrow.iter().zip(kv(&k, j)).map(|(a, b)| *a as f64 * b as f64).sum::<f64>() * scale;
-                        if c.softcap != 0.0 { c.softcap as f64 * (s / c.softcap as f64).tanh() } else { s }
+                        let s = qrow
+                            .iter()
+                            .zip(kv(&k, j))
+                            .map(|(a, b)| *a as f64 * b as f64)
+                            .sum::<f64>()
+                            * scale;
+                        if c.softcap != 0.0 {
+                            c.softcap as f64 * (s / c.softcap as f64).tanh()
+                        } else {
+                            s
+                        }
                     })
                     .collect();
                 let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -95,22 +139,48 @@ fn exact(c: &Case) -> Vec<f32> {
 
 fn worst(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 fn check(c: Case) {
     let want = exact(&c);
     let theirs = run(&c, false);
     // The reference reads the tensors as ggml does (ggml's own op rounds q to f16 on some paths).
-    assert!(worst(&theirs, &want) < 5e-3, "reference disagrees with ggml: {}", worst(&theirs, &want));
+    assert!(
+        worst(&theirs, &want) < 5e-3,
+        "reference disagrees with ggml: {}",
+        worst(&theirs, &want)
+    );
     let ours = run(&c, true);
     let err = worst(&ours, &want);
     let tol = if c.kv_type == Type::F32 { 2e-6 } else { 5e-6 };
-    assert!(err < tol, "hd {} n_q {} n_kv {} heads {}/{} {}: {err} from the exact result", c.hd, c.n_q, c.n_kv, c.heads, c.kv_heads, c.kv_type);
+    assert!(
+        err < tol,
+        "hd {} n_q {} n_kv {} heads {}/{} {}: {err} from the exact result",
+        c.hd,
+        c.n_q,
+        c.n_kv,
+        c.heads,
+        c.kv_heads,
+        c.kv_type
+    );
 }
 
 fn base() -> Case {
-    Case { hd: 64, n_q: 68, n_kv: 68, heads: 4, kv_heads: 2, batch: 1, kv_type: Type::F16, softcap: 0.0, mask: None }
+    Case {
+        hd: 64,
+        n_q: 68,
+        n_kv: 68,
+        heads: 4,
+        kv_heads: 2,
+        batch: 1,
+        kv_type: Type::F16,
+        softcap: 0.0,
+        mask: None,
+    }
 }
 
 #[test]
@@ -119,11 +189,34 @@ fn prefill_shapes_match_the_exact_attention() {
         return;
     }
     // The demo decoder's prefill, soft-capped; then Gemma 2 3B's head size.
-    check(Case { softcap: 50.0, ..base() });
-    check(Case { hd: 256, n_q: 40, n_kv: 40, heads: 8, kv_heads: 4, softcap: 50.0, ..base() });
+    check(Case {
+        softcap: 50.0,
+        ..base()
+    });
+    check(Case {
+        hd: 256,
+        n_q: 40,
+        n_kv: 40,
+        heads: 8,
+        kv_heads: 4,
+        softcap: 50.0,
+        ..base()
+    });
     // PaliGemma 1's one key/value head for 8 query heads: 4 queries per item.
-    check(Case { n_q: 13, n_kv: 77, heads: 8, kv_heads: 1, ..base() });
-    check(Case { hd: 16, n_q: 22, n_kv: 22, softcap: 20.0, ..base() });
+    check(Case {
+        n_q: 13,
+        n_kv: 77,
+        heads: 8,
+        kv_heads: 1,
+        ..base()
+    });
+    check(Case {
+        hd: 16,
+        n_q: 22,
+        n_kv: 22,
+        softcap: 20.0,
+        ..base()
+    });
 }
 
 #[test]
@@ -132,9 +225,26 @@ fn vision_shapes_match_the_exact_attention() {
         return;
     }
     // SigLIP So400m's 72-wide heads (not a multiple of 16), f32 keys and values, two images.
-    check(Case { hd: 72, n_q: 50, n_kv: 50, heads: 3, kv_heads: 3, batch: 2, kv_type: Type::F32, ..base() });
+    check(Case {
+        hd: 72,
+        n_q: 50,
+        n_kv: 50,
+        heads: 3,
+        kv_heads: 3,
+        batch: 2,
+        kv_type: Type::F32,
+        ..base()
+    });
     // Fewer queries than a block, one head group filling one vector.
-    check(Case { hd: 32, n_q: 9, n_kv: 9, heads: 1, kv_heads: 1, kv_type: Type::F32, ..base() });
+    check(Case {
+        hd: 32,
+        n_q: 9,
+        n_kv: 9,
+        heads: 1,
+        kv_heads: 1,
+        kv_type: Type::F32,
+        ..base()
+    });
 }
 
 #[test]
@@ -144,18 +254,50 @@ fn masks_match_the_exact_attention() {
     }
     // Causal (mixed chunks), a sliding window (whole chunks skipped), a checkerboard, and
     // rows with every key masked (0, as ggml gives).
-    check(Case { softcap: 50.0, mask: Some(|i, j| j > i), ..base() });
-    check(Case { n_q: 20, n_kv: 100, mask: Some(|i, j| j < 64 || j > 90 + i % 5), ..base() });
-    check(Case { mask: Some(|i, j| (i + j) % 3 == 0), ..base() });
-    check(Case { n_q: 33, mask: Some(|i, _| i % 5 == 0), ..base() });
+    check(Case {
+        softcap: 50.0,
+        mask: Some(|i, j| j > i),
+        ..base()
+    });
+    check(Case {
+        n_q: 20,
+        n_kv: 100,
+        mask: Some(|i, j| j < 64 || j > 90 + i % 5),
+        ..base()
+    });
+    check(Case {
+        mask: Some(|i, j| (i + j) % 3 == 0),
+        ..base()
+    });
+    check(Case {
+        n_q: 33,
+        mask: Some(|i, _| i % 5 == 0),
+        ..base()
+    });
     // Every key unmasked through an all-zero mask.
-    check(Case { softcap: 30.0, mask: Some(|_, _| false), ..base() });
+    check(Case {
+        softcap: 30.0,
+        mask: Some(|_, _| false),
+        ..base()
+    });
 }
 
 #[test]
 fn few_queries_and_other_cache_types_use_ggml() {
     // Decoding's rows and a q8_0 cache go to ggml's op, which gives the same answer.
-    for c in [Case { n_q: 1, n_kv: 40, ..base() }, Case { n_q: 16, n_kv: 64, kv_type: Type::Q8_0, ..base() }] {
+    for c in [
+        Case {
+            n_q: 1,
+            n_kv: 40,
+            ..base()
+        },
+        Case {
+            n_q: 16,
+            n_kv: 64,
+            kv_type: Type::Q8_0,
+            ..base()
+        },
+    ] {
         let ours = run(&c, true);
         let theirs = run(&c, false);
         assert_eq!(ours, theirs);

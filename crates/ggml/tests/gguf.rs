@@ -15,8 +15,17 @@ fn sample_metadata() -> Vec<(&'static str, Value)> {
         ("t.f32", Value::F32(1.5e-6)),
         ("t.bool", Value::Bool(true)),
         ("t.string", Value::String("héllo ▁ 猫".into())),
-        ("t.array_u32", Value::Array(vec![Value::U32(1), Value::U32(2), Value::U32(3)])),
-        ("t.array_str", Value::Array(vec![Value::String("a".into()), Value::String("<loc0001>".into())])),
+        (
+            "t.array_u32",
+            Value::Array(vec![Value::U32(1), Value::U32(2), Value::U32(3)]),
+        ),
+        (
+            "t.array_str",
+            Value::Array(vec![
+                Value::String("a".into()),
+                Value::String("<loc0001>".into()),
+            ]),
+        ),
         ("t.array_empty", Value::Array(vec![])),
         ("t.u64", Value::U64(u64::MAX)),
         ("t.i64", Value::I64(i64::MIN)),
@@ -25,7 +34,13 @@ fn sample_metadata() -> Vec<(&'static str, Value)> {
 }
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32) - 0.5).collect()
+    (0..n)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32
+                / (1 << 24) as f32)
+                - 0.5
+        })
+        .collect()
 }
 
 /// Writes a file with every metadata type and tensors of several types; returns
@@ -67,7 +82,13 @@ fn round_trip_metadata_and_tensors() {
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.version, 3);
     let expected = sample_metadata();
-    assert_eq!(f.keys, expected.iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        f.keys,
+        expected
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .collect::<Vec<_>>()
+    );
     for (k, v) in &expected {
         assert_eq!(f.get(k), Some(v), "{k}");
     }
@@ -75,7 +96,11 @@ fn round_trip_metadata_and_tensors() {
     for (name, ty, shape, data) in &tensors {
         let info = f.tensor(name).unwrap();
         assert_eq!((&info.ty, &info.shape), (ty, shape));
-        assert_eq!((f.data_offset + info.offset) % 32, 0, "{name} is aligned for mmap use");
+        assert_eq!(
+            (f.data_offset + info.offset) % 32,
+            0,
+            "{name} is aligned for mmap use"
+        );
         assert_eq!(f.tensor_data(info), data.as_slice(), "{name}");
     }
     let back = f.tensor_f32("w.f32").unwrap();
@@ -95,12 +120,21 @@ fn writer_refuses_wrong_order_and_leaves_no_file() {
     w.write_tensor("a", &[0; 16]).unwrap();
     drop(w);
     assert!(!path.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temporary file removed");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "temporary file removed"
+    );
 
     let mut header = GgufHeader::new();
     header.add_tensor("a", Type::F32, &[4]).unwrap();
     let w = GgufWriter::create(&path, header).unwrap();
-    assert!(w.finish().unwrap_err().to_string().contains("never written"));
+    assert!(
+        w.finish()
+            .unwrap_err()
+            .to_string()
+            .contains("never written")
+    );
     assert!(!path.exists());
 }
 
@@ -126,7 +160,10 @@ fn wrong_magic() {
     let mut b = sample_bytes();
     b[..4].copy_from_slice(b"GGML");
     let e = open_err(&b);
-    assert!(e.contains("not a GGUF file") && e.contains("bad.gguf"), "{e}");
+    assert!(
+        e.contains("not a GGUF file") && e.contains("bad.gguf"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -143,10 +180,16 @@ fn truncated_everywhere() {
     };
     for cut in (0..f.0).step_by(7).chain([f.0 - 1]) {
         let e = open_err(&b[..cut]);
-        assert!(e.contains("truncated") || e.contains("past the end"), "cut at {cut}: {e}");
+        assert!(
+            e.contains("truncated") || e.contains("past the end"),
+            "cut at {cut}: {e}"
+        );
     }
     let e = open_err(&b[..b.len() - 40]); // past the last tensor's padding
-    assert!(e.contains(&format!("{:?}", f.1)) && e.contains("runs past the end"), "{e}");
+    assert!(
+        e.contains(&format!("{:?}", f.1)) && e.contains("runs past the end"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -160,7 +203,10 @@ fn tensor_data_past_end() {
     w.finish().unwrap();
     let b = std::fs::read(&path).unwrap();
     let e = open_err(&b[..b.len() - 100]);
-    assert!(e.contains("\"big\"") && e.contains("runs past the end of the file"), "{e}");
+    assert!(
+        e.contains("\"big\"") && e.contains("runs past the end of the file"),
+        "{e}"
+    );
 }
 
 #[test]

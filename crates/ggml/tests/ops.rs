@@ -6,7 +6,10 @@ use ggml::{Backend, Context, Result, Scheduler, Tensor, Type};
 
 /// Builds a graph with `build`, which declares inputs (with their f32 data) and
 /// returns the output; computes it on a CPU scheduler and returns the output as f32.
-fn run<'c>(ctx: &'c Context, build: impl FnOnce(&'c Context, &mut Vec<(Tensor<'c>, Vec<u8>)>) -> Result<Tensor<'c>>) -> Vec<f32> {
+fn run<'c>(
+    ctx: &'c Context,
+    build: impl FnOnce(&'c Context, &mut Vec<(Tensor<'c>, Vec<u8>)>) -> Result<Tensor<'c>>,
+) -> Vec<f32> {
     let mut inputs = Vec::new();
     let out = build(ctx, &mut inputs).unwrap();
     out.set_output();
@@ -21,7 +24,13 @@ fn run<'c>(ctx: &'c Context, build: impl FnOnce(&'c Context, &mut Vec<(Tensor<'c
     out.read_f32().unwrap()
 }
 
-fn input<'c>(ctx: &'c Context, inputs: &mut Vec<(Tensor<'c>, Vec<u8>)>, name: &str, ne: &[usize], data: &[f32]) -> Result<Tensor<'c>> {
+fn input<'c>(
+    ctx: &'c Context,
+    inputs: &mut Vec<(Tensor<'c>, Vec<u8>)>,
+    name: &str,
+    ne: &[usize],
+    data: &[f32],
+) -> Result<Tensor<'c>> {
     let t = ctx.input(name, Type::F32, ne)?;
     inputs.push((t, f32_bytes(data)));
     Ok(t)
@@ -29,8 +38,17 @@ fn input<'c>(ctx: &'c Context, inputs: &mut Vec<(Tensor<'c>, Vec<u8>)>, name: &s
 
 fn assert_close(got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len());
-    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(worst <= tol, "max abs difference {worst} > {tol}\n got {:?}\nwant {:?}", &got[..got.len().min(8)], &want[..want.len().min(8)]);
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= tol,
+        "max abs difference {worst} > {tol}\n got {:?}\nwant {:?}",
+        &got[..got.len().min(8)],
+        &want[..want.len().min(8)]
+    );
 }
 
 /// out[n][m] = sum_k a[m][k] * b[n][k]
@@ -63,7 +81,11 @@ fn matmul_quantized(ty: Type, tol: f32) {
     let qa = ggml::quantize(ty, &a, k).unwrap();
     let deq = ggml::to_f32(ty, &qa, k * m).unwrap();
     // Quantization must stay close to the original values...
-    let qerr = a.iter().zip(&deq).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let qerr = a
+        .iter()
+        .zip(&deq)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(qerr < 0.15, "{ty} round trip error {qerr}");
     let ctx = Context::new(16, 256).unwrap();
     let got = run(&ctx, |ctx, ins| {
@@ -101,7 +123,9 @@ fn soft_max_with_mask() {
     let (n_kv, n_q, heads) = (6, 4, 2);
     let x = values(n_kv * n_q * heads, 5);
     // Causal-like mask: query q sees keys 0..=q+2.
-    let mask: Vec<f32> = (0..n_q).flat_map(|q| (0..n_kv).map(move |k| if k <= q + 2 { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask: Vec<f32> = (0..n_q)
+        .flat_map(|q| (0..n_kv).map(move |k| if k <= q + 2 { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
     let scale = 0.5;
     let ctx = Context::new(16, 256).unwrap();
     let got = run(&ctx, |ctx, ins| {
@@ -113,7 +137,9 @@ fn soft_max_with_mask() {
     for h in 0..heads {
         for q in 0..n_q {
             let row = (h * n_q + q) * n_kv;
-            let s: Vec<f32> = (0..n_kv).map(|k| x[row + k] * scale + mask[q * n_kv + k]).collect();
+            let s: Vec<f32> = (0..n_kv)
+                .map(|k| x[row + k] * scale + mask[q * n_kv + k])
+                .collect();
             let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f32 = s.iter().map(|v| (v - max).exp()).sum();
             for k in 0..n_kv {
@@ -173,7 +199,8 @@ fn conv2d_im2col() {
                         for kx in 0..kk {
                             let (iy, ix) = (y as i64 + ky as i64 - 1, xx as i64 + kx as i64 - 1);
                             if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                s += x[(c * h + iy as usize) * w + ix as usize] * k[((o * cin + c) * kk + ky) * kk + kx];
+                                s += x[(c * h + iy as usize) * w + ix as usize]
+                                    * k[((o * cin + c) * kk + ky) * kk + kx];
                             }
                         }
                     }
@@ -200,7 +227,10 @@ fn gelu_precise_matches_formula() {
         ctx.gelu_precise(tx)
     });
     for ((&x, &g), w) in x.iter().zip(&got).zip(x.iter().map(|&v| gelu_tanh(v))) {
-        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "gelu({x}) = {g}, expected {w}");
+        assert!(
+            (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+            "gelu({x}) = {g}, expected {w}"
+        );
     }
 }
 
@@ -230,7 +260,9 @@ fn rms_norm() {
         .chunks(n)
         .flat_map(|r| {
             let ms = r.iter().map(|v| v * v).sum::<f32>() / n as f32;
-            r.iter().map(move |v| v / (ms + eps).sqrt()).collect::<Vec<_>>()
+            r.iter()
+                .map(move |v| v / (ms + eps).sqrt())
+                .collect::<Vec<_>>()
         })
         .collect();
     assert_close(&got, &want, 1e-5);
@@ -241,10 +273,15 @@ fn rms_norm() {
 fn flash_attention_with_softcap() {
     let (d, n_q, n_kv, heads, kv_heads) = (16, 3, 5, 4, 2);
     let q = values(d * n_q * heads, 12);
-    let k: Vec<f32> = values(d * n_kv * kv_heads, 13).iter().map(|v| v * 3.0).collect();
+    let k: Vec<f32> = values(d * n_kv * kv_heads, 13)
+        .iter()
+        .map(|v| v * 3.0)
+        .collect();
     let v = values(d * n_kv * kv_heads, 14);
     let (scale, cap) = (0.3f32, 2.0f32);
-    let mask: Vec<f32> = (0..n_q).flat_map(|qi| (0..n_kv).map(move |ki| if ki <= qi + 2 { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask: Vec<f32> = (0..n_q)
+        .flat_map(|qi| (0..n_kv).map(move |ki| if ki <= qi + 2 { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
     let ctx = Context::new(32, 256).unwrap();
     let got = run(&ctx, |ctx, ins| {
         // q as [d, n_q, heads], k/v as [d, n_kv, kv_heads] (F16 like a KV cache).
@@ -272,7 +309,9 @@ fn flash_attention_with_softcap() {
             let w: Vec<f32> = s.iter().map(|x| (x - max).exp()).collect();
             let sum: f32 = w.iter().sum();
             for j in 0..d {
-                let acc: f32 = (0..n_kv).map(|ki| w[ki] * f16(v[(kh * n_kv + ki) * d + j])).sum();
+                let acc: f32 = (0..n_kv)
+                    .map(|ki| w[ki] * f16(v[(kh * n_kv + ki) * d + j]))
+                    .sum();
                 want[(qi * heads + h) * d + j] = acc / sum;
             }
         }
@@ -288,14 +327,23 @@ fn get_rows_and_views() {
     let got = run(&ctx, |ctx, ins| {
         let tx = input(ctx, ins, "x", &[n, rows], &x)?;
         let ids = ctx.input("ids", Type::I32, &[2])?;
-        ins.push((ids, [3i32, 1].iter().flat_map(|v| v.to_le_bytes()).collect()));
+        ins.push((
+            ids,
+            [3i32, 1].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ));
         ctx.get_rows(tx, ids)
     });
-    let want: Vec<f32> = [3, 1].iter().flat_map(|&r| x[r * n..(r + 1) * n].to_vec()).collect();
+    let want: Vec<f32> = [3, 1]
+        .iter()
+        .flat_map(|&r| x[r * n..(r + 1) * n].to_vec())
+        .collect();
     assert_close(&got, &want, 0.0);
 
     let small = ctx.new_tensor(Type::F32, &[4, 2]).unwrap();
-    assert!(ctx.view(small, &[4, 3], &[16], 0).is_err(), "a view past the end must be refused");
+    assert!(
+        ctx.view(small, &[4, 3], &[16], 0).is_err(),
+        "a view past the end must be refused"
+    );
     assert!(ctx.reshape(small, &[3, 3]).is_err());
 }
 
@@ -312,19 +360,36 @@ fn type_names_round_trip() {
     for ty in Type::ALL {
         assert_eq!(Type::from_name(ty.name()).unwrap(), ty);
     }
-    assert!(Type::from_name("q9_9").unwrap_err().to_string().contains("q4_k"));
+    assert!(
+        Type::from_name("q9_9")
+            .unwrap_err()
+            .to_string()
+            .contains("q4_k")
+    );
     assert!(Type::from_raw(9999).is_err());
-    assert!(ggml::quantize(Type::Q4_K, &[0.0; 100], 100).is_err(), "100 is not a multiple of 256");
+    assert!(
+        ggml::quantize(Type::Q4_K, &[0.0; 100], 100).is_err(),
+        "100 is not a multiple of 256"
+    );
 }
 
 #[test]
 fn join_cpu_puts_parts_back_to_back() {
     // 13 parts (more than one node takes) of uneven lengths along dimension 2.
     let lens: Vec<usize> = (1..=13).map(|i| (i * 7) % 5 + 1).collect();
-    let data: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &n)| values(5 * 3 * n, i as u64 + 10)).collect();
+    let data: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| values(5 * 3 * n, i as u64 + 10))
+        .collect();
     let ctx = Context::new(64, 64).unwrap();
     let got = run(&ctx, |ctx, inputs| {
-        let parts = lens.iter().zip(&data).enumerate().map(|(i, (&n, d))| input(ctx, inputs, &format!("p{i}"), &[5, 3, n], d)).collect::<Result<Vec<_>>>()?;
+        let parts = lens
+            .iter()
+            .zip(&data)
+            .enumerate()
+            .map(|(i, (&n, d))| input(ctx, inputs, &format!("p{i}"), &[5, 3, n], d))
+            .collect::<Result<Vec<_>>>()?;
         let joined = ctx.join_cpu(&parts, 2)?;
         assert_eq!(joined.shape(), vec![5, 3, lens.iter().sum::<usize>()]);
         Ok(joined)
@@ -338,9 +403,19 @@ fn join_cpu_rejects_parts_that_are_not_stacked() {
     let a = ctx.input("a", Type::F32, &[4, 2, 3]).unwrap();
     let narrow = ctx.input("narrow", Type::F32, &[4, 1, 3]).unwrap();
     let wide = ctx.input("wide", Type::F32, &[4, 2, 3, 2]).unwrap();
-    assert!(ctx.join_cpu(&[a, narrow], 2).is_err(), "dimension 1 differs");
-    assert!(ctx.join_cpu(&[a, wide], 2).is_err(), "a dimension above the joined one is not 1");
-    assert!(ctx.join_cpu(&[a, ctx.permute(a, [0, 2, 1, 3]).unwrap()], 2).is_err(), "not contiguous");
+    assert!(
+        ctx.join_cpu(&[a, narrow], 2).is_err(),
+        "dimension 1 differs"
+    );
+    assert!(
+        ctx.join_cpu(&[a, wide], 2).is_err(),
+        "a dimension above the joined one is not 1"
+    );
+    assert!(
+        ctx.join_cpu(&[a, ctx.permute(a, [0, 2, 1, 3]).unwrap()], 2)
+            .is_err(),
+        "not contiguous"
+    );
     assert!(ctx.join_cpu(&[], 2).is_err());
     assert_eq!(ctx.join_cpu(&[a, a], 2).unwrap().shape(), vec![4, 2, 6]);
 }
@@ -358,11 +433,17 @@ fn a_full_graph_is_an_error_and_takes_what_fits_after() {
     assert_eq!(graph.n_nodes(), 4);
     // Six more nodes do not fit in 8; the refused expansion adds nothing, so two more
     // fit, then two more, then none.
-    assert!(matches!(graph.expand(chain[10]), Err(ggml::Error::GraphFull(8))));
+    assert!(matches!(
+        graph.expand(chain[10]),
+        Err(ggml::Error::GraphFull(8))
+    ));
     graph.expand(chain[6]).unwrap();
     graph.expand(chain[8]).unwrap();
     assert_eq!(graph.n_nodes(), 8);
-    assert!(matches!(graph.expand(chain[9]), Err(ggml::Error::GraphFull(8))));
+    assert!(matches!(
+        graph.expand(chain[9]),
+        Err(ggml::Error::GraphFull(8))
+    ));
     // Expanding what the graph holds adds nothing.
     graph.expand(chain[8]).unwrap();
     let mut sched = Scheduler::new(Backend::cpu().unwrap(), 1, 8).unwrap();
@@ -375,7 +456,15 @@ fn a_full_graph_is_an_error_and_takes_what_fits_after() {
 
 /// `w · x` with the weight `w` (`[k, n]`, bytes of `ty`) placed in a buffer of `buft`
 /// (ggml's CPU repacks its weights when they are written there) and `m` rows of `x`.
-fn product_in(buft: ggml::BufferType, ty: Type, w: &[u8], k: usize, n: usize, x: &[f32], m: usize) -> Vec<f32> {
+fn product_in(
+    buft: ggml::BufferType,
+    ty: Type,
+    w: &[u8],
+    k: usize,
+    n: usize,
+    x: &[f32],
+    m: usize,
+) -> Vec<f32> {
     let weights = Context::new(1, 0).unwrap();
     let tw = weights.new_named("w", ty, &[k, n]).unwrap();
     let _buffer = buft.alloc_tensors(&weights).unwrap();
@@ -398,14 +487,27 @@ fn repacked_matmul_matches_in_place() {
     let mut checked = Vec::new();
     for ty in [Type::Q4_0, Type::Q8_0, Type::Q4_K] {
         let w = ggml::quantize(ty, &values(k * n, 5), k).unwrap();
-        for buft in backend.device().extra_buffer_types().into_iter().filter(|b| b.supports_weight(backend.device(), ty, &[k, n])) {
+        for buft in backend
+            .device()
+            .extra_buffer_types()
+            .into_iter()
+            .filter(|b| b.supports_weight(backend.device(), ty, &[k, n]))
+        {
             for m in [1, 2, 3, 4, 5, 8, 9, 17] {
                 let x = values(k * m, 6);
                 let plain = product_in(backend.buffer_type(), ty, &w, k, n, &x, m);
                 let repacked = product_in(buft, ty, &w, k, n, &x, m);
                 let scale = plain.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let worst = plain.iter().zip(&repacked).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
-                println!("{ty} in {}, {m} rows: repacked differs by {worst:.2e} of the largest output", buft.name());
+                let worst = plain
+                    .iter()
+                    .zip(&repacked)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max)
+                    / scale;
+                println!(
+                    "{ty} in {}, {m} rows: repacked differs by {worst:.2e} of the largest output",
+                    buft.name()
+                );
                 assert!(worst < 1e-5, "{ty} in {}, {m} rows: {worst:e}", buft.name());
             }
             checked.push(format!("{ty} in {}", buft.name()));

@@ -32,12 +32,25 @@ fn compute(
 fn worst_relative(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+        / scale
 }
 
 /// out[r][j] = sum_i w[j][i] * x[r][i], in f64.
 fn exact_product(w: &[f32], x: &[f32], k: usize) -> Vec<f32> {
-    x.chunks_exact(k).flat_map(|row| w.chunks_exact(k).map(move |col| col.iter().zip(row).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32)).collect()
+    x.chunks_exact(k)
+        .flat_map(|row| {
+            w.chunks_exact(k).map(move |col| {
+                col.iter()
+                    .zip(row)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>() as f32
+            })
+        })
+        .collect()
 }
 
 /// The packed product against ggml's on the same bytes, for every tile height; returns
@@ -52,18 +65,38 @@ fn matches_ggml(ty: Type, k: usize, n: usize, tol: f32) -> f32 {
         let want = compute(ty, &w, [k, n], &x, &[k, m], |ctx, w, x| ctx.mul_mat(w, x));
         if !packed::available() {
             let ctx = Context::new(4, 0).unwrap();
-            let (wt, xt) = (ctx.new_tensor(ty, &[k, n]).unwrap(), ctx.new_tensor(Type::F32, &[k, m]).unwrap());
-            assert!(ctx.mul_mat_packed(wt, xt).unwrap_err().to_string().contains("VNNI"));
+            let (wt, xt) = (
+                ctx.new_tensor(ty, &[k, n]).unwrap(),
+                ctx.new_tensor(Type::F32, &[k, m]).unwrap(),
+            );
+            assert!(
+                ctx.mul_mat_packed(wt, xt)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("VNNI")
+            );
             continue;
         }
-        let got = compute(ty, &packed, [k, n], &x, &[k, m], |ctx, w, x| ctx.mul_mat_packed(w, x));
+        let got = compute(ty, &packed, [k, n], &x, &[k, m], |ctx, w, x| {
+            ctx.mul_mat_packed(w, x)
+        });
         let err = worst_relative(&got, &want);
         assert!(err < tol, "{ty}, {m} rows: relative difference {err}");
         // Against the exact product with the dequantized weights, no worse than ggml (RMS).
         let exact = exact_product(&ggml::to_f32(ty, &w, k * n).unwrap(), &x, k);
-        let rms = |v: &[f32]| (v.iter().zip(&exact).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+        let rms = |v: &[f32]| {
+            (v.iter()
+                .zip(&exact)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                / v.len() as f64)
+                .sqrt()
+        };
         let (ours, theirs) = (rms(&got), rms(&want));
-        assert!(ours <= theirs * 1.1, "{ty}, {m} rows: {ours} from the exact product, ggml {theirs}");
+        assert!(
+            ours <= theirs * 1.1,
+            "{ty}, {m} rows: {ours} from the exact product, ggml {theirs}"
+        );
         worst_exact = worst_exact.max(worst_relative(&got, &exact));
     }
     worst_exact
@@ -76,11 +109,17 @@ fn half_products_are_exact_in_f32() {
     // the kernel's unrolling.
     for (ty, ggml_tol) in [(Type::F16, 2e-3), (Type::BF16, 1e-2)] {
         let err = matches_ggml(ty, 100, 48, ggml_tol);
-        assert!(err < 1e-5, "{ty}: relative difference {err} from the exact product");
+        assert!(
+            err < 1e-5,
+            "{ty}: relative difference {err} from the exact product"
+        );
     }
     // An odd width: odd row counts then end the gathered rows off 8-byte alignment.
     let err = matches_ggml(Type::F16, 7, 32, 2e-3);
-    assert!(err < 1e-5, "f16, 7 inputs: relative difference {err} from the exact product");
+    assert!(
+        err < 1e-5,
+        "f16, 7 inputs: relative difference {err} from the exact product"
+    );
 }
 
 #[test]
@@ -110,8 +149,12 @@ fn rows_with_gaps_and_batches() {
     let w = ggml::quantize(Type::Q4_0, &values(k * n, 2), k).unwrap();
     let packed = packed::pack(Type::Q4_0, &w, k, n).unwrap();
     let x = values(k * 12, 3);
-    let want = compute(Type::Q4_0, &w, [k, n], &x, &[k, 3, 4], |ctx, w, x| ctx.mul_mat(w, ctx.cont(ctx.permute(x, [0, 2, 1, 3])?)?));
-    let got = compute(Type::Q4_0, &packed, [k, n], &x, &[k, 3, 4], |ctx, w, x| ctx.mul_mat_packed(w, ctx.permute(x, [0, 2, 1, 3])?));
+    let want = compute(Type::Q4_0, &w, [k, n], &x, &[k, 3, 4], |ctx, w, x| {
+        ctx.mul_mat(w, ctx.cont(ctx.permute(x, [0, 2, 1, 3])?)?)
+    });
+    let got = compute(Type::Q4_0, &packed, [k, n], &x, &[k, 3, 4], |ctx, w, x| {
+        ctx.mul_mat_packed(w, ctx.permute(x, [0, 2, 1, 3])?)
+    });
     let err = worst_relative(&got, &want);
     assert!(err < 1e-5, "relative difference {err}");
 }
@@ -120,19 +163,33 @@ fn rows_with_gaps_and_batches() {
 fn packing_checks_shapes_and_sizes() {
     assert!(packed::packable(Type::Q4_0, &[64, 32]));
     assert!(packed::packable(Type::Q4_K, &[256, 32]));
-    assert!(!packed::packable(Type::Q4_K, &[128, 32]), "q4_K blocks hold 256 inputs");
-    assert!(!packed::packable(Type::Q4_0, &[64, 24]), "outputs must come in groups of 16");
+    assert!(
+        !packed::packable(Type::Q4_K, &[128, 32]),
+        "q4_K blocks hold 256 inputs"
+    );
+    assert!(
+        !packed::packable(Type::Q4_0, &[64, 24]),
+        "outputs must come in groups of 16"
+    );
     assert!(packed::packable(Type::Q8_0, &[64, 32]));
-    assert!(packed::packable(Type::F16, &[7, 32]), "f16 takes any number of inputs");
+    assert!(
+        packed::packable(Type::F16, &[7, 32]),
+        "f16 takes any number of inputs"
+    );
     assert!(!packed::packable(Type::BF16, &[64, 40]));
     assert!(!packed::packable(Type::F32, &[64, 32]));
     assert!(!packed::packable(Type::Q5_0, &[64, 32]));
     assert!(!packed::packable(Type::Q4_0, &[64, 32, 2]));
-    let err = packed::pack(Type::Q4_0, &[0u8; 10], 64, 32).unwrap_err().to_string();
+    let err = packed::pack(Type::Q4_0, &[0u8; 10], 64, 32)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("10"), "{err}");
     assert!(packed::pack(Type::Q4_0, &[], 48, 32).is_err());
     assert!(packed::pack(Type::Q5_0, &[0u8; 22 * 2 * 32], 64, 32).is_err());
     let ctx = Context::new(4, 0).unwrap();
-    let (w, x) = (ctx.new_tensor(Type::Q4_0, &[64, 32]).unwrap(), ctx.new_tensor(Type::F32, &[32, 2]).unwrap());
+    let (w, x) = (
+        ctx.new_tensor(Type::Q4_0, &[64, 32]).unwrap(),
+        ctx.new_tensor(Type::F32, &[32, 2]).unwrap(),
+    );
     assert!(ctx.mul_mat_packed(w, x).is_err());
 }

@@ -9,7 +9,10 @@ fn store() -> (SharedStore, ggml::TensorRef, ggml::Buffer) {
     let buffer = backend.alloc_tensors(&ctx).unwrap();
     let mut store = TensorStore::new();
     let w = store.insert(ctx)[0];
-    store.get(w).write_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).unwrap();
+    store
+        .get(w)
+        .write_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+        .unwrap();
     (store.share().unwrap(), w, buffer)
 }
 
@@ -45,11 +48,15 @@ fn a_shared_store_refuses_every_write() {
     let src = g.input("src", Type::F32, &[4, 1]).unwrap();
     let ids = g.input("ids", Type::I32, &[1]).unwrap();
     assert!(matches!(g.set_rows(w, src, ids), Err(Error::ReadOnly(_))));
-    let panics = |write: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(write)).is_err();
+    let panics =
+        |write: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(write)).is_err();
     assert!(panics(&|| w.set_name("x")));
     assert!(panics(&|| w.set_output()));
     assert_eq!(w.name(), "w");
-    assert_eq!(w.read_f32().unwrap(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+    assert_eq!(
+        w.read_f32().unwrap(),
+        [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    );
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! `paligemma bench`: per-stage timings with warm-up and repetitions, and peak RSS.
-use anyhow::{Context, Result, bail};
 use crate::shapes::{NAMED_SHAPES, named};
+use anyhow::{Context, Result, bail};
 use paligemma::config::TokenConfig;
 use paligemma::convert::{ConvertOptions, default_vision_type, parse_weight_type, write_random};
 use paligemma::preprocess::{RgbImage, preprocess};
-use paligemma::{ContextOptions, Device, GenerateOptions, KvType, Model, Start, WeightOptions, Weights};
+use paligemma::{
+    ContextOptions, Device, GenerateOptions, KvType, Model, Start, WeightOptions, Weights,
+};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -95,25 +97,51 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 pub(crate) fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
 }
 
 fn model_path(args: &BenchArgs) -> Result<PathBuf> {
     if let Some(m) = &args.model {
         return Ok(m.clone());
     }
-    let Some(name) = &args.random else { bail!("give --model FILE or --random SHAPE ({})", NAMED_SHAPES.join(", ")) };
+    let Some(name) = &args.random else {
+        bail!(
+            "give --model FILE or --random SHAPE ({})",
+            NAMED_SHAPES.join(", ")
+        )
+    };
     let ty = parse_weight_type(&args.ty)?;
-    let vision_ty = args.vision_type.as_deref().map(parse_weight_type).transpose()?.unwrap_or_else(|| default_vision_type(ty));
-    let opts = ConvertOptions { ty, vision_ty, seg_decoder: None, cancel: None };
-    let path = args.cache.join(format!("{name}-{}-v{}.gguf", opts.ty, opts.vision_ty));
+    let vision_ty = args
+        .vision_type
+        .as_deref()
+        .map(parse_weight_type)
+        .transpose()?
+        .unwrap_or_else(|| default_vision_type(ty));
+    let opts = ConvertOptions {
+        ty,
+        vision_ty,
+        seg_decoder: None,
+        cancel: None,
+    };
+    let path = args
+        .cache
+        .join(format!("{name}-{}-v{}.gguf", opts.ty, opts.vision_ty));
     if path.exists() {
         return Ok(path);
     }
     std::fs::create_dir_all(&args.cache).with_context(|| args.cache.display().to_string())?;
     let tok = tokenizers_ids();
     let cfg = named(name, tok)?;
-    eprintln!("writing random weights of {name} ({} / vision {}) to {} ...", opts.ty, opts.vision_ty, path.display());
+    eprintln!(
+        "writing random weights of {name} ({} / vision {}) to {} ...",
+        opts.ty,
+        opts.vision_ty,
+        path.display()
+    );
     let bar = indicatif::ProgressBar::new(0);
     write_random(&cfg, BENCH_TOKENIZER, &opts, &path, 42, |p| {
         bar.set_length(p.total as u64);
@@ -125,7 +153,15 @@ fn model_path(args: &BenchArgs) -> Result<PathBuf> {
 
 fn tokenizers_ids() -> TokenConfig {
     // Ids of the bundled tokenizer (see tests/fixtures/tokenizer_cases.json).
-    TokenConfig { image_token_id: 1840, image_token_count: 0, bos: 2, eos: 1, pad: 0, loc_first: Some(688), seg_first: Some(1712) }
+    TokenConfig {
+        image_token_id: 1840,
+        image_token_count: 0,
+        bos: 2,
+        eos: 1,
+        pad: 0,
+        loc_first: Some(688),
+        seg_first: Some(1712),
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -161,17 +197,32 @@ fn test_frame() -> RgbImage {
     let data = (0..w * h)
         .flat_map(|i| {
             let (x, y) = (i % w, i / w);
-            [(x * 255 / w) as u8, (y * 255 / h) as u8, if (x / 40 + y / 40) % 2 == 0 { 220 } else { 30 }]
+            [
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                if (x / 40 + y / 40) % 2 == 0 { 220 } else { 30 },
+            ]
         })
         .collect();
-    RgbImage { width: w, height: h, data }
+    RgbImage {
+        width: w,
+        height: h,
+        data,
+    }
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let path = model_path(args)?;
     let file_bytes = std::fs::metadata(&path)?.len();
-    let weights = WeightOptions { device: Device::find(&args.device)?, repack: !args.no_repack };
-    let context = ContextOptions { threads: args.threads, kv_type: args.kv_type.parse::<KvType>()?, ..Default::default() };
+    let weights = WeightOptions {
+        device: Device::find(&args.device)?,
+        repack: !args.no_repack,
+    };
+    let context = ContextOptions {
+        threads: args.threads,
+        kv_type: args.kv_type.parse::<KvType>()?,
+        ..Default::default()
+    };
     let image = match &args.image {
         Some(p) => RgbImage::open(p)?,
         None => test_frame(),
@@ -180,18 +231,31 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         return crate::bench_streams::run(args, &path, &weights, &context, image);
     }
     if let Some(llama) = &args.vs_llama_bench {
-        return crate::vs_llama::run(args, &path, Model::new(Weights::load(&path, &weights)?, &context)?, &image, llama);
+        return crate::vs_llama::run(
+            args,
+            &path,
+            Model::new(Weights::load(&path, &weights)?, &context)?,
+            &image,
+            llama,
+        );
     }
     let mut model = Model::new(Weights::load(&path, &weights)?, &context)?;
     let ids = model.tokenizer().prefix_ids("caption en")?;
-    let options = GenerateOptions { max_tokens: args.decode_tokens + 1, ignore_eos: true, ..Default::default() };
-    let (mut pre, mut vis, mut prefill, mut decode) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let options = GenerateOptions {
+        max_tokens: args.decode_tokens + 1,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let (mut pre, mut vis, mut prefill, mut decode) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..args.warmup + args.reps {
         let t = Instant::now();
         let pixels = preprocess(&image, &model.config().vision);
         let pre_ms = t.elapsed().as_secs_f64() * 1e3;
         let emb = model.encode_pixels(&pixels)?;
-        let g = model.generate(&emb, std::slice::from_ref(&ids), &options, &mut |_| true)?.remove(0);
+        let g = model
+            .generate(&emb, std::slice::from_ref(&ids), &options, &mut |_| true)?
+            .remove(0);
         if rep >= args.warmup {
             pre.push(pre_ms);
             vis.push(emb.timings.vision);
@@ -204,8 +268,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // Several prompts on one frame: their prefills in one graph, their decode steps as
     // one batch; as many frames (of as many cameras) through the vision tower together.
     let n = args.prompts.clamp(1, model.max_sequences());
-    let prompts = ["caption en", "detect cat ; dog", "ocr", "answer en what is in the image?"];
-    let prefixes = (0..n).map(|i| model.tokenizer().prefix_ids(prompts[i % prompts.len()])).collect::<paligemma::Result<Vec<_>>>()?;
+    let prompts = [
+        "caption en",
+        "detect cat ; dog",
+        "ocr",
+        "answer en what is in the image?",
+    ];
+    let prefixes = (0..n)
+        .map(|i| model.tokenizer().prefix_ids(prompts[i % prompts.len()]))
+        .collect::<paligemma::Result<Vec<_>>>()?;
     let pixels = preprocess(&image, &model.config().vision);
     let emb = model.encode_pixels(&pixels)?;
     let frames = vec![&image; n];
@@ -213,8 +284,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for rep in 0..args.warmup + args.reps {
         let t = Instant::now();
         let encoded = model.encode_images(&frames)?;
-        let vision_ms = t.elapsed().as_secs_f64() * 1e3 - encoded.iter().map(|e| e.timings.preprocess).sum::<f64>();
-        let starts: Vec<Start<'_>> = prefixes.iter().map(|prefix| Start { image: &emb, prefix, opts: &options }).collect();
+        let vision_ms = t.elapsed().as_secs_f64() * 1e3
+            - encoded.iter().map(|e| e.timings.preprocess).sum::<f64>();
+        let starts: Vec<Start<'_>> = prefixes
+            .iter()
+            .map(|prefix| Start {
+                image: &emb,
+                prefix,
+                opts: &options,
+            })
+            .collect();
         let t = Instant::now();
         let seqs = model.start_batch(&starts)?;
         let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -223,10 +302,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             model.step(&mut |_, _| true)?;
         }
         let decode_ms = t.elapsed().as_secs_f64() * 1e3;
-        let tokens: usize = seqs.into_iter().filter_map(|s| model.finish(s)).map(|g| g.tokens.len().saturating_sub(1)).sum();
+        let tokens: usize = seqs
+            .into_iter()
+            .filter_map(|s| model.finish(s))
+            .map(|g| g.tokens.len().saturating_sub(1))
+            .sum();
         if rep >= args.warmup {
             batch.push(tokens as f64 / (decode_ms / 1e3));
-            batch_prefill.push(prefixes.iter().map(Vec::len).sum::<usize>() as f64 / (prefill_ms / 1e3));
+            batch_prefill
+                .push(prefixes.iter().map(Vec::len).sum::<usize>() as f64 / (prefill_ms / 1e3));
             batch_vision.push(vision_ms);
         }
     }
@@ -259,15 +343,31 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("model      {} ({:.2} GB), {} with {} threads", report.model, file_bytes as f64 / 1e9, report.device, report.threads);
+        println!(
+            "model      {} ({:.2} GB), {} with {} threads",
+            report.model,
+            file_bytes as f64 / 1e9,
+            report.device,
+            report.threads
+        );
         for (buft, n) in &report.repacked {
             println!("repacked   {n} matrices into {buft}");
         }
         println!("preprocess {:>9.1} ms", report.preprocess_ms);
-        println!("vision     {:>9.1} ms  (SigLIP + projector, {} image tokens)", report.vision_ms, model.config().tokens.image_token_count);
-        println!("prefill    {:>9.1} ms  ({} tokens, {:.1} tokens/s)", report.prefill_ms, report.prefix_tokens, report.prefill_tokens_per_s);
+        println!(
+            "vision     {:>9.1} ms  (SigLIP + projector, {} image tokens)",
+            report.vision_ms,
+            model.config().tokens.image_token_count
+        );
+        println!(
+            "prefill    {:>9.1} ms  ({} tokens, {:.1} tokens/s)",
+            report.prefill_ms, report.prefix_tokens, report.prefill_tokens_per_s
+        );
         println!("decode     {:>9.1} tokens/s", report.decode_tokens_per_s);
-        println!("frame      {:>9.1} ms  (preprocess + vision + prefill + 20 tokens)", report.frame_ms);
+        println!(
+            "frame      {:>9.1} ms  (preprocess + vision + prefill + 20 tokens)",
+            report.frame_ms
+        );
         println!(
             "batch      {:>9.1} tokens/s decoding {} prompts together ({:.2}x one after another)",
             report.batch_decode_tokens_per_s, n, report.batch_speedup
@@ -276,7 +376,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "           {:>9.1} tokens/s prefilling them in one graph ({:.2}x one at a time)",
             report.batch_prefill_tokens_per_s, report.batch_prefill_speedup
         );
-        println!("           {:>9.1} ms encoding {n} frames in one graph ({:.2}x one after another)", report.batch_vision_ms, report.batch_vision_speedup);
+        println!(
+            "           {:>9.1} ms encoding {n} frames in one graph ({:.2}x one after another)",
+            report.batch_vision_ms, report.batch_vision_speedup
+        );
         if let Some(rss) = report.peak_rss_bytes {
             println!(
                 "peak RSS   {:>9.2} GB  ({:.2}x the file; KV cache {:.2} GB for {} sequences, compute buffers {:.2} GB)",

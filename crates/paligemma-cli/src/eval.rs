@@ -1,10 +1,13 @@
 //! `paligemma eval`: the engine and the output parsers against ground truth on
 //! held-out synthetic frames.
 use anyhow::{Context, Result};
-use paligemma::preprocess::RgbImage;
 use paligemma::filter::DEFAULT_DUPLICATE_IOU;
 use paligemma::output::Detection;
-use paligemma::{AnswerOptions, ContextOptions, DetectionFilter, Device, Model, Task, TaskResult, WeightOptions, Weights};
+use paligemma::preprocess::RgbImage;
+use paligemma::{
+    AnswerOptions, ContextOptions, DetectionFilter, Device, Model, Task, TaskResult, WeightOptions,
+    Weights,
+};
 use paligemma_stream::tracker::TrackerConfig;
 use std::path::PathBuf;
 
@@ -151,12 +154,30 @@ impl Scores {
     /// boxes: the chance that a right box scores above a wrong one (ties count half).
     /// None without both kinds.
     pub fn auc(&self, kind: ScoreKind) -> Option<f64> {
-        let of = |right: bool| self.scored.iter().filter(|s| s.right == right).map(|s| kind.of(s)).collect::<Vec<f32>>();
+        let of = |right: bool| {
+            self.scored
+                .iter()
+                .filter(|s| s.right == right)
+                .map(|s| kind.of(s))
+                .collect::<Vec<f32>>()
+        };
         let (right, wrong) = (of(true), of(false));
         if right.is_empty() || wrong.is_empty() {
             return None;
         }
-        let wins: f64 = right.iter().flat_map(|r| wrong.iter().map(move |w| (r, w))).map(|(r, w)| if r > w { 1.0 } else if r == w { 0.5 } else { 0.0 }).sum();
+        let wins: f64 = right
+            .iter()
+            .flat_map(|r| wrong.iter().map(move |w| (r, w)))
+            .map(|(r, w)| {
+                if r > w {
+                    1.0
+                } else if r == w {
+                    0.5
+                } else {
+                    0.0
+                }
+            })
+            .sum();
         Some(wins / (right.len() * wrong.len()) as f64)
     }
 
@@ -170,23 +191,43 @@ impl Scores {
         for s in &self.scored {
             let v = kind.of(s).clamp(0.0, 1.0);
             let bin = &mut bins[((v * 10.0) as usize).min(9)];
-            *bin = (bin.0 + 1, bin.1 + f64::from(v), bin.2 + usize::from(s.right));
+            *bin = (
+                bin.0 + 1,
+                bin.1 + f64::from(v),
+                bin.2 + usize::from(s.right),
+            );
         }
-        let gap: f64 = bins.iter().filter(|b| b.0 > 0).map(|&(_, sum, right)| (sum - right as f64).abs()).sum();
+        let gap: f64 = bins
+            .iter()
+            .filter(|b| b.0 > 0)
+            .map(|&(_, sum, right)| (sum - right as f64).abs())
+            .sum();
         Some(gap / self.scored.len() as f64)
     }
 
     /// Precision (none when nothing is kept) and recall of the detections scoring at
     /// least `min_score`.
     pub fn at_threshold(&self, kind: ScoreKind, min_score: f32) -> (Option<f64>, f64) {
-        let kept: Vec<&Scored> = self.scored.iter().filter(|s| kind.of(s) >= min_score).collect();
+        let kept: Vec<&Scored> = self
+            .scored
+            .iter()
+            .filter(|s| kind.of(s) >= min_score)
+            .collect();
         let right = kept.iter().filter(|s| s.right).count();
-        ((!kept.is_empty()).then(|| right as f64 / kept.len() as f64), right as f64 / self.boxes.max(1) as f64)
+        (
+            (!kept.is_empty()).then(|| right as f64 / kept.len() as f64),
+            right as f64 / self.boxes.max(1) as f64,
+        )
     }
 
     /// The median score of the right boxes.
     pub fn median_right(&self, kind: ScoreKind) -> Option<f32> {
-        let mut v: Vec<f32> = self.scored.iter().filter(|s| s.right).map(|s| kind.of(s)).collect();
+        let mut v: Vec<f32> = self
+            .scored
+            .iter()
+            .filter(|s| s.right)
+            .map(|s| kind.of(s))
+            .collect();
         v.sort_by(f32::total_cmp);
         v.get(v.len() / 2).copied()
     }
@@ -203,7 +244,10 @@ impl Scores {
 fn duplicate_pairs(found: &[Detection]) -> usize {
     (0..found.len())
         .flat_map(|i| (i + 1..found.len()).map(move |j| (i, j)))
-        .filter(|&(i, j)| found[i].label == found[j].label && paligemma::filter::iou(&found[i], &found[j]) > DEFAULT_DUPLICATE_IOU)
+        .filter(|&(i, j)| {
+            found[i].label == found[j].label
+                && paligemma::filter::iou(&found[i], &found[j]) > DEFAULT_DUPLICATE_IOU
+        })
         .count()
 }
 
@@ -217,7 +261,12 @@ fn match_truth(found: &[Detection], truth: &[LabelledBox]) -> Vec<bool> {
             .iter()
             .enumerate()
             .filter(|(i, d)| !used[*i] && d.label == b.label)
-            .map(|(i, d)| (i, iou(truth_box, [d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2])))
+            .map(|(i, d)| {
+                (
+                    i,
+                    iou(truth_box, [d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2]),
+                )
+            })
             .max_by(|a, b| a.1.total_cmp(&b.1));
         if let Some((i, _)) = best.filter(|(_, v)| *v >= 0.5) {
             used[i] = true;
@@ -238,12 +287,21 @@ const SHAPES: [&str; 4] = ["circle", "square", "triangle", "ball"];
 
 /// (colour, shape) pairs a caption names, sorted: "a red circle and two blue squares".
 fn caption_objects(text: &str) -> Vec<(String, String)> {
-    let words: Vec<&str> = text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+    let words: Vec<&str> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
     let mut out = Vec::new();
     for (i, w) in words.iter().enumerate() {
-        let shape = SHAPES.iter().find(|s| *w == **s || w.strip_suffix('s') == Some(**s));
+        let shape = SHAPES
+            .iter()
+            .find(|s| *w == **s || w.strip_suffix('s') == Some(**s));
         if let (Some(shape), Some(colour)) = (shape, i.checked_sub(1).map(|j| words[j])) {
-            let count = i.checked_sub(2).map(|j| words[j]).and_then(number).unwrap_or(1);
+            let count = i
+                .checked_sub(2)
+                .map(|j| words[j])
+                .and_then(number)
+                .unwrap_or(1);
             for _ in 0..count {
                 out.push((colour.to_string(), shape.to_string()));
             }
@@ -254,20 +312,39 @@ fn caption_objects(text: &str) -> Vec<(String, String)> {
 }
 
 fn number(w: &str) -> Option<usize> {
-    ["zero", "one", "two", "three", "four", "five"].iter().position(|n| *n == w).or_else(|| w.parse().ok())
+    ["zero", "one", "two", "three", "four", "five"]
+        .iter()
+        .position(|n| *n == w)
+        .or_else(|| w.parse().ok())
 }
 
-pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose: bool) -> Result<Scores> {
+pub fn evaluate(
+    model: &mut Model,
+    set: &std::path::Path,
+    limit: usize,
+    verbose: bool,
+) -> Result<Scores> {
     let truth_path = set.join("truth.jsonl");
-    let text = std::fs::read_to_string(&truth_path).with_context(|| truth_path.display().to_string())?;
+    let text =
+        std::fs::read_to_string(&truth_path).with_context(|| truth_path.display().to_string())?;
     let mut s = Scores::default();
-    let opts = AnswerOptions { max_tokens: 48, ..Default::default() };
-    let written = AnswerOptions { filter: DetectionFilter { min_score: 0.0, duplicate_iou: 1.0 }, ..opts.clone() };
+    let opts = AnswerOptions {
+        max_tokens: 48,
+        ..Default::default()
+    };
+    let written = AnswerOptions {
+        filter: DetectionFilter {
+            min_score: 0.0,
+            duplicate_iou: 1.0,
+        },
+        ..opts.clone()
+    };
     for (n, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         if limit > 0 && n >= limit {
             break;
         }
-        let t: Truth = serde_json::from_str(line).with_context(|| format!("{}: line {}", truth_path.display(), n + 1))?;
+        let t: Truth = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {}", truth_path.display(), n + 1))?;
         let image = RgbImage::open(&set.join(&t.image))?;
         let emb = model.encode_image(&image)?;
         s.frames += 1;
@@ -278,7 +355,10 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
         DetectionFilter::default().apply(&mut kept);
         s.duplicate_pairs_written += duplicate_pairs(det.result.detections());
         s.duplicate_pairs_kept += duplicate_pairs(kept.detections());
-        let right_written = match_truth(det.result.detections(), &t.detect.boxes).iter().filter(|r| **r).count();
+        let right_written = match_truth(det.result.detections(), &t.detect.boxes)
+            .iter()
+            .filter(|r| **r)
+            .count();
         let found = kept.detections();
         let used = match_truth(found, &t.detect.boxes);
         let right = used.iter().filter(|r| **r).count();
@@ -293,9 +373,12 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
         for (d, _) in found.iter().zip(&used).filter(|(_, r)| **r) {
             s.per_label.entry(d.label.clone()).or_default().1 += 1;
         }
-        s.scored.extend(
-            found.iter().zip(&used).map(|(d, &right)| Scored { score: d.score.unwrap_or(0.0), min_token_prob: d.min_token_prob.unwrap_or(0.0), right }),
-        );
+        s.scored
+            .extend(found.iter().zip(&used).map(|(d, &right)| Scored {
+                score: d.score.unwrap_or(0.0),
+                min_token_prob: d.min_token_prob.unwrap_or(0.0),
+                right,
+            }));
 
         let cap = model.answer(&emb, &Task::parse(&t.caption.prompt)?, &opts)?;
         let cap_text = match &cap.result {
@@ -305,13 +388,24 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
         if cap_text == t.caption.text.trim() {
             s.captions_exact += 1;
         }
-        let mut want: Vec<(String, String)> = t.objects.iter().map(|o| (o.colour.clone(), o.label.clone())).collect();
+        let mut want: Vec<(String, String)> = t
+            .objects
+            .iter()
+            .map(|o| (o.colour.clone(), o.label.clone()))
+            .collect();
         want.sort();
         if caption_objects(&cap_text) == want {
             s.captions_objects += 1;
         }
 
-        let count = model.answer(&emb, &Task::parse(&t.count.prompt)?, &AnswerOptions { max_tokens: 4, ..Default::default() })?;
+        let count = model.answer(
+            &emb,
+            &Task::parse(&t.count.prompt)?,
+            &AnswerOptions {
+                max_tokens: 4,
+                ..Default::default()
+            },
+        )?;
         let answer = count.generation.text.trim().to_string();
         if number(&answer) == Some(t.count.count) {
             s.counts_correct += 1;
@@ -319,7 +413,13 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
         if verbose {
             println!(
                 "{}: {:?} -> {:?} | {:?} (truth {:?}) | {:?} -> {answer:?} (truth {})",
-                t.image, t.detect.prompt, det.generation.text, cap_text, t.caption.text, t.count.prompt, t.count.count
+                t.image,
+                t.detect.prompt,
+                det.generation.text,
+                cap_text,
+                t.caption.text,
+                t.count.prompt,
+                t.count.count
             );
         }
     }
@@ -327,12 +427,32 @@ pub fn evaluate(model: &mut Model, set: &std::path::Path, limit: usize, verbose:
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let weights = WeightOptions { device: Device::find(&args.device)?, ..Default::default() };
-    let mut model = Model::new(Weights::load(&args.model, &weights)?, &ContextOptions { threads: args.threads, ..Default::default() })?;
+    let weights = WeightOptions {
+        device: Device::find(&args.device)?,
+        ..Default::default()
+    };
+    let mut model = Model::new(
+        Weights::load(&args.model, &weights)?,
+        &ContextOptions {
+            threads: args.threads,
+            ..Default::default()
+        },
+    )?;
     if args.tracking {
-        let e = crate::eval_tracking::evaluate(&mut model, &args.set, args.analyse_every, args.limit, &TrackerConfig::default())?;
+        let e = crate::eval_tracking::evaluate(
+            &mut model,
+            &args.set,
+            args.analyse_every,
+            args.limit,
+            &TrackerConfig::default(),
+        )?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": e.model, "true_boxes": e.oracle}))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"model": e.model, "true_boxes": e.oracle})
+                )?
+            );
         } else {
             crate::eval_tracking::print(&e, args.analyse_every);
         }
@@ -349,31 +469,59 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("frames                      {}", s.frames);
-        println!("detection recall @ IoU 0.5  {:.1}% ({} of {} boxes)", 100.0 * s.recall(), s.boxes_found, s.boxes);
+        println!(
+            "detection recall @ IoU 0.5  {:.1}% ({} of {} boxes)",
+            100.0 * s.recall(),
+            s.boxes_found,
+            s.boxes
+        );
         for (label, (n, found)) in &s.per_label {
-            println!("  recall for {label:<9}       {:.1}% ({found} of {n})", 100.0 * *found as f64 / (*n).max(1) as f64);
+            println!(
+                "  recall for {label:<9}       {:.1}% ({found} of {n})",
+                100.0 * *found as f64 / (*n).max(1) as f64
+            );
         }
-        println!("detection precision         {:.1}% ({} right, {} wrong boxes)", 100.0 * s.precision(), s.detections_correct, s.detections - s.detections_correct);
+        println!(
+            "detection precision         {:.1}% ({} right, {} wrong boxes)",
+            100.0 * s.precision(),
+            s.detections_correct,
+            s.detections - s.detections_correct
+        );
         println!(
             "duplicate pairs             {} written, {} kept; {} right boxes suppressed",
             s.duplicate_pairs_written, s.duplicate_pairs_kept, s.right_boxes_suppressed
         );
         println!("                            score    min token prob");
-        let both = |f: &dyn Fn(ScoreKind) -> String| println!("{:<10} {}", f(ScoreKind::Score), f(ScoreKind::MinTokenProb));
+        let both = |f: &dyn Fn(ScoreKind) -> String| {
+            println!("{:<10} {}", f(ScoreKind::Score), f(ScoreKind::MinTokenProb))
+        };
         let or_dash = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
         print!("  ROC AUC, right/wrong      ");
         both(&|k| or_dash(s.auc(k)));
         print!("  calibration error (ECE)   ");
         both(&|k| or_dash(s.calibration_error(k)));
         print!("  precision at score >= 0.5 ");
-        both(&|k| s.at_threshold(k, EVAL_MIN_SCORE).0.map_or("- (none kept)".into(), |p| format!("{:.1}%", 100.0 * p)));
+        both(&|k| {
+            s.at_threshold(k, EVAL_MIN_SCORE)
+                .0
+                .map_or("- (none kept)".into(), |p| format!("{:.1}%", 100.0 * p))
+        });
         print!("  recall at score >= 0.5    ");
         both(&|k| format!("{:.1}%", 100.0 * s.at_threshold(k, EVAL_MIN_SCORE).1));
         print!("  median score, right boxes ");
         both(&|k| or_dash(s.median_right(k).map(f64::from)));
-        println!("captions exact              {:.1}%", 100.0 * s.rate(s.captions_exact));
-        println!("captions right objects      {:.1}%", 100.0 * s.rate(s.captions_objects));
-        println!("counting accuracy           {:.1}%", 100.0 * s.rate(s.counts_correct));
+        println!(
+            "captions exact              {:.1}%",
+            100.0 * s.rate(s.captions_exact)
+        );
+        println!(
+            "captions right objects      {:.1}%",
+            100.0 * s.rate(s.captions_objects)
+        );
+        println!(
+            "counting accuracy           {:.1}%",
+            100.0 * s.rate(s.counts_correct)
+        );
     }
     Ok(())
 }
@@ -386,15 +534,30 @@ mod tests {
     fn caption_pairs_and_iou() {
         assert_eq!(
             caption_objects("a red circle and two blue squares"),
-            vec![("blue".into(), "square".into()), ("blue".into(), "square".into()), ("red".into(), "circle".into())]
+            vec![
+                ("blue".into(), "square".into()),
+                ("blue".into(), "square".into()),
+                ("red".into(), "circle".into())
+            ]
         );
         assert!((iou([0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0]) - 1.0 / 3.0).abs() < 1e-6);
         assert_eq!(iou([0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]), 0.0);
     }
 
     fn scores(scored: &[(f32, bool)]) -> Scores {
-        let scored = scored.iter().map(|&(score, right)| Scored { score, min_token_prob: 0.0, right }).collect();
-        Scores { scored, boxes: 4, ..Default::default() }
+        let scored = scored
+            .iter()
+            .map(|&(score, right)| Scored {
+                score,
+                min_token_prob: 0.0,
+                right,
+            })
+            .collect();
+        Scores {
+            scored,
+            boxes: 4,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -402,12 +565,24 @@ mod tests {
         let auc = |scored: &[(f32, bool)]| scores(scored).auc(ScoreKind::Score);
         assert_eq!(auc(&[(0.9, true), (0.8, true), (0.2, false)]), Some(1.0));
         assert_eq!(auc(&[(0.1, true), (0.8, false)]), Some(0.0));
-        assert_eq!(auc(&[(0.5, true), (0.5, false), (0.9, true), (0.1, false)]), Some(0.875));
+        assert_eq!(
+            auc(&[(0.5, true), (0.5, false), (0.9, true), (0.1, false)]),
+            Some(0.875)
+        );
         assert_eq!(auc(&[(0.5, true)]), None);
         // Bins [0.9, 1): 0.95 and 0.95, both right (gap 0.1); [0.2, 0.3): 0.25, wrong (0.25);
         // [0.6, 0.7): 0.65 right, 0.65 wrong (2 x 0.65 - 1 = 0.3).
-        let s = scores(&[(0.95, true), (0.95, true), (0.25, false), (0.65, true), (0.65, false)]);
-        assert!((s.calibration_error(ScoreKind::Score).unwrap() - (0.1 + 0.25 + 0.3) / 5.0).abs() < 1e-6);
+        let s = scores(&[
+            (0.95, true),
+            (0.95, true),
+            (0.25, false),
+            (0.65, true),
+            (0.65, false),
+        ]);
+        assert!(
+            (s.calibration_error(ScoreKind::Score).unwrap() - (0.1 + 0.25 + 0.3) / 5.0).abs()
+                < 1e-6
+        );
         assert_eq!(s.at_threshold(ScoreKind::Score, 0.5), (Some(0.75), 0.75));
         assert_eq!(s.at_threshold(ScoreKind::Score, 0.99), (None, 0.0));
         assert_eq!(s.median_right(ScoreKind::Score), Some(0.95));

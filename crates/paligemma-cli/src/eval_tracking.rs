@@ -103,8 +103,12 @@ fn match_frame(truth: &[ObjectTruth], found: &[Detection]) -> Vec<(usize, usize)
 
 /// Whether a true object overlaps another one of the frame.
 fn overlaps_another(truth: &[ObjectTruth], id: u32) -> bool {
-    let Some(me) = truth.iter().find(|o| o.id == id) else { return false };
-    truth.iter().any(|o| o.id != id && iou(o.bbox, me.bbox) > 0.0)
+    let Some(me) = truth.iter().find(|o| o.id == id) else {
+        return false;
+    };
+    truth
+        .iter()
+        .any(|o| o.id != id && iou(o.bbox, me.bbox) > 0.0)
 }
 
 /// Per true object of a sequence: its last matched track id and whether it was matched
@@ -135,18 +139,35 @@ impl Scorer {
 
     /// Tracks the detections of one analysed frame and scores them against its truth;
     /// `previous` is the sequence's analysed frame before it.
-    fn frame(&mut self, seq: u32, frame: &FrameTruth, previous: Option<&FrameTruth>, found: &mut [Detection]) {
+    fn frame(
+        &mut self,
+        seq: u32,
+        frame: &FrameTruth,
+        previous: Option<&FrameTruth>,
+        found: &mut [Detection],
+    ) {
         let s = &mut self.scores;
-        self.tracker.as_mut().expect("a sequence was started").update(found, f64::from(frame.frame) / FPS);
+        self.tracker
+            .as_mut()
+            .expect("a sequence was started")
+            .update(found, f64::from(frame.frame) / FPS);
         s.analysed_frames += 1;
         let pairs = match_frame(&frame.objects, found);
         let matched_det: BTreeSet<usize> = pairs.iter().map(|p| p.1).collect();
         let visible = |o: &ObjectTruth| o.visible >= MIN_VISIBLE;
         let on_hidden = |det: &Detection| {
-            frame.objects.iter().any(|o| !visible(o) && o.label == det.label && iou(o.bbox, [det.bbox.x1, det.bbox.y1, det.bbox.x2, det.bbox.y2]) >= 0.5)
+            frame.objects.iter().any(|o| {
+                !visible(o)
+                    && o.label == det.label
+                    && iou(o.bbox, [det.bbox.x1, det.bbox.y1, det.bbox.x2, det.bbox.y2]) >= 0.5
+            })
         };
         // Unmatched detections are false unless they sit on a hidden object.
-        s.false_positives += found.iter().enumerate().filter(|(d, det)| !matched_det.contains(d) && !on_hidden(det)).count();
+        s.false_positives += found
+            .iter()
+            .enumerate()
+            .filter(|(d, det)| !matched_det.contains(d) && !on_hidden(det))
+            .count();
         self.tracked += found.iter().filter(|d| d.track_id.is_some()).count();
         for (t, o) in frame.objects.iter().enumerate() {
             let pair = pairs.iter().find(|p| p.0 == t);
@@ -161,7 +182,8 @@ impl Scorer {
                     *self.shared.entry((seq, o.id, track)).or_default() += 1;
                     if h.last_track.is_some_and(|last| last != track) {
                         s.id_switches += 1;
-                        let crossing = overlaps_another(&frame.objects, o.id) || previous.is_some_and(|p| overlaps_another(&p.objects, o.id));
+                        let crossing = overlaps_another(&frame.objects, o.id)
+                            || previous.is_some_and(|p| overlaps_another(&p.objects, o.id));
                         s.id_switches_apart += usize::from(!crossing);
                     }
                     if h.last_track.is_some() && !h.matched_last {
@@ -179,9 +201,11 @@ impl Scorer {
     fn finish(mut self) -> TrackingScores {
         let s = &mut self.scores;
         let missed = s.objects - s.matched;
-        s.mota = 1.0 - (missed + s.false_positives + s.id_switches) as f64 / s.objects.max(1) as f64;
+        s.mota =
+            1.0 - (missed + s.false_positives + s.id_switches) as f64 / s.objects.max(1) as f64;
         // Greedy identity assignment: largest overlaps first, each true id and track id once.
-        let mut overlaps: Vec<((u32, u32, u64), usize)> = std::mem::take(&mut self.shared).into_iter().collect();
+        let mut overlaps: Vec<((u32, u32, u64), usize)> =
+            std::mem::take(&mut self.shared).into_iter().collect();
         overlaps.sort_by(|a, b| b.1.cmp(&a.1));
         let (mut truths, mut tracks, mut idtp) = (BTreeSet::new(), BTreeSet::new(), 0usize);
         for ((seq, id, track), n) in overlaps {
@@ -206,10 +230,19 @@ fn oracle(frame: &FrameTruth, width: usize, height: usize) -> Vec<Detection> {
         .filter(|o| o.visible >= MIN_VISIBLE)
         .map(|o| {
             let [x1, y1, x2, y2] = o.bbox;
-            format!("<loc{:04}><loc{:04}><loc{:04}><loc{:04}> {}", bin(y1, height), bin(x1, width), bin(y2, height), bin(x2, width), o.label)
+            format!(
+                "<loc{:04}><loc{:04}><loc{:04}><loc{:04}> {}",
+                bin(y1, height),
+                bin(x1, width),
+                bin(y2, height),
+                bin(x2, width),
+                o.label
+            )
         })
         .collect();
-    paligemma::parse::parse_detections(&text.join(" ; "), width, height, 1023.0, false).detections().to_vec()
+    paligemma::parse::parse_detections(&text.join(" ; "), width, height, 1023.0, false)
+        .detections()
+        .to_vec()
 }
 
 /// The tracker on the model's detections, and on the true boxes (its own share of the mistakes).
@@ -218,21 +251,41 @@ pub struct Evaluation {
     pub oracle: TrackingScores,
 }
 
-pub fn evaluate(model: &mut Model, set: &Path, analyse_every: usize, limit: usize, config: &TrackerConfig) -> Result<Evaluation> {
+pub fn evaluate(
+    model: &mut Model,
+    set: &Path,
+    analyse_every: usize,
+    limit: usize,
+    config: &TrackerConfig,
+) -> Result<Evaluation> {
     let truth_path = set.join("truth.jsonl");
-    let text = std::fs::read_to_string(&truth_path).with_context(|| truth_path.display().to_string())?;
+    let text =
+        std::fs::read_to_string(&truth_path).with_context(|| truth_path.display().to_string())?;
     let mut sequences: BTreeMap<u32, Vec<FrameTruth>> = BTreeMap::new();
     for (n, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
-        let f: FrameTruth = serde_json::from_str(line).with_context(|| format!("{}: line {}", truth_path.display(), n + 1))?;
+        let f: FrameTruth = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {}", truth_path.display(), n + 1))?;
         sequences.entry(f.sequence).or_default().push(f);
     }
-    let opts = AnswerOptions { max_tokens: 64, ..Default::default() };
+    let opts = AnswerOptions {
+        max_tokens: 64,
+        ..Default::default()
+    };
     let (mut by_model, mut by_oracle) = (Scorer::default(), Scorer::default());
     for (&seq, frames) in &sequences {
         // One prompt per label, as the demo model was trained (one or two classes a prompt).
-        let labels: BTreeSet<&str> = frames.iter().flat_map(|f| f.objects.iter().map(|o| o.label.as_str())).collect();
-        let tasks = labels.iter().map(|l| Task::parse(&format!("detect {l}"))).collect::<paligemma::Result<Vec<_>>>()?;
-        let ids: BTreeSet<u32> = frames.iter().flat_map(|f| f.objects.iter().map(|o| o.id)).collect();
+        let labels: BTreeSet<&str> = frames
+            .iter()
+            .flat_map(|f| f.objects.iter().map(|o| o.label.as_str()))
+            .collect();
+        let tasks = labels
+            .iter()
+            .map(|l| Task::parse(&format!("detect {l}")))
+            .collect::<paligemma::Result<Vec<_>>>()?;
+        let ids: BTreeSet<u32> = frames
+            .iter()
+            .flat_map(|f| f.objects.iter().map(|o| o.id))
+            .collect();
         for scorer in [&mut by_model, &mut by_oracle] {
             scorer.start_sequence(config);
             scorer.scores.sequences += 1;
@@ -240,32 +293,67 @@ pub fn evaluate(model: &mut Model, set: &Path, analyse_every: usize, limit: usiz
             scorer.scores.object_frames += ids.len() * frames.len();
         }
         let mut previous: Option<&FrameTruth> = None;
-        for frame in frames.iter().filter(|f| f.frame as usize % analyse_every.max(1) == 0) {
+        for frame in frames
+            .iter()
+            .filter(|f| f.frame as usize % analyse_every.max(1) == 0)
+        {
             if limit > 0 && by_model.scores.analysed_frames >= limit {
                 break;
             }
             let image = RgbImage::open(&set.join(&frame.image))?;
             let embedding = model.encode_image(&image)?;
             let answers = model.answer_batch(&embedding, &tasks, &opts, &mut |_| true)?;
-            let mut found: Vec<Detection> = answers.iter().flat_map(|a| a.result.detections().iter().cloned()).collect();
+            let mut found: Vec<Detection> = answers
+                .iter()
+                .flat_map(|a| a.result.detections().iter().cloned())
+                .collect();
             by_model.frame(seq, frame, previous, &mut found);
-            by_oracle.frame(seq, frame, previous, &mut oracle(frame, image.width, image.height));
+            by_oracle.frame(
+                seq,
+                frame,
+                previous,
+                &mut oracle(frame, image.width, image.height),
+            );
             previous = Some(frame);
         }
     }
-    Ok(Evaluation { model: by_model.finish(), oracle: by_oracle.finish() })
+    Ok(Evaluation {
+        model: by_model.finish(),
+        oracle: by_oracle.finish(),
+    })
 }
 
 pub fn print(e: &Evaluation, analyse_every: usize) {
     let (m, o) = (&e.model, &e.oracle);
-    println!("sequences                   {} ({} frames, one in {analyse_every} analysed: {})", m.sequences, m.frames, m.analysed_frames);
+    println!(
+        "sequences                   {} ({} frames, one in {analyse_every} analysed: {})",
+        m.sequences, m.frames, m.analysed_frames
+    );
     println!("                            model's boxes      true boxes");
-    let row = |name: &str, f: &dyn Fn(&TrackingScores) -> String| println!("{name:<28}{:<19}{}", f(m), f(o));
-    row("objects matched", &|s| format!("{:.1}% of {}", 100.0 * s.matched as f64 / s.objects.max(1) as f64, s.objects));
+    let row = |name: &str, f: &dyn Fn(&TrackingScores) -> String| {
+        println!("{name:<28}{:<19}{}", f(m), f(o))
+    };
+    row("objects matched", &|s| {
+        format!(
+            "{:.1}% of {}",
+            100.0 * s.matched as f64 / s.objects.max(1) as f64,
+            s.objects
+        )
+    });
     row("false positives", &|s| s.false_positives.to_string());
-    row("ID switches", &|s| format!("{} ({:.2})", s.id_switches, s.per_100(s.id_switches)));
-    row("  apart from crossings", &|s| format!("{} ({:.2})", s.id_switches_apart, s.per_100(s.id_switches_apart)));
-    row("fragmentations", &|s| format!("{} ({:.2})", s.fragmentations, s.per_100(s.fragmentations)));
+    row("ID switches", &|s| {
+        format!("{} ({:.2})", s.id_switches, s.per_100(s.id_switches))
+    });
+    row("  apart from crossings", &|s| {
+        format!(
+            "{} ({:.2})",
+            s.id_switches_apart,
+            s.per_100(s.id_switches_apart)
+        )
+    });
+    row("fragmentations", &|s| {
+        format!("{} ({:.2})", s.fragmentations, s.per_100(s.fragmentations))
+    });
     row("MOTA", &|s| format!("{:.3}", s.mota));
     row("IDF1", &|s| format!("{:.3}", s.idf1));
     println!("(in brackets: per 100 frames per object)");
@@ -277,7 +365,12 @@ mod tests {
     use paligemma::parse::parse_detections;
 
     fn truth(id: u32, label: &str, bbox: [f32; 4]) -> ObjectTruth {
-        ObjectTruth { id, label: label.into(), bbox, visible: 1.0 }
+        ObjectTruth {
+            id,
+            label: label.into(),
+            bbox,
+            visible: 1.0,
+        }
     }
 
     #[test]
@@ -292,7 +385,11 @@ mod tests {
         )
         .detections()
         .to_vec();
-        let objects = [truth(1, "cup", [0.0, 0.0, 100.0, 100.0]), truth(2, "cup", [500.0, 500.0, 600.0, 600.0]), truth(3, "plate", [0.0, 0.0, 100.0, 100.0])];
+        let objects = [
+            truth(1, "cup", [0.0, 0.0, 100.0, 100.0]),
+            truth(2, "cup", [500.0, 500.0, 600.0, 600.0]),
+            truth(3, "plate", [0.0, 0.0, 100.0, 100.0]),
+        ];
         let mut pairs = match_frame(&objects, &found);
         pairs.sort();
         assert_eq!(pairs, [(0, 0), (1, 2)]);

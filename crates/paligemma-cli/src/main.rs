@@ -3,7 +3,10 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use paligemma::convert::{ConvertOptions, default_vision_type, parse_weight_type};
 use paligemma::preprocess::{PixelValues, RgbImage};
-use paligemma::{AnswerOptions, ContextOptions, DetectionFilter, Device, KvType, Model, Sampling, Task, WeightOptions, Weights};
+use paligemma::{
+    AnswerOptions, ContextOptions, DetectionFilter, Device, KvType, Model, Sampling, Task,
+    WeightOptions, Weights,
+};
 mod bench;
 mod bench_streams;
 mod eval;
@@ -18,7 +21,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 #[derive(Parser)]
-#[command(name = "paligemma", version, about = "PaliGemma 1 and 2 on ggml: convert, inspect and run models")]
+#[command(
+    name = "paligemma",
+    version,
+    about = "PaliGemma 1 and 2 on ggml: convert, inspect and run models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -142,14 +149,25 @@ struct LoadArgs {
 
 impl LoadArgs {
     fn load(&self) -> Result<Model> {
-        let weights = WeightOptions { device: Device::find(&self.device)?, repack: !self.no_repack };
-        let context = ContextOptions { threads: self.threads, kv_type: self.kv_type.parse::<KvType>()?, context: self.context, ..Default::default() };
+        let weights = WeightOptions {
+            device: Device::find(&self.device)?,
+            repack: !self.no_repack,
+        };
+        let context = ContextOptions {
+            threads: self.threads,
+            kv_type: self.kv_type.parse::<KvType>()?,
+            context: self.context,
+            ..Default::default()
+        };
         Ok(Model::new(Weights::load(&self.model, &weights)?, &context)?)
     }
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     ggml::set_log_quiet(std::env::var_os("PALIGEMMA_GGML_LOG").is_none());
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
@@ -159,13 +177,52 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Convert { hf_dir, out, ty, vision_type, seg_decoder } => convert(&hf_dir, &out, &ty, vision_type.as_deref(), seg_decoder),
+        Command::Convert {
+            hf_dir,
+            out,
+            ty,
+            vision_type,
+            seg_decoder,
+        } => convert(&hf_dir, &out, &ty, vision_type.as_deref(), seg_decoder),
         Command::Info { model, json } => info(&model, json),
-        Command::Run { load, image, prompt, max_tokens, temperature, top_k, top_p, seed, json, logits_out, pixel_values, loc_divisor, max_pixels, min_score, duplicate_iou } => {
-            let filter = DetectionFilter { min_score, duplicate_iou };
+        Command::Run {
+            load,
+            image,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            json,
+            logits_out,
+            pixel_values,
+            loc_divisor,
+            max_pixels,
+            min_score,
+            duplicate_iou,
+        } => {
+            let filter = DetectionFilter {
+                min_score,
+                duplicate_iou,
+            };
             filter.validate()?;
-            let opts = AnswerOptions { max_tokens, sampling: Sampling { temperature, top_k, top_p, seed }, loc_divisor, filter };
-            let inputs = Inputs { image: image.as_deref(), pixel_values: pixel_values.as_deref(), max_pixels };
+            let opts = AnswerOptions {
+                max_tokens,
+                sampling: Sampling {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
+                loc_divisor,
+                filter,
+            };
+            let inputs = Inputs {
+                image: image.as_deref(),
+                pixel_values: pixel_values.as_deref(),
+                max_pixels,
+            };
             run_prompt(&load, inputs, &prompt, &opts, json, logits_out.as_deref())
         }
         Command::DecodeMask { load, codes, out } => {
@@ -179,18 +236,40 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn convert(hf_dir: &Path, out: &Path, ty: &str, vision_ty: Option<&str>, seg_decoder: Option<PathBuf>) -> Result<()> {
+fn convert(
+    hf_dir: &Path,
+    out: &Path,
+    ty: &str,
+    vision_ty: Option<&str>,
+    seg_decoder: Option<PathBuf>,
+) -> Result<()> {
     // SIGINT, SIGTERM and SIGHUP stop the conversion between two tensors, so that the
     // writer removes its partial file before the process exits.
     let cancel = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
-        signal_hook::flag::register(signal, cancel.clone()).context("installing a signal handler")?;
+    for signal in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(signal, cancel.clone())
+            .context("installing a signal handler")?;
     }
     let ty = parse_weight_type(ty)?;
-    let vision_ty = vision_ty.map(parse_weight_type).transpose()?.unwrap_or_else(|| default_vision_type(ty));
-    let opts = ConvertOptions { ty, vision_ty, seg_decoder, cancel: Some(cancel) };
+    let vision_ty = vision_ty
+        .map(parse_weight_type)
+        .transpose()?
+        .unwrap_or_else(|| default_vision_type(ty));
+    let opts = ConvertOptions {
+        ty,
+        vision_ty,
+        seg_decoder,
+        cancel: Some(cancel),
+    };
     let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            .expect("valid template"),
+    );
     let summary = paligemma::convert::convert(hf_dir, out, &opts, |p| {
         bar.set_length(p.total as u64);
         bar.set_position(p.index as u64 + 1);
@@ -207,7 +286,12 @@ fn convert(hf_dir: &Path, out: &Path, ty: &str, vision_ty: Option<&str>, seg_dec
     for note in &summary.notes {
         eprintln!("note: {note}");
     }
-    println!("wrote {} ({} tensors, {})", summary.path.display(), summary.tensors, human_bytes(summary.file_size));
+    println!(
+        "wrote {} ({} tensors, {})",
+        summary.path.display(),
+        summary.tensors,
+        human_bytes(summary.file_size)
+    );
     for (ty, (count, bytes)) in &summary.bytes_per_type {
         println!("  {ty:>6}: {count:>5} tensors, {}", human_bytes(*bytes));
     }
@@ -230,8 +314,16 @@ fn info(path: &Path, json: bool) -> Result<()> {
     let (cfg, tok) = paligemma::validate::model_file(&f)?;
     // The types the matrices really have (metadata could say anything).
     let matrix_types = |vision: bool| -> Vec<&str> {
-        let mut types: Vec<&str> =
-            f.tensors.iter().filter(|t| t.shape.len() == 2 && t.name.starts_with("v.blk.") == vision && t.name.contains("blk.")).map(|t| t.ty.name()).collect();
+        let mut types: Vec<&str> = f
+            .tensors
+            .iter()
+            .filter(|t| {
+                t.shape.len() == 2
+                    && t.name.starts_with("v.blk.") == vision
+                    && t.name.contains("blk.")
+            })
+            .map(|t| t.ty.name())
+            .collect();
         types.sort();
         types.dedup();
         types
@@ -249,9 +341,15 @@ fn info(path: &Path, json: bool) -> Result<()> {
         path.display(),
         cfg.name,
         cfg.text.arch.name(),
-        f.get("paligemma.format_version").and_then(|v| v.as_u64()).unwrap_or(0)
+        f.get("paligemma.format_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
     );
-    println!("weights: decoder layers {}, vision layers {}", decoder_types.join("+"), vision_types.join("+"));
+    println!(
+        "weights: decoder layers {}, vision layers {}",
+        decoder_types.join("+"),
+        vision_types.join("+")
+    );
     let v = &cfg.vision;
     println!(
         "vision: {}px, patch {}, width {}, {} layers, {} heads, ffn {}, {} image tokens",
@@ -289,7 +387,11 @@ fn info(path: &Path, json: bool) -> Result<()> {
         k.loc_first,
         k.seg_first
     );
-    println!("tensors: {} ({} file)", f.tensors.len(), human_bytes(f.file_size() as u64));
+    println!(
+        "tensors: {} ({} file)",
+        f.tensors.len(),
+        human_bytes(f.file_size() as u64)
+    );
     for t in &f.tensors {
         println!("  {:<32} {:>6} {:?}", t.name, t.ty.name(), t.shape);
     }
@@ -299,15 +401,22 @@ fn info(path: &Path, json: bool) -> Result<()> {
 fn read_pixel_values(path: &Path, size: usize) -> Result<PixelValues> {
     // 3 channels of f32 plus the header.
     let bytes = paligemma::read_input_file(path, 3 * 4 * size * size + 4096)?;
-    let npy = npyz::NpyFile::new(&bytes[..]).with_context(|| format!("{}: not a .npy file", path.display()))?;
-    let data: Vec<f32> = npy.into_vec().with_context(|| format!("{}: expected f32 values", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .with_context(|| format!("{}: not a .npy file", path.display()))?;
+    let data: Vec<f32> = npy
+        .into_vec()
+        .with_context(|| format!("{}: expected f32 values", path.display()))?;
     PixelValues::from_chw(size, data).with_context(|| path.display().to_string())
 }
 
 fn write_npy(path: &Path, values: &[f32], shape: &[u64]) -> Result<()> {
     let mut out = Vec::new();
     {
-        let mut w = npyz::WriteOptions::<f32>::new().default_dtype().shape(shape).writer(&mut out).begin_nd()?;
+        let mut w = npyz::WriteOptions::<f32>::new()
+            .default_dtype()
+            .shape(shape)
+            .writer(&mut out)
+            .begin_nd()?;
         w.extend(values.iter().copied())?;
         w.finish()?;
     }
@@ -321,27 +430,45 @@ struct Inputs<'a> {
     max_pixels: usize,
 }
 
-fn run_prompt(load: &LoadArgs, inputs: Inputs<'_>, prompt: &str, opts: &AnswerOptions, json: bool, logits_out: Option<&Path>) -> Result<()> {
+fn run_prompt(
+    load: &LoadArgs,
+    inputs: Inputs<'_>,
+    prompt: &str,
+    opts: &AnswerOptions,
+    json: bool,
+    logits_out: Option<&Path>,
+) -> Result<()> {
     let task = Task::parse(prompt)?;
     let mut model = load.load()?;
     let embedding = match (inputs.pixel_values, inputs.image) {
-        (Some(p), _) => model.encode_pixels(&read_pixel_values(p, model.config().vision.image_size)?)?,
+        (Some(p), _) => {
+            model.encode_pixels(&read_pixel_values(p, model.config().vision.image_size)?)?
+        }
         (None, Some(i)) => model.encode_image(&RgbImage::open_limited(i, inputs.max_pixels)?)?,
         (None, None) => bail!("give --image or --pixel-values"),
     };
     let stdout = std::io::stdout();
-    let mut answers = model.answer_batch(&embedding, std::slice::from_ref(&task), opts, &mut |token| {
-        if !json {
-            let mut out = stdout.lock();
-            let _ = out.write_all(token.text.as_bytes());
-            let _ = out.flush();
-        }
-        true
-    })?;
+    let mut answers = model.answer_batch(
+        &embedding,
+        std::slice::from_ref(&task),
+        opts,
+        &mut |token| {
+            if !json {
+                let mut out = stdout.lock();
+                let _ = out.write_all(token.text.as_bytes());
+                let _ = out.flush();
+            }
+            true
+        },
+    )?;
     let answer = answers.remove(0);
     let generation = &answer.generation;
     if let Some(path) = logits_out {
-        write_npy(path, &generation.first_logits, &[generation.first_logits.len() as u64])?;
+        write_npy(
+            path,
+            &generation.first_logits,
+            &[generation.first_logits.len() as u64],
+        )?;
     }
     if json {
         let t = &generation.timings;
@@ -360,11 +487,24 @@ fn run_prompt(load: &LoadArgs, inputs: Inputs<'_>, prompt: &str, opts: &AnswerOp
         for d in answer.result.detections() {
             let b = &d.bbox;
             let score = d.score.map_or(String::new(), |s| format!(" score {s:.2}"));
-            eprintln!("  {}: x {:.0} y {:.0} w {:.0} h {:.0}{score}{}", d.label, b.x, b.y, b.w, b.h, if d.mask.is_some() { " (mask)" } else { "" });
+            eprintln!(
+                "  {}: x {:.0} y {:.0} w {:.0} h {:.0}{score}{}",
+                d.label,
+                b.x,
+                b.y,
+                b.w,
+                b.h,
+                if d.mask.is_some() { " (mask)" } else { "" }
+            );
         }
-        if let paligemma::TaskResult::Detections { dropped, .. } | paligemma::TaskResult::Segmentation { dropped, .. } = &answer.result {
+        if let paligemma::TaskResult::Detections { dropped, .. }
+        | paligemma::TaskResult::Segmentation { dropped, .. } = &answer.result
+        {
             if !dropped.is_none() {
-                eprintln!("  dropped: {} below --min-score, {} duplicates", dropped.below_min_score, dropped.duplicates);
+                eprintln!(
+                    "  dropped: {} below --min-score, {} duplicates",
+                    dropped.below_min_score, dropped.duplicates
+                );
             }
         }
     }
@@ -389,16 +529,35 @@ fn devices() -> Result<()> {
         sched.compute(&graph)?;
         let got = c.read_f32()?;
         let ok = got == [3.25, 10.75];
-        println!("{:<10} {:<40} {}", device.spec(), device.description(), if ok { "ok" } else { "WRONG RESULT" });
+        println!(
+            "{:<10} {:<40} {}",
+            device.spec(),
+            device.description(),
+            if ok { "ok" } else { "WRONG RESULT" }
+        );
         if device.is_cpu() {
             let features = ggml::cpu_features().join(" ");
             let kernels = if ggml::packed::available() {
                 "packed AVX-512 VNNI kernels".to_string()
             } else {
-                format!("ggml's kernels ({})", if features.is_empty() { "plain C" } else { &features })
+                format!(
+                    "ggml's kernels ({})",
+                    if features.is_empty() {
+                        "plain C"
+                    } else {
+                        &features
+                    }
+                )
             };
-            println!("{:<10} f16, bf16, q4_0, q8_0 and q4_K matrices run on {kernels}", "");
-            println!("{:<10} ggml's CPU features: {features} ({})", "", std::env::consts::ARCH);
+            println!(
+                "{:<10} f16, bf16, q4_0, q8_0 and q4_K matrices run on {kernels}",
+                ""
+            );
+            println!(
+                "{:<10} ggml's CPU features: {features} ({})",
+                "",
+                std::env::consts::ARCH
+            );
         }
     }
     Ok(())

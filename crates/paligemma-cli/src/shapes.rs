@@ -5,7 +5,14 @@ use anyhow::Result;
 use paligemma::config::{Config, TextArch, TextConfig, TokenConfig, VisionConfig, round_to_dtype};
 
 /// Shapes of the published checkpoints, for benchmarks on random weights.
-pub const NAMED_SHAPES: [&str; 6] = ["pg2-3b-224", "pg2-3b-448", "pg2-3b-896", "pg2-10b-224", "pg2-28b-224", "pg1-3b-224"];
+pub const NAMED_SHAPES: [&str; 6] = [
+    "pg2-3b-224",
+    "pg2-3b-448",
+    "pg2-3b-896",
+    "pg2-10b-224",
+    "pg2-28b-224",
+    "pg1-3b-224",
+];
 
 /// The configuration of a published model size (see [`NAMED_SHAPES`]) with the token
 /// ids of `tokens`.
@@ -17,7 +24,12 @@ pub fn named(name: &str, mut tokens: TokenConfig) -> Result<Config> {
             _ => ("", "", None),
         }
     };
-    let err = || anyhow::anyhow!(format!("unknown model shape {name:?} (expected one of {})", NAMED_SHAPES.join(", ")));
+    let err = || {
+        anyhow::anyhow!(format!(
+            "unknown model shape {name:?} (expected one of {})",
+            NAMED_SHAPES.join(", ")
+        ))
+    };
     let image_size = px.filter(|p| [224, 448, 896].contains(p)).ok_or_else(err)?;
     // width, layers, heads, kv heads, head_dim, ffn, query scalar
     let (arch, w, l, h, kv, hd, ffn, qs) = match (family, size) {
@@ -60,5 +72,11 @@ pub fn named(name: &str, mut tokens: TokenConfig) -> Result<Config> {
         vocab_size: 257216,
         embed_scale: round_to_dtype((w as f32).sqrt(), "bfloat16"),
     };
-    Ok(Config { name: format!("random-{name}"), vision, projection_dim: w, text, tokens })
+    Ok(Config {
+        name: format!("random-{name}"),
+        vision,
+        projection_dim: w,
+        text,
+        tokens,
+    })
 }

@@ -46,13 +46,20 @@ fn write_gemma2(model: &Path, out: &Path) -> Result<()> {
     let (config, _) = paligemma::validate::model_file(&gguf)?;
     let t = &config.text;
     if t.arch != TextArch::Gemma2 {
-        bail!("{}: llama.cpp is compared on Gemma 2 decoders, this one is {:?}", model.display(), t.arch);
+        bail!(
+            "{}: llama.cpp is compared on Gemma 2 decoders, this one is {:?}",
+            model.display(),
+            t.arch
+        );
     }
     let mut header = GgufHeader::new();
     let u32v = |v: usize| Value::U32(v as u32);
     let mut set = |key: &str, v: Value| header.set(key, v);
     set("general.architecture", Value::String("gemma2".into()));
-    set("general.name", Value::String(format!("decoder of {}", config.name)));
+    set(
+        "general.name",
+        Value::String(format!("decoder of {}", config.name)),
+    );
     set("gemma2.context_length", u32v(t.context_length));
     set("gemma2.embedding_length", u32v(t.width));
     set("gemma2.block_count", u32v(t.depth));
@@ -61,7 +68,10 @@ fn write_gemma2(model: &Path, out: &Path) -> Result<()> {
     set("gemma2.attention.head_count_kv", u32v(t.kv_heads));
     set("gemma2.attention.key_length", u32v(t.head_dim));
     set("gemma2.attention.value_length", u32v(t.head_dim));
-    set("gemma2.attention.layer_norm_rms_epsilon", Value::F32(t.rms_eps));
+    set(
+        "gemma2.attention.layer_norm_rms_epsilon",
+        Value::F32(t.rms_eps),
+    );
     set("gemma2.rope.freq_base", Value::F32(t.rope_theta));
     if let Some(w) = t.sliding_window {
         set("gemma2.attention.sliding_window", u32v(w));
@@ -76,13 +86,34 @@ fn write_gemma2(model: &Path, out: &Path) -> Result<()> {
     let tok = &config.tokens;
     let special = [tok.bos, tok.eos, tok.pad];
     set("tokenizer.ggml.model", Value::String("llama".into()));
-    set("tokenizer.ggml.tokens", Value::Array((0..t.vocab_size).map(|i| Value::String(format!("<t{i}>"))).collect()));
-    set("tokenizer.ggml.scores", Value::Array(vec![Value::F32(0.0); t.vocab_size]));
-    set("tokenizer.ggml.token_type", Value::Array((0..t.vocab_size).map(|i| Value::I32(if special.contains(&(i as u32)) { 3 } else { 1 })).collect()));
+    set(
+        "tokenizer.ggml.tokens",
+        Value::Array(
+            (0..t.vocab_size)
+                .map(|i| Value::String(format!("<t{i}>")))
+                .collect(),
+        ),
+    );
+    set(
+        "tokenizer.ggml.scores",
+        Value::Array(vec![Value::F32(0.0); t.vocab_size]),
+    );
+    set(
+        "tokenizer.ggml.token_type",
+        Value::Array(
+            (0..t.vocab_size)
+                .map(|i| Value::I32(if special.contains(&(i as u32)) { 3 } else { 1 }))
+                .collect(),
+        ),
+    );
     set("tokenizer.ggml.bos_token_id", Value::U32(tok.bos));
     set("tokenizer.ggml.eos_token_id", Value::U32(tok.eos));
     set("tokenizer.ggml.padding_token_id", Value::U32(tok.pad));
-    let tensors: Vec<_> = gguf.tensors.iter().filter(|i| decoder_tensor(&i.name)).collect();
+    let tensors: Vec<_> = gguf
+        .tensors
+        .iter()
+        .filter(|i| decoder_tensor(&i.name))
+        .collect();
     for info in &tensors {
         header.add_tensor(info.name.clone(), info.ty, &info.shape)?;
     }
@@ -97,11 +128,35 @@ fn write_gemma2(model: &Path, out: &Path) -> Result<()> {
 /// The CPU's model name and the flags that decide which kernels run.
 fn cpu() -> (String, Vec<String>) {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |key: &str| info.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string());
-    let wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"];
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let wanted = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx_vnni",
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+    ];
     let flags = field("flags").unwrap_or_default();
-    let present = wanted.iter().filter(|f| flags.split_whitespace().any(|g| g == **f)).map(|f| f.to_string()).collect();
-    (field("model name").unwrap_or_else(|| "unknown CPU".into()), present)
+    let present = wanted
+        .iter()
+        .filter(|f| flags.split_whitespace().any(|g| g == **f))
+        .map(|f| f.to_string())
+        .collect();
+    (
+        field("model name").unwrap_or_else(|| "unknown CPU".into()),
+        present,
+    )
 }
 
 /// One llama-bench test: tokens per second.
@@ -109,34 +164,86 @@ fn llama_bench(bin: &Path, model: &Path, threads: usize, args: &[String]) -> Res
     let out = Command::new(bin)
         .arg("-m")
         .arg(model)
-        .args(["-t", &threads.to_string(), "-fa", "1", "-r", "1", "-o", "json"])
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-fa",
+            "1",
+            "-r",
+            "1",
+            "-o",
+            "json",
+        ])
         .args(args)
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     if !out.status.success() {
-        bail!("{} {args:?} failed: {}", bin.display(), String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+        bail!(
+            "{} {args:?} failed: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
     }
-    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("the JSON of {}", bin.display()))?;
-    runs.get(0).and_then(|r| r.get("avg_ts")).and_then(serde_json::Value::as_f64).context("llama-bench printed no avg_ts")
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("the JSON of {}", bin.display()))?;
+    runs.get(0)
+        .and_then(|r| r.get("avg_ts"))
+        .and_then(serde_json::Value::as_f64)
+        .context("llama-bench printed no avg_ts")
 }
 
-pub fn run(args: &BenchArgs, path: &Path, mut model: Model, image: &RgbImage, llama: &Path) -> Result<()> {
+pub fn run(
+    args: &BenchArgs,
+    path: &Path,
+    mut model: Model,
+    image: &RgbImage,
+    llama: &Path,
+) -> Result<()> {
     let gemma2 = path.with_extension("gemma2.gguf");
     write_gemma2(path, &gemma2).with_context(|| format!("writing {}", gemma2.display()))?;
     let threads = model.threads();
     let ids = model.tokenizer().prefix_ids("caption en")?;
     let emb = model.encode_image(image)?;
     let n = args.decode_tokens.max(1);
-    let options = GenerateOptions { max_tokens: n + 1, ignore_eos: true, ..Default::default() };
+    let options = GenerateOptions {
+        max_tokens: n + 1,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let (p, depth) = (ids.len().to_string(), ids.len().to_string());
-    let (mut ours_prefill, mut ours_decode, mut llama_prefill, mut llama_decode) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ours_prefill, mut ours_decode, mut llama_prefill, mut llama_decode) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..args.warmup + args.reps {
-        let g = model.generate(&emb, std::slice::from_ref(&ids), &options, &mut |_| true)?.remove(0);
+        let g = model
+            .generate(&emb, std::slice::from_ref(&ids), &options, &mut |_| true)?
+            .remove(0);
         let op = ids.len() as f64 / (g.timings.prefill / 1e3);
         let od = g.tokens.len().saturating_sub(1) as f64 / (g.timings.decode / 1e3);
-        let lp = llama_bench(llama, &gemma2, threads, &["-p".into(), p.clone(), "-n".into(), "0".into()])?;
-        let ld = llama_bench(llama, &gemma2, threads, &["-p".into(), "0".into(), "-n".into(), n.to_string(), "-d".into(), depth.clone()])?;
-        eprintln!("rep {rep}: prefill {op:.1} / {lp:.1} tokens/s, decode {od:.1} / {ld:.1} tokens/s");
+        let lp = llama_bench(
+            llama,
+            &gemma2,
+            threads,
+            &["-p".into(), p.clone(), "-n".into(), "0".into()],
+        )?;
+        let ld = llama_bench(
+            llama,
+            &gemma2,
+            threads,
+            &[
+                "-p".into(),
+                "0".into(),
+                "-n".into(),
+                n.to_string(),
+                "-d".into(),
+                depth.clone(),
+            ],
+        )?;
+        eprintln!(
+            "rep {rep}: prefill {op:.1} / {lp:.1} tokens/s, decode {od:.1} / {ld:.1} tokens/s"
+        );
         if rep >= args.warmup {
             ours_prefill.push(op);
             ours_decode.push(od);
@@ -145,7 +252,12 @@ pub fn run(args: &BenchArgs, path: &Path, mut model: Model, image: &RgbImage, ll
         }
     }
     let (cpu, cpu_flags) = cpu();
-    let (op, lp, od, ld) = (median(ours_prefill), median(llama_prefill), median(ours_decode), median(llama_decode));
+    let (op, lp, od, ld) = (
+        median(ours_prefill),
+        median(llama_prefill),
+        median(ours_decode),
+        median(llama_decode),
+    );
     let c = Comparison {
         cpu,
         cpu_flags,
@@ -164,10 +276,26 @@ pub fn run(args: &BenchArgs, path: &Path, mut model: Model, image: &RgbImage, ll
     if args.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
     } else {
-        println!("cpu        {} ({}), {} threads, {} reps interleaved", c.cpu, c.cpu_flags.join(" "), c.threads, args.reps);
-        println!("model      {} against llama.cpp on {}", c.ours.display(), c.llama_cpp.display());
-        println!("prefill    {:>8.1} tokens/s, llama.cpp {:>8.1} (-p {}): {:.2}x", c.ours_prefill, c.llama_prefill, c.prefix_tokens, c.prefill_ratio);
-        println!("decode     {:>8.1} tokens/s, llama.cpp {:>8.1} (-n {} -d {}): {:.2}x", c.ours_decode, c.llama_decode, n, c.prefix_tokens, c.decode_ratio);
+        println!(
+            "cpu        {} ({}), {} threads, {} reps interleaved",
+            c.cpu,
+            c.cpu_flags.join(" "),
+            c.threads,
+            args.reps
+        );
+        println!(
+            "model      {} against llama.cpp on {}",
+            c.ours.display(),
+            c.llama_cpp.display()
+        );
+        println!(
+            "prefill    {:>8.1} tokens/s, llama.cpp {:>8.1} (-p {}): {:.2}x",
+            c.ours_prefill, c.llama_prefill, c.prefix_tokens, c.prefill_ratio
+        );
+        println!(
+            "decode     {:>8.1} tokens/s, llama.cpp {:>8.1} (-n {} -d {}): {:.2}x",
+            c.ours_decode, c.llama_decode, n, c.prefix_tokens, c.decode_ratio
+        );
     }
     Ok(())
 }

@@ -42,8 +42,30 @@ impl Rng {
     }
 }
 
-const U64S: [u64; 12] = [0, 1, 2, 3, 31, 32, 255, 1 << 24, u32::MAX as u64, 1 << 32, 1 << 63, u64::MAX];
-const F32S: [f32; 8] = [0.0, -1.0, -1e-6, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, 1e-30];
+const U64S: [u64; 12] = [
+    0,
+    1,
+    2,
+    3,
+    31,
+    32,
+    255,
+    1 << 24,
+    u32::MAX as u64,
+    1 << 32,
+    1 << 63,
+    u64::MAX,
+];
+const F32S: [f32; 8] = [
+    0.0,
+    -1.0,
+    -1e-6,
+    f32::NAN,
+    f32::INFINITY,
+    f32::NEG_INFINITY,
+    1e30,
+    1e-30,
+];
 
 /// A metadata value of the same type with a boundary value.
 fn boundary(v: &Value, rng: &mut Rng) -> Option<Value> {
@@ -82,7 +104,10 @@ fn rewrite(file: &GgufFile, rng: &mut Rng, out: &Path) -> Option<()> {
         0 => {
             // Any type ggml knows, including ones no kernel of ours takes.
             let t = rng.below(tensors.len());
-            match (0..64u32).filter_map(|raw| Type::from_raw(raw).ok()).nth(rng.below(40)) {
+            match (0..64u32)
+                .filter_map(|raw| Type::from_raw(raw).ok())
+                .nth(rng.below(40))
+            {
                 Some(ty) => tensors[t].1 = ty,
                 None => feasible = false,
             }
@@ -94,7 +119,9 @@ fn rewrite(file: &GgufFile, rng: &mut Rng, out: &Path) -> Option<()> {
             tensors[t].2[d] = *rng.pick(&[dim * 2, (dim / 2).max(1), 1]);
         }
         _ => {
-            let numeric: Vec<usize> = (0..metadata.len()).filter(|&i| !matches!(metadata[i].1, Value::String(_))).collect();
+            let numeric: Vec<usize> = (0..metadata.len())
+                .filter(|&i| !matches!(metadata[i].1, Value::String(_)))
+                .collect();
             let i = *rng.pick(&numeric);
             match boundary(&metadata[i].1, rng) {
                 Some(v) => metadata[i].1 = v,
@@ -159,7 +186,19 @@ const TIME: &str = "/usr/bin/time";
 /// peak RSS in KiB), or None after a hang.
 fn run(model: &Path, rss: &Path) -> Option<(Option<i32>, String, Option<u64>)> {
     let exe = env!("CARGO_BIN_EXE_paligemma");
-    let args = ["run", "-m", model.to_str().unwrap(), "-i", "tests/fixtures/images/rgb.png", "-p", "caption en", "--max-tokens", "4", "--threads", "1"];
+    let args = [
+        "run",
+        "-m",
+        model.to_str().unwrap(),
+        "-i",
+        "tests/fixtures/images/rgb.png",
+        "-p",
+        "caption en",
+        "--max-tokens",
+        "4",
+        "--threads",
+        "1",
+    ];
     let timed = Path::new(TIME).exists();
     let mut cmd = if timed {
         let mut c = Command::new(TIME);
@@ -168,16 +207,30 @@ fn run(model: &Path, rss: &Path) -> Option<(Option<i32>, String, Option<u64>)> {
     } else {
         Command::new(exe)
     };
-    let mut child = cmd.args(args).current_dir(root()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let mut stderr = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-            let report = if timed { std::fs::read_to_string(rss).unwrap_or_default() } else { String::new() };
+            let report = if timed {
+                std::fs::read_to_string(rss).unwrap_or_default()
+            } else {
+                String::new()
+            };
             let peak = report.lines().last().and_then(|l| l.trim().parse().ok());
             // GNU time reports a child killed by a signal as "Command terminated by signal N".
-            let code = if report.contains("terminated by signal") { None } else { status.code() };
+            let code = if report.contains("terminated by signal") {
+                None
+            } else {
+                status.code()
+            };
             return Some((code, stderr, peak));
         }
         if start.elapsed() > Duration::from_secs(60) {
@@ -195,7 +248,12 @@ fn campaign(name: &str, model: &Path, count: u64) -> Tally {
     let dir = tempfile::tempdir().unwrap();
     let mut tally = Tally::default();
     let base = run(model, &dir.path().join("base.rss")).expect("the original model runs");
-    assert_eq!(base.0, Some(0), "the unmutated {name} model runs: {}", base.1);
+    assert_eq!(
+        base.0,
+        Some(0),
+        "the unmutated {name} model runs: {}",
+        base.1
+    );
     let results = std::sync::Mutex::new(Vec::new());
     // Two children at a time (this machine has two cores).
     std::thread::scope(|s| {
@@ -241,7 +299,9 @@ fn campaign(name: &str, model: &Path, count: u64) -> Tally {
                     && peak > allowed
                 {
                     heavy += 1;
-                    Some(format!("{what}: peaked at {peak} KiB, more than {allowed} KiB ({last})"))
+                    Some(format!(
+                        "{what}: peaked at {peak} KiB, more than {allowed} KiB ({last})"
+                    ))
                 } else {
                     None
                 }
@@ -251,7 +311,12 @@ fn campaign(name: &str, model: &Path, count: u64) -> Tally {
             if let Some(keep) = &keep {
                 // Regenerate the mutant to keep it for a regression test.
                 std::fs::create_dir_all(keep).unwrap();
-                mutate(&original, &file, mutant_seed(name, seed), &keep.join(format!("{name}-{seed}.gguf")));
+                mutate(
+                    &original,
+                    &file,
+                    mutant_seed(name, seed),
+                    &keep.join(format!("{name}-{seed}.gguf")),
+                );
             }
             tally.failures.push(f);
         }
@@ -283,7 +348,16 @@ fn models(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     if wanted.contains("fixture") {
         let path = dir.join("fixture.gguf");
         let status = Command::new(env!("CARGO_BIN_EXE_paligemma"))
-            .args(["convert", "tests/fixtures/pg2_gqa/hf", "-o", path.to_str().unwrap(), "--type", "q4_0", "--vision-type", "q8_0"])
+            .args([
+                "convert",
+                "tests/fixtures/pg2_gqa/hf",
+                "-o",
+                path.to_str().unwrap(),
+                "--type",
+                "q4_0",
+                "--vision-type",
+                "q8_0",
+            ])
             .current_dir(root())
             .stdout(Stdio::null())
             .status()
@@ -296,7 +370,10 @@ fn models(dir: &Path) -> Vec<(&'static str, PathBuf)> {
 
 #[test]
 fn mutated_models_fail_cleanly_in_a_child_process() {
-    let count: u64 = std::env::var("PALIGEMMA_MUTANTS").ok().and_then(|n| n.parse().ok()).unwrap_or(150);
+    let count: u64 = std::env::var("PALIGEMMA_MUTANTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(150);
     let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     for (name, model) in models(dir.path()) {
@@ -304,5 +381,10 @@ fn mutated_models_fail_cleanly_in_a_child_process() {
         assert!(t.ok + t.errors > 0);
         failures.extend(t.failures);
     }
-    assert!(failures.is_empty(), "{} mutants crashed, panicked or hung:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mutants crashed, panicked or hung:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -43,8 +43,22 @@ fn tiny_config(arch: TextArch) -> Config {
         vocab_size: 8,
         embed_scale: 8f32.sqrt(),
     };
-    let tokens = TokenConfig { image_token_id: 3, image_token_count: 4, bos: 2, eos: 1, pad: 0, loc_first: None, seg_first: None };
-    Config { name: "tiny".into(), vision, projection_dim: 8, text, tokens }
+    let tokens = TokenConfig {
+        image_token_id: 3,
+        image_token_count: 4,
+        bos: 2,
+        eos: 1,
+        pad: 0,
+        loc_first: None,
+        seg_first: None,
+    };
+    Config {
+        name: "tiny".into(),
+        vision,
+        projection_dim: 8,
+        text,
+        tokens,
+    }
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
@@ -63,8 +77,15 @@ fn pair(first: &[u8], rest: &[u8]) -> Vec<u8> {
 fn main() {
     let corpus = Path::new("fuzz/corpus");
     let tmp = std::env::temp_dir().join("paligemma-seed.gguf");
-    for (arch, name) in [(TextArch::Gemma2, "tiny-gemma2.gguf"), (TextArch::Gemma, "tiny-gemma.gguf")] {
-        let opts = ConvertOptions { ty: ggml::Type::Q8_0, vision_ty: ggml::Type::F16, ..Default::default() };
+    for (arch, name) in [
+        (TextArch::Gemma2, "tiny-gemma2.gguf"),
+        (TextArch::Gemma, "tiny-gemma.gguf"),
+    ] {
+        let opts = ConvertOptions {
+            ty: ggml::Type::Q8_0,
+            vision_ty: ggml::Type::F16,
+            ..Default::default()
+        };
         write_random(&tiny_config(arch), TOKENIZER, &opts, &tmp, 1, |_| {}).unwrap();
         write(&corpus.join("gguf"), name, &std::fs::read(&tmp).unwrap());
     }
@@ -75,16 +96,41 @@ fn main() {
     // A checkpoint's safetensors header and the start of its data.
     let weights = std::fs::read(fixture.join("model.safetensors")).unwrap();
     let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
-    write(&corpus.join("checkpoint"), "pg2-gqa", &pair(&config, &weights[..(8 + header_len + 256).min(weights.len())]));
-    write(&corpus.join("checkpoint"), "defaults", &pair(br#"{"model_type":"paligemma","text_config":{"model_type":"gemma2"}}"#, b""));
+    write(
+        &corpus.join("checkpoint"),
+        "pg2-gqa",
+        &pair(
+            &config,
+            &weights[..(8 + header_len + 256).min(weights.len())],
+        ),
+    );
+    write(
+        &corpus.join("checkpoint"),
+        "defaults",
+        &pair(
+            br#"{"model_type":"paligemma","text_config":{"model_type":"gemma2"}}"#,
+            b"",
+        ),
+    );
 
     // An npz is a zip of .npy arrays: the start of the random decoder's archive.
     let npz = std::fs::read("tests/fixtures/vae/vae-random.npz").unwrap();
-    write(&corpus.join("npz"), "vae-random-head", &npz[..npz.len().min(4096)]);
+    write(
+        &corpus.join("npz"),
+        "vae-random-head",
+        &npz[..npz.len().min(4096)],
+    );
 
     let frames = corpus.join("frame");
     for image in ["rgb.png", "rgba.png"] {
-        write(&frames, image, &pair(b"", &std::fs::read(Path::new("tests/fixtures/images").join(image)).unwrap()));
+        write(
+            &frames,
+            image,
+            &pair(
+                b"",
+                &std::fs::read(Path::new("tests/fixtures/images").join(image)).unwrap(),
+            ),
+        );
     }
     let mut pgrf = b"PGRF".to_vec();
     for v in [4u32, 2, 12] {
@@ -92,28 +138,79 @@ fn main() {
     }
     pgrf.extend_from_slice(&[128; 24]);
     write(&frames, "pgrf", &pair(b"", &pgrf));
-    write(&frames, "attachment-bgra", &pair(br#"{"width":2,"height":2,"stride":8,"format":"bgra8"}"#, &[7; 16]));
+    write(
+        &frames,
+        "attachment-bgra",
+        &pair(
+            br#"{"width":2,"height":2,"stride":8,"format":"bgra8"}"#,
+            &[7; 16],
+        ),
+    );
 
     let prompts = corpus.join("prompts");
-    write(&prompts, "toml", &std::fs::read("configs/prompts.toml").unwrap());
-    write(&prompts, "json", br#"[{"id":"people","task":"detect person ; car","every_ms":500,"max_tokens":32}]"#);
-    write(&prompts, "ask", br#"{"prompt":"answer en how many cats?","max_tokens":8}"#);
-    write(&prompts, "short", b"caption en|detect cat ; dog|segment person");
+    write(
+        &prompts,
+        "toml",
+        &std::fs::read("configs/prompts.toml").unwrap(),
+    );
+    write(
+        &prompts,
+        "json",
+        br#"[{"id":"people","task":"detect person ; car","every_ms":500,"max_tokens":32}]"#,
+    );
+    write(
+        &prompts,
+        "ask",
+        br#"{"prompt":"answer en how many cats?","max_tokens":8}"#,
+    );
+    write(
+        &prompts,
+        "short",
+        b"caption en|detect cat ; dog|segment person",
+    );
 
     let output = corpus.join("output");
-    write(&output, "detect", &pair(b"detect cat ; dog", b"<loc0100><loc0200><loc0300><loc0400> cat ; <loc0000><loc0000><loc1023><loc1023> dog"));
+    write(
+        &output,
+        "detect",
+        &pair(
+            b"detect cat ; dog",
+            b"<loc0100><loc0200><loc0300><loc0400> cat ; <loc0000><loc0000><loc1023><loc1023> dog",
+        ),
+    );
     let seg: String = (0..16).map(|i| format!("<seg{:03}>", i * 7)).collect();
-    write(&output, "segment", &pair(b"segment cat", format!("<loc0010><loc0020><loc0500><loc0600>{seg} cat").as_bytes()));
-    write(&output, "caption", &pair(b"caption en", b"a red ball on a table"));
+    write(
+        &output,
+        "segment",
+        &pair(
+            b"segment cat",
+            format!("<loc0010><loc0020><loc0500><loc0600>{seg} cat").as_bytes(),
+        ),
+    );
+    write(
+        &output,
+        "caption",
+        &pair(b"caption en", b"a red ball on a table"),
+    );
     write(&output, "ocr", &pair(b"ocr", b"STOP 42"));
 
     // ROS 2 samples as rosbags wrote them (tests/fixtures/ros2/reference.json).
     let ros2 = corpus.join("ros2");
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string("tests/fixtures/ros2/reference.json").unwrap()).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("tests/fixtures/ros2/reference.json").unwrap(),
+    )
+    .unwrap();
     let attachment = paligemma_ros2::keys::attachment(1, 1_700_000_000_000_000_000, &[0xa5; 16]);
     for (name, hex) in reference["cdr"].as_object().unwrap() {
         let hex = hex.as_str().unwrap();
-        let cdr: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-        write(&ros2, &name.replace(['/', '#'], "-"), &pair(&attachment, &cdr));
+        let cdr: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        write(
+            &ros2,
+            &name.replace(['/', '#'], "-"),
+            &pair(&attachment, &cdr),
+        );
     }
 }

@@ -16,7 +16,9 @@ const FUZZ_MAX_PIXELS: usize = 1 << 20;
 /// Splits `data` into a first part of the length given by its first two bytes and
 /// the rest.
 pub fn split(data: &[u8]) -> (&[u8], &[u8]) {
-    let Some((len, rest)) = data.split_first_chunk::<2>() else { return (&[], data) };
+    let Some((len, rest)) = data.split_first_chunk::<2>() else {
+        return (&[], data);
+    };
     rest.split_at((u16::from_le_bytes(*len) as usize).min(rest.len()))
 }
 
@@ -32,13 +34,31 @@ pub fn gguf(data: &[u8]) {
 pub fn checkpoint(data: &[u8]) {
     let (config, weights) = split(data);
     let path = Path::new("config.json");
-    let ids = ["<image>", "<bos>", "<eos>", "<pad>", "<loc0000>", "<seg000>"];
-    let lookup = |token: &str| ids.iter().position(|t| *t == token).map(|i| 257_000 + i as u32);
-    let config =
-        serde_json::from_slice::<serde_json::Value>(config).ok().and_then(|root| paligemma::Config::from_hf_json(path, &root, None, &lookup, "bfloat16").ok());
+    let ids = [
+        "<image>",
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        "<loc0000>",
+        "<seg000>",
+    ];
+    let lookup = |token: &str| {
+        ids.iter()
+            .position(|t| *t == token)
+            .map(|i| 257_000 + i as u32)
+    };
+    let config = serde_json::from_slice::<serde_json::Value>(config)
+        .ok()
+        .and_then(|root| {
+            paligemma::Config::from_hf_json(path, &root, None, &lookup, "bfloat16").ok()
+        });
     if let Ok(st) = safetensors::SafeTensors::deserialize(weights) {
         for (key, view) in st.tensors() {
-            let _ = (paligemma::convert::canonical_name(&key), view.shape(), view.data().len());
+            let _ = (
+                paligemma::convert::canonical_name(&key),
+                view.shape(),
+                view.data().len(),
+            );
         }
     }
     if let Some(config) = config {
@@ -55,8 +75,17 @@ pub fn npz(data: &[u8]) {
 pub fn frame(data: &[u8]) {
     let (attachment, payload) = split(data);
     let attachment = (!attachment.is_empty()).then_some(attachment);
-    if let Ok(RgbImage { width, height, data }) = paligemma_stream::payload::decode_frame(payload, attachment, FUZZ_MAX_PIXELS) {
-        assert_eq!(data.len(), width * height * 3, "a decoded frame holds its pixels");
+    if let Ok(RgbImage {
+        width,
+        height,
+        data,
+    }) = paligemma_stream::payload::decode_frame(payload, attachment, FUZZ_MAX_PIXELS)
+    {
+        assert_eq!(
+            data.len(),
+            width * height * 3,
+            "a decoded frame holds its pixels"
+        );
     }
 }
 
@@ -73,10 +102,21 @@ pub fn prompts(data: &[u8]) {
 /// masks and OCR, on a frame whose size the first bytes of the prompt choose.
 pub fn output(data: &[u8]) {
     let (prompt, answer) = split(data);
-    let (Ok(prompt), Ok(answer)) = (std::str::from_utf8(prompt), std::str::from_utf8(answer)) else { return };
-    let Ok(task) = paligemma::Task::parse(prompt) else { return };
+    let (Ok(prompt), Ok(answer)) = (std::str::from_utf8(prompt), std::str::from_utf8(answer))
+    else {
+        return;
+    };
+    let Ok(task) = paligemma::Task::parse(prompt) else {
+        return;
+    };
     let size = prompt.len() % 2000 + 1;
-    let result = paligemma::parse::parse(&task, answer, size, size / 2 + 1, paligemma::output::DEFAULT_LOC_DIVISOR);
+    let result = paligemma::parse::parse(
+        &task,
+        answer,
+        size,
+        size / 2 + 1,
+        paligemma::output::DEFAULT_LOC_DIVISOR,
+    );
     let _ = serde_json::to_string(&result);
 }
 
@@ -91,7 +131,10 @@ pub fn ros2(data: &[u8]) {
     let _ = msgs::from_cdr::<msgs::CompressedImage>(payload, limit);
     let _ = msgs::from_cdr::<msgs::StringMsg>(payload, limit);
     let _ = msgs::from_cdr::<msgs::Detection2DArray>(payload, limit);
-    for kind in [paligemma_ros2::images::ImageKind::Raw, paligemma_ros2::images::ImageKind::Compressed] {
+    for kind in [
+        paligemma_ros2::images::ImageKind::Raw,
+        paligemma_ros2::images::ImageKind::Compressed,
+    ] {
         let _ = paligemma_ros2::images::decode(kind, payload, FUZZ_MAX_PIXELS);
     }
 }
@@ -100,5 +143,12 @@ pub fn ros2(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the replay test and `scripts/fuzz.sh`.
-pub const TARGETS: [(&str, Target); 7] =
-    [("gguf", gguf), ("checkpoint", checkpoint), ("npz", npz), ("frame", frame), ("prompts", prompts), ("output", output), ("ros2", ros2)];
+pub const TARGETS: [(&str, Target); 7] = [
+    ("gguf", gguf),
+    ("checkpoint", checkpoint),
+    ("npz", npz),
+    ("frame", frame),
+    ("prompts", prompts),
+    ("output", output),
+    ("ros2", ros2),
+];

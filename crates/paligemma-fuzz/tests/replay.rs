@@ -8,8 +8,13 @@ fn fuzz_dir() -> PathBuf {
 }
 
 fn inputs(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> =
-        std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect()).unwrap_or_default();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
     files.sort();
     files
 }
@@ -23,8 +28,16 @@ fn corpus_and_regressions_replay_without_a_panic() {
         for file in corpus.iter().chain(&regressions) {
             let data = std::fs::read(file).unwrap();
             let outcome = std::panic::catch_unwind(|| target(&data));
-            assert!(outcome.is_ok(), "target {name} panicked on {}", file.display());
+            assert!(
+                outcome.is_ok(),
+                "target {name} panicked on {}",
+                file.display()
+            );
         }
-        eprintln!("{name}: {} corpus inputs, {} regressions", corpus.len(), regressions.len());
+        eprintln!(
+            "{name}: {} corpus inputs, {} regressions",
+            corpus.len(),
+            regressions.len()
+        );
     }
 }

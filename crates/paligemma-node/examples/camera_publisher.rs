@@ -39,16 +39,31 @@ fn main() -> Result<()> {
     gst::init()?;
     let mut config = zenoh::Config::default();
     if !args.connect.is_empty() {
-        config.insert_json5("connect/endpoints", &serde_json::to_string(&args.connect)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config
+            .insert_json5("connect/endpoints", &serde_json::to_string(&args.connect)?)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let session = zenoh::open(config).wait().map_err(|e| anyhow::anyhow!("zenoh: {e}"))?;
-    let publisher = session.declare_publisher(args.key.clone()).encoding(zenoh::bytes::Encoding::IMAGE_JPEG).wait().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let session = zenoh::open(config)
+        .wait()
+        .map_err(|e| anyhow::anyhow!("zenoh: {e}"))?;
+    let publisher = session
+        .declare_publisher(args.key.clone())
+        .encoding(zenoh::bytes::Encoding::IMAGE_JPEG)
+        .wait()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let desc = format!(
         "{} ! videoconvert ! videorate ! video/x-raw,framerate={}/1 ! jpegenc quality={} ! appsink name=sink sync=false max-buffers=2 drop=true",
         args.source, args.fps, args.quality
     );
-    let pipeline = gst::parse::launch(&desc).context("pipeline")?.downcast::<gst::Pipeline>().map_err(|_| anyhow::anyhow!("not a pipeline"))?;
-    let sink = pipeline.by_name("sink").context("appsink")?.downcast::<gst_app::AppSink>().map_err(|_| anyhow::anyhow!("not an appsink"))?;
+    let pipeline = gst::parse::launch(&desc)
+        .context("pipeline")?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
+    let sink = pipeline
+        .by_name("sink")
+        .context("appsink")?
+        .downcast::<gst_app::AppSink>()
+        .map_err(|_| anyhow::anyhow!("not an appsink"))?;
     pipeline.set_state(gst::State::Playing)?;
     let mut sent = 0u64;
     while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(5)) {
@@ -56,7 +71,10 @@ fn main() -> Result<()> {
             continue;
         };
         let map = buffer.map_readable()?;
-        publisher.put(map.as_slice().to_vec()).wait().map_err(|e| anyhow::anyhow!("{e}"))?;
+        publisher
+            .put(map.as_slice().to_vec())
+            .wait()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         sent += 1;
         if args.frames > 0 && sent >= args.frames {
             break;

@@ -9,10 +9,12 @@ use crate::source::{self, Backoff, Health, Transition};
 use crate::state::PromptState;
 use crate::{frames, limiter::RateLimiter};
 use anyhow::{Context, Result};
-use paligemma_stream::message::{FrameInfo, STATUS_SCHEMA, Source, StatusMessage};
 use paligemma_ros2::images::{self, ImageKind};
 use paligemma_ros2::msgs::Header;
-use paligemma_stream::{Engine, Frame, FrameSamplerConfig, ResultMessage, Stream, StreamConfig, payload};
+use paligemma_stream::message::{FrameInfo, STATUS_SCHEMA, Source, StatusMessage};
+use paligemma_stream::{
+    Engine, Frame, FrameSamplerConfig, ResultMessage, Stream, StreamConfig, payload,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,7 +25,10 @@ type Attempt = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 
 
 fn encode<T: serde::Serialize>(encoding: Encoding, value: &T) -> (Vec<u8>, zenoh::bytes::Encoding) {
     match encoding {
-        Encoding::Json => (serde_json::to_vec(value).unwrap_or_default(), zenoh::bytes::Encoding::APPLICATION_JSON),
+        Encoding::Json => (
+            serde_json::to_vec(value).unwrap_or_default(),
+            zenoh::bytes::Encoding::APPLICATION_JSON,
+        ),
         Encoding::Cbor => {
             let mut out = Vec::new();
             let _ = ciborium::into_writer(value, &mut out);
@@ -82,7 +87,11 @@ impl Publisher {
     }
 
     fn result(&self, msg: &ResultMessage) {
-        let key = self.key(if msg.is_error() { "errors" } else { &msg.prompt.id });
+        let key = self.key(if msg.is_error() {
+            "errors"
+        } else {
+            &msg.prompt.id
+        });
         self.put(&key, msg);
     }
 
@@ -94,7 +103,15 @@ impl Publisher {
 
     /// Publishes on `<camera>/errors` (the caller logs).
     fn put_error(&self, message: String, details: ErrorDetails) {
-        self.put(&self.key("errors"), &ErrorMessage { schema: "paligemma.error/1", source: &self.source, message, details });
+        self.put(
+            &self.key("errors"),
+            &ErrorMessage {
+                schema: "paligemma.error/1",
+                source: &self.source,
+                message,
+                details,
+            },
+        );
     }
 
     /// Logs and publishes a change of the frame source's state.
@@ -105,7 +122,15 @@ impl Publisher {
         } else {
             tracing::warn!("{}: {message}", self.base);
         }
-        self.put_error(message, ErrorDetails { kind: Some("source"), state: Some(t.to), restarts: Some(t.restarts), ..Default::default() });
+        self.put_error(
+            message,
+            ErrorDetails {
+                kind: Some("source"),
+                state: Some(t.to),
+                restarts: Some(t.restarts),
+                ..Default::default()
+            },
+        );
     }
 
     /// Counts refused input from `source` and reports it if the refusal policy says so.
@@ -118,8 +143,12 @@ impl Publisher {
     /// Logs and publishes a report of refused input.
     fn report(&self, report: Report) {
         tracing::warn!("{}: {}", self.base, report.message);
-        let details =
-            ErrorDetails { kind: Some(report.kind.name()), refusals: Some(report.refusals), suppressed: Some(report.suppressed), ..Default::default() };
+        let details = ErrorDetails {
+            kind: Some(report.kind.name()),
+            refusals: Some(report.refusals),
+            suppressed: Some(report.suppressed),
+            ..Default::default()
+        };
         self.put_error(report.message, details);
     }
 
@@ -161,9 +190,17 @@ pub struct Persisted {
 impl Ctx {
     /// Hands a frame to the stream (the newest wins; asks read it too), stamped with
     /// its capture time when the source gives one, else with now.
-    fn deliver(&self, image: paligemma::preprocess::RgbImage, pts_ns: Option<u64>, source: Option<Header>) {
+    fn deliver(
+        &self,
+        image: paligemma::preprocess::RgbImage,
+        pts_ns: Option<u64>,
+        source: Option<Header>,
+    ) {
         self.health.frame();
-        let capture = source.as_ref().and_then(|h| h.stamp.to_unix_ns()).filter(|&ns| ns > 0);
+        let capture = source
+            .as_ref()
+            .and_then(|h| h.stamp.to_unix_ns())
+            .filter(|&ns| ns > 0);
         let info = FrameInfo {
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
             pts_ns,
@@ -181,7 +218,11 @@ impl Ctx {
 /// reported on `<camera>/errors`, counted in status and started again (a subscriber
 /// dropped with it is declared anew), so that one hostile message cannot silence a
 /// camera. It ends when the task returns `Ok` (the session closed) or is aborted.
-fn supervise<F, Fut>(publisher: Publisher, what: &'static str, task: F) -> tokio::task::JoinHandle<()>
+fn supervise<F, Fut>(
+    publisher: Publisher,
+    what: &'static str,
+    task: F,
+) -> tokio::task::JoinHandle<()>
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send + 'static,
@@ -202,7 +243,11 @@ where
                 Ok(Err(e)) => publisher.error(format!("{what} failed, restarting it: {e:#}")),
                 Err(e) if e.is_panic() => {
                     let payload = e.into_panic();
-                    let why = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default();
+                    let why = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
                     publisher.error(format!("{what} panicked, restarting it: {why}"));
                 }
                 Err(_) => return,
@@ -216,13 +261,20 @@ where
 /// a bad one is reported and the next one is read.
 async fn frames_in(ctx: Ctx, key: String, max_pixels: usize) -> Result<()> {
     let session = &ctx.publisher.session;
-    let sub = session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
+    let sub = session
+        .declare_subscriber(key.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
     while let Ok(sample) = sub.recv_async().await {
         let payload = sample.payload().to_bytes();
         let attachment = sample.attachment().map(|a| a.to_bytes());
         match payload::decode_frame(&payload, attachment.as_deref(), max_pixels) {
             Ok(img) => ctx.deliver(img, None, None),
-            Err(e) => ctx.publisher.refuse(RefusalKind::Frame, sample.key_expr().as_str(), format!("frame refused: {e:#}")),
+            Err(e) => ctx.publisher.refuse(
+                RefusalKind::Frame,
+                sample.key_expr().as_str(),
+                format!("frame refused: {e:#}"),
+            ),
         }
     }
     Ok(())
@@ -231,11 +283,20 @@ async fn frames_in(ctx: Ctx, key: String, max_pixels: usize) -> Result<()> {
 /// Images on a ROS 2 topic (`key` is its `rmw_zenoh` key): decoded, bounded by
 /// `max_pixels`, stamped with their header; a bad one is reported and the next read.
 async fn frames_from_ros2(ctx: Ctx, key: String, kind: ImageKind, max_pixels: usize) -> Result<()> {
-    let sub = ctx.publisher.session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
+    let sub = ctx
+        .publisher
+        .session
+        .declare_subscriber(key.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
     while let Ok(sample) = sub.recv_async().await {
         match images::decode(kind, &sample.payload().to_bytes(), max_pixels) {
             Ok((img, header)) => ctx.deliver(img, None, Some(header)),
-            Err(e) => ctx.publisher.refuse(RefusalKind::Ros2Image, sample.key_expr().as_str(), format!("ROS 2 image refused: {e:#}")),
+            Err(e) => ctx.publisher.refuse(
+                RefusalKind::Ros2Image,
+                sample.key_expr().as_str(),
+                format!("ROS 2 image refused: {e:#}"),
+            ),
         }
     }
     Ok(())
@@ -253,18 +314,29 @@ struct AskLimits {
 /// within the node's ask rate.
 async fn asks(ctx: Ctx, limits: AskLimits) -> Result<()> {
     let key = ctx.publisher.key("ask");
-    let queryable = ctx.publisher.session.declare_queryable(key.as_str()).await.map_err(|e| anyhow::anyhow!("queryable {key}: {e}"))?;
+    let queryable = ctx
+        .publisher
+        .session
+        .declare_queryable(key.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("queryable {key}: {e}"))?;
     while let Ok(query) = queryable.recv_async().await {
-        const BUSY: &str = "busy: this node answers at most ask_rate asks per second; try again later";
+        const BUSY: &str =
+            "busy: this node answers at most ask_rate asks per second; try again later";
         if !limits.rate.try_take() {
-            ctx.publisher.refuse(RefusalKind::AskRate, &key, format!("ask refused, {BUSY}"));
+            ctx.publisher
+                .refuse(RefusalKind::AskRate, &key, format!("ask refused, {BUSY}"));
             let _ = query.reply_err(BUSY).await;
             continue;
         }
-        let prompt = match payload::parse_ask(&query.payload().map(|p| p.to_bytes()).unwrap_or_default(), limits.max_bytes) {
+        let prompt = match payload::parse_ask(
+            &query.payload().map(|p| p.to_bytes()).unwrap_or_default(),
+            limits.max_bytes,
+        ) {
             Ok(prompt) => prompt,
             Err(e) => {
-                ctx.publisher.refuse(RefusalKind::Ask, &key, format!("ask refused: {e:#}"));
+                ctx.publisher
+                    .refuse(RefusalKind::Ask, &key, format!("ask refused: {e:#}"));
                 let _ = query.reply_err(format!("{e:#}")).await;
                 continue;
             }
@@ -275,14 +347,19 @@ async fn asks(ctx: Ctx, limits: AskLimits) -> Result<()> {
                 let frame = ctx.worker.newest().context("no frame has arrived yet")?;
                 let worker = ctx.worker.clone();
                 // A panic in the engine comes back as an error here and is the reply.
-                let msg = tokio::task::spawn_blocking(move || worker.ask(frame, prompt, limits.timeout)).await??;
+                let msg =
+                    tokio::task::spawn_blocking(move || worker.ask(frame, prompt, limits.timeout))
+                        .await??;
                 Ok::<_, anyhow::Error>(msg)
             }
             .await;
             let sent = match outcome {
                 Ok(msg) => {
                     let (bytes, e) = encode(ctx.publisher.encoding, &msg);
-                    query.reply(query.key_expr().clone(), bytes).encoding(e).await
+                    query
+                        .reply(query.key_expr().clone(), bytes)
+                        .encoding(e)
+                        .await
                 }
                 Err(e) => query.reply_err(format!("{e:#}")).await,
             };
@@ -297,31 +374,53 @@ async fn asks(ctx: Ctx, limits: AskLimits) -> Result<()> {
 /// Puts on `<camera>/prompts`: a new list of standing prompts, taken only when the
 /// node allows updates (and then saved in its state file, if it has one); anything else
 /// is reported and the current prompts stay.
-async fn prompt_updates(ctx: Ctx, allowed: bool, camera: String, state: Option<Arc<PromptState>>) -> Result<()> {
+async fn prompt_updates(
+    ctx: Ctx,
+    allowed: bool,
+    camera: String,
+    state: Option<Arc<PromptState>>,
+) -> Result<()> {
     let key = ctx.publisher.key("prompts");
-    let sub = ctx.publisher.session.declare_subscriber(key.as_str()).await.map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
+    let sub = ctx
+        .publisher
+        .session
+        .declare_subscriber(key.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("subscribe {key}: {e}"))?;
     while let Ok(sample) = sub.recv_async().await {
         if sample.kind() != zenoh::sample::SampleKind::Put {
             continue;
         }
         if !allowed {
             let why = "prompts update refused: this node does not take prompt updates (allow_prompt_updates = false)";
-            ctx.publisher.refuse(RefusalKind::PromptUpdate, &key, why.into());
+            ctx.publisher
+                .refuse(RefusalKind::PromptUpdate, &key, why.into());
             continue;
         }
         match payload::parse_prompts(&sample.payload().to_bytes()) {
             Ok(set) => {
-                tracing::info!("{key}: new standing prompts {:?}", set.prompts.iter().map(|p| &p.id).collect::<Vec<_>>());
+                tracing::info!(
+                    "{key}: new standing prompts {:?}",
+                    set.prompts.iter().map(|p| &p.id).collect::<Vec<_>>()
+                );
                 ctx.worker.set_prompts(set.clone());
                 let Some(state) = state.clone() else { continue };
                 let camera = camera.clone();
                 match tokio::task::spawn_blocking(move || state.save(&camera, &set)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => ctx.publisher.error(format!("the new prompts are in force but not saved: {e:#}")),
-                    Err(e) => ctx.publisher.error(format!("the new prompts are in force but not saved: {e}")),
+                    Ok(Err(e)) => ctx
+                        .publisher
+                        .error(format!("the new prompts are in force but not saved: {e:#}")),
+                    Err(e) => ctx
+                        .publisher
+                        .error(format!("the new prompts are in force but not saved: {e}")),
                 }
             }
-            Err(e) => ctx.publisher.refuse(RefusalKind::PromptUpdate, &key, format!("prompts update refused, keeping the current ones: {e:#}")),
+            Err(e) => ctx.publisher.refuse(
+                RefusalKind::PromptUpdate,
+                &key,
+                format!("prompts update refused, keeping the current ones: {e:#}"),
+            ),
         }
     }
     Ok(())
@@ -330,10 +429,18 @@ async fn prompt_updates(ctx: Ctx, allowed: bool, camera: String, state: Option<A
 /// Gets on `<camera>/prompts`: the standing prompts in force.
 async fn prompt_list(ctx: Ctx) -> Result<()> {
     let key = ctx.publisher.key("prompts");
-    let queryable = ctx.publisher.session.declare_queryable(key.as_str()).await.map_err(|e| anyhow::anyhow!("queryable {key}: {e}"))?;
+    let queryable = ctx
+        .publisher
+        .session
+        .declare_queryable(key.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("queryable {key}: {e}"))?;
     while let Ok(query) = queryable.recv_async().await {
         let body = serde_json::to_vec(&ctx.worker.prompts()).unwrap_or_default();
-        let _ = query.reply(query.key_expr().clone(), body).encoding(zenoh::bytes::Encoding::APPLICATION_JSON).await;
+        let _ = query
+            .reply(query.key_expr().clone(), body)
+            .encoding(zenoh::bytes::Encoding::APPLICATION_JSON)
+            .await;
     }
     Ok(())
 }
@@ -347,12 +454,38 @@ async fn status(ctx: Ctx, period: Duration, model: String, device: String) -> Re
         // The node's own errors and refused input count as errors too, refused asks as
         // refused requests; `refusals` has them by kind.
         let refusals = ctx.publisher.refusals.counts();
-        let count = |kinds: &[RefusalKind]| kinds.iter().map(|k| refusals.get(k.name()).copied().unwrap_or(0)).sum::<u64>();
-        stats.errors += ctx.publisher.errors.load(Ordering::Relaxed) + count(&[RefusalKind::Frame, RefusalKind::Ros2Image, RefusalKind::PromptUpdate]);
+        let count = |kinds: &[RefusalKind]| {
+            kinds
+                .iter()
+                .map(|k| refusals.get(k.name()).copied().unwrap_or(0))
+                .sum::<u64>()
+        };
+        stats.errors += ctx.publisher.errors.load(Ordering::Relaxed)
+            + count(&[
+                RefusalKind::Frame,
+                RefusalKind::Ros2Image,
+                RefusalKind::PromptUpdate,
+            ]);
         stats.requests_refused += count(&[RefusalKind::AskRate, RefusalKind::Ask]);
         let p = &ctx.publisher;
-        let (source, model, device, source_state) = (p.source.clone(), model.clone(), device.clone(), Some(ctx.health.status()));
-        p.put(&p.key("status"), &StatusMessage { schema: STATUS_SCHEMA, source, model, device, stats, refusals, source_state });
+        let (source, model, device, source_state) = (
+            p.source.clone(),
+            model.clone(),
+            device.clone(),
+            Some(ctx.health.status()),
+        );
+        p.put(
+            &p.key("status"),
+            &StatusMessage {
+                schema: STATUS_SCHEMA,
+                source,
+                model,
+                device,
+                stats,
+                refusals,
+                source_state,
+            },
+        );
     }
 }
 
@@ -378,16 +511,23 @@ pub async fn start(
     persisted: Option<&Persisted>,
 ) -> Result<Camera> {
     let base = format!("{}/{}", cfg.prefix(), cam.name);
-    let source = Source { node: cfg.node.clone(), camera: cam.name.clone() };
+    let source = Source {
+        node: cfg.node.clone(),
+        camera: cam.name.clone(),
+    };
     let publisher = Publisher {
         session: session.clone(),
         base: base.clone(),
         source: source.clone(),
         encoding: cfg.encoding,
         errors: Arc::default(),
-        refusals: Arc::new(Refusals::new(Duration::from_secs_f64(cfg.refusal_window_s), cfg.errors_per_s)),
+        refusals: Arc::new(Refusals::new(
+            Duration::from_secs_f64(cfg.refusal_window_s),
+            cfg.errors_per_s,
+        )),
     };
-    let engine = Engine::shared(&cfg.model.path, &cfg.engine_options()?).with_context(|| format!("camera {}", cam.name))?;
+    let engine = Engine::shared(&cfg.model.path, &cfg.engine_options()?)
+        .with_context(|| format!("camera {}", cam.name))?;
     tracing::info!(
         "camera {}: model {} on {} (an engine shared by {} stream(s))",
         cam.name,
@@ -397,28 +537,44 @@ pub async fn start(
     );
     let config = StreamConfig {
         source,
-        sampler: FrameSamplerConfig { min_interval: Duration::from_millis(cam.interval_ms), skip_unchanged_below: cam.skip_unchanged_below },
+        sampler: FrameSamplerConfig {
+            min_interval: Duration::from_millis(cam.interval_ms),
+            skip_unchanged_below: cam.skip_unchanged_below,
+        },
         tracking: cam.tracking.clone(),
         ..Default::default()
     };
     let results_to_ros2 = ros2.clone();
     let sink = publisher.clone();
-    let (camera, frame_id) = (cam.name.clone(), cam.frame_id.clone().unwrap_or_else(|| cam.name.clone()));
+    let (camera, frame_id) = (
+        cam.name.clone(),
+        cam.frame_id.clone().unwrap_or_else(|| cam.name.clone()),
+    );
     let deliver = move |m: &ResultMessage| {
         sink.result(m);
         // ROS 2 topics are per standing prompt; an ask's answer goes back to its asker.
         let standing = m.prompt.id != paligemma_stream::prompts::ASK_ID;
-        if let Some(Err(e)) = results_to_ros2.as_ref().filter(|_| standing).map(|r| r.publish(&camera, &frame_id, m)) {
+        if let Some(Err(e)) = results_to_ros2
+            .as_ref()
+            .filter(|_| standing)
+            .map(|r| r.publish(&camera, &frame_id, m))
+        {
             sink.error(format!("{e:#}"));
         }
     };
     if let Some(why) = persisted.and_then(|p| p.error.as_ref()) {
         publisher.error(why.clone());
     }
-    let prompts = match persisted.and_then(|p| p.state.restored(&cam.name).map(|set| (set, p.state.path()))) {
+    let prompts = match persisted
+        .and_then(|p| p.state.restored(&cam.name).map(|set| (set, p.state.path())))
+    {
         Some((set, path)) => {
             let ids: Vec<_> = set.prompts.iter().map(|p| &p.id).collect();
-            tracing::info!("camera {}: standing prompts {ids:?} restored from {}", cam.name, path.display());
+            tracing::info!(
+                "camera {}: standing prompts {ids:?} restored from {}",
+                cam.name,
+                path.display()
+            );
             set
         }
         None => cam.prompt_set()?,
@@ -426,10 +582,17 @@ pub async fn start(
     let worker = Arc::new(Stream::attach(engine, prompts, config, Box::new(deliver)));
     let events = publisher.clone();
     let health = Arc::new(Health::new(move |t: &Transition| events.source_event(t)));
-    let ctx = Ctx { worker: worker.clone(), publisher: publisher.clone(), seq: Arc::default(), health: health.clone() };
+    let ctx = Ctx {
+        worker: worker.clone(),
+        publisher: publisher.clone(),
+        seq: Arc::default(),
+        health: health.clone(),
+    };
 
     let mut tasks = Vec::new();
-    let mut spawn = |what: &'static str, task: Box<dyn Fn() -> Attempt + Send>| tasks.push(supervise(publisher.clone(), what, task));
+    let mut spawn = |what: &'static str, task: Box<dyn Fn() -> Attempt + Send>| {
+        tasks.push(supervise(publisher.clone(), what, task))
+    };
     let ros2_source = match (&cam.ros2_image, &cam.ros2_compressed_image) {
         (Some(topic), _) => Some((topic, ImageKind::Raw)),
         (None, Some(topic)) => Some((topic, ImageKind::Compressed)),
@@ -439,43 +602,113 @@ pub async fn start(
     match (&cam.zenoh_key, ros2_source) {
         (Some(key), _) => {
             let (c, key, max_pixels) = (ctx.clone(), key.clone(), cfg.max_pixels);
-            spawn("the frame subscriber", Box::new(move || Box::pin(frames_in(c.clone(), key.clone(), max_pixels))));
+            spawn(
+                "the frame subscriber",
+                Box::new(move || Box::pin(frames_in(c.clone(), key.clone(), max_pixels))),
+            );
         }
         (None, Some((topic, kind))) => {
-            let ros2 = ros2.as_ref().context("a ROS 2 image topic needs [ros2] enabled")?;
+            let ros2 = ros2
+                .as_ref()
+                .context("a ROS 2 image topic needs [ros2] enabled")?;
             let (key, token) = ros2.subscription(topic, kind.ros_type())?;
             ros2_token = Some(token);
             let (c, max_pixels) = (ctx.clone(), cfg.max_pixels);
-            spawn("the ROS 2 image subscriber", Box::new(move || Box::pin(frames_from_ros2(c.clone(), key.clone(), kind, max_pixels))));
+            spawn(
+                "the ROS 2 image subscriber",
+                Box::new(move || {
+                    Box::pin(frames_from_ros2(c.clone(), key.clone(), kind, max_pixels))
+                }),
+            );
         }
         (None, None) => {
-            frames::check(cam.pipeline.as_deref(), cam.uri.as_deref()).with_context(|| format!("camera {}", cam.name))?;
+            frames::check(cam.pipeline.as_deref(), cam.uri.as_deref())
+                .with_context(|| format!("camera {}", cam.name))?;
             let c = ctx.clone();
             let sink: source::FrameSink = Arc::new(move |img, pts| c.deliver(img, pts, None));
             let (pipeline, uri, health) = (cam.pipeline.clone(), cam.uri.clone(), health.clone());
-            let (first, most) = (Duration::from_millis(cam.restart_backoff_ms), Duration::from_millis(cam.restart_backoff_max_ms));
+            let (first, most) = (
+                Duration::from_millis(cam.restart_backoff_ms),
+                Duration::from_millis(cam.restart_backoff_max_ms),
+            );
             spawn(
                 "the frame source",
-                Box::new(move || Box::pin(source::run_gst(pipeline.clone(), uri.clone(), health.clone(), sink.clone(), Backoff::new(first, most)))),
+                Box::new(move || {
+                    Box::pin(source::run_gst(
+                        pipeline.clone(),
+                        uri.clone(),
+                        health.clone(),
+                        sink.clone(),
+                        Backoff::new(first, most),
+                    ))
+                }),
             );
         }
     }
     let (h, stall_after) = (health.clone(), Duration::from_millis(cam.stall_after_ms));
-    spawn("the stall watch", Box::new(move || Box::pin(source::watch_stalls(h.clone(), stall_after))));
-    let limits = AskLimits { rate: ask_rate, timeout: Duration::from_millis(cfg.ask_timeout_ms), max_bytes: cfg.max_prompt_bytes };
+    spawn(
+        "the stall watch",
+        Box::new(move || Box::pin(source::watch_stalls(h.clone(), stall_after))),
+    );
+    let limits = AskLimits {
+        rate: ask_rate,
+        timeout: Duration::from_millis(cfg.ask_timeout_ms),
+        max_bytes: cfg.max_prompt_bytes,
+    };
     let c = ctx.clone();
-    spawn("the ask queryable", Box::new(move || Box::pin(asks(c.clone(), limits.clone()))));
-    let (c, allowed, name, state) = (ctx.clone(), cfg.allow_prompt_updates, cam.name.clone(), persisted.map(|p| p.state.clone()));
-    spawn("the prompts subscriber", Box::new(move || Box::pin(prompt_updates(c.clone(), allowed, name.clone(), state.clone()))));
+    spawn(
+        "the ask queryable",
+        Box::new(move || Box::pin(asks(c.clone(), limits.clone()))),
+    );
+    let (c, allowed, name, state) = (
+        ctx.clone(),
+        cfg.allow_prompt_updates,
+        cam.name.clone(),
+        persisted.map(|p| p.state.clone()),
+    );
+    spawn(
+        "the prompts subscriber",
+        Box::new(move || {
+            Box::pin(prompt_updates(
+                c.clone(),
+                allowed,
+                name.clone(),
+                state.clone(),
+            ))
+        }),
+    );
     let p = publisher.clone();
-    spawn("the refusal reporter", Box::new(move || Box::pin(refusal_summaries(p.clone()))));
+    spawn(
+        "the refusal reporter",
+        Box::new(move || Box::pin(refusal_summaries(p.clone()))),
+    );
     let c = ctx.clone();
-    spawn("the prompts queryable", Box::new(move || Box::pin(prompt_list(c.clone()))));
+    spawn(
+        "the prompts queryable",
+        Box::new(move || Box::pin(prompt_list(c.clone()))),
+    );
     if cfg.status_interval_s > 0.0 {
         let (c, period) = (ctx.clone(), Duration::from_secs_f64(cfg.status_interval_s));
-        let (model, device) = (cfg.model.path.display().to_string(), cfg.model.device.clone());
-        spawn("the status publisher", Box::new(move || Box::pin(status(c.clone(), period, model.clone(), device.clone()))));
+        let (model, device) = (
+            cfg.model.path.display().to_string(),
+            cfg.model.device.clone(),
+        );
+        spawn(
+            "the status publisher",
+            Box::new(move || Box::pin(status(c.clone(), period, model.clone(), device.clone()))),
+        );
     }
-    let token = session.liveliness().declare_token(base.as_str()).await.map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
-    Ok(Camera { name: cam.name.clone(), worker, publisher, tasks, _token: token, _ros2_subscription: ros2_token })
+    let token = session
+        .liveliness()
+        .declare_token(base.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
+    Ok(Camera {
+        name: cam.name.clone(),
+        worker,
+        publisher,
+        tasks,
+        _token: token,
+        _ros2_subscription: ros2_token,
+    })
 }

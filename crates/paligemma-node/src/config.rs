@@ -1,8 +1,8 @@
 //! The node's configuration: one TOML file (see `configs/node.toml`), overridable
 //! from the command line.
 use anyhow::{Context, Result, bail};
-use paligemma_stream::tracker::TrackerConfig;
 use paligemma::{ContextOptions, WeightOptions};
+use paligemma_stream::tracker::TrackerConfig;
 use paligemma_stream::{EngineOptions, PromptSet, StandingPrompt, usable_lanes};
 use std::path::{Path, PathBuf};
 
@@ -274,8 +274,10 @@ impl CameraConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut cfg: Config = toml::from_str(&text).with_context(|| format!("{}: invalid configuration", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut cfg: Config = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid configuration", path.display()))?;
         // Relative paths are relative to the configuration file.
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.state_file = Some(match cfg.state_file.take() {
@@ -299,25 +301,49 @@ impl Config {
     /// engine (see `paligemma_stream::Engine::shared`).
     pub fn engine_options(&self) -> Result<EngineOptions> {
         let m = &self.model;
-        let weights = WeightOptions { device: paligemma::Device::find(&m.device)?, ..Default::default() };
-        let mut context = ContextOptions { threads: m.threads, kv_type: m.kv_type.parse::<paligemma::KvType>()?, max_sequences: m.max_sequences, ..Default::default() };
+        let weights = WeightOptions {
+            device: paligemma::Device::find(&m.device)?,
+            ..Default::default()
+        };
+        let mut context = ContextOptions {
+            threads: m.threads,
+            kv_type: m.kv_type.parse::<paligemma::KvType>()?,
+            max_sequences: m.max_sequences,
+            ..Default::default()
+        };
         let lanes = m.lanes.max(1);
         if m.max_sequences == 0 {
             let prompts: usize = self.cameras.iter().map(|c| c.prompts.len()).sum();
-            let widest = self.cameras.iter().map(|c| c.prompts.len()).max().unwrap_or(0);
+            let widest = self
+                .cameras
+                .iter()
+                .map(|c| c.prompts.len())
+                .max()
+                .unwrap_or(0);
             let lanes = usable_lanes(weights.device, context.threads_or_default(), lanes);
-            context.max_sequences = prompts.max(widest * lanes).clamp(4, paligemma::MAX_SEQUENCES);
+            context.max_sequences = prompts
+                .max(widest * lanes)
+                .clamp(4, paligemma::MAX_SEQUENCES);
         }
-        Ok(EngineOptions { weights, context, lanes })
+        Ok(EngineOptions {
+            weights,
+            context,
+            lanes,
+        })
     }
 
     pub fn prefix(&self) -> String {
-        self.prefix.clone().unwrap_or_else(|| format!("paligemma/{}", self.node))
+        self.prefix
+            .clone()
+            .unwrap_or_else(|| format!("paligemma/{}", self.node))
     }
 
     pub fn validate(&self) -> Result<()> {
         if !(self.refusal_window_s.is_finite() && self.refusal_window_s > 0.0) {
-            bail!("refusal_window_s must be a positive number of seconds, not {}", self.refusal_window_s);
+            bail!(
+                "refusal_window_s must be a positive number of seconds, not {}",
+                self.refusal_window_s
+            );
         }
         if self.errors_per_s == 0 {
             bail!("errors_per_s must be at least 1");
@@ -328,25 +354,49 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for c in &self.cameras {
             if !paligemma_stream::prompts::is_name(&c.name) {
-                bail!("camera name {:?} must be 1 to 64 letters, digits, - or _", c.name);
+                bail!(
+                    "camera name {:?} must be 1 to 64 letters, digits, - or _",
+                    c.name
+                );
             }
             if !names.insert(&c.name) {
                 bail!("camera {:?} appears twice", c.name);
             }
             let ros2 = [c.ros2_image.is_some(), c.ros2_compressed_image.is_some()];
-            let sources = [c.pipeline.is_some(), c.uri.is_some(), c.zenoh_key.is_some(), ros2[0], ros2[1]].iter().filter(|&&b| b).count();
+            let sources = [
+                c.pipeline.is_some(),
+                c.uri.is_some(),
+                c.zenoh_key.is_some(),
+                ros2[0],
+                ros2[1],
+            ]
+            .iter()
+            .filter(|&&b| b)
+            .count();
             if sources != 1 {
-                bail!("camera {:?} needs exactly one of pipeline, uri, zenoh_key, ros2_image or ros2_compressed_image", c.name);
+                bail!(
+                    "camera {:?} needs exactly one of pipeline, uri, zenoh_key, ros2_image or ros2_compressed_image",
+                    c.name
+                );
             }
             if ros2.contains(&true) && !self.ros2.enabled {
-                bail!("camera {:?} reads a ROS 2 topic, but ROS 2 is off: add a [ros2] section (without enabled = false)", c.name);
+                bail!(
+                    "camera {:?} reads a ROS 2 topic, but ROS 2 is off: add a [ros2] section (without enabled = false)",
+                    c.name
+                );
             }
             c.prompt_set()?;
             if let Err(e) = c.tracking.validate() {
                 bail!("camera {:?}: {e}", c.name);
             }
-            if c.stall_after_ms == 0 || c.restart_backoff_ms == 0 || c.restart_backoff_max_ms < c.restart_backoff_ms {
-                bail!("camera {:?}: stall_after_ms and restart_backoff_ms must be positive, restart_backoff_max_ms at least restart_backoff_ms", c.name);
+            if c.stall_after_ms == 0
+                || c.restart_backoff_ms == 0
+                || c.restart_backoff_max_ms < c.restart_backoff_ms
+            {
+                bail!(
+                    "camera {:?}: stall_after_ms and restart_backoff_ms must be positive, restart_backoff_max_ms at least restart_backoff_ms",
+                    c.name
+                );
             }
         }
         Ok(())
@@ -356,23 +406,38 @@ impl Config {
     pub fn zenoh_config(&self) -> Result<zenoh::Config> {
         let z = &self.zenoh;
         let mut config = match &z.config {
-            Some(path) => zenoh::Config::from_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            Some(path) => zenoh::Config::from_file(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
             None => zenoh::Config::default(),
         };
         let set = |config: &mut zenoh::Config, key: &str, value: String| {
-            config.insert_json5(key, &value).map_err(|e| anyhow::anyhow!("zenoh setting {key} = {value}: {e}"))
+            config
+                .insert_json5(key, &value)
+                .map_err(|e| anyhow::anyhow!("zenoh setting {key} = {value}: {e}"))
         };
         if let Some(mode) = &z.mode {
             set(&mut config, "mode", serde_json::to_string(mode)?)?;
         }
         if !z.listen.is_empty() {
-            set(&mut config, "listen/endpoints", serde_json::to_string(&z.listen)?)?;
+            set(
+                &mut config,
+                "listen/endpoints",
+                serde_json::to_string(&z.listen)?,
+            )?;
         } else if z.config.is_none() {
             // Reachable from this machine only unless the configuration says otherwise.
-            set(&mut config, "listen/endpoints", serde_json::to_string(&[DEFAULT_LISTEN])?)?;
+            set(
+                &mut config,
+                "listen/endpoints",
+                serde_json::to_string(&[DEFAULT_LISTEN])?,
+            )?;
         }
         if !z.connect.is_empty() {
-            set(&mut config, "connect/endpoints", serde_json::to_string(&z.connect)?)?;
+            set(
+                &mut config,
+                "connect/endpoints",
+                serde_json::to_string(&z.connect)?,
+            )?;
         }
         // Off unless asked for: in peer mode, multicast scouting connects to every peer
         // it finds on the network, and each of them could then put on the node's keys.
@@ -390,7 +455,8 @@ mod tests {
     use super::*;
 
     fn config(cameras: &[usize], lanes: usize) -> Config {
-        let mut text = format!("node = \"n\"\n[model]\npath = \"m.gguf\"\nthreads = 4\nlanes = {lanes}\n");
+        let mut text =
+            format!("node = \"n\"\n[model]\npath = \"m.gguf\"\nthreads = 4\nlanes = {lanes}\n");
         for (c, &prompts) in cameras.iter().enumerate() {
             text += &format!("[[camera]]\nname = \"c{c}\"\nzenoh_key = \"k{c}\"\n");
             for p in 0..prompts {
@@ -402,7 +468,13 @@ mod tests {
 
     #[test]
     fn default_sequences_fit_every_prompt_and_a_camera_per_lane() {
-        let sequences = |cameras: &[usize], lanes| config(cameras, lanes).engine_options().unwrap().context.max_sequences;
+        let sequences = |cameras: &[usize], lanes| {
+            config(cameras, lanes)
+                .engine_options()
+                .unwrap()
+                .context
+                .max_sequences
+        };
         assert_eq!(sequences(&[1], 1), 4, "at least 4");
         assert_eq!(sequences(&[2, 3, 2], 1), 7, "every standing prompt");
         // Two lanes each hold half the sequences: each must fit the camera of 5 prompts.
@@ -425,7 +497,12 @@ mod tests {
     /// A `[ros2]` section turns ROS 2 on unless it says `enabled = false`; none leaves it off.
     #[test]
     fn a_ros2_section_is_on_unless_it_says_otherwise() {
-        let ros2 = |extra: &str| toml::from_str::<Config>(&format!("[model]\npath = \"m.gguf\"\n{extra}")).unwrap().ros2.enabled;
+        let ros2 = |extra: &str| {
+            toml::from_str::<Config>(&format!("[model]\npath = \"m.gguf\"\n{extra}"))
+                .unwrap()
+                .ros2
+                .enabled
+        };
         assert!(!ros2(""));
         assert!(ros2("[ros2]\ndomain_id = 3\n"));
         assert!(!ros2("[ros2]\nenabled = false\n"));

@@ -61,7 +61,11 @@ impl GstSource {
         sink.set_max_buffers(1);
         sink.set_drop(true);
         sink.set_sync(false);
-        sink.set_caps(Some(&gst_video::VideoCapsBuilder::new().format(gst_video::VideoFormat::Rgb).build()));
+        sink.set_caps(Some(
+            &gst_video::VideoCapsBuilder::new()
+                .format(gst_video::VideoFormat::Rgb)
+                .build(),
+        ));
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
@@ -76,7 +80,13 @@ impl GstSource {
                         return Ok(gst::FlowSuccess::Ok);
                     };
                     let stride = info.stride()[0] as usize;
-                    if let Ok(img) = RgbImage::from_raw(&map, info.width() as usize, info.height() as usize, stride, PixelFormat::Rgb) {
+                    if let Ok(img) = RgbImage::from_raw(
+                        &map,
+                        info.width() as usize,
+                        info.height() as usize,
+                        stride,
+                        PixelFormat::Rgb,
+                    ) {
                         on_frame(img, buffer.pts().map(|p| p.nseconds()));
                     }
                     Ok(gst::FlowSuccess::Ok)
@@ -89,10 +99,16 @@ impl GstSource {
         bus.set_sync_handler(move |_, msg| {
             let event = match msg.view() {
                 gst::MessageView::Eos(_) => Some(BusEvent::Eos),
-                gst::MessageView::Error(e) => Some(BusEvent::Error(format!("{} ({})", e.error(), e.debug().as_deref().unwrap_or("no details")))),
+                gst::MessageView::Error(e) => Some(BusEvent::Error(format!(
+                    "{} ({})",
+                    e.error(),
+                    e.debug().as_deref().unwrap_or("no details")
+                ))),
                 _ => None,
             };
-            if let Some(event) = event.filter(|_| !ended.swap(true, std::sync::atomic::Ordering::SeqCst)) {
+            if let Some(event) =
+                event.filter(|_| !ended.swap(true, std::sync::atomic::Ordering::SeqCst))
+            {
                 on_bus(event);
             }
             gst::BusSyncReply::Drop

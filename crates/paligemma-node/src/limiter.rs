@@ -13,7 +13,11 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(rate: f64, burst: u32) -> RateLimiter {
         let burst = f64::from(burst.max(1));
-        RateLimiter { rate: rate.max(0.0), burst, state: Mutex::new((burst, Instant::now())) }
+        RateLimiter {
+            rate: rate.max(0.0),
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
     }
 
     /// Takes one token if there is one.
@@ -39,10 +43,17 @@ mod tests {
     #[test]
     fn bursts_then_the_rate() {
         let limiter = RateLimiter::new(20.0, 5);
-        assert_eq!((0..50).filter(|_| limiter.try_take()).count(), 5, "the burst, then nothing at once");
+        assert_eq!(
+            (0..50).filter(|_| limiter.try_take()).count(),
+            5,
+            "the burst, then nothing at once"
+        );
         std::thread::sleep(std::time::Duration::from_millis(260));
         let refilled = (0..50).filter(|_| limiter.try_take()).count();
-        assert!((4..=5).contains(&refilled), "about 20/s x 0.26 s, at most the burst: {refilled}");
+        assert!(
+            (4..=5).contains(&refilled),
+            "about 20/s x 0.26 s, at most the burst: {refilled}"
+        );
         let never_refills = RateLimiter::new(0.0, 1);
         assert!(never_refills.try_take() && !never_refills.try_take());
     }

@@ -84,8 +84,14 @@ fn build_config(cli: &Cli) -> Result<Config> {
     let mut cfg = match &cli.config {
         Some(path) => Config::load(path)?,
         None => {
-            let model = cli.model.clone().context("give --config FILE or at least --model and --camera")?;
-            toml::from_str::<Config>(&format!("[model]\npath = {:?}\n", model.display().to_string()))?
+            let model = cli
+                .model
+                .clone()
+                .context("give --config FILE or at least --model and --camera")?;
+            toml::from_str::<Config>(&format!(
+                "[model]\npath = {:?}\n",
+                model.display().to_string()
+            ))?
         }
     };
     if let Some(m) = &cli.model {
@@ -125,8 +131,14 @@ fn build_config(cli: &Cli) -> Result<Config> {
         cfg.zenoh.multicast_scouting = Some(false);
     }
     for cam in &cli.cameras {
-        let (name, pipeline) = cam.split_once('=').context("--camera takes NAME=PIPELINE")?;
-        let prompts = PromptSet::from_short(&cli.prompts.join("|"), 0, paligemma_stream::prompts::DEFAULT_MAX_TOKENS)?;
+        let (name, pipeline) = cam
+            .split_once('=')
+            .context("--camera takes NAME=PIPELINE")?;
+        let prompts = PromptSet::from_short(
+            &cli.prompts.join("|"),
+            0,
+            paligemma_stream::prompts::DEFAULT_MAX_TOKENS,
+        )?;
         cfg.cameras.push(config::CameraConfig {
             name: name.into(),
             pipeline: Some(pipeline.into()),
@@ -153,7 +165,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -165,25 +178,51 @@ async fn shutdown_signal() {
 
 async fn run(cfg: Config) -> Result<()> {
     gst::init().context("initialising GStreamer")?;
-    let session = zenoh::open(cfg.zenoh_config()?).await.map_err(|e| anyhow::anyhow!("opening the zenoh session: {e}"))?;
+    let session = zenoh::open(cfg.zenoh_config()?)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the zenoh session: {e}"))?;
     let prefix = cfg.prefix();
-    let node_token = session.liveliness().declare_token(prefix.as_str()).await.map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
+    let node_token = session
+        .liveliness()
+        .declare_token(prefix.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
     // One budget of asks for the whole node, whatever camera they are for.
     let asks = Arc::new(limiter::RateLimiter::new(cfg.ask_rate, cfg.ask_burst));
-    let ros2 = if cfg.ros2.enabled { Some(Arc::new(ros2::Ros2::start(&session, &cfg.ros2)?)) } else { None };
+    let ros2 = if cfg.ros2.enabled {
+        Some(Arc::new(ros2::Ros2::start(&session, &cfg.ros2)?))
+    } else {
+        None
+    };
     let persisted = match (&cfg.state_file, cfg.allow_prompt_updates) {
         (Some(path), true) => {
             let (state, error) = state::PromptState::open(path.clone());
-            Some(camera::Persisted { state: Arc::new(state), error: error.map(|e| format!("{e:#}")) })
+            Some(camera::Persisted {
+                state: Arc::new(state),
+                error: error.map(|e| format!("{e:#}")),
+            })
         }
         _ => None,
     };
     let mut cameras = Vec::new();
     for cam in &cfg.cameras {
-        cameras.push(camera::start(&cfg, cam, &session, asks.clone(), ros2.clone(), persisted.as_ref()).await?);
+        cameras.push(
+            camera::start(
+                &cfg,
+                cam,
+                &session,
+                asks.clone(),
+                ros2.clone(),
+                persisted.as_ref(),
+            )
+            .await?,
+        );
     }
     tracing::info!("serving {} camera(s) under {prefix}", cameras.len());
-    println!("paligemma-node: serving {} camera(s) under {prefix}", cameras.len());
+    println!(
+        "paligemma-node: serving {} camera(s) under {prefix}",
+        cameras.len()
+    );
     shutdown_signal().await;
     tracing::info!("shutting down");
     // Every camera's tasks first (their frame sources stop with them), then each stream.
@@ -210,20 +249,31 @@ async fn run(cfg: Config) -> Result<()> {
     }
     // The ROS 2 node and publisher tokens go before the session closes.
     drop(ros2);
-    node_token.undeclare().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    session.close().await.map_err(|e| anyhow::anyhow!("closing the session: {e}"))?;
+    node_token
+        .undeclare()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    session
+        .close()
+        .await
+        .map_err(|e| anyhow::anyhow!("closing the session: {e}"))?;
     Ok(())
 }
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,zenoh=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,zenoh=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     paligemma_ggml_quiet();
     let cli = Cli::parse();
     let result = build_config(&cli).and_then(|cfg| {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(run(cfg))
     });
     if let Err(e) = result {

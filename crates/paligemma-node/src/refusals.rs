@@ -36,7 +36,13 @@ pub enum RefusalKind {
 }
 
 impl RefusalKind {
-    const ALL: [RefusalKind; 5] = [Self::Frame, Self::Ros2Image, Self::PromptUpdate, Self::AskRate, Self::Ask];
+    const ALL: [RefusalKind; 5] = [
+        Self::Frame,
+        Self::Ros2Image,
+        Self::PromptUpdate,
+        Self::AskRate,
+        Self::Ask,
+    ];
 
     /// The kind's name in status and on `<camera>/errors`.
     pub fn name(self) -> &'static str {
@@ -62,7 +68,11 @@ const REASON_CHARS: usize = 160;
 type WindowKey = (RefusalKind, String, String);
 
 fn reason(message: &str) -> String {
-    message.chars().filter(|c| !c.is_ascii_digit()).take(REASON_CHARS).collect()
+    message
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(REASON_CHARS)
+        .collect()
 }
 
 /// A report to log and publish.
@@ -103,7 +113,11 @@ pub struct Refusals {
 impl State {
     /// Takes one of the second's reports, if any is left.
     fn may_send(&mut self, now: Instant, per_s: usize) -> bool {
-        while self.sent.front().is_some_and(|&t| now.duration_since(t) >= Duration::from_secs(1)) {
+        while self
+            .sent
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= Duration::from_secs(1))
+        {
             self.sent.pop_front();
         }
         let free = self.sent.len() < per_s;
@@ -116,14 +130,28 @@ impl State {
 
 impl Refusals {
     pub fn new(window: Duration, errors_per_s: usize) -> Refusals {
-        let state = State { windows: HashMap::new(), sent: VecDeque::new() };
-        Refusals { window, errors_per_s: errors_per_s.max(1), counts: Default::default(), state: Mutex::new(state) }
+        let state = State {
+            windows: HashMap::new(),
+            sent: VecDeque::new(),
+        };
+        Refusals {
+            window,
+            errors_per_s: errors_per_s.max(1),
+            counts: Default::default(),
+            state: Mutex::new(state),
+        }
     }
 
     /// Counts a refusal of `kind` from `source` (a key expression, a topic); returns the
     /// report to log and publish when it is the first of its window and the second has a
     /// report left, else nothing (it is counted in its window).
-    pub fn refuse(&self, kind: RefusalKind, source: &str, now: Instant, message: String) -> Option<Report> {
+    pub fn refuse(
+        &self,
+        kind: RefusalKind,
+        source: &str,
+        now: Instant,
+        message: String,
+    ) -> Option<Report> {
         self.counts[kind as usize].fetch_add(1, Ordering::Relaxed);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut key = (kind, source.to_string(), reason(&message));
@@ -136,10 +164,29 @@ impl Refusals {
         }
         let message = format!("{message} ({})", key.1);
         if state.may_send(now, self.errors_per_s) {
-            state.windows.insert(key, Window { opened: now, suppressed: 0, unreported: None });
-            Some(Report { kind, message, refusals: 1, suppressed: 0 })
+            state.windows.insert(
+                key,
+                Window {
+                    opened: now,
+                    suppressed: 0,
+                    unreported: None,
+                },
+            );
+            Some(Report {
+                kind,
+                message,
+                refusals: 1,
+                suppressed: 0,
+            })
         } else {
-            state.windows.insert(key, Window { opened: now, suppressed: 1, unreported: Some(message) });
+            state.windows.insert(
+                key,
+                Window {
+                    opened: now,
+                    suppressed: 1,
+                    unreported: Some(message),
+                },
+            );
             None
         }
     }
@@ -151,15 +198,25 @@ impl Refusals {
     pub fn due(&self, now: Instant) -> Vec<Report> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let closing = |w: &Window| now.duration_since(w.opened) >= self.window;
-        let mut due: Vec<_> = state.windows.iter().filter(|(_, w)| w.unreported.is_some() || closing(w)).map(|(k, w)| (k.clone(), w.opened)).collect();
+        let mut due: Vec<_> = state
+            .windows
+            .iter()
+            .filter(|(_, w)| w.unreported.is_some() || closing(w))
+            .map(|(k, w)| (k.clone(), w.opened))
+            .collect();
         due.sort_by_key(|(_, opened)| *opened);
         let mut reports = Vec::new();
         for (key, opened) in due {
-            let (n, close) = (state.windows[&key].suppressed, closing(&state.windows[&key]));
+            let (n, close) = (
+                state.windows[&key].suppressed,
+                closing(&state.windows[&key]),
+            );
             if n > 0 && !state.may_send(now, self.errors_per_s) {
                 break;
             }
-            let Some(window) = state.windows.get_mut(&key) else { continue };
+            let Some(window) = state.windows.get_mut(&key) else {
+                continue;
+            };
             let first = window.unreported.take();
             window.suppressed = 0;
             if close {
@@ -189,7 +246,11 @@ impl Refusals {
 
     /// Every refusal so far, by kind (kinds never refused are left out).
     pub fn counts(&self) -> BTreeMap<&'static str, u64> {
-        RefusalKind::ALL.iter().map(|&k| (k.name(), self.counts[k as usize].load(Ordering::Relaxed))).filter(|&(_, n)| n > 0).collect()
+        RefusalKind::ALL
+            .iter()
+            .map(|&k| (k.name(), self.counts[k as usize].load(Ordering::Relaxed)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
     }
 }
 
@@ -197,8 +258,16 @@ impl Refusals {
 mod tests {
     use super::*;
 
-    fn refuse_n(r: &Refusals, kind: RefusalKind, source: &str, n: usize, at: Instant) -> Vec<Report> {
-        (0..n).filter_map(|i| r.refuse(kind, source, at, format!("bad {i}"))).collect()
+    fn refuse_n(
+        r: &Refusals,
+        kind: RefusalKind,
+        source: &str,
+        n: usize,
+        at: Instant,
+    ) -> Vec<Report> {
+        (0..n)
+            .filter_map(|i| r.refuse(kind, source, at, format!("bad {i}")))
+            .collect()
     }
 
     fn accounted(reports: &[Report]) -> u64 {
@@ -210,15 +279,45 @@ mod tests {
         let t0 = Instant::now();
         let r = Refusals::new(Duration::from_secs(10), 5);
         let first = refuse_n(&r, RefusalKind::Frame, "cam/frames", 100_000, t0);
-        assert_eq!(first, vec![Report { kind: RefusalKind::Frame, message: "bad 0 (cam/frames)".into(), refusals: 1, suppressed: 0 }]);
-        assert!(r.due(t0 + Duration::from_secs(9)).is_empty(), "the window is still open");
+        assert_eq!(
+            first,
+            vec![Report {
+                kind: RefusalKind::Frame,
+                message: "bad 0 (cam/frames)".into(),
+                refusals: 1,
+                suppressed: 0
+            }]
+        );
+        assert!(
+            r.due(t0 + Duration::from_secs(9)).is_empty(),
+            "the window is still open"
+        );
         let summary = r.due(t0 + Duration::from_secs(10));
         assert_eq!(summary.len(), 1);
-        assert_eq!((summary[0].refusals, summary[0].suppressed), (99_999, 99_999));
-        assert!(summary[0].message.contains("and 99999 more frame refusals like it from cam/frames in the last 10 s"), "{}", summary[0].message);
+        assert_eq!(
+            (summary[0].refusals, summary[0].suppressed),
+            (99_999, 99_999)
+        );
+        assert!(
+            summary[0]
+                .message
+                .contains("and 99999 more frame refusals like it from cam/frames in the last 10 s"),
+            "{}",
+            summary[0].message
+        );
         assert_eq!(r.counts()["frame"], 100_000);
         // The next refusal opens a new window and is reported in full again.
-        assert_eq!(refuse_n(&r, RefusalKind::Frame, "cam/frames", 1, t0 + Duration::from_secs(11)).len(), 1);
+        assert_eq!(
+            refuse_n(
+                &r,
+                RefusalKind::Frame,
+                "cam/frames",
+                1,
+                t0 + Duration::from_secs(11)
+            )
+            .len(),
+            1
+        );
         // A window without repeats closes silently.
         assert!(r.due(t0 + Duration::from_secs(30)).is_empty());
     }
@@ -230,8 +329,17 @@ mod tests {
         assert_eq!(refuse_n(&r, RefusalKind::Frame, "a", 3, t0).len(), 1);
         assert_eq!(refuse_n(&r, RefusalKind::Frame, "b", 3, t0).len(), 1);
         assert_eq!(refuse_n(&r, RefusalKind::PromptUpdate, "a", 3, t0).len(), 1);
-        assert_eq!(r.due(t0 + Duration::from_secs(1)).iter().map(|s| s.refusals).sum::<u64>(), 6);
-        assert_eq!(r.counts(), BTreeMap::from([("frame", 6), ("prompt_update", 3)]));
+        assert_eq!(
+            r.due(t0 + Duration::from_secs(1))
+                .iter()
+                .map(|s| s.refusals)
+                .sum::<u64>(),
+            6
+        );
+        assert_eq!(
+            r.counts(),
+            BTreeMap::from([("frame", 6), ("prompt_update", 3)])
+        );
     }
 
     #[test]
@@ -239,10 +347,24 @@ mod tests {
         let t0 = Instant::now();
         let r = Refusals::new(Duration::from_secs(10), 5);
         let mut reported = Vec::new();
-        for message in ["cannot decode: 12 bytes", "cannot decode: 13 bytes", "2000x1000 is larger than the limit", "cannot decode: 9 bytes"] {
-            reported.extend(r.refuse(RefusalKind::Frame, "cam/frames", t0, message.to_string()).map(|r| r.message));
+        for message in [
+            "cannot decode: 12 bytes",
+            "cannot decode: 13 bytes",
+            "2000x1000 is larger than the limit",
+            "cannot decode: 9 bytes",
+        ] {
+            reported.extend(
+                r.refuse(RefusalKind::Frame, "cam/frames", t0, message.to_string())
+                    .map(|r| r.message),
+            );
         }
-        assert_eq!(reported, ["cannot decode: 12 bytes (cam/frames)", "2000x1000 is larger than the limit (cam/frames)"]);
+        assert_eq!(
+            reported,
+            [
+                "cannot decode: 12 bytes (cam/frames)",
+                "2000x1000 is larger than the limit (cam/frames)"
+            ]
+        );
         let summary = r.due(t0 + Duration::from_secs(10));
         assert_eq!(summary.iter().map(|s| s.refusals).collect::<Vec<_>>(), [2]);
     }
@@ -251,20 +373,57 @@ mod tests {
     fn a_first_report_held_back_by_the_rate_goes_out_at_the_next_room() {
         let t0 = Instant::now();
         let r = Refusals::new(Duration::from_secs(10), 2);
-        assert_eq!(r.refuse(RefusalKind::Ask, "a", t0, "one".into()).map(|r| r.refusals), Some(1));
-        assert_eq!(r.refuse(RefusalKind::Ask, "b", t0, "two".into()).map(|r| r.refusals), Some(1));
-        assert!(r.refuse(RefusalKind::Ask, "c", t0, "three".into()).is_none(), "over 2 a second");
-        assert!(r.refuse(RefusalKind::Ask, "c", t0, "three".into()).is_none());
-        assert!(r.due(t0 + Duration::from_millis(500)).is_empty(), "the second is still full");
+        assert_eq!(
+            r.refuse(RefusalKind::Ask, "a", t0, "one".into())
+                .map(|r| r.refusals),
+            Some(1)
+        );
+        assert_eq!(
+            r.refuse(RefusalKind::Ask, "b", t0, "two".into())
+                .map(|r| r.refusals),
+            Some(1)
+        );
+        assert!(
+            r.refuse(RefusalKind::Ask, "c", t0, "three".into())
+                .is_none(),
+            "over 2 a second"
+        );
+        assert!(
+            r.refuse(RefusalKind::Ask, "c", t0, "three".into())
+                .is_none()
+        );
+        assert!(
+            r.due(t0 + Duration::from_millis(500)).is_empty(),
+            "the second is still full"
+        );
         let held = r.due(t0 + Duration::from_secs(1));
         assert_eq!(
             held,
-            [Report { kind: RefusalKind::Ask, message: "three (c); and 1 more like it from c in the last 1 s".into(), refusals: 2, suppressed: 1 }]
+            [Report {
+                kind: RefusalKind::Ask,
+                message: "three (c); and 1 more like it from c in the last 1 s".into(),
+                refusals: 2,
+                suppressed: 1
+            }]
         );
         // Its window stays open: a repeat is summed up when it closes.
-        assert!(r.refuse(RefusalKind::Ask, "c", t0 + Duration::from_secs(2), "three".into()).is_none());
+        assert!(
+            r.refuse(
+                RefusalKind::Ask,
+                "c",
+                t0 + Duration::from_secs(2),
+                "three".into()
+            )
+            .is_none()
+        );
         let closed = r.due(t0 + Duration::from_secs(10));
-        assert_eq!(closed.iter().map(|r| (r.refusals, r.suppressed)).collect::<Vec<_>>(), [(1, 1)]);
+        assert_eq!(
+            closed
+                .iter()
+                .map(|r| (r.refusals, r.suppressed))
+                .collect::<Vec<_>>(),
+            [(1, 1)]
+        );
         assert_eq!(r.counts()["ask"], 5);
     }
 
@@ -279,7 +438,13 @@ mod tests {
         for step in 0..30u32 {
             let now = t0 + Duration::from_millis(100) * step;
             for source in 0..200 {
-                let got = refuse_n(&r, RefusalKind::Ros2Image, &format!("topic{source}"), 10, now);
+                let got = refuse_n(
+                    &r,
+                    RefusalKind::Ros2Image,
+                    &format!("topic{source}"),
+                    10,
+                    now,
+                );
                 sent_at.extend(got.iter().map(|_| now));
                 reports.extend(got);
             }
@@ -295,11 +460,22 @@ mod tests {
             reports.extend(closed);
         }
         for (i, &t) in sent_at.iter().enumerate() {
-            let in_second = sent_at[i..].iter().take_while(|&&u| u.duration_since(t) < Duration::from_secs(1)).count();
-            assert!(in_second <= 5, "{in_second} reports within a second of report {i}");
+            let in_second = sent_at[i..]
+                .iter()
+                .take_while(|&&u| u.duration_since(t) < Duration::from_secs(1))
+                .count();
+            assert!(
+                in_second <= 5,
+                "{in_second} reports within a second of report {i}"
+            );
         }
         assert_eq!(r.counts()["ros2_image"], 200 * 10 * 30);
-        assert_eq!(accounted(&reports), 200 * 10 * 30, "{} reports", reports.len());
+        assert_eq!(
+            accounted(&reports),
+            200 * 10 * 30,
+            "{} reports",
+            reports.len()
+        );
         assert!(r.state.lock().unwrap().windows.len() <= MAX_WINDOWS + 1);
     }
 }

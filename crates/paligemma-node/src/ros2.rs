@@ -4,9 +4,9 @@
 //! results as CDR samples with the `rmw_zenoh` attachment, on the topic's key.
 use crate::config::Ros2Config;
 use anyhow::{Result, anyhow};
-use paligemma_stream::ResultMessage;
 use paligemma_ros2::keys::{EntityKind, NodeName, attachment, gid, topic_key};
 use paligemma_ros2::results::to_ros;
+use paligemma_stream::ResultMessage;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,25 +42,79 @@ fn ros_name(name: &str) -> String {
 impl Ros2 {
     /// Declares the node on the graph.
     pub fn start(session: &zenoh::Session, cfg: &Ros2Config) -> Result<Ros2> {
-        let namespace = if cfg.namespace.is_empty() { "/".to_string() } else { cfg.namespace.clone() };
-        let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !s.starts_with(|c: char| c.is_ascii_digit());
-        if !valid(&cfg.node_name) || !namespace.starts_with('/') || !namespace.split('/').skip(1).all(|s| s.is_empty() || valid(s)) {
-            anyhow::bail!("ros2: node {:?} in namespace {:?}: ROS 2 names are letters, digits and _, namespaces start with /", cfg.node_name, namespace);
+        let namespace = if cfg.namespace.is_empty() {
+            "/".to_string()
+        } else {
+            cfg.namespace.clone()
+        };
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !s.starts_with(|c: char| c.is_ascii_digit())
+        };
+        if !valid(&cfg.node_name)
+            || !namespace.starts_with('/')
+            || !namespace
+                .split('/')
+                .skip(1)
+                .all(|s| s.is_empty() || valid(s))
+        {
+            anyhow::bail!(
+                "ros2: node {:?} in namespace {:?}: ROS 2 names are letters, digits and _, namespaces start with /",
+                cfg.node_name,
+                namespace
+            );
         }
-        let node = NodeName { domain: cfg.domain_id, zid: session.zid().to_string(), id: 0, namespace, name: cfg.node_name.clone() };
-        let token = session.liveliness().declare_token(node.token()).wait().map_err(|e| anyhow!("ros2 node token: {e}"))?;
-        tracing::info!("ROS 2 node {}/{} on domain {}", node.namespace.trim_end_matches('/'), node.name, cfg.domain_id);
-        Ok(Ros2 { session: session.clone(), cfg: cfg.clone(), node, _node_token: token, publishers: Mutex::default(), next_entity: AtomicU64::new(1) })
+        let node = NodeName {
+            domain: cfg.domain_id,
+            zid: session.zid().to_string(),
+            id: 0,
+            namespace,
+            name: cfg.node_name.clone(),
+        };
+        let token = session
+            .liveliness()
+            .declare_token(node.token())
+            .wait()
+            .map_err(|e| anyhow!("ros2 node token: {e}"))?;
+        tracing::info!(
+            "ROS 2 node {}/{} on domain {}",
+            node.namespace.trim_end_matches('/'),
+            node.name,
+            cfg.domain_id
+        );
+        Ok(Ros2 {
+            session: session.clone(),
+            cfg: cfg.clone(),
+            node,
+            _node_token: token,
+            publishers: Mutex::default(),
+            next_entity: AtomicU64::new(1),
+        })
     }
 
     /// Announces a publisher or subscription of `topic` on the graph: its data key, its
     /// liveliness token's key (a publisher's gid is taken from it) and the token.
-    fn declare(&self, kind: EntityKind, topic: &str, ros_type: &str) -> Result<(String, String, LivelinessToken)> {
+    fn declare(
+        &self,
+        kind: EntityKind,
+        topic: &str,
+        ros_type: &str,
+    ) -> Result<(String, String, LivelinessToken)> {
         let missing = || anyhow!("ros2: no type hash for {ros_type}");
-        let key = topic_key(self.cfg.domain_id, topic, ros_type, self.cfg.distro).ok_or_else(missing)?;
+        let key =
+            topic_key(self.cfg.domain_id, topic, ros_type, self.cfg.distro).ok_or_else(missing)?;
         let id = self.next_entity.fetch_add(1, Ordering::Relaxed);
-        let token_key = self.node.entity_token(id, kind, topic, ros_type, self.cfg.distro, self.cfg.depth).ok_or_else(missing)?;
-        let token = self.session.liveliness().declare_token(token_key.as_str()).wait().map_err(|e| anyhow!("ros2 {kind:?} token: {e}"))?;
+        let token_key = self
+            .node
+            .entity_token(id, kind, topic, ros_type, self.cfg.distro, self.cfg.depth)
+            .ok_or_else(missing)?;
+        let token = self
+            .session
+            .liveliness()
+            .declare_token(token_key.as_str())
+            .wait()
+            .map_err(|e| anyhow!("ros2 {kind:?} token: {e}"))?;
         tracing::info!("ROS 2 {kind:?} {topic} ({ros_type})");
         Ok((key, token_key, token))
     }
@@ -74,7 +128,13 @@ impl Ros2 {
 
     /// `<namespace>/<node>/<camera>/<prompt id>`.
     pub fn topic(&self, camera: &str, prompt: &str) -> String {
-        format!("{}/{}/{}/{}", self.node.namespace.trim_end_matches('/'), self.node.name, ros_name(camera), ros_name(prompt))
+        format!(
+            "{}/{}/{}/{}",
+            self.node.namespace.trim_end_matches('/'),
+            self.node.name,
+            ros_name(camera),
+            ros_name(prompt)
+        )
     }
 
     /// Publishes a result on its prompt's topic, and a segmentation's masks on
@@ -86,8 +146,14 @@ impl Ros2 {
             let publisher = match publishers.entry((topic.clone(), ros.ros_type())) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    let (key, token_key, token) = self.declare(EntityKind::Publisher, &topic, ros.ros_type())?;
-                    e.insert(Publisher { key, gid: gid(&token_key), sequence: 0, _token: token })
+                    let (key, token_key, token) =
+                        self.declare(EntityKind::Publisher, &topic, ros.ros_type())?;
+                    e.insert(Publisher {
+                        key,
+                        gid: gid(&token_key),
+                        sequence: 0,
+                        _token: token,
+                    })
                 }
             };
             publisher.sequence += 1;

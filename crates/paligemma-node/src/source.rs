@@ -28,8 +28,18 @@ pub struct Transition {
 
 impl Transition {
     pub fn message(&self) -> String {
-        let name = |s: SourceState| serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        format!("frame source {} -> {}: {}", name(self.from), name(self.to), self.detail)
+        let name = |s: SourceState| {
+            serde_json::to_value(s)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        };
+        format!(
+            "frame source {} -> {}: {}",
+            name(self.from),
+            name(self.to),
+            self.detail
+        )
     }
 }
 
@@ -46,12 +56,29 @@ pub struct Health {
 
 impl Health {
     pub fn new(notify: impl Fn(&Transition) + Send + Sync + 'static) -> Health {
-        let status = SourceStatus { state: SourceState::Starting, since_unix_ns: unix_time_ns(), restarts: 0, last_error: None };
-        Health { inner: Mutex::new(Inner { status, last_frame: None }), notify: Box::new(notify) }
+        let status = SourceStatus {
+            state: SourceState::Starting,
+            since_unix_ns: unix_time_ns(),
+            restarts: 0,
+            last_error: None,
+        };
+        Health {
+            inner: Mutex::new(Inner {
+                status,
+                last_frame: None,
+            }),
+            notify: Box::new(notify),
+        }
     }
 
     /// Moves to `to` (counting a restart when `restart`), and reports the change.
-    fn change(&self, to: SourceState, detail: impl FnOnce(&Inner) -> String, error: Option<String>, restart: bool) {
+    fn change(
+        &self,
+        to: SourceState,
+        detail: impl FnOnce(&Inner) -> String,
+        error: Option<String>,
+        restart: bool,
+    ) {
         let transition = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             let from = inner.status.state;
@@ -65,7 +92,12 @@ impl Health {
             let detail = detail(&inner);
             inner.status.state = to;
             inner.status.since_unix_ns = unix_time_ns();
-            Transition { from, to, restarts: inner.status.restarts, detail }
+            Transition {
+                from,
+                to,
+                restarts: inner.status.restarts,
+                detail,
+            }
         };
         (self.notify)(&transition);
     }
@@ -79,7 +111,12 @@ impl Health {
             inner.status.state
         };
         if state != SourceState::Streaming {
-            self.change(SourceState::Streaming, |i| format!("frames again ({} restarts so far)", i.status.restarts), None, false);
+            self.change(
+                SourceState::Streaming,
+                |i| format!("frames again ({} restarts so far)", i.status.restarts),
+                None,
+                false,
+            );
         }
     }
 
@@ -87,21 +124,45 @@ impl Health {
     pub fn check_stall(&self, now: Instant, stall_after: Duration) {
         let silent = {
             let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            (inner.status.state == SourceState::Streaming).then_some(inner.last_frame).flatten().map(|t| now.duration_since(t)).filter(|d| *d >= stall_after)
+            (inner.status.state == SourceState::Streaming)
+                .then_some(inner.last_frame)
+                .flatten()
+                .map(|t| now.duration_since(t))
+                .filter(|d| *d >= stall_after)
         };
         if let Some(silent) = silent {
-            self.change(SourceState::Stalled, |_| format!("no frame for {:.1} s", silent.as_secs_f64()), None, false);
+            self.change(
+                SourceState::Stalled,
+                |_| format!("no frame for {:.1} s", silent.as_secs_f64()),
+                None,
+                false,
+            );
         }
     }
 
     /// The source ended or failed (`to` is `restarting` or `failed`): it is started
     /// again after `wait`.
     pub fn restart(&self, to: SourceState, why: String, wait: Duration) {
-        self.change(to, |i| format!("{why}; starting it again in {:.2} s (restart {})", wait.as_secs_f64(), i.status.restarts), Some(why.clone()), true);
+        self.change(
+            to,
+            |i| {
+                format!(
+                    "{why}; starting it again in {:.2} s (restart {})",
+                    wait.as_secs_f64(),
+                    i.status.restarts
+                )
+            },
+            Some(why.clone()),
+            true,
+        );
     }
 
     pub fn status(&self) -> SourceStatus {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).status.clone()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .status
+            .clone()
     }
 }
 
@@ -115,13 +176,20 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff { initial, max: max.max(initial), current: initial }
+        Backoff {
+            initial,
+            max: max.max(initial),
+            current: initial,
+        }
     }
 
     /// The next wait: the current one with jitter; the one after is twice as long, up to
     /// the cap.
     pub fn next(&mut self) -> Duration {
-        let unit = std::collections::hash_map::RandomState::new().build_hasher().finish() as f64 / u64::MAX as f64;
+        let unit = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as f64
+            / u64::MAX as f64;
         let wait = self.current.mul_f64(0.8 + 0.4 * unit);
         self.current = (self.current * 2).min(self.max);
         wait
@@ -140,13 +208,24 @@ pub type FrameSink = Arc<dyn Fn(RgbImage, Option<u64>) + Send + Sync>;
 
 /// Runs a camera's GStreamer pipeline (or `uri`) for as long as the camera runs: started,
 /// watched for EOS and errors, and started again after the back-off, for ever.
-pub async fn run_gst(pipeline: Option<String>, uri: Option<String>, health: Arc<Health>, frames: FrameSink, mut backoff: Backoff) -> anyhow::Result<()> {
+pub async fn run_gst(
+    pipeline: Option<String>,
+    uri: Option<String>,
+    health: Arc<Health>,
+    frames: FrameSink,
+    mut backoff: Backoff,
+) -> anyhow::Result<()> {
     loop {
         let (events, mut ended) = tokio::sync::mpsc::unbounded_channel();
         let started = Instant::now();
-        let (to, why) = match GstSource::start(pipeline.as_deref(), uri.as_deref(), frames.clone(), move |e| {
-            let _ = events.send(e);
-        }) {
+        let (to, why) = match GstSource::start(
+            pipeline.as_deref(),
+            uri.as_deref(),
+            frames.clone(),
+            move |e| {
+                let _ = events.send(e);
+            },
+        ) {
             Ok(source) => {
                 let event = ended.recv().await;
                 source.stop();
@@ -175,7 +254,11 @@ pub async fn run_gst(pipeline: Option<String>, uri: Option<String>, health: Arc<
 
 /// Marks a camera's source stalled when its frames stop (every kind of source).
 pub async fn watch_stalls(health: Arc<Health>, stall_after: Duration) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_millis(100).min(stall_after / 4).max(Duration::from_millis(10)));
+    let mut tick = tokio::time::interval(
+        Duration::from_millis(100)
+            .min(stall_after / 4)
+            .max(Duration::from_millis(10)),
+    );
     loop {
         tick.tick().await;
         health.check_stall(Instant::now(), stall_after);
@@ -201,7 +284,9 @@ mod tests {
     fn transitions_are_reported_once() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
-        let health = Health::new(move |t: &Transition| sink.lock().unwrap().push((t.from, t.to, t.restarts)));
+        let health = Health::new(move |t: &Transition| {
+            sink.lock().unwrap().push((t.from, t.to, t.restarts))
+        });
         health.frame();
         health.frame();
         let t = Instant::now();
@@ -209,8 +294,16 @@ mod tests {
         health.check_stall(t + Duration::from_secs(3), Duration::from_secs(2));
         health.check_stall(t + Duration::from_secs(4), Duration::from_secs(2));
         health.frame();
-        health.restart(SourceState::Restarting, "the stream ended (EOS)".into(), Duration::from_millis(500));
-        health.restart(SourceState::Failed, "no such device".into(), Duration::from_secs(1));
+        health.restart(
+            SourceState::Restarting,
+            "the stream ended (EOS)".into(),
+            Duration::from_millis(500),
+        );
+        health.restart(
+            SourceState::Failed,
+            "no such device".into(),
+            Duration::from_secs(1),
+        );
         health.frame();
         use SourceState::*;
         assert_eq!(
@@ -225,6 +318,9 @@ mod tests {
             ]
         );
         let status = health.status();
-        assert_eq!((status.state, status.restarts, status.last_error.as_deref()), (Streaming, 2, Some("no such device")));
+        assert_eq!(
+            (status.state, status.restarts, status.last_error.as_deref()),
+            (Streaming, 2, Some("no such device"))
+        );
     }
 }

@@ -37,22 +37,45 @@ impl PromptState {
     pub fn open(path: PathBuf) -> (PromptState, Option<anyhow::Error>) {
         let (cameras, error) = match read(&path) {
             Ok(cameras) => (cameras, None),
-            Err(e) => (BTreeMap::new(), Some(e.context(format!("state file {}: ignored, the configuration's prompts apply", path.display())))),
+            Err(e) => (
+                BTreeMap::new(),
+                Some(e.context(format!(
+                    "state file {}: ignored, the configuration's prompts apply",
+                    path.display()
+                ))),
+            ),
         };
-        (PromptState { path, cameras: Mutex::new(cameras) }, error)
+        (
+            PromptState {
+                path,
+                cameras: Mutex::new(cameras),
+            },
+            error,
+        )
     }
 
     /// The prompts saved for `camera`, if any.
     pub fn restored(&self, camera: &str) -> Option<PromptSet> {
-        self.cameras.lock().unwrap_or_else(|e| e.into_inner()).get(camera).cloned()
+        self.cameras
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(camera)
+            .cloned()
     }
 
     /// Records `set` as `camera`'s prompts and rewrites the file.
     pub fn save(&self, camera: &str, set: &PromptSet) -> Result<()> {
         let mut cameras = self.cameras.lock().unwrap_or_else(|e| e.into_inner());
         cameras.insert(camera.to_string(), set.clone());
-        let file = StateFile { schema: SCHEMA.into(), cameras: cameras.iter().map(|(k, v)| Ok((k.clone(), serde_json::to_value(v)?))).collect::<Result<_>>()? };
-        write_atomically(&self.path, &serde_json::to_vec_pretty(&file)?).with_context(|| format!("writing the state file {}", self.path.display()))
+        let file = StateFile {
+            schema: SCHEMA.into(),
+            cameras: cameras
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), serde_json::to_value(v)?)))
+                .collect::<Result<_>>()?,
+        };
+        write_atomically(&self.path, &serde_json::to_vec_pretty(&file)?)
+            .with_context(|| format!("writing the state file {}", self.path.display()))
     }
 
     pub fn path(&self) -> &Path {
@@ -66,18 +89,28 @@ fn read(path: &Path) -> Result<BTreeMap<String, PromptSet>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
         Err(e) => return Err(e.into()),
     };
-    let file: StateFile = serde_json::from_slice(&bytes).context("not a state file (JSON with `schema` and `cameras`)")?;
+    let file: StateFile = serde_json::from_slice(&bytes)
+        .context("not a state file (JSON with `schema` and `cameras`)")?;
     if file.schema != SCHEMA {
         bail!("schema {:?}, expected {SCHEMA:?}", file.schema);
     }
     file.cameras
         .into_iter()
-        .map(|(camera, prompts)| Ok((camera.clone(), PromptSet::from_json(&prompts.to_string()).with_context(|| format!("camera {camera:?}"))?)))
+        .map(|(camera, prompts)| {
+            Ok((
+                camera.clone(),
+                PromptSet::from_json(&prompts.to_string())
+                    .with_context(|| format!("camera {camera:?}"))?,
+            ))
+        })
         .collect()
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
@@ -98,15 +131,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.state.json");
         let (state, error) = PromptState::open(path.clone());
-        assert!(error.is_none() && state.restored("cam").is_none(), "a missing file restores nothing");
-        let counting = set(r#"[{"id":"counting","task":"answer en how many cats?","max_tokens":3}]"#);
+        assert!(
+            error.is_none() && state.restored("cam").is_none(),
+            "a missing file restores nothing"
+        );
+        let counting =
+            set(r#"[{"id":"counting","task":"answer en how many cats?","max_tokens":3}]"#);
         state.save("cam", &counting).unwrap();
-        state.save("other", &set(r#"[{"id":"scene","task":"caption en"}]"#)).unwrap();
+        state
+            .save("other", &set(r#"[{"id":"scene","task":"caption en"}]"#))
+            .unwrap();
         let (again, error) = PromptState::open(path);
         assert!(error.is_none());
         assert_eq!(again.restored("cam"), Some(counting));
         assert_eq!(again.restored("other").unwrap().prompts[0].id, "scene");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
     }
 
     #[test]

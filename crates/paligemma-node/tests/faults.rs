@@ -21,7 +21,9 @@ fn collect(session: &zenoh::Session, key: String) -> (Seen, zenoh::pubsub::Subsc
         .declare_subscriber(key)
         .callback(move |s| {
             if let Ok(v) = serde_json::from_slice(&s.payload().to_bytes()) {
-                sink.lock().unwrap().push((Instant::now(), s.key_expr().to_string(), v));
+                sink.lock()
+                    .unwrap()
+                    .push((Instant::now(), s.key_expr().to_string(), v));
             }
         })
         .wait()
@@ -31,7 +33,14 @@ fn collect(session: &zenoh::Session, key: String) -> (Seen, zenoh::pubsub::Subsc
 
 /// The times at which `camera`'s source entered `state`.
 fn entered(seen: &[(Instant, String, Value)], camera: &str, state: &str) -> Vec<Instant> {
-    seen.iter().filter(|(_, k, v)| k.ends_with(&format!("/{camera}/errors")) && v["kind"] == "source" && v["state"] == state).map(|(t, _, _)| *t).collect()
+    seen.iter()
+        .filter(|(_, k, v)| {
+            k.ends_with(&format!("/{camera}/errors"))
+                && v["kind"] == "source"
+                && v["state"] == state
+        })
+        .map(|(t, _, _)| *t)
+        .collect()
 }
 
 fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
@@ -96,40 +105,90 @@ max_tokens = 2
     let frames = |how_long: Duration| {
         let end = Instant::now() + how_long;
         while Instant::now() < end {
-            session.put(format!("{prefix}/frames-in"), png.clone()).wait().unwrap();
+            session
+                .put(format!("{prefix}/frames-in"), png.clone())
+                .wait()
+                .unwrap();
             std::thread::sleep(Duration::from_millis(100));
         }
     };
 
     // A network source: streaming, then silent for 3 s (stalled), then back.
-    wait_until("the node", 120, || snapshot().iter().any(|(_, k, _)| k.ends_with("/net/status")));
+    wait_until("the node", 120, || {
+        snapshot()
+            .iter()
+            .any(|(_, k, _)| k.ends_with("/net/status"))
+    });
     frames(Duration::from_millis(1500));
     let stop = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     let stalled = entered(&snapshot(), "net", "stalled");
-    assert!(stalled.len() == 1 && stalled[0] > stop, "one stall, after the frames stopped: {:?}", stalled.len());
+    assert!(
+        stalled.len() == 1 && stalled[0] > stop,
+        "one stall, after the frames stopped: {:?}",
+        stalled.len()
+    );
     let back = Instant::now();
     frames(Duration::from_millis(1500));
     let s = snapshot();
-    assert!(entered(&s, "net", "streaming").iter().any(|&t| t > back), "streaming again");
-    assert!(s.iter().any(|(t, k, _)| *t > back && k.ends_with("/net/scene")), "results again");
+    assert!(
+        entered(&s, "net", "streaming").iter().any(|&t| t > back),
+        "streaming again"
+    );
+    assert!(
+        s.iter()
+            .any(|(t, k, _)| *t > back && k.ends_with("/net/scene")),
+        "results again"
+    );
 
     // Meanwhile the pipeline that ends has been started again and again, each wait
     // longer than the last (300 ms doubling, ±20%), and answered between restarts.
-    wait_until("4 restarts of the ended pipeline", 60, || entered(&snapshot(), "eos", "restarting").len() >= 4);
+    wait_until("4 restarts of the ended pipeline", 60, || {
+        entered(&snapshot(), "eos", "restarting").len() >= 4
+    });
     let s = snapshot();
     let restarts = entered(&s, "eos", "restarting");
-    let gaps: Vec<f64> = restarts.windows(2).map(|w| w[1].duration_since(w[0]).as_secs_f64()).collect();
+    let gaps: Vec<f64> = restarts
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).as_secs_f64())
+        .collect();
     println!("restarts of the ended pipeline {:.2?} s apart", gaps);
-    assert!(gaps.windows(2).take(2).all(|g| g[1] > g[0]), "the back-off grows: {gaps:?}");
-    assert!(s.iter().any(|(t, k, _)| *t > restarts[1] && k.ends_with("/eos/scene")), "results after a restart");
+    assert!(
+        gaps.windows(2).take(2).all(|g| g[1] > g[0]),
+        "the back-off grows: {gaps:?}"
+    );
+    assert!(
+        s.iter()
+            .any(|(t, k, _)| *t > restarts[1] && k.ends_with("/eos/scene")),
+        "results after a restart"
+    );
     // The source that cannot play: restarted too, its error in status.
-    let broken = s.iter().rev().find(|(_, k, _)| k.ends_with("/broken/status")).map(|(_, _, v)| v["source_state"].clone()).unwrap();
+    let broken = s
+        .iter()
+        .rev()
+        .find(|(_, k, _)| k.ends_with("/broken/status"))
+        .map(|(_, _, v)| v["source_state"].clone())
+        .unwrap();
     println!("broken camera: {broken}");
-    assert!(["restarting", "failed"].contains(&broken["state"].as_str().unwrap()) && broken["restarts"].as_u64() >= Some(2), "{broken}");
-    assert!(broken["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{broken}");
-    let eos = s.iter().rev().find(|(_, k, _)| k.ends_with("/eos/status")).map(|(_, _, v)| v["source_state"].clone()).unwrap();
-    assert!(eos["restarts"].as_u64() >= Some(3) && eos["last_error"] == "the stream ended (EOS)", "{eos}");
+    assert!(
+        ["restarting", "failed"].contains(&broken["state"].as_str().unwrap())
+            && broken["restarts"].as_u64() >= Some(2),
+        "{broken}"
+    );
+    assert!(
+        broken["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{broken}"
+    );
+    let eos = s
+        .iter()
+        .rev()
+        .find(|(_, k, _)| k.ends_with("/eos/status"))
+        .map(|(_, _, v)| v["source_state"].clone())
+        .unwrap();
+    assert!(
+        eos["restarts"].as_u64() >= Some(3) && eos["last_error"] == "the stream ended (EOS)",
+        "{eos}"
+    );
     let log = std::fs::read_to_string(log).unwrap();
     for line in [
         "eos: frame source streaming -> restarting: the stream ended (EOS)",

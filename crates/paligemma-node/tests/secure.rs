@@ -18,10 +18,17 @@ fn make_certificates(dir: &Path) {
     std::fs::create_dir_all(&certs).unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "paligemma test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "paligemma test CA");
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     std::fs::write(certs.join("ca.pem"), ca.pem()).unwrap();
-    for (name, names) in [("node", vec!["127.0.0.1".to_string(), "localhost".into()]), ("viewer", vec![]), ("operator", vec![]), ("camera", vec![])] {
+    for (name, names) in [
+        ("node", vec!["127.0.0.1".to_string(), "localhost".into()]),
+        ("viewer", vec![]),
+        ("operator", vec![]),
+        ("camera", vec![]),
+    ] {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(names).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
@@ -37,18 +44,31 @@ fn client(dir: &Path, port: u16, who: Option<&str>) -> zenoh::Result<zenoh::Sess
     let path = |f: &str| format!("{:?}", certs.join(f).display().to_string());
     let mut c = zenoh::Config::default();
     c.insert_json5("mode", "\"client\"").unwrap();
-    c.insert_json5("connect/endpoints", &format!("[\"tls/127.0.0.1:{port}\"]")).unwrap();
-    c.insert_json5("scouting/multicast/enabled", "false").unwrap();
-    c.insert_json5("transport/link/tls/root_ca_certificate", &path("ca.pem")).unwrap();
+    c.insert_json5("connect/endpoints", &format!("[\"tls/127.0.0.1:{port}\"]"))
+        .unwrap();
+    c.insert_json5("scouting/multicast/enabled", "false")
+        .unwrap();
+    c.insert_json5("transport/link/tls/root_ca_certificate", &path("ca.pem"))
+        .unwrap();
     if let Some(name) = who {
-        c.insert_json5("transport/link/tls/enable_mtls", "true").unwrap();
-        c.insert_json5("transport/link/tls/connect_certificate", &path(&format!("{name}.pem"))).unwrap();
-        c.insert_json5("transport/link/tls/connect_private_key", &path(&format!("{name}.key"))).unwrap();
+        c.insert_json5("transport/link/tls/enable_mtls", "true")
+            .unwrap();
+        c.insert_json5(
+            "transport/link/tls/connect_certificate",
+            &path(&format!("{name}.pem")),
+        )
+        .unwrap();
+        c.insert_json5(
+            "transport/link/tls/connect_private_key",
+            &path(&format!("{name}.key")),
+        )
+        .unwrap();
     }
     zenoh::open(c).wait()
 }
 
-type Subscriber = zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>;
+type Subscriber =
+    zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>;
 
 fn wait_for(sub: &Subscriber, secs: u64, key_suffix: &str) -> Option<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -63,10 +83,23 @@ fn wait_for(sub: &Subscriber, secs: u64, key_suffix: &str) -> Option<serde_json:
 }
 
 fn prompt_ids(session: &zenoh::Session, key: &str) -> Vec<String> {
-    let replies = session.get(key).timeout(Duration::from_secs(10)).wait().unwrap();
-    let reply = replies.recv_timeout(Duration::from_secs(10)).unwrap().expect("a reply");
-    let v: serde_json::Value = serde_json::from_slice(&reply.result().expect("prompts").payload().to_bytes()).unwrap();
-    v["prompt"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_string()).collect()
+    let replies = session
+        .get(key)
+        .timeout(Duration::from_secs(10))
+        .wait()
+        .unwrap();
+    let reply = replies
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("a reply");
+    let v: serde_json::Value =
+        serde_json::from_slice(&reply.result().expect("prompts").payload().to_bytes()).unwrap();
+    v["prompt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[test]
@@ -123,7 +156,10 @@ max_tokens = 3
     let child = Command::new(env!("CARGO_BIN_EXE_paligemma-node"))
         .args(["--config", "node.toml"])
         .current_dir(dir.path())
-        .env("RUST_LOG", "info,zenoh::net::routing::interceptor::access_control=trace")
+        .env(
+            "RUST_LOG",
+            "info,zenoh::net::routing::interceptor::access_control=trace",
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -142,32 +178,69 @@ max_tokens = 3
             Err(e) => panic!("the viewer cannot connect: {e}"),
         }
     };
-    let results = viewer.declare_subscriber(format!("{prefix}/**")).wait().unwrap();
+    let results = viewer
+        .declare_subscriber(format!("{prefix}/**"))
+        .wait()
+        .unwrap();
     let scene = wait_for(&results, 60, "/cam/scene").expect("the viewer receives results");
     assert_eq!(scene["schema"], "paligemma.result/1");
-    let replies = viewer.get(format!("{prefix}/cam/ask")).payload("caption en").timeout(Duration::from_secs(30)).wait().unwrap();
-    let reply = replies.recv_timeout(Duration::from_secs(30)).unwrap().expect("an answer to the viewer's ask");
+    let replies = viewer
+        .get(format!("{prefix}/cam/ask"))
+        .payload("caption en")
+        .timeout(Duration::from_secs(30))
+        .wait()
+        .unwrap();
+    let reply = replies
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("an answer to the viewer's ask");
     assert!(reply.result().is_ok(), "the viewer may ask");
 
     // A peer without a certificate cannot even connect.
-    assert!(client(dir.path(), port, None).is_err(), "a client without a certificate connected");
+    assert!(
+        client(dir.path(), port, None).is_err(),
+        "a client without a certificate connected"
+    );
 
     // The viewer may not steer: its put is dropped by the node's access control.
-    viewer.put(format!("{prefix}/cam/prompts"), r#"[{"id":"hijack","task":"ocr"}]"#).wait().unwrap();
+    viewer
+        .put(
+            format!("{prefix}/cam/prompts"),
+            r#"[{"id":"hijack","task":"ocr"}]"#,
+        )
+        .wait()
+        .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(prompt_ids(&viewer, &format!("{prefix}/cam/prompts")), ["scene"]);
+    assert_eq!(
+        prompt_ids(&viewer, &format!("{prefix}/cam/prompts")),
+        ["scene"]
+    );
     let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(logged.lines().any(|l| l.contains("unauthorized") && l.contains("prompts")), "the refusal is logged:\n{logged}");
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("unauthorized") && l.contains("prompts")),
+        "the refusal is logged:\n{logged}"
+    );
 
     // The operator may.
     let operator = client(dir.path(), port, Some("operator")).expect("the operator connects");
-    operator.put(format!("{prefix}/cam/prompts"), r#"[{"id":"steered","task":"ocr","max_tokens":3}]"#).wait().unwrap();
+    operator
+        .put(
+            format!("{prefix}/cam/prompts"),
+            r#"[{"id":"steered","task":"ocr","max_tokens":3}]"#,
+        )
+        .wait()
+        .unwrap();
     wait_for(&results, 60, "/cam/steered").expect("the operator's prompt answers");
 
     // Frames on the Zenoh camera: the viewer's are ignored, the camera's analysed.
     let png = std::fs::read(root.join("tests/fixtures/images/rgb.png")).unwrap();
     viewer.put("cameras/zcam", png.clone()).wait().unwrap();
-    assert!(wait_for(&results, 5, "/zcam/text").is_none(), "a frame from the viewer was analysed");
+    assert!(
+        wait_for(&results, 5, "/zcam/text").is_none(),
+        "a frame from the viewer was analysed"
+    );
     let camera = client(dir.path(), port, Some("camera")).expect("the camera connects");
     camera.put("cameras/zcam", png.clone()).wait().unwrap();
     let v = wait_for(&results, 60, "/zcam/text").expect("the camera's frame is analysed");
@@ -175,23 +248,63 @@ max_tokens = 3
 
     // ROS 2 on domain 0: the viewer receives the String samples and sees the graph;
     // images come from the camera only.
-    let ros_results = viewer.declare_subscriber("0/paligemma/cam/steered/**").wait().unwrap();
-    let sample = ros_results.recv_timeout(Duration::from_secs(60)).unwrap().expect("the viewer receives ROS 2 samples");
+    let ros_results = viewer
+        .declare_subscriber("0/paligemma/cam/steered/**")
+        .wait()
+        .unwrap();
+    let sample = ros_results
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap()
+        .expect("the viewer receives ROS 2 samples");
     let text: msgs::StringMsg = msgs::from_cdr(&sample.payload().to_bytes(), 1 << 20).unwrap();
     println!("{}: {text:?}", sample.key_expr());
-    let tokens = viewer.liveliness().get("@ros2_lv/0/**").timeout(Duration::from_secs(5)).wait().unwrap();
-    let node_token = std::iter::from_fn(|| tokens.recv_timeout(Duration::from_secs(5)).ok().flatten())
-        .filter_map(|r| r.result().ok().map(|s| s.key_expr().to_string()))
-        .find(|k| k.ends_with("/NN/%/%/paligemma"));
+    let tokens = viewer
+        .liveliness()
+        .get("@ros2_lv/0/**")
+        .timeout(Duration::from_secs(5))
+        .wait()
+        .unwrap();
+    let node_token =
+        std::iter::from_fn(|| tokens.recv_timeout(Duration::from_secs(5)).ok().flatten())
+            .filter_map(|r| r.result().ok().map(|s| s.key_expr().to_string()))
+            .find(|k| k.ends_with("/NN/%/%/paligemma"));
     assert!(node_token.is_some(), "the viewer sees the ROS 2 node");
     let rgb = image::load_from_memory(&png).unwrap().to_rgb8();
     let (w, h) = rgb.dimensions();
-    let header = msgs::Header { stamp: msgs::Time { sec: 1_700_000_000, nanosec: 0 }, frame_id: "arm".into() };
-    let frame = msgs::to_cdr(&msgs::Image { header, height: h, width: w, encoding: "rgb8".into(), is_bigendian: 0, step: w * 3, data: rgb.into_raw() });
-    let image_key = format!("0/arm/image_raw/sensor_msgs::msg::dds_::Image_/{}", rihs01("sensor_msgs/msg/Image").unwrap());
-    viewer.put(&image_key, frame.clone()).attachment(keys::attachment(1, 0, &[1; 16])).wait().unwrap();
-    assert!(wait_for(&results, 5, "/rcam/text").is_none(), "a ROS 2 image from the viewer was analysed");
-    camera.put(&image_key, frame).attachment(keys::attachment(1, 0, &[2; 16])).wait().unwrap();
+    let header = msgs::Header {
+        stamp: msgs::Time {
+            sec: 1_700_000_000,
+            nanosec: 0,
+        },
+        frame_id: "arm".into(),
+    };
+    let frame = msgs::to_cdr(&msgs::Image {
+        header,
+        height: h,
+        width: w,
+        encoding: "rgb8".into(),
+        is_bigendian: 0,
+        step: w * 3,
+        data: rgb.into_raw(),
+    });
+    let image_key = format!(
+        "0/arm/image_raw/sensor_msgs::msg::dds_::Image_/{}",
+        rihs01("sensor_msgs/msg/Image").unwrap()
+    );
+    viewer
+        .put(&image_key, frame.clone())
+        .attachment(keys::attachment(1, 0, &[1; 16]))
+        .wait()
+        .unwrap();
+    assert!(
+        wait_for(&results, 5, "/rcam/text").is_none(),
+        "a ROS 2 image from the viewer was analysed"
+    );
+    camera
+        .put(&image_key, frame)
+        .attachment(keys::attachment(1, 0, &[2; 16]))
+        .wait()
+        .unwrap();
     let v = wait_for(&results, 60, "/rcam/text").expect("the camera's ROS 2 image is analysed");
     assert_eq!(v["frame"]["frame_id"], "arm");
 }

@@ -34,13 +34,27 @@ pub(crate) struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// Reads the encapsulation header: plain CDR, big- or little-endian.
     pub fn new(bytes: &'a [u8]) -> Result<Reader<'a>> {
-        let (header, data) = bytes.split_at_checked(4).ok_or_else(|| CdrError(format!("{} bytes: shorter than the 4-byte CDR header", bytes.len())))?;
+        let (header, data) = bytes.split_at_checked(4).ok_or_else(|| {
+            CdrError(format!(
+                "{} bytes: shorter than the 4-byte CDR header",
+                bytes.len()
+            ))
+        })?;
         let little_endian = match header[..2] {
             [0, 0] => false,
             [0, 1] => true,
-            _ => return Err(CdrError(format!("encapsulation {:02x}{:02x}: only plain CDR (0000, 0001) is read", header[0], header[1]))),
+            _ => {
+                return Err(CdrError(format!(
+                    "encapsulation {:02x}{:02x}: only plain CDR (0000, 0001) is read",
+                    header[0], header[1]
+                )));
+            }
         };
-        Ok(Reader { data, pos: 0, little_endian })
+        Ok(Reader {
+            data,
+            pos: 0,
+            little_endian,
+        })
     }
 
     fn take(&mut self, n: usize, align: usize) -> Result<&'a [u8]> {
@@ -49,7 +63,13 @@ impl<'a> Reader<'a> {
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.data.len())
-            .ok_or_else(|| CdrError(format!("truncated: {n} bytes wanted at offset {} of a {}-byte payload", self.pos, self.data.len())))?;
+            .ok_or_else(|| {
+                CdrError(format!(
+                    "truncated: {n} bytes wanted at offset {} of a {}-byte payload",
+                    self.pos,
+                    self.data.len()
+                ))
+            })?;
         let out = &self.data[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -72,7 +92,10 @@ impl<'a> Reader<'a> {
         let n = self.u32()? as usize;
         let left = self.data.len() - self.pos;
         if n.saturating_mul(element_size.max(1)) > left {
-            return Err(CdrError(format!("a length of {n} at offset {} with only {left} bytes left", self.pos - 4)));
+            return Err(CdrError(format!(
+                "a length of {n} at offset {} with only {left} bytes left",
+                self.pos - 4
+            )));
         }
         Ok(n)
     }
@@ -108,8 +131,13 @@ impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
         // A CDR string: length with the terminating NUL, the bytes, the NUL.
         let n = self.len(1)?;
         let bytes = self.take(n, 1)?;
-        let text = bytes.strip_suffix(&[0]).ok_or_else(|| CdrError("a string without its terminating NUL".into()))?;
-        v.visit_string(String::from_utf8(text.to_vec()).map_err(|_| CdrError("a string that is not UTF-8".into()))?)
+        let text = bytes
+            .strip_suffix(&[0])
+            .ok_or_else(|| CdrError("a string without its terminating NUL".into()))?;
+        v.visit_string(
+            String::from_utf8(text.to_vec())
+                .map_err(|_| CdrError("a string that is not UTF-8".into()))?,
+        )
     }
 
     fn deserialize_str<V: Visitor<'de>>(self, v: V) -> Result<V::Value> {
@@ -128,26 +156,51 @@ impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
     fn deserialize_seq<V: Visitor<'de>>(self, v: V) -> Result<V::Value> {
         // Every element takes at least one byte: the bytes left bound the count.
         let n = self.len(1)?;
-        v.visit_seq(Elements { reader: self, left: n })
+        v.visit_seq(Elements {
+            reader: self,
+            left: n,
+        })
     }
 
     fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, v: V) -> Result<V::Value> {
-        v.visit_seq(Elements { reader: self, left: len })
+        v.visit_seq(Elements {
+            reader: self,
+            left: len,
+        })
     }
 
-    fn deserialize_struct<V: Visitor<'de>>(self, _name: &'static str, fields: &'static [&'static str], v: V) -> Result<V::Value> {
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value> {
         self.deserialize_tuple(fields.len(), v)
     }
 
-    fn deserialize_tuple_struct<V: Visitor<'de>>(self, _name: &'static str, len: usize, v: V) -> Result<V::Value> {
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        len: usize,
+        v: V,
+    ) -> Result<V::Value> {
         self.deserialize_tuple(len, v)
     }
 
-    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _name: &'static str, v: V) -> Result<V::Value> {
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        v: V,
+    ) -> Result<V::Value> {
         v.visit_newtype_struct(self)
     }
 
-    fn deserialize_enum<V: Visitor<'de>>(self, _name: &'static str, _variants: &'static [&'static str], v: V) -> Result<V::Value> {
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value> {
         let index = self.u32()?;
         v.visit_enum(index.into_deserializer())
     }
@@ -155,7 +208,9 @@ impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
     serde::forward_to_deserialize_any! { char option unit unit_struct map identifier ignored_any }
 
     fn deserialize_any<V: Visitor<'de>>(self, _v: V) -> Result<V::Value> {
-        Err(CdrError("CDR is not self-describing: only typed messages can be read".into()))
+        Err(CdrError(
+            "CDR is not self-describing: only typed messages can be read".into(),
+        ))
     }
 }
 

@@ -35,7 +35,11 @@ pub fn type_hash(distro: Distro, ros_type: &str) -> Option<String> {
 pub fn topic_key(domain: u32, topic: &str, ros_type: &str, distro: Distro) -> Option<String> {
     let topic = topic.strip_prefix('/').unwrap_or(topic);
     let topic = topic.strip_suffix('/').unwrap_or(topic);
-    Some(format!("{domain}/{topic}/{}/{}", dds_type_name(ros_type), type_hash(distro, ros_type)?))
+    Some(format!(
+        "{domain}/{topic}/{}/{}",
+        dds_type_name(ros_type),
+        type_hash(distro, ros_type)?
+    ))
 }
 
 /// A name as one chunk of a liveliness token: every `/` becomes `%` (so the root
@@ -83,7 +87,15 @@ pub struct NodeName {
 
 impl NodeName {
     fn prefix(&self, entity: u64, kind: EntityKind) -> String {
-        format!("@ros2_lv/{}/{}/{}/{entity}/{}/%/{}/{}", self.domain, self.zid, self.id, kind.code(), mangle(&self.namespace), self.name)
+        format!(
+            "@ros2_lv/{}/{}/{}/{entity}/{}/%/{}/{}",
+            self.domain,
+            self.zid,
+            self.id,
+            kind.code(),
+            mangle(&self.namespace),
+            self.name
+        )
     }
 
     /// The node's own token.
@@ -92,7 +104,15 @@ impl NodeName {
     }
 
     /// The token of a publisher or subscription of this node (entity id `entity`).
-    pub fn entity_token(&self, entity: u64, kind: EntityKind, topic: &str, ros_type: &str, distro: Distro, depth: u32) -> Option<String> {
+    pub fn entity_token(
+        &self,
+        entity: u64,
+        kind: EntityKind,
+        topic: &str,
+        ros_type: &str,
+        distro: Distro,
+        depth: u32,
+    ) -> Option<String> {
         Some(format!(
             "{}/{}/{}/{}/{}",
             self.prefix(entity, kind),
@@ -124,8 +144,15 @@ pub fn attachment(sequence: i64, source_timestamp_ns: i64, gid: &[u8; 16]) -> Ve
 /// Reads an attachment written by [`attachment`] (or by a ROS 2 publisher).
 pub fn parse_attachment(bytes: &[u8]) -> Result<(i64, i64, [u8; 16])> {
     if bytes.len() != 33 || bytes[16] != 16 {
-        return Err(Error::Frame(format!("a ROS 2 sample attachment of {} bytes: expected 33 (sequence, timestamp, 16-byte gid)", bytes.len())));
+        return Err(Error::Frame(format!(
+            "a ROS 2 sample attachment of {} bytes: expected 33 (sequence, timestamp, 16-byte gid)",
+            bytes.len()
+        )));
     }
     let i64_at = |i: usize| i64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
-    Ok((i64_at(0), i64_at(8), bytes[17..33].try_into().expect("16 bytes")))
+    Ok((
+        i64_at(0),
+        i64_at(8),
+        bytes[17..33].try_into().expect("16 bytes"),
+    ))
 }

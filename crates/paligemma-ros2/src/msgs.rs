@@ -15,11 +15,16 @@ pub struct Time {
 impl Time {
     /// The time `ns` nanoseconds after the Unix epoch (saturating at the range of `sec`).
     pub fn from_unix_ns(ns: u64) -> Time {
-        Time { sec: (ns / 1_000_000_000).min(i32::MAX as u64) as i32, nanosec: (ns % 1_000_000_000) as u32 }
+        Time {
+            sec: (ns / 1_000_000_000).min(i32::MAX as u64) as i32,
+            nanosec: (ns % 1_000_000_000) as u32,
+        }
     }
 
     pub fn to_unix_ns(self) -> Option<u64> {
-        u64::try_from(self.sec).ok().map(|s| s * 1_000_000_000 + u64::from(self.nanosec))
+        u64::try_from(self.sec)
+            .ok()
+            .map(|s| s * 1_000_000_000 + u64::from(self.nanosec))
     }
 }
 
@@ -55,7 +60,12 @@ pub struct Quaternion {
 
 impl Default for Quaternion {
     fn default() -> Self {
-        Quaternion { x: 0.0, y: 0.0, z: 0.0, w: 1.0 }
+        Quaternion {
+            x: 0.0,
+            y: 0.0,
+            z: 0.0,
+            w: 1.0,
+        }
     }
 }
 
@@ -95,10 +105,15 @@ impl<'de> Deserialize<'de> for Covariance {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("36 float64 values")
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Covariance, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Covariance, A::Error> {
                 let mut out = [0.0; 36];
                 for (i, v) in out.iter_mut().enumerate() {
-                    *v = seq.next_element()?.ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                    *v = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
                 }
                 Ok(Covariance(out))
             }
@@ -208,7 +223,10 @@ mod serde_bytes_as_seq {
             fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
                 Ok(v)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<u8>, A::Error> {
                 let mut out = Vec::new();
                 while let Some(b) = seq.next_element()? {
                     out.push(b);
@@ -222,15 +240,20 @@ mod serde_bytes_as_seq {
 
 /// The CDR (little-endian) encoding of a message, encapsulation header included.
 pub fn to_cdr<T: Serialize>(msg: &T) -> Vec<u8> {
-    cdr::serialize::<_, _, cdr::CdrLe>(msg, cdr::Infinite).expect("the node's messages always serialise")
+    cdr::serialize::<_, _, cdr::CdrLe>(msg, cdr::Infinite)
+        .expect("the node's messages always serialise")
 }
 
 /// A message from CDR bytes (either byte order, as the encapsulation header says), of
 /// at most `max_bytes`; every length in it is checked against the bytes it has.
 pub fn from_cdr<T: serde::de::DeserializeOwned>(bytes: &[u8], max_bytes: u64) -> Result<T> {
     if bytes.len() as u64 > max_bytes {
-        return Err(Error::Frame(format!("a CDR message of {} bytes is larger than the limit of {max_bytes}", bytes.len())));
+        return Err(Error::Frame(format!(
+            "a CDR message of {} bytes is larger than the limit of {max_bytes}",
+            bytes.len()
+        )));
     }
-    let mut reader = crate::cdr_read::Reader::new(bytes).map_err(|e| Error::Frame(format!("not a valid CDR message: {e}")))?;
+    let mut reader = crate::cdr_read::Reader::new(bytes)
+        .map_err(|e| Error::Frame(format!("not a valid CDR message: {e}")))?;
     T::deserialize(&mut reader).map_err(|e| Error::Frame(format!("not a valid CDR message: {e}")))
 }

@@ -58,39 +58,96 @@ use FieldType::{Bytes, Float64, Float64Array, Int32, Nested, Sequence, Uint8, Ui
 
 /// Every type the node's messages use.
 pub const TYPES: &[TypeDescription] = &[
-    TypeDescription { name: "builtin_interfaces/msg/Time", fields: &[("sec", Int32), ("nanosec", Uint32)] },
-    TypeDescription { name: "std_msgs/msg/Header", fields: &[("stamp", Nested("builtin_interfaces/msg/Time")), ("frame_id", FieldType::String)] },
-    TypeDescription { name: "std_msgs/msg/String", fields: &[("data", FieldType::String)] },
-    TypeDescription { name: "geometry_msgs/msg/Point", fields: &[("x", Float64), ("y", Float64), ("z", Float64)] },
-    TypeDescription { name: "geometry_msgs/msg/Quaternion", fields: &[("x", Float64), ("y", Float64), ("z", Float64), ("w", Float64)] },
+    TypeDescription {
+        name: "builtin_interfaces/msg/Time",
+        fields: &[("sec", Int32), ("nanosec", Uint32)],
+    },
+    TypeDescription {
+        name: "std_msgs/msg/Header",
+        fields: &[
+            ("stamp", Nested("builtin_interfaces/msg/Time")),
+            ("frame_id", FieldType::String),
+        ],
+    },
+    TypeDescription {
+        name: "std_msgs/msg/String",
+        fields: &[("data", FieldType::String)],
+    },
+    TypeDescription {
+        name: "geometry_msgs/msg/Point",
+        fields: &[("x", Float64), ("y", Float64), ("z", Float64)],
+    },
+    TypeDescription {
+        name: "geometry_msgs/msg/Quaternion",
+        fields: &[
+            ("x", Float64),
+            ("y", Float64),
+            ("z", Float64),
+            ("w", Float64),
+        ],
+    },
     TypeDescription {
         name: "geometry_msgs/msg/Pose",
-        fields: &[("position", Nested("geometry_msgs/msg/Point")), ("orientation", Nested("geometry_msgs/msg/Quaternion"))],
+        fields: &[
+            ("position", Nested("geometry_msgs/msg/Point")),
+            ("orientation", Nested("geometry_msgs/msg/Quaternion")),
+        ],
     },
-    TypeDescription { name: "geometry_msgs/msg/PoseWithCovariance", fields: &[("pose", Nested("geometry_msgs/msg/Pose")), ("covariance", Float64Array(36))] },
-    TypeDescription { name: "vision_msgs/msg/Point2D", fields: &[("x", Float64), ("y", Float64)] },
-    TypeDescription { name: "vision_msgs/msg/Pose2D", fields: &[("position", Nested("vision_msgs/msg/Point2D")), ("theta", Float64)] },
+    TypeDescription {
+        name: "geometry_msgs/msg/PoseWithCovariance",
+        fields: &[
+            ("pose", Nested("geometry_msgs/msg/Pose")),
+            ("covariance", Float64Array(36)),
+        ],
+    },
+    TypeDescription {
+        name: "vision_msgs/msg/Point2D",
+        fields: &[("x", Float64), ("y", Float64)],
+    },
+    TypeDescription {
+        name: "vision_msgs/msg/Pose2D",
+        fields: &[
+            ("position", Nested("vision_msgs/msg/Point2D")),
+            ("theta", Float64),
+        ],
+    },
     TypeDescription {
         name: "vision_msgs/msg/BoundingBox2D",
-        fields: &[("center", Nested("vision_msgs/msg/Pose2D")), ("size_x", Float64), ("size_y", Float64)],
+        fields: &[
+            ("center", Nested("vision_msgs/msg/Pose2D")),
+            ("size_x", Float64),
+            ("size_y", Float64),
+        ],
     },
-    TypeDescription { name: "vision_msgs/msg/ObjectHypothesis", fields: &[("class_id", FieldType::String), ("score", Float64)] },
+    TypeDescription {
+        name: "vision_msgs/msg/ObjectHypothesis",
+        fields: &[("class_id", FieldType::String), ("score", Float64)],
+    },
     TypeDescription {
         name: "vision_msgs/msg/ObjectHypothesisWithPose",
-        fields: &[("hypothesis", Nested("vision_msgs/msg/ObjectHypothesis")), ("pose", Nested("geometry_msgs/msg/PoseWithCovariance"))],
+        fields: &[
+            ("hypothesis", Nested("vision_msgs/msg/ObjectHypothesis")),
+            ("pose", Nested("geometry_msgs/msg/PoseWithCovariance")),
+        ],
     },
     TypeDescription {
         name: "vision_msgs/msg/Detection2D",
         fields: &[
             ("header", Nested("std_msgs/msg/Header")),
-            ("results", Sequence("vision_msgs/msg/ObjectHypothesisWithPose")),
+            (
+                "results",
+                Sequence("vision_msgs/msg/ObjectHypothesisWithPose"),
+            ),
             ("bbox", Nested("vision_msgs/msg/BoundingBox2D")),
             ("id", FieldType::String),
         ],
     },
     TypeDescription {
         name: "vision_msgs/msg/Detection2DArray",
-        fields: &[("header", Nested("std_msgs/msg/Header")), ("detections", Sequence("vision_msgs/msg/Detection2D"))],
+        fields: &[
+            ("header", Nested("std_msgs/msg/Header")),
+            ("detections", Sequence("vision_msgs/msg/Detection2D")),
+        ],
     },
     TypeDescription {
         name: "sensor_msgs/msg/Image",
@@ -106,7 +163,11 @@ pub const TYPES: &[TypeDescription] = &[
     },
     TypeDescription {
         name: "sensor_msgs/msg/CompressedImage",
-        fields: &[("header", Nested("std_msgs/msg/Header")), ("format", FieldType::String), ("data", Bytes)],
+        fields: &[
+            ("header", Nested("std_msgs/msg/Header")),
+            ("format", FieldType::String),
+            ("data", Bytes),
+        ],
     },
 ];
 
@@ -125,7 +186,11 @@ fn describe(t: &TypeDescription) -> String {
             format!(r#"{{"name": "{name}", "type": {{"type_id": {id}, "capacity": {capacity}, "string_capacity": 0, "nested_type_name": "{nested}"}}}}"#)
         })
         .collect();
-    format!(r#"{{"type_name": "{}", "fields": [{}]}}"#, t.name, fields.join(", "))
+    format!(
+        r#"{{"type_name": "{}", "fields": [{}]}}"#,
+        t.name,
+        fields.join(", ")
+    )
 }
 
 /// Every type `t` references, directly or not, sorted by name.
@@ -151,8 +216,22 @@ fn referenced(t: &'static TypeDescription) -> Option<Vec<&'static TypeDescriptio
 /// `RIHS01_df66...1a18`); none for a type not in [`TYPES`].
 pub fn rihs01(name: &str) -> Option<String> {
     let t = find(name)?;
-    let refs: Vec<String> = referenced(t)?.into_iter().filter(|r| r.name != name).map(describe).collect();
-    let json = format!(r#"{{"type_description": {}, "referenced_type_descriptions": [{}]}}"#, describe(t), refs.join(", "));
+    let refs: Vec<String> = referenced(t)?
+        .into_iter()
+        .filter(|r| r.name != name)
+        .map(describe)
+        .collect();
+    let json = format!(
+        r#"{{"type_description": {}, "referenced_type_descriptions": [{}]}}"#,
+        describe(t),
+        refs.join(", ")
+    );
     let digest = Sha256::digest(json.as_bytes());
-    Some(format!("RIHS01_{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+    Some(format!(
+        "RIHS01_{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ))
 }

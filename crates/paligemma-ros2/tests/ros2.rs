@@ -5,23 +5,46 @@ use paligemma_ros2::msgs::*;
 use paligemma_ros2::type_hash::{TYPES, rihs01};
 
 fn reference() -> serde_json::Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/ros2/reference.json");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/ros2/reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn bytes(hex: &str) -> Vec<u8> {
-    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn header() -> Header {
-    Header { stamp: Time { sec: 1_795_000_000, nanosec: 123_456_789 }, frame_id: "front_camera".into() }
+    Header {
+        stamp: Time {
+            sec: 1_795_000_000,
+            nanosec: 123_456_789,
+        },
+        frame_id: "front_camera".into(),
+    }
 }
 
 fn detection(label: &str, score: f64, (cx, cy, w, h): (f64, f64, f64, f64)) -> Detection2D {
     Detection2D {
         header: header(),
-        results: vec![ObjectHypothesisWithPose { hypothesis: ObjectHypothesis { class_id: label.into(), score }, pose: Default::default() }],
-        bbox: BoundingBox2D { center: Pose2D { position: Point2D { x: cx, y: cy }, theta: 0.0 }, size_x: w, size_y: h },
+        results: vec![ObjectHypothesisWithPose {
+            hypothesis: ObjectHypothesis {
+                class_id: label.into(),
+                score,
+            },
+            pose: Default::default(),
+        }],
+        bbox: BoundingBox2D {
+            center: Pose2D {
+                position: Point2D { x: cx, y: cy },
+                theta: 0.0,
+            },
+            size_x: w,
+            size_y: h,
+        },
         id: "objects".into(),
     }
 }
@@ -30,12 +53,17 @@ fn detection(label: &str, score: f64, (cx, cy, w, h): (f64, f64, f64, f64)) -> D
 fn type_hashes_match_the_reference() {
     let want = reference();
     // The value ROS 2 Jazzy itself gives std_msgs/msg/String.
-    assert_eq!(rihs01("std_msgs/msg/String").unwrap(), "RIHS01_df668c740482bbd48fb39d76a70dfd4bd59db1288021743503259e948f6b1a18");
+    assert_eq!(
+        rihs01("std_msgs/msg/String").unwrap(),
+        "RIHS01_df668c740482bbd48fb39d76a70dfd4bd59db1288021743503259e948f6b1a18"
+    );
     let hashes = want["hashes"].as_object().unwrap();
     for (name, hash) in hashes {
         assert_eq!(rihs01(name).as_deref(), hash.as_str(), "{name}");
     }
-    assert!(TYPES.iter().all(|t| hashes.contains_key(t.name) || t.name.starts_with("geometry_msgs/msg/P") || t.name.ends_with("Quaternion")));
+    assert!(TYPES.iter().all(|t| hashes.contains_key(t.name)
+        || t.name.starts_with("geometry_msgs/msg/P")
+        || t.name.ends_with("Quaternion")));
     assert_eq!(rihs01("nav_msgs/msg/Odometry"), None);
 }
 
@@ -43,35 +71,78 @@ fn type_hashes_match_the_reference() {
 fn cdr_bytes_match_the_reference_and_decode_back() {
     let want = reference();
     let cdr = |k: &str| bytes(want["cdr"][k].as_str().unwrap());
-    let string = StringMsg { data: "a red ball on grass".into() };
+    let string = StringMsg {
+        data: "a red ball on grass".into(),
+    };
     let detections = Detection2DArray {
         header: header(),
-        detections: vec![detection("ball", 0.83, (320.5, 240.25, 64.0, 48.0)), detection("cup", 0.125, (10.0, 20.0, 4.0, 6.0))],
+        detections: vec![
+            detection("ball", 0.83, (320.5, 240.25, 64.0, 48.0)),
+            detection("cup", 0.125, (10.0, 20.0, 4.0, 6.0)),
+        ],
     };
     let empty = Detection2DArray::default();
-    let image = Image { header: header(), height: 2, width: 3, encoding: "rgb8".into(), is_bigendian: 0, step: 9, data: (0..18).collect() };
-    let compressed = CompressedImage { header: header(), format: "jpeg".into(), data: vec![0xff, 0xd8, 0xff, 0xe0, 1] };
+    let image = Image {
+        header: header(),
+        height: 2,
+        width: 3,
+        encoding: "rgb8".into(),
+        is_bigendian: 0,
+        step: 9,
+        data: (0..18).collect(),
+    };
+    let compressed = CompressedImage {
+        header: header(),
+        format: "jpeg".into(),
+        data: vec![0xff, 0xd8, 0xff, 0xe0, 1],
+    };
 
     assert_eq!(to_cdr(&string), cdr("std_msgs/msg/String"));
     assert_eq!(to_cdr(&detections), cdr("vision_msgs/msg/Detection2DArray"));
-    assert_eq!(to_cdr(&empty), cdr("vision_msgs/msg/Detection2DArray#empty"));
+    assert_eq!(
+        to_cdr(&empty),
+        cdr("vision_msgs/msg/Detection2DArray#empty")
+    );
     assert_eq!(to_cdr(&image), cdr("sensor_msgs/msg/Image"));
     assert_eq!(to_cdr(&compressed), cdr("sensor_msgs/msg/CompressedImage"));
     // The encapsulation header: CDR, little-endian.
     assert_eq!(&to_cdr(&string)[..4], &[0, 1, 0, 0]);
 
     let limit = 1 << 20;
-    assert_eq!(from_cdr::<StringMsg>(&cdr("std_msgs/msg/String"), limit).unwrap(), string);
-    assert_eq!(from_cdr::<Detection2DArray>(&cdr("vision_msgs/msg/Detection2DArray"), limit).unwrap(), detections);
-    assert_eq!(from_cdr::<Image>(&cdr("sensor_msgs/msg/Image"), limit).unwrap(), image);
-    assert_eq!(from_cdr::<CompressedImage>(&cdr("sensor_msgs/msg/CompressedImage"), limit).unwrap(), compressed);
+    assert_eq!(
+        from_cdr::<StringMsg>(&cdr("std_msgs/msg/String"), limit).unwrap(),
+        string
+    );
+    assert_eq!(
+        from_cdr::<Detection2DArray>(&cdr("vision_msgs/msg/Detection2DArray"), limit).unwrap(),
+        detections
+    );
+    assert_eq!(
+        from_cdr::<Image>(&cdr("sensor_msgs/msg/Image"), limit).unwrap(),
+        image
+    );
+    assert_eq!(
+        from_cdr::<CompressedImage>(&cdr("sensor_msgs/msg/CompressedImage"), limit).unwrap(),
+        compressed
+    );
 }
 
 #[test]
 fn bad_cdr_is_an_error() {
-    let image = to_cdr(&Image { header: header(), height: 2, width: 3, encoding: "rgb8".into(), step: 9, data: vec![7; 18], ..Default::default() });
+    let image = to_cdr(&Image {
+        header: header(),
+        height: 2,
+        width: 3,
+        encoding: "rgb8".into(),
+        step: 9,
+        data: vec![7; 18],
+        ..Default::default()
+    });
     for cut in [0, 3, 4, 10, image.len() - 1] {
-        assert!(from_cdr::<Image>(&image[..cut], 1 << 20).is_err(), "truncated at {cut}");
+        assert!(
+            from_cdr::<Image>(&image[..cut], 1 << 20).is_err(),
+            "truncated at {cut}"
+        );
     }
     // A sequence that claims 4 GB, and a message over the limit.
     let mut huge = image.clone();
@@ -93,50 +164,105 @@ fn keys_tokens_and_attachments() {
     let ty = "vision_msgs/msg/Detection2DArray";
     let hash = rihs01(ty).unwrap();
     let topic = "/robot1/paligemma/front/detections";
-    assert_eq!(dds_type_name(ty), "vision_msgs::msg::dds_::Detection2DArray_");
+    assert_eq!(
+        dds_type_name(ty),
+        "vision_msgs::msg::dds_::Detection2DArray_"
+    );
     assert_eq!(
         topic_key(0, topic, ty, Distro::Jazzy).unwrap(),
-        format!("0/robot1/paligemma/front/detections/vision_msgs::msg::dds_::Detection2DArray_/{hash}")
+        format!(
+            "0/robot1/paligemma/front/detections/vision_msgs::msg::dds_::Detection2DArray_/{hash}"
+        )
     );
-    assert_eq!(topic_key(7, "chatter/", "std_msgs/msg/String", Distro::Humble).unwrap(), "7/chatter/std_msgs::msg::dds_::String_/TypeHashNotSupported");
-    let node = NodeName { domain: 0, zid: "8f2d0e1c".into(), id: 0, namespace: "/robot1".into(), name: "paligemma".into() };
-    assert_eq!(node.token(), "@ros2_lv/0/8f2d0e1c/0/0/NN/%/%robot1/paligemma");
     assert_eq!(
-        node.entity_token(1, EntityKind::Publisher, topic, ty, Distro::Jazzy, 10).unwrap(),
+        topic_key(7, "chatter/", "std_msgs/msg/String", Distro::Humble).unwrap(),
+        "7/chatter/std_msgs::msg::dds_::String_/TypeHashNotSupported"
+    );
+    let node = NodeName {
+        domain: 0,
+        zid: "8f2d0e1c".into(),
+        id: 0,
+        namespace: "/robot1".into(),
+        name: "paligemma".into(),
+    };
+    assert_eq!(
+        node.token(),
+        "@ros2_lv/0/8f2d0e1c/0/0/NN/%/%robot1/paligemma"
+    );
+    assert_eq!(
+        node.entity_token(1, EntityKind::Publisher, topic, ty, Distro::Jazzy, 10)
+            .unwrap(),
         format!(
             "@ros2_lv/0/8f2d0e1c/0/1/MP/%/%robot1/paligemma/%robot1%paligemma%front%detections/vision_msgs::msg::dds_::Detection2DArray_/{hash}/::,10:,:,:,,"
         )
     );
-    let root = NodeName { namespace: "/".into(), ..node.clone() };
+    let root = NodeName {
+        namespace: "/".into(),
+        ..node.clone()
+    };
     assert_eq!(
-        root.entity_token(2, EntityKind::Subscription, "/camera/image_raw", "sensor_msgs/msg/Image", Distro::Humble, 5).unwrap(),
+        root.entity_token(
+            2,
+            EntityKind::Subscription,
+            "/camera/image_raw",
+            "sensor_msgs/msg/Image",
+            Distro::Humble,
+            5
+        )
+        .unwrap(),
         "@ros2_lv/0/8f2d0e1c/0/2/MS/%/%/paligemma/%camera%image_raw/sensor_msgs::msg::dds_::Image_/TypeHashNotSupported/::,5:,:,:,,"
     );
-    assert_eq!(node.entity_token(1, EntityKind::Publisher, topic, "nav_msgs/msg/Odometry", Distro::Jazzy, 10), None);
+    assert_eq!(
+        node.entity_token(
+            1,
+            EntityKind::Publisher,
+            topic,
+            "nav_msgs/msg/Odometry",
+            Distro::Jazzy,
+            10
+        ),
+        None
+    );
 
     // The gid is XXH3-128 (low half first): the hash of "" is 99aa06d3014798d8 6001c324468d497f.
-    assert_eq!(gid(""), 0x99aa_06d3_0147_98d8_6001_c324_468d_497f_u128.to_le_bytes());
+    assert_eq!(
+        gid(""),
+        0x99aa_06d3_0147_98d8_6001_c324_468d_497f_u128.to_le_bytes()
+    );
     let g: [u8; 16] = std::array::from_fn(|i| 0xa0 + i as u8);
     let a = attachment(1, 1_700_000_000_000_000_000, &g);
-    let mut want = vec![1, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x2a, 0x36, 0xfe, 0x9c, 0x97, 0x17, 16];
+    let mut want = vec![
+        1, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x2a, 0x36, 0xfe, 0x9c, 0x97, 0x17, 16,
+    ];
     want.extend(g);
     assert_eq!(a, want);
-    assert_eq!(parse_attachment(&a).unwrap(), (1, 1_700_000_000_000_000_000, g));
+    assert_eq!(
+        parse_attachment(&a).unwrap(),
+        (1, 1_700_000_000_000_000_000, g)
+    );
     assert!(parse_attachment(&a[..32]).is_err() && parse_attachment(&[0; 33]).is_err());
 }
 
 use paligemma::output::Mask;
 use paligemma::parse::parse_detections;
-use paligemma_stream::message::{FrameInfo, PromptInfo, ResultMessage};
 use paligemma_ros2::results::{RosResult, to_ros};
+use paligemma_stream::message::{FrameInfo, PromptInfo, ResultMessage};
 
 /// A result message of a frame of 8 x 6 pixels taken at `header()`'s time.
 fn result_message(result: paligemma::TaskResult) -> ResultMessage {
     ResultMessage {
         schema: "paligemma.result/1".into(),
         source: Default::default(),
-        frame: FrameInfo { capture_unix_ns: Some(1_795_000_000_123_456_789), width: 8, height: 6, ..Default::default() },
-        prompt: PromptInfo { id: "objects".into(), ..Default::default() },
+        frame: FrameInfo {
+            capture_unix_ns: Some(1_795_000_000_123_456_789),
+            width: 8,
+            height: 6,
+            ..Default::default()
+        },
+        prompt: PromptInfo {
+            id: "objects".into(),
+            ..Default::default()
+        },
         model: Default::default(),
         result,
         raw: String::new(),
@@ -150,22 +276,47 @@ fn result_message(result: paligemma::TaskResult) -> ResultMessage {
 #[test]
 fn results_as_ros_messages() {
     // Two boxes (loc bins of 1024 over 8 x 6 pixels): (0,0)-(4,3) and (2,1)-(8,6).
-    let raw = "<loc0000><loc0000><loc0512><loc0512> ball ; <loc0171><loc0256><loc1023><loc1023> cup";
+    let raw =
+        "<loc0000><loc0000><loc0512><loc0512> ball ; <loc0171><loc0256><loc1023><loc1023> cup";
     let mut result = parse_detections(raw, 8, 6, 1024.0, false);
     if let paligemma::TaskResult::Detections { detections, .. } = &mut result {
         detections[1].track_id = Some(7);
     }
     let msgs = to_ros(&result_message(result.clone()), "front_camera");
-    let [RosResult::Detections(array)] = msgs.as_slice() else { panic!("one Detection2DArray, no masks: {msgs:?}") };
+    let [RosResult::Detections(array)] = msgs.as_slice() else {
+        panic!("one Detection2DArray, no masks: {msgs:?}")
+    };
     assert_eq!(array.header, header());
-    let [ball, cup] = array.detections.as_slice() else { panic!("{array:?}") };
-    assert_eq!((ball.results[0].hypothesis.class_id.as_str(), ball.id.as_str()), ("ball", "objects"));
-    assert_eq!((ball.bbox.center.position.x, ball.bbox.center.position.y, ball.bbox.size_x, ball.bbox.size_y), (2.0, 1.5, 4.0, 3.0));
-    assert_eq!((cup.results[0].hypothesis.class_id.as_str(), cup.id.as_str()), ("cup", "7"), "a tracked object's id is its track id");
+    let [ball, cup] = array.detections.as_slice() else {
+        panic!("{array:?}")
+    };
+    assert_eq!(
+        (
+            ball.results[0].hypothesis.class_id.as_str(),
+            ball.id.as_str()
+        ),
+        ("ball", "objects")
+    );
+    assert_eq!(
+        (
+            ball.bbox.center.position.x,
+            ball.bbox.center.position.y,
+            ball.bbox.size_x,
+            ball.bbox.size_y
+        ),
+        (2.0, 1.5, 4.0, 3.0)
+    );
+    assert_eq!(
+        (cup.results[0].hypothesis.class_id.as_str(), cup.id.as_str()),
+        ("cup", "7"),
+        "a tracked object's id is its track id"
+    );
 
     // Masks: the ball fills its box, the cup only its top-left pixel, which the ball's
     // box covers too (the later object wins); one more mask hangs off the frame's edge.
-    let paligemma::TaskResult::Detections { detections, .. } = &mut result else { unreachable!() };
+    let paligemma::TaskResult::Detections { detections, .. } = &mut result else {
+        unreachable!()
+    };
     detections[0].mask = Some(Mask::from_bitmap(0, 0, 4, 3, &[true; 12]));
     let mut cup_bits = vec![false; 6 * 5];
     cup_bits[0] = true;
@@ -173,15 +324,39 @@ fn results_as_ros_messages() {
     let mut edge = detections[1].clone();
     edge.mask = Some(Mask::from_bitmap(7, 5, 3, 3, &[true; 9]));
     detections.push(edge);
-    let result = paligemma::TaskResult::Segmentation { detections: detections.clone(), warnings: Vec::new(), dropped: Default::default() };
+    let result = paligemma::TaskResult::Segmentation {
+        detections: detections.clone(),
+        warnings: Vec::new(),
+        dropped: Default::default(),
+    };
     let mut message = result_message(result);
     message.frame.frame_id = Some("arm_camera".into());
     let msgs = to_ros(&message, "front_camera");
-    let [RosResult::Detections(array), masks @ RosResult::Masks(image)] = msgs.as_slice() else { panic!("{msgs:?}") };
+    let [
+        RosResult::Detections(array),
+        masks @ RosResult::Masks(image),
+    ] = msgs.as_slice()
+    else {
+        panic!("{msgs:?}")
+    };
     assert_eq!(array.detections.len(), 3);
-    assert_eq!((masks.subtopic(), masks.ros_type()), ("/mask", "sensor_msgs/msg/Image"));
-    assert_eq!((image.width, image.height, image.step, image.encoding.as_str()), (8, 6, 8, "mono8"));
-    assert_eq!(image.header.frame_id, "arm_camera", "the source image's frame_id wins");
+    assert_eq!(
+        (masks.subtopic(), masks.ros_type()),
+        ("/mask", "sensor_msgs/msg/Image")
+    );
+    assert_eq!(
+        (
+            image.width,
+            image.height,
+            image.step,
+            image.encoding.as_str()
+        ),
+        (8, 6, 8, "mono8")
+    );
+    assert_eq!(
+        image.header.frame_id, "arm_camera",
+        "the source image's frame_id wins"
+    );
     #[rustfmt::skip]
     let expected = [
         1, 1, 1, 1, 0, 0, 0, 0,
@@ -196,7 +371,25 @@ fn results_as_ros_messages() {
     assert_eq!(&back, image);
 
     // An error publishes nothing on ROS 2 (it stays on the node's errors key); a caption is a String.
-    assert!(to_ros(&result_message(paligemma::TaskResult::Error { message: "x".into() }), "f").is_empty());
-    let msgs = to_ros(&result_message(paligemma::TaskResult::Caption { text: "a ball".into() }), "f");
-    assert_eq!(msgs, [RosResult::Text(StringMsg { data: "a ball".into() })]);
+    assert!(
+        to_ros(
+            &result_message(paligemma::TaskResult::Error {
+                message: "x".into()
+            }),
+            "f"
+        )
+        .is_empty()
+    );
+    let msgs = to_ros(
+        &result_message(paligemma::TaskResult::Caption {
+            text: "a ball".into(),
+        }),
+        "f",
+    );
+    assert_eq!(
+        msgs,
+        [RosResult::Text(StringMsg {
+            data: "a ball".into()
+        })]
+    );
 }

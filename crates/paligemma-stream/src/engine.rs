@@ -34,7 +34,11 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { weights: WeightOptions::default(), context: ContextOptions::default(), lanes: 1 }
+        EngineOptions {
+            weights: WeightOptions::default(),
+            context: ContextOptions::default(),
+            lanes: 1,
+        }
     }
 }
 
@@ -50,7 +54,10 @@ type Slot = Arc<Mutex<Weak<Engine>>>;
 /// one model never holds up the streams of another.
 fn registry() -> MutexGuard<'static, HashMap<EngineKey, Slot>> {
     static ENGINES: OnceLock<Mutex<HashMap<EngineKey, Slot>>> = OnceLock::new();
-    ENGINES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+    ENGINES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
 /// A model and the threads (one per lane) that serve its streams.
@@ -64,19 +71,31 @@ impl Engine {
     /// camera or element asking for the same returns the same engine.
     pub fn shared(path: impl AsRef<Path>, opts: &EngineOptions) -> Result<Arc<Engine>> {
         let path = path.as_ref();
-        let canonical = std::fs::canonicalize(path).map_err(|e| Error::Engine(paligemma::Error::Io { path: path.into(), source: e }))?;
+        let canonical = std::fs::canonicalize(path).map_err(|e| {
+            Error::Engine(paligemma::Error::Io {
+                path: path.into(),
+                source: e,
+            })
+        })?;
         let key = (canonical, *opts);
         let slot = {
             let mut engines = registry();
             // Forget the slots of engines gone (not those loading: their lock is held).
-            engines.retain(|_, slot| Arc::strong_count(slot) > 1 || slot.try_lock().map_or(true, |e| e.strong_count() > 0));
+            engines.retain(|_, slot| {
+                Arc::strong_count(slot) > 1
+                    || slot.try_lock().map_or(true, |e| e.strong_count() > 0)
+            });
             engines.entry(key).or_default().clone()
         };
         let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(engine) = slot.upgrade() {
             return Ok(engine);
         }
-        let engine = Engine::with_lanes(Weights::load(path, &opts.weights)?, &opts.context, opts.lanes)?;
+        let engine = Engine::with_lanes(
+            Weights::load(path, &opts.weights)?,
+            &opts.context,
+            opts.lanes,
+        )?;
         *slot = Arc::downgrade(&engine);
         Ok(engine)
     }
@@ -91,18 +110,32 @@ impl Engine {
     /// `lanes` contexts of `weights` splitting `context.max_sequences`, each with a pool
     /// of `context.threads`, of which it uses those free for each turn (all of them when
     /// it is the only lane with work; see `lanes.rs`).
-    pub fn with_lanes(weights: Arc<Weights>, context: &ContextOptions, lanes: usize) -> Result<Arc<Engine>> {
+    pub fn with_lanes(
+        weights: Arc<Weights>,
+        context: &ContextOptions,
+        lanes: usize,
+    ) -> Result<Arc<Engine>> {
         let device = weights.device();
         if lanes > 1 && !device.is_cpu() {
-            tracing::warn!("{} runs on {}: lanes are for the CPU, using one", weights.path().display(), device.spec());
+            tracing::warn!(
+                "{} runs on {}: lanes are for the CPU, using one",
+                weights.path().display(),
+                device.spec()
+            );
         }
         let threads = context.threads_or_default();
         let lanes = usable_lanes(device, threads, lanes);
         if lanes == 1 {
             return Ok(Engine::new(Model::new(weights, context)?));
         }
-        let lane = ContextOptions { threads, max_sequences: context.max_sequences.div_ceil(lanes), ..*context };
-        let contexts = (0..lanes).map(|_| Model::new(weights.clone(), &lane)).collect::<paligemma::Result<_>>()?;
+        let lane = ContextOptions {
+            threads,
+            max_sequences: context.max_sequences.div_ceil(lanes),
+            ..*context
+        };
+        let contexts = (0..lanes)
+            .map(|_| Model::new(weights.clone(), &lane))
+            .collect::<paligemma::Result<_>>()?;
         Ok(Engine::start(contexts, Some(ThreadShare::new(threads))))
     }
 
@@ -110,21 +143,42 @@ impl Engine {
     fn start(models: Vec<Model>, threads: Option<ThreadShare>) -> Arc<Engine> {
         let model = &models[0];
         let weights = model.weights();
-        let info = ModelInfo { name: model.config().name.clone(), ty: weights.weight_type().to_string(), device: weights.device().spec() };
-        let state = EngineState { streams: Vec::new(), wakes: 0, stop: false };
-        let shared = Arc::new(EngineShared { state: Mutex::new(state), wake: Condvar::new(), info, jobs_started: AtomicU64::new(0), threads });
+        let info = ModelInfo {
+            name: model.config().name.clone(),
+            ty: weights.weight_type().to_string(),
+            device: weights.device().spec(),
+        };
+        let state = EngineState {
+            streams: Vec::new(),
+            wakes: 0,
+            stop: false,
+        };
+        let shared = Arc::new(EngineShared {
+            state: Mutex::new(state),
+            wake: Condvar::new(),
+            info,
+            jobs_started: AtomicU64::new(0),
+            threads,
+        });
         let threads = models
             .into_iter()
             .enumerate()
             .map(|(lane, model)| {
                 let thread_shared = shared.clone();
                 std::thread::Builder::new()
-                    .name(if lane == 0 { "paligemma-engine".into() } else { format!("paligemma-lane{lane}") })
+                    .name(if lane == 0 {
+                        "paligemma-engine".into()
+                    } else {
+                        format!("paligemma-lane{lane}")
+                    })
                     .spawn(move || crate::scheduler::serve(model, &thread_shared))
                     .expect("spawning a thread")
             })
             .collect();
-        Arc::new(Engine { shared, threads: Mutex::new(threads) })
+        Arc::new(Engine {
+            shared,
+            threads: Mutex::new(threads),
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -143,7 +197,10 @@ impl Engine {
 
     /// Lets a stream go (its handle stopped and nothing of it is in flight).
     pub(crate) fn detach(&self, stream: &Arc<StreamShared>) {
-        self.shared.lock().streams.retain(|s| !Arc::ptr_eq(s, stream));
+        self.shared
+            .lock()
+            .streams
+            .retain(|s| !Arc::ptr_eq(s, stream));
     }
 
     /// Tells the serving thread that a stream has new work.

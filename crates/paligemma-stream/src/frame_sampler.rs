@@ -17,7 +17,11 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(info: FrameInfo, image: RgbImage) -> Frame {
-        Frame { info, image: Arc::new(image), received: Instant::now() }
+        Frame {
+            info,
+            image: Arc::new(image),
+            received: Instant::now(),
+        }
     }
 }
 
@@ -45,7 +49,10 @@ pub struct FrameSampler {
 
 impl FrameSampler {
     pub fn new(config: FrameSamplerConfig) -> FrameSampler {
-        FrameSampler { config, ..Default::default() }
+        FrameSampler {
+            config,
+            ..Default::default()
+        }
     }
 
     /// Offers a frame; a frame still waiting is replaced (and counted as dropped).
@@ -88,7 +95,9 @@ impl FrameSampler {
     /// synchronously); marks it taken when it should.
     pub fn sample_now(&mut self, frame: &Frame, now: Instant) -> bool {
         self.seen += 1;
-        let interval_ok = self.last_taken.is_none_or(|t| now.duration_since(t) >= self.config.min_interval);
+        let interval_ok = self
+            .last_taken
+            .is_none_or(|t| now.duration_since(t) >= self.config.min_interval);
         if !interval_ok {
             self.drop_one();
             return false;
@@ -108,8 +117,14 @@ impl FrameSampler {
             return true;
         };
         let thumb = thumbnail(&frame.image);
-        let unchanged =
-            self.last_thumb.as_ref().is_some_and(|last| last.iter().zip(&thumb).map(|(a, b)| (a - b).abs()).sum::<f32>() / thumb.len() as f32 <= threshold);
+        let unchanged = self.last_thumb.as_ref().is_some_and(|last| {
+            last.iter()
+                .zip(&thumb)
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f32>()
+                / thumb.len() as f32
+                <= threshold
+        });
         if !unchanged {
             self.last_thumb = Some(thumb);
         }
@@ -143,6 +158,8 @@ fn thumbnail(img: &RgbImage) -> Vec<f32> {
             counts[ty * N + tx] += 1;
         }
     }
-    out.iter_mut().zip(&counts).for_each(|(v, &c)| *v /= c.max(1) as f32);
+    out.iter_mut()
+        .zip(&counts)
+        .for_each(|(v, &c)| *v /= c.max(1) as f32);
     out
 }

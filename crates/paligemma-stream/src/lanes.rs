@@ -17,7 +17,11 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 /// The lanes an engine runs when `lanes` are asked of a model on `device` with
 /// `threads` CPU threads: lanes are for the CPU, at most one per thread.
 pub fn usable_lanes(device: Device, threads: usize, lanes: usize) -> usize {
-    if device.is_cpu() { lanes.clamp(1, threads.max(1)) } else { 1 }
+    if device.is_cpu() {
+        lanes.clamp(1, threads.max(1))
+    } else {
+        1
+    }
 }
 
 pub(crate) struct ThreadShare {
@@ -44,7 +48,15 @@ pub(crate) struct Taken<'a> {
 impl ThreadShare {
     pub fn new(total: usize) -> ThreadShare {
         let total = total.max(1);
-        ThreadShare { total, state: Mutex::new(ShareState { free: total, busy: 0, extra: 0 }), freed: Condvar::new() }
+        ThreadShare {
+            total,
+            state: Mutex::new(ShareState {
+                free: total,
+                busy: 0,
+                extra: 0,
+            }),
+            freed: Condvar::new(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, ShareState> {
@@ -73,7 +85,11 @@ impl ThreadShare {
         let threads = s.free.min(self.total / busy + usize::from(extra)).max(1);
         s.free -= threads;
         s.extra += usize::from(extra);
-        Taken { share: self, threads, extra }
+        Taken {
+            share: self,
+            threads,
+            extra,
+        }
     }
 }
 
@@ -112,7 +128,10 @@ mod tests {
         let share = ThreadShare::new(4);
         (0..3).for_each(|_| share.set_busy(true));
         let taken: Vec<_> = (0..3).map(|_| share.take()).collect();
-        assert_eq!(taken.iter().map(|t| t.threads).collect::<Vec<_>>(), [2, 1, 1]);
+        assert_eq!(
+            taken.iter().map(|t| t.threads).collect::<Vec<_>>(),
+            [2, 1, 1]
+        );
         drop(taken);
         let s = share.lock();
         assert_eq!((s.free, s.extra), (4, 0));

@@ -22,12 +22,12 @@ pub mod payload;
 pub mod prompts;
 mod scheduler;
 mod shared;
-pub mod tracker;
 pub mod stream;
+pub mod tracker;
 
 pub use engine::{Engine, EngineOptions};
-pub use lanes::usable_lanes;
 pub use frame_sampler::{Frame, FrameSampler, FrameSamplerConfig};
+pub use lanes::usable_lanes;
 pub use message::{FrameInfo, ResultMessage};
 pub use prompts::{PromptSet, StandingPrompt};
 pub use shared::{MAX_PENDING_REQUESTS, Sink, StreamConfig, StreamStats};

@@ -40,7 +40,9 @@ impl FrameInfo {
     /// The frame's time in seconds, on the clock its source gives: the presentation
     /// timestamp, else the capture time, else 0 (trackers then match by overlap alone).
     pub fn time_s(&self) -> f64 {
-        self.pts_ns.or(self.capture_unix_ns).map_or(0.0, |ns| ns as f64 / 1e9)
+        self.pts_ns
+            .or(self.capture_unix_ns)
+            .map_or(0.0, |ns| ns as f64 / 1e9)
     }
 }
 
@@ -110,7 +112,10 @@ impl ResultMessage {
 /// Nanoseconds since the Unix epoch now (none on a clock set before 1970): the
 /// `capture_unix_ns` of a frame that carries no capture time of its own.
 pub fn unix_time_ns() -> Option<u64> {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_nanos() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_nanos() as u64)
 }
 
 /// Where a camera's frame source stands (a node's cameras; see `source.rs` there).

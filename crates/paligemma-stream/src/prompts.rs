@@ -61,24 +61,43 @@ fn default_max_tokens() -> usize {
 
 impl StandingPrompt {
     pub fn new(id: impl Into<String>, task: Task) -> StandingPrompt {
-        StandingPrompt { id: id.into(), task, every_ms: 0, every_frames: 0, max_tokens: DEFAULT_MAX_TOKENS, min_score: None, duplicate_iou: None }
+        StandingPrompt {
+            id: id.into(),
+            task,
+            every_ms: 0,
+            every_frames: 0,
+            max_tokens: DEFAULT_MAX_TOKENS,
+            min_score: None,
+            duplicate_iou: None,
+        }
     }
 
     /// The detection filter of this prompt: its own values where it sets them, the
     /// stream's `defaults` elsewhere.
     pub fn filter(&self, defaults: &DetectionFilter) -> DetectionFilter {
-        DetectionFilter { min_score: self.min_score.unwrap_or(defaults.min_score), duplicate_iou: self.duplicate_iou.unwrap_or(defaults.duplicate_iou) }
+        DetectionFilter {
+            min_score: self.min_score.unwrap_or(defaults.min_score),
+            duplicate_iou: self.duplicate_iou.unwrap_or(defaults.duplicate_iou),
+        }
     }
 
     /// Checks the id's characters and the token limit.
     pub fn validate(&self) -> Result<()> {
         if !is_name(&self.id) {
-            return Err(Error::Prompts(format!("prompt id {:?} must be 1 to {MAX_ID_LEN} letters, digits, - or _", self.id)));
+            return Err(Error::Prompts(format!(
+                "prompt id {:?} must be 1 to {MAX_ID_LEN} letters, digits, - or _",
+                self.id
+            )));
         }
         if self.max_tokens == 0 || self.max_tokens > 4096 {
-            return Err(Error::Prompts(format!("prompt {:?}: max_tokens {} is not in 1..=4096", self.id, self.max_tokens)));
+            return Err(Error::Prompts(format!(
+                "prompt {:?}: max_tokens {} is not in 1..=4096",
+                self.id, self.max_tokens
+            )));
         }
-        self.filter(&DetectionFilter::default()).validate().map_err(|e| Error::Prompts(format!("prompt {:?}: {e}", self.id)))?;
+        self.filter(&DetectionFilter::default())
+            .validate()
+            .map_err(|e| Error::Prompts(format!("prompt {:?}: {e}", self.id)))?;
         Ok(())
     }
 }
@@ -109,7 +128,10 @@ impl PromptSet {
                 )));
             }
             if !seen.insert(&p.id) {
-                return Err(Error::Prompts(format!("prompt id {:?} appears twice", p.id)));
+                return Err(Error::Prompts(format!(
+                    "prompt id {:?} appears twice",
+                    p.id
+                )));
             }
         }
         Ok(())
@@ -117,25 +139,32 @@ impl PromptSet {
 
     /// Parses the TOML form.
     pub fn from_toml(text: &str) -> Result<PromptSet> {
-        let set: PromptSet = toml::from_str(text).map_err(|e| Error::Prompts(format!("invalid prompts TOML: {e}")))?;
+        let set: PromptSet = toml::from_str(text)
+            .map_err(|e| Error::Prompts(format!("invalid prompts TOML: {e}")))?;
         set.validate()?;
         Ok(set)
     }
 
     pub fn from_file(path: &std::path::Path) -> Result<PromptSet> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Prompts(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Prompts(format!("{}: {e}", path.display())))?;
         Self::from_toml(&text).map_err(|e| Error::Prompts(format!("{}: {e}", path.display())))
     }
 
     /// Parses the JSON form (a list of prompts, or an object with a `prompt` list).
     pub fn from_json(text: &str) -> Result<PromptSet> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Prompts(format!("invalid prompts JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::Prompts(format!("invalid prompts JSON: {e}")))?;
         let list = match value {
             serde_json::Value::Array(_) => value,
-            serde_json::Value::Object(mut o) => o.remove("prompt").or_else(|| o.remove("prompts")).unwrap_or_default(),
+            serde_json::Value::Object(mut o) => o
+                .remove("prompt")
+                .or_else(|| o.remove("prompts"))
+                .unwrap_or_default(),
             _ => serde_json::Value::Null,
         };
-        let prompts: Vec<StandingPrompt> = serde_json::from_value(list).map_err(|e| Error::Prompts(format!("invalid prompts JSON: {e}")))?;
+        let prompts: Vec<StandingPrompt> = serde_json::from_value(list)
+            .map_err(|e| Error::Prompts(format!("invalid prompts JSON: {e}")))?;
         Self::new(prompts)
     }
 
@@ -151,7 +180,11 @@ impl PromptSet {
                 n += 1;
                 id = format!("{kind}{n}");
             }
-            prompts.push(StandingPrompt { every_ms, max_tokens, ..StandingPrompt::new(id, task) });
+            prompts.push(StandingPrompt {
+                every_ms,
+                max_tokens,
+                ..StandingPrompt::new(id, task)
+            });
         }
         Self::new(prompts)
     }
@@ -164,7 +197,10 @@ impl PromptSet {
 /// Whether `s` may name a prompt, a camera or a node: 1 to 64 ASCII letters, digits,
 /// `-` or `_` (it becomes one chunk of a Zenoh key or a GStreamer field).
 pub fn is_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_ID_LEN && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Decides which standing prompts are due on an analysed frame.
@@ -175,13 +211,19 @@ pub struct Schedule {
 
 impl Schedule {
     /// Prompts due on the `frame_index`-th analysed frame at `now`; marks them run.
-    pub fn due<'p>(&mut self, prompts: &'p PromptSet, frame_index: u64, now: Instant) -> Vec<&'p StandingPrompt> {
+    pub fn due<'p>(
+        &mut self,
+        prompts: &'p PromptSet,
+        frame_index: u64,
+        now: Instant,
+    ) -> Vec<&'p StandingPrompt> {
         let mut due = Vec::new();
         for p in &prompts.prompts {
             let ok = match self.last.get(&p.id) {
                 None => true,
                 Some(&(at, index)) => {
-                    let time_ok = p.every_ms == 0 || now.duration_since(at) >= Duration::from_millis(p.every_ms);
+                    let time_ok = p.every_ms == 0
+                        || now.duration_since(at) >= Duration::from_millis(p.every_ms);
                     let frames_ok = p.every_frames <= 1 || frame_index >= index + p.every_frames;
                     time_ok && frames_ok
                 }

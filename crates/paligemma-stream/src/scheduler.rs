@@ -21,13 +21,13 @@
 //!   runs on the threads the lane takes for it (`crate::lanes`).
 //! - **Containment.** A panic below the loop fails the work in progress with error
 //!   results; the thread, and every stream it serves, goes on.
-use crate::shared::EngineShared;
 use crate::frame_sampler::Frame;
 use crate::lanes::{Taken, ThreadShare};
 use crate::message::{Latency, ModelInfo, PromptInfo, ResultMessage, SCHEMA, TokenCounts};
 use crate::prompts::StandingPrompt;
-use crate::tracker::{Tracker, TrackerConfig};
+use crate::shared::EngineShared;
 use crate::shared::{Request, StreamShared, StreamState};
+use crate::tracker::{Tracker, TrackerConfig};
 use paligemma::{GenerateOptions, ImageEmbedding, Model, SequenceId, Start, TaskResult};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -117,14 +117,23 @@ impl Lane<'_> {
 pub(crate) fn serve(mut model: Model, engine: &EngineShared) {
     let mut jobs: Vec<Job> = Vec::new();
     let mut seen_wakes = 0;
-    let mut lane = Lane { share: engine.threads.as_ref(), busy: false };
+    let mut lane = Lane {
+        share: engine.threads.as_ref(),
+        busy: false,
+    };
     loop {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn(&mut model, &mut lane, engine, &mut jobs, &mut seen_wakes)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            turn(&mut model, &mut lane, engine, &mut jobs, &mut seen_wakes)
+        }));
         match outcome {
             Ok(true) => {}
             Ok(false) => break,
             Err(panic) => {
-                let why = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
                 tracing::error!("the engine panicked: {why}");
                 for job in &mut jobs {
                     let error = format!("internal error in the engine: {why}");
@@ -153,7 +162,13 @@ pub(crate) fn serve(mut model: Model, engine: &EngineShared) {
 /// One turn of the loop: admit work while sequences are free, then one decode step.
 /// False when the engine stops. `seen_wakes`: the engine's wake count when this lane
 /// last looked for work.
-fn turn(model: &mut Model, lane: &mut Lane<'_>, engine: &EngineShared, jobs: &mut Vec<Job>, seen_wakes: &mut u64) -> bool {
+fn turn(
+    model: &mut Model,
+    lane: &mut Lane<'_>,
+    engine: &EngineShared,
+    jobs: &mut Vec<Job>,
+    seen_wakes: &mut u64,
+) -> bool {
     // Admission: new jobs while their prompts (after those of the jobs already open)
     // find free sequences; their frames go through the vision tower together, then every
     // prompt that has a sequence is prefilled together. Cameras that sent frames at
@@ -171,7 +186,10 @@ fn turn(model: &mut Model, lane: &mut Lane<'_>, engine: &EngineShared, jobs: &mu
             Next::Job(job) => jobs.push(*job),
             Next::Stop => return false,
             Next::Wait(timeout) => {
-                if jobs.iter().any(|j| !j.running.is_empty() || !j.pending.is_empty() || j.done()) {
+                if jobs
+                    .iter()
+                    .any(|j| !j.running.is_empty() || !j.pending.is_empty() || j.done())
+                {
                     break;
                 }
                 let state = engine.lock();
@@ -183,7 +201,13 @@ fn turn(model: &mut Model, lane: &mut Lane<'_>, engine: &EngineShared, jobs: &mu
                 }
                 // Woken by a new frame, request or prompt change of any stream.
                 let _unused = match timeout {
-                    Some(t) => engine.wake.wait_timeout(state, t).unwrap_or_else(|e| e.into_inner()).0,
+                    Some(t) => {
+                        engine
+                            .wake
+                            .wait_timeout(state, t)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
                     None => engine.wake.wait(state).unwrap_or_else(|e| e.into_inner()),
                 };
                 return true;
@@ -241,7 +265,10 @@ fn next_job(engine: &EngineShared, room: usize, sequences: usize, seen_wakes: &m
     }
     let streams = state.streams.clone();
     drop(state);
-    let mut order: Vec<(u64, Arc<StreamShared>)> = streams.into_iter().map(|s| (s.lock().last_served, s.clone())).collect();
+    let mut order: Vec<(u64, Arc<StreamShared>)> = streams
+        .into_iter()
+        .map(|s| (s.lock().last_served, s.clone()))
+        .collect();
     order.sort_by_key(|(served, _)| *served);
     let order: Vec<Arc<StreamShared>> = order.into_iter().map(|(_, s)| s).collect();
     let served = || engine.jobs_started.fetch_add(1, Ordering::Relaxed) + 1;
@@ -262,7 +289,15 @@ fn next_job(engine: &EngineShared, room: usize, sequences: usize, seen_wakes: &m
                 }
                 Request::Ask(frame, prompt, tx) => (frame, vec![prompt], Reply::Ask(tx)),
             };
-            return Next::Job(Box::new(Job::new(stream.clone(), epoch, reply, frame, prompts, 0, engine.info.clone())));
+            return Next::Job(Box::new(Job::new(
+                stream.clone(),
+                epoch,
+                reply,
+                frame,
+                prompts,
+                0,
+                engine.info.clone(),
+            )));
         }
     }
     let now = Instant::now();
@@ -273,14 +308,20 @@ fn next_job(engine: &EngineShared, room: usize, sequences: usize, seen_wakes: &m
             continue;
         }
         match st.sampler.wait_time(now) {
-            Some(w) if w.is_zero() && st.prompts.prompts.len() > room && room < sequences => return Next::Wait(None),
+            Some(w) if w.is_zero() && st.prompts.prompts.len() > room && room < sequences => {
+                return Next::Wait(None);
+            }
             Some(w) if w.is_zero() => {
                 let frame = st.sampler.take(now);
                 let due: Vec<StandingPrompt> = match &frame {
                     Some(_) => {
                         st.taken += 1;
                         let (taken, st) = (st.taken, &mut *st);
-                        st.schedule.due(&st.prompts, taken, now).into_iter().cloned().collect()
+                        st.schedule
+                            .due(&st.prompts, taken, now)
+                            .into_iter()
+                            .cloned()
+                            .collect()
                     }
                     None => Vec::new(),
                 };
@@ -296,7 +337,15 @@ fn next_job(engine: &EngineShared, room: usize, sequences: usize, seen_wakes: &m
                 st.last_served = served();
                 let epoch = stream.epoch();
                 drop(st);
-                return Next::Job(Box::new(Job::new(stream.clone(), epoch, Reply::Standing, frame, due, dropped, engine.info.clone())));
+                return Next::Job(Box::new(Job::new(
+                    stream.clone(),
+                    epoch,
+                    Reply::Standing,
+                    frame,
+                    due,
+                    dropped,
+                    engine.info.clone(),
+                )));
             }
             Some(w) => wait = Some(wait.map_or(w, |v: Duration| v.min(w))),
             None => {}
@@ -306,7 +355,15 @@ fn next_job(engine: &EngineShared, room: usize, sequences: usize, seen_wakes: &m
 }
 
 impl Job {
-    fn new(stream: Arc<StreamShared>, epoch: u64, reply: Reply, frame: Frame, prompts: Vec<StandingPrompt>, frames_dropped: u64, model: ModelInfo) -> Job {
+    fn new(
+        stream: Arc<StreamShared>,
+        epoch: u64,
+        reply: Reply,
+        frame: Frame,
+        prompts: Vec<StandingPrompt>,
+        frames_dropped: u64,
+        model: ModelInfo,
+    ) -> Job {
         let queue_ms = frame.received.elapsed().as_secs_f64() * 1e3;
         let n = prompts.len();
         Job {
@@ -333,13 +390,22 @@ impl Job {
             schema: SCHEMA.into(),
             source: self.stream.config.source.clone(),
             frame: self.frame.info.clone(),
-            prompt: PromptInfo { id: prompt.id.clone(), text: prompt.task.prompt(), task: prompt.task.kind() },
+            prompt: PromptInfo {
+                id: prompt.id.clone(),
+                text: prompt.task.prompt(),
+                task: prompt.task.kind(),
+            },
             model: self.model.clone(),
-            result: TaskResult::Text { text: String::new() },
+            result: TaskResult::Text {
+                text: String::new(),
+            },
             raw: String::new(),
             tokens: TokenCounts::default(),
             mean_logprob: None,
-            latency_ms: Latency { queue: self.queue_ms, ..Default::default() },
+            latency_ms: Latency {
+                queue: self.queue_ms,
+                ..Default::default()
+            },
             frames_dropped: self.frames_dropped,
         }
     }
@@ -347,7 +413,9 @@ impl Job {
     /// Fails prompt `p` with `message`.
     fn fail(&mut self, p: usize, error: &str) {
         let mut msg = self.message(p);
-        msg.result = TaskResult::Error { message: error.to_string() };
+        msg.result = TaskResult::Error {
+            message: error.to_string(),
+        };
         self.messages[p] = Some(msg);
     }
 }
@@ -365,11 +433,16 @@ fn prepare(model: &mut Model, jobs: &mut [Job]) {
     }
     let encoded = match todo.as_slice() {
         [] => return,
-        [_, _, ..] => model.encode_images(&todo.iter().map(|j| &*j.frame.image).collect::<Vec<_>>()).ok(),
+        [_, _, ..] => model
+            .encode_images(&todo.iter().map(|j| &*j.frame.image).collect::<Vec<_>>())
+            .ok(),
         [_] => None,
     };
     match encoded {
-        Some(embeddings) => todo.into_iter().zip(embeddings).for_each(|(job, e)| job.embedding = Some(e)),
+        Some(embeddings) => todo
+            .into_iter()
+            .zip(embeddings)
+            .for_each(|(job, e)| job.embedding = Some(e)),
         None => {
             for job in todo {
                 match model.encode_image(&job.frame.image) {
@@ -400,7 +473,15 @@ fn start_pending(model: &mut Model, jobs: &mut [Job]) {
             let prompt = &job.prompts[p];
             match model.tokenizer().prefix_ids(&prompt.task.prompt()) {
                 Ok(ids) => {
-                    picked.push((j, p, ids, GenerateOptions { max_tokens: prompt.max_tokens, ..Default::default() }));
+                    picked.push((
+                        j,
+                        p,
+                        ids,
+                        GenerateOptions {
+                            max_tokens: prompt.max_tokens,
+                            ..Default::default()
+                        },
+                    ));
                     free -= 1;
                 }
                 Err(e) => job.fail(p, &e.to_string()),
@@ -408,8 +489,14 @@ fn start_pending(model: &mut Model, jobs: &mut [Job]) {
         }
     }
     let start = |model: &mut Model, jobs: &[Job], picked: &[Picked]| {
-        let starts: Vec<Start<'_>> =
-            picked.iter().map(|(j, _, ids, opts)| Start { image: jobs[*j].embedding.as_ref().expect("encoded above"), prefix: ids, opts }).collect();
+        let starts: Vec<Start<'_>> = picked
+            .iter()
+            .map(|(j, _, ids, opts)| Start {
+                image: jobs[*j].embedding.as_ref().expect("encoded above"),
+                prefix: ids,
+                opts,
+            })
+            .collect();
         model.start_batch(&starts)
     };
     let started = match picked.len() {
@@ -418,7 +505,10 @@ fn start_pending(model: &mut Model, jobs: &mut [Job]) {
         _ => start(model, jobs, &picked).ok(),
     };
     match started {
-        Some(seqs) => picked.iter().zip(seqs).for_each(|((j, p, ..), seq)| jobs[*j].running.push((*p, seq))),
+        Some(seqs) => picked
+            .iter()
+            .zip(seqs)
+            .for_each(|((j, p, ..), seq)| jobs[*j].running.push((*p, seq))),
         // Alone, each with its own error.
         None => {
             for one in picked.chunks(1) {
@@ -434,7 +524,11 @@ fn start_pending(model: &mut Model, jobs: &mut [Job]) {
 
 /// Fails every prompt of the job not answered yet.
 fn fail_rest(job: &mut Job, error: &str) {
-    let rest: Vec<usize> = job.pending.drain(..).chain(job.running.drain(..).map(|(p, _)| p)).collect();
+    let rest: Vec<usize> = job
+        .pending
+        .drain(..)
+        .chain(job.running.drain(..).map(|(p, _)| p))
+        .collect();
     for p in rest {
         job.fail(p, error);
     }
@@ -448,23 +542,44 @@ fn collect_finished(model: &mut Model, job: &mut Job, failed: Option<&str>) {
             job.running.push((p, seq));
             continue;
         }
-        let Some(generation) = model.finish(seq) else { continue };
+        let Some(generation) = model.finish(seq) else {
+            continue;
+        };
         if let Some(error) = failed {
             job.fail(p, error);
             continue;
         }
-        let embedding = job.embedding.as_ref().expect("a running prompt has its frame encoded");
+        let embedding = job
+            .embedding
+            .as_ref()
+            .expect("a running prompt has its frame encoded");
         let prompt = &job.prompts[p];
         let filter = prompt.filter(&job.stream.config.filter);
-        match model.task_result(embedding, &prompt.task, &generation, job.stream.config.loc_divisor, &filter) {
+        match model.task_result(
+            embedding,
+            &prompt.task,
+            &generation,
+            job.stream.config.loc_divisor,
+            &filter,
+        ) {
             Ok(result) => {
                 let t = &generation.timings;
                 let mut msg = job.message(p);
                 msg.raw = generation.text.clone();
-                msg.tokens = TokenCounts { prompt: generation.prompt_tokens, generated: generation.tokens.len() };
+                msg.tokens = TokenCounts {
+                    prompt: generation.prompt_tokens,
+                    generated: generation.tokens.len(),
+                };
                 msg.mean_logprob = generation.mean_logprob();
                 let total = job.started.elapsed().as_secs_f64() * 1e3 + job.queue_ms;
-                msg.latency_ms = Latency { queue: job.queue_ms, preprocess: t.preprocess, vision: t.vision, prefill: t.prefill, decode: t.decode, total };
+                msg.latency_ms = Latency {
+                    queue: job.queue_ms,
+                    preprocess: t.preprocess,
+                    vision: t.vision,
+                    prefill: t.prefill,
+                    decode: t.decode,
+                    total,
+                };
                 msg.result = result;
                 job.messages[p] = Some(msg);
             }
@@ -508,12 +623,19 @@ fn deliver_done(model: &mut Model, jobs: &mut Vec<Job>) -> bool {
 /// (asks are one-off questions and are not tracked); trackers of prompts that are no
 /// longer standing are dropped.
 fn track(st: &mut StreamState, config: &TrackerConfig, messages: &mut [ResultMessage]) {
-    let StreamState { trackers, prompts, .. } = st;
+    let StreamState {
+        trackers, prompts, ..
+    } = st;
     trackers.retain(|id, _| prompts.prompts.iter().any(|p| &p.id == id));
     for msg in messages {
         let time = msg.frame.time_s();
-        if let TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } = &mut msg.result {
-            trackers.entry(msg.prompt.id.clone()).or_insert_with(|| Tracker::new(config.clone())).update(detections, time);
+        if let TaskResult::Detections { detections, .. }
+        | TaskResult::Segmentation { detections, .. } = &mut msg.result
+        {
+            trackers
+                .entry(msg.prompt.id.clone())
+                .or_insert_with(|| Tracker::new(config.clone()))
+                .update(detections, time);
         }
     }
 }
@@ -521,9 +643,18 @@ fn track(st: &mut StreamState, config: &TrackerConfig, messages: &mut [ResultMes
 /// Ends a job: counts and delivers its messages (unless abandoned) and releases the
 /// stream's waiters. True for standing work.
 fn finish_job(job: Job, deliver: bool) -> bool {
-    let Job { stream, reply, messages, .. } = job;
+    let Job {
+        stream,
+        reply,
+        messages,
+        ..
+    } = job;
     let standing = matches!(reply, Reply::Standing);
-    let mut messages: Vec<ResultMessage> = if deliver { messages.into_iter().flatten().collect() } else { Vec::new() };
+    let mut messages: Vec<ResultMessage> = if deliver {
+        messages.into_iter().flatten().collect()
+    } else {
+        Vec::new()
+    };
     {
         let mut st = stream.lock();
         if !matches!(reply, Reply::Ask(_)) && stream.config.tracking.enabled {
@@ -535,7 +666,9 @@ fn finish_job(job: Job, deliver: bool) -> bool {
                 st.stats.errors += 1;
             }
             st.stats.detections += msg.result.detections().len() as u64;
-            if let TaskResult::Detections { dropped, .. } | TaskResult::Segmentation { dropped, .. } = &msg.result {
+            if let TaskResult::Detections { dropped, .. }
+            | TaskResult::Segmentation { dropped, .. } = &msg.result
+            {
                 st.stats.detections_dropped.below_min_score += dropped.below_min_score;
                 st.stats.detections_dropped.duplicates += dropped.duplicates;
             }

@@ -35,7 +35,13 @@ pub struct StreamConfig {
 
 impl Default for StreamConfig {
     fn default() -> Self {
-        StreamConfig { source: Source::default(), sampler: FrameSamplerConfig::default(), loc_divisor: DEFAULT_LOC_DIVISOR, filter: DetectionFilter::default(), tracking: TrackerConfig::default() }
+        StreamConfig {
+            source: Source::default(),
+            sampler: FrameSamplerConfig::default(),
+            loc_divisor: DEFAULT_LOC_DIVISOR,
+            filter: DetectionFilter::default(),
+            tracking: TrackerConfig::default(),
+        }
     }
 }
 
@@ -115,9 +121,14 @@ impl StreamShared {
     /// Hands a message to the stream's owner. A sink that panics loses that message
     /// only: the engine's lane, and every stream it serves, goes on.
     pub fn deliver(&self, msg: &ResultMessage) {
-        let sink = std::panic::AssertUnwindSafe(|| (self.sink.lock().unwrap_or_else(|e| e.into_inner()))(msg));
+        let sink = std::panic::AssertUnwindSafe(|| {
+            (self.sink.lock().unwrap_or_else(|e| e.into_inner()))(msg)
+        });
         if std::panic::catch_unwind(sink).is_err() {
-            tracing::error!("{}: the result sink panicked; the message is lost", self.config.source.camera);
+            tracing::error!(
+                "{}: the result sink panicked; the message is lost",
+                self.config.source.camera
+            );
         }
     }
 }
@@ -156,4 +167,3 @@ impl EngineShared {
         self.wake.notify_all();
     }
 }
-

@@ -5,11 +5,13 @@
 //! a dead stream.
 use crate::engine::Engine;
 use crate::frame_sampler::{Frame, FrameSampler};
+use crate::message::ResultMessage;
 use crate::prompts::{PromptSet, Schedule, StandingPrompt};
-use crate::shared::{MAX_PENDING_REQUESTS, Request, Sink, StreamConfig, StreamShared, StreamState, StreamStats};
+use crate::shared::{
+    MAX_PENDING_REQUESTS, Request, Sink, StreamConfig, StreamShared, StreamState, StreamStats,
+};
 use crate::tracker::Predicted;
 use crate::{Error, Result};
-use crate::message::ResultMessage;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
@@ -24,7 +26,12 @@ pub struct Stream {
 
 impl Stream {
     /// Attaches a stream to `engine` (see [`Engine::shared`]).
-    pub fn attach(engine: Arc<Engine>, prompts: PromptSet, config: StreamConfig, sink: Sink) -> Stream {
+    pub fn attach(
+        engine: Arc<Engine>,
+        prompts: PromptSet,
+        config: StreamConfig,
+        sink: Sink,
+    ) -> Stream {
         let stream = Arc::new(StreamShared {
             state: Mutex::new(StreamState {
                 sampler: FrameSampler::new(config.sampler.clone()),
@@ -107,12 +114,19 @@ impl Stream {
 
     /// Answers one prompt on a frame (before any standing prompt of any stream),
     /// waiting at most `timeout`.
-    pub fn ask(&self, frame: Frame, prompt: StandingPrompt, timeout: Duration) -> Result<ResultMessage> {
+    pub fn ask(
+        &self,
+        frame: Frame,
+        prompt: StandingPrompt,
+        timeout: Duration,
+    ) -> Result<ResultMessage> {
         prompt.validate()?;
         let (tx, rx) = sync_channel(1);
         self.request(Request::Ask(frame, prompt, tx))?;
         rx.recv_timeout(timeout).map_err(|e| match e {
-            std::sync::mpsc::RecvTimeoutError::Timeout => Error::Timeout(timeout.as_millis() as u64),
+            std::sync::mpsc::RecvTimeoutError::Timeout => {
+                Error::Timeout(timeout.as_millis() as u64)
+            }
             std::sync::mpsc::RecvTimeoutError::Disconnected => Error::Stopped,
         })
     }
@@ -135,7 +149,11 @@ impl Stream {
     /// answers: per prompt id, the confirmed tracks seen in its last answer.
     pub fn predict(&self, time: f64) -> Vec<(String, Vec<Predicted>)> {
         let state = self.lock();
-        state.trackers.iter().map(|(id, t)| (id.clone(), t.predict(time))).collect()
+        state
+            .trackers
+            .iter()
+            .map(|(id, t)| (id.clone(), t.predict(time)))
+            .collect()
     }
 
     /// Drops the waiting frame and abandons the work in progress (seeks, flushes).
@@ -174,7 +192,12 @@ impl Stream {
             if now >= deadline {
                 return false;
             }
-            state = self.stream.delivered.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            state = self
+                .stream
+                .delivered
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -190,7 +213,11 @@ impl Stream {
         self.wake_engine();
         let mut state = self.lock();
         while state.in_flight > 0 {
-            state = self.stream.delivered.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = self
+                .stream
+                .delivered
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
         }
         drop(state);
         self.engine.detach(&self.stream);

@@ -35,7 +35,13 @@ pub struct TrackerConfig {
 
 impl Default for TrackerConfig {
     fn default() -> Self {
-        TrackerConfig { enabled: true, confirm_frames: 1, keep_lost_frames: 5, min_iou: 0.2, max_predict_ms: 1000 }
+        TrackerConfig {
+            enabled: true,
+            confirm_frames: 1,
+            keep_lost_frames: 5,
+            min_iou: 0.2,
+            max_predict_ms: 1000,
+        }
     }
 }
 
@@ -46,7 +52,10 @@ impl TrackerConfig {
             return Err("tracking: confirm_frames must be at least 1".into());
         }
         if !(0.0..=1.0).contains(&self.min_iou) {
-            return Err(format!("tracking: min_iou {} is not in [0, 1]", self.min_iou));
+            return Err(format!(
+                "tracking: min_iou {} is not in [0, 1]",
+                self.min_iou
+            ));
         }
         Ok(())
     }
@@ -63,18 +72,37 @@ struct Centred {
 
 impl Centred {
     fn of(b: &NormBox) -> Centred {
-        let (x1, y1, x2, y2) = (f64::from(b.x1), f64::from(b.y1), f64::from(b.x2), f64::from(b.y2));
-        Centred { cx: (x1 + x2) / 2.0, cy: (y1 + y2) / 2.0, w: (x2 - x1).max(0.0), h: (y2 - y1).max(0.0) }
+        let (x1, y1, x2, y2) = (
+            f64::from(b.x1),
+            f64::from(b.y1),
+            f64::from(b.x2),
+            f64::from(b.y2),
+        );
+        Centred {
+            cx: (x1 + x2) / 2.0,
+            cy: (y1 + y2) / 2.0,
+            w: (x2 - x1).max(0.0),
+            h: (y2 - y1).max(0.0),
+        }
     }
 
     fn to_norm(self) -> NormBox {
         let f = |v: f64| v as f32;
-        NormBox { x1: f(self.cx - self.w / 2.0), y1: f(self.cy - self.h / 2.0), x2: f(self.cx + self.w / 2.0), y2: f(self.cy + self.h / 2.0) }
+        NormBox {
+            x1: f(self.cx - self.w / 2.0),
+            y1: f(self.cy - self.h / 2.0),
+            x2: f(self.cx + self.w / 2.0),
+            y2: f(self.cy + self.h / 2.0),
+        }
     }
 
     fn iou(&self, o: &Centred) -> f64 {
-        let w = ((self.cx + self.w / 2.0).min(o.cx + o.w / 2.0) - (self.cx - self.w / 2.0).max(o.cx - o.w / 2.0)).max(0.0);
-        let h = ((self.cy + self.h / 2.0).min(o.cy + o.h / 2.0) - (self.cy - self.h / 2.0).max(o.cy - o.h / 2.0)).max(0.0);
+        let w = ((self.cx + self.w / 2.0).min(o.cx + o.w / 2.0)
+            - (self.cx - self.w / 2.0).max(o.cx - o.w / 2.0))
+        .max(0.0);
+        let h = ((self.cy + self.h / 2.0).min(o.cy + o.h / 2.0)
+            - (self.cy - self.h / 2.0).max(o.cy - o.h / 2.0))
+        .max(0.0);
         let union = self.w * self.h + o.w * o.h - w * h;
         if union > 0.0 { w * h / union } else { 0.0 }
     }
@@ -106,7 +134,11 @@ struct Track {
 impl Track {
     fn predict(&self, time: f64, max_ahead: f64) -> Centred {
         let dt = (time - self.time).clamp(0.0, max_ahead);
-        Centred { cx: self.seen.cx + self.vx * dt, cy: self.seen.cy + self.vy * dt, ..self.seen }
+        Centred {
+            cx: self.seen.cx + self.vx * dt,
+            cy: self.seen.cy + self.vy * dt,
+            ..self.seen
+        }
     }
 }
 
@@ -130,7 +162,11 @@ pub struct Predicted {
 
 impl Tracker {
     pub fn new(config: TrackerConfig) -> Tracker {
-        Tracker { config, tracks: Vec::new(), next_id: 1 }
+        Tracker {
+            config,
+            tracks: Vec::new(),
+            next_id: 1,
+        }
     }
 
     /// Follows the tracks to the detections of a frame analysed at `time` (seconds on
@@ -146,10 +182,17 @@ impl Tracker {
             .iter()
             .map(|d| {
                 let c = Centred::of(&d.box_norm);
-                [c.cx, c.cy, c.w, c.h].iter().all(|v| v.is_finite()).then_some(c)
+                [c.cx, c.cy, c.w, c.h]
+                    .iter()
+                    .all(|v| v.is_finite())
+                    .then_some(c)
             })
             .collect();
-        let predicted: Vec<Centred> = self.tracks.iter().map(|t| t.predict(time, max_ahead)).collect();
+        let predicted: Vec<Centred> = self
+            .tracks
+            .iter()
+            .map(|t| t.predict(time, max_ahead))
+            .collect();
         // Candidate pairs: overlapping ones ranked by IoU, then near ones by distance.
         let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
         for (t, track) in self.tracks.iter().enumerate() {
@@ -227,7 +270,8 @@ impl Tracker {
         }
         let keep_lost = self.config.keep_lost_frames;
         // Unconfirmed tracks go at their first miss, confirmed ones after keep_lost_frames.
-        self.tracks.retain(|t| t.misses == 0 || (t.id != 0 && t.misses <= keep_lost));
+        self.tracks
+            .retain(|t| t.misses == 0 || (t.id != 0 && t.misses <= keep_lost));
     }
 
     /// Where the confirmed tracks seen in the last analysed frame are at `time`, for
@@ -237,7 +281,12 @@ impl Tracker {
         self.tracks
             .iter()
             .filter(|t| t.id != 0 && t.misses == 0)
-            .map(|t| Predicted { track_id: t.id, label: t.label.clone(), box_norm: t.predict(time, max_ahead).to_norm(), score: t.score })
+            .map(|t| Predicted {
+                track_id: t.id,
+                label: t.label.clone(),
+                box_norm: t.predict(time, max_ahead).to_norm(),
+                score: t.score,
+            })
             .collect()
     }
 
@@ -261,9 +310,19 @@ mod tests {
         let bin = |v: f32| (v * 1023.0).round().clamp(0.0, 1023.0) as u32;
         let text: Vec<String> = centres
             .iter()
-            .map(|&(x, y)| format!("<loc{:04}><loc{:04}><loc{:04}><loc{:04}> {label}", bin(y - 0.05), bin(x - 0.05), bin(y + 0.05), bin(x + 0.05)))
+            .map(|&(x, y)| {
+                format!(
+                    "<loc{:04}><loc{:04}><loc{:04}><loc{:04}> {label}",
+                    bin(y - 0.05),
+                    bin(x - 0.05),
+                    bin(y + 0.05),
+                    bin(x + 0.05)
+                )
+            })
             .collect();
-        parse_detections(&text.join(" ; "), 100, 100, 1023.0, false).detections().to_vec()
+        parse_detections(&text.join(" ; "), 100, 100, 1023.0, false)
+            .detections()
+            .to_vec()
     }
 
     fn ids(d: &[Detection]) -> Vec<Option<u64>> {
@@ -289,7 +348,11 @@ mod tests {
 
     #[test]
     fn births_deaths_and_a_short_occlusion() {
-        let config = TrackerConfig { confirm_frames: 2, keep_lost_frames: 2, ..Default::default() };
+        let config = TrackerConfig {
+            confirm_frames: 2,
+            keep_lost_frames: 2,
+            ..Default::default()
+        };
         let mut tracker = Tracker::new(config);
         let mut d = at("cup", &[(0.5, 0.5)]);
         tracker.update(&mut d, 0.0);
@@ -340,8 +403,17 @@ mod tests {
     /// A detection with any box at all, NaN and far outside the frame included.
     fn any_detection() -> impl proptest::strategy::Strategy<Value = Detection> {
         use proptest::prelude::*;
-        let coordinate = prop_oneof![8 => -2.0f32..3.0, 1 => Just(f32::NAN), 1 => Just(f32::INFINITY)];
-        (prop::sample::select(vec!["cup", "plate"]), [coordinate.clone(), coordinate.clone(), coordinate.clone(), coordinate])
+        let coordinate =
+            prop_oneof![8 => -2.0f32..3.0, 1 => Just(f32::NAN), 1 => Just(f32::INFINITY)];
+        (
+            prop::sample::select(vec!["cup", "plate"]),
+            [
+                coordinate.clone(),
+                coordinate.clone(),
+                coordinate.clone(),
+                coordinate,
+            ],
+        )
             .prop_map(|(label, [x1, y1, x2, y2])| {
                 let mut d = at(label, &[(0.5, 0.5)]).remove(0);
                 d.box_norm = NormBox { x1, y1, x2, y2 };
@@ -378,13 +450,19 @@ mod tests {
     #[test]
     fn thousands_of_boxes_in_little_time() {
         let mut tracker = Tracker::new(TrackerConfig::default());
-        let centres: Vec<(f32, f32)> = (0..2000).map(|i| ((i % 50) as f32 / 50.0 + 0.01, (i / 50) as f32 / 40.0 + 0.01)).collect();
+        let centres: Vec<(f32, f32)> = (0..2000)
+            .map(|i| ((i % 50) as f32 / 50.0 + 0.01, (i / 50) as f32 / 40.0 + 0.01))
+            .collect();
         let start = std::time::Instant::now();
         for t in 0..3 {
             let mut d = at("cup", &centres);
             tracker.update(&mut d, f64::from(t));
             assert!(d.iter().all(|d| d.track_id.is_some()));
         }
-        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -54,33 +54,53 @@ impl Checkpoint {
     /// indexes the tensors of its safetensors files (memory-mapped, not read yet).
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         if !dir.is_dir() {
-            return Err(Error::Checkpoint { path: dir.into(), detail: "not a directory (expected a Hugging Face checkpoint folder)".into() });
+            return Err(Error::Checkpoint {
+                path: dir.into(),
+                detail: "not a directory (expected a Hugging Face checkpoint folder)".into(),
+            });
         }
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
-            return Err(Error::Checkpoint { path: dir.into(), detail: "no config.json in this folder".into() });
+            return Err(Error::Checkpoint {
+                path: dir.into(),
+                detail: "no config.json in this folder".into(),
+            });
         }
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer_json = std::fs::read_to_string(&tok_path).map_err(crate::error::io(&tok_path))?;
-        let tokenizer = crate::tokenizer::parse_json(&tokenizer_json)
-            .map_err(|e| Error::Checkpoint { path: tok_path.clone(), detail: format!("not a valid tokenizer.json: {e}") })?;
+        let tokenizer_json =
+            std::fs::read_to_string(&tok_path).map_err(crate::error::io(&tok_path))?;
+        let tokenizer =
+            crate::tokenizer::parse_json(&tokenizer_json).map_err(|e| Error::Checkpoint {
+                path: tok_path.clone(),
+                detail: format!("not a valid tokenizer.json: {e}"),
+            })?;
 
         let (files, notes) = safetensors_files(dir)?;
         let mut index = BTreeMap::new();
         let mut embed_dtype = None;
         for (i, (path, map)) in files.iter().enumerate() {
-            let st =
-                SafeTensors::deserialize(map).map_err(|e| Error::Checkpoint { path: path.clone(), detail: format!("not a valid safetensors file: {e}") })?;
+            let st = SafeTensors::deserialize(map).map_err(|e| Error::Checkpoint {
+                path: path.clone(),
+                detail: format!("not a valid safetensors file: {e}"),
+            })?;
             for (key, view) in st.tensors() {
                 if let Some(canon) = canonical_name(&key) {
                     if canon == "text.embed_tokens.weight" {
                         embed_dtype = Some(view.dtype());
                     }
-                    let entry = Entry { file: i, key: key.clone(), shape: view.shape().to_vec() };
+                    let entry = Entry {
+                        file: i,
+                        key: key.clone(),
+                        shape: view.shape().to_vec(),
+                    };
                     if let Some(other) = index.insert(canon.clone(), entry) {
                         return Err(Error::Checkpoint {
                             path: path.clone(),
-                            detail: format!("{key:?} and {:?} (in {}) are the same tensor {canon:?}", other.key, files[other.file].0.display()),
+                            detail: format!(
+                                "{key:?} and {:?} (in {}) are the same tensor {canon:?}",
+                                other.key,
+                                files[other.file].0.display()
+                            ),
                         });
                     }
                 }
@@ -90,8 +110,10 @@ impl Checkpoint {
         let pp = if pp_path.is_file() {
             let text = std::fs::read_to_string(&pp_path).map_err(crate::error::io(&pp_path))?;
             Some(
-                serde_json::from_str::<serde_json::Value>(&text)
-                    .map_err(|e| Error::Config { path: pp_path.clone(), detail: format!("not valid JSON: {e}") })?,
+                serde_json::from_str::<serde_json::Value>(&text).map_err(|e| Error::Config {
+                    path: pp_path.clone(),
+                    detail: format!("not valid JSON: {e}"),
+                })?,
             )
         } else {
             None
@@ -101,24 +123,59 @@ impl Checkpoint {
             Some(Dtype::F16) => "float16",
             _ => "float32",
         };
-        let config = Config::from_hf(&config_path, pp.as_ref().map(|p| (pp_path.as_path(), p)), &|t| tokenizer.token_to_id(t), dtype)?;
-        Ok(Checkpoint { dir: dir.into(), files, index, config, tokenizer_json, notes })
+        let config = Config::from_hf(
+            &config_path,
+            pp.as_ref().map(|p| (pp_path.as_path(), p)),
+            &|t| tokenizer.token_to_id(t),
+            dtype,
+        )?;
+        Ok(Checkpoint {
+            dir: dir.into(),
+            files,
+            index,
+            config,
+            tokenizer_json,
+            notes,
+        })
     }
 
     /// A tensor as f32 values with its HF shape.
     pub(crate) fn tensor_f32(&self, canon: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let Entry { file, key, .. } =
-            self.index.get(canon).ok_or_else(|| Error::Tensor { path: self.dir.clone(), name: canon.into(), detail: "missing from the checkpoint".into() })?;
+        let Entry { file, key, .. } = self.index.get(canon).ok_or_else(|| Error::Tensor {
+            path: self.dir.clone(),
+            name: canon.into(),
+            detail: "missing from the checkpoint".into(),
+        })?;
         let (path, map) = &self.files[*file];
-        let st = SafeTensors::deserialize(map).map_err(|e| Error::Checkpoint { path: path.clone(), detail: e.to_string() })?;
-        let view = st.tensor(key).map_err(|e| Error::Tensor { path: path.clone(), name: key.clone(), detail: e.to_string() })?;
+        let st = SafeTensors::deserialize(map).map_err(|e| Error::Checkpoint {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let view = st.tensor(key).map_err(|e| Error::Tensor {
+            path: path.clone(),
+            name: key.clone(),
+            detail: e.to_string(),
+        })?;
         let data = view.data();
         let values = match view.dtype() {
-            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes(b.try_into().unwrap()).to_f32()).collect(),
-            Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes(b.try_into().unwrap()).to_f32()).collect(),
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes(b.try_into().unwrap()).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes(b.try_into().unwrap()).to_f32())
+                .collect(),
             other => {
-                return Err(Error::Tensor { path: path.clone(), name: key.clone(), detail: format!("dtype {other:?}, expected F32, F16 or BF16") });
+                return Err(Error::Tensor {
+                    path: path.clone(),
+                    name: key.clone(),
+                    detail: format!("dtype {other:?}, expected F32, F16 or BF16"),
+                });
             }
         };
         Ok((view.shape().to_vec(), values))
@@ -134,7 +191,10 @@ impl Checkpoint {
             return Err(Error::Tensor {
                 path: self.files[entry.file].0.clone(),
                 name: entry.key.clone(),
-                detail: format!("shape {:?}, expected {:?} from config.json", entry.shape, e.shape),
+                detail: format!(
+                    "shape {:?}, expected {:?} from config.json",
+                    entry.shape, e.shape
+                ),
             });
         }
         Ok(())
@@ -152,20 +212,35 @@ fn safetensors_files(dir: &Path) -> Result<(MappedFiles, Vec<String>)> {
     const SINGLE: &str = "model.safetensors";
     let index_path = dir.join(INDEX);
     let (source, names): (&str, Vec<String>) = if index_path.is_file() {
-        let text = String::from_utf8(crate::read_input_file(&index_path, 64 << 20)?)
-            .map_err(|_| Error::Config { path: index_path.clone(), detail: "not UTF-8".into() })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Config { path: index_path.clone(), detail: format!("not valid JSON: {e}") })?;
+        let text =
+            String::from_utf8(crate::read_input_file(&index_path, 64 << 20)?).map_err(|_| {
+                Error::Config {
+                    path: index_path.clone(),
+                    detail: "not UTF-8".into(),
+                }
+            })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: index_path.clone(),
+            detail: format!("not valid JSON: {e}"),
+        })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::Config { path: index_path.clone(), detail: "field weight_map: expected an object".into() })?;
+            .ok_or_else(|| Error::Config {
+                path: index_path.clone(),
+                detail: "field weight_map: expected an object".into(),
+            })?;
         let mut files = Vec::new();
         for (key, file) in map {
-            let name = file.as_str().filter(|f| is_plain_file_name(f)).ok_or_else(|| Error::Config {
-                path: index_path.clone(),
-                detail: format!("weight_map[{key:?}] is {file}, expected the name of a file in this folder"),
-            })?;
+            let name = file
+                .as_str()
+                .filter(|f| is_plain_file_name(f))
+                .ok_or_else(|| Error::Config {
+                    path: index_path.clone(),
+                    detail: format!(
+                        "weight_map[{key:?}] is {file}, expected the name of a file in this folder"
+                    ),
+                })?;
             files.push(name.to_string());
         }
         files.sort();
@@ -174,10 +249,16 @@ fn safetensors_files(dir: &Path) -> Result<(MappedFiles, Vec<String>)> {
     } else if dir.join(SINGLE).is_file() {
         (SINGLE, vec![SINGLE.to_string()])
     } else {
-        return Err(Error::Checkpoint { path: dir.into(), detail: format!("no {INDEX} and no {SINGLE} (the files transformers reads)") });
+        return Err(Error::Checkpoint {
+            path: dir.into(),
+            detail: format!("no {INDEX} and no {SINGLE} (the files transformers reads)"),
+        });
     };
     if names.is_empty() {
-        return Err(Error::Config { path: index_path, detail: "weight_map names no file".into() });
+        return Err(Error::Config {
+            path: index_path,
+            detail: "weight_map names no file".into(),
+        });
     }
     let mut notes = Vec::new();
     let mut others: Vec<String> = std::fs::read_dir(dir)
@@ -187,7 +268,9 @@ fn safetensors_files(dir: &Path) -> Result<(MappedFiles, Vec<String>)> {
         .collect();
     others.sort();
     for other in others {
-        notes.push(format!("ignored {other}: not a weight file of the model (transformers reads {source})"));
+        notes.push(format!(
+            "ignored {other}: not a weight file of the model (transformers reads {source})"
+        ));
     }
     let files = names
         .into_iter()

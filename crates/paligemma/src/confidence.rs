@@ -47,11 +47,20 @@ pub struct ObjectEvidence<'a> {
 /// objects as the parser's split of the text.
 pub fn objects<'a>(generation: &'a Generation, tokenizer: &Tokenizer) -> Vec<ObjectEvidence<'a>> {
     let tokens = tokenizer.config();
-    let is_in = |first: Option<u32>, count: u32, id: u32| first.is_some_and(|f| (f..f + count).contains(&id));
+    let is_in = |first: Option<u32>, count: u32, id: u32| {
+        first.is_some_and(|f| (f..f + count).contains(&id))
+    };
     let mut locs = generation.loc_distributions.iter().peekable();
     let mut objects = vec![ObjectEvidence::default()];
-    for (i, (&id, &p)) in generation.tokens.iter().zip(&generation.token_probs).enumerate() {
-        let separators = tokenizer.id_to_token(id).map_or(0, |t| t.matches(';').count());
+    for (i, (&id, &p)) in generation
+        .tokens
+        .iter()
+        .zip(&generation.token_probs)
+        .enumerate()
+    {
+        let separators = tokenizer
+            .id_to_token(id)
+            .map_or(0, |t| t.matches(';').count());
         if separators == 0 {
             let object = objects.last_mut().expect("never empty");
             object.min_prob = Some(object.min_prob.map_or(p, |s| s.min(p)));
@@ -71,12 +80,20 @@ pub fn objects<'a>(generation: &'a Generation, tokenizer: &Tokenizer) -> Vec<Obj
 /// The score of an object (see the module's documentation); none when it does not have
 /// exactly four location tokens (y1, x1, y2, x2).
 pub fn score(evidence: &ObjectEvidence<'_>) -> Option<f32> {
-    let [y1, x1, y2, x2] = evidence.locs.as_slice() else { return None };
+    let [y1, x1, y2, x2] = evidence.locs.as_slice() else {
+        return None;
+    };
     let edges = [y1, x1, y2, x2].map(|d| Edge::new(&d.probs));
     let written = BinBox::new([y1.bin, x1.bin, y2.bin, x2.bin]);
     let located = edges.iter().map(|e| e.total).product::<f64>();
     let hits = if located > 0.0 {
-        (0..SAMPLES).filter(|&k| written.iou(&BinBox::new(std::array::from_fn(|i| edges[i].quantile(r4(k, i))))) >= RIGHT_IOU).count()
+        (0..SAMPLES)
+            .filter(|&k| {
+                written.iou(&BinBox::new(std::array::from_fn(|i| {
+                    edges[i].quantile(r4(k, i))
+                }))) >= RIGHT_IOU
+            })
+            .count()
     } else {
         0
     };
@@ -100,7 +117,10 @@ impl Edge {
                 Some(*sum)
             })
             .collect();
-        Edge { total: cumulative.last().copied().unwrap_or(0.0), cumulative }
+        Edge {
+            total: cumulative.last().copied().unwrap_or(0.0),
+            cumulative,
+        }
     }
 
     /// The bin at which the cumulative probability reaches `u` (in [0, 1)) of the total.
@@ -121,7 +141,12 @@ struct BinBox {
 impl BinBox {
     /// From the bins as written, y1 x1 y2 x2 (corners in either order).
     fn new([y1, x1, y2, x2]: [u32; 4]) -> BinBox {
-        BinBox { top: y1.min(y2), left: x1.min(x2), bottom: y1.max(y2) + 1, right: x1.max(x2) + 1 }
+        BinBox {
+            top: y1.min(y2),
+            left: x1.min(x2),
+            bottom: y1.max(y2) + 1,
+            right: x1.max(x2) + 1,
+        }
     }
 
     fn area(&self) -> f32 {
@@ -129,8 +154,14 @@ impl BinBox {
     }
 
     fn iou(&self, other: &BinBox) -> f32 {
-        let h = self.bottom.min(other.bottom).saturating_sub(self.top.max(other.top));
-        let w = self.right.min(other.right).saturating_sub(self.left.max(other.left));
+        let h = self
+            .bottom
+            .min(other.bottom)
+            .saturating_sub(self.top.max(other.top));
+        let w = self
+            .right
+            .min(other.right)
+            .saturating_sub(self.left.max(other.left));
         let inter = (h * w) as f32;
         inter / (self.area() + other.area() - inter)
     }
@@ -153,34 +184,72 @@ mod tests {
     fn spread(index: usize, bin: u32, spread: u32, mass: f32) -> LocDistribution {
         let mut probs = vec![0.0; LOC_BINS];
         let (lo, hi) = (bin.saturating_sub(spread) as usize, (bin + spread) as usize);
-        probs[lo..=hi].iter_mut().for_each(|p| *p = mass / (hi - lo + 1) as f32);
+        probs[lo..=hi]
+            .iter_mut()
+            .for_each(|p| *p = mass / (hi - lo + 1) as f32);
         LocDistribution { index, bin, probs }
     }
 
     fn evidence(locs: &[LocDistribution], label: &[f32]) -> f32 {
-        score(&ObjectEvidence { locs: locs.iter().collect(), label_probs: label.to_vec(), min_prob: None }).unwrap()
+        score(&ObjectEvidence {
+            locs: locs.iter().collect(),
+            label_probs: label.to_vec(),
+            min_prob: None,
+        })
+        .unwrap()
     }
 
     #[test]
     fn sure_boxes_score_their_label_and_doubt_lowers_the_score() {
         // A box of 200 x 200 bins written with all mass on the written bins.
-        let sharp = [spread(0, 100, 0, 1.0), spread(1, 100, 0, 1.0), spread(2, 300, 0, 1.0), spread(3, 300, 0, 1.0)];
+        let sharp = [
+            spread(0, 100, 0, 1.0),
+            spread(1, 100, 0, 1.0),
+            spread(2, 300, 0, 1.0),
+            spread(3, 300, 0, 1.0),
+        ];
         assert!((evidence(&sharp, &[0.9, 0.5]) - 0.45).abs() < 1e-6);
         // Spread by 10 bins either side: every drawn box still overlaps by far more than half.
-        let near = [spread(0, 100, 10, 1.0), spread(1, 100, 10, 1.0), spread(2, 300, 10, 1.0), spread(3, 300, 10, 1.0)];
+        let near = [
+            spread(0, 100, 10, 1.0),
+            spread(1, 100, 10, 1.0),
+            spread(2, 300, 10, 1.0),
+            spread(3, 300, 10, 1.0),
+        ];
         assert!((evidence(&near, &[1.0]) - 1.0).abs() < 1e-6);
         // Spread by 150 bins: many drawn boxes miss; fewer than half of them are right.
-        let vague = [spread(0, 100, 100, 1.0), spread(1, 100, 100, 1.0), spread(2, 300, 150, 1.0), spread(3, 300, 150, 1.0)];
+        let vague = [
+            spread(0, 100, 100, 1.0),
+            spread(1, 100, 100, 1.0),
+            spread(2, 300, 150, 1.0),
+            spread(3, 300, 150, 1.0),
+        ];
         let s = evidence(&vague, &[1.0]);
         assert!(s > 0.05 && s < 0.5, "{s}");
         // The probability of writing a location at all: 60% here, the rest went to <eos>.
-        let doubt = [spread(0, 100, 0, 0.6), spread(1, 100, 0, 1.0), spread(2, 300, 0, 1.0), spread(3, 300, 0, 1.0)];
+        let doubt = [
+            spread(0, 100, 0, 0.6),
+            spread(1, 100, 0, 1.0),
+            spread(2, 300, 0, 1.0),
+            spread(3, 300, 0, 1.0),
+        ];
         assert!((evidence(&doubt, &[1.0]) - 0.6).abs() < 1e-6);
         // Nothing at all where the model wrote a location (sampling at a temperature).
-        let none = [spread(0, 100, 0, 0.0), spread(1, 100, 0, 1.0), spread(2, 300, 0, 1.0), spread(3, 300, 0, 1.0)];
+        let none = [
+            spread(0, 100, 0, 0.0),
+            spread(1, 100, 0, 1.0),
+            spread(2, 300, 0, 1.0),
+            spread(3, 300, 0, 1.0),
+        ];
         assert_eq!(evidence(&none, &[1.0]), 0.0);
         // Not four locations: no score.
-        assert_eq!(score(&ObjectEvidence { locs: sharp[..3].iter().collect(), ..Default::default() }), None);
+        assert_eq!(
+            score(&ObjectEvidence {
+                locs: sharp[..3].iter().collect(),
+                ..Default::default()
+            }),
+            None
+        );
     }
 
     #[test]
@@ -188,7 +257,10 @@ mod tests {
         for i in 0..4 {
             let mut counts = [0usize; 8];
             (0..SAMPLES).for_each(|k| counts[(r4(k, i) * 8.0) as usize] += 1);
-            assert!(counts.iter().all(|&c| c.abs_diff(SAMPLES / 8) <= 8), "axis {i}: {counts:?}");
+            assert!(
+                counts.iter().all(|&c| c.abs_diff(SAMPLES / 8) <= 8),
+                "axis {i}: {counts:?}"
+            );
         }
     }
 }

@@ -3,7 +3,7 @@
 //! at any point leaves no partial file.
 pub use crate::checkpoint::{Checkpoint, canonical_name};
 use crate::config::Config;
-use crate::format::{Expected, Transform, expected_tensors, padded_consumer, paddable};
+use crate::format::{Expected, Transform, expected_tensors, paddable, padded_consumer};
 use crate::{Error, Result};
 use ggml::Type;
 use ggml::gguf::{GgufHeader, GgufWriter, Value};
@@ -28,7 +28,12 @@ pub struct ConvertOptions {
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions { ty: Type::F16, vision_ty: Type::F16, seg_decoder: None, cancel: None }
+        ConvertOptions {
+            ty: Type::F16,
+            vision_ty: Type::F16,
+            seg_decoder: None,
+            cancel: None,
+        }
     }
 }
 
@@ -36,18 +41,40 @@ impl Default for ConvertOptions {
 /// for the float types (so an "f32" model is f32 throughout and matches the reference
 /// to 1e-5), f16 for the quantized ones (SigLIP loses more to quantization than Gemma).
 pub fn default_vision_type(ty: Type) -> Type {
-    if matches!(ty, Type::F32 | Type::F16 | Type::BF16) { ty } else { Type::F16 }
+    if matches!(ty, Type::F32 | Type::F16 | Type::BF16) {
+        ty
+    } else {
+        Type::F16
+    }
 }
 
 /// Types `--type` accepts.
-pub const WEIGHT_TYPES: [Type; 8] = [Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q4_K, Type::Q5_K, Type::Q6_K];
+pub const WEIGHT_TYPES: [Type; 8] = [
+    Type::F32,
+    Type::F16,
+    Type::BF16,
+    Type::Q8_0,
+    Type::Q4_0,
+    Type::Q4_K,
+    Type::Q5_K,
+    Type::Q6_K,
+];
 
 /// Parses a weight type name, listing the accepted ones on error.
 pub fn parse_weight_type(name: &str) -> Result<Type> {
-    let names = || WEIGHT_TYPES.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ");
+    let names = || {
+        WEIGHT_TYPES
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match Type::from_name(name) {
         Ok(t) if WEIGHT_TYPES.contains(&t) => Ok(t),
-        _ => Err(Error::Invalid(format!("unknown weight type {name:?} (expected one of {})", names()))),
+        _ => Err(Error::Invalid(format!(
+            "unknown weight type {name:?} (expected one of {})",
+            names()
+        ))),
     }
 }
 
@@ -102,11 +129,19 @@ fn storage(e: &Expected, opts: &ConvertOptions) -> (Type, usize) {
         t if t == Type::Q6_K => &[Type::Q6_K, Type::Q8_0],
         _ => &[wanted],
     };
-    if let Some(ty) = chain.iter().copied().find(|t| row.is_multiple_of(t.block_size())) {
+    if let Some(ty) = chain
+        .iter()
+        .copied()
+        .find(|t| row.is_multiple_of(t.block_size()))
+    {
         return (ty, row);
     }
     let last = chain[chain.len() - 1];
-    if paddable(&e.gguf, e.shape.len()) { (last, row.next_multiple_of(last.block_size())) } else { (Type::F16, row) }
+    if paddable(&e.gguf, e.shape.len()) {
+        (last, row.next_multiple_of(last.block_size()))
+    } else {
+        (Type::F16, row)
+    }
 }
 
 /// Rows of `row` values, each followed by zeros up to `stored` values.
@@ -114,17 +149,35 @@ fn pad_rows(data: Vec<f32>, row: usize, stored: usize) -> Vec<f32> {
     if stored == row {
         return data;
     }
-    data.chunks(row).flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0.0, stored - row))).collect()
+    data.chunks(row)
+        .flat_map(|r| {
+            r.iter()
+                .copied()
+                .chain(std::iter::repeat_n(0.0, stored - row))
+        })
+        .collect()
 }
 
 /// Converts the checkpoint in `dir` to a GGUF at `out`.
-pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, progress: impl FnMut(Progress<'_>)) -> Result<Summary> {
+pub fn convert(
+    dir: &Path,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: impl FnMut(Progress<'_>),
+) -> Result<Summary> {
     let ckpt = Checkpoint::open(dir)?;
     let expected = expected_tensors(&ckpt.config);
     for e in &expected {
         ckpt.check_shape(e)?;
     }
-    let mut summary = write_model(&ckpt.config, &ckpt.tokenizer_json, opts, out, |e| Ok(ckpt.tensor_f32(&e.hf)?.1), progress)?;
+    let mut summary = write_model(
+        &ckpt.config,
+        &ckpt.tokenizer_json,
+        opts,
+        out,
+        |e| Ok(ckpt.tensor_f32(&e.hf)?.1),
+        progress,
+    )?;
     summary.notes = ckpt.notes;
     Ok(summary)
 }
@@ -151,7 +204,9 @@ pub fn write_random(
             let norm = e.shape.len() == 1 && (e.gguf.contains("norm") || e.gguf.contains("ln"));
             Ok((0..n)
                 .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let u = ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
                     if norm { 1.0 + 0.1 * u } else { 0.02 * u }
                 })
@@ -172,23 +227,43 @@ fn write_model(
 ) -> Result<Summary> {
     // The file must pass what the loader checks: validated before anything is written,
     // and every count then fits the u32 it is stored as.
-    let invalid = |detail: String| Error::Invalid(format!("refusing to write {}: {detail}", out.display()));
-    cfg.validate().map_err(|p| invalid(format!("invalid hyper-parameters: {p}")))?;
+    let invalid =
+        |detail: String| Error::Invalid(format!("refusing to write {}: {detail}", out.display()));
+    cfg.validate()
+        .map_err(|p| invalid(format!("invalid hyper-parameters: {p}")))?;
     let expected = expected_tensors(cfg);
-    let seg = opts.seg_decoder.as_deref().map(crate::segment::SegWeights::from_npz).transpose()?;
+    let seg = opts
+        .seg_decoder
+        .as_deref()
+        .map(crate::segment::SegWeights::from_npz)
+        .transpose()?;
     let mut header = GgufHeader::new();
     cfg.write_gguf(&mut header);
     header.set("general.file_type", Value::String(opts.ty.name().into()));
-    header.set("paligemma.vision_file_type", Value::String(opts.vision_ty.name().into()));
-    header.set("tokenizer.huggingface.json", Value::String(tokenizer_json.to_string()));
+    header.set(
+        "paligemma.vision_file_type",
+        Value::String(opts.vision_ty.name().into()),
+    );
+    header.set(
+        "tokenizer.huggingface.json",
+        Value::String(tokenizer_json.to_string()),
+    );
     let stored: Vec<(Type, usize)> = expected.iter().map(|e| storage(e, opts)).collect();
-    let stored_row = |name: &str| expected.iter().zip(&stored).find(|(e, _)| e.gguf == name).map(|(_, s)| s.1);
+    let stored_row = |name: &str| {
+        expected
+            .iter()
+            .zip(&stored)
+            .find(|(e, _)| e.gguf == name)
+            .map(|(_, s)| s.1)
+    };
     let mut plan = Vec::new();
     for (e, &(ty, mut row)) in expected.iter().zip(&stored) {
         let mut ggml_shape: Vec<usize> = e.shape.iter().rev().copied().collect();
         ggml_shape[0] = row;
         // The outputs feeding a padded matrix are padded to match (weight rows, bias).
-        let outputs = padded_consumer(&e.gguf).and_then(|c| stored_row(&c)).filter(|&r| r > e.shape[0]);
+        let outputs = padded_consumer(&e.gguf)
+            .and_then(|c| stored_row(&c))
+            .filter(|&r| r > e.shape[0]);
         match (outputs, ggml_shape.len()) {
             (Some(n), 1) => (ggml_shape[0], row) = (n, n),
             (Some(n), _) => ggml_shape[1] = n,
@@ -209,12 +284,21 @@ fn write_model(
         entry.0 += 1;
         entry.1 += len as u64;
     };
-    let cancelled = || opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
+    let cancelled = || {
+        opts.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    };
     for (index, (e, ty, row, len)) in plan.iter().enumerate() {
         if cancelled() {
             return Err(Error::Interrupted);
         }
-        progress(Progress { index, total, name: &e.gguf, ty: *ty });
+        progress(Progress {
+            index,
+            total,
+            name: &e.gguf,
+            ty: *ty,
+        });
         let mut data = values(e)?;
         if e.transform == Transform::PlusOne {
             data.iter_mut().for_each(|v| *v += 1.0);
@@ -226,7 +310,12 @@ fn write_model(
         writer.write_tensor(&e.gguf, &bytes)?;
     }
     for (i, (name, data)) in seg.iter().flat_map(|s| s.tensors()).enumerate() {
-        progress(Progress { index: plan.len() + i, total, name, ty: Type::F32 });
+        progress(Progress {
+            index: plan.len() + i,
+            total,
+            name,
+            ty: Type::F32,
+        });
         let bytes = ggml::quantize(Type::F32, data, data.len())?;
         record(Type::F32, bytes.len());
         writer.write_tensor(name, &bytes)?;
@@ -235,5 +324,12 @@ fn write_model(
         return Err(Error::Interrupted);
     }
     let file_size = writer.finish()?;
-    Ok(Summary { path: out.into(), tensors: total, bytes_per_type, file_size, config: cfg.clone(), notes: Vec::new() })
+    Ok(Summary {
+        path: out.into(),
+        tensors: total,
+        bytes_per_type,
+        file_size,
+        config: cfg.clone(),
+        notes: Vec::new(),
+    })
 }

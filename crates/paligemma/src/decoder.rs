@@ -55,12 +55,20 @@ impl DecoderWeights {
                     k: linear("attn_k")?,
                     v: linear("attn_v")?,
                     out: linear("attn_output")?,
-                    post_attn_norm: if gemma2 { Some(w.rms_norm(&p("post_attention_norm"), eps)?) } else { None },
+                    post_attn_norm: if gemma2 {
+                        Some(w.rms_norm(&p("post_attention_norm"), eps)?)
+                    } else {
+                        None
+                    },
                     ffn_norm: w.rms_norm(&p("ffn_norm"), eps)?,
                     gate: linear("ffn_gate")?,
                     up: linear("ffn_up")?,
                     down: linear("ffn_down")?,
-                    post_ffn_norm: if gemma2 { Some(w.rms_norm(&p("post_ffw_norm"), eps)?) } else { None },
+                    post_ffn_norm: if gemma2 {
+                        Some(w.rms_norm(&p("post_ffw_norm"), eps)?)
+                    } else {
+                        None
+                    },
                     sliding: t.sliding_layers[i],
                 })
             })
@@ -68,7 +76,15 @@ impl DecoderWeights {
         let token_embd = w.tensor("token_embd.weight")?;
         Ok(DecoderWeights {
             token_embd,
-            lm_head: if w.has(LM_HEAD) { w.matrix(LM_HEAD)? } else { Linear { w: token_embd, packed: false, b: None } },
+            lm_head: if w.has(LM_HEAD) {
+                w.matrix(LM_HEAD)?
+            } else {
+                Linear {
+                    w: token_embd,
+                    packed: false,
+                    b: None,
+                }
+            },
             layers,
             output_norm: w.rms_norm("output_norm", eps)?,
             attention: w.attention(),
@@ -103,7 +119,13 @@ pub(crate) fn build<'c>(
     cache: &KvCache,
     inputs: DecoderInputs<'c>,
 ) -> Result<Tensor<'c>> {
-    let DecoderInputs { mut x, pos, slots, runs, outputs } = inputs;
+    let DecoderInputs {
+        mut x,
+        pos,
+        slots,
+        runs,
+        outputs,
+    } = inputs;
     let n = x.ne()[1];
     let (hd, heads, kv_heads) = (t.head_dim, t.heads, t.kv_heads);
     let scale = t.query_pre_attn_scalar.powf(-0.5);
@@ -126,11 +148,33 @@ pub(crate) fn build<'c>(
         let q = ctx.permute(q, [0, 2, 1, 3])?; // [hd, n, heads]
         let mut parts = Vec::with_capacity(runs.len());
         for run in &runs {
-            let q = if run.len == n { q } else { ctx.view(q, &[hd, run.len, heads], &[q.nb()[1], q.nb()[2]], run.first * q.nb()[1])? };
-            let keys = ctx.view(ck, &[hd, run.kv, kv_heads], &[row, head_row], run.base * row)?;
-            let values = ctx.view(cv, &[hd, run.kv, kv_heads], &[row, head_row], run.base * row)?;
+            let q = if run.len == n {
+                q
+            } else {
+                ctx.view(
+                    q,
+                    &[hd, run.len, heads],
+                    &[q.nb()[1], q.nb()[2]],
+                    run.first * q.nb()[1],
+                )?
+            };
+            let keys = ctx.view(
+                ck,
+                &[hd, run.kv, kv_heads],
+                &[row, head_row],
+                run.base * row,
+            )?;
+            let values = ctx.view(
+                cv,
+                &[hd, run.kv, kv_heads],
+                &[row, head_row],
+                run.base * row,
+            )?;
             let mask = if layer.sliding { run.sliding } else { run.full };
-            parts.push(w.attention.forward(ctx, q, keys, values, mask, scale, softcap)?); // [hd, heads, len]
+            parts.push(
+                w.attention
+                    .forward(ctx, q, keys, values, mask, scale, softcap)?,
+            ); // [hd, heads, len]
         }
         let mut attn = ctx.reshape(w.attention.join(ctx, &parts)?, &[hd * heads, n])?;
         // After the last layer's attention (every row's K/V is in the cache by then)

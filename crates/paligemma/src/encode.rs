@@ -17,11 +17,17 @@ impl Model {
     /// Decodes 16 `<segNNN>` codes (0..128) to the decoder's raw 64x64 output, row-major.
     pub fn decode_mask(&mut self, codes: &[u32]) -> Result<Vec<f32>> {
         let Some(w) = &self.weights.mask_decoder else {
-            return Err(Error::Invalid(format!("{} has no segmentation decoder (convert with --seg-decoder vae-oid.npz)", self.weights.path().display())));
+            return Err(Error::Invalid(format!(
+                "{} has no segmentation decoder (convert with --seg-decoder vae-oid.npz)",
+                self.weights.path().display()
+            )));
         };
         let size = w.codebook_size;
         if codes.len() != crate::segment::CODES || codes.iter().any(|&c| c as usize >= size) {
-            return Err(Error::Invalid(format!("a mask needs {} codes in 0..{size}, got {codes:?}", crate::segment::CODES)));
+            return Err(Error::Invalid(format!(
+                "a mask needs {} codes in 0..{size}, got {codes:?}",
+                crate::segment::CODES
+            )));
         }
         let ctx = Context::new(1024, 1024)?;
         let input = ctx.input("seg_codes", Type::I32, &[codes.len()])?;
@@ -80,7 +86,10 @@ impl Model {
                 features: s.projector,
                 width: p.size,
                 height: p.size,
-                timings: Timings { vision, ..Default::default() },
+                timings: Timings {
+                    vision,
+                    ..Default::default()
+                },
             }));
         }
         Ok(embeddings)
@@ -92,29 +101,58 @@ impl Model {
     }
 
     /// Runs the vision graph on images of the model's size, all in one graph.
-    fn run_vision(&mut self, pixels: &[&PixelValues], keep_vision: bool) -> Result<Vec<VisionStages>> {
+    fn run_vision(
+        &mut self,
+        pixels: &[&PixelValues],
+        keep_vision: bool,
+    ) -> Result<Vec<VisionStages>> {
         let v = &self.weights.config.vision;
         if let Some(bad) = pixels.iter().find(|p| p.size != v.image_size) {
-            return Err(Error::Image(format!("pixel values are {0}x{0}, the model takes {1}x{1}", bad.size, v.image_size)));
+            return Err(Error::Image(format!(
+                "pixel values are {0}x{0}, the model takes {1}x{1}",
+                bad.size, v.image_size
+            )));
         }
         let ctx = Context::new(GRAPH_SIZE, GRAPH_SIZE)?;
-        let input = ctx.input("pixels", Type::F32, &[v.image_size, v.image_size, 3, pixels.len()])?;
-        let (vision, projector) = crate::vision::build(&ctx, &self.weights.tensors.store, &self.weights.vision, v, input)?;
+        let input = ctx.input(
+            "pixels",
+            Type::F32,
+            &[v.image_size, v.image_size, 3, pixels.len()],
+        )?;
+        let (vision, projector) = crate::vision::build(
+            &ctx,
+            &self.weights.tensors.store,
+            &self.weights.vision,
+            v,
+            input,
+        )?;
         vision.set_output();
         projector.set_output();
         let mut graph = ctx.graph(GRAPH_SIZE)?;
         graph.expand(vision)?;
         graph.expand(projector)?;
         self.sched.alloc(&graph)?;
-        input.write_f32(&pixels.iter().flat_map(|p| p.data.iter().copied()).collect::<Vec<_>>())?;
+        input.write_f32(
+            &pixels
+                .iter()
+                .flat_map(|p| p.data.iter().copied())
+                .collect::<Vec<_>>(),
+        )?;
         self.sched.compute(&graph)?;
         let n = pixels.len();
-        let vision = if keep_vision { vision.read_f32()? } else { Vec::new() };
+        let vision = if keep_vision {
+            vision.read_f32()?
+        } else {
+            Vec::new()
+        };
         let projector = projector.read_f32()?;
         let (vision_size, projector_size) = (vision.len() / n, projector.len() / n);
         Ok((0..n)
             .map(|i| VisionStages {
-                vision: vision.get(i * vision_size..(i + 1) * vision_size).unwrap_or_default().to_vec(),
+                vision: vision
+                    .get(i * vision_size..(i + 1) * vision_size)
+                    .unwrap_or_default()
+                    .to_vec(),
                 projector: projector[i * projector_size..(i + 1) * projector_size].to_vec(),
             })
             .collect())

@@ -22,16 +22,24 @@ pub const DEFAULT_DUPLICATE_IOU: f32 = 0.5;
 
 impl Default for DetectionFilter {
     fn default() -> Self {
-        DetectionFilter { min_score: 0.0, duplicate_iou: DEFAULT_DUPLICATE_IOU }
+        DetectionFilter {
+            min_score: 0.0,
+            duplicate_iou: DEFAULT_DUPLICATE_IOU,
+        }
     }
 }
 
 impl DetectionFilter {
     /// Checks that both values are in [0, 1].
     pub fn validate(&self) -> Result<()> {
-        for (name, v) in [("min_score", self.min_score), ("duplicate_iou", self.duplicate_iou)] {
+        for (name, v) in [
+            ("min_score", self.min_score),
+            ("duplicate_iou", self.duplicate_iou),
+        ] {
             if !(0.0..=1.0).contains(&v) {
-                return Err(Error::Invalid(format!("{name} {v}: expected a number from 0 to 1")));
+                return Err(Error::Invalid(format!(
+                    "{name} {v}: expected a number from 0 to 1"
+                )));
             }
         }
         Ok(())
@@ -42,7 +50,19 @@ impl DetectionFilter {
     /// adds what it dropped to the result's counts. The kept detections stay in the
     /// order the model wrote them. Other results are left as they are.
     pub fn apply(&self, result: &mut TaskResult) {
-        let (TaskResult::Detections { detections, dropped, .. } | TaskResult::Segmentation { detections, dropped, .. }) = result else { return };
+        let (TaskResult::Detections {
+            detections,
+            dropped,
+            ..
+        }
+        | TaskResult::Segmentation {
+            detections,
+            dropped,
+            ..
+        }) = result
+        else {
+            return;
+        };
         let before = detections.len();
         detections.retain(|d| d.score.is_none_or(|s| s >= self.min_score));
         dropped.below_min_score += before - detections.len();
@@ -56,14 +76,22 @@ impl DetectionFilter {
     fn suppress_duplicates(&self, detections: &[Detection]) -> Vec<bool> {
         let mut order: Vec<usize> = (0..detections.len()).collect();
         // Best score first; a stable sort keeps the written order among equal (or no) scores.
-        order.sort_by(|&a, &b| detections[b].score.unwrap_or(0.0).total_cmp(&detections[a].score.unwrap_or(0.0)));
+        order.sort_by(|&a, &b| {
+            detections[b]
+                .score
+                .unwrap_or(0.0)
+                .total_cmp(&detections[a].score.unwrap_or(0.0))
+        });
         let mut keep = vec![true; detections.len()];
         for (n, &i) in order.iter().enumerate() {
             if !keep[i] {
                 continue;
             }
             for &j in &order[n + 1..] {
-                if keep[j] && detections[j].label == detections[i].label && iou(&detections[i], &detections[j]) > self.duplicate_iou {
+                if keep[j]
+                    && detections[j].label == detections[i].label
+                    && iou(&detections[i], &detections[j]) > self.duplicate_iou
+                {
                     keep[j] = false;
                 }
             }
@@ -92,7 +120,10 @@ mod tests {
     fn result(text: &str, scores: &[f32]) -> TaskResult {
         let mut r = parse_detections(text, 100, 100, 1023.0, false);
         if let TaskResult::Detections { detections, .. } = &mut r {
-            detections.iter_mut().zip(scores).for_each(|(d, &s)| d.score = Some(s));
+            detections
+                .iter_mut()
+                .zip(scores)
+                .for_each(|(d, &s)| d.score = Some(s));
         }
         r
     }
@@ -103,16 +134,54 @@ mod tests {
         let text = "<loc0100><loc0100><loc0500><loc0500> cat ; <loc0100><loc0110><loc0500><loc0500> cat ; \
                     <loc0100><loc0100><loc0500><loc0500> dog ; <loc0700><loc0700><loc0900><loc0900> cat ; <loc0000><loc0000><loc0050><loc0050> cat";
         let mut r = result(text, &[0.6, 0.9, 0.5, 0.7, 0.1]);
-        DetectionFilter { min_score: 0.2, ..Default::default() }.apply(&mut r);
-        let TaskResult::Detections { detections, dropped, .. } = &r else { panic!() };
-        let kept: Vec<(&str, f32)> = detections.iter().map(|d| (d.label.as_str(), d.score.unwrap())).collect();
+        DetectionFilter {
+            min_score: 0.2,
+            ..Default::default()
+        }
+        .apply(&mut r);
+        let TaskResult::Detections {
+            detections,
+            dropped,
+            ..
+        } = &r
+        else {
+            panic!()
+        };
+        let kept: Vec<(&str, f32)> = detections
+            .iter()
+            .map(|d| (d.label.as_str(), d.score.unwrap()))
+            .collect();
         assert_eq!(kept, [("cat", 0.9), ("dog", 0.5), ("cat", 0.7)]);
-        assert_eq!(*dropped, Dropped { below_min_score: 1, duplicates: 1 });
+        assert_eq!(
+            *dropped,
+            Dropped {
+                below_min_score: 1,
+                duplicates: 1
+            }
+        );
         // An IoU of 1 keeps every box; the counts add up over calls.
         let mut r = result(text, &[0.6, 0.9, 0.5, 0.7, 0.1]);
-        DetectionFilter { min_score: 0.0, duplicate_iou: 1.0 }.apply(&mut r);
+        DetectionFilter {
+            min_score: 0.0,
+            duplicate_iou: 1.0,
+        }
+        .apply(&mut r);
         assert_eq!(r.detections().len(), 5);
-        assert!(DetectionFilter { min_score: 1.5, ..Default::default() }.validate().is_err());
-        assert!(DetectionFilter { min_score: f32::NAN, ..Default::default() }.validate().is_err());
+        assert!(
+            DetectionFilter {
+                min_score: 1.5,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            DetectionFilter {
+                min_score: f32::NAN,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

@@ -24,12 +24,38 @@ pub(crate) struct Expected {
 
 pub(crate) fn expected_tensors(cfg: &Config) -> Vec<Expected> {
     let mut out = Vec::new();
-    let mut push = |gguf: String, hf: String, shape: Vec<usize>, transform, vision| out.push(Expected { gguf, hf, shape, transform, vision });
+    let mut push = |gguf: String, hf: String, shape: Vec<usize>, transform, vision| {
+        out.push(Expected {
+            gguf,
+            hf,
+            shape,
+            transform,
+            vision,
+        })
+    };
     let v = &cfg.vision;
     let (d, p) = (v.width, v.patch_size);
-    push("v.patch_embd.weight".into(), "vision.embeddings.patch_embedding.weight".into(), vec![d, 3, p, p], Transform::None, true);
-    push("v.patch_embd.bias".into(), "vision.embeddings.patch_embedding.bias".into(), vec![d], Transform::None, true);
-    push("v.position_embd.weight".into(), "vision.embeddings.position_embedding.weight".into(), vec![v.n_patches(), d], Transform::None, true);
+    push(
+        "v.patch_embd.weight".into(),
+        "vision.embeddings.patch_embedding.weight".into(),
+        vec![d, 3, p, p],
+        Transform::None,
+        true,
+    );
+    push(
+        "v.patch_embd.bias".into(),
+        "vision.embeddings.patch_embedding.bias".into(),
+        vec![d],
+        Transform::None,
+        true,
+    );
+    push(
+        "v.position_embd.weight".into(),
+        "vision.embeddings.position_embedding.weight".into(),
+        vec![v.n_patches(), d],
+        Transform::None,
+        true,
+    );
     for i in 0..v.depth {
         let hf = |s: &str| format!("vision.encoder.layers.{i}.{s}");
         let gg = |s: &str| format!("v.blk.{i}.{s}");
@@ -44,47 +70,164 @@ pub(crate) fn expected_tensors(cfg: &Config) -> Vec<Expected> {
             ("ffn_down", "mlp.fc2", vec![d, v.ffn]),
         ] {
             let bias = vec![shape[0]];
-            push(gg(&format!("{g}.weight")), hf(&format!("{h}.weight")), shape, Transform::None, true);
-            push(gg(&format!("{g}.bias")), hf(&format!("{h}.bias")), bias, Transform::None, true);
+            push(
+                gg(&format!("{g}.weight")),
+                hf(&format!("{h}.weight")),
+                shape,
+                Transform::None,
+                true,
+            );
+            push(
+                gg(&format!("{g}.bias")),
+                hf(&format!("{h}.bias")),
+                bias,
+                Transform::None,
+                true,
+            );
         }
     }
-    push("v.post_ln.weight".into(), "vision.post_layernorm.weight".into(), vec![d], Transform::None, true);
-    push("v.post_ln.bias".into(), "vision.post_layernorm.bias".into(), vec![d], Transform::None, true);
+    push(
+        "v.post_ln.weight".into(),
+        "vision.post_layernorm.weight".into(),
+        vec![d],
+        Transform::None,
+        true,
+    );
+    push(
+        "v.post_ln.bias".into(),
+        "vision.post_layernorm.bias".into(),
+        vec![d],
+        Transform::None,
+        true,
+    );
     let t = &cfg.text;
-    push("mm.weight".into(), "projector.weight".into(), vec![cfg.projection_dim, d], Transform::None, false);
-    push("mm.bias".into(), "projector.bias".into(), vec![cfg.projection_dim], Transform::None, false);
+    push(
+        "mm.weight".into(),
+        "projector.weight".into(),
+        vec![cfg.projection_dim, d],
+        Transform::None,
+        false,
+    );
+    push(
+        "mm.bias".into(),
+        "projector.bias".into(),
+        vec![cfg.projection_dim],
+        Transform::None,
+        false,
+    );
     let w = t.width;
-    push("token_embd.weight".into(), "text.embed_tokens.weight".into(), vec![t.vocab_size, w], Transform::None, false);
+    push(
+        "token_embd.weight".into(),
+        "text.embed_tokens.weight".into(),
+        vec![t.vocab_size, w],
+        Transform::None,
+        false,
+    );
     let (q, kv) = (t.heads * t.head_dim, t.kv_heads * t.head_dim);
     for i in 0..t.depth {
         let hf = |s: &str| format!("text.layers.{i}.{s}.weight");
         let gg = |s: &str| format!("blk.{i}.{s}.weight");
         let norm = Transform::PlusOne;
         push(gg("attn_norm"), hf("input_layernorm"), vec![w], norm, false);
-        push(gg("attn_q"), hf("self_attn.q_proj"), vec![q, w], Transform::None, false);
-        push(gg("attn_k"), hf("self_attn.k_proj"), vec![kv, w], Transform::None, false);
-        push(gg("attn_v"), hf("self_attn.v_proj"), vec![kv, w], Transform::None, false);
-        push(gg("attn_output"), hf("self_attn.o_proj"), vec![w, q], Transform::None, false);
+        push(
+            gg("attn_q"),
+            hf("self_attn.q_proj"),
+            vec![q, w],
+            Transform::None,
+            false,
+        );
+        push(
+            gg("attn_k"),
+            hf("self_attn.k_proj"),
+            vec![kv, w],
+            Transform::None,
+            false,
+        );
+        push(
+            gg("attn_v"),
+            hf("self_attn.v_proj"),
+            vec![kv, w],
+            Transform::None,
+            false,
+        );
+        push(
+            gg("attn_output"),
+            hf("self_attn.o_proj"),
+            vec![w, q],
+            Transform::None,
+            false,
+        );
         match t.arch {
             // Naming trap: Gemma 1's "post_attention_layernorm" is its pre-MLP norm.
-            TextArch::Gemma => push(gg("ffn_norm"), hf("post_attention_layernorm"), vec![w], norm, false),
+            TextArch::Gemma => push(
+                gg("ffn_norm"),
+                hf("post_attention_layernorm"),
+                vec![w],
+                norm,
+                false,
+            ),
             TextArch::Gemma2 => {
-                push(gg("post_attention_norm"), hf("post_attention_layernorm"), vec![w], norm, false);
-                push(gg("ffn_norm"), hf("pre_feedforward_layernorm"), vec![w], norm, false);
-                push(gg("post_ffw_norm"), hf("post_feedforward_layernorm"), vec![w], norm, false);
+                push(
+                    gg("post_attention_norm"),
+                    hf("post_attention_layernorm"),
+                    vec![w],
+                    norm,
+                    false,
+                );
+                push(
+                    gg("ffn_norm"),
+                    hf("pre_feedforward_layernorm"),
+                    vec![w],
+                    norm,
+                    false,
+                );
+                push(
+                    gg("post_ffw_norm"),
+                    hf("post_feedforward_layernorm"),
+                    vec![w],
+                    norm,
+                    false,
+                );
             }
         }
-        push(gg("ffn_gate"), hf("mlp.gate_proj"), vec![t.ffn, w], Transform::None, false);
-        push(gg("ffn_up"), hf("mlp.up_proj"), vec![t.ffn, w], Transform::None, false);
-        push(gg("ffn_down"), hf("mlp.down_proj"), vec![w, t.ffn], Transform::None, false);
+        push(
+            gg("ffn_gate"),
+            hf("mlp.gate_proj"),
+            vec![t.ffn, w],
+            Transform::None,
+            false,
+        );
+        push(
+            gg("ffn_up"),
+            hf("mlp.up_proj"),
+            vec![t.ffn, w],
+            Transform::None,
+            false,
+        );
+        push(
+            gg("ffn_down"),
+            hf("mlp.down_proj"),
+            vec![w, t.ffn],
+            Transform::None,
+            false,
+        );
     }
-    push("output_norm.weight".into(), "text.norm.weight".into(), vec![w], Transform::PlusOne, false);
+    push(
+        "output_norm.weight".into(),
+        "text.norm.weight".into(),
+        vec![w],
+        Transform::PlusOne,
+        false,
+    );
     out
 }
 
 /// Every tensor a model of `cfg` has: GGUF name and shape in ggml order.
 pub fn tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
-    expected_tensors(cfg).into_iter().map(|e| (e.gguf, e.shape.into_iter().rev().collect())).collect()
+    expected_tensors(cfg)
+        .into_iter()
+        .map(|e| (e.gguf, e.shape.into_iter().rev().collect()))
+        .collect()
 }
 
 /// Whether the converter may pad a tensor's rows: weight matrices only, and not the token
@@ -96,7 +239,11 @@ pub(crate) fn paddable(name: &str, dims: usize) -> bool {
 /// Whether a stored weight of shape `got` (ggml order) holds the matrix of shape `want`
 /// with its rows padded by the converter for a type of `block`-wide blocks.
 pub(crate) fn is_padded_matrix(name: &str, got: &[usize], want: &[usize], block: usize) -> bool {
-    paddable(name, want.len()) && got.len() == 2 && got[1] == want[1] && got[0] > want[0] && got[0] == want[0].next_multiple_of(block)
+    paddable(name, want.len())
+        && got.len() == 2
+        && got[1] == want[1]
+        && got[0] > want[0]
+        && got[0] == want[0].next_multiple_of(block)
 }
 
 /// The matrix whose inputs are the outputs of `producer` (SigLIP's `ffn_up` weight and
@@ -107,6 +254,6 @@ pub(crate) fn is_padded_matrix(name: &str, got: &[usize], want: &[usize], block:
 pub(crate) fn padded_consumer(producer: &str) -> Option<String> {
     let block = producer.strip_prefix("v.blk.")?;
     let (layer, kind) = block.split_once('.')?;
-    matches!(kind, "ffn_up.weight" | "ffn_up.bias").then(|| format!("v.blk.{layer}.ffn_down.weight"))
+    matches!(kind, "ffn_up.weight" | "ffn_up.bias")
+        .then(|| format!("v.blk.{layer}.ffn_down.weight"))
 }
-

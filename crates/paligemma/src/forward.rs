@@ -14,10 +14,16 @@ impl Model {
         let t = &self.weights.config.text;
         let n = batch.ids.len();
         if n == 0 || batch.outputs.is_empty() || batch.outputs.iter().any(|&r| r >= n) {
-            return Err(Error::Invalid(format!("a batch of {n} tokens with logits wanted at rows {:?}", batch.outputs)));
+            return Err(Error::Invalid(format!(
+                "a batch of {n} tokens with logits wanted at rows {:?}",
+                batch.outputs
+            )));
         }
         if let Some(&bad) = batch.ids.iter().find(|&&id| id as usize >= t.vocab_size) {
-            return Err(Error::Prompt(format!("token id {bad} is outside the vocabulary of {}", t.vocab_size)));
+            return Err(Error::Prompt(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                t.vocab_size
+            )));
         }
         let runs = batch.runs(t.sliding_window);
         let embeddings = self.embedding_rows(batch, &runs)?;
@@ -30,7 +36,11 @@ impl Model {
         let image_in = if embeddings.image_features.is_empty() {
             None
         } else {
-            let img = ctx.input("image_features", Type::F32, &[t.width, embeddings.image_features.len() / t.width])?;
+            let img = ctx.input(
+                "image_features",
+                Type::F32,
+                &[t.width, embeddings.image_features.len() / t.width],
+            )?;
             parts.push(img);
             Some(img)
         };
@@ -46,40 +56,75 @@ impl Model {
         for p in &parts[1..] {
             x = ctx.concat(x, *p, 1)?;
         }
-        let order_in = if embeddings.order.iter().enumerate().all(|(i, &o)| i as i32 == o) {
+        let order_in = if embeddings
+            .order
+            .iter()
+            .enumerate()
+            .all(|(i, &o)| i as i32 == o)
+        {
             None
         } else {
             let order = ctx.input("row_order", Type::I32, &[n])?;
             x = ctx.get_rows(x, order)?;
             Some(order)
         };
-        let outputs_in = if batch.outputs.len() == n && batch.outputs.iter().enumerate().all(|(i, &r)| i == r) {
-            None
-        } else {
-            Some(ctx.input("output_rows", Type::I32, &[batch.outputs.len()])?)
-        };
+        let outputs_in =
+            if batch.outputs.len() == n && batch.outputs.iter().enumerate().all(|(i, &r)| i == r) {
+                None
+            } else {
+                Some(ctx.input("output_rows", Type::I32, &[batch.outputs.len()])?)
+            };
         let pos = ctx.input("positions", Type::I32, &[n])?;
         let slots = ctx.input("slots", Type::I32, &[n])?;
         // Masks as f32 inputs (written below), read by the attention as f16. A mask no
         // layer reads would never be allocated.
-        let read = [t.sliding_layers.iter().any(|&s| !s), t.sliding_layers.iter().any(|&s| s)];
+        let read = [
+            t.sliding_layers.iter().any(|&s| !s),
+            t.sliding_layers.iter().any(|&s| s),
+        ];
         let mut mask_inputs = Vec::new();
         let mut attention = Vec::new();
         for (r, run) in runs.iter().enumerate() {
             let mut masks = [None, None];
-            for ((slot, read), (kind, m)) in masks.iter_mut().zip(read).zip([("full", &run.full), ("sliding", &run.sliding)]) {
+            for ((slot, read), (kind, m)) in masks
+                .iter_mut()
+                .zip(read)
+                .zip([("full", &run.full), ("sliding", &run.sliding)])
+            {
                 if let (true, Some(values)) = (read, m) {
-                    let input = ctx.input(&format!("{kind}_mask.{r}"), Type::F32, &[run.kv, run.len])?;
+                    let input =
+                        ctx.input(&format!("{kind}_mask.{r}"), Type::F32, &[run.kv, run.len])?;
                     mask_inputs.push((input, values));
                     *slot = Some(ctx.cast(input, Type::F16)?);
                 }
             }
             let [full, sliding] = masks;
-            attention.push(Run { base: run.base, first: run.first, len: run.len, kv: run.kv, full, sliding });
+            attention.push(Run {
+                base: run.base,
+                first: run.first,
+                len: run.len,
+                kv: run.kv,
+                full,
+                sliding,
+            });
         }
         let mut graph = ctx.graph(GRAPH_SIZE)?;
-        let inputs = DecoderInputs { x, pos, slots, runs: attention, outputs: outputs_in };
-        let logits = crate::decoder::build(&ctx, store, &self.weights.decoder, t, &mut graph, &self.kv, inputs)?;
+        let inputs = DecoderInputs {
+            x,
+            pos,
+            slots,
+            runs: attention,
+            outputs: outputs_in,
+        };
+        let logits = crate::decoder::build(
+            &ctx,
+            store,
+            &self.weights.decoder,
+            t,
+            &mut graph,
+            &self.kv,
+            inputs,
+        )?;
         logits.set_output();
         graph.expand(logits)?;
         self.sched.alloc(&graph)?;
@@ -123,19 +168,35 @@ impl Model {
     /// as text).
     fn embedding_rows(&self, batch: &Batch<'_>, runs: &[Run<Vec<f32>>]) -> Result<EmbeddingRows> {
         let t = &self.weights.config.text;
-        let (image_id, expected) = (self.weights.config.tokens.image_token_id, self.weights.config.tokens.image_token_count);
+        let (image_id, expected) = (
+            self.weights.config.tokens.image_token_id,
+            self.weights.config.tokens.image_token_count,
+        );
         let mut image_rows = vec![false; batch.ids.len()];
         let mut image_features = Vec::new();
         for run in runs {
-            let leading = batch.ids[run.first..run.first + run.len].iter().take_while(|&&id| id == image_id).count();
-            let image = batch.images.iter().find(|(row, _)| *row == run.first).map(|(_, e)| *e);
+            let leading = batch.ids[run.first..run.first + run.len]
+                .iter()
+                .take_while(|&&id| id == image_id)
+                .count();
+            let image = batch
+                .images
+                .iter()
+                .find(|(row, _)| *row == run.first)
+                .map(|(_, e)| *e);
             if leading == 0 || !batch.prefix {
                 continue;
             }
-            let Some(image) = image.filter(|e| leading == expected && e.features.len() == expected * t.width) else {
-                return Err(Error::Prompt(format!("the prefix needs {expected} image tokens at the start and an image encoding of as many features")));
+            let Some(image) =
+                image.filter(|e| leading == expected && e.features.len() == expected * t.width)
+            else {
+                return Err(Error::Prompt(format!(
+                    "the prefix needs {expected} image tokens at the start and an image encoding of as many features"
+                )));
             };
-            image_rows[run.first..run.first + leading].iter_mut().for_each(|r| *r = true);
+            image_rows[run.first..run.first + leading]
+                .iter_mut()
+                .for_each(|r| *r = true);
             image_features.extend_from_slice(&image.features);
         }
         let n_image = image_features.len() / t.width;
@@ -156,6 +217,10 @@ impl Model {
                 }
             })
             .collect();
-        Ok(EmbeddingRows { image_features, text_ids, order })
+        Ok(EmbeddingRows {
+            image_features,
+            text_ids,
+            order,
+        })
     }
 }

@@ -5,8 +5,8 @@
 use crate::embedding::{ImageEmbedding, Timings, ms};
 use crate::kv_cache::{Batch, Prefix};
 use crate::model::Model;
-use crate::sequence::{LOC_BINS, LocDistribution, Sequence};
 use crate::sampling::{Sampling, TokenSampler, probabilities, probability, softcap};
+use crate::sequence::{LOC_BINS, LocDistribution, Sequence};
 use crate::{Error, Result};
 use std::time::Instant;
 
@@ -23,7 +23,11 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 64, sampling: Sampling::default(), ignore_eos: false }
+        GenerateOptions {
+            max_tokens: 64,
+            sampling: Sampling::default(),
+            ignore_eos: false,
+        }
     }
 }
 
@@ -78,7 +82,13 @@ impl Generation {
     /// The mean natural-log probability of the generated tokens (none for an empty
     /// answer): the confidence of a caption, answer or OCR text.
     pub fn mean_logprob(&self) -> Option<f32> {
-        (!self.token_probs.is_empty()).then(|| self.token_probs.iter().map(|p| p.max(f32::MIN_POSITIVE).ln()).sum::<f32>() / self.token_probs.len() as f32)
+        (!self.token_probs.is_empty()).then(|| {
+            self.token_probs
+                .iter()
+                .map(|p| p.max(f32::MIN_POSITIVE).ln())
+                .sum::<f32>()
+                / self.token_probs.len() as f32
+        })
     }
 }
 
@@ -109,7 +119,13 @@ impl Model {
     /// the prefixes are prefilled together ([`Model::start_batch`]), then the decode steps of all unfinished
     /// answers run as one batch. At most [`Model::max_sequences`] prefixes at once, and
     /// none may be in progress from [`Model::start`].
-    pub fn generate(&mut self, image: &ImageEmbedding, prefixes: &[Vec<u32>], opts: &GenerateOptions, on_token: &mut OnToken<'_>) -> Result<Vec<Generation>> {
+    pub fn generate(
+        &mut self,
+        image: &ImageEmbedding,
+        prefixes: &[Vec<u32>],
+        opts: &GenerateOptions,
+        on_token: &mut OnToken<'_>,
+    ) -> Result<Vec<Generation>> {
         if prefixes.is_empty() || prefixes.len() > self.free_sequences() {
             return Err(Error::Invalid(format!(
                 "{} prompts in one batch; this model was loaded for 1 to {} ({} free)",
@@ -118,12 +134,24 @@ impl Model {
                 self.free_sequences()
             )));
         }
-        let starts: Vec<Start<'_>> = prefixes.iter().map(|prefix| Start { image, prefix, opts }).collect();
+        let starts: Vec<Start<'_>> = prefixes
+            .iter()
+            .map(|prefix| Start {
+                image,
+                prefix,
+                opts,
+            })
+            .collect();
         let ids = self.start_batch(&starts)?;
         let result = (|| {
             let index = |id: SequenceId| ids.iter().position(|&s| s == id).expect("one of ours");
             while self.active_sequences() > 0 {
-                self.step(&mut |id, t| on_token(&Token { prompt: index(id), ..*t }))?;
+                self.step(&mut |id, t| {
+                    on_token(&Token {
+                        prompt: index(id),
+                        ..*t
+                    })
+                })?;
             }
             Ok(())
         })();
@@ -146,8 +174,17 @@ impl Model {
     /// [`Model::generate`]); its tokens come from the following [`Model::step`]s, along
     /// with those of every other answer in progress (continuous batching). The region
     /// stays taken until [`Model::finish`].
-    pub fn start(&mut self, image: &ImageEmbedding, prefix: &[u32], opts: &GenerateOptions) -> Result<SequenceId> {
-        Ok(self.start_batch(&[Start { image, prefix, opts }])?[0])
+    pub fn start(
+        &mut self,
+        image: &ImageEmbedding,
+        prefix: &[u32],
+        opts: &GenerateOptions,
+    ) -> Result<SequenceId> {
+        Ok(self.start_batch(&[Start {
+            image,
+            prefix,
+            opts,
+        }])?[0])
     }
 
     /// Starts several answers as [`Model::start`] does, prefilling their prefixes
@@ -159,7 +196,9 @@ impl Model {
     pub fn start_batch(&mut self, starts: &[Start<'_>]) -> Result<Vec<SequenceId>> {
         for s in starts {
             if s.prefix.is_empty() {
-                return Err(Error::Prompt("an empty prefix (it needs at least <bos>)".into()));
+                return Err(Error::Prompt(
+                    "an empty prefix (it needs at least <bos>)".into(),
+                ));
             }
             s.opts.sampling.validate()?;
             self.kv.check_fits(s.prefix.len(), s.opts.max_tokens)?;
@@ -172,7 +211,10 @@ impl Model {
                 self.max_sequences()
             )));
         }
-        let slots: Vec<usize> = (0..self.sequences.len()).filter(|&s| self.sequences[s].is_none()).take(starts.len()).collect();
+        let slots: Vec<usize> = (0..self.sequences.len())
+            .filter(|&s| self.sequences[s].is_none())
+            .take(starts.len())
+            .collect();
         let mut first = 0;
         while first < starts.len() {
             let mut end = first + 1;
@@ -182,7 +224,9 @@ impl Model {
                 end += 1;
             }
             if let Err(e) = self.prefill(&starts[first..end], &slots[first..end]) {
-                slots[..first].iter().for_each(|&s| self.sequences[s] = None);
+                slots[..first]
+                    .iter()
+                    .for_each(|&s| self.sequences[s] = None);
                 return Err(e);
             }
             first = end;
@@ -193,7 +237,11 @@ impl Model {
     /// Prefills prefixes in one graph and starts their answers in the regions `slots`.
     fn prefill(&mut self, starts: &[Start<'_>], slots: &[usize]) -> Result<()> {
         let start = Instant::now();
-        let prefixes: Vec<Prefix<'_>> = starts.iter().zip(slots).map(|(s, &slot)| (s.image, s.prefix, self.kv.base(slot))).collect();
+        let prefixes: Vec<Prefix<'_>> = starts
+            .iter()
+            .zip(slots)
+            .map(|(s, &slot)| (s.image, s.prefix, self.kv.base(slot)))
+            .collect();
         let logits = self.forward(&Batch::prefixes(&prefixes, false))?;
         let elapsed = ms(start);
         let vocab = logits.len() / starts.len();
@@ -230,9 +278,16 @@ impl Model {
     pub fn step(&mut self, on_token: &mut dyn FnMut(SequenceId, &Token<'_>) -> bool) -> Result<()> {
         let eos = self.weights.config.tokens.eos;
         let cap = self.weights.config.text.final_softcap;
-        let locs = self.weights.config.tokens.loc_first.map(|first| first as usize..first as usize + LOC_BINS);
+        let locs = self
+            .weights
+            .config
+            .tokens
+            .loc_first
+            .map(|first| first as usize..first as usize + LOC_BINS);
         for (slot, seq) in self.sequences.iter_mut().enumerate() {
-            let Some(seq) = seq.as_mut().filter(|q| !q.done) else { continue };
+            let Some(seq) = seq.as_mut().filter(|q| !q.done) else {
+                continue;
+            };
             let next = seq.sampler.sample(&mut seq.logits);
             if next == eos && !seq.ignore_eos {
                 seq.eos = true;
@@ -242,9 +297,16 @@ impl Model {
             let p = match locs.clone().filter(|l| l.contains(&(next as usize))) {
                 Some(locs) => {
                     let probs = probabilities(&seq.logits, locs.clone(), cap);
-                    let p = probs.get(next as usize - locs.start).copied().unwrap_or(0.0);
+                    let p = probs
+                        .get(next as usize - locs.start)
+                        .copied()
+                        .unwrap_or(0.0);
                     let bin = next - locs.start as u32;
-                    seq.loc_distributions.push(LocDistribution { index: seq.tokens.len(), bin, probs });
+                    seq.loc_distributions.push(LocDistribution {
+                        index: seq.tokens.len(),
+                        bin,
+                        probs,
+                    });
                     p
                 }
                 None => probability(&seq.logits, next, cap),
@@ -253,13 +315,21 @@ impl Model {
             seq.token_probs.push(p);
             let full = self.weights.tokenizer.decode(&seq.tokens)?;
             let piece = full.get(seq.text.len()..).unwrap_or("");
-            let token = Token { prompt: 0, index: seq.tokens.len() - 1, id: next, text: piece, probability: p };
+            let token = Token {
+                prompt: 0,
+                index: seq.tokens.len() - 1,
+                id: next,
+                text: piece,
+                probability: p,
+            };
             if !on_token(SequenceId(slot), &token) || seq.tokens.len() >= seq.max_tokens {
                 seq.done = true;
             }
             seq.text = full;
         }
-        let active: Vec<usize> = (0..self.sequences.len()).filter(|&s| self.sequences[s].as_ref().is_some_and(|q| !q.done)).collect();
+        let active: Vec<usize> = (0..self.sequences.len())
+            .filter(|&s| self.sequences[s].as_ref().is_some_and(|q| !q.done))
+            .collect();
         if active.is_empty() {
             return Ok(());
         }
@@ -267,9 +337,18 @@ impl Model {
         let seq = |s: usize| self.sequences[s].as_ref().expect("active");
         let batch = Batch {
             images: Vec::new(),
-            ids: active.iter().map(|&s| *seq(s).tokens.last().expect("sampled")).collect(),
-            positions: active.iter().map(|&s| (seq(s).prefix + seq(s).tokens.len()) as i32).collect(),
-            slots: active.iter().map(|&s| seq(s).base + seq(s).prefix + seq(s).tokens.len() - 1).collect(),
+            ids: active
+                .iter()
+                .map(|&s| *seq(s).tokens.last().expect("sampled"))
+                .collect(),
+            positions: active
+                .iter()
+                .map(|&s| (seq(s).prefix + seq(s).tokens.len()) as i32)
+                .collect(),
+            slots: active
+                .iter()
+                .map(|&s| seq(s).base + seq(s).prefix + seq(s).tokens.len() - 1)
+                .collect(),
             seq_base: active.iter().map(|&s| seq(s).base).collect(),
             prefix: false,
             outputs: (0..active.len()).collect(),
@@ -279,7 +358,9 @@ impl Model {
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
-                active.iter().for_each(|&s| self.sequences[s].as_mut().expect("active").done = true);
+                active
+                    .iter()
+                    .for_each(|&s| self.sequences[s].as_mut().expect("active").done = true);
                 return Err(e);
             }
         };
@@ -294,7 +375,10 @@ impl Model {
 
     /// Whether an answer has finished (its region still held until [`Model::finish`]).
     pub fn is_finished(&self, id: SequenceId) -> bool {
-        self.sequences.get(id.0).and_then(Option::as_ref).is_none_or(|q| q.done)
+        self.sequences
+            .get(id.0)
+            .and_then(Option::as_ref)
+            .is_none_or(|q| q.done)
     }
 
     /// Ends an answer (finished or not) and frees its region; none for a free region.

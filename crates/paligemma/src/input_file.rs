@@ -11,15 +11,23 @@ pub fn read_input_file(path: &Path, max_bytes: usize) -> Result<Vec<u8>> {
     // Checked before opening: opening a FIFO blocks until a writer appears.
     let meta = std::fs::metadata(path).map_err(crate::error::io(path))?;
     if !meta.is_file() {
-        return Err(refuse(format!("not a regular file ({:?})", meta.file_type())));
+        return Err(refuse(format!(
+            "not a regular file ({:?})",
+            meta.file_type()
+        )));
     }
     if meta.len() > max_bytes as u64 {
-        return Err(refuse(format!("{} bytes, more than the limit of {max_bytes}", meta.len())));
+        return Err(refuse(format!(
+            "{} bytes, more than the limit of {max_bytes}",
+            meta.len()
+        )));
     }
     let file = std::fs::File::open(path).map_err(crate::error::io(path))?;
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // The file may have grown since: never read past the limit.
-    file.take(max_bytes as u64 + 1).read_to_end(&mut bytes).map_err(crate::error::io(path))?;
+    file.take(max_bytes as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(crate::error::io(path))?;
     if bytes.len() > max_bytes {
         return Err(refuse(format!("more than the limit of {max_bytes} bytes")));
     }

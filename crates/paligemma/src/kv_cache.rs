@@ -41,7 +41,9 @@ impl std::str::FromStr for KvType {
             "f16" => Ok(KvType::F16),
             "f32" => Ok(KvType::F32),
             "q8_0" => Ok(KvType::Q8_0),
-            _ => Err(Error::Invalid(format!("unknown KV cache type {s:?} (expected f16, f32 or q8_0)"))),
+            _ => Err(Error::Invalid(format!(
+                "unknown KV cache type {s:?} (expected f16, f32 or q8_0)"
+            ))),
         }
     }
 }
@@ -60,28 +62,53 @@ pub(crate) struct KvCache {
 
 impl KvCache {
     /// A cache of `n_ctx` rows for each of `max_sequences` sequences (0: one).
-    pub fn new(backend: &Backend, t: &TextConfig, ty: KvType, n_ctx: usize, max_sequences: usize) -> Result<KvCache> {
+    pub fn new(
+        backend: &Backend,
+        t: &TextConfig,
+        ty: KvType,
+        n_ctx: usize,
+        max_sequences: usize,
+    ) -> Result<KvCache> {
         if ty == KvType::Q8_0 && !t.head_dim.is_multiple_of(Type::Q8_0.block_size()) {
-            return Err(Error::Invalid(format!("a q8_0 KV cache needs head_dim divisible by 32, this model has {}", t.head_dim)));
+            return Err(Error::Invalid(format!(
+                "a q8_0 KV cache needs head_dim divisible by 32, this model has {}",
+                t.head_dim
+            )));
         }
         if n_ctx == 0 || n_ctx > t.context_length {
-            return Err(Error::Invalid(format!("a context of {n_ctx} tokens: this model takes 1 to {}", t.context_length)));
+            return Err(Error::Invalid(format!(
+                "a context of {n_ctx} tokens: this model takes 1 to {}",
+                t.context_length
+            )));
         }
         if max_sequences > MAX_SEQUENCES {
-            return Err(Error::Invalid(format!("{max_sequences} sequences: at most {MAX_SEQUENCES} are supported")));
+            return Err(Error::Invalid(format!(
+                "{max_sequences} sequences: at most {MAX_SEQUENCES} are supported"
+            )));
         }
         let max_sequences = max_sequences.max(1);
         let ctx = Context::new(2 * t.depth, 0)?;
         for i in 0..t.depth {
             for kind in ["k", "v"] {
-                ctx.new_named(&format!("cache_{kind}.{i}"), ty.ggml(), &[t.head_dim * t.kv_heads, n_ctx * max_sequences])?;
+                ctx.new_named(
+                    &format!("cache_{kind}.{i}"),
+                    ty.ggml(),
+                    &[t.head_dim * t.kv_heads, n_ctx * max_sequences],
+                )?;
             }
         }
         let buffer = backend.alloc_tensors(&ctx)?;
         let mut store = TensorStore::new();
         let refs = store.insert(ctx);
         let layers = refs.chunks(2).map(|kv| (kv[0], kv[1])).collect();
-        Ok(KvCache { store, layers, buffer, n_ctx, max_sequences, ty })
+        Ok(KvCache {
+            store,
+            layers,
+            buffer,
+            n_ctx,
+            max_sequences,
+            ty,
+        })
     }
 
     /// The K and V tensors of layer `i`.
@@ -101,7 +128,10 @@ impl KvCache {
 
     /// Checks that a prefix and its answer fit one sequence's region.
     pub fn check_fits(&self, prefix: usize, max_tokens: usize) -> Result<()> {
-        if prefix.checked_add(max_tokens).is_none_or(|n| n > self.n_ctx) {
+        if prefix
+            .checked_add(max_tokens)
+            .is_none_or(|n| n > self.n_ctx)
+        {
             return Err(Error::Prompt(format!(
                 "prefix of {prefix} tokens plus {max_tokens} new tokens exceeds the context of {} tokens (image tokens included); load the model with a larger context",
                 self.n_ctx
@@ -136,8 +166,15 @@ impl<'a> Batch<'a> {
     /// The whole prefixes of several sequences, one after another, with the logits of
     /// each prefix's last token (or of every token, with `all_logits`).
     pub fn prefixes(prefixes: &[Prefix<'a>], all_logits: bool) -> Batch<'a> {
-        let mut batch =
-            Batch { images: Vec::new(), ids: Vec::new(), positions: Vec::new(), slots: Vec::new(), seq_base: Vec::new(), prefix: true, outputs: Vec::new() };
+        let mut batch = Batch {
+            images: Vec::new(),
+            ids: Vec::new(),
+            positions: Vec::new(),
+            slots: Vec::new(),
+            seq_base: Vec::new(),
+            prefix: true,
+            outputs: Vec::new(),
+        };
         for &(image, ids, base) in prefixes {
             let first = batch.ids.len();
             batch.images.push((first, image));
@@ -166,14 +203,31 @@ impl<'a> Batch<'a> {
         for i in 0..self.ids.len() {
             match runs.last_mut() {
                 Some(run) if run.base == self.seq_base[i] => run.len += 1,
-                _ => runs.push(Run { base: self.seq_base[i], first: i, len: 1, kv: 0, full: None, sliding: None }),
+                _ => runs.push(Run {
+                    base: self.seq_base[i],
+                    first: i,
+                    len: 1,
+                    kv: 0,
+                    full: None,
+                    sliding: None,
+                }),
             }
         }
         for run in &mut runs {
             let queries = run.first..run.first + run.len;
-            run.kv = queries.clone().map(|i| self.slots[i] - run.base + 1).max().unwrap_or(0);
+            run.kv = queries
+                .clone()
+                .map(|i| self.slots[i] - run.base + 1)
+                .max()
+                .unwrap_or(0);
             // A prefix sees itself both ways; a generated token sees the slots up to its own.
-            let visible_end = |i: usize| if self.prefix { run.len } else { self.slots[i] - run.base + 1 };
+            let visible_end = |i: usize| {
+                if self.prefix {
+                    run.len
+                } else {
+                    self.slots[i] - run.base + 1
+                }
+            };
             let mut full = vec![0f32; run.kv * run.len];
             let mut sliding = vec![0f32; run.kv * run.len];
             let (mut full_needed, mut sliding_needed) = (false, false);

@@ -65,17 +65,19 @@ mod error;
 pub mod filter;
 pub mod format;
 mod forward;
-mod hf_config;
-mod rgb_image;
 pub mod generate;
+mod hf_config;
 mod input_file;
 mod kv_cache;
+mod limits;
+mod metadata;
 pub mod model;
 mod nn;
 pub mod options;
 pub mod output;
 pub mod parse;
 pub mod preprocess;
+mod rgb_image;
 pub mod sampling;
 pub mod segment;
 mod sequence;
@@ -83,30 +85,30 @@ pub mod task;
 mod tensor_store;
 pub mod tokenizer;
 pub mod validate;
-mod limits;
-mod metadata;
 mod vision;
 pub mod weights;
 
 pub use answer::{Answer, AnswerOptions};
 pub use config::Config;
-pub use error::{Error, Result};
-pub use filter::DetectionFilter;
-pub use output::Dropped;
 pub use embedding::{ImageEmbedding, Timings, VisionStages};
 pub use encode::VISION_BATCH_PATCHES;
-pub use generate::{GenerateOptions, Generation, OnToken, PREFILL_BATCH_TOKENS, SequenceId, Start, Token};
+pub use error::{Error, Result};
+pub use filter::DetectionFilter;
+pub use generate::{
+    GenerateOptions, Generation, OnToken, PREFILL_BATCH_TOKENS, SequenceId, Start, Token,
+};
+/// A compute device (`cpu`, `cuda:N`, `vulkan:N`), as [`WeightOptions::device`] takes it.
+pub use ggml::Device;
 pub use input_file::read_input_file;
 pub use kv_cache::{KvType, MAX_SEQUENCES};
 pub use model::Model;
 pub use options::{ContextOptions, WeightOptions, default_threads};
+pub use output::Dropped;
 pub use output::{ResultKind, TaskResult};
 pub use sampling::Sampling;
 pub use sequence::{LOC_BINS, LocDistribution};
 pub use task::{Task, TaskKind};
 pub use weights::Weights;
-/// A compute device (`cpu`, `cuda:N`, `vulkan:N`), as [`WeightOptions::device`] takes it.
-pub use ggml::Device;
 
 /// Silences ggml's own log output (warnings and errors still reach stderr unless `quiet`).
 pub use ggml::set_log_quiet as set_backend_log_quiet;

@@ -16,4 +16,3 @@ pub const MAX_IMAGE_SIZE: usize = 4096;
 pub const MAX_VOCAB: usize = 1 << 22;
 /// Longest context, in tokens.
 pub const MAX_CONTEXT: usize = 1 << 20;
-

@@ -4,13 +4,13 @@
 //! ([`Model::new`]), each on its own thread. The graphs it runs: images in `encode.rs`,
 //! the decoder in `forward.rs`; generation in [`crate::generate`], tasks and parsed
 //! results in `answer.rs` ([`Model::answer`]).
+use crate::Result;
 use crate::config::Config;
 use crate::kv_cache::{KvCache, KvType};
 use crate::options::{ContextOptions, WeightOptions};
 use crate::sequence::Sequence;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
-use crate::Result;
 use ggml::{Backend, Scheduler};
 use std::path::Path;
 use std::sync::Arc;
@@ -49,11 +49,23 @@ impl Model {
             0 => (config.tokens.image_token_count + 512).min(config.text.context_length),
             n => n,
         };
-        let kv = KvCache::new(&backend, &config.text, opts.kv_type, n_ctx, opts.max_sequences)?;
+        let kv = KvCache::new(
+            &backend,
+            &config.text,
+            opts.kv_type,
+            n_ctx,
+            opts.max_sequences,
+        )?;
         let threads = opts.threads_or_default();
         let sched = Scheduler::new(backend, threads, GRAPH_SIZE)?;
         let sequences = (0..kv.max_sequences).map(|_| None).collect();
-        Ok(Model { weights, kv, sequences, sched, threads })
+        Ok(Model {
+            weights,
+            kv,
+            sequences,
+            sched,
+            threads,
+        })
     }
 
     /// The weights this context runs (shared with every other context of them).

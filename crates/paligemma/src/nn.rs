@@ -25,7 +25,11 @@ impl Attention {
         scale: f32,
         softcap: f32,
     ) -> Result<Tensor<'c>> {
-        Ok(if self.cpu_kernel { ctx.attention_cpu(q, k, v, mask, scale, softcap)? } else { ctx.flash_attn_ext(q, k, v, mask, scale, softcap)? })
+        Ok(if self.cpu_kernel {
+            ctx.attention_cpu(q, k, v, mask, scale, softcap)?
+        } else {
+            ctx.flash_attn_ext(q, k, v, mask, scale, softcap)?
+        })
     }
 
     /// The results of several sequences' attention [d, H, n_i] as one [d, H, sum n_i].
@@ -33,8 +37,11 @@ impl Attention {
         if self.cpu_kernel {
             return Ok(ctx.join_cpu(parts, 2)?);
         }
-        let (&first, rest) = parts.split_first().ok_or_else(|| crate::Error::Invalid("an empty batch".into()))?;
-        rest.iter().try_fold(first, |joined, &part| Ok(ctx.concat(joined, part, 2)?))
+        let (&first, rest) = parts
+            .split_first()
+            .ok_or_else(|| crate::Error::Invalid("an empty batch".into()))?;
+        rest.iter()
+            .try_fold(first, |joined, &part| Ok(ctx.concat(joined, part, 2)?))
     }
 }
 
@@ -51,11 +58,24 @@ impl Linear {
     /// A weight whose rows were padded with zero columns (see the converter) gets its
     /// input padded with zeros to match, unless the input already comes padded (the
     /// outputs of a matrix padded to feed it, format version 3).
-    pub fn forward<'c>(&self, ctx: &'c Context, store: &SharedStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
+    pub fn forward<'c>(
+        &self,
+        ctx: &'c Context,
+        store: &SharedStore,
+        x: Tensor<'_>,
+    ) -> Result<Tensor<'c>> {
         let w = store.get(self.w);
         let (k, have) = (w.ne()[0], x.ne()[0]);
-        let x = if k > have { ctx.pad(x, [k - have, 0, 0, 0])? } else { x };
-        let y = if self.packed { ctx.mul_mat_packed(w, x)? } else { ctx.mul_mat(w, x)? };
+        let x = if k > have {
+            ctx.pad(x, [k - have, 0, 0, 0])?
+        } else {
+            x
+        };
+        let y = if self.packed {
+            ctx.mul_mat_packed(w, x)?
+        } else {
+            ctx.mul_mat(w, x)?
+        };
         Ok(match self.b {
             Some(b) => ctx.add(y, store.get(b))?,
             None => y,
@@ -72,8 +92,16 @@ pub(crate) struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn forward<'c>(&self, ctx: &'c Context, store: &SharedStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
-        Ok(ctx.add(ctx.mul(ctx.norm(x, self.eps)?, store.get(self.w))?, store.get(self.b))?)
+    pub fn forward<'c>(
+        &self,
+        ctx: &'c Context,
+        store: &SharedStore,
+        x: Tensor<'_>,
+    ) -> Result<Tensor<'c>> {
+        Ok(ctx.add(
+            ctx.mul(ctx.norm(x, self.eps)?, store.get(self.w))?,
+            store.get(self.b),
+        )?)
     }
 }
 
@@ -85,7 +113,12 @@ pub(crate) struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn forward<'c>(&self, ctx: &'c Context, store: &SharedStore, x: Tensor<'_>) -> Result<Tensor<'c>> {
+    pub fn forward<'c>(
+        &self,
+        ctx: &'c Context,
+        store: &SharedStore,
+        x: Tensor<'_>,
+    ) -> Result<Tensor<'c>> {
         Ok(ctx.mul(ctx.rms_norm(x, self.eps)?, store.get(self.w))?)
     }
 }

@@ -26,7 +26,10 @@ pub struct WeightOptions {
 
 impl Default for WeightOptions {
     fn default() -> Self {
-        WeightOptions { device: Device::cpu(), repack: true }
+        WeightOptions {
+            device: Device::cpu(),
+            repack: true,
+        }
     }
 }
 
@@ -47,7 +50,12 @@ pub struct ContextOptions {
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        ContextOptions { threads: 0, kv_type: KvType::F16, context: 0, max_sequences: 4 }
+        ContextOptions {
+            threads: 0,
+            kv_type: KvType::F16,
+            context: 0,
+            max_sequences: 4,
+        }
     }
 }
 
@@ -55,7 +63,11 @@ impl ContextOptions {
     /// The CPU threads a context with these options runs on: `threads`, or
     /// [`default_threads`] for 0.
     pub fn threads_or_default(&self) -> usize {
-        if self.threads == 0 { default_threads() } else { self.threads }
+        if self.threads == 0 {
+            default_threads()
+        } else {
+            self.threads
+        }
     }
 }
 
@@ -67,5 +79,7 @@ impl ContextOptions {
 /// leaving them half the cores keeps the model out of that. Ask for more on a machine
 /// that does nothing else.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()).div_ceil(2)
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .div_ceil(2)
 }

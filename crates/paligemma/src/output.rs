@@ -43,7 +43,16 @@ impl NormBox {
     pub fn to_pixels(&self, width: usize, height: usize) -> PixelBox {
         let (w, h) = (width as f32, height as f32);
         let (x1, y1, x2, y2) = (self.x1 * w, self.y1 * h, self.x2 * w, self.y2 * h);
-        PixelBox { x: x1, y: y1, w: x2 - x1, h: y2 - y1, x1, y1, x2, y2 }
+        PixelBox {
+            x: x1,
+            y: y1,
+            w: x2 - x1,
+            h: y2 - y1,
+            x1,
+            y1,
+            x2,
+            y2,
+        }
     }
 }
 
@@ -77,7 +86,13 @@ impl Mask {
             run += 1;
         }
         rle.push(run);
-        Mask { width, height, x, y, rle }
+        Mask {
+            width,
+            height,
+            x,
+            y,
+            rle,
+        }
     }
 
     /// Expands the run lengths into `width * height` row-major pixels, true inside the object.
@@ -230,7 +245,10 @@ impl TaskResult {
     /// The text of a caption, answer, OCR or free-text result, or an error's message.
     pub fn text(&self) -> Option<&str> {
         match self {
-            TaskResult::Caption { text } | TaskResult::Answer { text } | TaskResult::Ocr { text } | TaskResult::Text { text } => Some(text),
+            TaskResult::Caption { text }
+            | TaskResult::Answer { text }
+            | TaskResult::Ocr { text }
+            | TaskResult::Text { text } => Some(text),
             TaskResult::Error { message } => Some(message),
             TaskResult::Detections { .. } | TaskResult::Segmentation { .. } => None,
         }
@@ -239,7 +257,8 @@ impl TaskResult {
     /// The objects of a detection or segmentation result; empty for the other kinds.
     pub fn detections(&self) -> &[Detection] {
         match self {
-            TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } => detections,
+            TaskResult::Detections { detections, .. }
+            | TaskResult::Segmentation { detections, .. } => detections,
             _ => &[],
         }
     }
@@ -266,8 +285,15 @@ pub enum ResultKind {
 }
 
 impl ResultKind {
-    const ALL: [ResultKind; 7] =
-        [ResultKind::Caption, ResultKind::Answer, ResultKind::Ocr, ResultKind::Text, ResultKind::Detections, ResultKind::Segmentation, ResultKind::Error];
+    const ALL: [ResultKind; 7] = [
+        ResultKind::Caption,
+        ResultKind::Answer,
+        ResultKind::Ocr,
+        ResultKind::Text,
+        ResultKind::Detections,
+        ResultKind::Segmentation,
+        ResultKind::Error,
+    ];
 
     /// The name as a serialised result's `kind` field writes it (`caption`, `detections`...).
     pub fn as_str(self) -> &'static str {
@@ -291,7 +317,10 @@ impl ResultKind {
 impl std::str::FromStr for ResultKind {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<ResultKind> {
-        ResultKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| crate::Error::Invalid(format!("unknown result kind {s:?}")))
+        ResultKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| crate::Error::Invalid(format!("unknown result kind {s:?}")))
     }
 }
 

@@ -61,10 +61,20 @@ fn parse_token(at: &str) -> Option<(Piece<'static>, usize)> {
 
 /// Parses detection / segmentation output: objects separated by `;`, each four
 /// loc tokens (y1 x1 y2 x2), optional sixteen seg tokens, then the label.
-pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, segmentation: bool) -> TaskResult {
+pub fn parse_detections(
+    raw: &str,
+    width: usize,
+    height: usize,
+    divisor: f32,
+    segmentation: bool,
+) -> TaskResult {
     let mut detections = Vec::new();
     let mut warnings = Vec::new();
-    let divisor = if divisor > 0.0 && divisor.is_finite() { divisor } else { DEFAULT_LOC_DIVISOR };
+    let divisor = if divisor > 0.0 && divisor.is_finite() {
+        divisor
+    } else {
+        DEFAULT_LOC_DIVISOR
+    };
     for (n, object) in raw.split(';').enumerate() {
         let object = object.trim();
         if object.is_empty() {
@@ -89,13 +99,23 @@ pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, se
         }
         let label = label.trim().to_string();
         if out_of_place {
-            warnings.push(format!("object {}: loc/seg tokens after its label in {object:?}", n + 1));
+            warnings.push(format!(
+                "object {}: loc/seg tokens after its label in {object:?}",
+                n + 1
+            ));
         }
         if locs.len() != 4 {
             if locs.is_empty() {
-                warnings.push(format!("object {}: label {label:?} with no box in {object:?}", n + 1));
+                warnings.push(format!(
+                    "object {}: label {label:?} with no box in {object:?}",
+                    n + 1
+                ));
             } else {
-                warnings.push(format!("object {}: {} loc tokens (expected 4) in {object:?}", n + 1, locs.len()));
+                warnings.push(format!(
+                    "object {}: {} loc tokens (expected 4) in {object:?}",
+                    n + 1,
+                    locs.len()
+                ));
             }
             continue;
         }
@@ -103,8 +123,16 @@ pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, se
         let (mut y1, mut x1, mut y2, mut x2) = (v(locs[0]), v(locs[1]), v(locs[2]), v(locs[3]));
         let mut loc_bins = [locs[0], locs[1], locs[2], locs[3]];
         if y2 < y1 || x2 < x1 {
-            loc_bins = [locs[0].min(locs[2]), locs[1].min(locs[3]), locs[0].max(locs[2]), locs[1].max(locs[3])];
-            warnings.push(format!("object {}: corners out of order in {object:?} (swapped)", n + 1));
+            loc_bins = [
+                locs[0].min(locs[2]),
+                locs[1].min(locs[3]),
+                locs[0].max(locs[2]),
+                locs[1].max(locs[3]),
+            ];
+            warnings.push(format!(
+                "object {}: corners out of order in {object:?} (swapped)",
+                n + 1
+            ));
             if y2 < y1 {
                 std::mem::swap(&mut y1, &mut y2);
             }
@@ -113,27 +141,60 @@ pub fn parse_detections(raw: &str, width: usize, height: usize, divisor: f32, se
             }
         }
         if label.is_empty() {
-            warnings.push(format!("object {}: box without a label in {object:?}", n + 1));
+            warnings.push(format!(
+                "object {}: box without a label in {object:?}",
+                n + 1
+            ));
         }
         let seg_codes = match (segmentation, segs.len()) {
             (_, 0) => {
                 if segmentation {
-                    warnings.push(format!("object {}: no seg tokens (expected 16) in {object:?}", n + 1));
+                    warnings.push(format!(
+                        "object {}: no seg tokens (expected 16) in {object:?}",
+                        n + 1
+                    ));
                 }
                 None
             }
             (_, 16) => Some(segs),
             (_, k) => {
-                warnings.push(format!("object {}: {k} seg tokens (expected 16) in {object:?}", n + 1));
+                warnings.push(format!(
+                    "object {}: {k} seg tokens (expected 16) in {object:?}",
+                    n + 1
+                ));
                 None
             }
         };
         let box_norm = NormBox { x1, y1, x2, y2 };
         let bbox = box_norm.to_pixels(width, height);
-        detections.push(Detection { label, bbox, box_norm, loc_bins, loc_divisor: divisor, seg_codes, mask: None, score: None, min_token_prob: None, track_id: None, object: n });
+        detections.push(Detection {
+            label,
+            bbox,
+            box_norm,
+            loc_bins,
+            loc_divisor: divisor,
+            seg_codes,
+            mask: None,
+            score: None,
+            min_token_prob: None,
+            track_id: None,
+            object: n,
+        });
     }
     let dropped = Dropped::default();
-    if segmentation { TaskResult::Segmentation { detections, warnings, dropped } } else { TaskResult::Detections { detections, warnings, dropped } }
+    if segmentation {
+        TaskResult::Segmentation {
+            detections,
+            warnings,
+            dropped,
+        }
+    } else {
+        TaskResult::Detections {
+            detections,
+            warnings,
+            dropped,
+        }
+    }
 }
 
 /// Parses the model's text for `task` on a frame of `width` x `height` pixels.

@@ -7,8 +7,10 @@
 //! downscale factor (antialias), fixed-point taps with 22 fraction bits, a horizontal
 //! pass then a vertical pass, each rounded and clipped to u8. Generic resamplers
 //! (`image`, `fast_image_resize`) differ from it by up to ~19/255 at sharp edges.
-pub use crate::rgb_image::{DEFAULT_MAX_PIXELS, PixelFormat, RgbImage, Yuv420, YuvMatrix, check_size};
 use crate::config::VisionConfig;
+pub use crate::rgb_image::{
+    DEFAULT_MAX_PIXELS, PixelFormat, RgbImage, Yuv420, YuvMatrix, check_size,
+};
 use crate::{Error, Result};
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -33,7 +35,12 @@ fn bilinear(x: f64) -> f64 {
 
 /// Per output pixel: first input index and normalised filter weights (Pillow's
 /// `precompute_coeffs`: the filter widened by the downscale factor, antialias).
-fn filter_weights(in_size: usize, out_size: usize, filter: fn(f64) -> f64, support: f64) -> Vec<(usize, Vec<f64>)> {
+fn filter_weights(
+    in_size: usize,
+    out_size: usize,
+    filter: fn(f64) -> f64,
+    support: f64,
+) -> Vec<(usize, Vec<f64>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = support * filterscale;
@@ -44,9 +51,17 @@ fn filter_weights(in_size: usize, out_size: usize, filter: fn(f64) -> f64, suppo
             // C casts truncate toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let weights: Vec<f64> = (xmin..xmax).map(|x| filter((x as f64 - center + 0.5) * ss)).collect();
+            let weights: Vec<f64> = (xmin..xmax)
+                .map(|x| filter((x as f64 - center + 0.5) * ss))
+                .collect();
             let total: f64 = weights.iter().sum();
-            (xmin, weights.iter().map(|&w| if total != 0.0 { w / total } else { w }).collect())
+            (
+                xmin,
+                weights
+                    .iter()
+                    .map(|&w| if total != 0.0 { w / total } else { w })
+                    .collect(),
+            )
         })
         .collect()
 }
@@ -78,7 +93,13 @@ fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool 
 
 /// Pillow's `Image.fromarray(f32 array, "F").resize((out_w, out_h), BILINEAR)`:
 /// double accumulation, f32 storage between and after the passes.
-pub fn resize_f32_bilinear(data: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<f32> {
+pub fn resize_f32_bilinear(
+    data: &[f32],
+    w: usize,
+    h: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Vec<f32> {
     let horizontal = |src: &[f32], w: usize, h: usize| -> Vec<f32> {
         if out_w == w {
             return src.to_vec();
@@ -87,7 +108,12 @@ pub fn resize_f32_bilinear(data: &[f32], w: usize, h: usize, out_w: usize, out_h
         let mut out = Vec::with_capacity(out_w * h);
         for y in 0..h {
             for (xmin, k) in &coeffs {
-                out.push(k.iter().enumerate().map(|(i, &k)| src[y * w + xmin + i] as f64 * k).sum::<f64>() as f32);
+                out.push(
+                    k.iter()
+                        .enumerate()
+                        .map(|(i, &k)| src[y * w + xmin + i] as f64 * k)
+                        .sum::<f64>() as f32,
+                );
             }
         }
         out
@@ -100,12 +126,21 @@ pub fn resize_f32_bilinear(data: &[f32], w: usize, h: usize, out_w: usize, out_h
         let mut out = Vec::with_capacity(w * out_h);
         for (ymin, k) in &coeffs {
             for x in 0..w {
-                out.push(k.iter().enumerate().map(|(i, &k)| src[(ymin + i) * w + x] as f64 * k).sum::<f64>() as f32);
+                out.push(
+                    k.iter()
+                        .enumerate()
+                        .map(|(i, &k)| src[(ymin + i) * w + x] as f64 * k)
+                        .sum::<f64>() as f32,
+                );
             }
         }
         out
     };
-    if vertical_first(w, h, out_w, out_h) { horizontal(&vertical(data, w, h), w, out_h) } else { vertical(&horizontal(data, w, h), out_w, h) }
+    if vertical_first(w, h, out_w, out_h) {
+        horizontal(&vertical(data, w, h), w, out_h)
+    } else {
+        vertical(&horizontal(data, w, h), out_w, h)
+    }
 }
 
 fn clip8(acc: i32) -> u8 {
@@ -132,7 +167,11 @@ fn horizontal_pass(img: &RgbImage, width: usize) -> RgbImage {
     }
     let coeffs = coefficients(img.width, width);
     let mut out = vec![0u8; width * img.height * 3];
-    for (row, out_row) in img.data.chunks_exact(img.width * 3).zip(out.chunks_exact_mut(width * 3)) {
+    for (row, out_row) in img
+        .data
+        .chunks_exact(img.width * 3)
+        .zip(out.chunks_exact_mut(width * 3))
+    {
         for ((xmin, taps), px) in coeffs.iter().zip(out_row.chunks_exact_mut(3)) {
             let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
             for (&k, src) in taps.iter().zip(row[xmin * 3..].chunks_exact(3)) {
@@ -145,7 +184,11 @@ fn horizontal_pass(img: &RgbImage, width: usize) -> RgbImage {
             }
         }
     }
-    RgbImage { width, height: img.height, data: out }
+    RgbImage {
+        width,
+        height: img.height,
+        data: out,
+    }
 }
 
 /// Each output row: the weighted input rows added up across the whole row at once.
@@ -168,7 +211,11 @@ fn vertical_pass(img: &RgbImage, height: usize) -> RgbImage {
             *o = clip8(a);
         }
     }
-    RgbImage { width: img.width, height, data: out }
+    RgbImage {
+        width: img.width,
+        height,
+        data: out,
+    }
 }
 
 /// Pixel values as the vision tower takes them: [3, size, size] f32, channel-major.
@@ -184,7 +231,10 @@ impl PixelValues {
     /// Wraps already-preprocessed values (e.g. from a reference dump).
     pub fn from_chw(size: usize, data: Vec<f32>) -> Result<PixelValues> {
         if data.len() != 3 * size * size {
-            return Err(Error::Image(format!("pixel values: {} values for a 3x{size}x{size} image", data.len())));
+            return Err(Error::Image(format!(
+                "pixel values: {} values for a 3x{size}x{size} image",
+                data.len()
+            )));
         }
         Ok(PixelValues { size, data })
     }

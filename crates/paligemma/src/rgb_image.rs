@@ -55,17 +55,28 @@ pub struct RgbImage {
 
 impl RgbImage {
     /// Copies a raw frame with `stride` bytes per row into packed RGB.
-    pub fn from_raw(data: &[u8], width: usize, height: usize, stride: usize, format: PixelFormat) -> Result<RgbImage> {
+    pub fn from_raw(
+        data: &[u8],
+        width: usize,
+        height: usize,
+        stride: usize,
+        format: PixelFormat,
+    ) -> Result<RgbImage> {
         check_size(width, height, DEFAULT_MAX_PIXELS)?;
         let bpp = format.bytes_per_pixel();
         let row = width * bpp;
         if stride < row {
-            return Err(Error::Image(format!("stride {stride} is smaller than a row of {width} {format:?} pixels ({row} bytes)")));
+            return Err(Error::Image(format!(
+                "stride {stride} is smaller than a row of {width} {format:?} pixels ({row} bytes)"
+            )));
         }
         let needed = plane_bytes(stride, height, row);
         if needed.is_none_or(|n| data.len() < n) {
             let needed = needed.map_or("more than 2^64".into(), |n| n.to_string());
-            return Err(Error::Image(format!("a {width}x{height} {format:?} frame with stride {stride} needs {needed} bytes, got {}", data.len())));
+            return Err(Error::Image(format!(
+                "a {width}x{height} {format:?} frame with stride {stride} needs {needed} bytes, got {}",
+                data.len()
+            )));
         }
         let [r, g, b] = format.rgb_offsets();
         let alpha = matches!(format, PixelFormat::Rgba | PixelFormat::Bgra).then_some(3);
@@ -78,7 +89,11 @@ impl RgbImage {
                 }
             }
         }
-        Ok(RgbImage { width, height, data: out })
+        Ok(RgbImage {
+            width,
+            height,
+            data: out,
+        })
     }
 
     /// Decodes any format the `image` crate reads (PNG, JPEG...), up to
@@ -92,7 +107,11 @@ impl RgbImage {
     /// header before anything is decoded.
     pub fn decode_limited(bytes: &[u8], max_pixels: usize) -> Result<RgbImage> {
         let cannot = |e: image::ImageError| Error::Image(format!("cannot decode image: {e}"));
-        let reader = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::Image(format!("cannot read image: {e}")));
+        let reader = || {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| Error::Image(format!("cannot read image: {e}")))
+        };
         let (w, h) = reader()?.into_dimensions().map_err(cannot)?;
         check_size(w as usize, h as usize, max_pixels)?;
         // The decoders may allocate beyond the pixels themselves (16-bit samples,
@@ -112,24 +131,42 @@ impl RgbImage {
     /// Reads and decodes an image file of at most `max_pixels`: regular files only,
     /// of at most the size of such an image uncompressed.
     pub fn open_limited(path: &std::path::Path, max_pixels: usize) -> Result<RgbImage> {
-        let bytes = crate::read_input_file(path, max_pixels.saturating_mul(4).saturating_add(1 << 20))?;
-        Self::decode_limited(&bytes, max_pixels).map_err(|e| Error::Image(format!("{}: {e}", path.display())))
+        let bytes =
+            crate::read_input_file(path, max_pixels.saturating_mul(4).saturating_add(1 << 20))?;
+        Self::decode_limited(&bytes, max_pixels)
+            .map_err(|e| Error::Image(format!("{}: {e}", path.display())))
     }
 
     /// An image decoded by the `image` crate, of at most [`DEFAULT_MAX_PIXELS`].
     pub fn from_dynamic(img: &image::DynamicImage) -> Result<RgbImage> {
-        check_size(img.width() as usize, img.height() as usize, DEFAULT_MAX_PIXELS)?;
+        check_size(
+            img.width() as usize,
+            img.height() as usize,
+            DEFAULT_MAX_PIXELS,
+        )?;
         Ok(Self::rgb_of(img))
     }
 
     fn rgb_of(img: &image::DynamicImage) -> RgbImage {
         let (w, h) = (img.width() as usize, img.height() as usize);
         if !img.color().has_alpha() {
-            return RgbImage { width: w, height: h, data: img.to_rgb8().into_raw() };
+            return RgbImage {
+                width: w,
+                height: h,
+                data: img.to_rgb8().into_raw(),
+            };
         }
         let rgba = img.to_rgba8();
-        let data = rgba.as_raw().chunks_exact(4).flat_map(|p| [0, 1, 2].map(|c| over_white(p[c], p[3]))).collect();
-        RgbImage { width: w, height: h, data }
+        let data = rgba
+            .as_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [0, 1, 2].map(|c| over_white(p[c], p[3])))
+            .collect();
+        RgbImage {
+            width: w,
+            height: h,
+            data,
+        }
     }
 }
 
@@ -180,8 +217,14 @@ impl RgbImage {
         check_size(f.width, f.height, DEFAULT_MAX_PIXELS)?;
         let (cw, ch) = (f.width.div_ceil(2), f.height.div_ceil(2));
         let chroma_row = if f.interleaved { cw * 2 } else { cw };
-        let planes = [("Y", f.y, f.y_stride, f.height, f.width), ("U", f.u, f.u_stride, ch, chroma_row), ("V", f.v, f.v_stride, ch, cw)];
-        for (plane, data, stride, rows, row) in planes.into_iter().take(if f.interleaved { 2 } else { 3 }) {
+        let planes = [
+            ("Y", f.y, f.y_stride, f.height, f.width),
+            ("U", f.u, f.u_stride, ch, chroma_row),
+            ("V", f.v, f.v_stride, ch, cw),
+        ];
+        for (plane, data, stride, rows, row) in
+            planes.into_iter().take(if f.interleaved { 2 } else { 3 })
+        {
             let need = plane_bytes(stride, rows, row);
             if stride < row || need.is_none_or(|n| data.len() < n) {
                 let need = need.map_or("more than 2^64".into(), |n| n.to_string());
@@ -203,7 +246,10 @@ impl RgbImage {
                 let y = 1.164 * (f.y[row * f.y_stride + col] as f32 - 16.0);
                 let (cr, cc) = (row / 2, col / 2);
                 let (u, v) = if f.interleaved {
-                    (f.u[cr * f.u_stride + 2 * cc], f.u[cr * f.u_stride + 2 * cc + 1])
+                    (
+                        f.u[cr * f.u_stride + 2 * cc],
+                        f.u[cr * f.u_stride + 2 * cc + 1],
+                    )
                 } else {
                     (f.u[cr * f.u_stride + cc], f.v[cr * f.v_stride + cc])
                 };
@@ -212,7 +258,11 @@ impl RgbImage {
                 data.extend(px.map(|c| c.round().clamp(0.0, 255.0) as u8));
             }
         }
-        Ok(RgbImage { width: f.width, height: f.height, data })
+        Ok(RgbImage {
+            width: f.width,
+            height: f.height,
+            data,
+        })
     }
 }
 
@@ -222,7 +272,9 @@ pub fn check_size(width: usize, height: usize, max_pixels: usize) -> Result<()> 
         return Err(Error::Image(format!("empty frame ({width}x{height})")));
     }
     if width.checked_mul(height).is_none_or(|n| n > max_pixels) {
-        return Err(Error::Image(format!("frame {width}x{height} is larger than the limit of {max_pixels} pixels")));
+        return Err(Error::Image(format!(
+            "frame {width}x{height} is larger than the limit of {max_pixels} pixels"
+        )));
     }
     Ok(())
 }
@@ -232,4 +284,3 @@ pub fn check_size(width: usize, height: usize, max_pixels: usize) -> Result<()> 
 fn plane_bytes(stride: usize, rows: usize, row: usize) -> Option<usize> {
     stride.checked_mul(rows.saturating_sub(1))?.checked_add(row)
 }
-

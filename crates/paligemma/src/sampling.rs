@@ -18,14 +18,21 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
 impl Sampling {
     /// Checks that the temperature is finite and at least 0 and top-p in (0, 1].
     pub fn validate(&self) -> Result<()> {
-        if !(0.0..=f32::MAX).contains(&self.temperature) || !(f32::MIN_POSITIVE..=1.0).contains(&self.top_p) {
+        if !(0.0..=f32::MAX).contains(&self.temperature)
+            || !(f32::MIN_POSITIVE..=1.0).contains(&self.top_p)
+        {
             return Err(Error::Invalid(format!(
                 "sampling with temperature {} and top-p {}: expected a finite temperature >= 0 and top-p in (0, 1]",
                 self.temperature, self.top_p
@@ -52,13 +59,20 @@ pub(crate) fn softcap(l: f32, cap: f32) -> f32 {
 /// is the cap of the largest raw one.
 pub(crate) fn probability(logits: &[f32], id: u32, cap: Option<f32>) -> f32 {
     let id = id as usize;
-    probabilities(logits, id..id + 1, cap).first().copied().unwrap_or(0.0)
+    probabilities(logits, id..id + 1, cap)
+        .first()
+        .copied()
+        .unwrap_or(0.0)
 }
 
 /// The probabilities of the ids in `range` (clipped to the vocabulary) under the same
 /// softmax as [`probability`], for one pass over the vocabulary: the distribution over
 /// the location tokens that detection confidences are worked out from.
-pub(crate) fn probabilities(logits: &[f32], range: std::ops::Range<usize>, cap: Option<f32>) -> Vec<f32> {
+pub(crate) fn probabilities(
+    logits: &[f32],
+    range: std::ops::Range<usize>,
+    cap: Option<f32>,
+) -> Vec<f32> {
     match cap {
         Some(c) => probabilities_with(logits, range, |l| c - 2.0 * c / (1.0 + exp(2.0 * l / c))),
         None => probabilities_with(logits, range, |l| l),
@@ -68,7 +82,11 @@ pub(crate) fn probabilities(logits: &[f32], range: std::ops::Range<usize>, cap: 
 /// [`probabilities`] with the cap as a function, so that each case compiles to its own
 /// branch-free loop.
 #[inline(always)]
-fn probabilities_with(logits: &[f32], range: std::ops::Range<usize>, capped: impl Fn(f32) -> f32 + Copy) -> Vec<f32> {
+fn probabilities_with(
+    logits: &[f32],
+    range: std::ops::Range<usize>,
+    capped: impl Fn(f32) -> f32 + Copy,
+) -> Vec<f32> {
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = logits.chunks_exact(LANES);
@@ -77,7 +95,14 @@ fn probabilities_with(logits: &[f32], range: std::ops::Range<usize>, capped: imp
             lanes[j] = lanes[j].max(chunk[j]);
         }
     }
-    let max = capped(chunks.remainder().iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max));
+    let max = capped(
+        chunks
+            .remainder()
+            .iter()
+            .chain(&lanes)
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max),
+    );
     let term = |l: f32| {
         let t = exp(capped(l) - max);
         if l.is_finite() { t } else { 0.0 }
@@ -91,10 +116,18 @@ fn probabilities_with(logits: &[f32], range: std::ops::Range<usize>, capped: imp
                 sums[j] += term(chunk[j]);
             }
         }
-        total += sums.iter().map(|&s| s as f64).sum::<f64>() + chunks.remainder().iter().map(|&l| term(l) as f64).sum::<f64>();
+        total += sums.iter().map(|&s| s as f64).sum::<f64>()
+            + chunks
+                .remainder()
+                .iter()
+                .map(|&l| term(l) as f64)
+                .sum::<f64>();
     }
     let range = range.start.min(logits.len())..range.end.min(logits.len());
-    logits[range].iter().map(|&l| (term(l) as f64 / total) as f32).collect()
+    logits[range]
+        .iter()
+        .map(|&l| (term(l) as f64 / total) as f32)
+        .collect()
 }
 
 /// `e^x` in f32 with plain arithmetic, so that loops over it vectorise: `x = n ln 2 + r`
@@ -111,7 +144,10 @@ fn exp(x: f32) -> f32 {
     let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     let n = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
     p * f32::from_bits(((n + 127) as u32) << 23)
 }
@@ -160,19 +196,38 @@ impl TokenSampler {
         }
         // The softcap is monotonic: the greedy choice is the same with or without it (up to
         // ties among logits so large that their capped values round to the same f32).
-        let argmax = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best }).0;
-        let Sampling { temperature, top_k, top_p, .. } = self.settings;
+        let argmax = logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+                if l > best.1 { (i, l) } else { best }
+            })
+            .0;
+        let Sampling {
+            temperature,
+            top_k,
+            top_p,
+            ..
+        } = self.settings;
         if temperature <= 0.0 {
             return argmax as u32;
         }
         let cap = |l: f32| self.softcap.map_or(l, |c| softcap(l, c));
-        let mut cand: Vec<(usize, f32)> = logits.iter().map(|&l| cap(l)).enumerate().filter(|(_, l)| l.is_finite()).collect();
+        let mut cand: Vec<(usize, f32)> = logits
+            .iter()
+            .map(|&l| cap(l))
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1));
         if top_k > 0 {
             cand.truncate(top_k);
         }
         let max = cand.first().map_or(0.0, |c| c.1);
-        let mut probs: Vec<f64> = cand.iter().map(|c| (((c.1 - max) / temperature) as f64).exp()).collect();
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|c| (((c.1 - max) / temperature) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if top_p < 1.0 {
@@ -193,7 +248,8 @@ impl TokenSampler {
             }
             r -= p;
         }
-        cand.get(probs.len().saturating_sub(1)).map_or(argmax, |c| c.0) as u32
+        cand.get(probs.len().saturating_sub(1))
+            .map_or(argmax, |c| c.0) as u32
     }
 }
 
@@ -205,26 +261,53 @@ mod tests {
     /// of spread-out logits with masked ids, with and without a cap.
     #[test]
     fn probability_matches_f64() {
-        let logits: Vec<f32> =
-            (0..50_000u32).map(|i| if i % 997 == 0 { f32::NEG_INFINITY } else { ((i * 7919 % 10_007) as f32 / 10_007.0 - 0.5) * 90.0 }).collect();
+        let logits: Vec<f32> = (0..50_000u32)
+            .map(|i| {
+                if i % 997 == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    ((i * 7919 % 10_007) as f32 / 10_007.0 - 0.5) * 90.0
+                }
+            })
+            .collect();
         for cap in [None, Some(30.0f32)] {
             let capped = |l: f64| cap.map_or(l, |c| c as f64 * (l / c as f64).tanh());
-            let max = logits.iter().map(|&l| capped(l as f64)).fold(f64::NEG_INFINITY, f64::max);
-            let total: f64 = logits.iter().filter(|l| l.is_finite()).map(|&l| (capped(l as f64) - max).exp()).sum();
+            let max = logits
+                .iter()
+                .map(|&l| capped(l as f64))
+                .fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = logits
+                .iter()
+                .filter(|l| l.is_finite())
+                .map(|&l| (capped(l as f64) - max).exp())
+                .sum();
             for id in [0u32, 1, 2, 500, 12_345, 49_999] {
-                let want = if logits[id as usize].is_finite() { (capped(logits[id as usize] as f64) - max).exp() / total } else { 0.0 };
+                let want = if logits[id as usize].is_finite() {
+                    (capped(logits[id as usize] as f64) - max).exp() / total
+                } else {
+                    0.0
+                };
                 let got = probability(&logits, id, cap) as f64;
                 // Far in the tail, f32's rounding of `l - max` alone is 1e-6 of the result.
                 let tol = if want > 1e-6 { 1e-6 } else { 1e-5 };
-                assert!((got - want).abs() <= tol * want, "cap {cap:?} id {id}: {got:e} against {want:e}");
+                assert!(
+                    (got - want).abs() <= tol * want,
+                    "cap {cap:?} id {id}: {got:e} against {want:e}"
+                );
             }
         }
         let all = probabilities(&logits, 0..logits.len() + 5, Some(30.0));
         assert_eq!(all.len(), logits.len());
         assert!((all.iter().map(|&p| p as f64).sum::<f64>() - 1.0).abs() < 1e-5);
-        for x in [-100.0f32, -87.0, -20.5, -1.0, -0.3, 0.0, 0.2, 1.0, 10.25, 80.0] {
+        for x in [
+            -100.0f32, -87.0, -20.5, -1.0, -0.3, 0.0, 0.2, 1.0, 10.25, 80.0,
+        ] {
             let want = (x as f64).clamp(-87.0, 88.0).exp();
-            assert!(((exp(x) as f64) - want).abs() <= 3e-7 * want, "exp({x}) = {} against {want}", exp(x));
+            assert!(
+                ((exp(x) as f64) - want).abs() <= 3e-7 * want,
+                "exp({x}) = {} against {want}",
+                exp(x)
+            );
         }
     }
 }

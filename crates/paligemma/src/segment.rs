@@ -26,7 +26,11 @@ const UP_CHANNELS: [usize; 5] = [128, 128, 64, 32, 16];
 
 /// GGUF names of the decoder's tensors, in file order.
 fn gguf_names() -> Vec<String> {
-    let mut names = vec!["seg.codebook".to_string(), "seg.conv_in.weight".into(), "seg.conv_in.bias".into()];
+    let mut names = vec![
+        "seg.codebook".to_string(),
+        "seg.conv_in.weight".into(),
+        "seg.conv_in.bias".into(),
+    ];
     for r in 0..2 {
         for c in 0..3 {
             names.push(format!("seg.res{r}.conv{c}.weight"));
@@ -81,26 +85,62 @@ impl SegWeights {
 
     /// [`SegWeights::from_npz`] of the bytes of a file (`path` names it in errors).
     pub fn from_npz_bytes(path: &Path, bytes: &[u8]) -> Result<SegWeights> {
-        let err = |detail: String| Error::Checkpoint { path: path.into(), detail };
+        let err = |detail: String| Error::Checkpoint {
+            path: path.into(),
+            detail,
+        };
         // An npz is a zip archive of `.npy` files, one per array.
-        let mut npz = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| err(format!("not an npz archive: {e}")))?;
-        let names: Vec<String> = npz.file_names().filter_map(|n| n.strip_suffix(".npy")).map(String::from).collect();
-        let find = |key: &str| names.iter().find(|n| n.as_str() == key || n.ends_with(&format!(".{key}")) || n.ends_with(&format!("/{key}"))).cloned();
+        let mut npz = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+            .map_err(|e| err(format!("not an npz archive: {e}")))?;
+        let names: Vec<String> = npz
+            .file_names()
+            .filter_map(|n| n.strip_suffix(".npy"))
+            .map(String::from)
+            .collect();
+        let find = |key: &str| {
+            names
+                .iter()
+                .find(|n| {
+                    n.as_str() == key
+                        || n.ends_with(&format!(".{key}"))
+                        || n.ends_with(&format!("/{key}"))
+                })
+                .cloned()
+        };
         let mut tensors = Vec::new();
         let mut dim = None;
         for name in gguf_names() {
             let key = npz_key(&name);
-            let found = find(&key).ok_or_else(|| err(format!("array {key:?} is missing (found: {})", names.join(", "))))?;
-            let member = npz.by_name(&format!("{found}.npy")).map_err(|e| err(format!("{found}: {e}")))?;
-            let array = npyz::NpyFile::new(member).map_err(|e| err(format!("{found}: not a .npy array ({e})")))?;
+            let found = find(&key).ok_or_else(|| {
+                err(format!(
+                    "array {key:?} is missing (found: {})",
+                    names.join(", ")
+                ))
+            })?;
+            let member = npz
+                .by_name(&format!("{found}.npy"))
+                .map_err(|e| err(format!("{found}: {e}")))?;
+            let array = npyz::NpyFile::new(member)
+                .map_err(|e| err(format!("{found}: not a .npy array ({e})")))?;
             let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
             // The shape is checked before the data is read: an array's header may claim
             // any size.
-            let expected = expected_shape(&name, *dim.get_or_insert(if name == "seg.codebook" { shape.get(1).copied().unwrap_or(0) } else { 0 }));
+            let expected = expected_shape(
+                &name,
+                *dim.get_or_insert(if name == "seg.codebook" {
+                    shape.get(1).copied().unwrap_or(0)
+                } else {
+                    0
+                }),
+            );
             if shape != expected || dim.is_some_and(|d| d > crate::limits::MAX_WIDTH) {
-                return Err(err(format!("array {found:?} has shape {shape:?}, expected {expected:?}")));
+                return Err(err(format!(
+                    "array {found:?} has shape {shape:?}, expected {expected:?}"
+                )));
             }
-            let data: Vec<f32> = array.into_vec::<f32>().map_err(|e| err(format!("{found}: expected float32 values ({e})")))?;
+            let data: Vec<f32> = array
+                .into_vec::<f32>()
+                .map_err(|e| err(format!("{found}: expected float32 values ({e})")))?;
             let (ggml_shape, data) = if name.starts_with("seg.up") && name.ends_with(".weight") {
                 flip_transposed_kernel(&shape, &data)
             } else {
@@ -126,14 +166,19 @@ impl SegWeights {
         for (name, shape, _) in &self.tensors {
             header.add_tensor(name.clone(), Type::F32, shape)?;
         }
-        header.set("paligemma.seg.codebook_size", ggml::gguf::Value::U32(self.tensors[0].1[1] as u32));
+        header.set(
+            "paligemma.seg.codebook_size",
+            ggml::gguf::Value::U32(self.tensors[0].1[1] as u32),
+        );
         Ok(())
     }
 
     /// Each tensor's GGUF name and f32 data, in file order (transposed-conv kernels already
     /// flipped).
     pub fn tensors(&self) -> impl Iterator<Item = (&str, &[f32])> {
-        self.tensors.iter().map(|(n, _, d)| (n.as_str(), d.as_slice()))
+        self.tensors
+            .iter()
+            .map(|(n, _, d)| (n.as_str(), d.as_slice()))
     }
 }
 
@@ -156,7 +201,11 @@ fn expected_shape(name: &str, dim: usize) -> Vec<usize> {
             return vec![UP_CHANNELS[u], UP_CHANNELS[u + 1], 4, 4];
         }
     };
-    if bias { vec![cout] } else { vec![cout, cin, k, k] }
+    if bias {
+        vec![cout]
+    } else {
+        vec![cout, cin, k, k]
+    }
 }
 
 /// A ConvTranspose2d kernel [in, out, kh, kw] as the equivalent conv kernel
@@ -168,7 +217,8 @@ fn flip_transposed_kernel(shape: &[usize], data: &[f32]) -> (Vec<usize>, Vec<f32
         for o in 0..cout {
             for y in 0..kh {
                 for x in 0..kw {
-                    out[((o * cin + i) * kh + y) * kw + x] = data[((i * cout + o) * kh + (kh - 1 - y)) * kw + (kw - 1 - x)];
+                    out[((o * cin + i) * kh + y) * kw + x] =
+                        data[((i * cout + o) * kh + (kh - 1 - y)) * kw + (kw - 1 - x)];
                 }
             }
         }
@@ -184,8 +234,11 @@ pub(crate) fn gguf_shapes(dim: usize) -> Vec<(String, Vec<usize>)> {
         .map(|name| {
             let shape = expected_shape(&name, dim);
             // Transposed-conv kernels are stored flipped, [kw, kh, in, out].
-            let ggml =
-                if shape.len() == 4 && name.starts_with("seg.up") { vec![shape[3], shape[2], shape[0], shape[1]] } else { shape.into_iter().rev().collect() };
+            let ggml = if shape.len() == 4 && name.starts_with("seg.up") {
+                vec![shape[3], shape[2], shape[0], shape[1]]
+            } else {
+                shape.into_iter().rev().collect()
+            };
             (name, ggml)
         })
         .collect()
@@ -217,9 +270,18 @@ impl MaskDecoderWeights {
         if !w.has("seg.codebook") {
             return Ok(None);
         }
-        let conv = |layer: &str| -> Result<Conv> { Ok(Conv { w: w.tensor(&format!("{layer}.weight"))?, b: w.tensor(&format!("{layer}.bias"))? }) };
+        let conv = |layer: &str| -> Result<Conv> {
+            Ok(Conv {
+                w: w.tensor(&format!("{layer}.weight"))?,
+                b: w.tensor(&format!("{layer}.bias"))?,
+            })
+        };
         let res = |r: usize| -> Result<[Conv; 3]> {
-            Ok([conv(&format!("seg.res{r}.conv0"))?, conv(&format!("seg.res{r}.conv1"))?, conv(&format!("seg.res{r}.conv2"))?])
+            Ok([
+                conv(&format!("seg.res{r}.conv0"))?,
+                conv(&format!("seg.res{r}.conv1"))?,
+                conv(&format!("seg.res{r}.conv2"))?,
+            ])
         };
         let codebook = w.tensor("seg.codebook")?;
         Ok(Some(MaskDecoderWeights {
@@ -227,19 +289,31 @@ impl MaskDecoderWeights {
             codebook_size: store.get(codebook).ne()[1],
             conv_in: conv("seg.conv_in")?,
             res: [res(0)?, res(1)?],
-            up: [conv("seg.up0")?, conv("seg.up1")?, conv("seg.up2")?, conv("seg.up3")?],
+            up: [
+                conv("seg.up0")?,
+                conv("seg.up1")?,
+                conv("seg.up2")?,
+                conv("seg.up3")?,
+            ],
             conv_out: conv("seg.conv_out")?,
         }))
     }
 }
 
 /// Builds the decoder graph on `codes` (I32 [16]); returns [64, 64] f32.
-pub(crate) fn build<'c>(ctx: &'c Context, store: &SharedStore, w: &MaskDecoderWeights, codes: Tensor<'_>) -> Result<Tensor<'c>> {
+pub(crate) fn build<'c>(
+    ctx: &'c Context,
+    store: &SharedStore,
+    w: &MaskDecoderWeights,
+    codes: Tensor<'_>,
+) -> Result<Tensor<'c>> {
     let bias = |x: Tensor<'c>, b: TensorRef| -> Result<Tensor<'c>> {
         let b = store.get(b);
         Ok(ctx.add(x, ctx.reshape(b, &[1, 1, b.ne()[0]])?)?)
     };
-    let conv = |x: Tensor<'c>, layer: Conv, pad: usize| -> Result<Tensor<'c>> { bias(ctx.conv_2d(store.get(layer.w), x, 1, pad)?, layer.b) };
+    let conv = |x: Tensor<'c>, layer: Conv, pad: usize| -> Result<Tensor<'c>> {
+        bias(ctx.conv_2d(store.get(layer.w), x, 1, pad)?, layer.b)
+    };
     let codebook = store.get(w.codebook);
     let dim = codebook.ne()[0];
     let vectors = ctx.get_rows(codebook, codes)?; // [dim, 16]
@@ -264,7 +338,12 @@ pub(crate) fn build<'c>(ctx: &'c Context, store: &SharedStore, w: &MaskDecoderWe
         // adds one output that is cropped.
         let y = ctx.conv_2d(store.get(up.w), z, 1, 2)?; // [2wd+1, 2ht+1, cout]
         let cout = y.ne()[2];
-        let y = ctx.view(y, &[2 * wd, 2 * ht, cout, 1], &[y.nb()[1], y.nb()[2], y.nb()[3]], 0)?;
+        let y = ctx.view(
+            y,
+            &[2 * wd, 2 * ht, cout, 1],
+            &[y.nb()[1], y.nb()[2], y.nb()[3]],
+            0,
+        )?;
         x = ctx.relu(bias(ctx.cont(y)?, up.b)?)?;
     }
     let out = conv(x, w.conv_out, 0)?;
@@ -276,12 +355,25 @@ pub(crate) fn build<'c>(ctx: &'c Context, store: &SharedStore, w: &MaskDecoderWe
 /// to pixels (`int(bin / 1023 * size)`), the mask resized to the box with Pillow's
 /// float bilinear filter (antialiased when shrinking) and thresholded at 0.
 /// `bins` are the loc bins (y1, x1, y2, x2) as the model wrote them.
-pub fn paste(raw: &[f32], bins: [u32; 4], divisor: f32, width: usize, height: usize) -> Option<Mask> {
+pub fn paste(
+    raw: &[f32],
+    bins: [u32; 4],
+    divisor: f32,
+    width: usize,
+    height: usize,
+) -> Option<Mask> {
     if raw.len() != MASK_SIZE * MASK_SIZE {
         return None;
     }
-    let px = |bin: u32, size: usize| (((bin as f64 / divisor as f64).clamp(0.0, 1.0) * size as f64) as usize).min(size);
-    let (y1, x1, y2, x2) = (px(bins[0], height), px(bins[1], width), px(bins[2], height), px(bins[3], width));
+    let px = |bin: u32, size: usize| {
+        (((bin as f64 / divisor as f64).clamp(0.0, 1.0) * size as f64) as usize).min(size)
+    };
+    let (y1, x1, y2, x2) = (
+        px(bins[0], height),
+        px(bins[1], width),
+        px(bins[2], height),
+        px(bins[3], width),
+    );
     if x2 <= x1 || y2 <= y1 {
         return None;
     }

@@ -39,4 +39,3 @@ pub(crate) struct Sequence {
     pub(crate) sampler: TokenSampler,
     pub(crate) timings: Timings,
 }
-

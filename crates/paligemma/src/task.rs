@@ -54,12 +54,23 @@ pub enum Task {
 
 /// Splits `a ; b ;c` into labels, dropping empty ones.
 fn labels(list: &str) -> Vec<String> {
-    list.split(';').map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+    list.split(';')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 fn check_lang(lang: &str) -> Result<()> {
-    if lang.is_empty() || lang.len() > 16 || !lang.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(Error::Prompt(format!("{lang:?} is not a language code (like en, de, pt-BR)")));
+    if lang.is_empty()
+        || lang.len() > 16
+        || !lang
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(Error::Prompt(format!(
+            "{lang:?} is not a language code (like en, de, pt-BR)"
+        )));
     }
     Ok(())
 }
@@ -73,7 +84,9 @@ impl Task {
             return Err(Error::Prompt("the prompt is empty".into()));
         }
         if p.contains(['\n', '\r']) {
-            return Err(Error::Prompt("the prompt contains a line break (PaliGemma prompts are one line)".into()));
+            return Err(Error::Prompt(
+                "the prompt contains a line break (PaliGemma prompts are one line)".into(),
+            ));
         }
         let (head, rest) = p.split_once(' ').map_or((p, ""), |(h, r)| (h, r.trim()));
         let word_then_text = |rest: &str| -> Option<(String, String)> {
@@ -83,13 +96,20 @@ impl Task {
         let task = match head {
             "caption" | "describe" if !rest.is_empty() && !rest.contains(' ') => {
                 check_lang(rest)?;
-                if head == "caption" { Task::Caption { lang: rest.into() } } else { Task::Describe { lang: rest.into() } }
+                if head == "caption" {
+                    Task::Caption { lang: rest.into() }
+                } else {
+                    Task::Describe { lang: rest.into() }
+                }
             }
             "ocr" if rest.is_empty() => Task::Ocr,
             "answer" | "question" => match word_then_text(rest) {
                 Some((lang, text)) if !text.is_empty() && check_lang(&lang).is_ok() => {
                     if head == "answer" {
-                        Task::Answer { lang, question: text }
+                        Task::Answer {
+                            lang,
+                            question: text,
+                        }
                     } else {
                         Task::Question { lang, answer: text }
                     }
@@ -99,9 +119,15 @@ impl Task {
             "detect" | "segment" => {
                 let labels = labels(rest);
                 if labels.is_empty() {
-                    return Err(Error::Prompt(format!("{head:?} needs at least one object name, e.g. \"{head} cat ; dog\"")));
+                    return Err(Error::Prompt(format!(
+                        "{head:?} needs at least one object name, e.g. \"{head} cat ; dog\""
+                    )));
                 }
-                if head == "detect" { Task::Detect { labels } } else { Task::Segment { labels } }
+                if head == "detect" {
+                    Task::Detect { labels }
+                } else {
+                    Task::Segment { labels }
+                }
             }
             _ => Task::Text { text: p.into() },
         };
@@ -139,7 +165,9 @@ impl Task {
 }
 
 /// The kind of a [`Task`], as result messages name it (`"caption"`, `"detect"`...).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskKind {
     /// A [`Task::Caption`].

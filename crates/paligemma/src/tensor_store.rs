@@ -45,21 +45,38 @@ struct Weight {
 impl WeightStore {
     /// Loads every tensor of `gguf`; returns the store and the names to resolve the
     /// typed weight structs from.
-    pub fn load<'g>(gguf: &'g GgufFile, backend: &Backend, repack: bool) -> Result<(WeightStore, WeightNames<'g>)> {
+    pub fn load<'g>(
+        gguf: &'g GgufFile,
+        backend: &Backend,
+        repack: bool,
+    ) -> Result<(WeightStore, WeightNames<'g>)> {
         let path = gguf.path();
         // Matrices the CPU may repack: every 2-D weight read only by matrix products (the
         // token embedding is also gathered by row, the position embedding added, the mask
         // decoder's tensors read by their own ops).
-        let extra = if repack && backend.is_cpu() { backend.device().extra_buffer_types() } else { Vec::new() };
-        let repack_group = |info: &TensorInfo| extra.iter().position(|b| b.supports_weight(backend.device(), info.ty, &info.shape)).map(|g| g + 1);
+        let extra = if repack && backend.is_cpu() {
+            backend.device().extra_buffer_types()
+        } else {
+            Vec::new()
+        };
+        let repack_group = |info: &TensorInfo| {
+            extra
+                .iter()
+                .position(|b| b.supports_weight(backend.device(), info.ty, &info.shape))
+                .map(|g| g + 1)
+        };
         // On CPUs with AVX-512 VNNI, f16, bf16, q4_0, q4_K and q8_0 matrices go to our own packed
         // layout instead of ggml's (see `ggml::packed`): the last group.
         let pack = repack && backend.is_cpu() && packed::available();
         let packed_group = 1 + extra.len();
         let mut groups: Vec<Vec<(String, &TensorInfo)>> = vec![Vec::new(); 2 + extra.len()];
         for info in &gguf.tensors {
-            let matrix =
-                info.shape.len() == 2 && !matches!(info.name.as_str(), "token_embd.weight" | "v.position_embd.weight") && !info.name.starts_with("seg.");
+            let matrix = info.shape.len() == 2
+                && !matches!(
+                    info.name.as_str(),
+                    "token_embd.weight" | "v.position_embd.weight"
+                )
+                && !info.name.starts_with("seg.");
             let g = if !matrix {
                 None
             } else if pack && packed::packable(info.ty, &info.shape) {
@@ -74,7 +91,11 @@ impl WeightStore {
             // one-row products, bound by memory, read the head.
             if info.name == "token_embd.weight" {
                 let half = matches!(info.ty, ggml::Type::F16 | ggml::Type::BF16);
-                let g = if pack && !half && packed::packable(info.ty, &info.shape) { Some(packed_group) } else { repack_group(info) };
+                let g = if pack && !half && packed::packable(info.ty, &info.shape) {
+                    Some(packed_group)
+                } else {
+                    repack_group(info)
+                };
                 if let Some(g) = g {
                     groups[g].push((LM_HEAD.to_string(), info));
                 }
@@ -97,7 +118,11 @@ impl WeightStore {
                 }
                 buffer
             } else {
-                let buft = if g == 0 || g == packed_group { backend.buffer_type() } else { extra[g - 1] };
+                let buft = if g == 0 || g == packed_group {
+                    backend.buffer_type()
+                } else {
+                    extra[g - 1]
+                };
                 let buffer = buft.alloc_tensors(&ctx)?;
                 // Read with plain file reads: touching the mapping would leave those pages
                 // counted in the process's memory beside the copy.
@@ -105,13 +130,19 @@ impl WeightStore {
                 let mut data = Vec::new();
                 for (t, (name, info)) in ctx.tensors().zip(infos) {
                     data.resize(t.nbytes(), 0);
-                    read_at(&mut file, (gguf.data_offset + info.offset) as u64, &mut data).map_err(crate::error::io(path))?;
+                    read_at(
+                        &mut file,
+                        (gguf.data_offset + info.offset) as u64,
+                        &mut data,
+                    )
+                    .map_err(crate::error::io(path))?;
                     if g == packed_group {
-                        let packed = packed::pack(info.ty, &data, info.shape[0], info.shape[1]).map_err(|e| Error::Tensor {
-                            path: path.to_path_buf(),
-                            name: name.clone(),
-                            detail: e.to_string(),
-                        })?;
+                        let packed = packed::pack(info.ty, &data, info.shape[0], info.shape[1])
+                            .map_err(|e| Error::Tensor {
+                                path: path.to_path_buf(),
+                                name: name.clone(),
+                                detail: e.to_string(),
+                            })?;
                         t.write_bytes(&packed)?;
                     } else {
                         t.write_bytes(&data)?;
@@ -128,11 +159,28 @@ impl WeightStore {
             buffers.push(buffer);
             let refs = store.insert(ctx);
             for ((name, _), r) in infos.iter().zip(refs) {
-                by_name.insert(name.clone(), Weight { tensor: r, packed: g == packed_group });
+                by_name.insert(
+                    name.clone(),
+                    Weight {
+                        tensor: r,
+                        packed: g == packed_group,
+                    },
+                );
             }
         }
-        let weights = WeightStore { store: store.share()?, _buffers: buffers, repacked };
-        Ok((weights, WeightNames { path, by_name, own_kernels: pack }))
+        let weights = WeightStore {
+            store: store.share()?,
+            _buffers: buffers,
+            repacked,
+        };
+        Ok((
+            weights,
+            WeightNames {
+                path,
+                by_name,
+                own_kernels: pack,
+            },
+        ))
     }
 }
 
@@ -157,30 +205,57 @@ impl WeightNames<'_> {
     }
 
     fn weight(&self, name: &str) -> Result<Weight> {
-        self.by_name.get(name).copied().ok_or_else(|| Error::Tensor { path: self.path(), name: name.into(), detail: "missing from the model file".into() })
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::Tensor {
+                path: self.path(),
+                name: name.into(),
+                detail: "missing from the model file".into(),
+            })
     }
 
     /// `{prefix}.weight` and, when `bias`, `{prefix}.bias`.
     pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        Ok(Linear { b: if bias { Some(self.tensor(&format!("{prefix}.bias"))?) } else { None }, ..self.matrix(&format!("{prefix}.weight"))? })
+        Ok(Linear {
+            b: if bias {
+                Some(self.tensor(&format!("{prefix}.bias"))?)
+            } else {
+                None
+            },
+            ..self.matrix(&format!("{prefix}.weight"))?
+        })
     }
 
     /// The matrix `name`, without a bias.
     pub fn matrix(&self, name: &str) -> Result<Linear> {
         let w = self.weight(name)?;
-        Ok(Linear { w: w.tensor, packed: w.packed, b: None })
+        Ok(Linear {
+            w: w.tensor,
+            packed: w.packed,
+            b: None,
+        })
     }
 
     /// The attention op, by the same choice as the matrices' (see `WeightOptions::repack`).
     pub fn attention(&self) -> Attention {
-        Attention { cpu_kernel: self.own_kernels }
+        Attention {
+            cpu_kernel: self.own_kernels,
+        }
     }
 
     pub fn layer_norm(&self, prefix: &str, eps: f32) -> Result<LayerNorm> {
-        Ok(LayerNorm { w: self.tensor(&format!("{prefix}.weight"))?, b: self.tensor(&format!("{prefix}.bias"))?, eps })
+        Ok(LayerNorm {
+            w: self.tensor(&format!("{prefix}.weight"))?,
+            b: self.tensor(&format!("{prefix}.bias"))?,
+            eps,
+        })
     }
 
     pub fn rms_norm(&self, prefix: &str, eps: f32) -> Result<RmsNorm> {
-        Ok(RmsNorm { w: self.tensor(&format!("{prefix}.weight"))?, eps })
+        Ok(RmsNorm {
+            w: self.tensor(&format!("{prefix}.weight"))?,
+            eps,
+        })
     }
 }

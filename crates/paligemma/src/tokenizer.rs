@@ -29,7 +29,8 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Builds the tokenizer from the text of a `tokenizer.json` and the special token ids.
     pub fn from_json(json: &str, tokens: TokenConfig) -> Result<Tokenizer> {
-        let inner = parse_json(json).map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
+        let inner = parse_json(json)
+            .map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
         Ok(Tokenizer { inner, tokens })
     }
 
@@ -57,9 +58,15 @@ impl Tokenizer {
     /// Tokenises text as is (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         if text.len() > MAX_PROMPT_BYTES {
-            return Err(Error::Prompt(format!("prompt of {} bytes is longer than {MAX_PROMPT_BYTES}", text.len())));
+            return Err(Error::Prompt(format!(
+                "prompt of {} bytes is longer than {MAX_PROMPT_BYTES}",
+                text.len()
+            )));
         }
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -79,7 +86,13 @@ impl Tokenizer {
     /// `<locNNNN>` and `<segNNN>` stay visible; ids without a token (the padding rows
     /// of the embedding matrix) are skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let known: Vec<u32> = ids.iter().copied().filter(|&id| self.inner.id_to_token(id).is_some()).collect();
-        self.inner.decode(&known, true).map_err(|e| Error::Tokenizer(e.to_string()))
+        let known: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&id| self.inner.id_to_token(id).is_some())
+            .collect();
+        self.inner
+            .decode(&known, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 }

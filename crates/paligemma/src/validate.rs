@@ -10,15 +10,26 @@
 //! special token ids inside the vocabulary. A file that passes runs; a file that fails
 //! gets an error naming the key or tensor and what was expected.
 use crate::config::Config;
+pub use crate::limits::*;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-pub use crate::limits::*;
 use ggml::Type;
 use ggml::gguf::{GgufFile, TensorInfo};
 
 /// Types a weight matrix may have: the ones the converter writes (with its
 /// fallbacks) and every backend's `mul_mat` and `get_rows` take.
-pub const MATRIX_TYPES: [Type; 10] = [Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q5_0, Type::Q5_1, Type::Q4_K, Type::Q5_K, Type::Q6_K];
+pub const MATRIX_TYPES: [Type; 10] = [
+    Type::F32,
+    Type::F16,
+    Type::BF16,
+    Type::Q8_0,
+    Type::Q4_0,
+    Type::Q5_0,
+    Type::Q5_1,
+    Type::Q4_K,
+    Type::Q5_K,
+    Type::Q6_K,
+];
 
 /// How a tensor is used by the graphs, which decides the types it may have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +64,11 @@ impl Role {
 }
 
 fn names(types: &[Type]) -> String {
-    types.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+    types
+        .iter()
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A problem found by validation: the key or tensor, and what was wrong.
@@ -63,12 +78,17 @@ pub type Problem = String;
 /// table: what [`crate::Model::load`] and `paligemma info` accept.
 pub fn model_file(gguf: &GgufFile) -> Result<(Config, Tokenizer)> {
     let config = Config::from_gguf(gguf)?;
-    let model_err = |detail: String| Error::Model { path: gguf.path().into(), detail };
+    let model_err = |detail: String| Error::Model {
+        path: gguf.path().into(),
+        detail,
+    };
     tensors(&config, &gguf.tensors).map_err(model_err)?;
     let json = gguf
         .get("tokenizer.huggingface.json")
         .and_then(|v| v.as_str())
-        .ok_or_else(|| model_err("no tokenizer.huggingface.json: the tokenizer is missing".into()))?;
+        .ok_or_else(|| {
+            model_err("no tokenizer.huggingface.json: the tokenizer is missing".into())
+        })?;
     let tokenizer = Tokenizer::from_json(json, config.tokens.clone())?;
     Ok((config, tokenizer))
 }
@@ -78,15 +98,21 @@ fn check(ok: bool, what: impl FnOnce() -> String) -> std::result::Result<(), Pro
 }
 
 fn bounded(key: &str, value: usize, max: usize) -> std::result::Result<(), Problem> {
-    check((1..=max).contains(&value), || format!("{key} is {value}, expected 1 to {max}"))
+    check((1..=max).contains(&value), || {
+        format!("{key} is {value}, expected 1 to {max}")
+    })
 }
 
 fn positive(key: &str, value: f32) -> std::result::Result<(), Problem> {
-    check(value.is_finite() && value > 0.0, || format!("{key} is {value}, expected a finite number above 0"))
+    check(value.is_finite() && value > 0.0, || {
+        format!("{key} is {value}, expected a finite number above 0")
+    })
 }
 
 fn finite(key: &str, value: f32) -> std::result::Result<(), Problem> {
-    check(value.is_finite(), || format!("{key} is {value}, expected a finite number"))
+    check(value.is_finite(), || {
+        format!("{key} is {value}, expected a finite number")
+    })
 }
 
 impl Config {
@@ -97,12 +123,20 @@ impl Config {
         bounded("vision.image_size", v.image_size, MAX_IMAGE_SIZE)?;
         bounded("vision.patch_size", v.patch_size, v.image_size)?;
         check(v.image_size.is_multiple_of(v.patch_size), || {
-            format!("vision.image_size {} is not a multiple of vision.patch_size {}", v.image_size, v.patch_size)
+            format!(
+                "vision.image_size {} is not a multiple of vision.patch_size {}",
+                v.image_size, v.patch_size
+            )
         })?;
         bounded("vision.embedding_length", v.width, MAX_WIDTH)?;
         bounded("vision.block_count", v.depth, MAX_LAYERS)?;
         bounded("vision.attention.head_count", v.heads, MAX_HEADS)?;
-        check(v.width.is_multiple_of(v.heads), || format!("vision.attention.head_count {} does not divide vision.embedding_length {}", v.heads, v.width))?;
+        check(v.width.is_multiple_of(v.heads), || {
+            format!(
+                "vision.attention.head_count {} does not divide vision.embedding_length {}",
+                v.heads, v.width
+            )
+        })?;
         bounded("vision.feed_forward_length", v.ffn, 4 * MAX_WIDTH)?;
         positive("vision.attention.layer_norm_epsilon", v.ln_eps)?;
         for c in 0..3 {
@@ -117,35 +151,83 @@ impl Config {
         bounded("text.attention.head_count", t.heads, MAX_HEADS)?;
         bounded("text.attention.head_count_kv", t.kv_heads, t.heads)?;
         check(t.heads.is_multiple_of(t.kv_heads), || {
-            format!("text.attention.head_count_kv {} does not divide text.attention.head_count {}", t.kv_heads, t.heads)
+            format!(
+                "text.attention.head_count_kv {} does not divide text.attention.head_count {}",
+                t.kv_heads, t.heads
+            )
         })?;
         bounded("text.attention.key_length", t.head_dim, MAX_WIDTH)?;
-        check(t.head_dim.is_multiple_of(2), || format!("text.attention.key_length {} is odd (RoPE rotates pairs)", t.head_dim))?;
+        check(t.head_dim.is_multiple_of(2), || {
+            format!(
+                "text.attention.key_length {} is odd (RoPE rotates pairs)",
+                t.head_dim
+            )
+        })?;
         bounded("text.feed_forward_length", t.ffn, 4 * MAX_WIDTH)?;
         positive("text.attention.layer_norm_rms_epsilon", t.rms_eps)?;
         positive("text.rope.freq_base", t.rope_theta)?;
-        positive("text.attention.query_pre_attn_scalar", t.query_pre_attn_scalar)?;
-        for (key, cap) in [("text.attn_logit_softcapping", t.attn_softcap), ("text.final_logit_softcapping", t.final_softcap)] {
+        positive(
+            "text.attention.query_pre_attn_scalar",
+            t.query_pre_attn_scalar,
+        )?;
+        for (key, cap) in [
+            ("text.attn_logit_softcapping", t.attn_softcap),
+            ("text.final_logit_softcapping", t.final_softcap),
+        ] {
             cap.map_or(Ok(()), |c| positive(key, c))?;
         }
         if let Some(w) = t.sliding_window {
             bounded("text.attention.sliding_window", w, u32::MAX as usize)?;
         }
-        check(t.sliding_layers.len() == t.depth, || format!("text.attention.sliding_layers has {} entries for {} layers", t.sliding_layers.len(), t.depth))?;
+        check(t.sliding_layers.len() == t.depth, || {
+            format!(
+                "text.attention.sliding_layers has {} entries for {} layers",
+                t.sliding_layers.len(),
+                t.depth
+            )
+        })?;
         bounded("text.context_length", t.context_length, MAX_CONTEXT)?;
         bounded("text.vocab_size", t.vocab_size, MAX_VOCAB)?;
         positive("text.embedding_scale", t.embed_scale)?;
-        check(self.projection_dim == t.width, || format!("projection_dim {} differs from text.embedding_length {}", self.projection_dim, t.width))?;
+        check(self.projection_dim == t.width, || {
+            format!(
+                "projection_dim {} differs from text.embedding_length {}",
+                self.projection_dim, t.width
+            )
+        })?;
 
         let k = &self.tokens;
         check(k.image_token_count == v.n_patches(), || {
-            format!("image_token_count {} but the vision tower makes {} patches", k.image_token_count, v.n_patches())
+            format!(
+                "image_token_count {} but the vision tower makes {} patches",
+                k.image_token_count,
+                v.n_patches()
+            )
         })?;
-        let ids = [("image_token_id", Some(k.image_token_id)), ("bos_token_id", Some(k.bos)), ("eos_token_id", Some(k.eos)), ("padding_token_id", Some(k.pad))];
-        let ranges = [("loc_token_first", k.loc_first.map(|f| f.saturating_add(1023))), ("seg_token_first", k.seg_first.map(|f| f.saturating_add(127)))];
+        let ids = [
+            ("image_token_id", Some(k.image_token_id)),
+            ("bos_token_id", Some(k.bos)),
+            ("eos_token_id", Some(k.eos)),
+            ("padding_token_id", Some(k.pad)),
+        ];
+        let ranges = [
+            (
+                "loc_token_first",
+                k.loc_first.map(|f| f.saturating_add(1023)),
+            ),
+            (
+                "seg_token_first",
+                k.seg_first.map(|f| f.saturating_add(127)),
+            ),
+        ];
         for (key, id) in ids.into_iter().chain(ranges) {
             if let Some(id) = id {
-                check((id as usize) < t.vocab_size, || format!("{key}: token id {id} is outside the vocabulary of {} ids", t.vocab_size))?;
+                check((id as usize) < t.vocab_size, || {
+                    format!(
+                        "{key}: token id {id} is outside the vocabulary of {} ids",
+                        t.vocab_size
+                    )
+                })?;
             }
         }
         Ok(())
@@ -168,18 +250,33 @@ pub fn tensors(cfg: &Config, table: &[TensorInfo]) -> std::result::Result<(), Pr
     for (name, shape) in expected {
         let info = find(&name).ok_or_else(|| format!("tensor {name} is missing"))?;
         let role = Role::of(&name, shape.len());
-        check(role.allowed().contains(&info.ty), || format!("tensor {name} is {}, expected one of {}", info.ty.name(), names(role.allowed())))?;
+        check(role.allowed().contains(&info.ty), || {
+            format!(
+                "tensor {name} is {}, expected one of {}",
+                info.ty.name(),
+                names(role.allowed())
+            )
+        })?;
         let mut got = info.shape.clone();
         got.resize(shape.len().max(got.len()), 1);
         // Outputs may be padded to the padded rows of the matrix they feed.
         let mut shape = shape;
         let outputs = shape.len() - 1;
-        if let Some(n) = crate::format::padded_consumer(&name).and_then(|c| find(&c)).map(|c| c.shape[0]).filter(|&n| n > shape[outputs] && got[outputs] == n)
+        if let Some(n) = crate::format::padded_consumer(&name)
+            .and_then(|c| find(&c))
+            .map(|c| c.shape[0])
+            .filter(|&n| n > shape[outputs] && got[outputs] == n)
         {
             shape[outputs] = n;
         }
-        let padded = role == Role::Matrix && crate::format::is_padded_matrix(&name, &got, &shape, info.ty.block_size());
-        check(got == shape || padded, || format!("tensor {name} has shape {:?}, expected {shape:?}", info.shape))?;
+        let padded = role == Role::Matrix
+            && crate::format::is_padded_matrix(&name, &got, &shape, info.ty.block_size());
+        check(got == shape || padded, || {
+            format!(
+                "tensor {name} has shape {:?}, expected {shape:?}",
+                info.shape
+            )
+        })?;
     }
     Ok(())
 }

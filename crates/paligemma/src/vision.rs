@@ -65,7 +65,13 @@ impl VisionWeights {
 /// Builds the tower on `pixels` ([size, size, 3, images]): every image is encoded on
 /// its own, the matrices taking all their patches as one batch. Returns (vision output
 /// [width, n_patches * images], projector output [text width, n_patches * images]).
-pub(crate) fn build<'c>(ctx: &'c Context, store: &SharedStore, w: &VisionWeights, cfg: &VisionConfig, pixels: Tensor<'_>) -> Result<(Tensor<'c>, Tensor<'c>)> {
+pub(crate) fn build<'c>(
+    ctx: &'c Context,
+    store: &SharedStore,
+    w: &VisionWeights,
+    cfg: &VisionConfig,
+    pixels: Tensor<'_>,
+) -> Result<(Tensor<'c>, Tensor<'c>)> {
     let (d, n, heads, images) = (cfg.width, cfg.n_patches(), cfg.heads, pixels.ne()[3]);
     let hd = d / heads;
     // Patch embedding: a conv with kernel = stride = patch; patches in row-major order.
@@ -77,7 +83,9 @@ pub(crate) fn build<'c>(ctx: &'c Context, store: &SharedStore, w: &VisionWeights
     x = ctx.add(x, store.get(w.positions))?;
     let scale = (hd as f32).powf(-0.5);
     // [d, n * images] -> [hd, n, heads, images]
-    let heads_of = |t: Tensor<'c>| -> Result<Tensor<'c>> { Ok(ctx.permute(ctx.reshape(t, &[hd, heads, n, images])?, [0, 2, 1, 3])?) };
+    let heads_of = |t: Tensor<'c>| -> Result<Tensor<'c>> {
+        Ok(ctx.permute(ctx.reshape(t, &[hd, heads, n, images])?, [0, 2, 1, 3])?)
+    };
     for layer in &w.layers {
         let h = layer.ln1.forward(ctx, store, x)?;
         let q = heads_of(layer.q.forward(ctx, store, h)?)?;

@@ -2,6 +2,7 @@
 //! loaded once ([`Weights::load`]) and read, never written, by the graphs of every
 //! context ([`crate::Model::new`]) made of them, as llama.cpp's `llama_model` is by its
 //! contexts.
+use crate::Result;
 use crate::config::Config;
 use crate::decoder::DecoderWeights;
 use crate::options::WeightOptions;
@@ -9,7 +10,6 @@ use crate::segment::MaskDecoderWeights;
 use crate::tensor_store::WeightStore;
 use crate::tokenizer::Tokenizer;
 use crate::vision::VisionWeights;
-use crate::Result;
 use ggml::gguf::GgufFile;
 use ggml::{Backend, Device};
 use std::path::{Path, PathBuf};
@@ -43,8 +43,22 @@ impl Weights {
         let vision = VisionWeights::load(&names, &config.vision)?;
         let decoder = DecoderWeights::load(&names, &config.text)?;
         let mask_decoder = MaskDecoderWeights::load(&names, &tensors.store)?;
-        let file_type = gguf.get("general.file_type").and_then(|v| v.as_str()).unwrap_or("?").to_string();
-        Ok(Arc::new(Weights { path, config, tokenizer, tensors, vision, decoder, mask_decoder, device: opts.device, file_type }))
+        let file_type = gguf
+            .get("general.file_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_string();
+        Ok(Arc::new(Weights {
+            path,
+            config,
+            tokenizer,
+            tensors,
+            vision,
+            decoder,
+            mask_decoder,
+            device: opts.device,
+            file_type,
+        }))
     }
 
     /// The model's hyper-parameters.

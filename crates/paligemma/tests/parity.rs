@@ -6,9 +6,25 @@ use paligemma::preprocess::PixelValues;
 use paligemma::{ContextOptions, Device, GenerateOptions, KvType, Model, WeightOptions, Weights};
 
 fn load(path: &std::path::Path, kv_type: KvType) -> Model {
-    let device = Device::find(&std::env::var("PALIGEMMA_TEST_DEVICE").unwrap_or("cpu".into())).unwrap();
-    let weights = Weights::load(path, &WeightOptions { device, ..Default::default() }).unwrap();
-    Model::new(weights, &ContextOptions { threads: 2, kv_type, ..Default::default() }).unwrap()
+    let device =
+        Device::find(&std::env::var("PALIGEMMA_TEST_DEVICE").unwrap_or("cpu".into())).unwrap();
+    let weights = Weights::load(
+        path,
+        &WeightOptions {
+            device,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    Model::new(
+        weights,
+        &ContextOptions {
+            threads: 2,
+            kv_type,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Tolerance on max |diff| / std(reference); looser on non-CPU backends.
@@ -18,11 +34,18 @@ fn load(path: &std::path::Path, kv_type: KvType) -> Model {
 /// (`vfmaq_f16` in ggml's simd-mappings.h) instead of widening them to f32: 6.0e-3 on
 /// pg2_gqa under `qemu-aarch64 -cpu cortex-a78ae` (scripts/arm64-check.sh).
 fn f16_cache_tolerance(tol: f64) -> f64 {
-    if ggml::cpu_features().contains(&"FP16_VA") { tol.max(1e-2) } else { tol.max(2e-3) }
+    if ggml::cpu_features().contains(&"FP16_VA") {
+        tol.max(1e-2)
+    } else {
+        tol.max(2e-3)
+    }
 }
 
 fn tolerance() -> f64 {
-    std::env::var("PALIGEMMA_TEST_TOL").ok().and_then(|s| s.parse().ok()).unwrap_or(1e-4)
+    std::env::var("PALIGEMMA_TEST_TOL")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1e-4)
 }
 
 /// An f32 model against the reference, stage by stage, with an f32 KV cache and with the
@@ -38,27 +61,63 @@ fn f32_matches_reference_per_stage() {
         for kv_type in [KvType::F32, KvType::F16] {
             let mut model = load(&gguf, kv_type);
             let size = model.config().vision.image_size;
-            let pixels = PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
+            let pixels =
+                PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
 
             let stages = model.vision_stages(&pixels).unwrap();
             let vision = rel_max_diff(&stages.vision, &reference_tensor(name, "vision_out"));
-            let projector = rel_max_diff(&stages.projector, &reference_tensor(name, "projector_out"));
+            let projector =
+                rel_max_diff(&stages.projector, &reference_tensor(name, "projector_out"));
 
             let ids = ids(&reference["input_ids"]);
             let emb = model.encode_pixels(&pixels).unwrap();
             let logits = model.prefix_logits(&emb, &ids).unwrap();
             let prefix = rel_max_diff(&logits, &reference_tensor(name, "prefix_logits"));
 
-            let generation = common::generate_ids(&mut model, &emb, &ids, &GenerateOptions { max_tokens: 20, ..Default::default() }).unwrap();
-            let first = rel_max_diff(&generation.first_logits, &reference_tensor(name, "first_logits"));
-            println!("{name}, {kv_type:?} cache: vision {vision:.2e} projector {projector:.2e} prefix logits {prefix:.2e} first logits {first:.2e}");
+            let generation = common::generate_ids(
+                &mut model,
+                &emb,
+                &ids,
+                &GenerateOptions {
+                    max_tokens: 20,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let first = rel_max_diff(
+                &generation.first_logits,
+                &reference_tensor(name, "first_logits"),
+            );
+            println!(
+                "{name}, {kv_type:?} cache: vision {vision:.2e} projector {projector:.2e} prefix logits {prefix:.2e} first logits {first:.2e}"
+            );
             let tol = tolerance();
-            assert!(vision < tol, "{name}: vision tower differs by {vision:e} of the reference's std");
-            assert!(projector < tol, "{name}: projector differs by {projector:e}");
-            let tol = if kv_type == KvType::F32 { tol } else { f16_cache_tolerance(tol) };
-            assert!(prefix < tol, "{name}, {kv_type:?} cache: prefix logits differ by {prefix:e}");
-            assert!(first < tol, "{name}, {kv_type:?} cache: first generated logits differ by {first:e}");
-            assert_eq!(generation.tokens, common::ids(&reference["greedy_ids"]), "{name}, {kv_type:?} cache: greedy ids");
+            assert!(
+                vision < tol,
+                "{name}: vision tower differs by {vision:e} of the reference's std"
+            );
+            assert!(
+                projector < tol,
+                "{name}: projector differs by {projector:e}"
+            );
+            let tol = if kv_type == KvType::F32 {
+                tol
+            } else {
+                f16_cache_tolerance(tol)
+            };
+            assert!(
+                prefix < tol,
+                "{name}, {kv_type:?} cache: prefix logits differ by {prefix:e}"
+            );
+            assert!(
+                first < tol,
+                "{name}, {kv_type:?} cache: first generated logits differ by {first:e}"
+            );
+            assert_eq!(
+                generation.tokens,
+                common::ids(&reference["greedy_ids"]),
+                "{name}, {kv_type:?} cache: greedy ids"
+            );
         }
     }
 }
@@ -72,23 +131,48 @@ fn f32_matches_reference_per_stage() {
 #[test]
 fn quantized_types_stay_close() {
     let dir = tempfile::tempdir().unwrap();
-    for (ty, min_cos, same_ids) in [(Type::F16, 0.999, 10), (Type::Q8_0, 0.99, 10), (Type::Q4_K, 0.95, 0), (Type::Q4_0, 0.8, 0)] {
+    for (ty, min_cos, same_ids) in [
+        (Type::F16, 0.999, 10),
+        (Type::Q8_0, 0.99, 10),
+        (Type::Q4_K, 0.95, 0),
+        (Type::Q4_0, 0.8, 0),
+    ] {
         for name in FIXTURES {
             let reference = reference_json(name);
             let gguf = convert_fixture(name, ty, ty, dir.path());
             let mut model = load(&gguf, KvType::F16);
             let size = model.config().vision.image_size;
-            let pixels = PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
+            let pixels =
+                PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
             let emb = model.encode_pixels(&pixels).unwrap();
             let ids = ids(&reference["input_ids"]);
             let logits = model.prefix_logits(&emb, &ids).unwrap();
             let cos = cosine(&logits, &reference_tensor(name, "prefix_logits"));
-            let generation = common::generate_ids(&mut model, &emb, &ids, &GenerateOptions { max_tokens: 10, ..Default::default() }).unwrap();
+            let generation = common::generate_ids(
+                &mut model,
+                &emb,
+                &ids,
+                &GenerateOptions {
+                    max_tokens: 10,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let want = common::ids(&reference["greedy_ids"]);
-            let same = generation.tokens.iter().zip(&want).take_while(|(a, b)| a == b).count();
-            println!("{name} {ty}: prefix logits cosine {cos:.6}, first {same} greedy ids identical");
+            let same = generation
+                .tokens
+                .iter()
+                .zip(&want)
+                .take_while(|(a, b)| a == b)
+                .count();
+            println!(
+                "{name} {ty}: prefix logits cosine {cos:.6}, first {same} greedy ids identical"
+            );
             assert!(cos > min_cos, "{name} {ty}: cosine {cos}");
-            assert!(same >= same_ids, "{name} {ty}: only {same} greedy ids match");
+            assert!(
+                same >= same_ids,
+                "{name} {ty}: only {same} greedy ids match"
+            );
         }
     }
 }
@@ -100,29 +184,72 @@ fn bad_input_is_an_error_and_the_model_survives() {
     let gguf = convert_fixture("pg2_gqa", Type::F16, Type::F16, dir.path());
     let mut model = load(&gguf, KvType::F16);
     let reference = reference_json("pg2_gqa");
-    let img = paligemma::preprocess::RgbImage::open(&fixtures_dir().join("images/rgb.png")).unwrap();
+    let img =
+        paligemma::preprocess::RgbImage::open(&fixtures_dir().join("images/rgb.png")).unwrap();
     let emb = model.encode_image(&img).unwrap();
-    let opts = GenerateOptions { max_tokens: 5, ..Default::default() };
+    let opts = GenerateOptions {
+        max_tokens: 5,
+        ..Default::default()
+    };
     let before = common::generate(&mut model, &emb, "detect cat ; dog", &opts).unwrap();
 
     // Not an image, empty and absurd frames.
     assert!(paligemma::preprocess::RgbImage::decode(b"GIF89a nonsense").is_err());
-    assert!(paligemma::preprocess::RgbImage::from_raw(&[], 0, 0, 0, paligemma::preprocess::PixelFormat::Rgb).is_err());
-    assert!(paligemma::preprocess::RgbImage::from_raw(&[0; 300_000], 100_000, 100_000, 300_000, paligemma::preprocess::PixelFormat::Rgb).is_err());
+    assert!(
+        paligemma::preprocess::RgbImage::from_raw(
+            &[],
+            0,
+            0,
+            0,
+            paligemma::preprocess::PixelFormat::Rgb
+        )
+        .is_err()
+    );
+    assert!(
+        paligemma::preprocess::RgbImage::from_raw(
+            &[0; 300_000],
+            100_000,
+            100_000,
+            300_000,
+            paligemma::preprocess::PixelFormat::Rgb
+        )
+        .is_err()
+    );
     // Pixel values of the wrong size.
-    let e = model.encode_pixels(&PixelValues::from_chw(14, vec![0.0; 3 * 14 * 14]).unwrap()).unwrap_err().to_string();
+    let e = model
+        .encode_pixels(&PixelValues::from_chw(14, vec![0.0; 3 * 14 * 14]).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("56x56"), "{e}");
     // A prompt longer than the context.
     let long = "cat ".repeat(2000);
-    let e = common::generate(&mut model, &emb, &long, &opts).unwrap_err().to_string();
+    let e = common::generate(&mut model, &emb, &long, &opts)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("exceeds the context"), "{e}");
     // Too many new tokens for the context.
-    let e = common::generate(&mut model, &emb, "caption en", &GenerateOptions { max_tokens: 100_000, ..Default::default() }).unwrap_err().to_string();
+    let e = common::generate(
+        &mut model,
+        &emb,
+        "caption en",
+        &GenerateOptions {
+            max_tokens: 100_000,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("context"), "{e}");
 
     let after = common::generate(&mut model, &emb, "detect cat ; dog", &opts).unwrap();
-    assert_eq!(before.tokens, after.tokens, "the model still answers the same after errors");
-    assert_eq!(&after.tokens[..], &common::ids(&reference["greedy_ids"])[..5]);
+    assert_eq!(
+        before.tokens, after.tokens,
+        "the model still answers the same after errors"
+    );
+    assert_eq!(
+        &after.tokens[..],
+        &common::ids(&reference["greedy_ids"])[..5]
+    );
 }
 
 #[test]
@@ -131,15 +258,33 @@ fn other_files_are_refused_with_a_reason() {
     // A GGUF of another architecture.
     let path = dir.path().join("llama.gguf");
     let mut header = ggml::gguf::GgufHeader::new();
-    header.set("general.architecture", ggml::gguf::Value::String("llama".into()));
-    ggml::gguf::GgufWriter::create(&path, header).unwrap().finish().unwrap();
-    let e = Model::load(&path, &ContextOptions::default()).err().unwrap().to_string();
-    assert!(e.contains("llama") && e.contains("paligemma") && e.contains("llama.gguf"), "{e}");
+    header.set(
+        "general.architecture",
+        ggml::gguf::Value::String("llama".into()),
+    );
+    ggml::gguf::GgufWriter::create(&path, header)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let e = Model::load(&path, &ContextOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("llama") && e.contains("paligemma") && e.contains("llama.gguf"),
+        "{e}"
+    );
     // Not a GGUF at all, and a missing file.
     let png = fixtures_dir().join("images/rgb.png");
-    let e = Model::load(&png, &ContextOptions::default()).err().unwrap().to_string();
+    let e = Model::load(&png, &ContextOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("not a GGUF file"), "{e}");
-    let e = Model::load(dir.path().join("nope.gguf"), &ContextOptions::default()).err().unwrap().to_string();
+    let e = Model::load(dir.path().join("nope.gguf"), &ContextOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("nope.gguf"), "{e}");
     // A model file with a tensor removed.
     let good = convert_fixture("pg1", Type::F32, Type::F32, dir.path());
@@ -148,7 +293,11 @@ fn other_files_are_refused_with_a_reason() {
     for key in &f.keys {
         header.set(key.clone(), f.get(key).unwrap().clone());
     }
-    let kept: Vec<_> = f.tensors.iter().filter(|t| t.name != "blk.1.ffn_up.weight").collect();
+    let kept: Vec<_> = f
+        .tensors
+        .iter()
+        .filter(|t| t.name != "blk.1.ffn_up.weight")
+        .collect();
     for t in &kept {
         header.add_tensor(t.name.clone(), t.ty, &t.shape).unwrap();
     }
@@ -158,8 +307,14 @@ fn other_files_are_refused_with_a_reason() {
         w.write_tensor(&t.name, f.tensor_data(t)).unwrap();
     }
     w.finish().unwrap();
-    let e = Model::load(&broken, &ContextOptions::default()).err().unwrap().to_string();
-    assert!(e.contains("blk.1.ffn_up.weight") && e.contains("missing"), "{e}");
+    let e = Model::load(&broken, &ContextOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("blk.1.ffn_up.weight") && e.contains("missing"),
+        "{e}"
+    );
     // An unknown device.
     let e = Device::find("cuda:3").err().unwrap().to_string();
     assert!(e.contains("cuda:3") && e.contains("cpu"), "{e}");
@@ -173,12 +328,27 @@ fn batched_prompts_match_one_by_one() {
     for name in ["pg2_gqa", "pg1"] {
         let gguf = convert_fixture(name, Type::F32, Type::F32, dir.path());
         let mut model = load(&gguf, KvType::F32);
-        let img = paligemma::preprocess::RgbImage::open(&fixtures_dir().join("images/rgb.png")).unwrap();
+        let img =
+            paligemma::preprocess::RgbImage::open(&fixtures_dir().join("images/rgb.png")).unwrap();
         let emb = model.encode_image(&img).unwrap();
-        let prompts = ["detect cat ; dog", "caption en", "ocr", "answer en what is in the picture?"];
-        let opts = GenerateOptions { max_tokens: 12, ..Default::default() };
-        let single: Vec<Vec<u32>> = prompts.iter().map(|p| common::generate(&mut model, &emb, p, &opts).unwrap().tokens).collect();
-        let prefixes: Vec<Vec<u32>> = prompts.iter().map(|p| model.tokenizer().prefix_ids(p).unwrap()).collect();
+        let prompts = [
+            "detect cat ; dog",
+            "caption en",
+            "ocr",
+            "answer en what is in the picture?",
+        ];
+        let opts = GenerateOptions {
+            max_tokens: 12,
+            ..Default::default()
+        };
+        let single: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| common::generate(&mut model, &emb, p, &opts).unwrap().tokens)
+            .collect();
+        let prefixes: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| model.tokenizer().prefix_ids(p).unwrap())
+            .collect();
         let mut seen = vec![0usize; prompts.len()];
         let batch = model
             .generate(&emb, &prefixes, &opts, &mut |t| {
@@ -191,7 +361,12 @@ fn batched_prompts_match_one_by_one() {
             assert_eq!(g.tokens, single[i], "{name}: prompt {:?}", prompts[i]);
             assert_eq!(seen[i], g.tokens.len());
         }
-        assert!(model.generate(&emb, &vec![prefixes[0].clone(); 5], &opts, &mut |_| true).is_err(), "more prompts than sequences");
+        assert!(
+            model
+                .generate(&emb, &vec![prefixes[0].clone(); 5], &opts, &mut |_| true)
+                .is_err(),
+            "more prompts than sequences"
+        );
     }
 }
 
@@ -215,29 +390,82 @@ fn repacked_weights_match_in_place() {
         let reference = reference_json(name);
         let gguf = convert_fixture(name, Type::Q4_0, Type::Q4_0, dir.path());
         let run = |repack: bool| {
-            let weights = Weights::load(&gguf, &WeightOptions { repack, ..Default::default() }).unwrap();
-            let mut model = Model::new(weights, &ContextOptions { threads: 2, kv_type: KvType::F32, ..Default::default() }).unwrap();
+            let weights = Weights::load(
+                &gguf,
+                &WeightOptions {
+                    repack,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let mut model = Model::new(
+                weights,
+                &ContextOptions {
+                    threads: 2,
+                    kv_type: KvType::F32,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let size = model.config().vision.image_size;
-            let pixels = PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
+            let pixels =
+                PixelValues::from_chw(size, reference_tensor(name, "pixel_values")).unwrap();
             let emb = model.encode_pixels(&pixels).unwrap();
             let ids = ids(&reference["input_ids"]);
             let logits = model.prefix_logits(&emb, &ids).unwrap();
-            let tokens = common::generate_ids(&mut model, &emb, &ids, &GenerateOptions { max_tokens: 10, ..Default::default() }).unwrap().tokens;
-            (model.weights().repacked().iter().map(|(_, n)| n).sum::<usize>(), emb.features, logits, tokens)
+            let tokens = common::generate_ids(
+                &mut model,
+                &emb,
+                &ids,
+                &GenerateOptions {
+                    max_tokens: 10,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .tokens;
+            (
+                model
+                    .weights()
+                    .repacked()
+                    .iter()
+                    .map(|(_, n)| n)
+                    .sum::<usize>(),
+                emb.features,
+                logits,
+                tokens,
+            )
         };
         let (n_repacked, features, logits, tokens) = run(true);
         let (n_plain, plain_features, plain_logits, plain_tokens) = run(false);
-        let (vision, prefix) = (rel_max_diff(&features, &plain_features), rel_max_diff(&logits, &plain_logits));
+        let (vision, prefix) = (
+            rel_max_diff(&features, &plain_features),
+            rel_max_diff(&logits, &plain_logits),
+        );
         let cos = cosine(&logits, &plain_logits);
-        println!("{name}: {n_repacked} matrices repacked; projector {vision:.2e}, prefix logits {prefix:.2e} (cosine {cos:.7}) from the in-place weights");
+        println!(
+            "{name}: {n_repacked} matrices repacked; projector {vision:.2e}, prefix logits {prefix:.2e} (cosine {cos:.7}) from the in-place weights"
+        );
         assert_eq!(n_plain, 0);
         repacked_any |= n_repacked > 0;
-        let close = if ggml::packed::available() { prefix < 1e-3 } else { cos > 0.999 };
-        assert!(vision < 1e-3 && close, "{name}: repacked weights give other results ({vision:e}, {prefix:e}, cosine {cos})");
+        let close = if ggml::packed::available() {
+            prefix < 1e-3
+        } else {
+            cos > 0.999
+        };
+        assert!(
+            vision < 1e-3 && close,
+            "{name}: repacked weights give other results ({vision:e}, {prefix:e}, cosine {cos})"
+        );
         assert_eq!(tokens, plain_tokens, "{name}: greedy ids");
     }
-    let repacking = ggml::cpu_features().iter().any(|f| ["AVX2", "DOTPROD", "MATMUL_INT8"].contains(f));
-    assert!(!repacking || repacked_any, "ggml repacks q4_0 on any CPU with AVX2, dotprod or i8mm");
+    let repacking = ggml::cpu_features()
+        .iter()
+        .any(|f| ["AVX2", "DOTPROD", "MATMUL_INT8"].contains(f));
+    assert!(
+        !repacking || repacked_any,
+        "ggml repacks q4_0 on any CPU with AVX2, dotprod or i8mm"
+    );
 }
 
 /// Frames of several cameras encoded in one vision graph, and prompts on different
@@ -249,23 +477,71 @@ fn frames_and_prefixes_batched_match_alone() {
     use paligemma::preprocess::RgbImage;
     let dir = tempfile::tempdir().unwrap();
     let gguf = convert_fixture("pg2_gqa", Type::F32, Type::F32, dir.path());
-    let mut model = Model::load(&gguf, &ContextOptions { threads: 2, kv_type: KvType::F32, max_sequences: 6, ..Default::default() }).unwrap();
-    let images: Vec<RgbImage> = ["photo.jpg", "rgb.png", "rgba.png"].iter().map(|f| RgbImage::open(&fixtures_dir().join("images").join(f)).unwrap()).collect();
-    let alone: Vec<_> = images.iter().map(|i| model.encode_image(i).unwrap()).collect();
-    let together = model.encode_images(&images.iter().collect::<Vec<_>>()).unwrap();
+    let mut model = Model::load(
+        &gguf,
+        &ContextOptions {
+            threads: 2,
+            kv_type: KvType::F32,
+            max_sequences: 6,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let images: Vec<RgbImage> = ["photo.jpg", "rgb.png", "rgba.png"]
+        .iter()
+        .map(|f| RgbImage::open(&fixtures_dir().join("images").join(f)).unwrap())
+        .collect();
+    let alone: Vec<_> = images
+        .iter()
+        .map(|i| model.encode_image(i).unwrap())
+        .collect();
+    let together = model
+        .encode_images(&images.iter().collect::<Vec<_>>())
+        .unwrap();
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         let diff = rel_max_diff(&t.features, &a.features);
-        assert!(diff < 1e-5, "image {i}: features differ by {diff:e} when encoded together");
+        assert!(
+            diff < 1e-5,
+            "image {i}: features differ by {diff:e} when encoded together"
+        );
         assert_eq!((t.width, t.height), (images[i].width, images[i].height));
     }
-    assert!(rel_max_diff(&alone[0].features, &alone[1].features) > 1e-2, "the images must differ for this test to mean anything");
+    assert!(
+        rel_max_diff(&alone[0].features, &alone[1].features) > 1e-2,
+        "the images must differ for this test to mean anything"
+    );
 
     // Prefixes of different lengths on different frames.
-    let cases = [(0, "detect cat ; dog"), (1, "caption en"), (2, "ocr"), (0, "answer en what is in the picture?"), (1, "detect cat")];
-    let opts = GenerateOptions { max_tokens: 8, ignore_eos: true, ..Default::default() };
-    let prefixes: Vec<Vec<u32>> = cases.iter().map(|(_, p)| model.tokenizer().prefix_ids(p).unwrap()).collect();
-    let single: Vec<_> = cases.iter().zip(&prefixes).map(|((i, _), ids)| common::generate_ids(&mut model, &alone[*i], ids, &opts).unwrap()).collect();
-    let starts: Vec<Start<'_>> = cases.iter().zip(&prefixes).map(|((i, _), ids)| Start { image: &together[*i], prefix: ids, opts: &opts }).collect();
+    let cases = [
+        (0, "detect cat ; dog"),
+        (1, "caption en"),
+        (2, "ocr"),
+        (0, "answer en what is in the picture?"),
+        (1, "detect cat"),
+    ];
+    let opts = GenerateOptions {
+        max_tokens: 8,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let prefixes: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|(_, p)| model.tokenizer().prefix_ids(p).unwrap())
+        .collect();
+    let single: Vec<_> = cases
+        .iter()
+        .zip(&prefixes)
+        .map(|((i, _), ids)| common::generate_ids(&mut model, &alone[*i], ids, &opts).unwrap())
+        .collect();
+    let starts: Vec<Start<'_>> = cases
+        .iter()
+        .zip(&prefixes)
+        .map(|((i, _), ids)| Start {
+            image: &together[*i],
+            prefix: ids,
+            opts: &opts,
+        })
+        .collect();
     let seqs = model.start_batch(&starts).unwrap();
     while model.active_sequences() > 0 {
         model.step(&mut |_, _| true).unwrap();
@@ -273,23 +549,46 @@ fn frames_and_prefixes_batched_match_alone() {
     for (c, (seq, alone)) in seqs.into_iter().zip(&single).enumerate() {
         let g = model.finish(seq).unwrap();
         let diff = rel_max_diff(&g.first_logits, &alone.first_logits);
-        assert!(diff < 1e-5, "{:?}: first logits differ by {diff:e} when prefilled together", cases[c]);
+        assert!(
+            diff < 1e-5,
+            "{:?}: first logits differ by {diff:e} when prefilled together",
+            cases[c]
+        );
         assert_eq!(g.tokens, alone.tokens, "{:?}", cases[c]);
         assert_eq!(g.prompt_tokens, prefixes[c].len());
     }
 
     // One prefix that cannot start refuses the whole batch and takes no region.
     let too_long = vec![prefixes[0][0]; model.context_size() + 1];
-    let bad = [starts[0], Start { image: &together[0], prefix: &too_long, opts: &opts }];
+    let bad = [
+        starts[0],
+        Start {
+            image: &together[0],
+            prefix: &too_long,
+            opts: &opts,
+        },
+    ];
     let e = model.start_batch(&bad).unwrap_err().to_string();
     assert!(e.contains("exceeds the context"), "{e}");
     assert_eq!(model.free_sequences(), model.max_sequences());
-    let e = model.start_batch(&vec![starts[0]; model.max_sequences() + 1]).unwrap_err().to_string();
+    let e = model
+        .start_batch(&vec![starts[0]; model.max_sequences() + 1])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("free"), "{e}");
     // An encoding one value short of its image tokens' features.
     let mut short = together[1].clone();
     short.features.pop();
-    let e = model.start_batch(&[starts[0], Start { image: &short, ..starts[1] }]).unwrap_err().to_string();
+    let e = model
+        .start_batch(&[
+            starts[0],
+            Start {
+                image: &short,
+                ..starts[1]
+            },
+        ])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("image encoding"), "{e}");
     assert_eq!(model.free_sequences(), model.max_sequences());
 }
@@ -302,10 +601,24 @@ fn contexts_of_one_model_run_together_and_match_it() {
     use paligemma::preprocess::RgbImage;
     let dir = tempfile::tempdir().unwrap();
     let gguf = convert_fixture("pg2_gqa", Type::F16, Type::F16, dir.path());
-    let mut model = Model::load(&gguf, &ContextOptions { threads: 1, ..Default::default() }).unwrap();
-    let images: Vec<RgbImage> = ["photo.jpg", "rgb.png"].iter().map(|f| RgbImage::open(&fixtures_dir().join("images").join(f)).unwrap()).collect();
+    let mut model = Model::load(
+        &gguf,
+        &ContextOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let images: Vec<RgbImage> = ["photo.jpg", "rgb.png"]
+        .iter()
+        .map(|f| RgbImage::open(&fixtures_dir().join("images").join(f)).unwrap())
+        .collect();
     let prompts = ["caption en", "detect cat ; dog"];
-    let opts = GenerateOptions { max_tokens: 8, ignore_eos: true, ..Default::default() };
+    let opts = GenerateOptions {
+        max_tokens: 8,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let answer = |model: &mut Model, i: usize| {
         let emb = model.encode_image(&images[i]).unwrap();
         let ids = model.tokenizer().prefix_ids(prompts[i]).unwrap();
@@ -313,12 +626,23 @@ fn contexts_of_one_model_run_together_and_match_it() {
         (emb.features, g.first_logits, g.tokens)
     };
     let want: Vec<_> = (0..2).map(|i| answer(&mut model, i)).collect();
-    let lane = ContextOptions { threads: 1, max_sequences: 2, ..Default::default() };
-    let forks: Vec<Model> = (0..2).map(|_| Model::new(model.weights().clone(), &lane).unwrap()).collect();
+    let lane = ContextOptions {
+        threads: 1,
+        max_sequences: 2,
+        ..Default::default()
+    };
+    let forks: Vec<Model> = (0..2)
+        .map(|_| Model::new(model.weights().clone(), &lane).unwrap())
+        .collect();
     assert_eq!(forks[0].max_sequences(), 2);
     let got: Vec<Vec<_>> = std::thread::scope(|s| {
-        let handles: Vec<_> =
-            forks.into_iter().enumerate().map(|(i, mut fork)| s.spawn(move || (0..5).map(|_| answer(&mut fork, i)).collect::<Vec<_>>())).collect();
+        let handles: Vec<_> = forks
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut fork)| {
+                s.spawn(move || (0..5).map(|_| answer(&mut fork, i)).collect::<Vec<_>>())
+            })
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (i, rounds) in got.iter().enumerate() {

@@ -3,21 +3,40 @@ mod common;
 use common::*;
 use ggml::Type;
 use paligemma::convert::{ConvertOptions, convert};
-use paligemma::{Model, ContextOptions};
+use paligemma::{ContextOptions, Model};
 
 fn reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("vae/reference.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures_dir().join("vae/reference.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn model_with_decoder(dir: &std::path::Path) -> Model {
     let out = dir.join("seg.gguf");
-    let opts = ConvertOptions { ty: Type::F32, vision_ty: Type::F32, seg_decoder: Some(fixtures_dir().join("vae/vae-random.npz")), cancel: None };
+    let opts = ConvertOptions {
+        ty: Type::F32,
+        vision_ty: Type::F32,
+        seg_decoder: Some(fixtures_dir().join("vae/vae-random.npz")),
+        cancel: None,
+    };
     convert(&fixtures_dir().join("pg2_gqa/hf"), &out, &opts, |_| {}).unwrap();
-    Model::load(&out, &ContextOptions { threads: 2, ..Default::default() }).unwrap()
+    Model::load(
+        &out,
+        &ContextOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 #[test]
@@ -30,7 +49,11 @@ fn decoder_matches_pytorch() {
         let codes = ids(&case["codes"]);
         let got = model.decode_mask(&codes).unwrap();
         let want = floats(&case["output"]);
-        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         worst = worst.max(diff);
         assert!(diff < 1e-4, "{}: max abs difference {diff}", case["name"]);
     }
@@ -58,11 +81,15 @@ fn pasting_matches_big_vision_on_non_square_frames() {
     let reference = reference();
     for case in reference["pasting"]["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let (w, h) = (case["frame"]["width"].as_u64().unwrap() as usize, case["frame"]["height"].as_u64().unwrap() as usize);
+        let (w, h) = (
+            case["frame"]["width"].as_u64().unwrap() as usize,
+            case["frame"]["height"].as_u64().unwrap() as usize,
+        );
         let bins = ids(&case["box_bins"]);
         let raw = model.decode_mask(&ids(&case["codes"])).unwrap();
         let want = &case["big_vision_eval"];
-        let mask = paligemma::segment::paste(&raw, [bins[0], bins[1], bins[2], bins[3]], 1023.0, w, h);
+        let mask =
+            paligemma::segment::paste(&raw, [bins[0], bins[1], bins[2], bins[3]], 1023.0, w, h);
         if !want["valid"].as_bool().unwrap() {
             assert!(mask.is_none(), "{name}: expected no mask");
             continue;
@@ -71,7 +98,12 @@ fn pasting_matches_big_vision_on_non_square_frames() {
         let b = &want["box_px"];
         assert_eq!(
             (mask.x, mask.y, mask.x + mask.width, mask.y + mask.height),
-            (b["x1"].as_u64().unwrap() as usize, b["y1"].as_u64().unwrap() as usize, b["x2"].as_u64().unwrap() as usize, b["y2"].as_u64().unwrap() as usize),
+            (
+                b["x1"].as_u64().unwrap() as usize,
+                b["y1"].as_u64().unwrap() as usize,
+                b["x2"].as_u64().unwrap() as usize,
+                b["y2"].as_u64().unwrap() as usize
+            ),
             "{name}: box"
         );
         let mut got = vec![false; w * h];
@@ -83,10 +115,22 @@ fn pasting_matches_big_vision_on_non_square_frames() {
             .get("near_zero")
             .or(case.get("near_zero"))
             .and_then(|v| v.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .collect()
+            })
             .unwrap_or_default();
-        let wrong: Vec<usize> = (0..w * h).filter(|&i| got[i] != want_bits[i] && !near_zero.contains(&i)).collect();
-        assert!(wrong.is_empty(), "{name}: {} pixels differ (first {:?})", wrong.len(), &wrong[..wrong.len().min(5)]);
+        let wrong: Vec<usize> = (0..w * h)
+            .filter(|&i| got[i] != want_bits[i] && !near_zero.contains(&i))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{name}: {} pixels differ (first {:?})",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
     }
 }
 
@@ -96,7 +140,10 @@ fn segment_task_end_to_end_and_without_decoder() {
     let reference = reference();
     let example = &reference["text_examples"][0];
     let text = example["output"].as_str().unwrap();
-    let (w, h) = (example["frame"]["width"].as_u64().unwrap() as usize, example["frame"]["height"].as_u64().unwrap() as usize);
+    let (w, h) = (
+        example["frame"]["width"].as_u64().unwrap() as usize,
+        example["frame"]["height"].as_u64().unwrap() as usize,
+    );
     let r = paligemma::parse::parse_detections(text, w, h, 1023.0, true);
     let d = &r.detections()[0];
     let mut model = model_with_decoder(dir.path());
@@ -106,9 +153,22 @@ fn segment_task_end_to_end_and_without_decoder() {
 
     // A model without the decoder still detects and says segmentation is unavailable.
     let plain = convert_fixture("pg2_gqa", Type::F16, Type::F16, dir.path());
-    let mut model = Model::load(&plain, &ContextOptions { threads: 2, ..Default::default() }).unwrap();
+    let mut model = Model::load(
+        &plain,
+        &ContextOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(!model.weights().has_segmentation());
-    assert!(model.decode_mask(&[0; 16]).unwrap_err().to_string().contains("no segmentation decoder"));
+    assert!(
+        model
+            .decode_mask(&[0; 16])
+            .unwrap_err()
+            .to_string()
+            .contains("no segmentation decoder")
+    );
 }
 
 #[test]
@@ -117,8 +177,15 @@ fn bad_npz_is_an_error() {
     let bogus = dir.path().join("vae.npz");
     std::fs::write(&bogus, b"PK\x03\x04 not really").unwrap();
     let out = dir.path().join("x.gguf");
-    let opts = ConvertOptions { ty: Type::F16, vision_ty: Type::F16, seg_decoder: Some(bogus.clone()), cancel: None };
-    let e = convert(&fixtures_dir().join("pg2_gqa/hf"), &out, &opts, |_| {}).unwrap_err().to_string();
+    let opts = ConvertOptions {
+        ty: Type::F16,
+        vision_ty: Type::F16,
+        seg_decoder: Some(bogus.clone()),
+        cancel: None,
+    };
+    let e = convert(&fixtures_dir().join("pg2_gqa/hf"), &out, &opts, |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("vae.npz"), "{e}");
     assert!(!out.exists());
 }

@@ -5,7 +5,10 @@ use paligemma::config::TokenConfig;
 use paligemma::tokenizer::Tokenizer;
 
 fn tokenizer() -> (Tokenizer, serde_json::Value) {
-    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("tokenizer_cases.json")).unwrap()).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures_dir().join("tokenizer_cases.json")).unwrap(),
+    )
+    .unwrap();
     let json = std::fs::read_to_string(fixtures_dir().join("pg2_gqa/hf/tokenizer.json")).unwrap();
     let t = &cases["ids"];
     let id = |k: &str| t[k].as_u64().unwrap() as u32;
@@ -36,10 +39,16 @@ fn encode_matches_reference() {
 fn prefix_layout_matches_processor() {
     let (tok, _) = tokenizer();
     let reference = common::reference_json("pg2_gqa");
-    let got = tok.prefix_ids(reference["prompt"].as_str().unwrap()).unwrap();
+    let got = tok
+        .prefix_ids(reference["prompt"].as_str().unwrap())
+        .unwrap();
     assert_eq!(got, ids(&reference["input_ids"]));
     let empty = tok.prefix_ids("").unwrap();
-    assert_eq!(&empty[16..], &[2, tok.token_to_id("\n").unwrap()], "an empty prompt is <bos> and a newline");
+    assert_eq!(
+        &empty[16..],
+        &[2, tok.token_to_id("\n").unwrap()],
+        "an empty prompt is <bos> and a newline"
+    );
 }
 
 #[test]
@@ -59,6 +68,9 @@ fn decode_keeps_loc_and_seg_tokens() {
 #[test]
 fn overlong_prompt_is_an_error() {
     let (tok, _) = tokenizer();
-    let err = tok.prefix_ids(&"x".repeat(1 << 20)).unwrap_err().to_string();
+    let err = tok
+        .prefix_ids(&"x".repeat(1 << 20))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("longer than"), "{err}");
 }

@@ -22,25 +22,46 @@
 use crate::result_meta::{self, Region};
 use gst::glib;
 use gst_analytics::prelude::*;
-use gst_analytics::{AnalyticsClassificationMtd, AnalyticsODMtd, AnalyticsRelationMeta, AnalyticsTrackingMtd, RelTypes};
+use gst_analytics::{
+    AnalyticsClassificationMtd, AnalyticsODMtd, AnalyticsRelationMeta, AnalyticsTrackingMtd,
+    RelTypes,
+};
 use paligemma::ResultKind;
 use paligemma_stream::ResultMessage;
 
 /// Adds the entries of one result (nothing unless it is a detection or segmentation)
 /// to the buffer's relation meta, adding the meta if the buffer has none yet.
-pub fn attach(buffer: &mut gst::BufferRef, msg: &ResultMessage, width: u32, height: u32) -> Result<(), glib::BoolError> {
+pub fn attach(
+    buffer: &mut gst::BufferRef,
+    msg: &ResultMessage,
+    width: u32,
+    height: u32,
+) -> Result<(), glib::BoolError> {
     if !msg.result.kind().has_boxes() {
         return Ok(());
     }
     if buffer.meta::<AnalyticsRelationMeta>().is_none() {
         AnalyticsRelationMeta::add(buffer);
     }
-    let mut meta = buffer.meta_mut::<AnalyticsRelationMeta>().expect("added above");
-    let prompt = meta.add_one_cls_mtd(1.0, glib::Quark::from_str(&msg.prompt.id))?.id();
+    let mut meta = buffer
+        .meta_mut::<AnalyticsRelationMeta>()
+        .expect("added above");
+    let prompt = meta
+        .add_one_cls_mtd(1.0, glib::Quark::from_str(&msg.prompt.id))?
+        .id();
     // The same boxes, in the same whole pixels, as the ROI metas.
     for r in result_meta::regions(msg, &[]) {
         let (x, y, w, h) = r.pixel_box(width, height);
-        let object = meta.add_od_mtd(glib::Quark::from_str(&r.label), x as i32, y as i32, w as i32, h as i32, r.score.unwrap_or(0.0))?.id();
+        let object = meta
+            .add_od_mtd(
+                glib::Quark::from_str(&r.label),
+                x as i32,
+                y as i32,
+                w as i32,
+                h as i32,
+                r.score.unwrap_or(0.0),
+            )?
+            .id();
         meta.set_relation(RelTypes::CONTAIN, prompt, object)?;
         meta.set_relation(RelTypes::IS_PART_OF, object, prompt)?;
         if let Some(track_id) = r.track_id {
@@ -58,7 +79,9 @@ pub fn attach(buffer: &mut gst::BufferRef, msg: &ResultMessage, width: u32, heig
 /// object is part of (empty for another element's objects), the track id that of a
 /// tracking entry it relates to.
 pub fn regions(buffer: &gst::BufferRef, width: u32, height: u32) -> Vec<Region> {
-    let Some(meta) = buffer.meta::<AnalyticsRelationMeta>() else { return Vec::new() };
+    let Some(meta) = buffer.meta::<AnalyticsRelationMeta>() else {
+        return Vec::new();
+    };
     let (w, h) = (f64::from(width.max(1)), f64::from(height.max(1)));
     meta.iter::<AnalyticsODMtd>()
         .filter_map(|od| {
@@ -71,7 +94,10 @@ pub fn regions(buffer: &gst::BufferRef, width: u32, height: u32) -> Vec<Region> 
             Some(Region {
                 prompt_id,
                 kind: ResultKind::Detections,
-                label: od.obj_type().map(|q| q.as_str().to_string()).unwrap_or_default(),
+                label: od
+                    .obj_type()
+                    .map(|q| q.as_str().to_string())
+                    .unwrap_or_default(),
                 x1: f64::from(loc.x) / w,
                 y1: f64::from(loc.y) / h,
                 x2: f64::from(loc.x + loc.w) / w,
@@ -81,7 +107,10 @@ pub fn regions(buffer: &gst::BufferRef, width: u32, height: u32) -> Vec<Region> 
                 mask: None,
                 frame: (width, height),
                 active_prompts: Vec::new(),
-                track_id: meta.iter_direct_related::<AnalyticsTrackingMtd>(od.id(), RelTypes::RELATE_TO).next().map(|t| t.info().0),
+                track_id: meta
+                    .iter_direct_related::<AnalyticsTrackingMtd>(od.id(), RelTypes::RELATE_TO)
+                    .next()
+                    .map(|t| t.info().0),
                 predicted: false,
             })
         })

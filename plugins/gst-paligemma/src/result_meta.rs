@@ -62,21 +62,34 @@ pub fn regions(msg: &ResultMessage, active: &[String]) -> Vec<Region> {
         predicted: false,
     };
     match &msg.result {
-        TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } => detections
-            .iter()
-            .map(|d| Region {
-                label: d.label.clone(),
-                x1: d.box_norm.x1 as f64,
-                y1: d.box_norm.y1 as f64,
-                x2: d.box_norm.x2 as f64,
-                y2: d.box_norm.y2 as f64,
-                score: d.score,
-                mask: d.mask.as_ref().map(|m| (m.x as u32, m.y as u32, m.width as u32, m.height as u32, m.rle.clone())),
-                track_id: d.track_id,
-                ..base.clone()
-            })
-            .collect(),
-        other => vec![Region { text: other.text().unwrap_or_default().to_string(), ..base }],
+        TaskResult::Detections { detections, .. } | TaskResult::Segmentation { detections, .. } => {
+            detections
+                .iter()
+                .map(|d| Region {
+                    label: d.label.clone(),
+                    x1: d.box_norm.x1 as f64,
+                    y1: d.box_norm.y1 as f64,
+                    x2: d.box_norm.x2 as f64,
+                    y2: d.box_norm.y2 as f64,
+                    score: d.score,
+                    mask: d.mask.as_ref().map(|m| {
+                        (
+                            m.x as u32,
+                            m.y as u32,
+                            m.width as u32,
+                            m.height as u32,
+                            m.rle.clone(),
+                        )
+                    }),
+                    track_id: d.track_id,
+                    ..base.clone()
+                })
+                .collect()
+        }
+        other => vec![Region {
+            text: other.text().unwrap_or_default().to_string(),
+            ..base
+        }],
     }
 }
 
@@ -107,7 +120,10 @@ impl Region {
             s.set("mask-y", *y);
             s.set("mask-width", *w);
             s.set("mask-height", *h);
-            s.set("mask-rle", rle.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+            s.set(
+                "mask-rle",
+                rle.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+            );
         }
         s
     }
@@ -116,9 +132,20 @@ impl Region {
         if s.name() != PARAM_NAME {
             return None;
         }
-        let mask = match (s.get::<u32>("mask-x"), s.get::<u32>("mask-y"), s.get::<u32>("mask-width"), s.get::<u32>("mask-height"), s.get::<String>("mask-rle"))
-        {
-            (Ok(x), Ok(y), Ok(w), Ok(h), Ok(rle)) => Some((x, y, w, h, rle.split(',').filter_map(|v| v.parse().ok()).collect())),
+        let mask = match (
+            s.get::<u32>("mask-x"),
+            s.get::<u32>("mask-y"),
+            s.get::<u32>("mask-width"),
+            s.get::<u32>("mask-height"),
+            s.get::<String>("mask-rle"),
+        ) {
+            (Ok(x), Ok(y), Ok(w), Ok(h), Ok(rle)) => Some((
+                x,
+                y,
+                w,
+                h,
+                rle.split(',').filter_map(|v| v.parse().ok()).collect(),
+            )),
             _ => None,
         };
         Some(Region {
@@ -132,8 +159,14 @@ impl Region {
             score: s.get::<f64>("score").ok().map(|v| v as f32),
             text: s.get("text").unwrap_or_default(),
             mask,
-            frame: (s.get("frame-width").unwrap_or(0), s.get("frame-height").unwrap_or(0)),
-            active_prompts: s.get::<gst::Array>("active-prompts").map(|a| a.iter().filter_map(|v| v.get::<String>().ok()).collect()).unwrap_or_default(),
+            frame: (
+                s.get("frame-width").unwrap_or(0),
+                s.get("frame-height").unwrap_or(0),
+            ),
+            active_prompts: s
+                .get::<gst::Array>("active-prompts")
+                .map(|a| a.iter().filter_map(|v| v.get::<String>().ok()).collect())
+                .unwrap_or_default(),
             track_id: s.get("track-id").ok(),
             predicted: s.get("predicted").unwrap_or(false),
         })
@@ -144,20 +177,34 @@ impl Region {
     pub fn pixel_box(&self, width: u32, height: u32) -> (u32, u32, u32, u32) {
         let px = |v: f64, size: u32| (v.clamp(0.0, 1.0) * size as f64).round() as u32;
         let (x, y) = (px(self.x1, width), px(self.y1, height));
-        (x, y, px(self.x2, width).saturating_sub(x), px(self.y2, height).saturating_sub(y))
+        (
+            x,
+            y,
+            px(self.x2, width).saturating_sub(x),
+            px(self.y2, height).saturating_sub(y),
+        )
     }
 
     /// Attaches the region to a buffer of `width` x `height` pixels.
     pub fn attach(&self, buffer: &mut gst::BufferRef, width: u32, height: u32) {
         let (x, y, w, h) = self.pixel_box(width, height);
-        let roi_type = if self.label.is_empty() { self.kind.as_str() } else { self.label.as_str() };
+        let roi_type = if self.label.is_empty() {
+            self.kind.as_str()
+        } else {
+            self.label.as_str()
+        };
         let mut meta = gst_video::VideoRegionOfInterestMeta::add(buffer, roi_type, (x, y, w, h));
         meta.add_param(self.to_structure());
     }
 
     /// The regions of the boxes a tracker predicts for prompt `prompt_id` on a frame of
     /// `frame` pixels, while the prompts `active` are in force.
-    pub fn predicted(prompt_id: &str, boxes: &[Predicted], frame: (u32, u32), active: &[String]) -> Vec<Region> {
+    pub fn predicted(
+        prompt_id: &str,
+        boxes: &[Predicted],
+        frame: (u32, u32),
+        active: &[String],
+    ) -> Vec<Region> {
         boxes
             .iter()
             .map(|p| Region {
@@ -181,6 +228,9 @@ impl Region {
 
     /// Regions carried by a buffer's metas.
     pub fn from_buffer(buffer: &gst::BufferRef) -> Vec<Region> {
-        buffer.iter_meta::<gst_video::VideoRegionOfInterestMeta>().filter_map(|m| m.params().find_map(Region::from_structure)).collect()
+        buffer
+            .iter_meta::<gst_video::VideoRegionOfInterestMeta>()
+            .filter_map(|m| m.params().find_map(Region::from_structure))
+            .collect()
     }
 }

@@ -14,14 +14,25 @@ fn init() -> &'static Path {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("pg2.gguf");
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-        paligemma::convert::convert(&fixtures.join("pg2_gqa/hf"), &out, &Default::default(), |_| {}).unwrap();
+        paligemma::convert::convert(
+            &fixtures.join("pg2_gqa/hf"),
+            &out,
+            &Default::default(),
+            |_| {},
+        )
+        .unwrap();
         (dir, out)
     });
     path
 }
 
 fn video_caps(w: i32, h: i32) -> gst::Caps {
-    gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgb, w as u32, h as u32).fps(gst::Fraction::new(30, 1)).build().unwrap().to_caps().unwrap()
+    gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgb, w as u32, h as u32)
+        .fps(gst::Fraction::new(30, 1))
+        .build()
+        .unwrap()
+        .to_caps()
+        .unwrap()
 }
 
 /// An RGB frame with GStreamer's default stride (rows padded to 4 bytes).
@@ -30,18 +41,27 @@ fn frame(w: usize, h: usize, pts_ms: u64) -> gst::Buffer {
     let mut data = vec![0u8; stride * h];
     for y in 0..h {
         for x in 0..w {
-            data[y * stride + x * 3..][..3].copy_from_slice(&[(x * 255 / w) as u8, (y * 255 / h) as u8, 128]);
+            data[y * stride + x * 3..][..3].copy_from_slice(&[
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                128,
+            ]);
         }
     }
     let mut buf = gst::Buffer::from_mut_slice(data);
-    buf.get_mut().unwrap().set_pts(gst::ClockTime::from_mseconds(pts_ms));
+    buf.get_mut()
+        .unwrap()
+        .set_pts(gst::ClockTime::from_mseconds(pts_ms));
     buf
 }
 
 /// A harness around `paligemma` with its bus.
 fn harness(props: &str) -> (gst_check::Harness, gst::Bus) {
     let model = init();
-    let mut h = gst_check::Harness::new_parse(&format!("paligemma model={} threads=1 {props}", model.display()));
+    let mut h = gst_check::Harness::new_parse(&format!(
+        "paligemma model={} threads=1 {props}",
+        model.display()
+    ));
     let bus = gst::Bus::new();
     h.element().unwrap().set_bus(Some(&bus));
     h.set_src_caps(video_caps(64, 48));
@@ -51,7 +71,10 @@ fn harness(props: &str) -> (gst_check::Harness, gst::Bus) {
 fn results(bus: &gst::Bus) -> Vec<gst::Structure> {
     std::iter::from_fn(|| bus.pop())
         .filter_map(|m| match m.view() {
-            gst::MessageView::Element(e) => e.structure().filter(|s| s.name() == "paligemma-result").map(|s| s.to_owned()),
+            gst::MessageView::Element(e) => e
+                .structure()
+                .filter(|s| s.name() == "paligemma-result")
+                .map(|s| s.to_owned()),
             _ => None,
         })
         .collect()
@@ -65,20 +88,37 @@ fn sync_mode_every_sampled_frame_carries_its_results() {
         let out = h.pull().unwrap();
         assert_eq!(out.pts(), Some(gst::ClockTime::from_mseconds(i * 40)));
         let regions = Region::from_buffer(&out);
-        assert!(regions.iter().any(|r| r.prompt_id == "caption" && r.kind == ResultKind::Caption), "frame {i}: {regions:?}");
+        assert!(
+            regions
+                .iter()
+                .any(|r| r.prompt_id == "caption" && r.kind == ResultKind::Caption),
+            "frame {i}: {regions:?}"
+        );
         assert!(regions.iter().all(|r| r.frame == (64, 48)));
     }
     let msgs = results(&bus);
     assert_eq!(msgs.len(), 6, "two prompts on three frames");
     for (n, m) in msgs.iter().enumerate() {
         let pts = m.get::<Option<gst::ClockTime>>("pts").unwrap();
-        assert_eq!(pts, Some(gst::ClockTime::from_mseconds((n / 2) as u64 * 40)), "{m}");
+        assert_eq!(
+            pts,
+            Some(gst::ClockTime::from_mseconds((n / 2) as u64 * 40)),
+            "{m}"
+        );
         let json: serde_json::Value = serde_json::from_str(m.get::<&str>("json").unwrap()).unwrap();
         assert_eq!(json["schema"], "paligemma.result/1");
         assert!(m.get::<gst::Array>("detections").is_ok());
         // An answer's confidence, present whenever it has tokens.
-        assert!(m.get::<f64>("mean-logprob").is_ok_and(|lp| lp <= 0.0) || json["tokens"]["generated"] == 0, "{m}");
-        assert!(m.get::<Option<gst::ClockTime>>("running-time").unwrap().is_some());
+        assert!(
+            m.get::<f64>("mean-logprob").is_ok_and(|lp| lp <= 0.0)
+                || json["tokens"]["generated"] == 0,
+            "{m}"
+        );
+        assert!(
+            m.get::<Option<gst::ClockTime>>("running-time")
+                .unwrap()
+                .is_some()
+        );
     }
 }
 
@@ -102,7 +142,10 @@ fn async_mode_attaches_results_to_a_later_frame() {
     let msgs = results(&bus);
     assert!(!msgs.is_empty());
     // The analysed frame's pts is reported, not the frame that carries the meta.
-    let pts = msgs[0].get::<Option<gst::ClockTime>>("pts").unwrap().unwrap();
+    let pts = msgs[0]
+        .get::<Option<gst::ClockTime>>("pts")
+        .unwrap()
+        .unwrap();
     assert!(pts.mseconds().is_multiple_of(33));
     assert!(start.elapsed() < Duration::from_secs(60));
 }
@@ -116,8 +159,17 @@ fn caps_change_mid_stream() {
     h.push(frame(30, 90, 40)).unwrap();
     let out = h.pull().unwrap();
     assert_eq!(Region::from_buffer(&out)[0].frame, (30, 90));
-    let json: Vec<serde_json::Value> = results(&bus).iter().map(|m| serde_json::from_str(m.get::<&str>("json").unwrap()).unwrap()).collect();
-    assert_eq!((json[0]["frame"]["width"].as_u64(), json[1]["frame"]["width"].as_u64()), (Some(64), Some(30)));
+    let json: Vec<serde_json::Value> = results(&bus)
+        .iter()
+        .map(|m| serde_json::from_str(m.get::<&str>("json").unwrap()).unwrap())
+        .collect();
+    assert_eq!(
+        (
+            json[0]["frame"]["width"].as_u64(),
+            json[1]["frame"]["width"].as_u64()
+        ),
+        (Some(64), Some(30))
+    );
 }
 
 #[test]
@@ -131,14 +183,26 @@ fn flushing_drops_stale_work() {
     assert!(h.push_event(gst::event::FlushStart::new()));
     assert!(h.push_event(gst::event::FlushStop::new(true)));
     std::thread::sleep(Duration::from_millis(500));
-    assert!(results(&bus).is_empty(), "the pre-seek frame's long answer was abandoned");
+    assert!(
+        results(&bus).is_empty(),
+        "the pre-seek frame's long answer was abandoned"
+    );
 }
 
 #[test]
 fn missing_and_corrupt_models_fail_the_state_change() {
     init();
-    for (path, why) in [("/nonexistent/model.gguf", "No such file"), (concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"), "not a GGUF file")] {
-        let pipeline = gst::parse::launch(&format!("videotestsrc num-buffers=2 ! paligemma model={path} ! fakesink")).unwrap();
+    for (path, why) in [
+        ("/nonexistent/model.gguf", "No such file"),
+        (
+            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+            "not a GGUF file",
+        ),
+    ] {
+        let pipeline = gst::parse::launch(&format!(
+            "videotestsrc num-buffers=2 ! paligemma model={path} ! fakesink"
+        ))
+        .unwrap();
         let bus = pipeline.bus().unwrap();
         assert!(pipeline.set_state(gst::State::Paused).is_err());
         let err = std::iter::from_fn(|| bus.pop()).find_map(|m| match m.view() {
@@ -152,7 +216,12 @@ fn missing_and_corrupt_models_fail_the_state_change() {
 }
 
 /// A copy of `model` with one tensor's type or one metadata value changed.
-fn corrupted(model: &Path, out: &Path, tensor_type: Option<(&str, ggml::Type)>, meta: Option<(&str, ggml::gguf::Value)>) {
+fn corrupted(
+    model: &Path,
+    out: &Path,
+    tensor_type: Option<(&str, ggml::Type)>,
+    meta: Option<(&str, ggml::gguf::Value)>,
+) {
     let file = ggml::gguf::GgufFile::open(model).unwrap();
     file.rewrite(out, |metadata, tensors| {
         for (key, value) in metadata.iter_mut() {
@@ -177,11 +246,30 @@ fn corrupted(model: &Path, out: &Path, tensor_type: Option<(&str, ggml::Type)>, 
 fn a_corrupted_model_is_an_error_message_and_the_application_goes_on() {
     let model = init();
     let dir = tempfile::tempdir().unwrap();
-    type Case<'a> = (Option<(&'a str, ggml::Type)>, Option<(&'a str, ggml::gguf::Value)>, &'a str);
+    type Case<'a> = (
+        Option<(&'a str, ggml::Type)>,
+        Option<(&'a str, ggml::gguf::Value)>,
+        &'a str,
+    );
     let cases: [Case; 3] = [
-        (Some(("blk.0.attn_norm.weight", ggml::Type::Q4_0)), None, "blk.0.attn_norm.weight is q4_0"),
-        (Some(("blk.1.ffn_up.weight", ggml::Type::I16)), None, "blk.1.ffn_up.weight is i16"),
-        (None, Some(("paligemma.vision.attention.layer_norm_epsilon", ggml::gguf::Value::F32(-1.0))), "layer_norm_epsilon is -1"),
+        (
+            Some(("blk.0.attn_norm.weight", ggml::Type::Q4_0)),
+            None,
+            "blk.0.attn_norm.weight is q4_0",
+        ),
+        (
+            Some(("blk.1.ffn_up.weight", ggml::Type::I16)),
+            None,
+            "blk.1.ffn_up.weight is i16",
+        ),
+        (
+            None,
+            Some((
+                "paligemma.vision.attention.layer_norm_epsilon",
+                ggml::gguf::Value::F32(-1.0),
+            )),
+            "layer_norm_epsilon is -1",
+        ),
     ];
     let pipeline =
         gst::parse::launch("videotestsrc num-buffers=3 ! video/x-raw,width=64,height=48 ! paligemma name=pg mode=sync threads=1 max-tokens=4 ! fakesink")
@@ -211,16 +299,27 @@ fn a_corrupted_model_is_an_error_message_and_the_application_goes_on() {
         match m.view() {
             gst::MessageView::Eos(_) => break,
             gst::MessageView::Error(e) => panic!("{} {:?}", e.error(), e.debug()),
-            gst::MessageView::Element(e) if e.structure().is_some_and(|s| s.name() == "paligemma-result") => answers += 1,
+            gst::MessageView::Element(e)
+                if e.structure()
+                    .is_some_and(|s| s.name() == "paligemma-result") =>
+            {
+                answers += 1
+            }
             _ => {}
         }
     }
     pipeline.set_state(gst::State::Null).unwrap();
-    assert!(answers > 0, "the pipeline answered once given a sound model");
+    assert!(
+        answers > 0,
+        "the pipeline answered once given a sound model"
+    );
 }
 
 fn run_pipeline(desc: &str, until: Duration) -> (gst::Pipeline, Vec<gst::Structure>, Duration) {
-    let pipeline = gst::parse::launch(desc).unwrap().downcast::<gst::Pipeline>().unwrap();
+    let pipeline = gst::parse::launch(desc)
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
     let bus = pipeline.bus().unwrap();
     let start = Instant::now();
     pipeline.set_state(gst::State::Playing).unwrap();
@@ -232,7 +331,11 @@ fn run_pipeline(desc: &str, until: Duration) -> (gst::Pipeline, Vec<gst::Structu
         match m.view() {
             gst::MessageView::Eos(_) => break,
             gst::MessageView::Error(e) => panic!("{} {:?}", e.error(), e.debug()),
-            gst::MessageView::Element(e) => msgs.extend(e.structure().filter(|s| s.name() == "paligemma-result").map(|s| s.to_owned())),
+            gst::MessageView::Element(e) => msgs.extend(
+                e.structure()
+                    .filter(|s| s.name() == "paligemma-result")
+                    .map(|s| s.to_owned()),
+            ),
             _ => {}
         }
     }
@@ -250,8 +353,14 @@ fn live_source_keeps_its_frame_rate_in_async_mode() {
     );
     let (pipeline, msgs, took) = run_pipeline(&desc, Duration::from_secs(20));
     pipeline.set_state(gst::State::Null).unwrap();
-    println!("60 live frames at 30 fps took {took:?}; {} results", msgs.len());
-    assert!(took < Duration::from_millis(2600), "the live source was slowed down: {took:?}");
+    println!(
+        "60 live frames at 30 fps took {took:?}; {} results",
+        msgs.len()
+    );
+    assert!(
+        took < Duration::from_millis(2600),
+        "the live source was slowed down: {took:?}"
+    );
     assert!(!msgs.is_empty());
 }
 
@@ -285,8 +394,14 @@ fn latency_query_reports_the_mode() {
     let model = init();
     let mut mins = Vec::new();
     for mode in ["async", "sync"] {
-        let desc = format!("videotestsrc is-live=true ! paligemma name=p model={} mode={mode} prompts=ocr max-tokens=2 ! fakesink", model.display());
-        let pipeline = gst::parse::launch(&desc).unwrap().downcast::<gst::Pipeline>().unwrap();
+        let desc = format!(
+            "videotestsrc is-live=true ! paligemma name=p model={} mode={mode} prompts=ocr max-tokens=2 ! fakesink",
+            model.display()
+        );
+        let pipeline = gst::parse::launch(&desc)
+            .unwrap()
+            .downcast::<gst::Pipeline>()
+            .unwrap();
         pipeline.set_state(gst::State::Playing).unwrap();
         // Query once the first analysis is done (sync reports what it measured).
         let bus = pipeline.bus().unwrap();
@@ -308,8 +423,15 @@ fn latency_query_reports_the_mode() {
         pipeline.set_state(gst::State::Null).unwrap();
     }
     // videotestsrc reports one frame; async adds nothing, sync adds its analysis time.
-    assert_eq!(mins[0], gst::ClockTime::from_nseconds(33_333_333), "async adds no latency");
-    assert!(mins[1] > mins[0], "sync reports its analysis time: {mins:?}");
+    assert_eq!(
+        mins[0],
+        gst::ClockTime::from_nseconds(33_333_333),
+        "async adds no latency"
+    );
+    assert!(
+        mins[1] > mins[0],
+        "sync reports its analysis time: {mins:?}"
+    );
 }
 
 #[test]
@@ -320,10 +442,19 @@ fn text_pad_carries_timestamped_answers() {
          p.text_src ! text/x-raw,format=utf8 ! appsink name=text sync=false",
         model.display()
     );
-    let pipeline = gst::parse::launch(&desc).unwrap().downcast::<gst::Pipeline>().unwrap();
-    let sink = pipeline.by_name("text").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    let pipeline = gst::parse::launch(&desc)
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+    let sink = pipeline
+        .by_name("text")
+        .unwrap()
+        .downcast::<gst_app::AppSink>()
+        .unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
-    let sample = sink.try_pull_sample(gst::ClockTime::from_seconds(30)).expect("a text buffer");
+    let sample = sink
+        .try_pull_sample(gst::ClockTime::from_seconds(30))
+        .expect("a text buffer");
     let buf = sample.buffer().unwrap();
     let text = String::from_utf8(buf.map_readable().unwrap().to_vec()).unwrap();
     assert!(text.starts_with("caption: "), "{text}");
@@ -343,8 +474,14 @@ fn async_eos_does_not_wait_for_pending_results() {
     let (pipeline, msgs, took) = run_pipeline(&desc, Duration::from_secs(30));
     pipeline.set_state(gst::State::Null).unwrap();
     println!("async EOS after {took:?}, {} results", msgs.len());
-    assert!(took < Duration::from_secs(3), "EOS waited for the model: {took:?}");
-    assert!(msgs.is_empty(), "the 480-token answer in progress at EOS was dropped, not posted");
+    assert!(
+        took < Duration::from_secs(3),
+        "EOS waited for the model: {took:?}"
+    );
+    assert!(
+        msgs.is_empty(),
+        "the 480-token answer in progress at EOS was dropped, not posted"
+    );
 }
 
 /// Two elements with the same model file and settings share one engine (one copy of
@@ -359,9 +496,26 @@ fn elements_share_one_engine() {
     buf.make_mut().set_pts(gst::ClockTime::from_mseconds(40));
     b.push(buf).unwrap();
     // The elements load with these options; asking for them again finds their engine.
-    let context = paligemma::ContextOptions { threads: 1, ..Default::default() };
-    let engine = paligemma_stream::Engine::shared(model, &paligemma_stream::EngineOptions { context, ..Default::default() }).unwrap();
-    assert!(engine.streams() >= 2, "both elements on one engine: {} stream(s)", engine.streams());
-    assert!(!results(&bus_a).is_empty() && !results(&bus_b).is_empty(), "both answer");
+    let context = paligemma::ContextOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let engine = paligemma_stream::Engine::shared(
+        model,
+        &paligemma_stream::EngineOptions {
+            context,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        engine.streams() >= 2,
+        "both elements on one engine: {} stream(s)",
+        engine.streams()
+    );
+    assert!(
+        !results(&bus_a).is_empty() && !results(&bus_b).is_empty(),
+        "both answer"
+    );
     drop((a, b));
 }

@@ -69,16 +69,32 @@ fn overlay_draws_boxes_where_results_say() {
     assert_eq!(px(80, 85), [40, 40, 40], "inside untouched");
     assert_eq!(px(10, 115), [40, 40, 40], "outside untouched");
     // Following frames without new metas still show the newest results.
-    harness.push(gst::Buffer::from_mut_slice(vec![40u8; (w * h * 4) as usize])).unwrap();
+    harness
+        .push(gst::Buffer::from_mut_slice(vec![
+            40u8;
+            (w * h * 4) as usize
+        ]))
+        .unwrap();
     let again = harness.pull().unwrap();
     let m2 = again.map_readable().unwrap();
-    assert_eq!(&m2[((80 * w + 40) * 4) as usize..][..3], &map[((80 * w + 40) * 4) as usize..][..3]);
+    assert_eq!(
+        &m2[((80 * w + 40) * 4) as usize..][..3],
+        &map[((80 * w + 40) * 4) as usize..][..3]
+    );
 
     // Save the frame as a PNG (RGB) for a person to look at.
-    let rgb: Vec<u8> = map.chunks_exact(4).flat_map(|p| [p[2], p[1], p[0]]).collect();
-    let dir = std::env::var_os("CARGO_TARGET_TMPDIR").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let rgb: Vec<u8> = map
+        .chunks_exact(4)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect();
+    let dir = std::env::var_os("CARGO_TARGET_TMPDIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let path = dir.join("overlay.png");
-    image::RgbImage::from_raw(w, h, rgb).unwrap().save(&path).unwrap();
+    image::RgbImage::from_raw(w, h, rgb)
+        .unwrap()
+        .save(&path)
+        .unwrap();
     assert!(std::fs::metadata(&path).unwrap().len() > 0);
 }
 
@@ -144,16 +160,26 @@ fn overlay_forgets_regions_of_removed_prompts() {
 fn ball_pipeline(frames: u32, interval: u32, props: &str) -> Vec<gst::Buffer> {
     gst::init().unwrap();
     gstpaligemma::plugin_register_static().unwrap();
-    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo/paligemma2-demo-f16.gguf");
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/demo/paligemma2-demo-f16.gguf");
     let desc = format!(
         "videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,format=RGBA,width=320,height=240,framerate=30/1 \
          ! paligemma model={} threads=1 prompts=\"detect ball\" max-tokens=12 interval={interval} {props} ! paligemmaoverlay ! appsink name=out sync=true",
         model.display()
     );
-    let pipeline = gst::parse::launch(&desc).unwrap().downcast::<gst::Pipeline>().unwrap();
-    let sink = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    let pipeline = gst::parse::launch(&desc)
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+    let sink = pipeline
+        .by_name("out")
+        .unwrap()
+        .downcast::<gst_app::AppSink>()
+        .unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
-    let buffers = std::iter::from_fn(|| sink.pull_sample().ok()).map(|s| s.buffer_owned().unwrap()).collect();
+    let buffers = std::iter::from_fn(|| sink.pull_sample().ok())
+        .map(|s| s.buffer_owned().unwrap())
+        .collect();
     pipeline.set_state(gst::State::Null).unwrap();
     buffers
 }
@@ -174,17 +200,35 @@ fn predicted_boxes_follow_the_video_between_answers() {
     let (mut answered, mut predicted, mut positions) = (0, 0, std::collections::BTreeSet::new());
     let mut colour = None;
     for (n, buffer) in buffers.iter().enumerate() {
-        let regions: Vec<Region> = Region::from_buffer(buffer).into_iter().filter(|r| r.prompt_id == "ball" || r.label == "ball").collect();
+        let regions: Vec<Region> = Region::from_buffer(buffer)
+            .into_iter()
+            .filter(|r| r.prompt_id == "ball" || r.label == "ball")
+            .collect();
         if answered == 0 {
-            answered += regions.iter().filter(|r| !r.predicted && r.track_id.is_some()).count().min(1);
+            answered += regions
+                .iter()
+                .filter(|r| !r.predicted && r.track_id.is_some())
+                .count()
+                .min(1);
             continue;
         }
-        assert!(!regions.is_empty(), "frame {n}: after the first answer every frame has the ball, answered or predicted");
+        assert!(
+            !regions.is_empty(),
+            "frame {n}: after the first answer every frame has the ball, answered or predicted"
+        );
         for r in &regions {
             assert!(r.track_id.is_some(), "frame {n}: {r:?}");
             let drawn = corner(buffer, r);
-            assert_ne!(drawn, [0, 0, 0], "frame {n}: the overlay drew the box's corner");
-            assert_eq!(*colour.get_or_insert(drawn), drawn, "frame {n}: in the label's colour");
+            assert_ne!(
+                drawn,
+                [0, 0, 0],
+                "frame {n}: the overlay drew the box's corner"
+            );
+            assert_eq!(
+                *colour.get_or_insert(drawn),
+                drawn,
+                "frame {n}: in the label's colour"
+            );
             if r.predicted {
                 predicted += 1;
                 positions.insert((r.pixel_box(320, 240).0, r.pixel_box(320, 240).1));
@@ -193,20 +237,39 @@ fn predicted_boxes_follow_the_video_between_answers() {
             }
         }
     }
-    println!("{answered} answered boxes, {predicted} predicted at {} positions", positions.len());
-    assert!(answered >= 2 && predicted >= 5, "{answered} answered, {predicted} predicted");
-    assert!(positions.len() >= 3, "the predicted box moves with the ball: {positions:?}");
+    println!(
+        "{answered} answered boxes, {predicted} predicted at {} positions",
+        positions.len()
+    );
+    assert!(
+        answered >= 2 && predicted >= 5,
+        "{answered} answered, {predicted} predicted"
+    );
+    assert!(
+        positions.len() >= 3,
+        "the predicted box moves with the ball: {positions:?}"
+    );
     // Off switch: answers only.
     let buffers = ball_pipeline(60, 300, "predict-boxes=false");
-    assert!(buffers.iter().flat_map(|b| Region::from_buffer(b)).all(|r| !r.predicted));
+    assert!(
+        buffers
+            .iter()
+            .flat_map(|b| Region::from_buffer(b))
+            .all(|r| !r.predicted)
+    );
 }
 
 /// Over 300 frames (10 s) with an answer at most every 100 ms, the ball keeps one track id.
 #[test]
 fn the_ball_keeps_one_track_id() {
     let buffers = ball_pipeline(300, 100, "predict-boxes=false");
-    let answered: Vec<Region> = buffers.iter().flat_map(|b| Region::from_buffer(b)).filter(|r| r.label == "ball").collect();
-    let ids: std::collections::BTreeSet<Option<u64>> = answered.iter().map(|r| r.track_id).collect();
+    let answered: Vec<Region> = buffers
+        .iter()
+        .flat_map(|b| Region::from_buffer(b))
+        .filter(|r| r.label == "ball")
+        .collect();
+    let ids: std::collections::BTreeSet<Option<u64>> =
+        answered.iter().map(|r| r.track_id).collect();
     println!("{} answers, track ids {ids:?}", answered.len());
     assert!(answered.len() >= 20, "{} answers", answered.len());
     assert_eq!(ids.len(), 1, "{ids:?}");
@@ -216,7 +279,13 @@ fn the_ball_keeps_one_track_id() {
 /// `min-score=1` keeps no detection (no score reaches 1); the default keeps the ball.
 #[test]
 fn min_score_drops_detections() {
-    let balls = |props: &str| ball_pipeline(15, 0, props).iter().flat_map(|b| Region::from_buffer(b)).filter(|r| r.label == "ball").count();
+    let balls = |props: &str| {
+        ball_pipeline(15, 0, props)
+            .iter()
+            .flat_map(|b| Region::from_buffer(b))
+            .filter(|r| r.label == "ball")
+            .count()
+    };
     assert!(balls("") > 0);
     assert_eq!(balls("min-score=1"), 0);
 }

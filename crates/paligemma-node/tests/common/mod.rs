@@ -10,7 +10,13 @@ pub fn repo_root() -> PathBuf {
 /// The fixture model converted into `dir`.
 pub fn fixture_model(dir: &Path) -> PathBuf {
     let model = dir.join("pg2.gguf");
-    paligemma::convert::convert(&repo_root().join("tests/fixtures/pg2_gqa/hf"), &model, &Default::default(), |_| {}).unwrap();
+    paligemma::convert::convert(
+        &repo_root().join("tests/fixtures/pg2_gqa/hf"),
+        &model,
+        &Default::default(),
+        |_| {},
+    )
+    .unwrap();
     model
 }
 
@@ -19,14 +25,20 @@ pub fn client(port: u16) -> zenoh::Session {
     use zenoh::Wait;
     let mut c = zenoh::Config::default();
     c.insert_json5("mode", "\"peer\"").unwrap();
-    c.insert_json5("connect/endpoints", &format!("[\"tcp/127.0.0.1:{port}\"]")).unwrap();
+    c.insert_json5("connect/endpoints", &format!("[\"tcp/127.0.0.1:{port}\"]"))
+        .unwrap();
     c.insert_json5("listen/endpoints", "[]").unwrap();
-    c.insert_json5("scouting/multicast/enabled", "false").unwrap();
+    c.insert_json5("scouting/multicast/enabled", "false")
+        .unwrap();
     zenoh::open(c).wait().unwrap()
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The node process, killed when the test ends however it ends.
@@ -47,7 +59,10 @@ pub fn start_node(dir: &Path, toml: &str) -> Node {
 /// The same with the node's log (stderr) written to `dir/node.log`.
 pub fn start_node_logged(dir: &Path, toml: &str) -> (Node, PathBuf) {
     let log = dir.join("node.log");
-    (spawn_node(dir, toml, std::fs::File::create(&log).unwrap().into()), log)
+    (
+        spawn_node(dir, toml, std::fs::File::create(&log).unwrap().into()),
+        log,
+    )
 }
 
 fn spawn_node(dir: &Path, toml: &str, stderr: std::process::Stdio) -> Node {

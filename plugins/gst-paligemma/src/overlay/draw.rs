@@ -17,8 +17,19 @@ pub type Color = [u8; 3];
 
 /// A stable, well-separated colour per label.
 pub fn label_color(label: &str) -> Color {
-    const PALETTE: [Color; 8] = [[255, 64, 64], [64, 220, 64], [64, 128, 255], [255, 200, 0], [255, 64, 255], [0, 220, 220], [255, 140, 0], [160, 100, 255]];
-    let h = label.bytes().fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
+    const PALETTE: [Color; 8] = [
+        [255, 64, 64],
+        [64, 220, 64],
+        [64, 128, 255],
+        [255, 200, 0],
+        [255, 64, 255],
+        [0, 220, 220],
+        [255, 140, 0],
+        [160, 100, 255],
+    ];
+    let h = label
+        .bytes()
+        .fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
     PALETTE[h as usize % PALETTE.len()]
 }
 
@@ -63,13 +74,21 @@ impl Canvas<'_> {
         let chars: Vec<char> = s.chars().take(max_chars).collect();
         self.fill(x, y, chars.len() * glyph + 2, glyph + 2, [0, 0, 0], 0.6);
         for (n, ch) in chars.iter().enumerate() {
-            let bitmap = font8x8::BASIC_FONTS.get(*ch).or_else(|| font8x8::BASIC_FONTS.get('?')).unwrap_or([0; 8]);
+            let bitmap = font8x8::BASIC_FONTS
+                .get(*ch)
+                .or_else(|| font8x8::BASIC_FONTS.get('?'))
+                .unwrap_or([0; 8]);
             for (row, bits) in bitmap.iter().enumerate() {
                 for col in 0..8 {
                     if bits >> col & 1 == 1 {
                         for dy in 0..scale {
                             for dx in 0..scale {
-                                self.put(x + 1 + n * glyph + col * scale + dx, y + 1 + row * scale + dy, c, 1.0);
+                                self.put(
+                                    x + 1 + n * glyph + col * scale + dx,
+                                    y + 1 + row * scale + dy,
+                                    c,
+                                    1.0,
+                                );
                             }
                         }
                     }

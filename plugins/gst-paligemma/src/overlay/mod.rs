@@ -11,5 +11,10 @@ glib::wrapper! {
 }
 
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
-    gst::Element::register(Some(plugin), "paligemmaoverlay", gst::Rank::NONE, PaliGemmaOverlay::static_type())
+    gst::Element::register(
+        Some(plugin),
+        "paligemmaoverlay",
+        gst::Rank::NONE,
+        PaliGemmaOverlay::static_type(),
+    )
 }

@@ -11,12 +11,20 @@ use paligemma::{ContextOptions, Device, WeightOptions};
 use paligemma_stream::message::{FrameInfo, Source};
 use paligemma_stream::prompts::DEFAULT_MAX_TOKENS;
 use paligemma_stream::tracker::TrackerConfig;
-use paligemma_stream::{Engine, EngineOptions, Frame, FrameSamplerConfig, PromptSet, ResultMessage, Stream, StreamConfig};
+use paligemma_stream::{
+    Engine, EngineOptions, Frame, FrameSamplerConfig, PromptSet, ResultMessage, Stream,
+    StreamConfig,
+};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-static CAT: LazyLock<gst::DebugCategory> =
-    LazyLock::new(|| gst::DebugCategory::new("paligemma", gst::DebugColorFlags::empty(), Some("PaliGemma vision-language model")));
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "paligemma",
+        gst::DebugColorFlags::empty(),
+        Some("PaliGemma vision-language model"),
+    )
+});
 
 const DEFAULT_PROMPTS: &str = "caption en";
 const DEFAULT_INTERVAL_MS: u64 = 0;
@@ -73,8 +81,13 @@ impl Settings {
     /// element's (`min-score`, `duplicate-iou`).
     fn prompt_set(&self) -> Result<PromptSet, String> {
         let mut set = match &self.prompts_file {
-            Some(path) => PromptSet::from_file(std::path::Path::new(path)).map_err(|e| e.to_string())?,
-            None => PromptSet::from_short(&self.prompts, self.interval_ms, self.max_tokens as usize).map_err(|e| e.to_string())?,
+            Some(path) => {
+                PromptSet::from_file(std::path::Path::new(path)).map_err(|e| e.to_string())?
+            }
+            None => {
+                PromptSet::from_short(&self.prompts, self.interval_ms, self.max_tokens as usize)
+                    .map_err(|e| e.to_string())?
+            }
         };
         for p in &mut set.prompts {
             p.min_score.get_or_insert(self.min_score);
@@ -119,7 +132,11 @@ pub struct PaliGemma {
 
 impl Default for PaliGemma {
     fn default() -> Self {
-        PaliGemma { settings: Mutex::new(Settings::default()), state: Mutex::new(None), outbox: Arc::new(Outbox::default()) }
+        PaliGemma {
+            settings: Mutex::new(Settings::default()),
+            state: Mutex::new(None),
+            outbox: Arc::new(Outbox::default()),
+        }
     }
 }
 
@@ -247,9 +264,19 @@ impl ObjectImpl for PaliGemma {
         let mut settings = self.settings.lock().unwrap();
         match pspec.name() {
             "model" => settings.model = value.get().expect("type checked upstream"),
-            "prompts" => settings.prompts = value.get::<Option<String>>().expect("type checked upstream").unwrap_or_default(),
+            "prompts" => {
+                settings.prompts = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .unwrap_or_default()
+            }
             "prompts-file" => settings.prompts_file = value.get().expect("type checked upstream"),
-            "device" => settings.device = value.get::<Option<String>>().expect("type checked upstream").unwrap_or_else(|| "cpu".into()),
+            "device" => {
+                settings.device = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .unwrap_or_else(|| "cpu".into())
+            }
             "threads" => settings.threads = value.get().expect("type checked upstream"),
             "lanes" => settings.lanes = value.get().expect("type checked upstream"),
             "max-tokens" => settings.max_tokens = value.get().expect("type checked upstream"),
@@ -266,12 +293,19 @@ impl ObjectImpl for PaliGemma {
             other => unreachable!("unknown property {other}"),
         }
         // Prompt changes take effect at once while running.
-        if matches!(pspec.name(), "prompts" | "prompts-file" | "max-tokens" | "min-score" | "duplicate-iou") {
+        if matches!(
+            pspec.name(),
+            "prompts" | "prompts-file" | "max-tokens" | "min-score" | "duplicate-iou"
+        ) {
             let result = settings.prompt_set();
             drop(settings);
             match (result, self.state.lock().unwrap().as_ref()) {
                 (Ok(set), Some(state)) => state.stream.set_prompts(set),
-                (Err(e), Some(_)) => gst::element_imp_warning!(self, gst::LibraryError::Settings, ["Keeping the current prompts: {}", e]),
+                (Err(e), Some(_)) => gst::element_imp_warning!(
+                    self,
+                    gst::LibraryError::Settings,
+                    ["Keeping the current prompts: {}", e]
+                ),
                 _ => {}
             }
         }
@@ -334,13 +368,27 @@ impl ElementImpl for PaliGemma {
         static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
             let caps = video_caps();
             vec![
-                gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &caps).unwrap(),
-                gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &caps).unwrap(),
+                gst::PadTemplate::new(
+                    "src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &caps,
+                )
+                .unwrap(),
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &caps,
+                )
+                .unwrap(),
                 gst::PadTemplate::new(
                     "text_src",
                     gst::PadDirection::Src,
                     gst::PadPresence::Request,
-                    &gst::Caps::builder("text/x-raw").field("format", "utf8").build(),
+                    &gst::Caps::builder("text/x-raw")
+                        .field("format", "utf8")
+                        .build(),
                 )
                 .unwrap(),
             ]
@@ -348,13 +396,20 @@ impl ElementImpl for PaliGemma {
         TEMPLATES.as_ref()
     }
 
-    fn request_new_pad(&self, templ: &gst::PadTemplate, _name: Option<&str>, _caps: Option<&gst::Caps>) -> Option<gst::Pad> {
+    fn request_new_pad(
+        &self,
+        templ: &gst::PadTemplate,
+        _name: Option<&str>,
+        _caps: Option<&gst::Caps>,
+    ) -> Option<gst::Pad> {
         let mut text = self.outbox.text.lock().unwrap();
         if text.pad.is_some() {
             gst::debug!(CAT, imp = self, "text_src already exists");
             return None;
         }
-        let pad = gst::Pad::builder_from_template(templ).name("text_src").build();
+        let pad = gst::Pad::builder_from_template(templ)
+            .name("text_src")
+            .build();
         pad.set_active(true).ok()?;
         self.obj().add_pad(&pad).ok()?;
         text.pad = Some(pad.clone());
@@ -377,7 +432,10 @@ impl ElementImpl for PaliGemma {
         Some(pad)
     }
 
-    fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
         // Leaving PAUSED deactivates the pads, which waits for the streaming thread;
         // in sync mode that thread may be waiting for an analysis: abandon it first.
         if transition == gst::StateChange::PausedToReady
@@ -403,7 +461,14 @@ impl ElementImpl for PaliGemma {
 impl PaliGemma {
     /// Attaches results to a buffer as the metas `kind` says, with the standing prompts
     /// `active` in force (see [`regions`]).
-    fn attach_results(&self, buf: &mut gst::BufferRef, info: &gst_video::VideoInfo, msgs: &[ResultMessage], active: &[String], kind: MetaKind) {
+    fn attach_results(
+        &self,
+        buf: &mut gst::BufferRef,
+        info: &gst_video::VideoInfo,
+        msgs: &[ResultMessage],
+        active: &[String],
+        kind: MetaKind,
+    ) {
         for msg in msgs {
             if kind.roi() {
                 for region in regions(msg, active) {
@@ -414,7 +479,13 @@ impl PaliGemma {
             if kind.analytics()
                 && let Err(e) = crate::analytics_meta::attach(buf, msg, info.width(), info.height())
             {
-                gst::warning!(CAT, imp = self, "analytics meta for prompt {}: {}", msg.prompt.id, e);
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "analytics meta for prompt {}: {}",
+                    msg.prompt.id,
+                    e
+                );
             }
         }
     }
@@ -432,7 +503,9 @@ impl PaliGemma {
                 let s = imp.settings.lock().unwrap();
                 (s.post_messages, s.attach_meta)
             };
-            let took = gst::ClockTime::from_nseconds(((msg.latency_ms.total - msg.latency_ms.queue).max(0.0) * 1e6) as u64);
+            let took = gst::ClockTime::from_nseconds(
+                ((msg.latency_ms.total - msg.latency_ms.queue).max(0.0) * 1e6) as u64,
+            );
             {
                 let mut worst = outbox.worst_analysis.lock().unwrap();
                 if worst.is_none_or(|w| took > w) {
@@ -451,20 +524,39 @@ impl PaliGemma {
         })
     }
 
-    fn frame_from_buffer(&self, buf: &gst::BufferRef, info: &gst_video::VideoInfo, seq: u64) -> Result<Frame, String> {
-        let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buf, info).map_err(|e| format!("cannot map the frame: {e}"))?;
+    fn frame_from_buffer(
+        &self,
+        buf: &gst::BufferRef,
+        info: &gst_video::VideoInfo,
+        seq: u64,
+    ) -> Result<Frame, String> {
+        let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buf, info)
+            .map_err(|e| format!("cannot map the frame: {e}"))?;
         let (w, h) = (info.width() as usize, info.height() as usize);
-        let max_pixels = usize::try_from(self.settings.lock().unwrap().max_pixels).unwrap_or(usize::MAX);
+        let max_pixels =
+            usize::try_from(self.settings.lock().unwrap().max_pixels).unwrap_or(usize::MAX);
         paligemma::preprocess::check_size(w, h, max_pixels).map_err(|e| e.to_string())?;
         let plane = |i: u32| frame.plane_data(i).map_err(|e| format!("plane {i}: {e}"));
         let stride = |i: usize| frame.plane_stride()[i] as usize;
         let image = match info.format() {
-            gst_video::VideoFormat::Rgb => RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Rgb),
-            gst_video::VideoFormat::Rgba => RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Rgba),
-            gst_video::VideoFormat::Bgrx => RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Bgrx),
-            gst_video::VideoFormat::Bgra => RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Bgra),
+            gst_video::VideoFormat::Rgb => {
+                RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Rgb)
+            }
+            gst_video::VideoFormat::Rgba => {
+                RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Rgba)
+            }
+            gst_video::VideoFormat::Bgrx => {
+                RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Bgrx)
+            }
+            gst_video::VideoFormat::Bgra => {
+                RgbImage::from_raw(plane(0)?, w, h, stride(0), PixelFormat::Bgra)
+            }
             format @ (gst_video::VideoFormat::Nv12 | gst_video::VideoFormat::I420) => {
-                let matrix = if info.colorimetry().matrix() == gst_video::VideoColorMatrix::Bt709 { YuvMatrix::Bt709 } else { YuvMatrix::Bt601 };
+                let matrix = if info.colorimetry().matrix() == gst_video::VideoColorMatrix::Bt709 {
+                    YuvMatrix::Bt709
+                } else {
+                    YuvMatrix::Bt601
+                };
                 let nv12 = format == gst_video::VideoFormat::Nv12;
                 RgbImage::from_yuv420(&Yuv420 {
                     width: w,
@@ -488,8 +580,12 @@ impl PaliGemma {
         let info = FrameInfo {
             seq,
             pts_ns: pts.map(|p| p.nseconds()),
-            running_time_ns: segment.and_then(|s| s.to_running_time(pts)).map(|t| t.nseconds()),
-            stream_time_ns: segment.and_then(|s| s.to_stream_time(pts)).map(|t| t.nseconds()),
+            running_time_ns: segment
+                .and_then(|s| s.to_running_time(pts))
+                .map(|t| t.nseconds()),
+            stream_time_ns: segment
+                .and_then(|s| s.to_stream_time(pts))
+                .map(|t| t.nseconds()),
             capture_unix_ns: paligemma_stream::message::unix_time_ns(),
             frame_id: None,
             width: w,
@@ -501,7 +597,12 @@ impl PaliGemma {
 
 /// Attaches, for each standing prompt not answered on this buffer (`answered`), the
 /// boxes its tracker predicts at the buffer's timestamp, as ROI metas marked predicted.
-fn attach_predictions(buf: &mut gst::BufferRef, info: &gst_video::VideoInfo, stream: &Stream, answered: &[&str]) {
+fn attach_predictions(
+    buf: &mut gst::BufferRef,
+    info: &gst_video::VideoInfo,
+    stream: &Stream,
+    answered: &[&str],
+) {
     let Some(pts) = buf.pts() else { return };
     let active = prompt_ids(stream);
     let (width, height) = (info.width(), info.height());
@@ -580,15 +681,30 @@ fn push_text(element: &super::PaliGemma, outbox: &Outbox, msg: &ResultMessage) {
     if !text.started {
         let stream_id = pad.create_stream_id(element, Some("text")).to_string();
         let _ = pad.push_event(gst::event::StreamStart::new(&stream_id));
-        let _ = pad.push_event(gst::event::Caps::new(&gst::Caps::builder("text/x-raw").field("format", "utf8").build()));
-        let segment = text.segment.clone().unwrap_or_else(|| gst::FormattedSegment::<gst::ClockTime>::new().upcast());
+        let _ = pad.push_event(gst::event::Caps::new(
+            &gst::Caps::builder("text/x-raw")
+                .field("format", "utf8")
+                .build(),
+        ));
+        let segment = text
+            .segment
+            .clone()
+            .unwrap_or_else(|| gst::FormattedSegment::<gst::ClockTime>::new().upcast());
         let _ = pad.push_event(gst::event::Segment::new(&segment));
         text.started = true;
     }
     let body = match &msg.result {
-        paligemma::TaskResult::Detections { detections, .. } | paligemma::TaskResult::Segmentation { detections, .. } => {
-            detections.iter().map(|d| format!("{} ({:.0},{:.0} {:.0}x{:.0})", d.label, d.bbox.x, d.bbox.y, d.bbox.w, d.bbox.h)).collect::<Vec<_>>().join("; ")
-        }
+        paligemma::TaskResult::Detections { detections, .. }
+        | paligemma::TaskResult::Segmentation { detections, .. } => detections
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} ({:.0},{:.0} {:.0}x{:.0})",
+                    d.label, d.bbox.x, d.bbox.y, d.bbox.w, d.bbox.h
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
         paligemma::TaskResult::Error { message } => format!("error: {message}"),
         other => other.text().unwrap_or_default().to_string(),
     };
@@ -606,23 +722,44 @@ fn push_text(element: &super::PaliGemma, outbox: &Outbox, msg: &ResultMessage) {
 }
 
 impl BaseTransformImpl for PaliGemma {
-    const MODE: gst_base::subclass::BaseTransformMode = gst_base::subclass::BaseTransformMode::AlwaysInPlace;
+    const MODE: gst_base::subclass::BaseTransformMode =
+        gst_base::subclass::BaseTransformMode::AlwaysInPlace;
     const PASSTHROUGH_ON_SAME_CAPS: bool = false;
     const TRANSFORM_IP_ON_PASSTHROUGH: bool = false;
 
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let settings = self.settings.lock().unwrap().clone();
         let Some(path) = settings.model.clone() else {
-            return Err(gst::error_msg!(gst::ResourceError::NotFound, ["No model: set the model property to a PaliGemma GGUF file"]));
+            return Err(gst::error_msg!(
+                gst::ResourceError::NotFound,
+                ["No model: set the model property to a PaliGemma GGUF file"]
+            ));
         };
-        let prompts = settings.prompt_set().map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ["Invalid prompts: {}", e]))?;
+        let prompts = settings.prompt_set().map_err(|e| {
+            gst::error_msg!(gst::LibraryError::Settings, ["Invalid prompts: {}", e])
+        })?;
         let obj = self.obj();
-        let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Start, "load", &format!("Loading {path}")).src(&*obj).build());
+        let _ = obj.post_message(
+            gst::message::Progress::builder(
+                gst::ProgressType::Start,
+                "load",
+                &format!("Loading {path}"),
+            )
+            .src(&*obj)
+            .build(),
+        );
         gst::info!(CAT, imp = self, "loading {} on {}", path, settings.device);
-        let device = Device::find(&settings.device).map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ["Invalid device: {}", e]))?;
+        let device = Device::find(&settings.device)
+            .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ["Invalid device: {}", e]))?;
         let opts = EngineOptions {
-            weights: WeightOptions { device, ..Default::default() },
-            context: ContextOptions { threads: settings.threads as usize, ..Default::default() },
+            weights: WeightOptions {
+                device,
+                ..Default::default()
+            },
+            context: ContextOptions {
+                threads: settings.threads as usize,
+                ..Default::default()
+            },
             lanes: settings.lanes as usize,
         };
         // Elements of one process that load the same file with the same options share
@@ -630,20 +767,54 @@ impl BaseTransformImpl for PaliGemma {
         let engine = match Engine::shared(&path, &opts) {
             Ok(e) => e,
             Err(e) => {
-                let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Error, "load", &e.to_string()).src(&*obj).build());
-                let kind = if std::path::Path::new(&path).exists() { gst::ResourceError::OpenRead } else { gst::ResourceError::NotFound };
+                let _ = obj.post_message(
+                    gst::message::Progress::builder(
+                        gst::ProgressType::Error,
+                        "load",
+                        &e.to_string(),
+                    )
+                    .src(&*obj)
+                    .build(),
+                );
+                let kind = if std::path::Path::new(&path).exists() {
+                    gst::ResourceError::OpenRead
+                } else {
+                    gst::ResourceError::NotFound
+                };
                 return Err(gst::error_msg!(kind, ["Cannot load model {}: {}", path, e]));
             }
         };
-        let _ = obj.post_message(gst::message::Progress::builder(gst::ProgressType::Complete, "load", &format!("Loaded {path}")).src(&*obj).build());
+        let _ = obj.post_message(
+            gst::message::Progress::builder(
+                gst::ProgressType::Complete,
+                "load",
+                &format!("Loaded {path}"),
+            )
+            .src(&*obj)
+            .build(),
+        );
         let config = StreamConfig {
-            source: Source { node: String::new(), camera: obj.name().to_string() },
-            sampler: FrameSamplerConfig { min_interval: Duration::from_millis(settings.interval_ms), skip_unchanged_below: None },
-            tracking: TrackerConfig { enabled: settings.track, ..Default::default() },
+            source: Source {
+                node: String::new(),
+                camera: obj.name().to_string(),
+            },
+            sampler: FrameSamplerConfig {
+                min_interval: Duration::from_millis(settings.interval_ms),
+                skip_unchanged_below: None,
+            },
+            tracking: TrackerConfig {
+                enabled: settings.track,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let stream = Stream::attach(engine, prompts, config, self.make_sink(settings.mode));
-        *self.state.lock().unwrap() = Some(State { stream: Arc::new(stream), info: None, seq: 0, last_offer: None });
+        *self.state.lock().unwrap() = Some(State {
+            stream: Arc::new(stream),
+            info: None,
+            seq: 0,
+            last_offer: None,
+        });
         *self.outbox.worst_analysis.lock().unwrap() = None;
         Ok(())
     }
@@ -662,8 +833,16 @@ impl BaseTransformImpl for PaliGemma {
     }
 
     fn set_caps(&self, incaps: &gst::Caps, _outcaps: &gst::Caps) -> Result<(), gst::LoggableError> {
-        let info = gst_video::VideoInfo::from_caps(incaps).map_err(|_| gst::loggable_error!(CAT, "invalid caps {}", incaps))?;
-        gst::debug!(CAT, imp = self, "caps {}x{} {:?}", info.width(), info.height(), info.format());
+        let info = gst_video::VideoInfo::from_caps(incaps)
+            .map_err(|_| gst::loggable_error!(CAT, "invalid caps {}", incaps))?;
+        gst::debug!(
+            CAT,
+            imp = self,
+            "caps {}x{} {:?}",
+            info.width(),
+            info.height(),
+            info.format()
+        );
         if let Some(state) = self.state.lock().unwrap().as_mut() {
             state.info = Some(info);
         }
@@ -706,7 +885,12 @@ impl BaseTransformImpl for PaliGemma {
             // analysis: report the worst seen so far (0 before the first one).
             let added = match mode {
                 Mode::Async => gst::ClockTime::ZERO,
-                Mode::Sync => self.outbox.worst_analysis.lock().unwrap().unwrap_or(gst::ClockTime::ZERO),
+                Mode::Sync => self
+                    .outbox
+                    .worst_analysis
+                    .lock()
+                    .unwrap()
+                    .unwrap_or(gst::ClockTime::ZERO),
             };
             q.set(live, min + added, max.map(|m| m + added));
             return true;
@@ -717,7 +901,11 @@ impl BaseTransformImpl for PaliGemma {
     fn transform_ip(&self, buf: &mut gst::BufferRef) -> Result<gst::FlowSuccess, gst::FlowError> {
         let (mode, attach, predict) = {
             let s = self.settings.lock().unwrap();
-            (s.mode, s.attach_meta.then_some(s.meta_kind), s.attach_meta && s.meta_kind.roi() && s.predict_boxes)
+            (
+                s.mode,
+                s.attach_meta.then_some(s.meta_kind),
+                s.attach_meta && s.meta_kind.roi() && s.predict_boxes,
+            )
         };
         let mut guard = self.state.lock().unwrap();
         let Some(state) = guard.as_mut() else {
@@ -743,7 +931,11 @@ impl BaseTransformImpl for PaliGemma {
                 // BUSY_OFFER_PERIOD, so a slow model does not cost a copy per frame.
                 let now = Instant::now();
                 let busy = state.stream.stats().busy;
-                if !busy || state.last_offer.is_none_or(|t| now.duration_since(t) >= BUSY_OFFER_PERIOD) {
+                if !busy
+                    || state
+                        .last_offer
+                        .is_none_or(|t| now.duration_since(t) >= BUSY_OFFER_PERIOD)
+                {
                     match self.frame_from_buffer(buf, &info, seq) {
                         Ok(frame) => {
                             state.stream.submit(frame);
@@ -772,9 +964,17 @@ impl BaseTransformImpl for PaliGemma {
                 let stream = state.stream.clone();
                 drop(guard);
                 match (stream.analyse(frame), attach) {
-                    (Ok(results), Some(kind)) => self.attach_results(buf, &info, &results, &prompt_ids(&stream), kind),
+                    (Ok(results), Some(kind)) => {
+                        self.attach_results(buf, &info, &results, &prompt_ids(&stream), kind)
+                    }
                     (Ok(_), None) => {}
-                    (Err(e), _) => gst::debug!(CAT, imp = self, "analysis of frame {} abandoned: {}", seq, e),
+                    (Err(e), _) => gst::debug!(
+                        CAT,
+                        imp = self,
+                        "analysis of frame {} abandoned: {}",
+                        seq,
+                        e
+                    ),
                 }
             }
         }

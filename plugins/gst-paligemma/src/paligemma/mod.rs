@@ -16,7 +16,10 @@ mod imp;
 #[enum_type(name = "GstPaliGemmaMode")]
 pub enum Mode {
     #[default]
-    #[enum_value(name = "Async: never block, results are attached to a later frame", nick = "async")]
+    #[enum_value(
+        name = "Async: never block, results are attached to a later frame",
+        nick = "async"
+    )]
     Async = 0,
     #[enum_value(name = "Sync: a sampled frame waits for its results", nick = "sync")]
     Sync = 1,
@@ -29,16 +32,25 @@ pub enum Mode {
 pub enum MetaKind {
     /// `GstVideoRegionOfInterestMeta` with a `paligemma/result` structure per object,
     /// caption or answer (masks and texts included), for any GStreamer version.
-    #[enum_value(name = "Region of interest: GstVideoRegionOfInterestMeta with paligemma/result parameters", nick = "roi")]
+    #[enum_value(
+        name = "Region of interest: GstVideoRegionOfInterestMeta with paligemma/result parameters",
+        nick = "roi"
+    )]
     Roi = 0,
     /// `GstAnalyticsRelationMeta` (GStreamer >= 1.24): object-detection entries grouped
     /// by prompt (see `analytics_meta`).
     #[cfg(feature = "analytics")]
-    #[enum_value(name = "Analytics: GstAnalyticsRelationMeta with object-detection entries", nick = "analytics")]
+    #[enum_value(
+        name = "Analytics: GstAnalyticsRelationMeta with object-detection entries",
+        nick = "analytics"
+    )]
     Analytics = 1,
     /// Both of them.
     #[cfg(feature = "analytics")]
-    #[enum_value(name = "Both the region-of-interest and the analytics metas", nick = "both")]
+    #[enum_value(
+        name = "Both the region-of-interest and the analytics metas",
+        nick = "both"
+    )]
     Both = 2,
 }
 
@@ -74,5 +86,10 @@ glib::wrapper! {
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     Mode::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     MetaKind::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
-    gst::Element::register(Some(plugin), "paligemma", gst::Rank::NONE, PaliGemma::static_type())
+    gst::Element::register(
+        Some(plugin),
+        "paligemma",
+        gst::Rank::NONE,
+        PaliGemma::static_type(),
+    )
 }
