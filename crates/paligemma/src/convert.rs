@@ -119,7 +119,7 @@ pub struct Summary {
 /// patch kernel, the token embedding, which is also read by row) fall back to f16.
 fn storage(e: &Expected, opts: &ConvertOptions) -> (Type, usize) {
     let row = *e.shape.last().unwrap();
-    if e.shape.len() == 1 || e.gguf == "v.position_embd.weight" {
+    if e.shape.len() == 1 || e.gguf == crate::format::names::POSITION_EMBD {
         return (Type::F32, row);
     }
     let wanted = if e.vision { opts.vision_ty } else { opts.ty };

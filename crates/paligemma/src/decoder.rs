@@ -4,6 +4,7 @@
 //! attention and MLP, logit softcaps and sliding-window layers.
 use crate::Result;
 use crate::config::{TextArch, TextConfig};
+use crate::format::names::*;
 use crate::kv_cache::{KvCache, Run};
 use crate::nn::{Attention, Linear, RmsNorm};
 use crate::tensor_store::{LM_HEAD, WeightNames};
@@ -47,25 +48,25 @@ impl DecoderWeights {
         let gemma2 = t.arch == TextArch::Gemma2;
         let layers = (0..t.depth)
             .map(|i| {
-                let p = |s: &str| format!("blk.{i}.{s}");
+                let p = |part: &str| text_layer(i, part);
                 let linear = |s: &str| w.linear(&p(s), false);
                 Ok(DecoderLayer {
-                    attn_norm: w.rms_norm(&p("attn_norm"), eps)?,
-                    q: linear("attn_q")?,
-                    k: linear("attn_k")?,
-                    v: linear("attn_v")?,
-                    out: linear("attn_output")?,
+                    attn_norm: w.rms_norm(&p(T_ATTN_NORM), eps)?,
+                    q: linear(T_ATTN_Q)?,
+                    k: linear(T_ATTN_K)?,
+                    v: linear(T_ATTN_V)?,
+                    out: linear(T_ATTN_OUT)?,
                     post_attn_norm: if gemma2 {
-                        Some(w.rms_norm(&p("post_attention_norm"), eps)?)
+                        Some(w.rms_norm(&p(T_POST_ATTN_NORM), eps)?)
                     } else {
                         None
                     },
-                    ffn_norm: w.rms_norm(&p("ffn_norm"), eps)?,
-                    gate: linear("ffn_gate")?,
-                    up: linear("ffn_up")?,
-                    down: linear("ffn_down")?,
+                    ffn_norm: w.rms_norm(&p(T_FFN_NORM), eps)?,
+                    gate: linear(T_FFN_GATE)?,
+                    up: linear(T_FFN_UP)?,
+                    down: linear(T_FFN_DOWN)?,
                     post_ffn_norm: if gemma2 {
-                        Some(w.rms_norm(&p("post_ffw_norm"), eps)?)
+                        Some(w.rms_norm(&p(T_POST_FFN_NORM), eps)?)
                     } else {
                         None
                     },
@@ -73,7 +74,7 @@ impl DecoderWeights {
                 })
             })
             .collect::<Result<_>>()?;
-        let token_embd = w.tensor("token_embd.weight")?;
+        let token_embd = w.tensor(TOKEN_EMBD)?;
         Ok(DecoderWeights {
             token_embd,
             lm_head: if w.has(LM_HEAD) {
@@ -86,7 +87,7 @@ impl DecoderWeights {
                 }
             },
             layers,
-            output_norm: w.rms_norm("output_norm", eps)?,
+            output_norm: w.rms_norm(OUTPUT_NORM, eps)?,
             attention: w.attention(),
         })
     }

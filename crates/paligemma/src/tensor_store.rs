@@ -3,6 +3,7 @@
 //! device otherwise. The graphs get typed structs of handles ([`crate::vision::VisionWeights`],
 //! [`crate::decoder::DecoderWeights`], [`crate::segment::MaskDecoderWeights`]) resolved
 //! here once, so a missing tensor is a load error and a graph build looks nothing up.
+use crate::format::names::{POSITION_EMBD, TOKEN_EMBD};
 use crate::nn::{Attention, LayerNorm, Linear, RmsNorm};
 use crate::{Error, Result};
 use ggml::gguf::{GgufFile, TensorInfo};
@@ -72,10 +73,7 @@ impl WeightStore {
         let mut groups: Vec<Vec<(String, &TensorInfo)>> = vec![Vec::new(); 2 + extra.len()];
         for info in &gguf.tensors {
             let matrix = info.shape.len() == 2
-                && !matches!(
-                    info.name.as_str(),
-                    "token_embd.weight" | "v.position_embd.weight"
-                )
+                && ![TOKEN_EMBD, POSITION_EMBD].contains(&info.name.as_str())
                 && !info.name.starts_with("seg.");
             let g = if !matrix {
                 None
@@ -89,7 +87,7 @@ impl WeightStore {
             // copy of its own while the row lookups keep using the file. Not a packed one in
             // f16 or bf16: that copy would be large (1.2 GB for 3B), and only decoding's
             // one-row products, bound by memory, read the head.
-            if info.name == "token_embd.weight" {
+            if info.name == TOKEN_EMBD {
                 let half = matches!(info.ty, ggml::Type::F16 | ggml::Type::BF16);
                 let g = if pack && !half && packed::packable(info.ty, &info.shape) {
                     Some(packed_group)

@@ -10,6 +10,7 @@
 //! special token ids inside the vocabulary. A file that passes runs; a file that fails
 //! gets an error naming the key or tensor and what was expected.
 use crate::config::Config;
+use crate::format::names::{PATCH_EMBD, POSITION_EMBD};
 pub use crate::limits::*;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -45,9 +46,9 @@ enum Role {
 
 impl Role {
     fn of(name: &str, dims: usize) -> Role {
-        if name == "v.patch_embd.weight" {
+        if name.strip_suffix(".weight") == Some(PATCH_EMBD) {
             Role::ConvKernel
-        } else if dims == 2 && name != "v.position_embd.weight" && !name.starts_with("seg.") {
+        } else if dims == 2 && name != POSITION_EMBD && !name.starts_with("seg.") {
             Role::Matrix
         } else {
             Role::Float

@@ -3,6 +3,7 @@
 //! learned positions, pre-norm encoder layers, a final layer norm, the projector.
 use crate::Result;
 use crate::config::VisionConfig;
+use crate::format::names::*;
 use crate::nn::{Attention, LayerNorm, Linear};
 use crate::tensor_store::WeightNames;
 use ggml::{Context, SharedStore, Tensor, TensorRef};
@@ -37,26 +38,26 @@ impl VisionWeights {
         let eps = cfg.ln_eps;
         let layers = (0..cfg.depth)
             .map(|i| {
-                let p = |s: &str| format!("v.blk.{i}.{s}");
+                let p = |part: &str| vision_layer(i, part);
                 Ok(EncoderLayer {
-                    ln1: w.layer_norm(&p("ln1"), eps)?,
-                    q: w.linear(&p("attn_q"), true)?,
-                    k: w.linear(&p("attn_k"), true)?,
-                    v: w.linear(&p("attn_v"), true)?,
-                    out: w.linear(&p("attn_out"), true)?,
-                    ln2: w.layer_norm(&p("ln2"), eps)?,
-                    up: w.linear(&p("ffn_up"), true)?,
-                    down: w.linear(&p("ffn_down"), true)?,
+                    ln1: w.layer_norm(&p(V_LN1), eps)?,
+                    q: w.linear(&p(V_ATTN_Q), true)?,
+                    k: w.linear(&p(V_ATTN_K), true)?,
+                    v: w.linear(&p(V_ATTN_V), true)?,
+                    out: w.linear(&p(V_ATTN_OUT), true)?,
+                    ln2: w.layer_norm(&p(V_LN2), eps)?,
+                    up: w.linear(&p(V_FFN_UP), true)?,
+                    down: w.linear(&p(V_FFN_DOWN), true)?,
                 })
             })
             .collect::<Result<_>>()?;
         Ok(VisionWeights {
-            patch_kernel: w.tensor("v.patch_embd.weight")?,
-            patch_bias: w.tensor("v.patch_embd.bias")?,
-            positions: w.tensor("v.position_embd.weight")?,
+            patch_kernel: w.tensor(&format!("{PATCH_EMBD}.weight"))?,
+            patch_bias: w.tensor(&format!("{PATCH_EMBD}.bias"))?,
+            positions: w.tensor(POSITION_EMBD)?,
             layers,
-            post_ln: w.layer_norm("v.post_ln", eps)?,
-            projector: w.linear("mm", true)?,
+            post_ln: w.layer_norm(VISION_POST_LN, eps)?,
+            projector: w.linear(PROJECTOR, true)?,
             attention: w.attention(),
         })
     }
