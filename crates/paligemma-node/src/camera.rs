@@ -625,7 +625,7 @@ pub async fn start(
             frames::check(cam.pipeline.as_deref(), cam.uri.as_deref())
                 .with_context(|| format!("camera {}", cam.name))?;
             let c = ctx.clone();
-            let sink: source::FrameSink = Arc::new(move |img, pts| c.deliver(img, pts, None));
+            let sink: frames::FrameSink = Arc::new(move |img, pts| c.deliver(img, pts, None));
             let (pipeline, uri, health) = (cam.pipeline.clone(), cam.uri.clone(), health.clone());
             let (first, most) = (
                 Duration::from_millis(cam.restart_backoff_ms),

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use gst::prelude::*;
 use paligemma::preprocess::{PixelFormat, RgbImage};
+use std::sync::Arc;
 
 /// What a pipeline's bus says that ends its stream.
 #[derive(Debug)]
@@ -10,6 +11,9 @@ pub enum BusEvent {
     Eos,
     Error(String),
 }
+
+/// Where a GStreamer source's frames go.
+pub type FrameSink = Arc<dyn Fn(RgbImage, Option<u64>) + Send + Sync>;
 
 /// A GStreamer pipeline feeding frames to a callback from its streaming thread.
 pub struct GstSource {
@@ -48,7 +52,7 @@ impl GstSource {
     pub fn start(
         pipeline: Option<&str>,
         uri: Option<&str>,
-        on_frame: crate::source::FrameSink,
+        on_frame: FrameSink,
         on_bus: impl Fn(BusEvent) + Send + Sync + 'static,
     ) -> Result<GstSource> {
         let desc = description(pipeline, uri)?;

@@ -9,8 +9,7 @@
 //! tried again the same way). Each transition is reported once, through the callback
 //! the camera gives (its log and `<camera>/errors`), and status shows the state, since
 //! when, the restarts and the last error.
-use crate::frames::{BusEvent, GstSource};
-use paligemma::preprocess::RgbImage;
+use crate::frames::{BusEvent, FrameSink, GstSource};
 use paligemma_stream::message::{SourceState, SourceStatus, unix_time_ns};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
@@ -202,9 +201,6 @@ impl Backoff {
 
 /// A source that streamed this long before it ended starts again from the first back-off.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
-
-/// Where a GStreamer source's frames go.
-pub type FrameSink = Arc<dyn Fn(RgbImage, Option<u64>) + Send + Sync>;
 
 /// Runs a camera's GStreamer pipeline (or `uri`) for as long as the camera runs: started,
 /// watched for EOS and errors, and started again after the back-off, for ever.
