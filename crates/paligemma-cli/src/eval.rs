@@ -261,12 +261,7 @@ fn match_truth(found: &[Detection], truth: &[LabelledBox]) -> Vec<bool> {
             .iter()
             .enumerate()
             .filter(|(i, d)| !used[*i] && d.label == b.label)
-            .map(|(i, d)| {
-                (
-                    i,
-                    iou(truth_box, [d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2]),
-                )
-            })
+            .map(|(i, d)| (i, iou(truth_box, corners(d))))
             .max_by(|a, b| a.1.total_cmp(&b.1));
         if let Some((i, _)) = best.filter(|(_, v)| *v >= 0.5) {
             used[i] = true;
@@ -275,7 +270,13 @@ fn match_truth(found: &[Detection], truth: &[LabelledBox]) -> Vec<bool> {
     used
 }
 
-fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+/// A detection's box in pixels as [x1, y1, x2, y2].
+pub(crate) fn corners(d: &Detection) -> [f32; 4] {
+    [d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2]
+}
+
+/// The intersection over union of two [x1, y1, x2, y2] boxes.
+pub(crate) fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
     let ix = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
     let iy = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
     let inter = ix * iy;

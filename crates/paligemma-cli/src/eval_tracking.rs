@@ -7,6 +7,7 @@
 //! [`Tracker`] at the frame's time (30 fps). Detections and true objects are matched per
 //! analysed frame: same label, IoU >= 0.5, the best pairs first. Objects less than half
 //! visible (hidden by another) count neither as missed nor, when found, as false.
+use crate::eval::{corners, iou};
 use anyhow::{Context, Result};
 use paligemma::output::Detection;
 use paligemma::preprocess::RgbImage;
@@ -70,20 +71,12 @@ impl TrackingScores {
     }
 }
 
-fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let area = |r: [f32; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let union = area(a) + area(b) - w * h;
-    if union > 0.0 { w * h / union } else { 0.0 }
-}
-
 /// Pairs (true object, detection) of the same label at IoU >= 0.5, best first.
 fn match_frame(truth: &[ObjectTruth], found: &[Detection]) -> Vec<(usize, usize)> {
     let mut pairs: Vec<(f32, usize, usize)> = Vec::new();
     for (t, o) in truth.iter().enumerate() {
         for (d, det) in found.iter().enumerate() {
-            let v = iou(o.bbox, [det.bbox.x1, det.bbox.y1, det.bbox.x2, det.bbox.y2]);
+            let v = iou(o.bbox, corners(det));
             if det.label == o.label && v >= 0.5 {
                 pairs.push((v, t, d));
             }
@@ -156,11 +149,10 @@ impl Scorer {
         let matched_det: BTreeSet<usize> = pairs.iter().map(|p| p.1).collect();
         let visible = |o: &ObjectTruth| o.visible >= MIN_VISIBLE;
         let on_hidden = |det: &Detection| {
-            frame.objects.iter().any(|o| {
-                !visible(o)
-                    && o.label == det.label
-                    && iou(o.bbox, [det.bbox.x1, det.bbox.y1, det.bbox.x2, det.bbox.y2]) >= 0.5
-            })
+            frame
+                .objects
+                .iter()
+                .any(|o| !visible(o) && o.label == det.label && iou(o.bbox, corners(det)) >= 0.5)
         };
         // Unmatched detections are false unless they sit on a hidden object.
         s.false_positives += found
@@ -206,7 +198,7 @@ impl Scorer {
         // Greedy identity assignment: largest overlaps first, each true id and track id once.
         let mut overlaps: Vec<((u32, u32, u64), usize)> =
             std::mem::take(&mut self.shared).into_iter().collect();
-        overlaps.sort_by(|a, b| b.1.cmp(&a.1));
+        overlaps.sort_by_key(|o| std::cmp::Reverse(o.1));
         let (mut truths, mut tracks, mut idtp) = (BTreeSet::new(), BTreeSet::new(), 0usize);
         for ((seq, id, track), n) in overlaps {
             if !truths.contains(&(seq, id)) && !tracks.contains(&(seq, track)) {
@@ -295,7 +287,7 @@ pub fn evaluate(
         let mut previous: Option<&FrameTruth> = None;
         for frame in frames
             .iter()
-            .filter(|f| f.frame as usize % analyse_every.max(1) == 0)
+            .filter(|f| (f.frame as usize).is_multiple_of(analyse_every.max(1)))
         {
             if limit > 0 && by_model.scores.analysed_frames >= limit {
                 break;

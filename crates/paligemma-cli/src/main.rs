@@ -497,15 +497,12 @@ fn run_prompt(
                 if d.mask.is_some() { " (mask)" } else { "" }
             );
         }
-        if let paligemma::TaskResult::Detections { dropped, .. }
-        | paligemma::TaskResult::Segmentation { dropped, .. } = &answer.result
-        {
-            if !dropped.is_none() {
-                eprintln!(
-                    "  dropped: {} below --min-score, {} duplicates",
-                    dropped.below_min_score, dropped.duplicates
-                );
-            }
+        let dropped = answer.result.dropped();
+        if !dropped.is_none() {
+            eprintln!(
+                "  dropped: {} below --min-score, {} duplicates",
+                dropped.below_min_score, dropped.duplicates
+            );
         }
     }
     Ok(())

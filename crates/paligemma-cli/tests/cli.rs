@@ -199,25 +199,32 @@ fn devices_lists_a_working_cpu() {
     assert!(features.split(' ').any(|f| f == baseline), "{features}");
 }
 
+/// `paligemma eval --json` of the demo model on the committed `set`, printed.
+fn eval_demo(set: &str, extra: &[&str]) -> serde_json::Value {
+    let args = [
+        "eval",
+        "-m",
+        "models/demo/paligemma2-demo-f16.gguf",
+        "--set",
+        set,
+        "--threads",
+        "2",
+        "--json",
+    ];
+    let (ok, stdout, stderr) = paligemma(&[&args[..], extra].concat());
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    println!("{v}");
+    v
+}
+
 /// The bundled demo model on the committed held-out frames, through the engine and
 /// the parsers. On them it finds every box and names the objects of 23 of the 24 captions
 /// (tests/reference/README.md has the 200-frame figures); these floors, a little under
 /// that, catch a regression anywhere from pixels to parsed boxes.
 #[test]
 fn demo_model_evaluation() {
-    let (ok, stdout, stderr) = paligemma(&[
-        "eval",
-        "-m",
-        "models/demo/paligemma2-demo-f16.gguf",
-        "--set",
-        "tests/fixtures/demo_eval",
-        "--threads",
-        "2",
-        "--json",
-    ]);
-    assert!(ok, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    println!("{v}");
+    let v = eval_demo("tests/fixtures/demo_eval", &[]);
     for (label, found) in v["scores"]["per_label"].as_object().unwrap() {
         let recall = found[1].as_f64().unwrap() / found[0].as_f64().unwrap();
         assert!(recall >= 0.8, "{label} recall {recall}");
@@ -239,20 +246,7 @@ fn demo_model_evaluation() {
 /// crossings to at most about one switch per 100 frames per object.
 #[test]
 fn tracking_evaluation() {
-    let (ok, stdout, stderr) = paligemma(&[
-        "eval",
-        "-m",
-        "models/demo/paligemma2-demo-f16.gguf",
-        "--set",
-        "tests/fixtures/track_seq",
-        "--tracking",
-        "--threads",
-        "2",
-        "--json",
-    ]);
-    assert!(ok, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    println!("{v}");
+    let v = eval_demo("tests/fixtures/track_seq", &["--tracking"]);
     let (model, truth) = (&v["model"], &v["true_boxes"]);
     assert_eq!(model["analysed_frames"], 30);
     assert_eq!(

@@ -666,12 +666,9 @@ fn finish_job(job: Job, deliver: bool) -> bool {
                 st.stats.errors += 1;
             }
             st.stats.detections += msg.result.detections().len() as u64;
-            if let TaskResult::Detections { dropped, .. }
-            | TaskResult::Segmentation { dropped, .. } = &msg.result
-            {
-                st.stats.detections_dropped.below_min_score += dropped.below_min_score;
-                st.stats.detections_dropped.duplicates += dropped.duplicates;
-            }
+            let dropped = msg.result.dropped();
+            st.stats.detections_dropped.below_min_score += dropped.below_min_score;
+            st.stats.detections_dropped.duplicates += dropped.duplicates;
             st.stats.last_latency_ms = msg.latency_ms;
         }
         if !matches!(reply, Reply::Ask(_)) && !messages.is_empty() {

@@ -33,8 +33,8 @@
 //! ```
 //!
 //! The parts, in the order an image goes through them:
-//! - [`preprocess`]: images (`rgb_image`: files, encoded bytes, raw and YUV frames)
-//!   -> pixel values, exactly as the reference.
+//! - [`preprocess`]: images to pixel values, exactly as the reference; the images come
+//!   from files, encoded bytes, raw and YUV frames (`rgb_image`).
 //! - [`Weights`] ([`weights`]): a model file loaded once on a device
 //!   ([`WeightOptions`]), resolved into typed structs (`tensor_store`, `nn`);
 //!   [`Model`] ([`model`]): a context of those weights ([`ContextOptions`]: KV cache,

@@ -262,6 +262,17 @@ impl TaskResult {
             _ => &[],
         }
     }
+
+    /// What the detection filter dropped from a detection or segmentation result;
+    /// nothing for the other kinds.
+    pub fn dropped(&self) -> Dropped {
+        match self {
+            TaskResult::Detections { dropped, .. } | TaskResult::Segmentation { dropped, .. } => {
+                *dropped
+            }
+            _ => Dropped::default(),
+        }
+    }
 }
 
 /// The kind of a [`TaskResult`], as its `kind` field is written (`"detections"`...).

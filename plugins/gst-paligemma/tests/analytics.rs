@@ -12,37 +12,18 @@ use gst_analytics::{
 use gstpaligemma::result_meta::Region;
 use std::path::PathBuf;
 
-fn demo_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo/paligemma2-demo-f16.gguf")
-}
+mod common;
 
 /// The buffers of `frames` ball frames (320x240) after `paligemma` in sync mode with
 /// `prompts` and `meta-kind`, and the overlay when asked for.
 fn run(prompts: &str, meta_kind: &str, overlay: bool, frames: u32) -> Vec<gst::Buffer> {
-    gst::init().unwrap();
-    gstpaligemma::plugin_register_static().unwrap();
-    let desc = format!(
+    common::sink_buffers(&format!(
         "videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,format=RGBA,width=320,height=240,framerate=30/1 \
          ! paligemma model={model} threads=1 mode=sync prompts=\"{prompts}\" max-tokens=12 meta-kind={meta_kind} \
          {overlay} ! appsink name=out sync=false",
-        model = demo_model().display(),
+        model = common::demo_model().display(),
         overlay = if overlay { "! paligemmaoverlay" } else { "" },
-    );
-    let pipeline = gst::parse::launch(&desc)
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-    let sink = pipeline
-        .by_name("out")
-        .unwrap()
-        .downcast::<gst_app::AppSink>()
-        .unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let buffers = std::iter::from_fn(|| sink.pull_sample().ok())
-        .map(|s| s.buffer_owned().unwrap())
-        .collect();
-    pipeline.set_state(gst::State::Null).unwrap();
-    buffers
+    ))
 }
 
 #[test]
@@ -148,29 +129,13 @@ fn the_overlay_draws_the_same_boxes_from_either_meta() {
     };
     let plain = frame("roi");
     let from_analytics = frame("analytics");
-    let untouched = {
-        let desc = "videotestsrc num-buffers=1 pattern=ball ! video/x-raw,format=RGBA,width=320,height=240 ! appsink name=out";
-        let p = gst::parse::launch(desc)
-            .unwrap()
-            .downcast::<gst::Pipeline>()
-            .unwrap();
-        let sink = p
-            .by_name("out")
-            .unwrap()
-            .downcast::<gst_app::AppSink>()
-            .unwrap();
-        p.set_state(gst::State::Playing).unwrap();
-        let b = sink
-            .pull_sample()
-            .unwrap()
-            .buffer_owned()
-            .unwrap()
-            .map_readable()
-            .unwrap()
-            .to_vec();
-        p.set_state(gst::State::Null).unwrap();
-        b
-    };
+    let untouched = common::sink_buffers(
+        "videotestsrc num-buffers=1 pattern=ball ! video/x-raw,format=RGBA,width=320,height=240 ! appsink name=out",
+    )
+    .remove(0)
+    .map_readable()
+    .unwrap()
+    .to_vec();
     assert_ne!(plain, untouched, "the overlay drew the ball's box");
     assert!(
         plain == from_analytics,
@@ -199,7 +164,7 @@ fn objectdetectionoverlay_draws_our_boxes() {
          ! objectdetectionoverlay object-detection-outline-color=0xffff0000 draw-labels=false \
          ! videoconvert ! video/x-raw,format=RGBA ! tee name=t ! queue ! appsink name=out sync=false \
          t. ! queue ! pngenc ! filesink location={png}",
-        model = demo_model().display(),
+        model = common::demo_model().display(),
         png = png.display(),
     );
     let pipeline = gst::parse::launch(&desc)

@@ -1,6 +1,6 @@
 //! The overlay draws boxes where the results say, rendered to a PNG, and follows the
 //! tracked ball between two answers.
-use gst::prelude::*;
+mod common;
 use gstpaligemma::result_meta::Region;
 use paligemma::ResultKind;
 
@@ -158,30 +158,11 @@ fn overlay_forgets_regions_of_removed_prompts() {
 /// the element with the demo model (async, detect ball, an answer at most every
 /// `interval` ms) and the overlay.
 fn ball_pipeline(frames: u32, interval: u32, props: &str) -> Vec<gst::Buffer> {
-    gst::init().unwrap();
-    gstpaligemma::plugin_register_static().unwrap();
-    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/demo/paligemma2-demo-f16.gguf");
-    let desc = format!(
+    common::sink_buffers(&format!(
         "videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,format=RGBA,width=320,height=240,framerate=30/1 \
          ! paligemma model={} threads=1 prompts=\"detect ball\" max-tokens=12 interval={interval} {props} ! paligemmaoverlay ! appsink name=out sync=true",
-        model.display()
-    );
-    let pipeline = gst::parse::launch(&desc)
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-    let sink = pipeline
-        .by_name("out")
-        .unwrap()
-        .downcast::<gst_app::AppSink>()
-        .unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let buffers = std::iter::from_fn(|| sink.pull_sample().ok())
-        .map(|s| s.buffer_owned().unwrap())
-        .collect();
-    pipeline.set_state(gst::State::Null).unwrap();
-    buffers
+        common::demo_model().display()
+    ))
 }
 
 /// Between two answers, every frame carries the tracked ball where the tracker predicts

@@ -604,9 +604,13 @@ fn attach_predictions(
     answered: &[&str],
 ) {
     let Some(pts) = buf.pts() else { return };
+    let predicted = stream.predict(pts.nseconds() as f64 / 1e9);
+    if predicted.iter().all(|(_, boxes)| boxes.is_empty()) {
+        return; // nothing tracked: no need for the prompt list on this frame
+    }
     let active = prompt_ids(stream);
     let (width, height) = (info.width(), info.height());
-    for (prompt_id, boxes) in stream.predict(pts.nseconds() as f64 / 1e9) {
+    for (prompt_id, boxes) in predicted {
         if answered.contains(&prompt_id.as_str()) || !active.contains(&prompt_id) {
             continue;
         }
