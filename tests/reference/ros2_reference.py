@@ -53,10 +53,17 @@ samples = {
     'vision_msgs/msg/Detection2DArray#empty': T['vision_msgs/msg/Detection2DArray'](header=header(0, 0, ''), detections=[]),
     'sensor_msgs/msg/Image': T['sensor_msgs/msg/Image'](header=h, height=2, width=3, encoding='rgb8', is_bigendian=0, step=9, data=np.arange(18, dtype=np.uint8)),
     'sensor_msgs/msg/CompressedImage': T['sensor_msgs/msg/CompressedImage'](header=h, format='jpeg', data=np.array([0xff, 0xd8, 0xff, 0xe0, 1], dtype=np.uint8)),
+    'diagnostic_msgs/msg/DiagnosticArray': T['diagnostic_msgs/msg/DiagnosticArray'](header=header(1795000000, 5, ''), status=[
+        T['diagnostic_msgs/msg/DiagnosticStatus'](level=1, name='paligemma: camera front', message='stalled: no frame for 2.0 s',
+            hardware_id='front', values=[T['diagnostic_msgs/msg/KeyValue'](key='state', value='stalled'),
+                                         T['diagnostic_msgs/msg/KeyValue'](key='restarts', value='3')]),
+        T['diagnostic_msgs/msg/DiagnosticStatus'](level=0, name='paligemma: node', message='', hardware_id='', values=[]),
+    ]),
 }
 out = {'hashes': {}, 'cdr': {}}
 for name in ['builtin_interfaces/msg/Time', 'std_msgs/msg/Header', 'std_msgs/msg/String', 'geometry_msgs/msg/PoseWithCovariance',
-             'sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage', *VISION_MSGS]:
+             'sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage', *VISION_MSGS,
+             'diagnostic_msgs/msg/KeyValue', 'diagnostic_msgs/msg/DiagnosticStatus', 'diagnostic_msgs/msg/DiagnosticArray']:
     out['hashes'][name] = store.hash_rihs01(name)
 for key, msg in samples.items():
     out['cdr'][key] = bytes(store.serialize_cdr(msg, key.split('#')[0])).hex()

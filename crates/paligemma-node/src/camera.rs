@@ -13,7 +13,7 @@ use paligemma_ros2::images::{self, ImageKind};
 use paligemma_ros2::msgs::Header;
 use paligemma_stream::message::{FrameInfo, STATUS_SCHEMA, Source, StatusMessage};
 use paligemma_stream::{
-    Engine, Frame, FrameSamplerConfig, ResultMessage, Stream, StreamConfig, payload,
+    Engine, Frame, FrameSamplerConfig, ResultMessage, Stream, StreamConfig, StreamStats, payload,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -164,9 +164,28 @@ pub struct Camera {
     pub publisher: Publisher,
     /// Its tasks, the frame source's supervisor among them.
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub health: CameraHealth,
     _token: zenoh::liveliness::LivelinessToken,
     /// The ROS 2 subscription's token, for a camera that reads a ROS 2 topic.
     _ros2_subscription: Option<zenoh::liveliness::LivelinessToken>,
+}
+
+/// A camera as the node's diagnostics read it: its counters and its source's state.
+#[derive(Clone)]
+pub struct CameraHealth {
+    pub name: String,
+    ctx: Ctx,
+}
+
+impl CameraHealth {
+    /// The counters status shows (the stream's and the node's own).
+    pub fn counters(&self) -> StreamStats {
+        self.ctx.counters().0
+    }
+
+    pub fn source(&self) -> paligemma_stream::message::SourceStatus {
+        self.ctx.health.status()
+    }
 }
 
 /// What every task of a camera shares.
@@ -445,45 +464,46 @@ async fn prompt_list(ctx: Ctx) -> Result<()> {
     Ok(())
 }
 
-/// `<camera>/status` every `period`: the stream's counters with the node's own.
-async fn status(ctx: Ctx, period: Duration, model: String, device: String) -> Result<()> {
-    let mut tick = tokio::time::interval(period);
-    loop {
-        tick.tick().await;
-        let mut stats = ctx.worker.stats();
-        // The node's own errors and refused input count as errors too, refused asks as
-        // refused requests; `refusals` has them by kind.
-        let refusals = ctx.publisher.refusals.counts();
+impl Ctx {
+    /// The stream's counters with the node's own: its errors and refused input count
+    /// as errors too, refused asks as refused requests; the refusals by kind beside.
+    fn counters(&self) -> (StreamStats, std::collections::BTreeMap<&'static str, u64>) {
+        let mut stats = self.worker.stats();
+        let refusals = self.publisher.refusals.counts();
         let count = |kinds: &[RefusalKind]| {
             kinds
                 .iter()
                 .map(|k| refusals.get(k.name()).copied().unwrap_or(0))
                 .sum::<u64>()
         };
-        stats.errors += ctx.publisher.errors.load(Ordering::Relaxed)
+        stats.errors += self.publisher.errors.load(Ordering::Relaxed)
             + count(&[
                 RefusalKind::Frame,
                 RefusalKind::Ros2Image,
                 RefusalKind::PromptUpdate,
             ]);
         stats.requests_refused += count(&[RefusalKind::AskRate, RefusalKind::Ask]);
+        (stats, refusals)
+    }
+}
+
+/// `<camera>/status` every `period`: the stream's counters with the node's own.
+async fn status(ctx: Ctx, period: Duration, model: String, device: String) -> Result<()> {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let (stats, refusals) = ctx.counters();
         let p = &ctx.publisher;
-        let (source, model, device, source_state) = (
-            p.source.clone(),
-            model.clone(),
-            device.clone(),
-            Some(ctx.health.status()),
-        );
         p.put(
             &p.key("status"),
             &StatusMessage {
                 schema: STATUS_SCHEMA,
-                source,
-                model,
-                device,
+                source: p.source.clone(),
+                model: model.clone(),
+                device: device.clone(),
                 stats,
                 refusals,
-                source_state,
+                source_state: Some(ctx.health.status()),
             },
         );
     }
@@ -705,6 +725,10 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
     Ok(Camera {
         name: cam.name.clone(),
+        health: CameraHealth {
+            name: cam.name.clone(),
+            ctx,
+        },
         worker,
         publisher,
         tasks,

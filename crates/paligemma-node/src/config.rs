@@ -152,7 +152,15 @@ pub struct ZenohConfig {
     pub connect: Vec<String>,
     /// Multicast scouting (off unless set here or in `config`).
     pub multicast_scouting: Option<bool>,
+    /// Longest wait, in milliseconds, between tries to reach a router or peer of
+    /// `connect` that went away: it bounds how long after a restarted router is back
+    /// the node is back too. Default 1000 (tries 250 ms apart at first, then doubling)
+    /// unless `config` is given; Zenoh's own default waits up to 4 s.
+    pub reconnect_max_ms: Option<u64>,
 }
+
+/// [`ZenohConfig::reconnect_max_ms`] when neither it nor a Zenoh file says.
+const DEFAULT_RECONNECT_MAX_MS: u64 = 1000;
 
 /// Where the node listens when neither `listen` nor a Zenoh configuration file says:
 /// loopback only, so that nothing off this machine reaches it by default (and not
@@ -185,6 +193,10 @@ pub struct Ros2Config {
     /// Keep-last depth the publishers announce (reliable, volatile).
     #[serde(default = "default_depth")]
     pub depth: u32,
+    /// Seconds between `diagnostic_msgs/msg/DiagnosticArray` samples on `/diagnostics`
+    /// (one status per camera and one for the node); 0 turns them off.
+    #[serde(default = "default_diagnostics_period")]
+    pub diagnostics_period_s: f64,
 }
 
 impl Default for Ros2Config {
@@ -196,6 +208,7 @@ impl Default for Ros2Config {
             node_name: default_ros_node(),
             distro: Default::default(),
             depth: default_depth(),
+            diagnostics_period_s: default_diagnostics_period(),
         }
     }
 }
@@ -211,6 +224,9 @@ fn default_ros_node() -> String {
 }
 fn default_depth() -> u32 {
     10
+}
+fn default_diagnostics_period() -> f64 {
+    1.0
 }
 
 /// Where a camera's frames come from: exactly one of pipeline, uri, zenoh_key,
@@ -348,6 +364,15 @@ impl Config {
         if self.errors_per_s == 0 {
             bail!("errors_per_s must be at least 1");
         }
+        let period = self.ros2.diagnostics_period_s;
+        if !(period.is_finite() && period >= 0.0) {
+            bail!(
+                "[ros2] diagnostics_period_s must be 0 (off) or a positive number of seconds, not {period}"
+            );
+        }
+        if self.zenoh.reconnect_max_ms == Some(0) {
+            bail!("[zenoh] reconnect_max_ms must be at least 1 millisecond");
+        }
         if self.cameras.is_empty() {
             bail!("no camera configured (add a [[camera]] section or --camera NAME=PIPELINE)");
         }
@@ -437,6 +462,21 @@ impl Config {
                 &mut config,
                 "connect/endpoints",
                 serde_json::to_string(&z.connect)?,
+            )?;
+        }
+        let reconnect = match (z.reconnect_max_ms, &z.config) {
+            (Some(ms), _) => Some(ms),
+            (None, None) => Some(DEFAULT_RECONNECT_MAX_MS),
+            (None, Some(_)) => None,
+        };
+        if let Some(most) = reconnect {
+            set(
+                &mut config,
+                "connect/retry",
+                format!(
+                    "{{period_init_ms: {}, period_max_ms: {most}, period_increase_factor: 2}}",
+                    most.min(250)
+                ),
             )?;
         }
         // Off unless asked for: in peer mode, multicast scouting connects to every peer

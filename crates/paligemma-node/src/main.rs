@@ -9,7 +9,8 @@
 //! - `<prefix>/<camera>/prompts`: put a list (TOML or JSON) to replace the standing prompts; get to read it
 //! - liveliness tokens `<prefix>` (the node) and `<prefix>/<camera>`
 //!
-//! With `[ros2]`, the results also go to a ROS 2 graph on `rmw_zenoh` (see `ros2.rs`).
+//! With `[ros2]`, the results also go to a ROS 2 graph on `rmw_zenoh` (see `ros2.rs`),
+//! and the node's health to `/diagnostics` (see `diagnostics.rs`).
 use anyhow::{Context, Result};
 use clap::Parser;
 use config::{Config, Encoding, OnShutdown};
@@ -20,8 +21,10 @@ use std::time::Duration;
 
 mod camera;
 mod config;
+mod diagnostics;
 mod frames;
 mod limiter;
+mod links;
 mod refusals;
 mod ros2;
 mod source;
@@ -176,11 +179,37 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Whether the node is told to keep links to routers or peers (client mode, or
+/// `connect` endpoints), whose loss it must then report.
+fn expects_links(config: &zenoh::Config) -> bool {
+    let json = |key| {
+        config
+            .get_json(key)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+    };
+    let client = json("mode").is_some_and(|m| m == "client");
+    let connects = json("connect/endpoints").is_some_and(|e| match e {
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::Object(o) => o
+            .values()
+            .any(|v| v.as_array().is_some_and(|a| !a.is_empty())),
+        _ => false,
+    });
+    client || connects
+}
+
 async fn run(cfg: Config) -> Result<()> {
     gst::init().context("initialising GStreamer")?;
-    let session = zenoh::open(cfg.zenoh_config()?)
+    let zenoh_config = cfg.zenoh_config()?;
+    let links = expects_links(&zenoh_config).then(|| Arc::new(links::Links::default()));
+    let session = zenoh::open(zenoh_config)
         .await
         .map_err(|e| anyhow::anyhow!("opening the zenoh session: {e}"))?;
+    let mut node_tasks = Vec::new();
+    if let Some(links) = &links {
+        node_tasks.push(tokio::spawn(links::watch(session.clone(), links.clone())));
+    }
     let prefix = cfg.prefix();
     let node_token = session
         .liveliness()
@@ -218,6 +247,18 @@ async fn run(cfg: Config) -> Result<()> {
             .await?,
         );
     }
+    if let Some(ros2) = ros2
+        .as_ref()
+        .filter(|_| cfg.ros2.diagnostics_period_s > 0.0)
+    {
+        node_tasks.push(tokio::spawn(diagnostics::publish(
+            ros2.clone(),
+            cfg.ros2.node_name.clone(),
+            cameras.iter().map(|c| c.health.clone()).collect(),
+            links.clone(),
+            Duration::from_secs_f64(cfg.ros2.diagnostics_period_s),
+        )));
+    }
     tracing::info!("serving {} camera(s) under {prefix}", cameras.len());
     println!(
         "paligemma-node: serving {} camera(s) under {prefix}",
@@ -225,6 +266,9 @@ async fn run(cfg: Config) -> Result<()> {
     );
     shutdown_signal().await;
     tracing::info!("shutting down");
+    for t in node_tasks {
+        t.abort();
+    }
     // Every camera's tasks first (their frame sources stop with them), then each stream.
     for cam in &cameras {
         for t in &cam.tasks {

@@ -5,6 +5,7 @@
 use crate::config::Ros2Config;
 use anyhow::{Result, anyhow};
 use paligemma_ros2::keys::{EntityKind, NodeName, attachment, gid, topic_key};
+use paligemma_ros2::msgs::{DiagnosticArray, to_cdr};
 use paligemma_ros2::results::to_ros;
 use paligemma_stream::ResultMessage;
 use std::collections::HashMap;
@@ -142,28 +143,43 @@ impl Ros2 {
     pub fn publish(&self, camera: &str, frame_id: &str, msg: &ResultMessage) -> Result<()> {
         for ros in to_ros(msg, frame_id) {
             let topic = format!("{}{}", self.topic(camera, &msg.prompt.id), ros.subtopic());
-            let mut publishers = self.publishers.lock().unwrap_or_else(|e| e.into_inner());
-            let publisher = match publishers.entry((topic.clone(), ros.ros_type())) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let (key, token_key, token) =
-                        self.declare(EntityKind::Publisher, &topic, ros.ros_type())?;
-                    e.insert(Publisher {
-                        key,
-                        gid: gid(&token_key),
-                        sequence: 0,
-                        _token: token,
-                    })
-                }
-            };
-            publisher.sequence += 1;
-            let now = paligemma_stream::message::unix_time_ns().unwrap_or(0) as i64;
-            self.session
-                .put(publisher.key.as_str(), ros.to_cdr())
-                .attachment(attachment(publisher.sequence, now, &publisher.gid))
-                .wait()
-                .map_err(|e| anyhow!("ros2 put on {}: {e}", publisher.key))?;
+            self.put(&topic, ros.ros_type(), ros.to_cdr())?;
         }
         Ok(())
+    }
+
+    /// Publishes the node's health on `/diagnostics`, where `rqt_robot_monitor` and the
+    /// `diagnostic_aggregator` read every driver's.
+    pub fn diagnostics(&self, array: &DiagnosticArray) -> Result<()> {
+        self.put(
+            "/diagnostics",
+            "diagnostic_msgs/msg/DiagnosticArray",
+            to_cdr(array),
+        )
+    }
+
+    /// Puts a CDR sample on `topic`, declaring its publisher the first time.
+    fn put(&self, topic: &str, ros_type: &'static str, cdr: Vec<u8>) -> Result<()> {
+        let mut publishers = self.publishers.lock().unwrap_or_else(|e| e.into_inner());
+        let publisher = match publishers.entry((topic.to_string(), ros_type)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let (key, token_key, token) =
+                    self.declare(EntityKind::Publisher, topic, ros_type)?;
+                e.insert(Publisher {
+                    key,
+                    gid: gid(&token_key),
+                    sequence: 0,
+                    _token: token,
+                })
+            }
+        };
+        publisher.sequence += 1;
+        let now = paligemma_stream::message::unix_time_ns().unwrap_or(0) as i64;
+        self.session
+            .put(publisher.key.as_str(), cdr)
+            .attachment(attachment(publisher.sequence, now, &publisher.gid))
+            .wait()
+            .map_err(|e| anyhow!("ros2 put on {}: {e}", publisher.key))
     }
 }

@@ -27,16 +27,10 @@ pub struct Transition {
 
 impl Transition {
     pub fn message(&self) -> String {
-        let name = |s: SourceState| {
-            serde_json::to_value(s)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default()
-        };
         format!(
             "frame source {} -> {}: {}",
-            name(self.from),
-            name(self.to),
+            self.from.name(),
+            self.to.name(),
             self.detail
         )
     }

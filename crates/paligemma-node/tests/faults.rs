@@ -1,7 +1,9 @@
 //! Faults a robot's cameras have, with the real node: a pipeline that ends (EOS) and
 //! one that cannot play are started again with a growing back-off, a network source that
 //! stops is `stalled` until its frames come back; every transition is in the log, on
-//! `<camera>/errors` and in status, and results resume.
+//! `<camera>/errors`, in status and in the ROS 2 diagnostics, and results resume.
+use paligemma_ros2::msgs::{DiagnosticArray, DiagnosticStatus, KeyValue, from_cdr};
+use paligemma_ros2::type_hash::rihs01;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,6 +71,10 @@ path = "{model}"
 threads = 1
 [zenoh]
 listen = ["tcp/127.0.0.1:{port}"]
+[ros2]
+domain_id = 9
+node_name = "faults"
+diagnostics_period_s = 0.25
 [[camera]]
 name = "eos"
 pipeline = "videotestsrc num-buffers=3 ! video/x-raw,width=64,height=48,framerate=10/1"
@@ -100,6 +106,27 @@ max_tokens = 2
     );
     let session = client(port);
     let (seen, _sub) = collect(&session, format!("{prefix}/*/*"));
+    let diagnostics = session
+        .declare_subscriber(format!(
+            "9/diagnostics/diagnostic_msgs::msg::dds_::DiagnosticArray_/{}",
+            rihs01("diagnostic_msgs/msg/DiagnosticArray").unwrap()
+        ))
+        .wait()
+        .unwrap();
+    // The newest status of `camera` in the diagnostics received so far.
+    let camera_diagnostic = |camera: &str| {
+        let mut newest = None;
+        while let Ok(Some(s)) = diagnostics.try_recv() {
+            let array: DiagnosticArray = from_cdr(&s.payload().to_bytes(), 1 << 20).unwrap();
+            assert_eq!(array.status.len(), 4, "3 cameras and the node");
+            newest = array
+                .status
+                .into_iter()
+                .find(|s| s.name == format!("faults: camera {camera}"))
+                .or(newest);
+        }
+        newest
+    };
     let snapshot = || seen.lock().unwrap().clone();
     let png = std::fs::read(common::repo_root().join("tests/fixtures/images/rgb.png")).unwrap();
     let frames = |how_long: Duration| {
@@ -120,8 +147,21 @@ max_tokens = 2
             .any(|(_, k, _)| k.ends_with("/net/status"))
     });
     frames(Duration::from_millis(1500));
+    assert_eq!(
+        camera_diagnostic("net").expect("diagnostics").level,
+        DiagnosticStatus::OK
+    );
     let stop = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
+    // Stalled: a warning on /diagnostics, with the state among the values.
+    let stalled = camera_diagnostic("net").unwrap();
+    println!("diagnostics of the stalled camera: {stalled:?}");
+    assert_eq!(stalled.level, DiagnosticStatus::WARN, "{stalled:?}");
+    assert!(stalled.message.starts_with("stalled for"), "{stalled:?}");
+    assert!(stalled.values.contains(&KeyValue {
+        key: "state".into(),
+        value: "stalled".into()
+    }));
     let stalled = entered(&snapshot(), "net", "stalled");
     assert!(
         stalled.len() == 1 && stalled[0] > stop,
@@ -170,6 +210,11 @@ max_tokens = 2
         .map(|(_, _, v)| v["source_state"].clone())
         .unwrap();
     println!("broken camera: {broken}");
+    let level = camera_diagnostic("broken").unwrap().level;
+    assert!(
+        [DiagnosticStatus::WARN, DiagnosticStatus::ERROR].contains(&level),
+        "{level}"
+    );
     assert!(
         ["restarting", "failed"].contains(&broken["state"].as_str().unwrap())
             && broken["restarts"].as_u64() >= Some(2),

@@ -203,6 +203,39 @@ pub struct CompressedImage {
     pub data: Vec<u8>,
 }
 
+/// `diagnostic_msgs/msg/KeyValue`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+}
+
+/// `diagnostic_msgs/msg/DiagnosticStatus`: one component's health, as
+/// `rqt_robot_monitor` and the `diagnostic_aggregator` read it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiagnosticStatus {
+    /// One of [`DiagnosticStatus::OK`], `WARN`, `ERROR`, `STALE`.
+    pub level: u8,
+    pub name: String,
+    pub message: String,
+    pub hardware_id: String,
+    pub values: Vec<KeyValue>,
+}
+
+impl DiagnosticStatus {
+    pub const OK: u8 = 0;
+    pub const WARN: u8 = 1;
+    pub const ERROR: u8 = 2;
+    pub const STALE: u8 = 3;
+}
+
+/// `diagnostic_msgs/msg/DiagnosticArray`, published on `/diagnostics`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiagnosticArray {
+    pub header: Header,
+    pub status: Vec<DiagnosticStatus>,
+}
+
 /// `uint8[]` as CDR writes it: a u32 count and the bytes, read and written in one go
 /// rather than element by element.
 mod serde_bytes_as_seq {

@@ -8,6 +8,8 @@ use sha2::{Digest, Sha256};
 pub enum FieldType {
     Int32,
     Uint8,
+    /// `byte` (an octet, apart from `uint8` in the type description).
+    Byte,
     Uint32,
     Float64,
     String,
@@ -31,12 +33,14 @@ impl FieldType {
         const INT32: u32 = 6;
         const UINT32: u32 = 7;
         const FLOAT64: u32 = 11;
+        const BYTE: u32 = 16;
         const STRING: u32 = 17;
         const ARRAY: u32 = 48;
         const SEQUENCE: u32 = 144;
         match self {
             FieldType::Int32 => (INT32, 0, ""),
             FieldType::Uint8 => (UINT8, 0, ""),
+            FieldType::Byte => (BYTE, 0, ""),
             FieldType::Uint32 => (UINT32, 0, ""),
             FieldType::Float64 => (FLOAT64, 0, ""),
             FieldType::String => (STRING, 0, ""),
@@ -54,7 +58,7 @@ pub struct TypeDescription {
     pub fields: &'static [(&'static str, FieldType)],
 }
 
-use FieldType::{Bytes, Float64, Float64Array, Int32, Nested, Sequence, Uint8, Uint32};
+use FieldType::{Byte, Bytes, Float64, Float64Array, Int32, Nested, Sequence, Uint8, Uint32};
 
 /// Every type the node's messages use.
 pub const TYPES: &[TypeDescription] = &[
@@ -167,6 +171,27 @@ pub const TYPES: &[TypeDescription] = &[
             ("header", Nested("std_msgs/msg/Header")),
             ("format", FieldType::String),
             ("data", Bytes),
+        ],
+    },
+    TypeDescription {
+        name: "diagnostic_msgs/msg/KeyValue",
+        fields: &[("key", FieldType::String), ("value", FieldType::String)],
+    },
+    TypeDescription {
+        name: "diagnostic_msgs/msg/DiagnosticStatus",
+        fields: &[
+            ("level", Byte),
+            ("name", FieldType::String),
+            ("message", FieldType::String),
+            ("hardware_id", FieldType::String),
+            ("values", Sequence("diagnostic_msgs/msg/KeyValue")),
+        ],
+    },
+    TypeDescription {
+        name: "diagnostic_msgs/msg/DiagnosticArray",
+        fields: &[
+            ("header", Nested("std_msgs/msg/Header")),
+            ("status", Sequence("diagnostic_msgs/msg/DiagnosticStatus")),
         ],
     },
 ];

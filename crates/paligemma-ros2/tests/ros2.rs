@@ -128,6 +128,44 @@ fn cdr_bytes_match_the_reference_and_decode_back() {
 }
 
 #[test]
+fn diagnostics_match_the_reference() {
+    let want = reference();
+    let kv = |k: &str, v: &str| KeyValue {
+        key: k.into(),
+        value: v.into(),
+    };
+    let array = DiagnosticArray {
+        header: Header {
+            stamp: Time {
+                sec: 1_795_000_000,
+                nanosec: 5,
+            },
+            frame_id: String::new(),
+        },
+        status: vec![
+            DiagnosticStatus {
+                level: DiagnosticStatus::WARN,
+                name: "paligemma: camera front".into(),
+                message: "stalled: no frame for 2.0 s".into(),
+                hardware_id: "front".into(),
+                values: vec![kv("state", "stalled"), kv("restarts", "3")],
+            },
+            DiagnosticStatus {
+                name: "paligemma: node".into(),
+                ..Default::default()
+            },
+        ],
+    };
+    let cdr = bytes(
+        want["cdr"]["diagnostic_msgs/msg/DiagnosticArray"]
+            .as_str()
+            .unwrap(),
+    );
+    assert_eq!(to_cdr(&array), cdr);
+    assert_eq!(from_cdr::<DiagnosticArray>(&cdr, 1 << 20).unwrap(), array);
+}
+
+#[test]
 fn bad_cdr_is_an_error() {
     let image = to_cdr(&Image {
         header: header(),

@@ -133,6 +133,19 @@ pub enum SourceState {
     Failed,
 }
 
+impl SourceState {
+    /// The state as status and events write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceState::Starting => "starting",
+            SourceState::Streaming => "streaming",
+            SourceState::Stalled => "stalled",
+            SourceState::Restarting => "restarting",
+            SourceState::Failed => "failed",
+        }
+    }
+}
+
 /// A camera's frame source in status: its state since when, how often it was
 /// restarted, and the last error it had.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
