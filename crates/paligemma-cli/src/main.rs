@@ -11,6 +11,7 @@ mod bench;
 mod bench_streams;
 mod eval;
 mod eval_tracking;
+mod serve;
 mod shapes;
 mod vs_llama;
 
@@ -122,6 +123,9 @@ enum Command {
     /// Evaluate a model on a held-out set of synthetic frames (tests/reference/train_demo.py
     /// --export-eval): detection recall at IoU >= 0.5, caption and counting accuracy.
     Eval(eval::EvalArgs),
+    /// Serve the models over HTTP: OpenAI-compatible chat completions with images, the
+    /// node's result JSON (/v1/analyze) and Prometheus metrics (docs/serve.md).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -164,12 +168,21 @@ impl LoadArgs {
 }
 
 fn main() {
+    let cli = Cli::parse();
+    // A server logs what it does (RUST_LOG overrides); the one-shot commands stay quiet.
+    let default = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "error",
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     ggml::set_log_quiet(std::env::var_os("PALIGEMMA_GGML_LOG").is_none());
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -233,6 +246,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Devices => devices(),
         Command::Bench(args) => bench::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

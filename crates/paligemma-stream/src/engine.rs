@@ -159,6 +159,7 @@ impl Engine {
             info,
             jobs_started: AtomicU64::new(0),
             threads,
+            kv_cache_bytes: models.iter().map(Model::kv_cache_bytes).sum(),
         });
         let threads = models
             .into_iter()
@@ -183,6 +184,11 @@ impl Engine {
 
     pub fn info(&self) -> &ModelInfo {
         &self.shared.info
+    }
+
+    /// Bytes of the KV caches of every lane (allocated at load, whatever is in use).
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.shared.kv_cache_bytes
     }
 
     /// Streams attached now.

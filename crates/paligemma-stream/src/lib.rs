@@ -30,7 +30,7 @@ pub use frame_sampler::{Frame, FrameSampler, FrameSamplerConfig};
 pub use lanes::usable_lanes;
 pub use message::{FrameInfo, ResultMessage};
 pub use prompts::{PromptSet, StandingPrompt};
-pub use shared::{MAX_PENDING_REQUESTS, Sink, StreamConfig, StreamStats};
+pub use shared::{AskOptions, MAX_PENDING_REQUESTS, OnText, Sink, StreamConfig, StreamStats};
 pub use stream::Stream;
 
 /// Errors of configuration and streaming.

@@ -26,7 +26,7 @@ use crate::lanes::{Taken, ThreadShare};
 use crate::message::{Latency, ModelInfo, PromptInfo, ResultMessage, SCHEMA, TokenCounts};
 use crate::prompts::StandingPrompt;
 use crate::shared::EngineShared;
-use crate::shared::{Request, StreamShared, StreamState};
+use crate::shared::{AskOptions, Request, StreamShared, StreamState};
 use crate::tracker::{Tracker, TrackerConfig};
 use paligemma::{GenerateOptions, ImageEmbedding, Model, SequenceId, Start, TaskResult};
 use std::collections::VecDeque;
@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 enum Reply {
     Standing,
     Analyse(SyncSender<Vec<ResultMessage>>),
-    Ask(SyncSender<ResultMessage>),
+    Ask(SyncSender<ResultMessage>, AskOptions),
 }
 
 /// One frame of one stream being answered.
@@ -66,7 +66,15 @@ struct Job {
 
 impl Job {
     fn cancelled(&self) -> bool {
-        self.stream.epoch() != self.epoch
+        self.stream.epoch() != self.epoch || self.ask().is_some_and(AskOptions::cancelled)
+    }
+
+    /// An ask's options (none for standing work).
+    fn ask(&self) -> Option<&AskOptions> {
+        match &self.reply {
+            Reply::Ask(_, opts) => Some(opts),
+            _ => None,
+        }
     }
 
     fn done(&self) -> bool {
@@ -229,7 +237,12 @@ fn turn(
     let step = model.step(&mut |seq, token| {
         jobs.iter()
             .find_map(|j| j.running.iter().find(|r| r.1 == seq).map(|&(p, _)| (j, p)))
-            .is_some_and(|(job, p)| token.index + 1 < job.prompts[p].max_tokens && !job.cancelled())
+            .is_some_and(|(job, p)| {
+                if let Some(on_text) = job.ask().and_then(|o| o.on_text.as_ref()) {
+                    on_text(token.text);
+                }
+                token.index + 1 < job.prompts[p].max_tokens && !job.cancelled()
+            })
     });
     let failed = step.err().map(|e| e.to_string());
     if let Some(e) = &failed {
@@ -287,7 +300,9 @@ fn next_job(engine: &EngineShared, room: usize, sequences: usize, seen_wakes: &m
                     let prompts = stream.lock().prompts.prompts.clone();
                     (frame, prompts, Reply::Analyse(tx))
                 }
-                Request::Ask(frame, prompt, tx) => (frame, vec![prompt], Reply::Ask(tx)),
+                Request::Ask(frame, prompt, opts, tx) => {
+                    (frame, vec![prompt], Reply::Ask(tx, opts))
+                }
             };
             return Next::Job(Box::new(Job::new(
                 stream.clone(),
@@ -479,6 +494,7 @@ fn start_pending(model: &mut Model, jobs: &mut [Job]) {
                         ids,
                         GenerateOptions {
                             max_tokens: prompt.max_tokens,
+                            sampling: job.ask().map(|o| o.sampling.clone()).unwrap_or_default(),
                             ..Default::default()
                         },
                     ));
@@ -657,7 +673,7 @@ fn finish_job(job: Job, deliver: bool) -> bool {
     };
     {
         let mut st = stream.lock();
-        if !matches!(reply, Reply::Ask(_)) && stream.config.tracking.enabled {
+        if !matches!(reply, Reply::Ask(..)) && stream.config.tracking.enabled {
             track(&mut st, &stream.config.tracking, &mut messages);
         }
         for msg in &messages {
@@ -671,7 +687,7 @@ fn finish_job(job: Job, deliver: bool) -> bool {
             st.stats.detections_dropped.duplicates += dropped.duplicates;
             st.stats.last_latency_ms = msg.latency_ms;
         }
-        if !matches!(reply, Reply::Ask(_)) && !messages.is_empty() {
+        if !matches!(reply, Reply::Ask(..)) && !messages.is_empty() {
             st.stats.frames_analysed += 1;
         }
     }
@@ -683,7 +699,7 @@ fn finish_job(job: Job, deliver: bool) -> bool {
         Reply::Analyse(tx) => {
             let _ = tx.send(messages);
         }
-        Reply::Ask(tx) => {
+        Reply::Ask(tx, _) => {
             if let Some(msg) = messages.into_iter().next() {
                 let _ = tx.send(msg);
             }

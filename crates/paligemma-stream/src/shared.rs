@@ -72,7 +72,30 @@ pub(crate) enum Request {
     /// Analyse this frame with every standing prompt now; reply with the results.
     Analyse(Frame, SyncSender<Vec<ResultMessage>>),
     /// Answer one prompt on this frame.
-    Ask(Frame, StandingPrompt, SyncSender<ResultMessage>),
+    Ask(Frame, StandingPrompt, AskOptions, SyncSender<ResultMessage>),
+}
+
+/// Called with each decoded token's text of an ask.
+pub type OnText = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// How an ask is answered beyond its prompt: sampling, the answer's text as it is
+/// decoded, and a way for the asker to give up.
+#[derive(Clone, Default)]
+pub struct AskOptions {
+    /// Greedy by default, as standing prompts always are.
+    pub sampling: paligemma::Sampling,
+    /// Called with each decoded token's text (a server streaming the answer); the
+    /// message still comes whole at the end.
+    pub on_text: Option<OnText>,
+    /// Set by the asker to stop the work (a client that went away): the answer ends at
+    /// the next token, or is not started.
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AskOptions {
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 pub(crate) struct StreamState {
@@ -144,6 +167,8 @@ pub(crate) struct EngineShared {
     pub jobs_started: AtomicU64,
     /// With several lanes: the CPU threads they take turn by turn.
     pub threads: Option<ThreadShare>,
+    /// The KV caches of every lane, allocated once at start.
+    pub kv_cache_bytes: usize,
 }
 
 pub(crate) struct EngineState {

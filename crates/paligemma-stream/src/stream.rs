@@ -8,7 +8,8 @@ use crate::frame_sampler::{Frame, FrameSampler};
 use crate::message::ResultMessage;
 use crate::prompts::{PromptSet, Schedule, StandingPrompt};
 use crate::shared::{
-    MAX_PENDING_REQUESTS, Request, Sink, StreamConfig, StreamShared, StreamState, StreamStats,
+    AskOptions, MAX_PENDING_REQUESTS, Request, Sink, StreamConfig, StreamShared, StreamState,
+    StreamStats,
 };
 use crate::tracker::Predicted;
 use crate::{Error, Result};
@@ -17,6 +18,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// Sets an ask's cancel flag when the asker stops waiting (answered or not: an
+/// answered ask has nothing left to cancel).
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 
 /// Handle to a stream of a shared engine; dropping it stops the stream.
 pub struct Stream {
@@ -120,9 +131,24 @@ impl Stream {
         prompt: StandingPrompt,
         timeout: Duration,
     ) -> Result<ResultMessage> {
+        self.ask_with(frame, prompt, AskOptions::default(), timeout)
+    }
+
+    /// [`Stream::ask`] with sampling, the text as it comes and cancellation; on a
+    /// timeout the work is cancelled too.
+    pub fn ask_with(
+        &self,
+        frame: Frame,
+        prompt: StandingPrompt,
+        opts: AskOptions,
+        timeout: Duration,
+    ) -> Result<ResultMessage> {
         prompt.validate()?;
+        opts.sampling.validate()?;
+        let cancel = opts.cancel.clone();
         let (tx, rx) = sync_channel(1);
-        self.request(Request::Ask(frame, prompt, tx))?;
+        self.request(Request::Ask(frame, prompt, opts, tx))?;
+        let _cancel_unless_answered = CancelOnDrop(cancel);
         rx.recv_timeout(timeout).map_err(|e| match e {
             std::sync::mpsc::RecvTimeoutError::Timeout => {
                 Error::Timeout(timeout.as_millis() as u64)

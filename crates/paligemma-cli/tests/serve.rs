@@ -1,0 +1,257 @@
+//! `paligemma serve` on the bundled demo model, driven over HTTP as an OpenAI client
+//! would: captions, detections with their boxes in the extra field, a streamed reply
+//! that adds up to the whole one, OpenAI-style errors that leave the server serving,
+//! batching through HTTP, 429 beyond the queue, and `/metrics` counting what happened.
+//! (The load test is `serve_load.rs`; `scripts/serve-check.sh` does the same with the official `openai` Python package
+//! and Prometheus' own parser.)
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+mod common;
+use common::{MODEL, agent, chat, chat_body, image_url, post, start};
+
+/// The `data:` payloads of a streamed reply, in order.
+fn events(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(String::from)
+        .collect()
+}
+
+/// `metric{labels}` values of the text exposition, by the whole series name.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn openai_api_on_the_demo_model() {
+    let server = start(&["--max-pixels", "1000000", "--max-body-bytes", "4000000"]);
+    let base = &server.base;
+
+    let models: Value = agent()
+        .get(format!("{base}/v1/models"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], MODEL);
+
+    // A caption: the model's text as the message, the typed result beside it.
+    let frame = image_url("frame_0000.png");
+    let (status, caption) = chat(base, &chat_body("caption en", &frame, json!({})));
+    assert_eq!(status, 200, "{caption}");
+    let text = caption["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    assert!(!text.is_empty());
+    assert_eq!(caption["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(caption["paligemma"]["schema"], "paligemma.result/1");
+    assert_eq!(caption["paligemma"]["result"]["kind"], "caption");
+    assert!(
+        caption["usage"]["prompt_tokens"].as_u64() > Some(16),
+        "image and text tokens"
+    );
+
+    // A detection: boxes in pixels of the frame, with scores, in the extra field.
+    let detect = chat_body(
+        "detect ball ; circle ; square ; triangle",
+        &frame,
+        json!({}),
+    );
+    let (status, detection) = chat(base, &detect);
+    assert_eq!(status, 200, "{detection}");
+    let result = &detection["paligemma"];
+    let (width, height) = (
+        result["frame"]["width"].as_f64().unwrap(),
+        result["frame"]["height"].as_f64().unwrap(),
+    );
+    let boxes = result["result"]["detections"].as_array().unwrap();
+    assert!(!boxes.is_empty(), "{detection}");
+    for d in boxes {
+        let b = &d["box"];
+        assert!(b["x2"].as_f64().unwrap() <= width && b["y2"].as_f64().unwrap() <= height);
+        assert!(
+            b["w"].as_f64().unwrap() > 1.0,
+            "pixels, not a fraction: {b}"
+        );
+        assert!((0.0..=1.0).contains(&d["score"].as_f64().unwrap()));
+    }
+    let whole = detection["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    assert!(whole.starts_with("<loc"), "{whole}");
+
+    // Streamed: the role, the text token by token, the finish with the typed result,
+    // the usage, [DONE]; the pieces add up to the whole reply.
+    let streamed = chat_body(
+        "detect ball ; circle ; square ; triangle",
+        &frame,
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let (status, _, text) = post(
+        base,
+        "/v1/chat/completions",
+        streamed.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+    let events = events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(joined, whole, "the streamed pieces add up to the reply");
+    assert!(chunks.len() > 4, "token by token: {} chunks", chunks.len());
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    assert_eq!(finish["paligemma"]["result"], result["result"]);
+    assert_eq!(chunks.last().unwrap()["usage"], detection["usage"]);
+
+    // Bad requests: OpenAI-style errors with 4xx codes, and the server goes on.
+    let error = |status: u16, body: &str| -> Value {
+        let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        assert!(v["error"]["type"].is_string());
+        assert!((400..500).contains(&status), "{status} {body}");
+        v
+    };
+    let no_image = json!({"model": MODEL, "messages": [{"role": "user", "content": "caption en"}]});
+    let (status, body) = chat(base, &no_image);
+    assert_eq!(
+        (status, &error(status, &body.to_string())["error"]["code"]),
+        (400, &json!("missing_image"))
+    );
+    let broken = chat_body(
+        "caption en",
+        "data:image/png;base64,iVBORw0KGgo!!!",
+        json!({}),
+    );
+    let (status, body) = chat(base, &broken);
+    assert_eq!(
+        (status, &error(status, &body.to_string())["error"]["code"]),
+        (400, &json!("invalid_image"))
+    );
+    let not_png = chat_body(
+        "caption en",
+        &format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(b"not an image at all")
+        ),
+        json!({}),
+    );
+    assert_eq!(chat(base, &not_png).0, 400);
+    let mut big = Vec::new();
+    image::RgbImage::new(1100, 1000)
+        .write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png)
+        .unwrap();
+    let huge = chat_body(
+        "caption en",
+        &format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(&big)
+        ),
+        json!({}),
+    );
+    let (status, body) = chat(base, &huge);
+    assert_eq!(
+        (status, &error(status, &body.to_string())["error"]["code"]),
+        (400, &json!("image_too_large"))
+    );
+    let (status, _, body) = post(base, "/v1/chat/completions", &vec![b' '; 5_000_000]);
+    assert_eq!(
+        (status, &error(status, &body)["error"]["code"]),
+        (413, &json!("request_too_large"))
+    );
+    let (status, body) = chat(
+        base,
+        &chat_body("caption en", "https://example.com/cat.png", json!({})),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = chat(base, &json!({"model": "gpt-4o", "messages": []}));
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = chat(base, &chat_body("detect ;", &frame, json!({})));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_task")),
+        "{body}"
+    );
+    let (status, again) = chat(base, &chat_body("caption en", &frame, json!({})));
+    assert_eq!(
+        (status, &again["choices"]),
+        (200, &caption["choices"]),
+        "still serving, same answer"
+    );
+
+    // The native endpoint: exactly the node's message.
+    let analyze = json!({"prompt": "detect circle", "image": image_url("frame_0000.png")});
+    let (status, _, body) = post(base, "/v1/analyze", analyze.to_string().as_bytes());
+    assert_eq!(status, 200, "{body}");
+    let msg: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(msg["schema"], "paligemma.result/1");
+    assert_eq!(msg["prompt"]["task"], "detect");
+
+    // The metrics count what was asked.
+    let metrics = agent()
+        .get(format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let count = |series: &str| metric(&metrics, series);
+    assert_eq!(
+        count(r#"paligemma_requests_total{endpoint="chat",task="caption",status="200"}"#),
+        2.0
+    );
+    assert_eq!(
+        count(r#"paligemma_requests_total{endpoint="chat",task="detect",status="200"}"#),
+        2.0
+    );
+    assert_eq!(
+        count(r#"paligemma_requests_total{endpoint="analyze",task="detect",status="200"}"#),
+        1.0
+    );
+    // Bad images (broken, not an image, too large, a URL) are caption requests; no image
+    // and an empty detection are refused before a task is known.
+    assert_eq!(
+        count(r#"paligemma_requests_total{endpoint="chat",task="caption",status="400"}"#),
+        4.0
+    );
+    assert_eq!(
+        count(r#"paligemma_requests_total{endpoint="chat",task="",status="400"}"#),
+        2.0
+    );
+    assert_eq!(
+        count(r#"paligemma_requests_total{endpoint="chat",task="",status="413"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"paligemma_requests_total{endpoint="chat",task="",status="404"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"paligemma_stage_seconds_count{stage="vision",task="detect"}"#),
+        3.0
+    );
+    assert!(count(r#"paligemma_kv_cache_bytes{model="paligemma2-demo-f16"}"#) > 0.0);
+    assert!(count("process_resident_memory_bytes") > 1e6);
+    assert!(metrics.contains("# TYPE paligemma_stage_seconds histogram"));
+}

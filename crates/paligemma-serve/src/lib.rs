@@ -1,0 +1,20 @@
+//! PaliGemma over HTTP, where users' other tools already are: `paligemma serve` speaks
+//! the OpenAI chat-completions API with images ([`openai`]), the node's result JSON
+//! (`POST /v1/analyze`) and Prometheus metrics ([`metrics`], also used by the node's
+//! metrics port).
+//!
+//! - [`server`]: options, models, routes, streamed replies.
+//! - `admission`: how many requests run and wait (429 beyond).
+//! - `image_url`: inline `data:` images, bounded before decoding.
+//! - `error`: errors as OpenAI's API writes them.
+//! - `tls`: HTTPS with rustls.
+mod admission;
+mod error;
+mod image_url;
+pub mod metrics;
+pub mod openai;
+pub mod server;
+mod tls;
+
+pub use error::ApiError;
+pub use server::{ServeOptions, TlsFiles, serve};

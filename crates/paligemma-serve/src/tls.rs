@@ -1,0 +1,76 @@
+//! HTTPS with rustls, for a server reachable from other machines: the certificate
+//! chain and key from PEM files, each connection handshaken and then served by hyper.
+use crate::server::TlsFiles;
+use anyhow::{Context, Result};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use std::sync::Arc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+
+/// The server's TLS configuration from its PEM files.
+pub fn config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let certs = rustls_pemfile::certs(&mut read(&files.cert)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: not a PEM certificate chain", files.cert.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{}: no certificate in it",
+        files.cert.display()
+    );
+    let key = rustls_pemfile::private_key(&mut read(&files.key)?.as_slice())
+        .with_context(|| format!("{}: not a PEM private key", files.key.display()))?
+        .with_context(|| format!("{}: no private key in it", files.key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the certificate and key do not go together")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts connections on `listener` until `shutdown`, each served over TLS; a failed
+/// handshake is logged and costs nothing else.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: Arc<ServerConfig>,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let acceptor = TlsAcceptor::from(config);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    tracing::debug!("TLS handshake with {peer}: {e}");
+                    return;
+                }
+            };
+            let service = TowerToHyperService::new(router);
+            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!("connection from {peer}: {e}");
+            }
+        });
+    }
+}
