@@ -2,7 +2,7 @@
 # Runs the cargo-fuzz targets of fuzz/ for MINUTES each (default 10), one after the
 # other, and prints executions per second and in total for each.
 #
-#   scripts/fuzz.sh [MINUTES] [TARGET...]     targets: gguf checkpoint npz frame prompts output ros2
+#   scripts/fuzz.sh [MINUTES] [TARGET...]     targets: gguf checkpoint npz frame prompts output ros2 http
 #
 # Needs the nightly toolchain (installed on these machines) and cargo-fuzz, which it
 # installs when missing. New inputs that grow coverage go to fuzz/new-corpus/<target>
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 minutes="${1:-10}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(gguf checkpoint npz frame prompts output ros2)
+[ ${#targets[@]} -gt 0 ] || targets=(gguf checkpoint npz frame prompts output ros2 http)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 summary=()
 status=0

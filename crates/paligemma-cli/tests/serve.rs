@@ -6,9 +6,10 @@
 //! and Prometheus' own parser.)
 use base64::Engine as _;
 use serde_json::{Value, json};
+use std::time::{Duration, Instant};
 
 mod common;
-use common::{MODEL, agent, chat, chat_body, image_url, post, start};
+use common::{MODEL, agent, chat, chat_body, image_url, post, start, start_with};
 
 /// The `data:` payloads of a streamed reply, in order.
 fn events(text: &str) -> Vec<String> {
@@ -16,6 +17,17 @@ fn events(text: &str) -> Vec<String> {
         .filter_map(|l| l.strip_prefix("data: "))
         .map(String::from)
         .collect()
+}
+
+/// The server's `/metrics` text.
+fn metrics_text(base: &str) -> String {
+    agent()
+        .get(format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
 }
 
 /// `metric{labels}` values of the text exposition, by the whole series name.
@@ -209,13 +221,7 @@ fn openai_api_on_the_demo_model() {
     assert_eq!(msg["prompt"]["task"], "detect");
 
     // The metrics count what was asked.
-    let metrics = agent()
-        .get(format!("{base}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = metrics_text(base);
     let count = |series: &str| metric(&metrics, series);
     assert_eq!(
         count(r#"paligemma_requests_total{endpoint="chat",task="caption",status="200"}"#),
@@ -254,4 +260,87 @@ fn openai_api_on_the_demo_model() {
     assert!(count(r#"paligemma_kv_cache_bytes{model="paligemma2-demo-f16"}"#) > 0.0);
     assert!(count("process_resident_memory_bytes") > 1e6);
     assert!(metrics.contains("# TYPE paligemma_stage_seconds histogram"));
+}
+
+/// A client that goes away mid-answer: its work is cancelled (the next request does not
+/// wait for it) and it is counted with status 499, streamed or not.
+#[test]
+fn a_client_that_goes_away_cancels_its_work() {
+    use std::io::{Read, Write};
+    // The random-weight fixture: it answers up to its token limit, never early.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("pg2-fixture.gguf");
+    let converted = std::process::Command::new(env!("CARGO_BIN_EXE_paligemma"))
+        .arg("convert")
+        .arg(common::repo_root().join("tests/fixtures/pg2_gqa/hf"))
+        .arg("-o")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(converted.status.success());
+    let server = start_with(&model, &["--parallel", "1"]);
+    let base = &server.base;
+    let png = std::fs::read(common::repo_root().join("tests/fixtures/images/rgb.png")).unwrap();
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    );
+    let body = |max_tokens: usize, stream: bool| {
+        let mut b = chat_body(
+            "caption en",
+            &url,
+            json!({"max_tokens": max_tokens, "stream": stream}),
+        );
+        b["model"] = json!("pg2-fixture");
+        b
+    };
+    let (status, whole) = chat(base, &body(480, false));
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["usage"]["completion_tokens"], 480);
+
+    let addr = base.trim_start_matches("http://").to_string();
+    let leave_early = |body: &Value, wait_for_first_bytes: bool| {
+        let text = body.to_string();
+        let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            tcp,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        )
+        .unwrap();
+        if wait_for_first_bytes {
+            let mut first = [0u8; 64];
+            let _ = tcp.read(&mut first).unwrap();
+        } else {
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        // Dropped: the connection closes mid-answer.
+    };
+    let abandoned = |series: &str| metric(&metrics_text(base), series);
+    for (n, streamed) in [(1.0, false), (2.0, true)] {
+        leave_early(&body(480, streamed), streamed);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while abandoned(r#"paligemma_requests_total{endpoint="chat",task="caption",status="499"}"#)
+            < n
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the abandoned request was not counted"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // One place only: a request now waits for nothing the gone client asked.
+        let started = Instant::now();
+        let (status, _) = chat(base, &body(1, false));
+        println!(
+            "after a client left {} mid-answer: the next answer in {:.0?}",
+            if streamed {
+                "a streamed reply"
+            } else {
+                "a request"
+            },
+            started.elapsed()
+        );
+        assert_eq!(status, 200);
+    }
 }

@@ -3,6 +3,7 @@
 //! valid inputs of each parser, so the fuzzer starts from the interesting paths:
 //! a complete model of a few KB, a checkpoint header, frames of every kind, prompts
 //! and answers of every task.
+use base64::Engine as _;
 use paligemma::config::{Config, TextArch, TextConfig, TokenConfig, VisionConfig};
 use paligemma::convert::{ConvertOptions, write_random};
 use std::path::Path;
@@ -213,4 +214,38 @@ fn main() {
             &pair(&attachment, &cdr),
         );
     }
+
+    // Request bodies of `paligemma serve`, with a real PNG inline.
+    let http = corpus.join("http");
+    let png = std::fs::read("tests/fixtures/images/rgb.png").unwrap();
+    let data_url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&png)
+    );
+    let chat = |task: &str, url: &str, extra: &str| {
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"text","text":{task:?}}},{{"type":"image_url","image_url":{{"url":{url:?}}}}}]}}],"max_tokens":8{extra}}}"#
+        )
+    };
+    write(
+        &http,
+        "caption",
+        chat("caption en", &data_url, "").as_bytes(),
+    );
+    write(
+        &http,
+        "detect-stream",
+        chat("detect cup ; plate", &data_url, r#","stream":true,"stream_options":{"include_usage":true},"temperature":0.7,"top_p":0.9,"seed":3"#).as_bytes(),
+    );
+    write(
+        &http,
+        "no-image",
+        br#"{"model":"m","messages":[{"role":"user","content":"caption en"}]}"#,
+    );
+    write(
+        &http,
+        "bad-base64",
+        chat("ocr", "data:image/png;base64,iVBOR!!", "").as_bytes(),
+    );
+    write(&http, "data-url", data_url.as_bytes());
 }

@@ -120,6 +120,21 @@ pub fn output(data: &[u8]) {
     let _ = serde_json::to_string(&result);
 }
 
+/// A request body of `paligemma serve`: a chat completion (its messages, task and
+/// inline image, as the server reads them), and the bytes as an image `data:` URL.
+pub fn http(data: &[u8]) {
+    use paligemma_serve::{image_url, openai::ChatRequest};
+    if let Ok(request) = serde_json::from_slice::<ChatRequest>(data)
+        && let Ok(asked) = request.asked()
+    {
+        let _ = paligemma::Task::parse(&asked.prompt);
+        let _ = image_url::decode(asked.image_url, FUZZ_MAX_PIXELS);
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = image_url::decode(text, FUZZ_MAX_PIXELS);
+    }
+}
+
 /// A ROS 2 sample from the network: its attachment (first part) and CDR payload, read
 /// as each message type the node takes or sends, and as a camera image.
 pub fn ros2(data: &[u8]) {
@@ -143,7 +158,7 @@ pub fn ros2(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the replay test and `scripts/fuzz.sh`.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("gguf", gguf),
     ("checkpoint", checkpoint),
     ("npz", npz),
@@ -151,4 +166,5 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("prompts", prompts),
     ("output", output),
     ("ros2", ros2),
+    ("http", http),
 ];

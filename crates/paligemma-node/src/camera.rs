@@ -11,6 +11,7 @@ use crate::{frames, limiter::RateLimiter};
 use anyhow::{Context, Result};
 use paligemma_ros2::images::{self, ImageKind};
 use paligemma_ros2::msgs::Header;
+use paligemma_serve::metrics::Metrics;
 use paligemma_stream::message::{FrameInfo, STATUS_SCHEMA, Source, StatusMessage};
 use paligemma_stream::{
     Engine, Frame, FrameSamplerConfig, ResultMessage, Stream, StreamConfig, StreamStats, payload,
@@ -185,6 +186,11 @@ impl CameraHealth {
 
     pub fn source(&self) -> paligemma_stream::message::SourceStatus {
         self.ctx.health.status()
+    }
+
+    /// The KV caches of the engine the camera runs on.
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.ctx.worker.engine().kv_cache_bytes()
     }
 }
 
@@ -529,6 +535,7 @@ pub async fn start(
     ask_rate: Arc<RateLimiter>,
     ros2: Option<Arc<Ros2>>,
     persisted: Option<&Persisted>,
+    metrics: Option<Arc<Metrics>>,
 ) -> Result<Camera> {
     let base = format!("{}/{}", cfg.prefix(), cam.name);
     let source = Source {
@@ -572,6 +579,16 @@ pub async fn start(
     );
     let deliver = move |m: &ResultMessage| {
         sink.result(m);
+        if let Some(metrics) = &metrics {
+            let endpoint = if m.prompt.id == paligemma_stream::prompts::ASK_ID {
+                "ask"
+            } else {
+                "standing"
+            };
+            let status = if m.is_error() { "error" } else { "ok" };
+            metrics.request(endpoint, &m.prompt.task.to_string(), status);
+            metrics.answer(m);
+        }
         // ROS 2 topics are per standing prompt; an ask's answer goes back to its asker.
         let standing = m.prompt.id != paligemma_stream::prompts::ASK_ID;
         if let Some(Err(e)) = results_to_ros2

@@ -61,8 +61,39 @@ pub struct Config {
     pub zenoh: ZenohConfig,
     #[serde(default)]
     pub ros2: Ros2Config,
+    /// Prometheus metrics over HTTP; off without the section.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     #[serde(rename = "camera", default)]
     pub cameras: Vec<CameraConfig>,
+}
+
+/// `GET /metrics` in the Prometheus text format: each camera's frame and result
+/// counters and source state, per-stage latencies, tokens, the node's Zenoh links, the
+/// engine's KV cache and the process's memory.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// On when the `[metrics]` section is there; `enabled = false` turns it off.
+    #[serde(default = "on_when_present")]
+    pub enabled: bool,
+    /// Where to listen: loopback by default, so that only this machine (and a
+    /// Prometheus agent on it) can read the robot's counters.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: false,
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 fn default_node() -> String {
@@ -546,5 +577,24 @@ mod tests {
         assert!(!ros2(""));
         assert!(ros2("[ros2]\ndomain_id = 3\n"));
         assert!(!ros2("[ros2]\nenabled = false\n"));
+    }
+
+    /// Metrics are off without a `[metrics]` section, and on loopback with one.
+    #[test]
+    fn metrics_are_off_by_default_and_on_loopback() {
+        let metrics = |extra: &str| {
+            toml::from_str::<Config>(&format!("[model]\npath = \"m.gguf\"\n{extra}"))
+                .unwrap()
+                .metrics
+        };
+        assert!(!metrics("").enabled);
+        let on = metrics("[metrics]\n");
+        assert!(on.enabled && on.listen.ip().is_loopback());
+        assert_eq!(on.listen.port(), 9464);
+        assert!(!metrics("[metrics]\nenabled = false\n").enabled);
+        assert!(
+            toml::from_str::<Config>("[model]\npath = \"m\"\n[metrics]\nlisten = \"nowhere\"\n")
+                .is_err()
+        );
     }
 }

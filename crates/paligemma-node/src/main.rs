@@ -25,6 +25,7 @@ mod diagnostics;
 mod frames;
 mod limiter;
 mod links;
+mod metrics;
 mod refusals;
 mod ros2;
 mod source;
@@ -233,19 +234,51 @@ async fn run(cfg: Config) -> Result<()> {
         }
         _ => None,
     };
+    // The metrics port is bound before any camera starts, so that a port in use is an
+    // error at start rather than a node that silently has no metrics.
+    let metrics_cameras = metrics::Cameras::default();
+    let metrics = match cfg.metrics.enabled {
+        true => {
+            let listen = cfg.metrics.listen;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("[metrics] listening on {listen}"))?;
+            if !listen.ip().is_loopback() {
+                tracing::warn!("[metrics] on {listen}: reachable from other machines");
+            }
+            let metrics = Arc::new(metrics::node_metrics(
+                metrics_cameras.clone(),
+                links.clone(),
+                cfg.model.path.display().to_string(),
+            ));
+            let served = metrics.clone();
+            node_tasks.push(tokio::spawn(async move {
+                if let Err(e) = paligemma_serve::metrics::serve(listener, served).await {
+                    tracing::error!("[metrics] stopped: {e}");
+                }
+            }));
+            tracing::info!("Prometheus metrics on http://{listen}/metrics");
+            Some(metrics)
+        }
+        false => None,
+    };
     let mut cameras = Vec::new();
     for cam in &cfg.cameras {
-        cameras.push(
-            camera::start(
-                &cfg,
-                cam,
-                &session,
-                asks.clone(),
-                ros2.clone(),
-                persisted.as_ref(),
-            )
-            .await?,
-        );
+        let camera = camera::start(
+            &cfg,
+            cam,
+            &session,
+            asks.clone(),
+            ros2.clone(),
+            persisted.as_ref(),
+            metrics.clone(),
+        )
+        .await?;
+        metrics_cameras
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(camera.health.clone());
+        cameras.push(camera);
     }
     if let Some(ros2) = ros2
         .as_ref()

@@ -57,7 +57,7 @@ fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
 fn sources_that_end_fail_or_stall_are_ridden_out() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture_model(dir.path());
-    let port = free_port();
+    let (port, metrics_port) = (free_port(), free_port());
     let prefix = format!("pgfaults/{port}");
     let (_node, log) = start_node_logged(
         dir.path(),
@@ -75,6 +75,8 @@ listen = ["tcp/127.0.0.1:{port}"]
 domain_id = 9
 node_name = "faults"
 diagnostics_period_s = 0.25
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
 [[camera]]
 name = "eos"
 pipeline = "videotestsrc num-buffers=3 ! video/x-raw,width=64,height=48,framerate=10/1"
@@ -234,6 +236,37 @@ max_tokens = 2
         eos["restarts"].as_u64() >= Some(3) && eos["last_error"] == "the stream ended (EOS)",
         "{eos}"
     );
+    // The same counters and states on the metrics port, in Prometheus' text format,
+    // once the network source is silent again since its second burst.
+    wait_until("the network source stalled again", 20, || {
+        entered(&snapshot(), "net", "stalled").len() >= 2
+    });
+    let metrics = ureq::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} not in:\n{metrics}"))
+    };
+    let net_seen = value(r#"paligemma_frames_seen_total{camera="net"}"#);
+    println!("net camera: {net_seen} frames seen (metrics)");
+    assert!(net_seen >= 20.0, "{net_seen}");
+    assert!(value(r#"paligemma_results_total{camera="net"}"#) >= 1.0);
+    assert!(value(r#"paligemma_camera_source_restarts_total{camera="eos"}"#) >= 3.0);
+    assert_eq!(
+        value(r#"paligemma_camera_source_state{camera="net",state="stalled"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"paligemma_camera_source_state{camera="net",state="streaming"}"#),
+        0.0
+    );
+    assert!(value(r#"paligemma_stage_seconds_count{stage="vision",task="caption"}"#) >= 1.0);
     let log = std::fs::read_to_string(log).unwrap();
     for line in [
         "eos: frame source streaming -> restarting: the stream ended (EOS)",

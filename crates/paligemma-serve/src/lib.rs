@@ -5,12 +5,12 @@
 //!
 //! - [`server`]: options, models, routes, streamed replies.
 //! - `admission`: how many requests run and wait (429 beyond).
-//! - `image_url`: inline `data:` images, bounded before decoding.
+//! - [`image_url`]: inline `data:` images, bounded before decoding.
 //! - `error`: errors as OpenAI's API writes them.
 //! - `tls`: HTTPS with rustls.
 mod admission;
 mod error;
-mod image_url;
+pub mod image_url;
 pub mod metrics;
 pub mod openai;
 pub mod server;

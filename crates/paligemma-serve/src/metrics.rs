@@ -254,12 +254,11 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
     )
 }
 
-/// Serves [`router`] on `listen` until the process ends.
-pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics: listening on {listen}: {e}"))?;
-    tracing::info!("Prometheus metrics on http://{listen}/metrics");
-    axum::serve(listener, router(metrics)).await?;
-    Ok(())
+/// Serves [`router`] on `listener` (bound by the caller, so that a port in use is its
+/// error at start) until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(metrics)).await
 }

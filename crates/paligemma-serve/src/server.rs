@@ -409,32 +409,61 @@ fn prepare_chat<'a>(
     })
 }
 
-/// Sets a request's cancel flag when dropped: the handler's future (or a streamed
-/// reply) is dropped when its client goes away.
-struct CancelOnDrop(Arc<AtomicBool>);
+/// A request in the engine's hands. Dropped before it was answered (the handler's
+/// future, or a streamed reply, is dropped when its client goes away), it cancels the
+/// work and counts the request with status 499, as nginx counts a client that closed
+/// the connection.
+struct InFlight {
+    cancel: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    endpoint: &'static str,
+    task: String,
+    answered: bool,
+}
 
-impl Drop for CancelOnDrop {
+impl InFlight {
+    fn new(app: &App, endpoint: &'static str, p: &Prepared<'_>) -> InFlight {
+        InFlight {
+            cancel: p.ask.cancel.clone(),
+            metrics: app.metrics.clone(),
+            endpoint,
+            task: p.prompt.task.kind().to_string(),
+            answered: false,
+        }
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+        if !self.answered {
+            self.cancel.store(true, Ordering::Relaxed);
+            self.metrics.request(self.endpoint, &self.task, "499");
+        }
     }
 }
 
 /// Answers a prepared request on the engine, after waiting for a place.
-async fn answer(app: &Arc<App>, p: Prepared<'_>) -> Result<ResultMessage, ApiError> {
+async fn answer(
+    app: &Arc<App>,
+    endpoint: &'static str,
+    p: Prepared<'_>,
+) -> Result<ResultMessage, ApiError> {
     let ticket = app.admission.enter().await.ok_or_else(|| {
         let (parallel, queue) = app.admission.limits();
         ApiError::busy(format!(
             "{parallel} requests are being answered and {queue} are waiting; try again shortly"
         ))
     })?;
-    let _cancel = CancelOnDrop(p.ask.cancel.clone());
+    let mut in_flight = InFlight::new(app, endpoint, &p);
     let (stream, timeout) = (p.model.stream.clone(), app.opts.timeout);
     let msg = tokio::task::spawn_blocking(move || {
         let _ticket = ticket;
         stream.ask_with(p.frame, p.prompt, p.ask, timeout)
     })
     .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+    .map_err(|e| ApiError::internal(e.to_string()));
+    in_flight.answered = true;
+    let msg = msg??;
     app.metrics.answer(&msg);
     match &msg.result {
         paligemma::TaskResult::Error { message } => Err(ApiError::internal(message.clone())),
@@ -444,6 +473,8 @@ async fn answer(app: &Arc<App>, p: Prepared<'_>) -> Result<ResultMessage, ApiErr
 
 async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {
     let mut task = String::new();
+    // A streamed reply counts itself when it ends (or its client goes).
+    let mut streamed = false;
     let result = async {
         let body = read_body(body, app.opts.max_body_bytes).await?;
         let req: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -451,10 +482,12 @@ async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {
         })?;
         let prepared = prepare_chat(&app, &req, &mut task)?;
         let reply = if req.stream {
-            stream_reply(&app, &req, prepared).await?
+            let reply = stream_reply(&app, &req, prepared).await?;
+            streamed = true;
+            reply
         } else {
             let max_tokens = prepared.prompt.max_tokens;
-            let msg = answer(&app, prepared).await?;
+            let msg = answer(&app, "chat", prepared).await?;
             axum::Json(openai::ChatCompletion {
                 id: format!("chatcmpl-{}", msg.frame.seq),
                 object: "chat.completion",
@@ -476,7 +509,10 @@ async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {
         Ok::<_, ApiError>(reply)
     }
     .await;
-    respond(&app, "chat", &task, result)
+    match result {
+        Ok(reply) if streamed => reply,
+        result => respond(&app, "chat", &task, result),
+    }
 }
 
 /// Counts the request by task (empty when the request did not get as far as naming
@@ -523,7 +559,7 @@ async fn stream_reply(
             let _ = text.send(Streamed::Text(t.to_string()));
         }
     }));
-    let cancel = CancelOnDrop(p.ask.cancel.clone());
+    let in_flight = InFlight::new(app, "chat", &p);
     let (stream, timeout, metrics) = (
         p.model.stream.clone(),
         app.opts.timeout,
@@ -557,7 +593,7 @@ async fn stream_reply(
         rx,
         started: false,
         ended: false,
-        _cancel: cancel,
+        in_flight,
     };
     let events = futures_util::stream::unfold(chunks, |mut c| async move {
         c.next_event()
@@ -578,8 +614,9 @@ struct Chunks {
     rx: tokio::sync::mpsc::UnboundedReceiver<Streamed>,
     started: bool,
     ended: bool,
-    /// Cancels the engine's work when the reply is dropped (the client went away).
-    _cancel: CancelOnDrop,
+    /// Cancels the engine's work when the reply is dropped before its end (the client
+    /// went away).
+    in_flight: InFlight,
 }
 
 impl Chunks {
@@ -641,6 +678,15 @@ impl Chunks {
     /// asked for, `[DONE]`; or the error and `[DONE]`.
     fn finish(&mut self, done: Result<ResultMessage, ApiError>) -> Option<Event> {
         self.ended = true;
+        // A streamed reply is counted when it ends, with how it ended.
+        self.in_flight.answered = true;
+        let status = done
+            .as_ref()
+            .map_or_else(|e| e.status.as_str().to_string(), |_| "200".into());
+        let in_flight = &self.in_flight;
+        in_flight
+            .metrics
+            .request(in_flight.endpoint, &in_flight.task, &status);
         match done {
             Ok(msg) => {
                 let finish = openai::finish_reason(&msg, self.max_tokens);
@@ -711,6 +757,7 @@ async fn analyze(State(app): State<Arc<App>>, body: Body) -> Response {
         task = prompt.task.kind().to_string();
         let msg = answer(
             &app,
+            "analyze",
             Prepared {
                 model,
                 frame: frame_of(&app, image),

@@ -248,6 +248,86 @@ fn sync_analysis_ask_errors_and_prompt_changes() {
     );
 }
 
+/// An ask's text arrives token by token as it is decoded, sampling follows its seed,
+/// and an asker who gives up stops the work at the next token.
+#[test]
+fn asks_stream_sample_and_cancel() {
+    use paligemma_stream::AskOptions;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let (_got, sink) = collector();
+    let worker = Stream::attach(
+        model(dir.path()),
+        PromptSet::default(),
+        StreamConfig::default(),
+        sink,
+    );
+    let prompt = || StandingPrompt {
+        max_tokens: 12,
+        ..StandingPrompt::new("ask", Task::parse("caption en").unwrap())
+    };
+    let pieces = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = pieces.clone();
+    let opts = AskOptions {
+        on_text: Some(Arc::new(move |t: &str| seen.lock().unwrap().push(t.into()))),
+        ..Default::default()
+    };
+    let msg = worker
+        .ask_with(frame(1), prompt(), opts, Duration::from_secs(30))
+        .unwrap();
+    let pieces = pieces.lock().unwrap().clone();
+    assert_eq!(pieces.len(), msg.tokens.generated, "one call per token");
+    let greedy = worker
+        .ask(frame(1), prompt(), Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(greedy.raw, msg.raw);
+
+    let sampled = |seed| {
+        let opts = AskOptions {
+            sampling: paligemma::Sampling {
+                temperature: 1.5,
+                seed,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        worker
+            .ask_with(frame(1), prompt(), opts, Duration::from_secs(30))
+            .unwrap()
+            .raw
+    };
+    assert_eq!(sampled(7), sampled(7), "the same seed, the same answer");
+
+    // Cancelled after the second token: the answer stops there (or is dropped).
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (flag, tokens) = (cancel.clone(), Arc::new(AtomicU64::new(0)));
+    let counted = tokens.clone();
+    let opts = AskOptions {
+        on_text: Some(Arc::new(move |_: &str| {
+            if counted.fetch_add(1, Ordering::Relaxed) + 1 == 2 {
+                flag.store(true, Ordering::Relaxed);
+            }
+        })),
+        cancel,
+        ..Default::default()
+    };
+    let long = StandingPrompt {
+        max_tokens: 64,
+        ..prompt()
+    };
+    match worker.ask_with(frame(2), long, opts, Duration::from_secs(30)) {
+        Ok(msg) => assert!(msg.tokens.generated <= 3, "{:?}", msg.tokens),
+        Err(e) => assert!(matches!(e, paligemma_stream::Error::Stopped), "{e}"),
+    }
+    assert!(tokens.load(Ordering::Relaxed) <= 3);
+    // The stream goes on answering.
+    assert!(
+        worker
+            .ask(frame(3), prompt(), Duration::from_secs(30))
+            .is_ok()
+    );
+}
+
 #[test]
 fn stop_and_flush_return_promptly_mid_inference() {
     let dir = tempfile::tempdir().unwrap();

@@ -42,9 +42,16 @@ pub fn agent() -> ureq::Agent {
         .into()
 }
 
+/// The server on the bundled demo model.
 pub fn start(extra: &[&str]) -> Server {
+    start_with(
+        &repo_root().join(format!("models/demo/{MODEL}.gguf")),
+        extra,
+    )
+}
+
+pub fn start_with(model: &std::path::Path, extra: &[&str]) -> Server {
     let port = free_port();
-    let model = repo_root().join(format!("models/demo/{MODEL}.gguf"));
     let child = Command::new(env!("CARGO_BIN_EXE_paligemma"))
         .args(["serve", "-m", model.to_str().unwrap(), "--threads", "2"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -53,7 +60,7 @@ pub fn start(extra: &[&str]) -> Server {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let server = Server {
+    let mut server = Server {
         child,
         base: format!("http://127.0.0.1:{port}"),
     };
@@ -64,6 +71,9 @@ pub fn start(extra: &[&str]) -> Server {
         .map_or(true, |r| r.status() != 200)
     {
         assert!(Instant::now() < deadline, "the server did not come up");
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("the server exited: {status}");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     server
