@@ -162,7 +162,6 @@ impl Publisher {
 pub struct Camera {
     pub name: String,
     pub worker: Arc<Stream>,
-    pub publisher: Publisher,
     /// Its tasks, the frame source's supervisor among them.
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
     pub health: CameraHealth,
@@ -191,6 +190,29 @@ impl CameraHealth {
     /// The KV caches of the engine the camera runs on.
     pub fn kv_cache_bytes(&self) -> usize {
         self.ctx.worker.engine().kv_cache_bytes()
+    }
+}
+
+impl Camera {
+    /// Stops the camera: its tasks (the frame source with them), then its stream,
+    /// finishing the work in flight (at most 30 s) or cancelling it; its liveliness
+    /// tokens go with it.
+    pub async fn stop(self, finish: bool) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let worker = self.worker.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if finish {
+                worker.drain(Duration::from_secs(30));
+            }
+            worker.stop();
+        })
+        .await;
+        tracing::info!("camera {} stopped", self.name);
     }
 }
 
@@ -526,17 +548,51 @@ async fn refusal_summaries(publisher: Publisher) -> Result<()> {
     }
 }
 
+/// The cameras running now, as the diagnostics and metrics read them.
+pub type Running = Arc<std::sync::Mutex<Vec<CameraHealth>>>;
+
+/// What every camera of the node shares; starts and stops them.
+#[derive(Clone)]
+pub struct Node {
+    pub cfg: Arc<Config>,
+    pub session: zenoh::Session,
+    /// One budget of asks for the whole node, whatever camera they are for.
+    pub asks: Arc<RateLimiter>,
+    pub ros2: Option<Arc<Ros2>>,
+    pub persisted: Option<Arc<Persisted>>,
+    pub metrics: Option<Arc<Metrics>>,
+    pub running: Running,
+}
+
+impl Node {
+    fn running(&self) -> std::sync::MutexGuard<'_, Vec<CameraHealth>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub async fn start_camera(&self, cam: &CameraConfig) -> Result<Camera> {
+        let camera = start(self, cam).await?;
+        self.running().push(camera.health.clone());
+        Ok(camera)
+    }
+
+    /// Stops a camera (see [`Camera::stop`]).
+    pub async fn stop_camera(&self, camera: Camera, finish: bool) {
+        self.running().retain(|c| c.name != camera.name);
+        camera.stop(finish).await;
+    }
+}
+
 /// Starts a camera: attaches a stream to the shared engine, starts its frame source
 /// and one task per key, and declares its liveliness token.
-pub async fn start(
-    cfg: &Config,
-    cam: &CameraConfig,
-    session: &zenoh::Session,
-    ask_rate: Arc<RateLimiter>,
-    ros2: Option<Arc<Ros2>>,
-    persisted: Option<&Persisted>,
-    metrics: Option<Arc<Metrics>>,
-) -> Result<Camera> {
+async fn start(node: &Node, cam: &CameraConfig) -> Result<Camera> {
+    let (cfg, session, ask_rate, ros2, metrics) = (
+        &*node.cfg,
+        &node.session,
+        node.asks.clone(),
+        node.ros2.clone(),
+        node.metrics.clone(),
+    );
+    let persisted = node.persisted.as_deref();
     let base = format!("{}/{}", cfg.prefix(), cam.name);
     let source = Source {
         node: cfg.node.clone(),
@@ -747,7 +803,6 @@ pub async fn start(
             ctx,
         },
         worker,
-        publisher,
         tasks,
         _token: token,
         _ros2_subscription: ros2_token,

@@ -12,8 +12,20 @@ pub struct Config {
     /// Node name, used in the default key prefix and in messages.
     #[serde(default = "default_node")]
     pub node: String,
-    /// Key prefix (default `paligemma/<node>`).
+    /// Key prefix (default `paligemma/<node>`, or `paligemma/<pool>` in a pool, so that a
+    /// camera's keys stay the same whichever node serves it).
     pub prefix: Option<String>,
+    /// A pool of nodes sharing the network cameras (see `pool.rs`): every node started
+    /// with the same pool name and configuration serves its share.
+    pub pool: Option<String>,
+    /// This node's share of the pool's cameras relative to the others (default 1).
+    #[serde(default = "default_capacity")]
+    pub capacity: f64,
+    /// Milliseconds a node that joins the pool waits before cameras move to it, so that a
+    /// node that comes and goes does not move cameras back and forth; a node that
+    /// leaves is replaced at once.
+    #[serde(default = "default_pool_settle")]
+    pub pool_settle_ms: u64,
     /// Encoding of published messages.
     #[serde(default)]
     pub encoding: Encoding,
@@ -110,6 +122,12 @@ fn default_max_prompt() -> usize {
 }
 fn default_ask_rate() -> f64 {
     4.0
+}
+fn default_capacity() -> f64 {
+    1.0
+}
+fn default_pool_settle() -> u64 {
+    1000
 }
 fn default_ask_burst() -> u32 {
     8
@@ -380,9 +398,10 @@ impl Config {
     }
 
     pub fn prefix(&self) -> String {
-        self.prefix
-            .clone()
-            .unwrap_or_else(|| format!("paligemma/{}", self.node))
+        self.prefix.clone().unwrap_or_else(|| match &self.pool {
+            Some(pool) => format!("paligemma/{pool}"),
+            None => format!("paligemma/{}", self.node),
+        })
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -400,6 +419,20 @@ impl Config {
             bail!(
                 "[ros2] diagnostics_period_s must be 0 (off) or a positive number of seconds, not {period}"
             );
+        }
+        if let Some(pool) = &self.pool
+            && !paligemma_stream::prompts::is_name(pool)
+        {
+            bail!("pool name {pool:?} must be 1 to 64 letters, digits, - or _");
+        }
+        if self.pool.is_some() && !paligemma_stream::prompts::is_name(&self.node) {
+            bail!(
+                "node name {:?} must be 1 to 64 letters, digits, - or _ in a pool",
+                self.node
+            );
+        }
+        if !(self.capacity.is_finite() && self.capacity > 0.0) {
+            bail!("capacity must be a positive number, not {}", self.capacity);
         }
         if self.zenoh.reconnect_max_ms == Some(0) {
             bail!("[zenoh] reconnect_max_ms must be at least 1 millisecond");
@@ -480,8 +513,10 @@ impl Config {
                 "listen/endpoints",
                 serde_json::to_string(&z.listen)?,
             )?;
-        } else if z.config.is_none() {
+        } else if z.config.is_none() && z.mode.as_deref() != Some("client") {
             // Reachable from this machine only unless the configuration says otherwise.
+            // A client listens on nothing: it reaches others through its router, and
+            // several clients on one machine would otherwise fight over the port.
             set(
                 &mut config,
                 "listen/endpoints",

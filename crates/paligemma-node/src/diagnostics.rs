@@ -4,7 +4,7 @@
 //! started) and one for the node (its Zenoh links and totals), so that
 //! `rqt_robot_monitor` and the `diagnostic_aggregator` show "no camera" apart from
 //! "nothing seen".
-use crate::camera::CameraHealth;
+use crate::camera::{CameraHealth, Running};
 use crate::links::Links;
 use crate::ros2::Ros2;
 use paligemma_ros2::msgs::{DiagnosticArray, DiagnosticStatus, Header, KeyValue, Time};
@@ -113,7 +113,7 @@ pub fn array(node: &str, cameras: &[CameraHealth], links: Option<&Links>) -> Dia
 pub async fn publish(
     ros2: Arc<Ros2>,
     node: String,
-    cameras: Vec<CameraHealth>,
+    cameras: Running,
     links: Option<Arc<Links>>,
     period: Duration,
 ) {
@@ -121,7 +121,8 @@ pub async fn publish(
     let mut failing = false;
     loop {
         tick.tick().await;
-        let result = ros2.diagnostics(&array(&node, &cameras, links.as_deref()));
+        let running = cameras.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let result = ros2.diagnostics(&array(&node, &running, links.as_deref()));
         match (result, failing) {
             (Err(e), false) => {
                 tracing::warn!("ROS 2 diagnostics: {e:#}");

@@ -26,6 +26,7 @@ mod frames;
 mod limiter;
 mod links;
 mod metrics;
+mod pool;
 mod refusals;
 mod ros2;
 mod source;
@@ -52,6 +53,12 @@ struct Cli {
     /// Key prefix.
     #[arg(long)]
     prefix: Option<String>,
+    /// Join this pool of nodes sharing the network cameras (docs/pool.md).
+    #[arg(long)]
+    pool: Option<String>,
+    /// This node's share of the pool's cameras relative to the others.
+    #[arg(long)]
+    capacity: Option<f64>,
     /// Message encoding.
     #[arg(long, value_enum)]
     encoding: Option<Encoding>,
@@ -112,6 +119,12 @@ fn build_config(cli: &Cli) -> Result<Config> {
     }
     if cli.prefix.is_some() {
         cfg.prefix = cli.prefix.clone();
+    }
+    if cli.pool.is_some() {
+        cfg.pool = cli.pool.clone();
+    }
+    if let Some(c) = cli.capacity {
+        cfg.capacity = c;
     }
     if let Some(e) = cli.encoding {
         cfg.encoding = e;
@@ -217,7 +230,6 @@ async fn run(cfg: Config) -> Result<()> {
         .declare_token(prefix.as_str())
         .await
         .map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
-    // One budget of asks for the whole node, whatever camera they are for.
     let asks = Arc::new(limiter::RateLimiter::new(cfg.ask_rate, cfg.ask_burst));
     let ros2 = if cfg.ros2.enabled {
         Some(Arc::new(ros2::Ros2::start(&session, &cfg.ros2)?))
@@ -227,16 +239,16 @@ async fn run(cfg: Config) -> Result<()> {
     let persisted = match (&cfg.state_file, cfg.allow_prompt_updates) {
         (Some(path), true) => {
             let (state, error) = state::PromptState::open(path.clone());
-            Some(camera::Persisted {
+            Some(Arc::new(camera::Persisted {
                 state: Arc::new(state),
                 error: error.map(|e| format!("{e:#}")),
-            })
+            }))
         }
         _ => None,
     };
     // The metrics port is bound before any camera starts, so that a port in use is an
     // error at start rather than a node that silently has no metrics.
-    let metrics_cameras = metrics::Cameras::default();
+    let running = camera::Running::default();
     let metrics = match cfg.metrics.enabled {
         true => {
             let listen = cfg.metrics.listen;
@@ -247,7 +259,7 @@ async fn run(cfg: Config) -> Result<()> {
                 tracing::warn!("[metrics] on {listen}: reachable from other machines");
             }
             let metrics = Arc::new(metrics::node_metrics(
-                metrics_cameras.clone(),
+                running.clone(),
                 links.clone(),
                 cfg.model.path.display().to_string(),
             ));
@@ -262,24 +274,30 @@ async fn run(cfg: Config) -> Result<()> {
         }
         false => None,
     };
+    let node = camera::Node {
+        cfg: Arc::new(cfg.clone()),
+        session: session.clone(),
+        asks,
+        ros2: ros2.clone(),
+        persisted,
+        metrics,
+        running: running.clone(),
+    };
+    // In a pool, the network cameras are the pool's to share; the rest stay here.
+    let (pooled, local): (Vec<_>, Vec<_>) = cfg
+        .cameras
+        .iter()
+        .partition(|c| cfg.pool.is_some() && pool::is_shared(c));
     let mut cameras = Vec::new();
-    for cam in &cfg.cameras {
-        let camera = camera::start(
-            &cfg,
-            cam,
-            &session,
-            asks.clone(),
-            ros2.clone(),
-            persisted.as_ref(),
-            metrics.clone(),
-        )
-        .await?;
-        metrics_cameras
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(camera.health.clone());
-        cameras.push(camera);
+    for cam in local {
+        cameras.push(node.start_camera(cam).await?);
     }
+    let pool = match &cfg.pool {
+        Some(name) => {
+            Some(pool::Pool::join(node.clone(), name, pooled.into_iter().cloned().collect()).await?)
+        }
+        None => None,
+    };
     if let Some(ros2) = ros2
         .as_ref()
         .filter(|_| cfg.ros2.diagnostics_period_s > 0.0)
@@ -287,14 +305,18 @@ async fn run(cfg: Config) -> Result<()> {
         node_tasks.push(tokio::spawn(diagnostics::publish(
             ros2.clone(),
             cfg.ros2.node_name.clone(),
-            cameras.iter().map(|c| c.health.clone()).collect(),
+            running.clone(),
             links.clone(),
             Duration::from_secs_f64(cfg.ros2.diagnostics_period_s),
         )));
     }
-    tracing::info!("serving {} camera(s) under {prefix}", cameras.len());
+    let shared = match &cfg.pool {
+        Some(pool) => format!(" and sharing the network cameras with pool {pool}"),
+        None => String::new(),
+    };
+    tracing::info!("serving {} camera(s) under {prefix}{shared}", cameras.len());
     println!(
-        "paligemma-node: serving {} camera(s) under {prefix}",
+        "paligemma-node: serving {} camera(s) under {prefix}{shared}",
         cameras.len()
     );
     shutdown_signal().await;
@@ -302,27 +324,12 @@ async fn run(cfg: Config) -> Result<()> {
     for t in node_tasks {
         t.abort();
     }
-    // Every camera's tasks first (their frame sources stop with them), then each stream.
-    for cam in &cameras {
-        for t in &cam.tasks {
-            t.abort();
-        }
+    let finish = cfg.on_shutdown == OnShutdown::Finish;
+    if let Some(pool) = pool {
+        pool.stop(finish).await;
     }
     for cam in cameras {
-        for t in cam.tasks {
-            let _ = t.await;
-        }
-        let worker = cam.worker.clone();
-        let finish = cfg.on_shutdown == OnShutdown::Finish;
-        tokio::task::spawn_blocking(move || {
-            if finish {
-                worker.drain(Duration::from_secs(30));
-            }
-            worker.stop();
-        })
-        .await?;
-        drop(cam.publisher);
-        tracing::info!("camera {} stopped", cam.name);
+        cam.stop(finish).await;
     }
     // The ROS 2 node and publisher tokens go before the session closes.
     drop(ros2);

@@ -2,14 +2,11 @@
 //! what each camera's stream counted and where its source stands, read when scraped,
 //! beside the answers' tokens and per-stage latencies counted as they are delivered
 //! (`paligemma_serve::metrics`, the same names as `paligemma serve`).
-use crate::camera::CameraHealth;
+use crate::camera::Running;
 use crate::links::Links;
 use paligemma_serve::metrics::{Kind, Metrics, Sampled, SampledFamily, process_memory};
 use paligemma_stream::message::SourceState;
-use std::sync::{Arc, Mutex};
-
-/// The cameras, filled in as they start.
-pub type Cameras = Arc<Mutex<Vec<CameraHealth>>>;
+use std::sync::Arc;
 
 const STATES: [SourceState; 5] = [
     SourceState::Starting,
@@ -20,7 +17,7 @@ const STATES: [SourceState; 5] = [
 ];
 
 /// The families read of the cameras and links at each scrape.
-fn sampled(cameras: Cameras, links: Option<Arc<Links>>, model: String) -> Sampled {
+fn sampled(cameras: Running, links: Option<Arc<Links>>, model: String) -> Sampled {
     Sampled::new(move || {
         let cameras = cameras.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let counter = |name, help| SampledFamily::new(name, help, Kind::Counter);
@@ -128,8 +125,8 @@ fn sampled(cameras: Cameras, links: Option<Arc<Links>>, model: String) -> Sample
     })
 }
 
-/// The node's metrics over `cameras` (filled in later) and its links.
-pub fn node_metrics(cameras: Cameras, links: Option<Arc<Links>>, model: String) -> Metrics {
+/// The node's metrics over its running cameras and its links.
+pub fn node_metrics(cameras: Running, links: Option<Arc<Links>>, model: String) -> Metrics {
     let mut metrics = Metrics::new();
     metrics.add(process_memory());
     metrics.add(sampled(cameras, links, model));

@@ -23,12 +23,19 @@ struct StateFile {
     schema: String,
     /// Each camera's standing prompts, in the JSON form `<camera>/prompts` takes.
     cameras: BTreeMap<String, serde_json::Value>,
+    /// When each camera's prompts were accepted (Unix nanoseconds): in a pool, the
+    /// newest a node knows wins (added within version 1; absent in older files).
+    #[serde(default)]
+    updated_unix_ns: BTreeMap<String, u64>,
 }
+
+/// A camera's prompts and when they were accepted (Unix nanoseconds).
+pub type Stamped = (PromptSet, u64);
 
 /// The node's persisted prompts: what was restored, and what to write on an update.
 pub struct PromptState {
     path: PathBuf,
-    cameras: Mutex<BTreeMap<String, PromptSet>>,
+    cameras: Mutex<BTreeMap<String, Stamped>>,
 }
 
 impl PromptState {
@@ -60,22 +67,45 @@ impl PromptState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(camera)
-            .cloned()
+            .map(|(set, _)| set.clone())
     }
 
-    /// Records `set` as `camera`'s prompts and rewrites the file.
+    /// Every camera's prompts with when they were accepted.
+    pub fn all(&self) -> BTreeMap<String, Stamped> {
+        self.cameras
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records `set` as `camera`'s prompts, accepted now, and rewrites the file.
     pub fn save(&self, camera: &str, set: &PromptSet) -> Result<()> {
+        let now = paligemma_stream::message::unix_time_ns().unwrap_or(0);
+        self.merge(camera, set, now).map(|_| ())
+    }
+
+    /// Records `set` as `camera`'s prompts if they are newer than those known (accepted
+    /// at `stamp`), and rewrites the file; whether they were.
+    pub fn merge(&self, camera: &str, set: &PromptSet, stamp: u64) -> Result<bool> {
         let mut cameras = self.cameras.lock().unwrap_or_else(|e| e.into_inner());
-        cameras.insert(camera.to_string(), set.clone());
+        if cameras
+            .get(camera)
+            .is_some_and(|(_, known)| *known >= stamp)
+        {
+            return Ok(false);
+        }
+        cameras.insert(camera.to_string(), (set.clone(), stamp));
         let file = StateFile {
             schema: SCHEMA.into(),
             cameras: cameras
                 .iter()
-                .map(|(k, v)| Ok((k.clone(), serde_json::to_value(v)?)))
+                .map(|(k, (v, _))| Ok((k.clone(), serde_json::to_value(v)?)))
                 .collect::<Result<_>>()?,
+            updated_unix_ns: cameras.iter().map(|(k, (_, t))| (k.clone(), *t)).collect(),
         };
         write_atomically(&self.path, &serde_json::to_vec_pretty(&file)?)
-            .with_context(|| format!("writing the state file {}", self.path.display()))
+            .with_context(|| format!("writing the state file {}", self.path.display()))?;
+        Ok(true)
     }
 
     pub fn path(&self) -> &Path {
@@ -83,7 +113,7 @@ impl PromptState {
     }
 }
 
-fn read(path: &Path) -> Result<BTreeMap<String, PromptSet>> {
+fn read(path: &Path) -> Result<BTreeMap<String, Stamped>> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
@@ -97,11 +127,10 @@ fn read(path: &Path) -> Result<BTreeMap<String, PromptSet>> {
     file.cameras
         .into_iter()
         .map(|(camera, prompts)| {
-            Ok((
-                camera.clone(),
-                PromptSet::from_json(&prompts.to_string())
-                    .with_context(|| format!("camera {camera:?}"))?,
-            ))
+            let set = PromptSet::from_json(&prompts.to_string())
+                .with_context(|| format!("camera {camera:?}"))?;
+            let stamp = file.updated_unix_ns.get(&camera).copied().unwrap_or(0);
+            Ok((camera, (set, stamp)))
         })
         .collect()
 }
@@ -150,6 +179,12 @@ mod tests {
             1,
             "no temporary file left"
         );
+        // Older prompts than those known are not taken; newer ones are, and kept.
+        let scene = set(r#"[{"id":"scene","task":"caption en"}]"#);
+        assert!(!again.merge("cam", &scene, 1).unwrap());
+        assert!(again.merge("cam", &scene, u64::MAX - 1).unwrap());
+        let (third, _) = PromptState::open(dir.path().join("node.state.json"));
+        assert_eq!(third.all()["cam"], (scene, u64::MAX - 1));
     }
 
     #[test]
