@@ -308,3 +308,150 @@ max_tokens = 3
     let v = wait_for(&results, 60, "/rcam/text").expect("the camera's ROS 2 image is analysed");
     assert_eq!(v["frame"]["frame_id"], "arm");
 }
+
+/// Two members of a pool behind the same mutual TLS and access control, the second
+/// connecting to the first with its node certificate: they find each other, share the
+/// cameras fed by a camera client, and when one is killed the other answers its
+/// cameras; a viewer watches it all through the first.
+#[test]
+fn a_pool_behind_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = common::repo_root();
+    let model = fixture_model(dir.path());
+    make_certificates(dir.path());
+    let ports = [free_port(), free_port()];
+    let prefix = "paligemma/site";
+    let start = |node: &str, listen: u16, connect: Option<u16>| {
+        let mut toml = format!(
+            r#"
+node = "{node}"
+pool = "site"
+pool_settle_ms = 300
+status_interval_s = 0
+[model]
+path = "{model}"
+threads = 1
+[zenoh]
+config = "{secure}"
+listen = ["tls/127.0.0.1:{listen}"]
+connect = [{connect}]
+"#,
+            model = model.display(),
+            secure = root.join("configs/zenoh-secure.json5").display(),
+            connect = connect.map_or(String::new(), |p| format!("\"tls/127.0.0.1:{p}\"")),
+        );
+        for c in 0..4 {
+            toml += &format!(
+                "[[camera]]\nname = \"z{c}\"\nzenoh_key = \"cameras/z{c}\"\n[[camera.prompt]]\nid = \"scene\"\ntask = \"caption en\"\nmax_tokens = 2\n"
+            );
+        }
+        let config = dir.path().join(format!("{node}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_paligemma-node"))
+            .args(["--config", config.to_str().unwrap()])
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Node(child)
+    };
+    let _a = start("a", ports[0], None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let viewer = loop {
+        match client(dir.path(), ports[0], Some("viewer")) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("the viewer cannot connect: {e}"),
+        }
+    };
+    let mut b = start("b", ports[1], Some(ports[0]));
+    let status = |members: usize| -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let replies: Vec<serde_json::Value> = viewer
+                .get(format!("{prefix}/@pool/status"))
+                .consolidation(zenoh::query::ConsolidationMode::None)
+                .timeout(Duration::from_secs(5))
+                .wait()
+                .unwrap()
+                .iter()
+                .filter_map(|r| serde_json::from_slice(&r.result().ok()?.payload().to_bytes()).ok())
+                .collect();
+            // Every member sees them all and has applied the rule to them alike.
+            if replies.len() == members
+                && replies.iter().all(|r| {
+                    r["members"].as_array().unwrap().len() == members
+                        && r["cameras"] == replies[0]["cameras"]
+                        && r["cameras"].as_object().is_some_and(|c| c.len() == 4)
+                })
+            {
+                return replies[0]["cameras"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pool did not form: {replies:?}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let owners = status(2);
+    println!("behind mutual TLS: {owners}");
+    let of_b: Vec<String> = owners
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, o)| *o == "b")
+        .map(|(c, _)| c.clone())
+        .collect();
+    assert!(!of_b.is_empty(), "b serves some of the 4 cameras: {owners}");
+
+    let results = viewer
+        .declare_subscriber(format!("{prefix}/*/scene"))
+        .wait()
+        .unwrap();
+    let camera = client(dir.path(), ports[0], Some("camera")).expect("the camera connects");
+    let png = std::fs::read(root.join("tests/fixtures/images/rgb.png")).unwrap();
+    let feed = || {
+        for c in 0..4 {
+            camera
+                .put(format!("cameras/z{c}"), png.clone())
+                .wait()
+                .unwrap();
+        }
+    };
+    // Every camera answered, b's through a's links.
+    let answered_by = |secs: u64| {
+        let mut by = std::collections::BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while by.len() < 4 && Instant::now() < deadline {
+            feed();
+            while let Ok(Some(s)) = results.recv_timeout(Duration::from_millis(100)) {
+                let v: serde_json::Value = serde_json::from_slice(&s.payload().to_bytes()).unwrap();
+                by.insert(
+                    v["source"]["camera"].as_str().unwrap().to_string(),
+                    v["source"]["node"].as_str().unwrap().to_string(),
+                );
+            }
+        }
+        by
+    };
+    let before = answered_by(60);
+    assert_eq!(
+        serde_json::to_value(&before).unwrap(),
+        owners,
+        "each by its member"
+    );
+
+    // b is killed: a answers its cameras.
+    b.0.kill().unwrap();
+    let killed = Instant::now();
+    let _ = status(1);
+    while results.try_recv().ok().flatten().is_some() {}
+    let after = answered_by(60);
+    println!("b killed: {after:?} after {:.2?}", killed.elapsed());
+    assert!(
+        after.len() == 4 && after.values().all(|n| n == "a"),
+        "{after:?}"
+    );
+}
