@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// A bearer token every request but /health must carry (or PALIGEMMA_API_KEY).
     #[arg(long, env = "PALIGEMMA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Fetch http(s) image URLs (at most --max-body-bytes, 10 s): the server then reaches
+    /// whatever host a request names, so keep it off where clients are not trusted.
+    #[arg(long)]
+    allow_image_urls: bool,
     /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -107,6 +111,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         timeout: Duration::from_secs_f64(args.timeout_s),
         default_max_tokens: args.max_tokens,
         api_key: args.api_key,
+        allow_image_urls: args.allow_image_urls,
         tls: args
             .tls_cert
             .zip(args.tls_key)

@@ -344,3 +344,77 @@ fn a_client_that_goes_away_cancels_its_work() {
         assert_eq!(status, 200);
     }
 }
+
+/// Image URLs are fetched only when the server is started with `--allow-image-urls`, and
+/// then within the body limit; without it they are refused with a clear error.
+#[test]
+fn image_urls_are_fetched_only_when_allowed() {
+    use std::io::{Read, Write};
+    // A web server with the frame at /frame.png and 2 MB of noise at /big.png.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web = format!("http://{}", listener.local_addr().unwrap());
+    let png =
+        std::fs::read(common::repo_root().join("tests/fixtures/demo_eval/frame_0000.png")).unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut request = [0u8; 2048];
+            let n = conn.read(&mut request).unwrap_or(0);
+            let body = if String::from_utf8_lossy(&request[..n]).contains("GET /big.png") {
+                vec![7u8; 2_000_000]
+            } else {
+                png.clone()
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(&body);
+        }
+    });
+    let url = format!("{web}/frame.png");
+    let detect = || chat_body("detect ball ; circle ; square ; triangle", &url, json!({}));
+
+    let closed = start(&[]);
+    let (status, body) = chat(&closed.base, &detect());
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("unsupported_image_url")),
+        "{body}"
+    );
+    drop(closed);
+
+    let open = start(&["--allow-image-urls", "--max-body-bytes", "1000000"]);
+    let (status, fetched) = chat(&open.base, &detect());
+    assert_eq!(status, 200, "{fetched}");
+    let (_, inline) = chat(
+        &open.base,
+        &chat_body(
+            "detect ball ; circle ; square ; triangle",
+            &image_url("frame_0000.png"),
+            json!({}),
+        ),
+    );
+    assert_eq!(
+        fetched["choices"], inline["choices"],
+        "the same image, the same answer"
+    );
+    let (status, body) = chat(
+        &open.base,
+        &chat_body("caption en", &format!("{web}/big.png"), json!({})),
+    );
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("image_url_failed")),
+        "{body}"
+    );
+    let (status, body) = chat(
+        &open.base,
+        &chat_body("caption en", "http://127.0.0.1:1/none.png", json!({})),
+    );
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("image_url_failed")),
+        "{body}"
+    );
+}

@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub default_max_tokens: usize,
     /// A bearer token every request but `/health` must carry.
     pub api_key: Option<String>,
+    /// Fetch `http(s)` image URLs (off: only inline `data:` URLs).
+    pub allow_image_urls: bool,
     pub tls: Option<TlsFiles>,
 }
 
@@ -82,6 +84,14 @@ struct App {
 }
 
 impl App {
+    fn fetching(&self) -> image_url::Fetching {
+        image_url::Fetching {
+            allowed: self.opts.allow_image_urls,
+            max_bytes: self.opts.max_body_bytes,
+            timeout: Duration::from_secs(10).min(self.opts.timeout),
+        }
+    }
+
     fn model(&self, id: Option<&str>) -> Result<&Served, ApiError> {
         match id {
             Some(id) => self.models.iter().find(|m| m.id == id).ok_or_else(|| {
@@ -374,7 +384,7 @@ fn frame_of(app: &App, image: paligemma::preprocess::RgbImage) -> Frame {
 
 /// The request ready for the engine; `task` is named as soon as it is known, for the
 /// metrics of a request refused after that.
-fn prepare_chat<'a>(
+async fn prepare_chat<'a>(
     app: &'a App,
     req: &ChatRequest,
     task: &mut String,
@@ -388,7 +398,7 @@ fn prepare_chat<'a>(
         None,
     )?;
     *task = prompt.task.kind().to_string();
-    let image = image_url::decode(asked.image_url, app.opts.max_pixels)?;
+    let image = image_url::load(asked.image_url, app.opts.max_pixels, app.fetching()).await?;
     let sampling = paligemma::Sampling {
         temperature: req.temperature.unwrap_or(0.0),
         top_p: req.top_p.unwrap_or(1.0),
@@ -480,7 +490,7 @@ async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {
         let req: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::invalid("body", format!("not a chat completion request: {e}"))
         })?;
-        let prepared = prepare_chat(&app, &req, &mut task)?;
+        let prepared = prepare_chat(&app, &req, &mut task).await?;
         let reply = if req.stream {
             let reply = stream_reply(&app, &req, prepared).await?;
             streamed = true;
@@ -742,12 +752,15 @@ async fn analyze(State(app): State<Arc<App>>, body: Body) -> Response {
         let req: AnalyzeRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::invalid("body", format!("not an analyze request: {e}")))?;
         let model = app.model(req.model.as_deref())?;
-        let url = if req.image.starts_with("data:") {
+        let url = if ["data:", "http://", "https://"]
+            .iter()
+            .any(|s| req.image.starts_with(s))
+        {
             req.image.clone()
         } else {
             format!("data:;base64,{}", req.image)
         };
-        let image = image_url::decode(&url, app.opts.max_pixels)?;
+        let image = image_url::load(&url, app.opts.max_pixels, app.fetching()).await?;
         let prompt = prompt_of(
             &req.prompt,
             req.max_tokens.unwrap_or(app.opts.default_max_tokens),
