@@ -33,9 +33,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "f16")]
     kv_type: String,
     /// Batches run at once on the CPU, taking the threads turn by turn (see
-    /// paligemma_stream::EngineOptions::lanes); one lane alone gets every thread. Two
-    /// answered 32 clients of the demo model 1.5-2.6x as fast as one client, one lane
-    /// 1.1-1.2x (tests/serve_load.rs).
+    /// paligemma_stream::EngineOptions::lanes), at most one per thread; one lane alone
+    /// gets every thread. With 2 threads, two lanes answered 32 clients of the demo
+    /// model 1.6-1.9x as fast as one client, one lane 1.1-1.2x (docs/serve.md).
     #[arg(long, default_value_t = 2)]
     lanes: usize,
     /// Requests answered at once, batched together (llama-server's --parallel).

@@ -53,7 +53,7 @@ pub fn start(extra: &[&str]) -> Server {
 pub fn start_with(model: &std::path::Path, extra: &[&str]) -> Server {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_paligemma"))
-        .args(["serve", "-m", model.to_str().unwrap(), "--threads", "2"])
+        .args(["serve", "-m", model.to_str().unwrap()])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(extra)
         .env("RUST_LOG", "warn")
