@@ -3,17 +3,20 @@
 //! (`POST /v1/analyze`) and Prometheus metrics ([`metrics`], also used by the node's
 //! metrics port).
 //!
-//! - [`server`]: options, models, routes, streamed replies.
+//! - [`server`]: options, models, routes; `answers`: the answering endpoints;
+//!   `streamed`: streamed replies.
 //! - `admission`: how many requests run and wait (429 beyond).
 //! - [`image_url`]: inline `data:` images, bounded before decoding.
 //! - `error`: errors as OpenAI's API writes them.
 //! - `tls`: HTTPS with rustls.
 mod admission;
+mod answers;
 mod error;
 pub mod image_url;
 pub mod metrics;
 pub mod openai;
 pub mod server;
+mod streamed;
 mod tls;
 
 pub use error::ApiError;

@@ -1,34 +1,28 @@
-//! The HTTP server: its options, the models it loads, and the routes.
+//! The HTTP server: its options, the models it loads, and the routes (the handlers
+//! of the answering endpoints are `answers.rs`, streamed replies `streamed.rs`).
 //!
 //! Each model is one shared engine with one stream of asks, so concurrent requests are
 //! batched by the engine's scheduler as a node's cameras are. [`Admission`] bounds the
 //! requests in the engine (`parallel`) and those waiting (`max_queue`); work for a
 //! client that goes away (or times out) is cancelled at the next token.
 use crate::admission::Admission;
+use crate::answers::{analyze, chat};
 use crate::error::ApiError;
 use crate::metrics::{self, Kind, Metrics, Sampled, SampledFamily};
-use crate::openai::{self, ChatRequest};
-use crate::{image_url, tls};
+use crate::{image_url, openai, tls};
 use anyhow::{Context, Result};
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use paligemma::Task;
 use paligemma_stream::message::{Source, unix_time_ns};
-use paligemma_stream::{
-    AskOptions, Engine, EngineOptions, Frame, FrameInfo, PromptSet, ResultMessage, StandingPrompt,
-    Stream, StreamConfig,
-};
-use std::collections::VecDeque;
+use paligemma_stream::{Engine, EngineOptions, PromptSet, Stream, StreamConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 /// Certificate chain and private key (PEM) for HTTPS.
@@ -65,26 +59,26 @@ pub struct ServeOptions {
 }
 
 /// A model being served.
-struct Served {
-    id: String,
+pub(crate) struct Served {
+    pub(crate) id: String,
     /// When it was loaded (Unix seconds; OpenAI's `created`).
-    created: u64,
-    load_seconds: f64,
-    stream: Arc<Stream>,
-    kv_cache_bytes: usize,
+    pub(crate) created: u64,
+    pub(crate) load_seconds: f64,
+    pub(crate) stream: Arc<Stream>,
+    pub(crate) kv_cache_bytes: usize,
 }
 
-struct App {
-    models: Vec<Served>,
-    admission: Arc<Admission>,
-    metrics: Arc<Metrics>,
-    opts: ServeOptions,
+pub(crate) struct App {
+    pub(crate) models: Vec<Served>,
+    pub(crate) admission: Arc<Admission>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) opts: ServeOptions,
     /// Frames (requests) so far, for their sequence numbers and ids.
-    requests: AtomicU64,
+    pub(crate) requests: AtomicU64,
 }
 
 impl App {
-    fn fetching(&self) -> image_url::Fetching {
+    pub(crate) fn fetching(&self) -> image_url::Fetching {
         image_url::Fetching {
             allowed: self.opts.allow_image_urls,
             max_bytes: self.opts.max_body_bytes,
@@ -92,7 +86,7 @@ impl App {
         }
     }
 
-    fn model(&self, id: Option<&str>) -> Result<&Served, ApiError> {
+    pub(crate) fn model(&self, id: Option<&str>) -> Result<&Served, ApiError> {
         match id {
             Some(id) => self.models.iter().find(|m| m.id == id).ok_or_else(|| {
                 ApiError::unknown_model(
@@ -105,7 +99,7 @@ impl App {
     }
 }
 
-fn unix_seconds() -> u64 {
+pub(crate) fn unix_seconds() -> u64 {
     unix_time_ns().unwrap_or(0) / 1_000_000_000
 }
 
@@ -309,480 +303,4 @@ async fn metrics_text(State(app): State<Arc<App>>) -> Response {
         app.metrics.encode(),
     )
         .into_response()
-}
-
-/// A body past the limit is still read, up to this many times the limit, before the
-/// 413 goes out: a client still sending when the server hangs up gets a broken pipe
-/// instead of the error that says why.
-const DRAIN_FACTOR: usize = 16;
-
-/// The body of at most `limit` bytes, or 413 past it.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let mut body = body.into_data_stream();
-    let mut bytes = Vec::new();
-    let mut seen = 0usize;
-    while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
-        let chunk =
-            chunk.map_err(|e| ApiError::invalid("body", format!("reading the body: {e}")))?;
-        seen = seen.saturating_add(chunk.len());
-        if seen > limit.saturating_mul(DRAIN_FACTOR) {
-            break;
-        }
-        if seen <= limit {
-            bytes.extend_from_slice(&chunk);
-        }
-    }
-    if seen > limit {
-        return Err(ApiError::too_large(limit));
-    }
-    Ok(bytes.into())
-}
-
-/// A request ready for the engine.
-struct Prepared<'a> {
-    model: &'a Served,
-    frame: Frame,
-    prompt: StandingPrompt,
-    ask: AskOptions,
-}
-
-/// The prompt of `text` with its limits; a task that does not parse is the client's
-/// error.
-fn prompt_of(
-    text: &str,
-    max_tokens: usize,
-    min_score: Option<f32>,
-    duplicate_iou: Option<f32>,
-) -> Result<StandingPrompt, ApiError> {
-    let task = Task::parse(text).map_err(|e| {
-        ApiError::invalid_code(
-            "messages[0].content",
-            "invalid_task",
-            format!("the task {text:?}: {e}"),
-        )
-    })?;
-    let prompt = StandingPrompt {
-        max_tokens,
-        min_score,
-        duplicate_iou,
-        ..StandingPrompt::new(paligemma_stream::prompts::ASK_ID, task)
-    };
-    prompt.validate()?;
-    Ok(prompt)
-}
-
-fn frame_of(app: &App, image: paligemma::preprocess::RgbImage) -> Frame {
-    let info = FrameInfo {
-        seq: app.requests.fetch_add(1, Ordering::Relaxed),
-        capture_unix_ns: unix_time_ns(),
-        width: image.width,
-        height: image.height,
-        ..Default::default()
-    };
-    Frame::new(info, image)
-}
-
-/// The request ready for the engine; `task` is named as soon as it is known, for the
-/// metrics of a request refused after that.
-async fn prepare_chat<'a>(
-    app: &'a App,
-    req: &ChatRequest,
-    task: &mut String,
-) -> Result<Prepared<'a>, ApiError> {
-    let model = app.model(Some(&req.model))?;
-    let asked = req.asked()?;
-    let prompt = prompt_of(
-        &asked.prompt,
-        req.token_limit().unwrap_or(app.opts.default_max_tokens),
-        None,
-        None,
-    )?;
-    *task = prompt.task.kind().to_string();
-    let image = image_url::load(asked.image_url, app.opts.max_pixels, app.fetching()).await?;
-    let sampling = paligemma::Sampling {
-        temperature: req.temperature.unwrap_or(0.0),
-        top_p: req.top_p.unwrap_or(1.0),
-        seed: req.seed.unwrap_or(0),
-        ..Default::default()
-    };
-    sampling
-        .validate()
-        .map_err(|e| ApiError::invalid("temperature", e.to_string()))?;
-    Ok(Prepared {
-        model,
-        frame: frame_of(app, image),
-        prompt,
-        ask: AskOptions {
-            sampling,
-            ..Default::default()
-        },
-    })
-}
-
-/// A request in the engine's hands. Dropped before it was answered (the handler's
-/// future, or a streamed reply, is dropped when its client goes away), it cancels the
-/// work and counts the request with status 499, as nginx counts a client that closed
-/// the connection.
-struct InFlight {
-    cancel: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
-    endpoint: &'static str,
-    task: String,
-    answered: bool,
-}
-
-impl InFlight {
-    fn new(app: &App, endpoint: &'static str, p: &Prepared<'_>) -> InFlight {
-        InFlight {
-            cancel: p.ask.cancel.clone(),
-            metrics: app.metrics.clone(),
-            endpoint,
-            task: p.prompt.task.kind().to_string(),
-            answered: false,
-        }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if !self.answered {
-            self.cancel.store(true, Ordering::Relaxed);
-            self.metrics.request(self.endpoint, &self.task, "499");
-        }
-    }
-}
-
-/// Answers a prepared request on the engine, after waiting for a place.
-async fn answer(
-    app: &Arc<App>,
-    endpoint: &'static str,
-    p: Prepared<'_>,
-) -> Result<ResultMessage, ApiError> {
-    let ticket = app.admission.enter().await.ok_or_else(|| {
-        let (parallel, queue) = app.admission.limits();
-        ApiError::busy(format!(
-            "{parallel} requests are being answered and {queue} are waiting; try again shortly"
-        ))
-    })?;
-    let mut in_flight = InFlight::new(app, endpoint, &p);
-    let (stream, timeout) = (p.model.stream.clone(), app.opts.timeout);
-    let msg = tokio::task::spawn_blocking(move || {
-        let _ticket = ticket;
-        stream.ask_with(p.frame, p.prompt, p.ask, timeout)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()));
-    in_flight.answered = true;
-    let msg = msg??;
-    app.metrics.answer(&msg);
-    match &msg.result {
-        paligemma::TaskResult::Error { message } => Err(ApiError::internal(message.clone())),
-        _ => Ok(msg),
-    }
-}
-
-async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {
-    let mut task = String::new();
-    // A streamed reply counts itself when it ends (or its client goes).
-    let mut streamed = false;
-    let result = async {
-        let body = read_body(body, app.opts.max_body_bytes).await?;
-        let req: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::invalid("body", format!("not a chat completion request: {e}"))
-        })?;
-        let prepared = prepare_chat(&app, &req, &mut task).await?;
-        let reply = if req.stream {
-            let reply = stream_reply(&app, &req, prepared).await?;
-            streamed = true;
-            reply
-        } else {
-            let max_tokens = prepared.prompt.max_tokens;
-            let msg = answer(&app, "chat", prepared).await?;
-            axum::Json(openai::ChatCompletion {
-                id: format!("chatcmpl-{}", msg.frame.seq),
-                object: "chat.completion",
-                created: unix_seconds(),
-                model: &req.model,
-                choices: vec![openai::Choice {
-                    index: 0,
-                    message: openai::AssistantMessage {
-                        role: "assistant",
-                        content: msg.raw.clone(),
-                    },
-                    finish_reason: openai::finish_reason(&msg, max_tokens),
-                }],
-                usage: openai::Usage::of(&msg),
-                paligemma: &msg,
-            })
-            .into_response()
-        };
-        Ok::<_, ApiError>(reply)
-    }
-    .await;
-    match result {
-        Ok(reply) if streamed => reply,
-        result => respond(&app, "chat", &task, result),
-    }
-}
-
-/// Counts the request by task (empty when the request did not get as far as naming
-/// one) and status, and turns an error into its response.
-fn respond(app: &App, endpoint: &str, task: &str, result: Result<Response, ApiError>) -> Response {
-    match result {
-        Ok(response) => {
-            app.metrics
-                .request(endpoint, task, response.status().as_str());
-            response
-        }
-        Err(e) => {
-            app.metrics.request(endpoint, task, e.status.as_str());
-            if e.status.is_server_error() {
-                tracing::warn!("{endpoint}: {}", e.message);
-            }
-            e.into_response()
-        }
-    }
-}
-
-/// What the engine's side of a streamed reply sends to the response's side.
-enum Streamed {
-    Text(String),
-    Done(Box<Result<ResultMessage, ApiError>>),
-}
-
-/// A streamed reply: server-sent events in OpenAI's chunk format, the role first, a
-/// chunk per token's text, the finishing chunk (with the typed result), the usage if
-/// asked for, then `[DONE]`. Waits for a place before the response starts, so that a
-/// full queue is still a 429.
-async fn stream_reply(
-    app: &Arc<App>,
-    req: &ChatRequest,
-    mut p: Prepared<'_>,
-) -> Result<Response, ApiError> {
-    let ticket = app.admission.enter().await.ok_or_else(|| {
-        ApiError::busy("every place and the whole queue are taken; try again shortly")
-    })?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let text = tx.clone();
-    p.ask.on_text = Some(Arc::new(move |t: &str| {
-        if !t.is_empty() {
-            let _ = text.send(Streamed::Text(t.to_string()));
-        }
-    }));
-    let in_flight = InFlight::new(app, "chat", &p);
-    let (stream, timeout, metrics) = (
-        p.model.stream.clone(),
-        app.opts.timeout,
-        app.metrics.clone(),
-    );
-    let (frame, prompt, ask) = (p.frame, p.prompt, p.ask);
-    let (max_tokens, id) = (prompt.max_tokens, format!("chatcmpl-{}", frame.info.seq));
-    tokio::task::spawn_blocking(move || {
-        let _ticket = ticket;
-        let result = stream
-            .ask_with(frame, prompt, ask, timeout)
-            .map_err(ApiError::from)
-            .and_then(|msg| {
-                metrics.answer(&msg);
-                match &msg.result {
-                    paligemma::TaskResult::Error { message } => {
-                        Err(ApiError::internal(message.clone()))
-                    }
-                    _ => Ok(msg),
-                }
-            });
-        let _ = tx.send(Streamed::Done(Box::new(result)));
-    });
-    let chunks = Chunks {
-        id,
-        model: req.model.clone(),
-        created: unix_seconds(),
-        include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
-        max_tokens,
-        pending: VecDeque::new(),
-        rx,
-        started: false,
-        ended: false,
-        in_flight,
-    };
-    let events = futures_util::stream::unfold(chunks, |mut c| async move {
-        c.next_event()
-            .await
-            .map(|e| (Ok::<_, std::convert::Infallible>(e), c))
-    });
-    Ok(Sse::new(events).into_response())
-}
-
-/// The state of a streamed reply.
-struct Chunks {
-    id: String,
-    model: String,
-    created: u64,
-    include_usage: bool,
-    max_tokens: usize,
-    pending: VecDeque<Event>,
-    rx: tokio::sync::mpsc::UnboundedReceiver<Streamed>,
-    started: bool,
-    ended: bool,
-    /// Cancels the engine's work when the reply is dropped before its end (the client
-    /// went away).
-    in_flight: InFlight,
-}
-
-impl Chunks {
-    fn chunk(
-        &self,
-        delta: openai::Delta,
-        finish: Option<&'static str>,
-        result: Option<&ResultMessage>,
-    ) -> Event {
-        let chunk = openai::Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices: vec![openai::ChunkChoice {
-                index: 0,
-                delta,
-                finish_reason: finish,
-            }],
-            usage: None,
-            paligemma: result,
-        };
-        Event::default().data(serde_json::to_string(&chunk).expect("chunks serialise"))
-    }
-
-    async fn next_event(&mut self) -> Option<Event> {
-        if let Some(e) = self.pending.pop_front() {
-            return Some(e);
-        }
-        if self.ended {
-            return None;
-        }
-        if !self.started {
-            self.started = true;
-            return Some(self.chunk(
-                openai::Delta {
-                    role: Some("assistant"),
-                    content: Some(String::new()),
-                },
-                None,
-                None,
-            ));
-        }
-        match self.rx.recv().await {
-            Some(Streamed::Text(text)) => Some(self.chunk(
-                openai::Delta {
-                    content: Some(text),
-                    ..Default::default()
-                },
-                None,
-                None,
-            )),
-            Some(Streamed::Done(done)) => self.finish(*done),
-            None => None,
-        }
-    }
-
-    /// The chunks that end a reply: the finish (with the typed result), the usage if
-    /// asked for, `[DONE]`; or the error and `[DONE]`.
-    fn finish(&mut self, done: Result<ResultMessage, ApiError>) -> Option<Event> {
-        self.ended = true;
-        // A streamed reply is counted when it ends, with how it ended.
-        self.in_flight.answered = true;
-        let status = done
-            .as_ref()
-            .map_or_else(|e| e.status.as_str().to_string(), |_| "200".into());
-        let in_flight = &self.in_flight;
-        in_flight
-            .metrics
-            .request(in_flight.endpoint, &in_flight.task, &status);
-        match done {
-            Ok(msg) => {
-                let finish = openai::finish_reason(&msg, self.max_tokens);
-                let last = self.chunk(openai::Delta::default(), Some(finish), Some(&msg));
-                if self.include_usage {
-                    let usage = openai::Chunk {
-                        id: &self.id,
-                        object: "chat.completion.chunk",
-                        created: self.created,
-                        model: &self.model,
-                        choices: Vec::new(),
-                        usage: Some(openai::Usage::of(&msg)),
-                        paligemma: None,
-                    };
-                    self.pending.push_back(
-                        Event::default().data(serde_json::to_string(&usage).expect("serialises")),
-                    );
-                }
-                self.pending.push_back(Event::default().data("[DONE]"));
-                Some(last)
-            }
-            Err(e) => {
-                tracing::warn!("a streamed reply failed: {}", e.message);
-                self.pending.push_back(Event::default().data("[DONE]"));
-                Some(Event::default().data(e.body().to_string()))
-            }
-        }
-    }
-}
-
-/// `POST /v1/analyze`: the node's `paligemma.result/1` message for one image and one
-/// task, as JSON `{"prompt", "image", "model"?, "max_tokens"?, "min_score"?,
-/// "duplicate_iou"?}` with the image as base64 or a `data:` URL.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AnalyzeRequest {
-    prompt: String,
-    image: String,
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    max_tokens: Option<usize>,
-    #[serde(default)]
-    min_score: Option<f32>,
-    #[serde(default)]
-    duplicate_iou: Option<f32>,
-}
-
-async fn analyze(State(app): State<Arc<App>>, body: Body) -> Response {
-    let mut task = String::new();
-    let result = async {
-        let body = read_body(body, app.opts.max_body_bytes).await?;
-        let req: AnalyzeRequest = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid("body", format!("not an analyze request: {e}")))?;
-        let model = app.model(req.model.as_deref())?;
-        let url = if ["data:", "http://", "https://"]
-            .iter()
-            .any(|s| req.image.starts_with(s))
-        {
-            req.image.clone()
-        } else {
-            format!("data:;base64,{}", req.image)
-        };
-        let image = image_url::load(&url, app.opts.max_pixels, app.fetching()).await?;
-        let prompt = prompt_of(
-            &req.prompt,
-            req.max_tokens.unwrap_or(app.opts.default_max_tokens),
-            req.min_score,
-            req.duplicate_iou,
-        )?;
-        task = prompt.task.kind().to_string();
-        let msg = answer(
-            &app,
-            "analyze",
-            Prepared {
-                model,
-                frame: frame_of(&app, image),
-                prompt,
-                ask: AskOptions::default(),
-            },
-        )
-        .await?;
-        Ok::<_, ApiError>(
-            ([(header::CONTENT_TYPE, "application/json")], msg.to_json()).into_response(),
-        )
-    }
-    .await;
-    respond(&app, "analyze", &task, result)
 }
