@@ -1,10 +1,10 @@
 //! The answering endpoints: `POST /v1/chat/completions` and `POST /v1/analyze`, from
 //! the body (bounded) to the engine's answer, each request counted by task and status.
+use crate::app::{App, unix_seconds};
 use crate::error::ApiError;
 use crate::image_url;
-use crate::metrics::Metrics;
 use crate::openai::{self, ChatRequest};
-use crate::server::{App, Served, unix_seconds};
+use crate::request::{InFlight, Prepared};
 use crate::streamed::stream_reply;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -14,7 +14,7 @@ use paligemma::Task;
 use paligemma_stream::message::unix_time_ns;
 use paligemma_stream::{AskOptions, Frame, FrameInfo, ResultMessage, StandingPrompt};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 /// A body past the limit is still read, up to this many times the limit, before the
 /// 413 goes out: a client still sending when the server hangs up gets a broken pipe
@@ -41,14 +41,6 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
         return Err(ApiError::too_large(limit));
     }
     Ok(bytes.into())
-}
-
-/// A request ready for the engine.
-pub(crate) struct Prepared<'a> {
-    pub(crate) model: &'a Served,
-    pub(crate) frame: Frame,
-    pub(crate) prompt: StandingPrompt,
-    pub(crate) ask: AskOptions,
 }
 
 /// The prompt of `text` with its limits; a task that does not parse is the client's
@@ -122,39 +114,6 @@ async fn prepare_chat<'a>(
             ..Default::default()
         },
     })
-}
-
-/// A request in the engine's hands. Dropped before it was answered (the handler's
-/// future, or a streamed reply, is dropped when its client goes away), it cancels the
-/// work and counts the request with status 499, as nginx counts a client that closed
-/// the connection.
-pub(crate) struct InFlight {
-    pub(crate) cancel: Arc<AtomicBool>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) endpoint: &'static str,
-    pub(crate) task: String,
-    pub(crate) answered: bool,
-}
-
-impl InFlight {
-    pub(crate) fn new(app: &App, endpoint: &'static str, p: &Prepared<'_>) -> InFlight {
-        InFlight {
-            cancel: p.ask.cancel.clone(),
-            metrics: app.metrics.clone(),
-            endpoint,
-            task: p.prompt.task.kind().to_string(),
-            answered: false,
-        }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if !self.answered {
-            self.cancel.store(true, Ordering::Relaxed);
-            self.metrics.request(self.endpoint, &self.task, "499");
-        }
-    }
 }
 
 /// Answers a prepared request on the engine, after waiting for a place.

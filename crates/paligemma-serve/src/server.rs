@@ -1,5 +1,5 @@
-//! The HTTP server: its options, the models it loads, and the routes (the handlers
-//! of the answering endpoints are `answers.rs`, streamed replies `streamed.rs`).
+//! The HTTP server: the models it loads and the routes (options in `options.rs`, the
+//! handlers of the answering endpoints in `answers.rs`, streamed replies `streamed.rs`).
 //!
 //! Each model is one shared engine with one stream of asks, so concurrent requests are
 //! batched by the engine's scheduler as a node's cameras are. [`Admission`] bounds the
@@ -7,9 +7,11 @@
 //! client that goes away (or times out) is cancelled at the next token.
 use crate::admission::Admission;
 use crate::answers::{analyze, chat};
+use crate::app::{App, Served, unix_seconds};
 use crate::error::ApiError;
 use crate::metrics::{self, Kind, Metrics, Sampled, SampledFamily};
-use crate::{image_url, openai, tls};
+use crate::options::ServeOptions;
+use crate::{openai, tls};
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::extract::{Request, State};
@@ -17,91 +19,11 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use paligemma_stream::message::{Source, unix_time_ns};
-use paligemma_stream::{Engine, EngineOptions, PromptSet, Stream, StreamConfig};
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use paligemma_stream::message::Source;
+use paligemma_stream::{Engine, PromptSet, Stream, StreamConfig};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant};
-
-/// Certificate chain and private key (PEM) for HTTPS.
-#[derive(Clone, Debug)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// What `paligemma serve` serves, and its limits.
-#[derive(Clone, Debug)]
-pub struct ServeOptions {
-    /// Model files; each is served under its file name without `.gguf`.
-    pub models: Vec<PathBuf>,
-    pub engine: EngineOptions,
-    pub listen: SocketAddr,
-    /// Largest request body (an image inline in base64 is 4/3 of its file).
-    pub max_body_bytes: usize,
-    /// Largest image, width x height, checked before decoding.
-    pub max_pixels: usize,
-    /// Requests answered at once (each one sequence of the engine's batch).
-    pub parallel: usize,
-    /// Requests that may wait for a place; more get 429.
-    pub max_queue: usize,
-    /// Longest a request may take, waiting included.
-    pub timeout: Duration,
-    /// New tokens when a request does not say.
-    pub default_max_tokens: usize,
-    /// A bearer token every request but `/health` must carry.
-    pub api_key: Option<String>,
-    /// Fetch `http(s)` image URLs (off: only inline `data:` URLs).
-    pub allow_image_urls: bool,
-    pub tls: Option<TlsFiles>,
-}
-
-/// A model being served.
-pub(crate) struct Served {
-    pub(crate) id: String,
-    /// When it was loaded (Unix seconds; OpenAI's `created`).
-    pub(crate) created: u64,
-    pub(crate) load_seconds: f64,
-    pub(crate) stream: Arc<Stream>,
-    pub(crate) kv_cache_bytes: usize,
-}
-
-pub(crate) struct App {
-    pub(crate) models: Vec<Served>,
-    pub(crate) admission: Arc<Admission>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) opts: ServeOptions,
-    /// Frames (requests) so far, for their sequence numbers and ids.
-    pub(crate) requests: AtomicU64,
-}
-
-impl App {
-    pub(crate) fn fetching(&self) -> image_url::Fetching {
-        image_url::Fetching {
-            allowed: self.opts.allow_image_urls,
-            max_bytes: self.opts.max_body_bytes,
-            timeout: Duration::from_secs(10).min(self.opts.timeout),
-        }
-    }
-
-    pub(crate) fn model(&self, id: Option<&str>) -> Result<&Served, ApiError> {
-        match id {
-            Some(id) => self.models.iter().find(|m| m.id == id).ok_or_else(|| {
-                ApiError::unknown_model(
-                    id,
-                    &self.models.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
-                )
-            }),
-            None => Ok(&self.models[0]),
-        }
-    }
-}
-
-pub(crate) fn unix_seconds() -> u64 {
-    unix_time_ns().unwrap_or(0) / 1_000_000_000
-}
+use std::time::Instant;
 
 /// Loads every model, then serves until `shutdown` completes.
 pub async fn serve(

@@ -1,9 +1,9 @@
 //! Streamed replies (`stream: true`): server-sent events in OpenAI's chunk format, fed
 //! token by token from the engine's thread through a channel.
-use crate::answers::{InFlight, Prepared};
+use crate::app::{App, unix_seconds};
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest};
-use crate::server::{App, unix_seconds};
+use crate::request::{InFlight, Prepared};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use paligemma_stream::ResultMessage;

@@ -1,6 +1,6 @@
 //! HTTPS with rustls, for a server reachable from other machines: the certificate
 //! chain and key from PEM files, each connection handshaken and then served by hyper.
-use crate::server::TlsFiles;
+use crate::options::TlsFiles;
 use anyhow::{Context, Result};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
