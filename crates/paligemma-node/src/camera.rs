@@ -562,6 +562,9 @@ pub struct Node {
     pub persisted: Option<Arc<Persisted>>,
     pub metrics: Option<Arc<Metrics>>,
     pub running: Running,
+    /// The model, loaded once for the node's life: a pool member that serves no camera
+    /// for a while keeps it, so that taking one over does not load it again.
+    pub engine: Arc<Engine>,
 }
 
 impl Node {
@@ -593,7 +596,14 @@ async fn start(node: &Node, cam: &CameraConfig) -> Result<Camera> {
         node.metrics.clone(),
     );
     let persisted = node.persisted.as_deref();
-    let base = format!("{}/{}", cfg.prefix(), cam.name);
+    // In a pool, the pool's cameras are under the pool's prefix whoever serves them; a
+    // node's own (local pipeline) cameras under its name, or the nodes' would collide.
+    let base = match &cfg.pool {
+        Some(_) if !crate::pool::is_shared(cam) => {
+            format!("{}/{}/{}", cfg.prefix(), cfg.node, cam.name)
+        }
+        _ => format!("{}/{}", cfg.prefix(), cam.name),
+    };
     let source = Source {
         node: cfg.node.clone(),
         camera: cam.name.clone(),
@@ -609,8 +619,7 @@ async fn start(node: &Node, cam: &CameraConfig) -> Result<Camera> {
             cfg.errors_per_s,
         )),
     };
-    let engine = Engine::shared(&cfg.model.path, &cfg.engine_options()?)
-        .with_context(|| format!("camera {}", cam.name))?;
+    let engine = node.engine.clone();
     tracing::info!(
         "camera {}: model {} on {} (an engine shared by {} stream(s))",
         cam.name,
@@ -791,11 +800,17 @@ async fn start(node: &Node, cam: &CameraConfig) -> Result<Camera> {
             Box::new(move || Box::pin(status(c.clone(), period, model.clone(), device.clone()))),
         );
     }
-    let token = session
-        .liveliness()
-        .declare_token(base.as_str())
-        .await
-        .map_err(|e| anyhow::anyhow!("liveliness: {e}"))?;
+    let token = match session.liveliness().declare_token(base.as_str()).await {
+        Ok(token) => token,
+        Err(e) => {
+            // Nothing of a camera that did not start may go on running.
+            for t in &tasks {
+                t.abort();
+            }
+            worker.stop();
+            anyhow::bail!("camera {}: liveliness: {e}", cam.name);
+        }
+    };
     Ok(Camera {
         name: cam.name.clone(),
         health: CameraHealth {

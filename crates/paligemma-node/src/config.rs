@@ -431,8 +431,11 @@ impl Config {
                 self.node
             );
         }
-        if !(self.capacity.is_finite() && self.capacity > 0.0) {
-            bail!("capacity must be a positive number, not {}", self.capacity);
+        if !(self.capacity.is_finite() && (0.001..=1e6).contains(&self.capacity)) {
+            bail!(
+                "capacity must be a number from 0.001 to 1000000 (thousandths count), not {}",
+                self.capacity
+            );
         }
         if self.zenoh.reconnect_max_ms == Some(0) {
             bail!("[zenoh] reconnect_max_ms must be at least 1 millisecond");

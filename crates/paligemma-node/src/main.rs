@@ -274,7 +274,15 @@ async fn run(cfg: Config) -> Result<()> {
         }
         false => None,
     };
+    let engine_options = cfg.engine_options()?;
+    let model_path = cfg.model.path.clone();
+    let engine = tokio::task::spawn_blocking(move || {
+        paligemma_stream::Engine::shared(&model_path, &engine_options)
+    })
+    .await?
+    .with_context(|| format!("loading {}", cfg.model.path.display()))?;
     let node = camera::Node {
+        engine,
         cfg: Arc::new(cfg.clone()),
         session: session.clone(),
         asks,

@@ -70,6 +70,9 @@ pub fn owner<'a>(camera: &str, members: &'a [Member]) -> Option<&'a Member> {
     })
 }
 
+/// How long a camera this member could not start waits before it is tried again.
+const RETRY: Duration = Duration::from_secs(5);
+
 /// A member's token key, and back.
 fn member_key(prefix: &str, node: &str, capacity: f64) -> String {
     format!(
@@ -107,7 +110,11 @@ struct Controller {
     prefix: String,
     me: Member,
     cameras: Vec<CameraConfig>,
-    members: BTreeMap<String, f64>,
+    /// Live member tokens by key, each with when it was seen (a member that restarts
+    /// with another capacity has two until the old one's session is gone: the newer
+    /// counts).
+    tokens: BTreeMap<String, (u64, Member)>,
+    seen: u64,
     /// The cameras this node serves, and who served each when the rule last ran.
     serving: BTreeMap<String, Camera>,
     owners: BTreeMap<String, String>,
@@ -119,10 +126,11 @@ impl Pool {
     pub async fn join(node: Node, name: &str, cameras: Vec<CameraConfig>) -> Result<Pool> {
         let cfg = node.cfg.clone();
         let prefix = cfg.prefix();
-        let me = Member {
-            node: cfg.node.clone(),
-            capacity: cfg.capacity,
-        };
+        // Its capacity as the others read it from its token (thousandths), so that every
+        // member computes the rule with the same numbers.
+        let my_key = member_key(&prefix, &cfg.node, cfg.capacity);
+        let me = parse_member(&prefix, &my_key)
+            .ok_or_else(|| anyhow::anyhow!("pool: {my_key} is not a member key"))?;
         let session = node.session.clone();
         let mut controller = Controller {
             node,
@@ -130,13 +138,14 @@ impl Pool {
             prefix: prefix.clone(),
             me: me.clone(),
             cameras,
-            members: BTreeMap::new(),
+            tokens: BTreeMap::new(),
+            seen: 0,
             serving: BTreeMap::new(),
             owners: BTreeMap::new(),
         };
         controller.gather_prompts().await;
         let members_key = format!("{prefix}/@pool/members/**");
-        let members = session
+        let members_sub = session
             .liveliness()
             .declare_subscriber(members_key.as_str())
             .history(true)
@@ -144,7 +153,7 @@ impl Pool {
             .map_err(|e| anyhow::anyhow!("pool members {members_key}: {e}"))?;
         let token = session
             .liveliness()
-            .declare_token(member_key(&prefix, &me.node, me.capacity))
+            .declare_token(my_key.as_str())
             .await
             .map_err(|e| anyhow::anyhow!("pool token: {e}"))?;
         let status = session
@@ -166,33 +175,31 @@ impl Pool {
             .await
             .map_err(|e| anyhow::anyhow!("pool members: {e}"))?;
         while let Ok(reply) = current.recv_async().await {
-            if let Some(m) = reply
-                .result()
-                .ok()
-                .and_then(|s| parse_member(&prefix, s.key_expr().as_str()))
-            {
-                controller.members.insert(m.node, m.capacity);
+            if let Ok(sample) = reply.result() {
+                controller.token(sample.key_expr().as_str());
             }
         }
-        controller.members.insert(me.node.clone(), me.capacity);
+        controller.token(&my_key);
+        let members = controller.member_list();
         tracing::info!(
             "pool {name}: joined as {} (capacity {}) with {:?}",
             me.node,
             me.capacity,
-            controller.members.keys().collect::<Vec<_>>()
+            members.iter().map(|m| &m.node).collect::<Vec<_>>()
         );
         // Alone, serve at once; beside others, give them the settling time to hand over.
         let settle = Duration::from_millis(controller.node.cfg.pool_settle_ms);
-        let first = if controller.members.len() == 1 {
+        let first = if members.len() == 1 {
             Instant::now()
         } else {
             Instant::now() + settle
         };
         let (stop, stopped) = tokio::sync::oneshot::channel();
+        let subscriber = members_sub;
         let task = tokio::spawn(async move {
             let _token = token;
             controller
-                .run(members, status, prompts, updates, first, settle, stopped)
+                .run(subscriber, status, prompts, updates, first, settle, stopped)
                 .await;
             controller
         });
@@ -216,14 +223,30 @@ type Subscriber =
     zenoh::pubsub::Subscriber<zenoh::handlers::FifoChannelHandler<zenoh::sample::Sample>>;
 
 impl Controller {
+    /// Records a member token; whether it names a member.
+    fn token(&mut self, key: &str) -> bool {
+        let Some(member) = parse_member(&self.prefix, key) else {
+            return false;
+        };
+        self.seen += 1;
+        self.tokens.insert(key.to_string(), (self.seen, member));
+        true
+    }
+
+    /// The live members, one per node (its newest token), by name.
     fn member_list(&self) -> Vec<Member> {
-        self.members
-            .iter()
-            .map(|(node, &capacity)| Member {
-                node: node.clone(),
-                capacity,
-            })
-            .collect()
+        let mut newest: BTreeMap<&str, (u64, &Member)> = BTreeMap::new();
+        for (seen, m) in self.tokens.values() {
+            let entry = newest.entry(&m.node).or_insert((*seen, m));
+            if *seen > entry.0 {
+                *entry = (*seen, m);
+            }
+        }
+        newest.into_values().map(|(_, m)| m.clone()).collect()
+    }
+
+    fn has(&self, node: &str) -> bool {
+        self.tokens.values().any(|(_, m)| m.node == node)
     }
 
     /// Takes the newest prompts each other member knows (before serving anything).
@@ -250,6 +273,10 @@ impl Controller {
                 continue;
             };
             for (camera, p) in known {
+                // Only the pool's cameras: a member's own cameras are its business.
+                if !self.cameras.iter().any(|c| c.name == camera) {
+                    continue;
+                }
                 let Ok(set) = PromptSet::from_json(&p.prompts.to_string()) else {
                     continue;
                 };
@@ -280,28 +307,47 @@ impl Controller {
             tokio::select! {
                 _ = &mut stopped => return,
                 _ = tokio::time::sleep_until(wake), if due.is_some() => {
-                    due = None;
-                    self.apply().await;
+                    due = (!self.apply().await).then(|| Instant::now() + RETRY);
                 }
                 Ok(sample) = members.recv_async() => {
-                    let Some(m) = parse_member(&self.prefix, sample.key_expr().as_str()) else {
+                    let key = sample.key_expr().as_str();
+                    let Some(m) = parse_member(&self.prefix, key) else {
                         continue;
                     };
                     if m.node == self.me.node {
                         continue;
                     }
+                    let settled = Instant::now() + settle;
                     match sample.kind() {
                         zenoh::sample::SampleKind::Put => {
-                            if self.members.insert(m.node.clone(), m.capacity).is_none() {
-                                tracing::info!("pool {}: {} joined", self.name, m.node);
-                                // Cameras move to a newcomer once it has settled.
-                                due = Some(due.map_or(Instant::now() + settle, |d| d.min(Instant::now() + settle)));
+                            if self.tokens.contains_key(key) {
+                                continue;
                             }
+                            let joined = !self.has(&m.node);
+                            self.token(key);
+                            tracing::info!(
+                                "pool {}: {} {} (capacity {})",
+                                self.name,
+                                m.node,
+                                if joined { "joined" } else { "is back" },
+                                m.capacity
+                            );
+                            // Cameras move to a newcomer (or follow a new capacity) once
+                            // it has settled.
+                            due = Some(due.map_or(settled, |d| d.min(settled)));
                         }
                         zenoh::sample::SampleKind::Delete => {
-                            if self.members.remove(&m.node).is_some() {
+                            if self.tokens.remove(key).is_none() {
+                                continue;
+                            }
+                            if self.has(&m.node) {
+                                // An older token of a member still there.
+                                due = Some(due.map_or(settled, |d| d.min(settled)));
+                            } else {
                                 tracing::warn!("pool {}: {} left", self.name, m.node);
-                                self.apply().await;
+                                if !self.apply().await {
+                                    due = Some(Instant::now() + RETRY);
+                                }
                             }
                         }
                     }
@@ -365,8 +411,9 @@ impl Controller {
     }
 
     /// Runs the rule over the live members: starts the cameras that are now this
-    /// node's, stops those that are another's, and says so.
-    async fn apply(&mut self) {
+    /// node's, stops those that are another's, and says so. False when a camera of this
+    /// node's could not start (tried again after [`RETRY`]).
+    async fn apply(&mut self) -> bool {
         let members = self.member_list();
         let mut owners = BTreeMap::new();
         for cam in &self.cameras {
@@ -402,6 +449,7 @@ impl Controller {
             .filter(|m| m.node != self.me.node)
             .cloned()
             .collect();
+        let mut started = true;
         for cam in taking {
             let from = self
                 .owners
@@ -414,14 +462,18 @@ impl Controller {
                     self.serving.insert(cam.name.clone(), camera);
                     self.event(&cam.name, &from, &self.me.node.clone());
                 }
-                Err(e) => tracing::error!(
-                    "pool {}: camera {} could not start here: {e:#}",
-                    self.name,
-                    cam.name
-                ),
+                Err(e) => {
+                    started = false;
+                    tracing::error!(
+                        "pool {}: camera {} could not start here, trying again in {RETRY:?}: {e:#}",
+                        self.name,
+                        cam.name
+                    );
+                }
             }
         }
         self.owners = owners;
+        started
     }
 
     /// Logs and publishes a camera's move.
@@ -437,7 +489,7 @@ impl Controller {
             "camera": camera,
             "from": from,
             "to": to,
-            "members": self.members.keys().collect::<Vec<_>>(),
+            "members": self.member_list().iter().map(|m| m.node.clone()).collect::<Vec<_>>(),
             "unix_ns": paligemma_stream::message::unix_time_ns(),
         });
         let session = self.node.session.clone();

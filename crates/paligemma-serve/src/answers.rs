@@ -2,7 +2,6 @@
 //! the body (bounded) to the engine's answer, each request counted by task and status.
 use crate::app::{App, unix_seconds};
 use crate::error::ApiError;
-use crate::image_url;
 use crate::openai::{self, ChatRequest};
 use crate::request::{InFlight, Prepared};
 use crate::streamed::stream_reply;
@@ -12,9 +11,10 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use paligemma::Task;
 use paligemma_stream::message::unix_time_ns;
-use paligemma_stream::{AskOptions, Frame, FrameInfo, ResultMessage, StandingPrompt};
+use paligemma_stream::{AskOptions, ResultMessage, StandingPrompt};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 /// A body past the limit is still read, up to this many times the limit, before the
 /// 413 goes out: a client still sending when the server hangs up gets a broken pipe
@@ -68,23 +68,13 @@ fn prompt_of(
     Ok(prompt)
 }
 
-fn frame_of(app: &App, image: paligemma::preprocess::RgbImage) -> Frame {
-    let info = FrameInfo {
-        seq: app.requests.fetch_add(1, Ordering::Relaxed),
-        capture_unix_ns: unix_time_ns(),
-        width: image.width,
-        height: image.height,
-        ..Default::default()
-    };
-    Frame::new(info, image)
-}
-
 /// The request ready for the engine; `task` is named as soon as it is known, for the
 /// metrics of a request refused after that.
-async fn prepare_chat<'a>(
+fn prepare_chat<'a>(
     app: &'a App,
     req: &ChatRequest,
     task: &mut String,
+    arrived: Instant,
 ) -> Result<Prepared<'a>, ApiError> {
     let model = app.model(Some(&req.model))?;
     let asked = req.asked()?;
@@ -95,11 +85,14 @@ async fn prepare_chat<'a>(
         None,
     )?;
     *task = prompt.task.kind().to_string();
-    let image = image_url::load(asked.image_url, app.opts.max_pixels, app.fetching()).await?;
+    let temperature = req.temperature.unwrap_or(0.0);
     let sampling = paligemma::Sampling {
-        temperature: req.temperature.unwrap_or(0.0),
+        temperature,
         top_p: req.top_p.unwrap_or(1.0),
-        seed: req.seed.unwrap_or(0),
+        // Sampled without a seed: a different one each time, as OpenAI's API does.
+        seed: req
+            .seed
+            .unwrap_or_else(|| unix_time_ns().unwrap_or(0) ^ app.requests.load(Ordering::Relaxed)),
         ..Default::default()
     };
     sampling
@@ -107,12 +100,13 @@ async fn prepare_chat<'a>(
         .map_err(|e| ApiError::invalid("temperature", e.to_string()))?;
     Ok(Prepared {
         model,
-        frame: frame_of(app, image),
+        image_url: asked.image_url.to_string(),
         prompt,
         ask: AskOptions {
             sampling,
             ..Default::default()
         },
+        arrived,
     })
 }
 
@@ -122,17 +116,11 @@ async fn answer(
     endpoint: &'static str,
     p: Prepared<'_>,
 ) -> Result<ResultMessage, ApiError> {
-    let ticket = app.admission.enter().await.ok_or_else(|| {
-        let (parallel, queue) = app.admission.limits();
-        ApiError::busy(format!(
-            "{parallel} requests are being answered and {queue} are waiting; try again shortly"
-        ))
-    })?;
-    let mut in_flight = InFlight::new(app, endpoint, &p);
-    let (stream, timeout) = (p.model.stream.clone(), app.opts.timeout);
+    let a = p.admit(app).await?;
+    let mut in_flight = InFlight::new(app, endpoint, &a);
     let msg = tokio::task::spawn_blocking(move || {
-        let _ticket = ticket;
-        stream.ask_with(p.frame, p.prompt, p.ask, timeout)
+        let _ticket = a.ticket;
+        a.stream.ask_with(a.frame, a.prompt, a.ask, a.remaining)
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()));
@@ -146,6 +134,7 @@ async fn answer(
 }
 
 pub(crate) async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {
+    let arrived = Instant::now();
     let mut task = String::new();
     // A streamed reply counts itself when it ends (or its client goes).
     let mut streamed = false;
@@ -154,7 +143,7 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {
         let req: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::invalid("body", format!("not a chat completion request: {e}"))
         })?;
-        let prepared = prepare_chat(&app, &req, &mut task).await?;
+        let prepared = prepare_chat(&app, &req, &mut task, arrived)?;
         let reply = if req.stream {
             let reply = stream_reply(&app, &req, prepared).await?;
             streamed = true;
@@ -227,6 +216,7 @@ struct AnalyzeRequest {
 }
 
 pub(crate) async fn analyze(State(app): State<Arc<App>>, body: Body) -> Response {
+    let arrived = Instant::now();
     let mut task = String::new();
     let result = async {
         let body = read_body(body, app.opts.max_body_bytes).await?;
@@ -241,7 +231,6 @@ pub(crate) async fn analyze(State(app): State<Arc<App>>, body: Body) -> Response
         } else {
             format!("data:;base64,{}", req.image)
         };
-        let image = image_url::load(&url, app.opts.max_pixels, app.fetching()).await?;
         let prompt = prompt_of(
             &req.prompt,
             req.max_tokens.unwrap_or(app.opts.default_max_tokens),
@@ -254,9 +243,10 @@ pub(crate) async fn analyze(State(app): State<Arc<App>>, body: Body) -> Response
             "analyze",
             Prepared {
                 model,
-                frame: frame_of(&app, image),
+                image_url: url,
                 prompt,
                 ask: AskOptions::default(),
+                arrived,
             },
         )
         .await?;

@@ -20,16 +20,19 @@ pub struct Fetching {
 
 /// The image `url` names: inline, or fetched when `fetching` allows it; of at most
 /// `max_pixels` either way.
+/// The decoding (and fetching) runs on a blocking thread, not the server's async ones.
 pub async fn load(url: &str, max_pixels: usize, fetching: Fetching) -> Result<RgbImage, ApiError> {
     let remote = url.starts_with("http://") || url.starts_with("https://");
-    if !(remote && fetching.allowed) {
-        return decode(url, max_pixels);
-    }
-    let owned = url.to_string();
-    let bytes = tokio::task::spawn_blocking(move || fetch(&owned, fetching))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
-    image(&bytes, max_pixels)
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || {
+        if remote && fetching.allowed {
+            image(&fetch(&url, fetching)?, max_pixels)
+        } else {
+            decode(&url, max_pixels)
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 /// The body of an `http(s)` URL, of at most `max_bytes`.

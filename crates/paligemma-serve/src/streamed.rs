@@ -23,30 +23,27 @@ enum Streamed {
 pub(crate) async fn stream_reply(
     app: &Arc<App>,
     req: &ChatRequest,
-    mut p: Prepared<'_>,
+    p: Prepared<'_>,
 ) -> Result<Response, ApiError> {
-    let ticket = app.admission.enter().await.ok_or_else(|| {
-        ApiError::busy("every place and the whole queue are taken; try again shortly")
-    })?;
+    let mut a = p.admit(app).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let text = tx.clone();
-    p.ask.on_text = Some(Arc::new(move |t: &str| {
+    a.ask.on_text = Some(Arc::new(move |t: &str| {
         if !t.is_empty() {
             let _ = text.send(Streamed::Text(t.to_string()));
         }
     }));
-    let in_flight = InFlight::new(app, "chat", &p);
-    let (stream, timeout, metrics) = (
-        p.model.stream.clone(),
-        app.opts.timeout,
-        app.metrics.clone(),
+    let in_flight = InFlight::new(app, "chat", &a);
+    let metrics = app.metrics.clone();
+    let (max_tokens, id) = (
+        a.prompt.max_tokens,
+        format!("chatcmpl-{}", a.frame.info.seq),
     );
-    let (frame, prompt, ask) = (p.frame, p.prompt, p.ask);
-    let (max_tokens, id) = (prompt.max_tokens, format!("chatcmpl-{}", frame.info.seq));
     tokio::task::spawn_blocking(move || {
-        let _ticket = ticket;
-        let result = stream
-            .ask_with(frame, prompt, ask, timeout)
+        let _ticket = a.ticket;
+        let result = a
+            .stream
+            .ask_with(a.frame, a.prompt, a.ask, a.remaining)
             .map_err(ApiError::from)
             .and_then(|msg| {
                 metrics.answer(&msg);
