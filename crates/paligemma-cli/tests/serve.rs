@@ -418,3 +418,72 @@ fn image_urls_are_fetched_only_when_allowed() {
         "{body}"
     );
 }
+
+/// HTTPS with a certificate made here, and a bearer token: without the token a request
+/// is 401, with it answered; `/health` stays open; plain HTTP gets nothing.
+#[test]
+fn https_and_a_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let server = start(&[
+        "--tls-cert",
+        cert_path.to_str().unwrap(),
+        "--tls-key",
+        key_path.to_str().unwrap(),
+        "--api-key",
+        "sesame",
+    ]);
+    let https = server.base.replace("http://", "https://");
+    let root = ureq::tls::Certificate::from_pem(cert.pem().as_bytes()).unwrap();
+    let tls_agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+                    root,
+                ])))
+                .build(),
+        )
+        .build()
+        .into();
+    assert_eq!(
+        tls_agent
+            .get(format!("{https}/health"))
+            .call()
+            .unwrap()
+            .status(),
+        200
+    );
+    let body = chat_body("caption en", &image_url("frame_0000.png"), json!({})).to_string();
+    let post = |token: Option<&str>| {
+        let mut request = tls_agent
+            .post(format!("{https}/v1/chat/completions"))
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            request = request.header("authorization", format!("Bearer {t}"));
+        }
+        let mut response = request.send(body.as_bytes()).unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        (response.status().as_u16(), text)
+    };
+    let (status, text) = post(None);
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("invalid_api_key"));
+    assert_eq!(post(Some("open sesame")).0, 401);
+    let (status, text) = post(Some("sesame"));
+    assert_eq!(status, 200, "{text}");
+    // The TLS port does not speak plain HTTP.
+    assert!(
+        agent()
+            .get(format!("{}/health", server.base))
+            .call()
+            .is_err()
+    );
+}

@@ -22,7 +22,7 @@ use std::time::Instant;
 const DRAIN_FACTOR: usize = 16;
 
 /// The body of at most `limit` bytes, or 413 past it.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let mut body = body.into_data_stream();
     let mut bytes = Vec::new();
     let mut seen = 0usize;

@@ -6,7 +6,7 @@
 //! requests in the engine (`parallel`) and those waiting (`max_queue`); work for a
 //! client that goes away (or times out) is cancelled at the next token.
 use crate::admission::Admission;
-use crate::answers::{analyze, chat};
+use crate::answers::{analyze, chat, read_body};
 use crate::app::{App, Served, unix_seconds};
 use crate::error::ApiError;
 use crate::metrics::{self, Kind, Metrics, Sampled, SampledFamily};
@@ -180,6 +180,9 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
     if request.uri().path() == "/health" || given.is_some_and(|g| constant_time_eq(g, key)) {
         next.run(request).await
     } else {
+        // Read the body first (bounded as always), so that the client gets the 401
+        // rather than a connection closed while it is still sending.
+        let _ = read_body(request.into_body(), app.opts.max_body_bytes).await;
         ApiError::unauthorized().into_response()
     }
 }

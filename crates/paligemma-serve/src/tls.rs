@@ -34,6 +34,8 @@ pub fn config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Accepts connections on `listener` until `shutdown`, each served over TLS; a failed
 /// handshake is logged and costs nothing else.
 pub async fn serve(
@@ -49,7 +51,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin on the error.
                     tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     continue;
                 }
             },
@@ -57,10 +61,19 @@ pub async fn serve(
         };
         let (acceptor, router) = (acceptor.clone(), router.clone());
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(e) => {
+            // A peer that opens a connection and never completes the handshake holds it
+            // for at most this long.
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let tls = match handshake.await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
                     tracing::debug!("TLS handshake with {peer}: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        "TLS handshake with {peer}: no answer in {HANDSHAKE_TIMEOUT:?}"
+                    );
                     return;
                 }
             };

@@ -277,6 +277,7 @@ fn asks_stream_sample_and_cancel() {
         .unwrap();
     let pieces = pieces.lock().unwrap().clone();
     assert_eq!(pieces.len(), msg.tokens.generated, "one call per token");
+    assert_eq!(pieces.concat(), msg.raw, "the pieces add up to the answer");
     let greedy = worker
         .ask(frame(1), prompt(), Duration::from_secs(30))
         .unwrap();

@@ -41,8 +41,9 @@ pub struct Token<'a> {
     pub index: usize,
     /// Its id in the model's vocabulary.
     pub id: u32,
-    /// The text it adds to the answer (may be empty, for a token that completes a
-    /// character only with the next one).
+    /// The text it adds to the answer: empty for a token that leaves a character
+    /// incomplete, whose bytes then come with the token that completes it; the pieces
+    /// of an answer add up to its text.
     pub text: &'a str,
     /// The probability the model gave it (see [`Generation::token_probs`]).
     pub probability: f32,
@@ -259,6 +260,7 @@ impl Model {
                 token_probs: Vec::new(),
                 loc_distributions: Vec::new(),
                 text: String::new(),
+                streamed: 0,
                 logits: logits.to_vec(),
                 first_logits,
                 max_tokens: s.opts.max_tokens,
@@ -314,7 +316,16 @@ impl Model {
             seq.tokens.push(next);
             seq.token_probs.push(p);
             let full = self.weights.tokenizer.decode(&seq.tokens)?;
-            let piece = full.get(seq.text.len()..).unwrap_or("");
+            // A character whose bytes span several tokens decodes to U+FFFD until its
+            // last byte comes: it is held back (up to the answer's last allowed token),
+            // so that the pieces add up to the final text.
+            let settled = if seq.tokens.len() >= seq.max_tokens {
+                full.as_str()
+            } else {
+                full.trim_end_matches('\u{FFFD}')
+            };
+            let piece = settled.get(seq.streamed..).unwrap_or("");
+            seq.streamed = seq.streamed.max(settled.len());
             let token = Token {
                 prompt: 0,
                 index: seq.tokens.len() - 1,

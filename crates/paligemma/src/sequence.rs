@@ -29,6 +29,10 @@ pub(crate) struct Sequence {
     pub(crate) token_probs: Vec<f32>,
     pub(crate) loc_distributions: Vec<LocDistribution>,
     pub(crate) text: String,
+    /// Bytes of `text` handed to the token callback so far (see [`Token::text`]).
+    ///
+    /// [`Token::text`]: crate::generate::Token::text
+    pub(crate) streamed: usize,
     /// Logits for its next token (from the prefill or its last decode step).
     pub(crate) logits: Vec<f32>,
     pub(crate) first_logits: Vec<f32>,
