@@ -36,8 +36,12 @@ pub fn config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
 
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long open connections may take to finish at shutdown.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Accepts connections on `listener` until `shutdown`, each served over TLS; a failed
-/// handshake is logged and costs nothing else.
+/// handshake is logged and costs nothing else. On shutdown the open connections finish
+/// their requests (at most [`DRAIN`]), as the plain HTTP server's do.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Arc<ServerConfig>,
@@ -45,6 +49,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let acceptor = TlsAcceptor::from(config);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -57,9 +62,9 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => break,
         };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
+        let (acceptor, router, watcher) = (acceptor.clone(), router.clone(), graceful.watcher());
         tokio::spawn(async move {
             // A peer that opens a connection and never completes the handshake holds it
             // for at most this long.
@@ -78,12 +83,18 @@ pub async fn serve(
                 }
             };
             let service = TowerToHyperService::new(router);
-            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!("connection from {peer}: {e}");
             }
         });
     }
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTPS connections still open after {DRAIN:?}: closing them");
+    }
+    Ok(())
 }

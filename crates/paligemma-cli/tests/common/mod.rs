@@ -15,7 +15,7 @@ pub fn repo_root() -> PathBuf {
 
 /// The server process, killed when the test ends however it ends.
 pub struct Server {
-    child: Child,
+    pub child: Child,
     pub base: String,
 }
 
