@@ -187,13 +187,12 @@ impl Pool {
             me.capacity,
             members.iter().map(|m| &m.node).collect::<Vec<_>>()
         );
-        // Alone, serve at once; beside others, give them the settling time to hand over.
+        // Serve after the settling time, even when no other member answered: the
+        // others hand over meanwhile, and a member whose token had not reached this one
+        // yet (seen under load through a router) arrives through the subscription
+        // instead of this member taking every camera and giving them back.
         let settle = Duration::from_millis(controller.node.cfg.pool_settle_ms);
-        let first = if members.len() == 1 {
-            Instant::now()
-        } else {
-            Instant::now() + settle
-        };
+        let first = Instant::now() + settle;
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let subscriber = members_sub;
         let task = tokio::spawn(async move {

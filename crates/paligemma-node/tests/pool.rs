@@ -75,9 +75,11 @@ fn assignment(session: &zenoh::Session, prefix: &str, members: usize) -> BTreeMa
             .filter_map(|r| serde_json::from_slice(&r.result().ok()?.payload().to_bytes()).ok())
             .collect();
         let views: BTreeSet<String> = replies.iter().map(|r| r["cameras"].to_string()).collect();
+        // Every member sees them all and has applied the rule to every camera alike.
         if replies.len() == members
             && views.len() == 1
-            && replies[0]["members"].as_array().unwrap().len() == members
+            && replies.iter().all(|r| r["members"].as_array().unwrap().len() == members)
+            && replies[0]["cameras"].as_object().unwrap().len() == CAMERAS
         {
             return serde_json::from_value(replies[0]["cameras"].clone()).unwrap();
         }
