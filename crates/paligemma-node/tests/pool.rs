@@ -78,7 +78,9 @@ fn assignment(session: &zenoh::Session, prefix: &str, members: usize) -> BTreeMa
         // Every member sees them all and has applied the rule to every camera alike.
         if replies.len() == members
             && views.len() == 1
-            && replies.iter().all(|r| r["members"].as_array().unwrap().len() == members)
+            && replies
+                .iter()
+                .all(|r| r["members"].as_array().unwrap().len() == members)
             && replies[0]["cameras"].as_object().unwrap().len() == CAMERAS
         {
             return serde_json::from_value(replies[0]["cameras"].clone()).unwrap();
