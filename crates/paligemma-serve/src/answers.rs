@@ -3,7 +3,7 @@
 use crate::app::{App, unix_seconds};
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest};
-use crate::request::{InFlight, Prepared};
+use crate::request::{InFlight, Prepared, delivered};
 use crate::streamed::stream_reply;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -125,12 +125,7 @@ async fn answer(
     .await
     .map_err(|e| ApiError::internal(e.to_string()));
     in_flight.answered = true;
-    let msg = msg??;
-    app.metrics.answer(&msg);
-    match &msg.result {
-        paligemma::TaskResult::Error { message } => Err(ApiError::internal(message.clone())),
-        _ => Ok(msg),
-    }
+    delivered(&app.metrics, msg??)
 }
 
 pub(crate) async fn chat(State(app): State<Arc<App>>, body: Body) -> Response {

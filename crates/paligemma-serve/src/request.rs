@@ -7,7 +7,7 @@ use crate::error::ApiError;
 use crate::image_url;
 use crate::metrics::Metrics;
 use paligemma_stream::message::unix_time_ns;
-use paligemma_stream::{AskOptions, Frame, FrameInfo, StandingPrompt, Stream};
+use paligemma_stream::{AskOptions, Frame, FrameInfo, ResultMessage, StandingPrompt, Stream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -103,5 +103,15 @@ impl Drop for InFlight {
             self.cancel.store(true, Ordering::Relaxed);
             self.metrics.request(self.endpoint, &self.task, "499");
         }
+    }
+}
+
+/// An engine's answer as the client gets it: counted in the metrics, and an error
+/// result (the engine failed on this request) as a 500.
+pub(crate) fn delivered(metrics: &Metrics, msg: ResultMessage) -> Result<ResultMessage, ApiError> {
+    metrics.answer(&msg);
+    match &msg.result {
+        paligemma::TaskResult::Error { message } => Err(ApiError::internal(message.clone())),
+        _ => Ok(msg),
     }
 }

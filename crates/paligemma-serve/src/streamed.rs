@@ -3,7 +3,7 @@
 use crate::app::{App, unix_seconds};
 use crate::error::ApiError;
 use crate::openai::{self, ChatRequest};
-use crate::request::{InFlight, Prepared};
+use crate::request::{InFlight, Prepared, delivered};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use paligemma_stream::ResultMessage;
@@ -45,15 +45,7 @@ pub(crate) async fn stream_reply(
             .stream
             .ask_with(a.frame, a.prompt, a.ask, a.remaining)
             .map_err(ApiError::from)
-            .and_then(|msg| {
-                metrics.answer(&msg);
-                match &msg.result {
-                    paligemma::TaskResult::Error { message } => {
-                        Err(ApiError::internal(message.clone()))
-                    }
-                    _ => Ok(msg),
-                }
-            });
+            .and_then(|msg| delivered(&metrics, msg));
         let _ = tx.send(Streamed::Done(Box::new(result)));
     });
     let chunks = Chunks {
