@@ -139,6 +139,21 @@ pub struct Scores {
     pub scored: Vec<Scored>,
 }
 
+/// One bin of a reliability table.
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+pub struct ReliabilityBin {
+    pub count: usize,
+    pub score_sum: f64,
+    pub right: usize,
+}
+
+impl ReliabilityBin {
+    fn json(&self) -> serde_json::Value {
+        let n = self.count.max(1) as f64;
+        serde_json::json!({"count": self.count, "mean_score": self.score_sum / n, "right_share": self.right as f64 / n})
+    }
+}
+
 impl Scores {
     pub fn recall(&self) -> f64 {
         self.boxes_found as f64 / self.boxes.max(1) as f64
@@ -181,26 +196,30 @@ impl Scores {
         Some(wins / (right.len() * wrong.len()) as f64)
     }
 
+    /// The reliability table: per tenth of the score range, how many detections scored
+    /// in it, their summed score and how many of them were right.
+    pub fn reliability(&self, kind: ScoreKind) -> [ReliabilityBin; 10] {
+        let mut bins = [ReliabilityBin::default(); 10];
+        for s in &self.scored {
+            let v = kind.of(s).clamp(0.0, 1.0);
+            let bin = &mut bins[((v * 10.0) as usize).min(9)];
+            bin.count += 1;
+            bin.score_sum += f64::from(v);
+            bin.right += usize::from(s.right);
+        }
+        bins
+    }
+
     /// Expected calibration error over 10 equal-width bins: the mean over detections of
     /// the gap between their bin's mean score and its share of right boxes.
     pub fn calibration_error(&self, kind: ScoreKind) -> Option<f64> {
         if self.scored.is_empty() {
             return None;
         }
-        let mut bins = [(0usize, 0f64, 0usize); 10];
-        for s in &self.scored {
-            let v = kind.of(s).clamp(0.0, 1.0);
-            let bin = &mut bins[((v * 10.0) as usize).min(9)];
-            *bin = (
-                bin.0 + 1,
-                bin.1 + f64::from(v),
-                bin.2 + usize::from(s.right),
-            );
-        }
-        let gap: f64 = bins
+        let gap: f64 = self
+            .reliability(kind)
             .iter()
-            .filter(|b| b.0 > 0)
-            .map(|&(_, sum, right)| (sum - right as f64).abs())
+            .map(|b| (b.score_sum - b.right as f64).abs())
             .sum();
         Some(gap / self.scored.len() as f64)
     }
@@ -236,7 +255,8 @@ impl Scores {
     fn score_figures(&self, kind: ScoreKind) -> serde_json::Value {
         let (precision, recall) = self.at_threshold(kind, EVAL_MIN_SCORE);
         serde_json::json!({"roc_auc": self.auc(kind), "calibration_error": self.calibration_error(kind), "precision_at_0_5": precision,
-                           "recall_at_0_5": recall, "median_right": self.median_right(kind)})
+                           "recall_at_0_5": recall, "median_right": self.median_right(kind),
+                           "reliability": self.reliability(kind).iter().map(ReliabilityBin::json).collect::<Vec<_>>()})
     }
 }
 
@@ -511,6 +531,19 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         both(&|k| format!("{:.1}%", 100.0 * s.at_threshold(k, EVAL_MIN_SCORE).1));
         print!("  median score, right boxes ");
         both(&|k| or_dash(s.median_right(k).map(f64::from)));
+        println!("  reliability of the score (bin: detections, mean score, share right)");
+        for (i, b) in s.reliability(ScoreKind::Score).iter().enumerate() {
+            if b.count > 0 {
+                println!(
+                    "    {:.1}-{:.1}: {:>4}, {:.3}, {:.3}",
+                    i as f64 / 10.0,
+                    (i + 1) as f64 / 10.0,
+                    b.count,
+                    b.score_sum / b.count as f64,
+                    b.right as f64 / b.count as f64
+                );
+            }
+        }
         println!(
             "captions exact              {:.1}%",
             100.0 * s.rate(s.captions_exact)
@@ -584,6 +617,12 @@ mod tests {
             (s.calibration_error(ScoreKind::Score).unwrap() - (0.1 + 0.25 + 0.3) / 5.0).abs()
                 < 1e-6
         );
+        let bins = s.reliability(ScoreKind::Score);
+        assert_eq!((bins[9].count, bins[9].right), (2, 2));
+        assert!((bins[9].score_sum - 1.9).abs() < 1e-6);
+        assert_eq!((bins[6].count, bins[6].right), (2, 1));
+        assert_eq!((bins[2].count, bins[2].right), (1, 0));
+        assert_eq!(bins.iter().map(|b| b.count).sum::<usize>(), 5);
         assert_eq!(s.at_threshold(ScoreKind::Score, 0.5), (Some(0.75), 0.75));
         assert_eq!(s.at_threshold(ScoreKind::Score, 0.99), (None, 0.0));
         assert_eq!(s.median_right(ScoreKind::Score), Some(0.95));
