@@ -27,8 +27,8 @@ pub const MIN_ROWS: usize = 8;
 impl Context {
     /// `flash_attn_ext`'s result (q [d, n_q, H, B], k/v [d, n_kv, H_kv, B], mask F16
     /// [n_kv, >= n_q]; result [d, H, n_q, B]) from our CPU kernel where it applies (see the
-    /// module documentation and [`packed::available`]), else from ggml's op. Only for
-    /// graphs that run on the CPU.
+    /// module documentation; with the AVX-512 set of [`packed::kernels`]), else from
+    /// ggml's op. Only for graphs that run on the CPU.
     pub fn attention_cpu<'s>(
         &'s self,
         q: Tensor<'_>,
@@ -42,7 +42,7 @@ impl Context {
         let element = |t: Tensor<'_>| {
             matches!(t.ty(), Type::F16 | Type::F32) && t.nb()[0] == t.ty().row_size(1).unwrap_or(0)
         };
-        let fits = packed::available()
+        let fits = packed::kernels() == Some(packed::Kernels::Avx512Vnni)
             && qn[1] >= MIN_ROWS
             && q.ty() == Type::F32
             && q.nb()[0] == 4
@@ -497,7 +497,7 @@ mod kernels {
     }
 }
 
-/// Never called: [`packed::available`] is false off x86-64, so no graph holds this op.
+/// Never called: [`packed::kernels`] is none off x86-64, so no graph holds this op.
 #[cfg(not(target_arch = "x86_64"))]
 mod kernels {
     use crate::sys;

@@ -27,6 +27,8 @@ pub enum Error {
     BackendInit(String),
     #[error("ggml: could not allocate a buffer of {bytes} bytes on {backend}")]
     BufferAlloc { backend: String, bytes: usize },
+    #[error("ggml: {0}")]
+    Setting(String),
     #[error("ggml: graph allocation failed")]
     GraphAlloc,
     #[error("ggml: graph compute failed with status {0}")]

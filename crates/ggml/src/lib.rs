@@ -10,8 +10,8 @@
 //!   handle in typed structs; [`SharedStore`]: one made read-only, for threads to share.
 //! - [`gguf`]: read (every metadata type, tensor infos, in-place data) and write.
 //! - [`quantize`] / [`to_f32`]: f32 rows to any ggml type and back.
-//! - [`packed`]: f16, bf16, q4_0, q8_0 and q4_K matrix products with AVX-512, on
-//!   weights packed for them; [`Context::attention_cpu`]: attention over many queries
+//! - [`packed`]: f16, bf16, q4_0, q8_0 and q4_K matrix products with AVX-512 VNNI or
+//!   AVX2, chosen when the program starts, on weights packed for them; [`Context::attention_cpu`]: attention over many queries
 //!   with AVX-512; [`Context::join_cpu`]: concatenation as one copy.
 //! - [`cpu_features`]: the CPU features ggml's own kernels use here.
 //!

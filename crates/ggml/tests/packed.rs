@@ -3,7 +3,8 @@
 mod common;
 
 use common::{f32_bytes, values};
-use ggml::{Backend, Context, Scheduler, Tensor, Type, packed};
+use ggml::packed::{self, Kernels};
+use ggml::{Backend, Context, Scheduler, Tensor, Type};
 
 /// Computes `build(w, x)` on a 2-thread CPU scheduler.
 fn compute(
@@ -53,53 +54,131 @@ fn exact_product(w: &[f32], x: &[f32], k: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The packed product against ggml's on the same bytes, for every tile height; returns
-/// the worst relative difference from the exact product of the stored weights.
+/// The instruction sets this CPU runs, each tested.
+fn sets() -> Vec<Kernels> {
+    [Kernels::Avx2, Kernels::Avx512Vnni]
+        .into_iter()
+        .filter(|k| k.runs_here())
+        .collect()
+}
+
+/// The packed product on every instruction set this CPU runs against ggml's on the
+/// same bytes, for every tile height; returns the worst relative difference from the
+/// exact product of the stored weights.
 fn matches_ggml(ty: Type, k: usize, n: usize, tol: f32) -> f32 {
     let w = ggml::quantize(ty, &values(k * n, 1), k).unwrap();
     let packed = packed::pack(ty, &w, k, n).unwrap();
     assert_eq!(packed.len(), w.len());
     let mut worst_exact = 0f32;
-    for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 19] {
-        let x = values(k * m, 10 + m as u64);
-        let want = compute(ty, &w, [k, n], &x, &[k, m], |ctx, w, x| ctx.mul_mat(w, x));
-        if !packed::available() {
+    for set in [Kernels::Avx2, Kernels::Avx512Vnni] {
+        if !set.runs_here() {
             let ctx = Context::new(4, 0).unwrap();
             let (wt, xt) = (
                 ctx.new_tensor(ty, &[k, n]).unwrap(),
-                ctx.new_tensor(Type::F32, &[k, m]).unwrap(),
+                ctx.new_tensor(Type::F32, &[k, 1]).unwrap(),
             );
-            assert!(
-                ctx.mul_mat_packed(wt, xt)
-                    .unwrap_err()
-                    .to_string()
-                    .contains("VNNI")
-            );
+            let err = ctx.mul_mat_packed_on(set, wt, xt).unwrap_err().to_string();
+            assert!(err.contains(set.description()), "{err}");
             continue;
         }
-        let got = compute(ty, &packed, [k, n], &x, &[k, m], |ctx, w, x| {
-            ctx.mul_mat_packed(w, x)
-        });
-        let err = worst_relative(&got, &want);
-        assert!(err < tol, "{ty}, {m} rows: relative difference {err}");
-        // Against the exact product with the dequantized weights, no worse than ggml (RMS).
-        let exact = exact_product(&ggml::to_f32(ty, &w, k * n).unwrap(), &x, k);
-        let rms = |v: &[f32]| {
-            (v.iter()
-                .zip(&exact)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum::<f64>()
-                / v.len() as f64)
-                .sqrt()
-        };
-        let (ours, theirs) = (rms(&got), rms(&want));
-        assert!(
-            ours <= theirs * 1.1,
-            "{ty}, {m} rows: {ours} from the exact product, ggml {theirs}"
-        );
-        worst_exact = worst_exact.max(worst_relative(&got, &exact));
+        for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 19] {
+            let x = values(k * m, 10 + m as u64);
+            let want = compute(ty, &w, [k, n], &x, &[k, m], |ctx, w, x| ctx.mul_mat(w, x));
+            let got = compute(ty, &packed, [k, n], &x, &[k, m], |ctx, w, x| {
+                ctx.mul_mat_packed_on(set, w, x)
+            });
+            let err = worst_relative(&got, &want);
+            assert!(
+                err < tol,
+                "{ty} on {set:?}, {m} rows: relative difference {err}"
+            );
+            // Against the exact product with the dequantized weights, no worse than ggml (RMS).
+            let exact = exact_product(&ggml::to_f32(ty, &w, k * n).unwrap(), &x, k);
+            let rms = |v: &[f32]| {
+                (v.iter()
+                    .zip(&exact)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
+                    / v.len() as f64)
+                    .sqrt()
+            };
+            let (ours, theirs) = (rms(&got), rms(&want));
+            assert!(
+                ours <= theirs * 1.1,
+                "{ty} on {set:?}, {m} rows: {ours} from the exact product, ggml {theirs}"
+            );
+            worst_exact = worst_exact.max(worst_relative(&got, &exact));
+        }
     }
     worst_exact
+}
+
+/// The sets give the same bits for the integer formats: both quantize the activations
+/// alike and sum the integer products exactly; only the order of the float sums of
+/// the blocks differs, so they agree to float rounding.
+#[test]
+fn instruction_sets_agree() {
+    let sets = sets();
+    if sets.len() < 2 {
+        return;
+    }
+    for (ty, k) in [
+        (Type::Q4_0, 96),
+        (Type::Q8_0, 96),
+        (Type::Q4_K, 512),
+        (Type::F16, 100),
+        (Type::BF16, 100),
+    ] {
+        let n = 32;
+        let w = ggml::quantize(ty, &values(k * n, 5), k).unwrap();
+        let packed = packed::pack(ty, &w, k, n).unwrap();
+        let x = values(k * 11, 6);
+        let results: Vec<Vec<f32>> = sets
+            .iter()
+            .map(|&set| {
+                compute(ty, &packed, [k, n], &x, &[k, 11], |ctx, w, x| {
+                    ctx.mul_mat_packed_on(set, w, x)
+                })
+            })
+            .collect();
+        let err = worst_relative(&results[0], &results[1]);
+        assert!(err < 1e-6, "{ty}: the sets differ by {err}");
+    }
+}
+
+/// Every extreme byte the formats can hold: q8_0's -128 and 127, q4's 0 and 15 against
+/// activations at full scale. Guards AVX2's 16-bit pair sums, which would saturate
+/// if a product could leave their range.
+#[test]
+fn extreme_weights_and_activations() {
+    let (k, n) = (64, 16);
+    for ty in [Type::Q4_0, Type::Q8_0] {
+        let block = if ty == Type::Q4_0 { 18 } else { 34 };
+        let mut w = vec![0u8; k / 32 * n * block];
+        for (b, chunk) in w.chunks_exact_mut(block).enumerate() {
+            chunk[..2].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+            let fill = match (ty, b % 2) {
+                (Type::Q4_0, 0) => 0xFF, // every nibble 15: weight 7
+                (Type::Q4_0, _) => 0x00, // every nibble 0: weight -8
+                (_, 0) => 0x80,          // -128
+                _ => 0x7F,               // 127
+            };
+            chunk[2..].fill(fill);
+        }
+        let packed = packed::pack(ty, &w, k, n).unwrap();
+        // Rows at +-full scale, one with alternating signs.
+        let mut x = vec![1.0f32; k];
+        x.extend(vec![-1.0f32; k]);
+        x.extend((0..k).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }));
+        let want = compute(ty, &w, [k, n], &x, &[k, 3], |ctx, w, x| ctx.mul_mat(w, x));
+        for set in sets() {
+            let got = compute(ty, &packed, [k, n], &x, &[k, 3], |ctx, w, x| {
+                ctx.mul_mat_packed_on(set, w, x)
+            });
+            let err = worst_relative(&got, &want);
+            assert!(err < 1e-5, "{ty} on {set:?}: relative difference {err}");
+        }
+    }
 }
 
 #[test]

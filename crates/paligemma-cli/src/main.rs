@@ -548,17 +548,30 @@ fn devices() -> Result<()> {
         );
         if device.is_cpu() {
             let features = ggml::cpu_features().join(" ");
-            let kernels = if ggml::packed::available() {
-                "packed AVX-512 VNNI kernels".to_string()
-            } else {
-                format!(
-                    "ggml's kernels ({})",
-                    if features.is_empty() {
-                        "plain C"
+            let ggml_kernels = format!(
+                "ggml's kernels ({})",
+                if features.is_empty() {
+                    "plain C"
+                } else {
+                    &features
+                }
+            );
+            let best = ggml::packed::Kernels::detected();
+            let kernels = match ggml::packed::selection()? {
+                Some(set) => format!(
+                    "our packed {} kernels ({}){}",
+                    set.name(),
+                    set.description(),
+                    if Some(set) == best {
+                        String::new()
                     } else {
-                        &features
+                        format!(", forced by {}", ggml::packed::KERNELS_VAR)
                     }
-                )
+                ),
+                None if best.is_some() => {
+                    format!("{ggml_kernels}, forced by {}", ggml::packed::KERNELS_VAR)
+                }
+                None => ggml_kernels,
             };
             println!(
                 "{:<10} f16, bf16, q4_0, q8_0 and q4_K matrices run on {kernels}",

@@ -175,10 +175,9 @@ fn devices_lists_a_working_cpu() {
         .find(|l| l.starts_with("cpu "))
         .unwrap_or_else(|| panic!("{stdout}"));
     assert!(cpu.ends_with(" ok"), "{cpu}");
-    let kernels = if ggml::packed::available() {
-        "packed AVX-512 VNNI kernels"
-    } else {
-        "ggml's kernels"
+    let kernels = match ggml::packed::kernels() {
+        Some(set) => format!("our packed {} kernels ({})", set.name(), set.description()),
+        None => "ggml's kernels".to_string(),
     };
     assert!(
         stdout.contains(&format!(
@@ -216,6 +215,79 @@ fn eval_demo(set: &str, extra: &[&str]) -> serde_json::Value {
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     println!("{v}");
     v
+}
+
+/// `PALIGEMMA_CPU_KERNELS` forces each instruction set this CPU runs, and `ggml` for
+/// ggml's own kernels: `devices` says which is used, the demo model's evaluation
+/// comes out alike on every one, and a set the CPU lacks or a misspelt value is a
+/// one-line error.
+#[test]
+fn forced_kernel_sets() {
+    let with = |value: &str, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_paligemma"))
+            .args(args)
+            .env(ggml::packed::KERNELS_VAR, value)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let eval = [
+        "eval",
+        "-m",
+        "models/demo/paligemma2-demo-f16.gguf",
+        "--set",
+        "tests/fixtures/demo_eval",
+        "--threads",
+        "2",
+        "--json",
+    ];
+    let figures = |stdout: &str| {
+        let v: serde_json::Value = serde_json::from_str(stdout).unwrap();
+        [
+            "detection_recall_iou50",
+            "detection_precision_iou50",
+            "caption_objects",
+        ]
+        .map(|k| v[k].as_f64().unwrap())
+    };
+    let (ok, stdout, stderr) = paligemma(&eval);
+    assert!(ok, "{stderr}");
+    let best = figures(&stdout);
+    for set in [
+        ggml::packed::Kernels::Avx2,
+        ggml::packed::Kernels::Avx512Vnni,
+    ] {
+        let (ok, stdout, stderr) = with(set.name(), &["devices"]);
+        if !set.runs_here() {
+            assert!(!ok && stderr.contains("this CPU lacks"), "{stderr}");
+            continue;
+        }
+        assert!(ok, "{stderr}");
+        assert!(
+            stdout.contains(&format!("run on our packed {} kernels", set.name())),
+            "{stdout}"
+        );
+        let (ok, stdout, stderr) = with(set.name(), &eval);
+        assert!(ok, "{stderr}");
+        let got = figures(&stdout);
+        for (g, b) in got.iter().zip(best) {
+            assert!((g - b).abs() <= 0.05, "{set:?}: {got:?} against {best:?}");
+        }
+    }
+    let (ok, stdout, stderr) = with("ggml", &["devices"]);
+    assert!(
+        ok && stdout.contains("run on ggml's kernels"),
+        "{stdout}{stderr}"
+    );
+    let (ok, _, stderr) = with("avx9", &eval);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("PALIGEMMA_CPU_KERNELS=avx9: expected avx512, avx2 or ggml")
+            && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
 }
 
 /// The bundled demo model on the committed held-out frames, through the engine and

@@ -14,8 +14,12 @@ use std::path::{Path, PathBuf};
 /// Name of the repacked copy of the token embedding used as the LM head.
 pub(crate) const LM_HEAD: &str = "lm_head.repacked";
 
-/// How [`crate::Weights::repacked`] names the matrices in `ggml::packed`'s layout.
-pub(crate) const PACKED: &str = "packed f16/bf16/q4_0/q4_K/q8_0 (AVX-512)";
+/// How [`crate::Weights::repacked`] names the matrices in `ggml::packed`'s layout, with
+/// the instruction set whose kernels multiply them.
+fn packed_name() -> String {
+    let set = packed::kernels().map_or("none", |k| k.description());
+    format!("packed f16/bf16/q4_0/q4_K/q8_0 ({set})")
+}
 
 /// Every weight of a model file on a backend, read-only once loaded (the contexts of a
 /// model share them).
@@ -66,9 +70,10 @@ impl WeightStore {
                 .position(|b| b.supports_weight(backend.device(), info.ty, &info.shape))
                 .map(|g| g + 1)
         };
-        // On CPUs with AVX-512 VNNI, f16, bf16, q4_0, q4_K and q8_0 matrices go to our own packed
-        // layout instead of ggml's (see `ggml::packed`): the last group.
-        let pack = repack && backend.is_cpu() && packed::available();
+        // On CPUs with AVX2 or AVX-512 VNNI, f16, bf16, q4_0, q4_K and q8_0 matrices go to our
+        // own packed layout instead of ggml's (see `ggml::packed`): the last group. A
+        // PALIGEMMA_CPU_KERNELS this CPU cannot honour is an error here, not a silent fallback.
+        let pack = repack && backend.is_cpu() && packed::selection()?.is_some();
         let packed_group = 1 + extra.len();
         let mut groups: Vec<Vec<(String, &TensorInfo)>> = vec![Vec::new(); 2 + extra.len()];
         for info in &gguf.tensors {
@@ -147,7 +152,7 @@ impl WeightStore {
                     }
                 }
                 if g == packed_group {
-                    repacked.push((PACKED.to_string(), infos.len()));
+                    repacked.push((packed_name(), infos.len()));
                 } else if g > 0 {
                     repacked.push((buft.name(), infos.len()));
                 }
