@@ -6,6 +6,10 @@
 # llama-cpp-python source package on PyPI (LLAMA_CPP_PYTHON, default 0.3.36), laid over
 # a copy of our sources. Release, GGML_NATIVE, otherwise llama.cpp's defaults (OpenMP
 # on), into target/llama-bench. Prints the binary's path.
+#
+# LLAMA_BENCH_CPU=avx2 builds ggml for AVX2 + FMA + F16C only (GGML_NATIVE off), into
+# target/llama-bench-avx2: the baseline for our AVX2 kernels
+# (PALIGEMMA_CPU_KERNELS=avx2) on a machine that has more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py_version=${LLAMA_CPP_PYTHON:-0.3.36}
@@ -13,8 +17,14 @@ version=$(awk '/^name = "llama-cpp-sys-2"/ { getline; gsub(/[" ]/, "", $0); sub(
 cargo fetch >/dev/null
 src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"llama-cpp-sys-2-$version"/llama.cpp 2>/dev/null | head -1)
 [ -n "$src" ] || { echo "llama-cpp-sys-2 $version is not in the cargo registry" >&2; exit 1; }
-out=$PWD/target/llama-bench
-stamp="$src llama-cpp-python-$py_version"
+cpu=${LLAMA_BENCH_CPU:-native}
+case $cpu in
+    native) out=$PWD/target/llama-bench; isa=(-DGGML_NATIVE=ON) ;;
+    avx2) out=$PWD/target/llama-bench-avx2
+          isa=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON) ;;
+    *) echo "LLAMA_BENCH_CPU=$cpu: expected native or avx2" >&2; exit 1 ;;
+esac
+stamp="$src llama-cpp-python-$py_version $cpu"
 if [ -x "$out/build/bin/llama-bench" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "$out/build/bin/llama-bench"
     exit 0
@@ -31,7 +41,7 @@ chmod -R u+w "$out/src"
 cp "$out/pypi"/llama_cpp_python-*/vendor/llama.cpp/tools/llama-bench/{CMakeLists.txt,llama-bench.cpp,main.cpp} "$out/src/tools/llama-bench/"
 echo 'add_subdirectory(llama-bench)' > "$out/src/tools/CMakeLists.txt"
 echo "building llama-bench from $src (about 10 min on 2 cores) ..." >&2
-cmake -S "$out/src" -B "$out/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+cmake -S "$out/src" -B "$out/build" -DCMAKE_BUILD_TYPE=Release "${isa[@]}" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_APP=OFF >&2
 cmake --build "$out/build" --target llama-bench -j "$(nproc)" >&2
 echo "$stamp" > "$out/stamp"

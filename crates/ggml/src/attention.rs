@@ -27,7 +27,7 @@ pub const MIN_ROWS: usize = 8;
 impl Context {
     /// `flash_attn_ext`'s result (q [d, n_q, H, B], k/v [d, n_kv, H_kv, B], mask F16
     /// [n_kv, >= n_q]; result [d, H, n_q, B]) from our CPU kernel where it applies (see the
-    /// module documentation; with the AVX-512 set of [`packed::kernels`]), else from
+    /// module documentation; with an AVX-512 set of [`packed::kernels`]), else from
     /// ggml's op. Only for graphs that run on the CPU.
     pub fn attention_cpu<'s>(
         &'s self,
@@ -42,7 +42,7 @@ impl Context {
         let element = |t: Tensor<'_>| {
             matches!(t.ty(), Type::F16 | Type::F32) && t.nb()[0] == t.ty().row_size(1).unwrap_or(0)
         };
-        let fits = packed::kernels() == Some(packed::Kernels::Avx512Vnni)
+        let fits = packed::kernels() >= Some(packed::Kernels::Avx512Vnni)
             && qn[1] >= MIN_ROWS
             && q.ty() == Type::F32
             && q.nb()[0] == 4

@@ -284,7 +284,7 @@ fn forced_kernel_sets() {
     let (ok, _, stderr) = with("avx9", &eval);
     assert!(!ok, "{stderr}");
     assert!(
-        stderr.contains("PALIGEMMA_CPU_KERNELS=avx9: expected avx512, avx2 or ggml")
+        stderr.contains("PALIGEMMA_CPU_KERNELS=avx9: expected avx512bf16, avx512, avx2 or ggml")
             && stderr.trim().lines().count() == 1,
         "{stderr}"
     );

@@ -15,7 +15,7 @@
 //!   signs (`vpsignb`), as ggml's AVX2 kernel does; a pair can reach 32,512, so each
 //!   product is widened at once.
 use super::driver::{ROWS, act, entry_points, q4_k_scale_min, tiles};
-use super::{ACT_BLOCK_BYTES, BLOCK, GROUP, HALF, Q4_0, Q4_K, Q8_0};
+use super::{ACT_BLOCK_BYTES, BF16, BLOCK, F16, GROUP, Q4_0, Q4_K, Q8_0};
 use std::arch::x86_64::*;
 
 entry_points! {
@@ -23,8 +23,8 @@ entry_points! {
     multiply_q4_0: Q4_0, tiles!(4, tile_b32, false);
     multiply_q8_0: Q8_0, tiles!(4, tile_b32, true);
     multiply_q4_k: Q4_K, tiles!(4, tile_q4_k);
-    multiply_f16: HALF, tiles!(4, tile_half, false);
-    multiply_bf16: HALF, tiles!(4, tile_half, true);
+    multiply_f16: F16, tiles!(4, tile_half, false);
+    multiply_bf16: BF16, tiles!(4, tile_half, true);
 }
 
 /// Outputs per vector: half a group.
@@ -188,12 +188,13 @@ unsafe fn halves_b32<const R: usize, const H: usize, const EIGHT_BIT: bool>(
 /// sum over inputs is split in interleaved partial sums, as on AVX-512.
 ///
 /// # Safety
-/// `w` holds `inputs` vectors of 16 weights, each `a[i]` `inputs` floats, each `out[i]`
-/// room for 16 floats; the CPU has AVX2, FMA and F16C.
+/// `w` holds `blocks` packed blocks (f16: one input each, bf16: a pair), each `a[i]`
+/// that many inputs as f32, each `out[i]` room for 16 floats; the CPU has AVX2, FMA
+/// and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_half<const R: usize, const BF16: bool>(
     w: *const u8,
-    inputs: usize,
+    blocks: usize,
     a: &[*const u8; ROWS],
     out: &[*mut f32; ROWS],
 ) {
@@ -201,13 +202,18 @@ unsafe fn tile_half<const R: usize, const BF16: bool>(
     unsafe {
         const UNROLL: usize = 4;
         let split = if R >= UNROLL { 1 } else { UNROLL / R };
+        let inputs = if BF16 { 2 * blocks } else { blocks };
         let weights = |k: usize, h: usize| {
-            let p = w.add(k * GROUP * 2 + h * 16);
             if BF16 {
-                let v = _mm_loadu_si128(p as *const __m128i);
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+                // Lane `j` holds row `8h + j`'s inputs `k & !1` (low half) and `k | 1`.
+                let v = _mm256_loadu_si256(w.add(k / 2 * GROUP * 4 + h * 32) as *const __m256i);
+                _mm256_castsi256_ps(if k.is_multiple_of(2) {
+                    _mm256_slli_epi32::<16>(v)
+                } else {
+                    _mm256_and_si256(v, _mm256_set1_epi32(-65536))
+                })
             } else {
-                halves(p)
+                halves(w.add(k * GROUP * 2 + h * 16))
             }
         };
         let x = |i: usize, k: usize| _mm256_set1_ps((a[i] as *const f32).add(k).read());

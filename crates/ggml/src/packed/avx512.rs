@@ -1,7 +1,7 @@
 //! The packed kernels on AVX-512 (F, BW, VNNI) with F16C: 16 outputs per vector, up
 //! to 8 activation rows per tile.
-use super::driver::{ROWS, act, entry_points, q4_k_scale_min, tiles};
-use super::{ACT_BLOCK_BYTES, BLOCK, GROUP, HALF, Q4_0, Q4_K, Q8_0};
+use super::driver::{ROWS, act, entry_points, prepare_rows, q4_k_scale_min, tiles};
+use super::{ACT_BLOCK_BYTES, BF16, BLOCK, F16, GROUP, Q4_0, Q4_K, Q8_0};
 use std::arch::x86_64::*;
 
 entry_points! {
@@ -9,8 +9,130 @@ entry_points! {
     multiply_q4_0: Q4_0, tiles!(8, tile_b32, false);
     multiply_q8_0: Q8_0, tiles!(8, tile_b32, true);
     multiply_q4_k: Q4_K, tiles!(8, tile_q4_k);
-    multiply_f16: HALF, tiles!(8, tile_half, false);
-    multiply_bf16: HALF, tiles!(8, tile_half, true);
+    multiply_f16: F16, tiles!(8, tile_half, false);
+    multiply_bf16: BF16, tiles!(8, tile_half, true);
+    multiply_bf16_dot: BF16, tiles!(8, tile_bf16_dot);
+}
+
+/// Rounds each row of `src[0]` (f32, any row strides) to bf16, to nearest even, into
+/// the contiguous rows of `dst`: the activations of `tile_bf16_dot`.
+pub unsafe extern "C" fn round_rows_bf16(
+    dst: *mut crate::sys::ggml_tensor,
+    ith: i32,
+    nth: i32,
+    _: *mut std::ffi::c_void,
+) {
+    // SAFETY: ggml hands allocated tensors of the shapes `mul_mat_packed` built.
+    unsafe {
+        let k = (*(*dst).src[0]).ne[0] as usize;
+        prepare_rows(dst, ith, nth, k * 2, |src, out| round_row_bf16(src, out, k));
+    }
+}
+
+/// `k` floats to bf16 with `vcvtneps2bf16`, 16 at a time.
+///
+/// # Safety
+/// `src` holds `k` floats, `dst` room for `k` bf16; the CPU has AVX-512 BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_row_bf16(src: *const f32, dst: *mut u8, k: usize) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        let whole = k / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(i)));
+            _mm256_storeu_si256(
+                dst.add(2 * i) as *mut __m256i,
+                std::mem::transmute::<__m256bh, __m256i>(v),
+            );
+        }
+        if whole < k {
+            let mask: __mmask16 = (1 << (k - whole)) - 1;
+            let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src.add(whole)));
+            _mm256_mask_storeu_epi16(
+                dst.add(2 * whole) as *mut i16,
+                mask,
+                std::mem::transmute::<__m256bh, __m256i>(v),
+            );
+        }
+    }
+}
+
+/// bf16 weights by pairs of inputs times activations rounded to bf16: per pair, one
+/// `vdpbf16ps` per row adds both products to each row's f32 sum.
+///
+/// # Safety
+/// `w` holds `pairs` packed pairs, each `a[i]` `2 * pairs` bf16, each `out[i]` room for
+/// 16 floats; the CPU has AVX-512 BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_bf16_dot<const R: usize>(
+    w: *const u8,
+    pairs: usize,
+    a: &[*const u8; ROWS],
+    out: &[*mut f32; ROWS],
+) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        let weights = |p: usize| bf16s(_mm512_loadu_si512(w.add(p * GROUP * 4) as *const __m512i));
+        let x = |i: usize, p: usize| {
+            bf16s(_mm512_set1_epi32(
+                (a[i] as *const i32).add(p).read_unaligned(),
+            ))
+        };
+        split_sums::<R, _>(pairs, out, weights, |sum, v, i, p| {
+            _mm512_dpbf16_ps(sum, v, x(i, p))
+        });
+    }
+}
+
+/// A vector of 32 bf16 seen as the type `vdpbf16ps` takes.
+#[inline(always)]
+fn bf16s(v: __m512i) -> __m512bh {
+    // SAFETY: both are 64 bytes of plain bits.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+}
+
+/// Sums `n` steps into 16 floats per row for the first `R` rows and stores them to
+/// `out`: step `k` loads `weights(k)` once and adds it into each row's sum with
+/// `add(sum, weights, row, k)`. Below 4 rows the steps go to interleaved partial sums,
+/// so that at least 4 independent chains hide the latency of the FMA or dot product
+/// (decoding has one row).
+///
+/// # Safety
+/// `out[i]` has room for 16 floats; the closures are safe to call for `k < n`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn split_sums<const R: usize, W: Copy>(
+    n: usize,
+    out: &[*mut f32; ROWS],
+    weights: impl Fn(usize) -> W,
+    add: impl Fn(__m512, W, usize, usize) -> __m512,
+) {
+    const UNROLL: usize = 4;
+    let split = if R >= UNROLL { 1 } else { UNROLL / R };
+    let mut acc = [[_mm512_setzero_ps(); R]; UNROLL];
+    let whole = n / UNROLL * UNROLL;
+    for k in (0..whole).step_by(UNROLL) {
+        for u in 0..UNROLL {
+            let v = weights(k + u);
+            for (i, sum) in acc[u % split].iter_mut().enumerate() {
+                *sum = add(*sum, v, i, k + u);
+            }
+        }
+    }
+    for k in whole..n {
+        let v = weights(k);
+        for (i, sum) in acc[0].iter_mut().enumerate() {
+            *sum = add(*sum, v, i, k);
+        }
+    }
+    for i in 0..R {
+        let mut sum = acc[0][i];
+        for part in acc.iter().take(split).skip(1) {
+            sum = _mm512_add_ps(sum, part[i]);
+        }
+        // SAFETY: as the caller promises.
+        unsafe { _mm512_storeu_ps(out[i], sum) };
+    }
 }
 
 /// Quantizes one row of `blocks * 32` floats exactly as ggml's q8_0 does.
@@ -127,53 +249,39 @@ unsafe fn tile_b32<const R: usize, const EIGHT_BIT: bool>(
 }
 
 /// f16 and bf16 (`BF16`): per input, its 16 weights made f32 and one FMA per row with
-/// the broadcast activation. Below 4 rows the sum over inputs is split into
-/// interleaved partial sums, so that at least 4 independent FMA chains hide the
-/// FMA's latency (decoding has one row).
+/// the broadcast activation.
+///
+/// # Safety
+/// `w` holds `blocks` packed blocks (f16: one input each, bf16: a pair), each `a[i]`
+/// that many inputs as f32, each `out[i]` room for 16 floats; the CPU has AVX-512 F/BW
+/// and F16C.
 #[target_feature(enable = "avx512f,avx512bw,f16c")]
 unsafe fn tile_half<const R: usize, const BF16: bool>(
     w: *const u8,
-    inputs: usize,
+    blocks: usize,
     a: &[*const u8; ROWS],
     out: &[*mut f32; ROWS],
 ) {
-    // SAFETY: `w` holds `inputs` vectors of 16 weights, each `a[i]` `inputs` floats,
-    // each `out[i]` room for 16 floats.
+    // SAFETY: as the caller promises.
     unsafe {
-        const UNROLL: usize = 4;
-        let split = if R >= UNROLL { 1 } else { UNROLL / R };
+        let inputs = if BF16 { 2 * blocks } else { blocks };
         let weights = |k: usize| {
-            let v = _mm256_loadu_si256(w.add(k * GROUP * 2) as *const __m256i);
             if BF16 {
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+                // Lane `j` holds row `j`'s inputs `k & !1` (low half) and `k | 1`.
+                let v = _mm512_loadu_si512(w.add(k / 2 * GROUP * 4) as *const __m512i);
+                _mm512_castsi512_ps(if k.is_multiple_of(2) {
+                    _mm512_slli_epi32::<16>(v)
+                } else {
+                    _mm512_and_si512(v, _mm512_set1_epi32(-65536))
+                })
             } else {
-                _mm512_cvtph_ps(v)
+                _mm512_cvtph_ps(_mm256_loadu_si256(w.add(k * GROUP * 2) as *const __m256i))
             }
         };
         let x = |i: usize, k: usize| _mm512_set1_ps((a[i] as *const f32).add(k).read());
-        let mut acc = [[_mm512_setzero_ps(); R]; UNROLL];
-        let whole = inputs / UNROLL * UNROLL;
-        for k in (0..whole).step_by(UNROLL) {
-            for u in 0..UNROLL {
-                let v = weights(k + u);
-                for (i, sum) in acc[u % split].iter_mut().enumerate() {
-                    *sum = _mm512_fmadd_ps(v, x(i, k + u), *sum);
-                }
-            }
-        }
-        for k in whole..inputs {
-            let v = weights(k);
-            for (i, sum) in acc[0].iter_mut().enumerate() {
-                *sum = _mm512_fmadd_ps(v, x(i, k), *sum);
-            }
-        }
-        for i in 0..R {
-            let mut sum = acc[0][i];
-            for part in acc.iter().take(split).skip(1) {
-                sum = _mm512_add_ps(sum, part[i]);
-            }
-            _mm512_storeu_ps(out[i], sum);
-        }
+        split_sums::<R, _>(inputs, out, weights, |sum, v, i, k| {
+            _mm512_fmadd_ps(v, x(i, k), sum)
+        });
     }
 }
 

@@ -126,7 +126,7 @@ pub unsafe extern "C" fn gather_rows(
 /// # Safety
 /// `dst` was built by `mul_mat_packed` with rows of `row_bytes`, and `write` writes
 /// at most that many bytes.
-unsafe fn prepare_rows(
+pub unsafe fn prepare_rows(
     dst: *mut sys::ggml_tensor,
     ith: i32,
     nth: i32,
@@ -164,7 +164,8 @@ pub unsafe fn multiply(dst: *mut sys::ggml_tensor, f: Format, tiles: &[Tile]) {
         let (d, w, q) = (&*dst, &*(*dst).src[0], (*dst).src[1]);
         let blocks = w.ne[0] as usize / f.inputs;
         let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
-        let row_bytes = f.activation_row_bytes(w.ne[0] as usize);
+        // The prepared rows fill `src[1]` but for the counter's room.
+        let row_bytes = ((*q).ne[0] as usize - super::COUNTER_BYTES) / rows.max(1);
         let row = |r: usize| ((*q).data as *const u8).add(r * row_bytes);
         let next = counter(q, rows * row_bytes);
         let groups = w.ne[1] as usize / GROUP;

@@ -51,8 +51,8 @@ const ACT_BLOCK_BYTES: usize = BLOCK + 8;
 /// Room after the quantized rows for the multiplication's work counter.
 const COUNTER_BYTES: usize = 64;
 
-/// The packed formats: inputs and bytes per block of one row, and whether the
-/// activations stay f32 (f16, bf16: a "block" is one input) or are quantized.
+/// The packed formats: inputs and bytes per block of one row, and whether the weights
+/// are floats (a "block" is one f16 input, or a pair of bf16 inputs).
 #[derive(Clone, Copy)]
 struct Format {
     inputs: usize,
@@ -75,9 +75,17 @@ const Q8_0: Format = Format {
     bytes: 34,
     float: false,
 };
-const HALF: Format = Format {
+const F16: Format = Format {
     inputs: 1,
     bytes: 2,
+    float: true,
+};
+/// bf16 weights by pairs of inputs: one 32-bit lane per row holds two neighbouring
+/// weights, the layout `vdpbf16ps` multiplies, and FMA kernels split with a shift or a
+/// mask, no widening.
+const BF16: Format = Format {
+    inputs: 2,
+    bytes: 4,
     float: true,
 };
 
@@ -86,18 +94,30 @@ fn format(ty: Type) -> Option<Format> {
         Type::Q4_0 => Some(Q4_0),
         Type::Q4_K => Some(Q4_K),
         Type::Q8_0 => Some(Q8_0),
-        Type::F16 | Type::BF16 => Some(HALF),
+        Type::F16 => Some(F16),
+        Type::BF16 => Some(BF16),
         _ => None,
     }
 }
 
-impl Format {
-    /// Bytes of one row of `k` activations as the multiplication reads them.
-    fn activation_row_bytes(self, k: usize) -> usize {
-        if self.float {
-            k * 4
-        } else {
-            k / BLOCK * ACT_BLOCK_BYTES
+/// How the rows of activations are prepared for a product.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Activations {
+    /// Quantized per block of 32, as ggml's q8_0 (the integer formats).
+    Q8,
+    /// Kept f32 (the FMA kernels of f16 and bf16).
+    F32,
+    /// Rounded to bf16 (`vdpbf16ps`).
+    Bf16,
+}
+
+impl Activations {
+    /// Bytes of one row of `k` activations.
+    fn row_bytes(self, k: usize) -> usize {
+        match self {
+            Activations::Q8 => k / BLOCK * ACT_BLOCK_BYTES,
+            Activations::F32 => k * 4,
+            Activations::Bf16 => k * 2,
         }
     }
 }
@@ -109,6 +129,10 @@ pub enum Kernels {
     Avx2,
     /// AVX-512 F/BW, VNNI and F16C: 16 outputs per vector, `vpdpbusd` byte products.
     Avx512Vnni,
+    /// The same with AVX-512 BF16: bf16 matrices meet activations rounded to bf16 in
+    /// `vdpbf16ps`, two products per lane (as ggml and torch's bf16 do; the other sets
+    /// keep them f32, which is exact and half as fast).
+    Avx512Bf16,
 }
 
 /// The environment variable that forces a lower set than the CPU's best.
@@ -120,6 +144,7 @@ impl Kernels {
         match self {
             Kernels::Avx2 => "avx2",
             Kernels::Avx512Vnni => "avx512",
+            Kernels::Avx512Bf16 => "avx512bf16",
         }
     }
 
@@ -128,6 +153,7 @@ impl Kernels {
         match self {
             Kernels::Avx2 => "AVX2 + FMA + F16C",
             Kernels::Avx512Vnni => "AVX-512 VNNI",
+            Kernels::Avx512Bf16 => "AVX-512 VNNI + BF16",
         }
     }
 
@@ -137,7 +163,11 @@ impl Kernels {
         {
             use std::is_x86_feature_detected as has;
             if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("f16c") {
-                return Some(Kernels::Avx512Vnni);
+                return Some(if has!("avx512bf16") {
+                    Kernels::Avx512Bf16
+                } else {
+                    Kernels::Avx512Vnni
+                });
             }
             if has!("avx2") && has!("fma") && has!("f16c") {
                 return Some(Kernels::Avx2);
@@ -152,7 +182,8 @@ impl Kernels {
     }
 }
 
-/// The set `PALIGEMMA_CPU_KERNELS` (`avx512`, `avx2` or `ggml`; unset: the CPU's best)
+/// The set `PALIGEMMA_CPU_KERNELS` (`avx512bf16`, `avx512`, `avx2` or `ggml`; unset:
+/// the CPU's best)
 /// chooses on this CPU, none for `ggml` or where no set runs; an error names a value
 /// it does not know or a set this CPU lacks.
 pub fn selection() -> Result<Option<Kernels>> {
@@ -163,11 +194,12 @@ fn choose(forced: Option<&str>) -> Result<Option<Kernels>> {
     let wanted = match forced.map(str::trim) {
         None | Some("") => return Ok(Kernels::detected()),
         Some("ggml") => return Ok(None),
+        Some("avx512bf16") => Kernels::Avx512Bf16,
         Some("avx512") => Kernels::Avx512Vnni,
         Some("avx2") => Kernels::Avx2,
         Some(other) => {
             return Err(Error::Setting(format!(
-                "{KERNELS_VAR}={other}: expected avx512, avx2 or ggml"
+                "{KERNELS_VAR}={other}: expected avx512bf16, avx512, avx2 or ggml"
             )));
         }
     };
@@ -225,12 +257,14 @@ pub fn pack(ty: Type, data: &[u8], inputs: usize, outputs: usize) -> Result<Vec<
     }
     let mut out = vec![0u8; expected];
     if f.float {
-        // Per group, input `k`'s 16 weights side by side; each source row read in order.
-        for (g, group) in out.chunks_exact_mut(inputs * GROUP * 2).enumerate() {
+        // Per group, block `b`'s (an f16 input's, a bf16 pair's) 16 rows side by side;
+        // each source row read in order.
+        let row_bytes = blocks * f.bytes;
+        for (g, group) in out.chunks_exact_mut(row_bytes * GROUP).enumerate() {
             for j in 0..GROUP {
-                let row = &data[(g * GROUP + j) * inputs * 2..][..inputs * 2];
-                for (k, w) in row.chunks_exact(2).enumerate() {
-                    group[(k * GROUP + j) * 2..][..2].copy_from_slice(w);
+                let row = &data[(g * GROUP + j) * row_bytes..][..row_bytes];
+                for (b, w) in row.chunks_exact(f.bytes).enumerate() {
+                    group[(b * GROUP + j) * f.bytes..][..f.bytes].copy_from_slice(w);
                 }
             }
         }
@@ -307,17 +341,11 @@ impl Context {
         }
         self.room_for(2)?;
         // The quantized (or gathered) rows, then the multiplication's work counter (see `driver::multiply`).
-        let f = format(w.ty()).expect("packable");
         let rows = xn[1] * xn[2] * xn[3];
-        let (prepare, multiply) = ops(set, w.ty());
+        let (prepare, activations, multiply) = ops(set, w.ty());
         let q = self.custom(
             Type::I8,
-            [
-                rows * f.activation_row_bytes(xn[0]) + COUNTER_BYTES,
-                1,
-                1,
-                1,
-            ],
+            [rows * activations.row_bytes(xn[0]) + COUNTER_BYTES, 1, 1, 1],
             &[x],
             prepare,
             0,
@@ -339,23 +367,28 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod driver;
 
-/// The ggml operations that prepare the rows and multiply for a packable type on `set`.
+/// The ggml operations that prepare the rows (and what they make of them) and multiply
+/// for a packable type on `set`.
 #[cfg(target_arch = "x86_64")]
-fn ops(set: Kernels, ty: Type) -> (driver::Op, driver::Op) {
+fn ops(set: Kernels, ty: Type) -> (driver::Op, Activations, driver::Op) {
+    use Activations::*;
     macro_rules! of {
         ($set:ident) => {
             match ty {
-                Type::Q4_0 => ($set::quantize_rows, $set::multiply_q4_0),
-                Type::Q8_0 => ($set::quantize_rows, $set::multiply_q8_0),
-                Type::Q4_K => ($set::quantize_rows, $set::multiply_q4_k),
-                Type::F16 => (driver::gather_rows, $set::multiply_f16),
-                _ => (driver::gather_rows, $set::multiply_bf16),
+                Type::Q4_0 => ($set::quantize_rows, Q8, $set::multiply_q4_0),
+                Type::Q8_0 => ($set::quantize_rows, Q8, $set::multiply_q8_0),
+                Type::Q4_K => ($set::quantize_rows, Q8, $set::multiply_q4_k),
+                Type::F16 => (driver::gather_rows, F32, $set::multiply_f16),
+                _ => (driver::gather_rows, F32, $set::multiply_bf16),
             }
         };
     }
-    match set {
-        Kernels::Avx2 => of!(avx2),
-        Kernels::Avx512Vnni => of!(avx512),
+    match (set, ty) {
+        (Kernels::Avx2, _) => of!(avx2),
+        (Kernels::Avx512Bf16, Type::BF16) => {
+            (avx512::round_rows_bf16, Bf16, avx512::multiply_bf16_dot)
+        }
+        (Kernels::Avx512Vnni | Kernels::Avx512Bf16, _) => of!(avx512),
     }
 }
 
@@ -367,6 +400,7 @@ fn ops(
     _: Type,
 ) -> (
     unsafe extern "C" fn(*mut crate::sys::ggml_tensor, i32, i32, *mut std::ffi::c_void),
+    Activations,
     unsafe extern "C" fn(*mut crate::sys::ggml_tensor, i32, i32, *mut std::ffi::c_void),
 ) {
     unreachable!("no packed kernels off x86-64")
@@ -383,10 +417,10 @@ mod tests {
         assert_eq!(choose(Some("ggml")).unwrap(), None);
         let err = choose(Some("avx9")).unwrap_err().to_string();
         assert!(
-            err.contains("PALIGEMMA_CPU_KERNELS=avx9: expected avx512, avx2 or ggml"),
+            err.contains("PALIGEMMA_CPU_KERNELS=avx9: expected avx512bf16, avx512, avx2 or ggml"),
             "{err}"
         );
-        for set in [Kernels::Avx2, Kernels::Avx512Vnni] {
+        for set in [Kernels::Avx2, Kernels::Avx512Vnni, Kernels::Avx512Bf16] {
             match choose(Some(set.name())) {
                 Ok(chosen) => assert!(set.runs_here() && chosen == Some(set)),
                 Err(e) => {
