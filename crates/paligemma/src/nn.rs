@@ -5,8 +5,7 @@ use crate::Result;
 use ggml::{Context, SharedStore, Tensor, TensorRef};
 
 /// Which ops compute attention: ggml's `flash_attn_ext` and `concat`, or on a CPU with
-/// AVX-512 our own kernel (`Context::attention_cpu`, which keeps ggml's op for decoding's
-/// few queries) and `Context::join_cpu`.
+/// AVX-512 our own kernel (`Context::attention_cpu`) and `Context::join_cpu`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Attention {
     pub cpu_kernel: bool,
