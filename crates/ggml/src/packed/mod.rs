@@ -102,6 +102,7 @@ fn format(ty: Type) -> Option<Format> {
 
 /// How the rows of activations are prepared for a product.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // made only by the x86-64 `ops`
 enum Activations {
     /// Quantized per block of 32, as ggml's q8_0 (the integer formats).
     Q8,
