@@ -245,9 +245,8 @@ unsafe fn tile_half<const R: usize, const BF16: bool>(
     }
 }
 
-/// q4_K, 16 outputs of `R` (at most 4) rows: for each half of the group, per sub-block
-/// of 32, 8 `vpmaddubsw` per row summed in 16 bits, then
-/// `d * sc * scale_a * sum - dmin * m * scale_a * sum(a)` into f32 accumulators.
+/// q4_K, 16 outputs of `R` (at most 4) rows, the halves of the group taken as in
+/// `tile_b32`.
 ///
 /// # Safety
 /// As for `tile_b32`, with q4_K's blocks of 256 inputs (8 activation blocks).
@@ -260,49 +259,84 @@ unsafe fn tile_q4_k<const R: usize>(
 ) {
     // SAFETY: as the caller promises.
     unsafe {
+        if R <= 2 {
+            halves_q4_k::<R, 2>(w, blocks, a, out, 0);
+        } else {
+            halves_q4_k::<R, 1>(w, blocks, a, out, 0);
+            halves_q4_k::<R, 1>(w, blocks, a, out, 1);
+        }
+    }
+}
+
+/// `H` halves of the group from half `first` on, for `tile_q4_k`: per sub-block of 32,
+/// 8 `vpmaddubsw` per row summed in 16 bits, then
+/// `d * sc * scale_a * sum - dmin * m * scale_a * sum(a)` into f32 accumulators.
+///
+/// # Safety
+/// As for `tile_q4_k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn halves_q4_k<const R: usize, const H: usize>(
+    w: *const u8,
+    blocks: usize,
+    a: &[*const u8; ROWS],
+    out: &[*mut f32; ROWS],
+    first: usize,
+) {
+    // SAFETY: as the caller promises.
+    unsafe {
         let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
-        for h in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for b in 0..blocks {
-                let wb = w.add(b * GROUP * Q4_K.bytes);
-                let d = halves(wb.add(h * 16));
-                let dmin = halves(wb.add(32 + h * 16));
-                // This half's 8 rows of the 6-bit scale and minimum bytes `i`.
-                let sb =
-                    |i: usize| _mm_loadl_epi64(wb.add(64 + i * GROUP + h * 8) as *const __m128i);
-                for s in 0..8 {
-                    let (sc, m) = q4_k_scale_min(sb, s);
-                    let scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
-                    let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)));
-                    let mut pairs = [_mm256_setzero_si256(); R];
-                    for t in 0..8 {
+        let mut acc = [[_mm256_setzero_ps(); R]; H];
+        for b in 0..blocks {
+            let wb = w.add(b * GROUP * Q4_K.bytes);
+            for s in 0..8 {
+                let mut pairs = [[_mm256_setzero_si256(); R]; H];
+                for t in 0..8 {
+                    for (h, pairs) in pairs.iter_mut().enumerate() {
                         let raw = _mm256_loadu_si256(
-                            wb.add(256 + ((s / 2) * 8 + t) * 64 + h * 32) as *const __m256i
+                            wb.add(256 + ((s / 2) * 8 + t) * 64 + (first + h) * 32)
+                                as *const __m256i,
                         );
                         let v = if s % 2 == 0 {
                             _mm256_and_si256(raw, low)
                         } else {
                             _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low)
                         };
-                        for i in 0..R {
+                        for (i, pair) in pairs.iter_mut().enumerate() {
                             let (q, _, _) = act(a[i], b * 8 + s);
-                            pairs[i] = _mm256_add_epi16(
-                                pairs[i],
+                            *pair = _mm256_add_epi16(
+                                *pair,
                                 _mm256_maddubs_epi16(v, broadcast(q.add(t))),
                             );
                         }
                     }
-                    for i in 0..R {
+                }
+                for (h, (acc, pairs)) in acc.iter_mut().zip(&pairs).enumerate() {
+                    let half = first + h;
+                    // This half's 8 rows of the 6-bit scale and minimum bytes `i`.
+                    let sb = |i: usize| {
+                        _mm_loadl_epi64(wb.add(64 + i * GROUP + half * 8) as *const __m128i)
+                    };
+                    let (sc, m) = q4_k_scale_min(sb, s);
+                    let scale = _mm256_mul_ps(
+                        halves(wb.add(half * 16)),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)),
+                    );
+                    let min = _mm256_mul_ps(
+                        halves(wb.add(32 + half * 16)),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)),
+                    );
+                    for (i, (acc, pair)) in acc.iter_mut().zip(pairs).enumerate() {
                         let (_, sa, scaled_sum) = act(a[i], b * 8 + s);
-                        let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i], ones));
-                        acc[i] =
-                            _mm256_fmadd_ps(scale, _mm256_mul_ps(sum, _mm256_set1_ps(sa)), acc[i]);
-                        acc[i] = _mm256_fnmadd_ps(min, _mm256_set1_ps(scaled_sum), acc[i]);
+                        let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(*pair, ones));
+                        *acc = _mm256_fmadd_ps(scale, _mm256_mul_ps(sum, _mm256_set1_ps(sa)), *acc);
+                        *acc = _mm256_fnmadd_ps(min, _mm256_set1_ps(scaled_sum), *acc);
                     }
                 }
             }
-            for i in 0..R {
-                _mm256_storeu_ps(out[i].add(h * HALF_GROUP), acc[i]);
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (i, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out[i].add((first + h) * HALF_GROUP), *acc);
             }
         }
     }
