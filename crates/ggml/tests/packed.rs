@@ -54,11 +54,9 @@ fn exact_product(w: &[f32], x: &[f32], k: usize) -> Vec<f32> {
         .collect()
 }
 
-const ALL: [Kernels; 3] = [Kernels::Avx2, Kernels::Avx512Vnni, Kernels::Avx512Bf16];
-
 /// The instruction sets this CPU runs, each tested.
 fn sets() -> Vec<Kernels> {
-    ALL.into_iter().filter(|k| k.runs_here()).collect()
+    Kernels::ALL.into_iter().filter(|k| k.runs_here()).collect()
 }
 
 /// The packed product on every instruction set this CPU runs against ggml's on the
@@ -69,7 +67,7 @@ fn matches_ggml(ty: Type, k: usize, n: usize, tol: f32) -> Vec<(Kernels, f32)> {
     let packed = packed::pack(ty, &w, k, n).unwrap();
     assert_eq!(packed.len(), w.len());
     let mut worst_exact = Vec::new();
-    for set in ALL {
+    for set in Kernels::ALL {
         if !set.runs_here() {
             let ctx = Context::new(4, 0).unwrap();
             let (wt, xt) = (

@@ -255,10 +255,7 @@ fn forced_kernel_sets() {
     let (ok, stdout, stderr) = paligemma(&eval);
     assert!(ok, "{stderr}");
     let best = figures(&stdout);
-    for set in [
-        ggml::packed::Kernels::Avx2,
-        ggml::packed::Kernels::Avx512Vnni,
-    ] {
+    for set in ggml::packed::Kernels::ALL {
         let (ok, stdout, stderr) = with(set.name(), &["devices"]);
         if !set.runs_here() {
             assert!(!ok && stderr.contains("this CPU lacks"), "{stderr}");

@@ -14,7 +14,7 @@
 //! - q8_0: the signed weights' magnitudes meet the activations carrying the weights'
 //!   signs (`vpsignb`), as ggml's AVX2 kernel does; a pair can reach 32,512, so each
 //!   product is widened at once.
-use super::driver::{ROWS, act, entry_points, q4_k_scale_min, tiles};
+use super::driver::{ROWS, act, entry_points, q4_k_scale_min, split_sums, tiles};
 use super::{ACT_BLOCK_BYTES, BF16, BLOCK, F16, GROUP, Q4_0, Q4_K, Q8_0};
 use std::arch::x86_64::*;
 
@@ -184,8 +184,7 @@ unsafe fn halves_b32<const R: usize, const H: usize, const EIGHT_BIT: bool>(
 }
 
 /// f16 and bf16 (`BF16`), 16 outputs of `R` (at most 4) rows: per input, each half's 8
-/// weights made f32 and one FMA per row with the broadcast activation; below 4 rows the
-/// sum over inputs is split in interleaved partial sums, as on AVX-512.
+/// weights made f32 and one FMA per row with the broadcast activation.
 ///
 /// # Safety
 /// `w` holds `blocks` packed blocks (f16: one input each, bf16: a pair), each `a[i]`
@@ -200,8 +199,6 @@ unsafe fn tile_half<const R: usize, const BF16: bool>(
 ) {
     // SAFETY: as the caller promises.
     unsafe {
-        const UNROLL: usize = 4;
-        let split = if R >= UNROLL { 1 } else { UNROLL / R };
         let inputs = if BF16 { 2 * blocks } else { blocks };
         let weights = |k: usize, h: usize| {
             if BF16 {
@@ -218,28 +215,15 @@ unsafe fn tile_half<const R: usize, const BF16: bool>(
         };
         let x = |i: usize, k: usize| _mm256_set1_ps((a[i] as *const f32).add(k).read());
         for h in 0..2 {
-            let mut acc = [[_mm256_setzero_ps(); R]; UNROLL];
-            let whole = inputs / UNROLL * UNROLL;
-            for k in (0..whole).step_by(UNROLL) {
-                for u in 0..UNROLL {
-                    let v = weights(k + u, h);
-                    for (i, sum) in acc[u % split].iter_mut().enumerate() {
-                        *sum = _mm256_fmadd_ps(v, x(i, k + u), *sum);
-                    }
-                }
-            }
-            for k in whole..inputs {
-                let v = weights(k, h);
-                for (i, sum) in acc[0].iter_mut().enumerate() {
-                    *sum = _mm256_fmadd_ps(v, x(i, k), *sum);
-                }
-            }
-            for i in 0..R {
-                let mut sum = acc[0][i];
-                for part in acc.iter().take(split).skip(1) {
-                    sum = _mm256_add_ps(sum, part[i]);
-                }
-                _mm256_storeu_ps(out[i].add(h * HALF_GROUP), sum);
+            let sums = split_sums::<R, _, _>(
+                inputs,
+                _mm256_setzero_ps(),
+                |k| weights(k, h),
+                |sum, v, i, k| _mm256_fmadd_ps(v, x(i, k), sum),
+                |a, b| _mm256_add_ps(a, b),
+            );
+            for (i, sum) in sums.iter().enumerate() {
+                _mm256_storeu_ps(out[i].add(h * HALF_GROUP), *sum);
             }
         }
     }

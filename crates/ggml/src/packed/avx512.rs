@@ -1,6 +1,6 @@
 //! The packed kernels on AVX-512 (F, BW, VNNI) with F16C: 16 outputs per vector, up
 //! to 8 activation rows per tile.
-use super::driver::{ROWS, act, entry_points, prepare_rows, q4_k_scale_min, tiles};
+use super::driver::{ROWS, act, entry_points, prepare_rows, q4_k_scale_min, split_sums, tiles};
 use super::{ACT_BLOCK_BYTES, BF16, BLOCK, F16, GROUP, Q4_0, Q4_K, Q8_0};
 use std::arch::x86_64::*;
 
@@ -78,9 +78,16 @@ unsafe fn tile_bf16_dot<const R: usize>(
                 (a[i] as *const i32).add(p).read_unaligned(),
             ))
         };
-        split_sums::<R, _>(pairs, out, weights, |sum, v, i, p| {
-            _mm512_dpbf16_ps(sum, v, x(i, p))
-        });
+        let sums = split_sums::<R, _, _>(
+            pairs,
+            _mm512_setzero_ps(),
+            weights,
+            |sum, v, i, p| _mm512_dpbf16_ps(sum, v, x(i, p)),
+            |a, b| _mm512_add_ps(a, b),
+        );
+        for (i, sum) in sums.iter().enumerate() {
+            _mm512_storeu_ps(out[i], *sum);
+        }
     }
 }
 
@@ -89,50 +96,6 @@ unsafe fn tile_bf16_dot<const R: usize>(
 fn bf16s(v: __m512i) -> __m512bh {
     // SAFETY: both are 64 bytes of plain bits.
     unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
-}
-
-/// Sums `n` steps into 16 floats per row for the first `R` rows and stores them to
-/// `out`: step `k` loads `weights(k)` once and adds it into each row's sum with
-/// `add(sum, weights, row, k)`. Below 4 rows the steps go to interleaved partial sums,
-/// so that at least 4 independent chains hide the latency of the FMA or dot product
-/// (decoding has one row).
-///
-/// # Safety
-/// `out[i]` has room for 16 floats; the closures are safe to call for `k < n`.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn split_sums<const R: usize, W: Copy>(
-    n: usize,
-    out: &[*mut f32; ROWS],
-    weights: impl Fn(usize) -> W,
-    add: impl Fn(__m512, W, usize, usize) -> __m512,
-) {
-    const UNROLL: usize = 4;
-    let split = if R >= UNROLL { 1 } else { UNROLL / R };
-    let mut acc = [[_mm512_setzero_ps(); R]; UNROLL];
-    let whole = n / UNROLL * UNROLL;
-    for k in (0..whole).step_by(UNROLL) {
-        for u in 0..UNROLL {
-            let v = weights(k + u);
-            for (i, sum) in acc[u % split].iter_mut().enumerate() {
-                *sum = add(*sum, v, i, k + u);
-            }
-        }
-    }
-    for k in whole..n {
-        let v = weights(k);
-        for (i, sum) in acc[0].iter_mut().enumerate() {
-            *sum = add(*sum, v, i, k);
-        }
-    }
-    for i in 0..R {
-        let mut sum = acc[0][i];
-        for part in acc.iter().take(split).skip(1) {
-            sum = _mm512_add_ps(sum, part[i]);
-        }
-        // SAFETY: as the caller promises.
-        unsafe { _mm512_storeu_ps(out[i], sum) };
-    }
 }
 
 /// Quantizes one row of `blocks * 32` floats exactly as ggml's q8_0 does.
@@ -279,9 +242,16 @@ unsafe fn tile_half<const R: usize, const BF16: bool>(
             }
         };
         let x = |i: usize, k: usize| _mm512_set1_ps((a[i] as *const f32).add(k).read());
-        split_sums::<R, _>(inputs, out, weights, |sum, v, i, k| {
-            _mm512_fmadd_ps(v, x(i, k), sum)
-        });
+        let sums = split_sums::<R, _, _>(
+            inputs,
+            _mm512_setzero_ps(),
+            weights,
+            |sum, v, i, k| _mm512_fmadd_ps(v, x(i, k), sum),
+            |a, b| _mm512_add_ps(a, b),
+        );
+        for (i, sum) in sums.iter().enumerate() {
+            _mm512_storeu_ps(out[i], *sum);
+        }
     }
 }
 

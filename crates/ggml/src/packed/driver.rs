@@ -16,9 +16,6 @@ const GROUPS_PER_CHUNK: usize = 4;
 /// one), over `blocks` blocks.
 pub type Tile = unsafe fn(*const u8, usize, &[*const u8; ROWS], &[*mut f32; ROWS]);
 
-/// A ggml custom operation.
-pub type Op = unsafe extern "C" fn(*mut sys::ggml_tensor, i32, i32, *mut std::ffi::c_void);
-
 /// The tile kernel `$tile` (with its further generic arguments) for 1 to `$n` rows.
 macro_rules! tiles {
     (4, $tile:ident $(, $arg:expr)?) => {
@@ -210,6 +207,47 @@ pub unsafe fn act(a: *const u8, b: usize) -> (*const i32, f32, f32) {
             f.add(1).read_unaligned(),
         )
     }
+}
+
+/// The sums of `n` steps for the first `R` rows, in vectors `V` of any width: step `k`
+/// loads `weights(k)` once and adds it into each row's sum with
+/// `add(sum, weights, row, k)` (an FMA, a dot product). Below 4 rows the steps go to
+/// interleaved partial sums, joined with `join` at the end, so that at least 4
+/// independent chains hide the latency of the FMA or dot product (decoding has one
+/// row). No intrinsics of its own: it takes the instruction set of the kernel it is
+/// inlined into, whose closures it calls.
+#[inline(always)]
+pub fn split_sums<const R: usize, W: Copy, V: Copy>(
+    n: usize,
+    zero: V,
+    weights: impl Fn(usize) -> W,
+    add: impl Fn(V, W, usize, usize) -> V,
+    join: impl Fn(V, V) -> V,
+) -> [V; R] {
+    const UNROLL: usize = 4;
+    let split = if R >= UNROLL { 1 } else { UNROLL / R };
+    let mut acc = [[zero; R]; UNROLL];
+    let whole = n / UNROLL * UNROLL;
+    for k in (0..whole).step_by(UNROLL) {
+        for u in 0..UNROLL {
+            let v = weights(k + u);
+            for (i, sum) in acc[u % split].iter_mut().enumerate() {
+                *sum = add(*sum, v, i, k + u);
+            }
+        }
+    }
+    for k in whole..n {
+        let v = weights(k);
+        for (i, sum) in acc[0].iter_mut().enumerate() {
+            *sum = add(*sum, v, i, k);
+        }
+    }
+    std::array::from_fn(|i| {
+        acc.iter()
+            .take(split)
+            .skip(1)
+            .fold(acc[0][i], |sum, part| join(sum, part[i]))
+    })
 }
 
 /// The 6-bit scales and minimums of q4_K's sub-block `s` (0..8) for the rows whose 12

@@ -1,11 +1,12 @@
 //! q4_0, q8_0, q4_K, f16 and bf16 matrix products of our own, for the many-row
 //! products of prefill and the vision tower (and the one-row products of decoding,
 //! which they also run at memory speed), in one binary for every x86-64 CPU: the
-//! kernels come for AVX-512 VNNI (`avx512.rs`) and for AVX2 (`avx2.rs`, with FMA and
-//! F16C), and [`kernels`] picks the best this CPU runs when the program starts, so that
-//! a build for the lowest CPU it supports (`-C target-cpu=x86-64-v2`, as distributions
-//! build) loses none of it. `PALIGEMMA_CPU_KERNELS` forces a lower set (`avx2`, or
-//! `ggml` for none) so that each can be tested and measured on one machine.
+//! kernels come for AVX-512 VNNI, with BF16 or without (`avx512.rs`), and for AVX2
+//! (`avx2.rs`, with FMA and F16C), and [`kernels`] picks the best this CPU runs when the
+//! program starts, so that a build for the lowest CPU it supports (`-C
+//! target-cpu=x86-64-v2`, as distributions build) loses none of it.
+//! `PALIGEMMA_CPU_KERNELS` forces a lower set (or `ggml` for none) so that each can be
+//! tested and measured on one machine.
 //!
 //! Why this exists: ggml's repacked kernels turn every weight into a signed byte and
 //! spend three more instructions on each `vpdpbusd` to make one operand unsigned, which
@@ -33,12 +34,16 @@
 //! q8_0's products then differ from ggml's only in the order of float sums; ggml
 //! quantizes q4_K's activations per 256 instead, so those differ by that rounding).
 //!
-//! f16 and bf16 matrices (the SigLIP tower of a default conversion, whole f16 models)
-//! are packed as one 16-row vector of weights per input: `vcvtph2ps` (or a shift, for
-//! bf16) gives 16 f32 weights that meet one broadcast activation in an FMA, 8 rows at
-//! a time. The activations stay f32, where ggml rounds them to f16 (or bf16) first, so
-//! these products are nearer the exact one than ggml's; ggml's own f16 kernel (tinyBLAS)
-//! also converts both operands on every step and runs at about half the FMA peak.
+//! f16 matrices (the SigLIP tower of a default conversion, whole f16 models) are packed
+//! as one 16-row vector of weights per input, bf16 matrices as one 16-row vector of
+//! pairs of inputs (a 32-bit lane per row). `vcvtph2ps` (for bf16: a shift or a mask)
+//! gives 16 f32 weights that meet one broadcast activation in an FMA, 8 rows at a time.
+//! The activations stay f32, where ggml rounds them to f16 (or bf16) first, so these
+//! products are nearer the exact one than ggml's; ggml's own f16 kernel (tinyBLAS) also
+//! converts both operands on every step and runs at about half the FMA peak. With
+//! AVX-512 BF16, bf16 matrices instead meet activations rounded to bf16 in `vdpbf16ps`,
+//! two products per lane, as ggml and torch's bf16 do: twice as fast, and as exact as
+//! ggml's.
 use crate::error::shape;
 use crate::{Context, Error, Result, Tensor, Type};
 
@@ -140,6 +145,9 @@ pub enum Kernels {
 pub const KERNELS_VAR: &str = "PALIGEMMA_CPU_KERNELS";
 
 impl Kernels {
+    /// Every set, lowest first.
+    pub const ALL: [Kernels; 3] = [Kernels::Avx2, Kernels::Avx512Vnni, Kernels::Avx512Bf16];
+
     /// The name users read and `PALIGEMMA_CPU_KERNELS` takes.
     pub fn name(self) -> &'static str {
         match self {
@@ -183,42 +191,47 @@ impl Kernels {
     }
 }
 
-/// The set `PALIGEMMA_CPU_KERNELS` (`avx512bf16`, `avx512`, `avx2` or `ggml`; unset:
-/// the CPU's best)
-/// chooses on this CPU, none for `ggml` or where no set runs; an error names a value
-/// it does not know or a set this CPU lacks.
+/// The set `PALIGEMMA_CPU_KERNELS` (a [`Kernels::name`] or `ggml`; unset: the CPU's
+/// best) chooses on this CPU, none for `ggml` or where no set runs, read once for the
+/// whole process; an error names a value it does not know or a set this CPU lacks
+/// (`Model::load` and `paligemma devices` report it).
 pub fn selection() -> Result<Option<Kernels>> {
-    choose(std::env::var(KERNELS_VAR).ok().as_deref())
+    static CHOSEN: std::sync::OnceLock<Result<Option<Kernels>, String>> =
+        std::sync::OnceLock::new();
+    CHOSEN
+        .get_or_init(|| choose(std::env::var(KERNELS_VAR).ok().as_deref()))
+        .clone()
+        .map_err(Error::Setting)
 }
 
-fn choose(forced: Option<&str>) -> Result<Option<Kernels>> {
+fn choose(forced: Option<&str>) -> Result<Option<Kernels>, String> {
     let wanted = match forced.map(str::trim) {
         None | Some("") => return Ok(Kernels::detected()),
         Some("ggml") => return Ok(None),
-        Some("avx512bf16") => Kernels::Avx512Bf16,
-        Some("avx512") => Kernels::Avx512Vnni,
-        Some("avx2") => Kernels::Avx2,
-        Some(other) => {
-            return Err(Error::Setting(format!(
-                "{KERNELS_VAR}={other}: expected avx512bf16, avx512, avx2 or ggml"
-            )));
-        }
+        Some(name) => Kernels::ALL.into_iter().rev().find(|k| k.name() == name),
     };
-    if !wanted.runs_here() {
-        return Err(Error::Setting(format!(
+    match wanted {
+        None => {
+            let names: Vec<&str> = Kernels::ALL.iter().rev().map(|k| k.name()).collect();
+            Err(format!(
+                "{KERNELS_VAR}={}: expected {} or ggml",
+                forced.unwrap_or_default().trim(),
+                names.join(", ")
+            ))
+        }
+        Some(set) if !set.runs_here() => Err(format!(
             "{KERNELS_VAR}={}: this CPU lacks {}",
-            wanted.name(),
-            wanted.description()
-        )));
+            set.name(),
+            set.description()
+        )),
+        Some(set) => Ok(Some(set)),
     }
-    Ok(Some(wanted))
 }
 
-/// The set the packed products use in this process: [`selection`] read once (none
-/// when it is an error, which `Model::load` reports).
+/// The set the packed products use in this process: [`selection`], none when it is an
+/// error.
 pub fn kernels() -> Option<Kernels> {
-    static CHOSEN: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
-    *CHOSEN.get_or_init(|| selection().ok().flatten())
+    selection().ok().flatten()
 }
 
 /// Whether the packed products run in this process (see [`kernels`]).
@@ -368,10 +381,13 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod driver;
 
+/// A ggml custom operation.
+type Op = unsafe extern "C" fn(*mut crate::sys::ggml_tensor, i32, i32, *mut std::ffi::c_void);
+
 /// The ggml operations that prepare the rows (and what they make of them) and multiply
 /// for a packable type on `set`.
 #[cfg(target_arch = "x86_64")]
-fn ops(set: Kernels, ty: Type) -> (driver::Op, Activations, driver::Op) {
+fn ops(set: Kernels, ty: Type) -> (Op, Activations, Op) {
     use Activations::*;
     macro_rules! of {
         ($set:ident) => {
@@ -396,14 +412,7 @@ fn ops(set: Kernels, ty: Type) -> (driver::Op, Activations, driver::Op) {
 /// Never called: no set runs off x86-64 ([`Kernels::runs_here`]), so no graph holds
 /// these operations.
 #[cfg(not(target_arch = "x86_64"))]
-fn ops(
-    _: Kernels,
-    _: Type,
-) -> (
-    unsafe extern "C" fn(*mut crate::sys::ggml_tensor, i32, i32, *mut std::ffi::c_void),
-    Activations,
-    unsafe extern "C" fn(*mut crate::sys::ggml_tensor, i32, i32, *mut std::ffi::c_void),
-) {
+fn ops(_: Kernels, _: Type) -> (Op, Activations, Op) {
     unreachable!("no packed kernels off x86-64")
 }
 
@@ -416,17 +425,17 @@ mod tests {
         assert_eq!(choose(None).unwrap(), Kernels::detected());
         assert_eq!(choose(Some(" ")).unwrap(), Kernels::detected());
         assert_eq!(choose(Some("ggml")).unwrap(), None);
-        let err = choose(Some("avx9")).unwrap_err().to_string();
+        let err = choose(Some("avx9")).unwrap_err();
         assert!(
             err.contains("PALIGEMMA_CPU_KERNELS=avx9: expected avx512bf16, avx512, avx2 or ggml"),
             "{err}"
         );
-        for set in [Kernels::Avx2, Kernels::Avx512Vnni, Kernels::Avx512Bf16] {
+        for set in Kernels::ALL {
             match choose(Some(set.name())) {
                 Ok(chosen) => assert!(set.runs_here() && chosen == Some(set)),
                 Err(e) => {
                     assert!(!set.runs_here());
-                    assert!(e.to_string().contains(set.description()), "{e}");
+                    assert!(e.contains(set.description()), "{e}");
                 }
             }
         }
