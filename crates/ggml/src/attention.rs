@@ -5,16 +5,28 @@
 //! scalar libm `tanhf` per score, re-converts the keys for every tile of 32 queries, and
 //! took about a third of the demo model's prefill and 30% of a 448 px 3B frame.
 //!
-//! The layout puts query rows in vector lanes: one work item is up to 32 rows (the
-//! heads that share a key/value head, times a block of queries), and each key's
-//! score for all of them is one or two vectors, computed as FMAs of a broadcast key
-//! element with the item's queries transposed once (`[d][row]`). The online softmax
-//! (running maximum, rescale, exponentials, the soft-cap as `1 - 2 / (exp(2x) + 1)`)
-//! then works lane-wise with no horizontal sums, and the output accumulates transposed
-//! too, `out[d][row] += v[j][d] * p[j][row]`, from keys and values converted to f32
-//! once per chunk of 32 keys for all of an item's rows. Everything is f32, as in
-//! ggml's tiled path; rows of one item that a block does not fill repeat its last
-//! query and are not written.
+//! The layout puts query rows in vector lanes: one work item is up to 32 rows (64 with
+//! bf16 products, below: the heads that share a key/value head, times a block of
+//! queries), and each key's score for all of them is one to four vectors, computed as
+//! products of a broadcast key element with the item's queries transposed once
+//! (`[d][row]`). The online softmax (running maximum, rescale, exponentials, the
+//! soft-cap as `1 - 2 / (exp(2x) + 1)`) then works lane-wise with no horizontal sums,
+//! and the output accumulates transposed too, `out[d][row] += v[j][d] * p[j][row]`,
+//! from keys and values converted once per chunk of 32 keys for all of an item's rows.
+//! Rows of one item that a block does not fill repeat its last query and are not
+//! written.
+//!
+//! Two precisions, by the caller's choice and the kernel set ([`packed::kernels`]):
+//! - **f32** (the `avx512` set, every single query, and callers that keep f32): FMAs on
+//!   f32, as ggml's tiled path; within a few ulp of the exact result.
+//! - **bf16 products** (asked for, the `avx512bf16` set, more than one query): `vdpbf16ps` on the
+//!   queries, keys, probabilities and values rounded to bf16, with f32 sums, the
+//!   softmax in f32 — two products per lane and instruction, as torch's bf16 attention
+//!   and ggml's (which rounds queries to f16) also round. Queries and keys pair up along
+//!   the head dimension; probabilities and values along the keys, so a chunk's values
+//!   are stored as pairs of rows interleaved. At 448 and 896 px, where SigLIP attends
+//!   over 1024 and 4096 patches in each of its 27 layers, attention is most of the
+//!   vision tower's time; this path halves its instructions.
 //!
 //! Decoding's one query per sequence leaves most lanes empty (2 of 16 for a 3B model's
 //! pairs of heads), which costs little at decoding's few hundred keys: decode runs as
@@ -23,13 +35,17 @@
 //! attention took decode from 20 to 11-13 tokens/s. Key/value types other than f16 and
 //! f32 keep ggml's op.
 use crate::error::shape;
+use crate::packed::Kernels;
 use crate::{Context, Result, Tensor, Type, packed};
 
 impl Context {
     /// `flash_attn_ext`'s result (q [d, n_q, H, B], k/v [d, n_kv, H_kv, B], mask F16
     /// [n_kv, >= n_q]; result [d, H, n_q, B]) from our CPU kernel where it applies (see the
     /// module documentation; with an AVX-512 set of [`packed::kernels`]), else from
-    /// ggml's op. Only for graphs that run on the CPU.
+    /// ggml's op. With `bf16_products`, where more than one query attends and the set has
+    /// AVX-512 BF16, the products are taken in bf16; otherwise in f32. Only for graphs
+    /// that run on the CPU.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_cpu<'s>(
         &'s self,
         q: Tensor<'_>,
@@ -38,13 +54,41 @@ impl Context {
         mask: Option<Tensor<'_>>,
         scale: f32,
         softcap: f32,
+        bf16_products: bool,
     ) -> Result<Tensor<'s>> {
+        match packed::kernels() {
+            Some(set) if set >= Kernels::Avx512Vnni => {
+                self.attention_cpu_on(set, q, k, v, mask, scale, softcap, bf16_products)
+            }
+            _ => self.flash_attn_ext(q, k, v, mask, scale, softcap),
+        }
+    }
+
+    /// [`Context::attention_cpu`] on kernel set `set` (an AVX-512 set this CPU runs), or
+    /// ggml's op where the shapes do not fit ours.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_cpu_on<'s>(
+        &'s self,
+        set: Kernels,
+        q: Tensor<'_>,
+        k: Tensor<'_>,
+        v: Tensor<'_>,
+        mask: Option<Tensor<'_>>,
+        scale: f32,
+        softcap: f32,
+        bf16_products: bool,
+    ) -> Result<Tensor<'s>> {
+        if set < Kernels::Avx512Vnni || !set.runs_here() {
+            return Err(shape(
+                "attention_cpu",
+                format!("the {} kernels have no attention", set.name()),
+            ));
+        }
         let (qn, kn, vn) = (q.ne(), k.ne(), v.ne());
         let element = |t: Tensor<'_>| {
             matches!(t.ty(), Type::F16 | Type::F32) && t.nb()[0] == t.ty().row_size(1).unwrap_or(0)
         };
-        let fits = packed::kernels() >= Some(packed::Kernels::Avx512Vnni)
-            && q.ty() == Type::F32
+        let fits = q.ty() == Type::F32
             && q.nb()[0] == 4
             && element(k)
             && element(v)
@@ -53,7 +97,7 @@ impl Context {
             && kn[1] == vn[1]
             && kn[2] == vn[2]
             && qn[2] % kn[2] == 0
-            && qn[2] / kn[2] <= kernels::LANES
+            && qn[2] / kn[2] <= kernels::GROUPS
             && kn[3] == qn[3]
             && vn[3] == qn[3]
             && mask.is_none_or(|m| {
@@ -73,6 +117,8 @@ impl Context {
                 format!("scale {scale}, soft-cap {softcap}"),
             ));
         }
+        let bf16 =
+            bf16_products && set >= Kernels::Avx512Bf16 && qn[1] > 1 && qn[0].is_multiple_of(2);
         let mut args = vec![q, k, v];
         args.extend(mask);
         // Both factors travel in the pointer-sized user data (ggml never reads it).
@@ -81,7 +127,11 @@ impl Context {
             Type::F32,
             [kn[0], qn[2], qn[1], qn[3]],
             &args,
-            kernels::attention,
+            if bf16 {
+                kernels::attention_bf16
+            } else {
+                kernels::attention_f32
+            },
             params,
         )
     }
@@ -89,75 +139,142 @@ impl Context {
 
 #[cfg(target_arch = "x86_64")]
 mod kernels {
+    use crate::simd::{exp, lanes};
     use crate::{Context, sys};
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
-    /// Query rows per work item: two vectors.
-    pub const LANES: usize = 32;
-    /// Keys per chunk.
+    /// Query heads per key/value head at most (an item holds whole groups).
+    pub const GROUPS: usize = 32;
+    /// Keys per chunk (even: the bf16 path pairs them).
     const KEYS: usize = 32;
+    /// How far a score may rise above the softmax's reference maximum before the
+    /// reference moves (probabilities stay below e^8, about 3000: no overflow in f32 or
+    /// bf16 sums of thousands of keys).
+    const SLACK: f32 = 8.0;
 
     thread_local! {
         /// Each ggml worker's scratch, kept between calls.
         static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// `d` elements of an f16 or f32 row as f32.
-    #[target_feature(enable = "avx512f,f16c")]
-    unsafe fn load_row(src: *const u8, f16: bool, d: usize, out: *mut f32) {
-        // SAFETY: `src` holds `d` elements, `out` room for `d` floats.
+    /// The custom op's entry with f32 products: `dst` [d, H, n_q, B] from `src` = q, k,
+    /// v (, mask).
+    pub unsafe extern "C" fn attention_f32(
+        dst: *mut sys::ggml_tensor,
+        ith: i32,
+        nth: i32,
+        params: *mut std::ffi::c_void,
+    ) {
+        // SAFETY: as `attention_cpu_on` checked.
+        unsafe { entry::<F32>(dst, ith, nth, params) }
+    }
+
+    /// The same with bf16 products (the head size is even).
+    pub unsafe extern "C" fn attention_bf16(
+        dst: *mut sys::ggml_tensor,
+        ith: i32,
+        nth: i32,
+        params: *mut std::ffi::c_void,
+    ) {
+        // SAFETY: as `attention_cpu_on` checked, on a CPU with AVX-512 BF16.
+        unsafe { entry::<Bf16>(dst, ith, nth, params) }
+    }
+
+    unsafe fn entry<P: Products>(
+        dst: *mut sys::ggml_tensor,
+        ith: i32,
+        nth: i32,
+        params: *mut std::ffi::c_void,
+    ) {
+        let params = params as usize as u64;
+        let (scale, cap) = (
+            f32::from_bits(params as u32),
+            f32::from_bits((params >> 32) as u32),
+        );
+        // SAFETY: ggml hands the allocated tensors `attention_cpu_on` checked.
         unsafe {
-            if !f16 {
-                std::ptr::copy_nonoverlapping(src as *const f32, out, d);
-                return;
-            }
-            let mut i = 0;
-            while i + 16 <= d {
-                _mm512_storeu_ps(
-                    out.add(i),
-                    _mm512_cvtph_ps(_mm256_loadu_si256(src.add(2 * i) as *const __m256i)),
-                );
-                i += 16;
-            }
-            for j in i..d {
-                *out.add(j) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                    (src.add(2 * j) as *const u16).read_unaligned() as i32,
-                )));
+            let d = &*dst;
+            let (q, k, v) = (&*d.src[0], &*d.src[1], &*d.src[2]);
+            let mask = d.src[3].as_ref();
+            let (n_q, heads, batch) = (q.ne[1] as usize, q.ne[2] as usize, q.ne[3] as usize);
+            let kv_heads = k.ne[2] as usize;
+            let group = heads / kv_heads;
+            // Lane r of an item is head `r / block` of the group, query `first + r % block`.
+            let block = (P::LANES / group).max(1).min(n_q);
+            let blocks = n_q.div_ceil(block);
+            let items = batch * kv_heads * blocks;
+            let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
+            let job = Job {
+                dst: d,
+                q,
+                k,
+                v,
+                mask,
+                group,
+                block,
+                scale,
+                cap,
+            };
+            match (group * block).div_ceil(16) {
+                1 => job.run::<1, P>(ith, nth, items, blocks),
+                2 => job.run::<2, P>(ith, nth, items, blocks),
+                3 => job.run::<3, P>(ith, nth, items, blocks),
+                _ => job.run::<4, P>(ith, nth, items, blocks),
             }
         }
     }
 
-    /// `exp(x)` lane-wise to about 1 ulp: `2^n exp(r)` with `|r| <= ln 2 / 2` and a
-    /// degree-7 Taylor polynomial. Lanes at or below -103 (masked scores) give exactly 0.
+    /// Elements `at..at + count` (count <= 16) of an f16 or f32 row as f32, the rest 0.
     #[inline(always)]
-    unsafe fn exp(x: __m512) -> __m512 {
-        // SAFETY: register arithmetic only (the caller enables AVX-512F).
+    unsafe fn load16(src: *const u8, f16: bool, at: usize, count: usize) -> __m512 {
+        // SAFETY: the row holds `at + count` elements; the masked lanes are not read.
         unsafe {
-            let zero = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, _mm512_set1_ps(-103.0));
-            let x = _mm512_max_ps(
-                _mm512_min_ps(x, _mm512_set1_ps(88.7)),
-                _mm512_set1_ps(-103.0),
-            );
-            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-            );
-            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-            let mut p = _mm512_set1_ps(1.0 / 5040.0);
-            for c in [
-                1.0 / 720.0,
-                1.0 / 120.0,
-                1.0 / 24.0,
-                1.0 / 6.0,
-                0.5,
-                1.0,
-                1.0,
-            ] {
-                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+            if f16 {
+                let bits =
+                    _mm512_maskz_loadu_epi16(lanes(count) as u32, src.add(2 * at) as *const i16);
+                _mm512_cvtph_ps(_mm512_castsi512_si256(bits))
+            } else {
+                _mm512_maskz_loadu_ps(lanes(count), src.add(4 * at) as *const f32)
             }
-            _mm512_maskz_mov_ps(!zero, _mm512_scalef_ps(p, n))
         }
+    }
+
+    /// `x` rounded to bf16 (to nearest, ties to even), as `vcvtneps2bf16` rounds finite values.
+    fn bf16(x: f32) -> u32 {
+        let b = x.to_bits();
+        b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16
+    }
+
+    /// `vpermw`'s indices that interleave the halves of 32 bf16 (`a0..a15 b0..b15` into
+    /// `a0 b0 a1 b1 ...`), so that lane `r` holds the pair `(a_r, b_r)`.
+    static INTERLEAVE: [u16; 32] = {
+        let mut t = [0u16; 32];
+        let mut i = 0;
+        while i < 16 {
+            t[2 * i] = i as u16;
+            t[2 * i + 1] = 16 + i as u16;
+            i += 1;
+        }
+        t
+    };
+
+    /// Lane `r`: the pair `(bf16(a_r), bf16(b_r))` that `vdpbf16ps` multiplies.
+    #[inline(always)]
+    unsafe fn pairs(a: __m512, b: __m512) -> __m512i {
+        // SAFETY: register arithmetic and a read of a static (the caller enables AVX-512 BF16).
+        unsafe {
+            let halves = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
+            let order = _mm512_loadu_epi16(INTERLEAVE.as_ptr() as *const i16);
+            _mm512_permutexvar_epi16(order, halves)
+        }
+    }
+
+    /// A vector of 32 bf16 seen as the type `vdpbf16ps` takes.
+    #[inline(always)]
+    fn bh(v: __m512i) -> __m512bh {
+        // SAFETY: both are 64 plain bytes.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
     /// `cap * tanh(x)` lane-wise, as `cap * (1 - 2 / (exp(2x) + 1))`.
@@ -177,46 +294,316 @@ mod kernels {
         }
     }
 
-    /// The custom op's entry: `dst` [d, H, n_q, B] from `src` = q, k, v (, mask).
-    pub unsafe extern "C" fn attention(
-        dst: *mut sys::ggml_tensor,
-        ith: i32,
-        nth: i32,
-        params: *mut std::ffi::c_void,
-    ) {
-        let params = params as usize as u64;
-        let (scale, cap) = (
-            f32::from_bits(params as u32),
-            f32::from_bits((params >> 32) as u32),
+    /// How an item multiplies: the layouts its queries, keys and values take in the
+    /// scratch, the scores and the weighted sum of values. Every function is inlined
+    /// into an item compiled with the features it needs.
+    trait Products {
+        /// Query rows per item at most.
+        const LANES: usize;
+        /// Key or value elements per 32-bit word of the scratch.
+        const PACK: usize;
+        /// Lane `r` of the transposed queries `qt` (`w` lanes) from a row of `hd` f32
+        /// times `factor`.
+        unsafe fn query(row: *const f32, hd: usize, factor: f32, r: usize, w: usize, qt: *mut f32);
+        /// Key `j` into `keys` from an f16 or f32 row.
+        unsafe fn key(src: *const u8, f16: bool, hd: usize, j: usize, keys: *mut f32);
+        /// Values `2 * pair` and, unless it is past the last key, `2 * pair + 1` into `values`.
+        unsafe fn values(
+            a: *const u8,
+            b: Option<*const u8>,
+            f16: bool,
+            hd: usize,
+            pair: usize,
+            values: *mut f32,
         );
-        // SAFETY: ggml hands the allocated tensors `attention_cpu` checked.
+        /// A probability as the products take it, so that the softmax's sum is of the
+        /// same numbers (the rows' weights then add up to exactly 1).
+        unsafe fn round(p: __m512) -> __m512;
+        /// `acc + a * b` for each lane's `PACK` elements (a word's bits in each lane).
+        unsafe fn madd(acc: __m512, a: __m512, b: __m512) -> __m512;
+        /// The probabilities of a chunk's `n` keys, from `s` [KEYS][w], in the layout the
+        /// values' products take ([n / PACK][w] words; `pp` is room for it).
+        unsafe fn probabilities<const V: usize>(
+            s: *const f32,
+            pp: *mut f32,
+            n: usize,
+            w: usize,
+        ) -> *const f32;
+    }
+
+    /// The scores of keys `j..j + t` (t <= 4; the other accumulators repeat the last key):
+    /// `sum_d keys[j][d] * qt[d][lanes]`, `P::PACK` dimensions per word.
+    #[inline(always)]
+    unsafe fn scores<const V: usize, P: Products>(
+        qt: *const f32,
+        keys: *const f32,
+        j: usize,
+        t: usize,
+        hd: usize,
+        w: usize,
+    ) -> [[__m512; V]; 4] {
+        let words = hd / P::PACK;
+        // SAFETY: keys `j..j + t` and `qt` [words][w] are in the scratch.
         unsafe {
-            let d = &*dst;
-            let (q, k, v) = (&*d.src[0], &*d.src[1], &*d.src[2]);
-            let mask = d.src[3].as_ref();
-            let (n_q, heads, batch) = (q.ne[1] as usize, q.ne[2] as usize, q.ne[3] as usize);
-            let kv_heads = k.ne[2] as usize;
-            let group = heads / kv_heads;
-            // Lane r of an item is head `r / block` of the group, query `first + r % block`.
-            let block = (LANES / group).max(1).min(n_q);
-            let blocks = n_q.div_ceil(block);
-            let items = batch * kv_heads * blocks;
-            let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
-            let job = Job {
-                dst: d,
-                q,
-                k,
-                v,
-                mask,
-                group,
-                block,
-                scale,
-                cap,
-            };
-            if group * block <= 16 {
-                job.run::<1>(ith, nth, items, blocks)
-            } else {
-                job.run::<2>(ith, nth, items, blocks)
+            let mut acc = [[_mm512_setzero_ps(); V]; 4];
+            for i in 0..words {
+                let qv: [__m512; V] =
+                    std::array::from_fn(|c| _mm512_loadu_ps(qt.add(i * w + 16 * c)));
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let kd = broadcast(keys.add((j + u.min(t - 1)) * words + i));
+                    for (a, q) in a.iter_mut().zip(&qv) {
+                        *a = P::madd(*a, kd, *q);
+                    }
+                }
+            }
+            acc
+        }
+    }
+
+    /// `out[d][lanes] += sum_j values[j][d] * p[j][lanes]` over a chunk's `n` keys, with
+    /// the probabilities in `s` [KEYS][w] (`pp`: room for them in the products' layout),
+    /// 4 dimensions at a time.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn accumulate<const V: usize, P: Products>(
+        s: *const f32,
+        pp: *mut f32,
+        values: *const f32,
+        n: usize,
+        hd: usize,
+        w: usize,
+        out: *mut f32,
+    ) {
+        // SAFETY: as the arguments say; values [n / PACK][hd] words.
+        unsafe {
+            let p = P::probabilities::<V>(s, pp, n, w);
+            let words = n.div_ceil(P::PACK);
+            let mut dd = 0;
+            while dd < hd {
+                let t = (hd - dd).min(4);
+                let mut acc: [[__m512; V]; 4] = std::array::from_fn(|u| {
+                    std::array::from_fn(|c| {
+                        _mm512_loadu_ps(out.add((dd + u.min(t - 1)) * w + 16 * c))
+                    })
+                });
+                for jw in 0..words {
+                    let pv: [__m512; V] =
+                        std::array::from_fn(|c| _mm512_loadu_ps(p.add(jw * w + 16 * c)));
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        let vd = broadcast(values.add(jw * hd + dd + u.min(t - 1)));
+                        for (a, p) in a.iter_mut().zip(&pv) {
+                            *a = P::madd(*a, vd, *p);
+                        }
+                    }
+                }
+                store(&acc, t, out.add(dd * w), w);
+                dd += t;
+            }
+        }
+    }
+
+    /// A scratch word's bits in every lane.
+    #[inline(always)]
+    unsafe fn broadcast(word: *const f32) -> __m512 {
+        // SAFETY: `word` is in the scratch; read as bits, whatever they hold.
+        unsafe { _mm512_castsi512_ps(_mm512_set1_epi32((word as *const i32).read())) }
+    }
+
+    /// f32 FMAs: queries `[d][lane]`, keys and values as rows of f32.
+    struct F32;
+
+    impl Products for F32 {
+        const LANES: usize = 32;
+        const PACK: usize = 1;
+
+        #[inline(always)]
+        unsafe fn round(p: __m512) -> __m512 {
+            p
+        }
+
+        #[inline(always)]
+        unsafe fn query(row: *const f32, hd: usize, factor: f32, r: usize, w: usize, qt: *mut f32) {
+            // SAFETY: `row` holds `hd` floats, `qt` [hd][w].
+            unsafe {
+                for dd in 0..hd {
+                    *qt.add(dd * w + r) = *row.add(dd) * factor;
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn key(src: *const u8, f16: bool, hd: usize, j: usize, keys: *mut f32) {
+            // SAFETY: `keys` holds a row of `hd` for every key.
+            unsafe { row_f32(src, f16, hd, keys.add(j * hd)) }
+        }
+
+        #[inline(always)]
+        unsafe fn values(
+            a: *const u8,
+            b: Option<*const u8>,
+            f16: bool,
+            hd: usize,
+            pair: usize,
+            values: *mut f32,
+        ) {
+            // SAFETY: `values` holds a row of `hd` for every key (and one past an odd count).
+            unsafe {
+                row_f32(a, f16, hd, values.add(2 * pair * hd));
+                if let Some(b) = b {
+                    row_f32(b, f16, hd, values.add((2 * pair + 1) * hd));
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn madd(acc: __m512, a: __m512, b: __m512) -> __m512 {
+            // SAFETY: register arithmetic only.
+            unsafe { _mm512_fmadd_ps(a, b, acc) }
+        }
+
+        #[inline(always)]
+        unsafe fn probabilities<const V: usize>(
+            s: *const f32,
+            _: *mut f32,
+            _: usize,
+            _: usize,
+        ) -> *const f32 {
+            s
+        }
+    }
+
+    /// bf16 pairs for `vdpbf16ps`: queries `[d / 2][lane]` as pairs of neighbouring
+    /// dimensions, keys as rows of bf16 (the same pairs), probabilities `[j / 2][lane]`
+    /// and values `[j / 2][d]` as pairs of neighbouring keys.
+    struct Bf16;
+
+    impl Products for Bf16 {
+        const LANES: usize = 64;
+        const PACK: usize = 2;
+
+        /// To the nearest bf16 (ties to even), kept in f32: what `pairs` then converts exactly.
+        #[inline(always)]
+        unsafe fn round(p: __m512) -> __m512 {
+            // SAFETY: register arithmetic only.
+            unsafe {
+                let b = _mm512_castps_si512(p);
+                let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+                let up = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+                _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(-0x1_0000)))
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn query(row: *const f32, hd: usize, factor: f32, r: usize, w: usize, qt: *mut f32) {
+            let qt = qt as *mut u32;
+            // SAFETY: `row` holds `hd` (even) floats, `qt` [hd / 2][w] pairs.
+            unsafe {
+                for i in 0..hd / 2 {
+                    let (lo, hi) = (*row.add(2 * i) * factor, *row.add(2 * i + 1) * factor);
+                    *qt.add(i * w + r) = bf16(lo) | bf16(hi) << 16;
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn key(src: *const u8, f16: bool, hd: usize, j: usize, keys: *mut f32) {
+            let row = (keys as *mut u16).wrapping_add(j * hd);
+            // SAFETY: `keys` holds a row of `hd` bf16 for every key; masked lanes are not written.
+            unsafe {
+                for at in (0..hd).step_by(16) {
+                    let count = (hd - at).min(16);
+                    let b = _mm512_cvtneps_pbh(load16(src, f16, at, count));
+                    _mm512_mask_storeu_epi16(
+                        row.add(at) as *mut i16,
+                        lanes(count) as u32,
+                        _mm512_castsi256_si512(std::mem::transmute::<__m256bh, __m256i>(b)),
+                    );
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn values(
+            a: *const u8,
+            b: Option<*const u8>,
+            f16: bool,
+            hd: usize,
+            pair: usize,
+            values: *mut f32,
+        ) {
+            // SAFETY: `values` holds a row of `hd` pairs for every pair of keys.
+            unsafe {
+                for at in (0..hd).step_by(16) {
+                    let count = (hd - at).min(16);
+                    let second = match b {
+                        Some(b) => load16(b, f16, at, count),
+                        None => _mm512_setzero_ps(),
+                    };
+                    _mm512_mask_storeu_epi32(
+                        values.add(pair * hd + at) as *mut i32,
+                        lanes(count),
+                        pairs(load16(a, f16, at, count), second),
+                    );
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn madd(acc: __m512, a: __m512, b: __m512) -> __m512 {
+            // SAFETY: register arithmetic only (the caller enables AVX-512 BF16).
+            unsafe { _mm512_dpbf16_ps(acc, bh(_mm512_castps_si512(a)), bh(_mm512_castps_si512(b))) }
+        }
+
+        /// Pairs of neighbouring keys' probabilities, [n / 2][w] (0 for a key past `n`).
+        #[inline(always)]
+        unsafe fn probabilities<const V: usize>(
+            s: *const f32,
+            pp: *mut f32,
+            n: usize,
+            w: usize,
+        ) -> *const f32 {
+            // SAFETY: `s` holds `n` rows of `w`, `pp` room for `n / 2` rounded up.
+            unsafe {
+                for pair in 0..n.div_ceil(2) {
+                    for c in 0..V {
+                        let a = _mm512_loadu_ps(s.add(2 * pair * w + 16 * c));
+                        let b = if 2 * pair + 1 < n {
+                            _mm512_loadu_ps(s.add((2 * pair + 1) * w + 16 * c))
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                        _mm512_storeu_ps(
+                            pp.add(pair * w + 16 * c),
+                            _mm512_castsi512_ps(pairs(a, b)),
+                        );
+                    }
+                }
+            }
+            pp
+        }
+    }
+
+    /// An f16 or f32 row of `d` elements as f32.
+    #[inline(always)]
+    unsafe fn row_f32(src: *const u8, f16: bool, d: usize, out: *mut f32) {
+        // SAFETY: `src` holds `d` elements, `out` room for `d` floats.
+        unsafe {
+            for at in (0..d).step_by(16) {
+                let count = (d - at).min(16);
+                _mm512_mask_storeu_ps(out.add(at), lanes(count), load16(src, f16, at, count));
+            }
+        }
+    }
+
+    /// The first `t` rows of accumulators to `out` [t][w].
+    #[inline(always)]
+    unsafe fn store<const V: usize>(acc: &[[__m512; V]; 4], t: usize, out: *mut f32, w: usize) {
+        // SAFETY: `out` holds `t` rows of `w`.
+        unsafe {
+            for (u, a) in acc.iter().enumerate().take(t) {
+                for (c, a) in a.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(u * w + 16 * c), *a);
+                }
             }
         }
     }
@@ -229,7 +616,7 @@ mod kernels {
         mask: Option<&'a sys::ggml_tensor>,
         /// Query heads per key/value head.
         group: usize,
-        /// Queries per work item (lanes used: `group * block`, at most 32).
+        /// Queries per work item (lanes used: `group * block`).
         block: usize,
         scale: f32,
         cap: f32,
@@ -237,15 +624,24 @@ mod kernels {
 
     impl Job<'_> {
         /// Items `ith, ith + nth, ...` (interleaved: later query blocks may see more keys).
-        unsafe fn run<const V: usize>(&self, ith: usize, nth: usize, items: usize, blocks: usize) {
+        unsafe fn run<const V: usize, P: Products>(
+            &self,
+            ith: usize,
+            nth: usize,
+            items: usize,
+            blocks: usize,
+        ) {
             let hd = self.k.ne[0] as usize;
             let n_kv = self.k.ne[1] as usize;
             let w = 16 * V;
             SCRATCH.with_borrow_mut(|scratch| {
-                // qt [hd][w], keys [KEYS][hd], values [KEYS][hd], s [KEYS][w], out [hd][w], mask [KEYS][w].
-                let sizes = [hd * w, KEYS * hd, KEYS * hd, KEYS * w, hd * w, KEYS * w];
+                // qt [hd][w], the head's keys and values [n_kv][hd] (in words: bf16 packs
+                // two), s [KEYS][w], out [hd][w], mask [KEYS][w], pairs of probabilities
+                // [KEYS / 2][w].
+                let head = n_kv.next_multiple_of(2) * hd / P::PACK;
+                let sizes = [hd * w, head, head, KEYS * w, hd * w, KEYS * w, KEYS / 2 * w];
                 scratch.resize(sizes.iter().sum::<usize>() + 16, 0.0);
-                let mut parts = [std::ptr::null_mut::<f32>(); 6];
+                let mut parts = [std::ptr::null_mut::<f32>(); 7];
                 let mut at = scratch.as_mut_ptr();
                 for (p, n) in parts.iter_mut().zip(sizes) {
                     *p = at;
@@ -253,6 +649,9 @@ mod kernels {
                     at = unsafe { at.add(n) };
                 }
                 let kv_heads = self.k.ne[2] as usize;
+                // The head whose keys and values the scratch holds: a thread's items of one
+                // head follow each other, so each thread converts each head once.
+                let mut loaded = None;
                 let mut item = ith;
                 while item < items {
                     let (b, kvh, qb) = (
@@ -260,11 +659,47 @@ mod kernels {
                         item / blocks % kv_heads,
                         item % blocks,
                     );
-                    // SAFETY: indices inside the tensors; scratch sized above.
-                    unsafe { self.item::<V>(b, kvh, qb * self.block, hd, n_kv, parts) };
+                    let first = qb * self.block;
+                    let load = loaded != Some((b, kvh));
+                    loaded = Some((b, kvh));
+                    // SAFETY: indices inside the tensors; scratch sized above; the bf16
+                    // entry runs only where `attention_cpu_on` found AVX-512 BF16.
+                    unsafe {
+                        if P::LANES == Bf16::LANES {
+                            self.item_bf16::<V, P>(b, kvh, first, load, parts)
+                        } else {
+                            self.item_f32::<V, P>(b, kvh, first, load, parts)
+                        }
+                    }
                     item += nth;
                 }
             });
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,f16c")]
+        unsafe fn item_f32<const V: usize, P: Products>(
+            &self,
+            b: usize,
+            kvh: usize,
+            first: usize,
+            load: bool,
+            parts: [*mut f32; 7],
+        ) {
+            // SAFETY: as `run` promises.
+            unsafe { self.item::<V, P>(b, kvh, first, load, parts) }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,f16c,avx512bf16")]
+        unsafe fn item_bf16<const V: usize, P: Products>(
+            &self,
+            b: usize,
+            kvh: usize,
+            first: usize,
+            load: bool,
+            parts: [*mut f32; 7],
+        ) {
+            // SAFETY: as `run` promises.
+            unsafe { self.item::<V, P>(b, kvh, first, load, parts) }
         }
 
         /// Lane `r`'s head and query.
@@ -276,18 +711,20 @@ mod kernels {
             )
         }
 
-        #[target_feature(enable = "avx512f,avx512bw,f16c")]
-        unsafe fn item<const V: usize>(
+        /// One item: the queries `first..` of head group `kvh` in sequence `b`, after
+        /// converting that head's keys and values into the scratch if `load`.
+        #[inline(always)]
+        unsafe fn item<const V: usize, P: Products>(
             &self,
             b: usize,
             kvh: usize,
             first: usize,
-            hd: usize,
-            n_kv: usize,
-            parts: [*mut f32; 6],
+            load: bool,
+            parts: [*mut f32; 7],
         ) {
+            let (hd, n_kv) = (self.k.ne[0] as usize, self.k.ne[1] as usize);
             let w = 16 * V;
-            let [qt, keys, values, s, out, maskt] = parts;
+            let [qt, keys, values, s, out, maskt, pp] = parts;
             let n_q = self.q.ne[1] as usize;
             let queries = self.block.min(n_q - first);
             let k16 = self.k.type_ == sys::GGML_TYPE_F16;
@@ -302,9 +739,23 @@ mod kernels {
                 };
                 for r in 0..w {
                     let (h, i) = self.lane(kvh, first, r);
-                    let src = Context::row_start(self.q, i, h, b) as *const f32;
-                    for dd in 0..hd {
-                        *qt.add(dd * w + r) = *src.add(dd) * factor;
+                    let row = Context::row_start(self.q, i, h, b) as *const f32;
+                    P::query(row, hd, factor, r, w, qt);
+                }
+                if load {
+                    for pair in 0..n_kv.div_ceil(2) {
+                        let (a, second) = (2 * pair, 2 * pair + 1);
+                        for j in [a, second].into_iter().filter(|&j| j < n_kv) {
+                            P::key(Context::row_start(self.k, j, kvh, b), k16, hd, j, keys);
+                        }
+                        P::values(
+                            Context::row_start(self.v, a, kvh, b),
+                            (second < n_kv).then(|| Context::row_start(self.v, second, kvh, b)),
+                            v16,
+                            hd,
+                            pair,
+                            values,
+                        );
                     }
                 }
                 std::ptr::write_bytes(out, 0, hd * w);
@@ -322,108 +773,83 @@ mod kernels {
                         j0 += n;
                         continue;
                     }
-                    for j in 0..n {
-                        load_row(
-                            Context::row_start(self.k, j0 + j, kvh, b),
-                            k16,
-                            hd,
-                            keys.add(j * hd),
-                        );
-                        load_row(
-                            Context::row_start(self.v, j0 + j, kvh, b),
-                            v16,
-                            hd,
-                            values.add(j * hd),
-                        );
-                    }
-                    // Scores: s[j][lanes] = sum_d keys[j][d] * qt[d][lanes], 4 keys at a time.
+                    let (keys, values) =
+                        (keys.add(j0 * hd / P::PACK), values.add(j0 * hd / P::PACK));
+                    // Scores: s[j][lanes], 4 keys at a time, soft-capped and masked.
                     let mut j = 0;
                     while j < n {
                         let t = (n - j).min(4);
-                        let mut acc = [[_mm512_setzero_ps(); V]; 4];
-                        for dd in 0..hd {
-                            let qv: [__m512; V] =
-                                std::array::from_fn(|c| _mm512_loadu_ps(qt.add(dd * w + 16 * c)));
-                            for (u, a) in acc.iter_mut().enumerate() {
-                                let kd = _mm512_set1_ps(*keys.add((j + u.min(t - 1)) * hd + dd));
-                                for (a, q) in a.iter_mut().zip(&qv) {
-                                    *a = _mm512_fmadd_ps(kd, *q, *a);
-                                }
-                            }
-                        }
-                        for (u, a) in acc.iter().enumerate().take(t) {
-                            for (c, &x) in a.iter().enumerate() {
-                                let mut x = x;
+                        let mut acc = scores::<V, P>(qt, keys, j, t, hd, w);
+                        for (u, a) in acc.iter_mut().enumerate().take(t) {
+                            for (c, x) in a.iter_mut().enumerate() {
                                 if self.cap != 0.0 {
-                                    x = softcap(x, cap);
+                                    *x = softcap(*x, cap);
                                 }
                                 if matches!(masking, Mask::Add) {
-                                    x = _mm512_add_ps(
-                                        x,
+                                    *x = _mm512_add_ps(
+                                        *x,
                                         _mm512_loadu_ps(maskt.add((j + u) * w + 16 * c)),
                                     );
                                 }
-                                _mm512_storeu_ps(s.add((j + u) * w + 16 * c), x);
                             }
                         }
+                        store(&acc, t, s.add(j * w), w);
                         j += t;
                     }
-                    // Online softmax, lane-wise.
+                    // Online softmax, lane-wise, against a reference maximum that moves
+                    // only when a score rises more than SLACK above it: probabilities may
+                    // then reach e^SLACK (the division by their sum takes it out), and
+                    // rescaling the output, a pass over `out`, is left out for every
+                    // chunk that raises no lane's reference (most chunks after the first).
                     for c in 0..V {
-                        let mut top = m[c];
+                        let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
                         for j in 0..n {
                             top = _mm512_max_ps(top, _mm512_loadu_ps(s.add(j * w + 16 * c)));
                         }
-                        // Lanes with nothing unmasked yet keep a finite reference (their p is 0).
-                        let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(
+                        let raise = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
                             top,
-                            _mm512_set1_ps(f32::NEG_INFINITY),
+                            _mm512_add_ps(m[c], _mm512_set1_ps(SLACK)),
                         );
-                        let top = _mm512_mask_mov_ps(top, none, _mm512_setzero_ps());
-                        let alpha = exp(_mm512_sub_ps(m[c], top));
+                        if raise != 0 {
+                            let next = _mm512_mask_mov_ps(m[c], raise, top);
+                            // 0 for lanes raised from -inf (nothing summed yet), 1 where kept.
+                            let alpha = _mm512_mask_mov_ps(
+                                _mm512_set1_ps(1.0),
+                                raise,
+                                exp(_mm512_sub_ps(m[c], next)),
+                            );
+                            l[c] = _mm512_mul_ps(l[c], alpha);
+                            for dd in 0..hd {
+                                let o = out.add(dd * w + 16 * c);
+                                _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
+                            }
+                            m[c] = next;
+                        }
+                        // Lanes with nothing unmasked yet take a finite reference (their p is 0).
+                        let reference = _mm512_mask_mov_ps(
+                            m[c],
+                            _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(
+                                m[c],
+                                _mm512_set1_ps(f32::NEG_INFINITY),
+                            ),
+                            _mm512_setzero_ps(),
+                        );
                         let mut sum = _mm512_setzero_ps();
                         for j in 0..n {
-                            let p = exp(_mm512_sub_ps(_mm512_loadu_ps(s.add(j * w + 16 * c)), top));
+                            let p = P::round(exp(_mm512_sub_ps(
+                                _mm512_loadu_ps(s.add(j * w + 16 * c)),
+                                reference,
+                            )));
                             _mm512_storeu_ps(s.add(j * w + 16 * c), p);
                             sum = _mm512_add_ps(sum, p);
                         }
-                        l[c] = _mm512_fmadd_ps(l[c], alpha, sum);
-                        m[c] = _mm512_mask_mov_ps(top, none, _mm512_set1_ps(f32::NEG_INFINITY));
-                        for dd in 0..hd {
-                            let o = out.add(dd * w + 16 * c);
-                            _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
-                        }
+                        l[c] = _mm512_add_ps(l[c], sum);
                     }
-                    // out[d][lanes] += values[j][d] * p[j][lanes], 4 dimensions at a time.
-                    let mut dd = 0;
-                    while dd < hd {
-                        let t = (hd - dd).min(4);
-                        let mut acc: [[__m512; V]; 4] = std::array::from_fn(|u| {
-                            std::array::from_fn(|c| {
-                                _mm512_loadu_ps(out.add((dd + u.min(t - 1)) * w + 16 * c))
-                            })
-                        });
-                        for j in 0..n {
-                            let p: [__m512; V] =
-                                std::array::from_fn(|c| _mm512_loadu_ps(s.add(j * w + 16 * c)));
-                            for (u, a) in acc.iter_mut().enumerate() {
-                                let vd = _mm512_set1_ps(*values.add(j * hd + dd + u.min(t - 1)));
-                                for (a, p) in a.iter_mut().zip(&p) {
-                                    *a = _mm512_fmadd_ps(vd, *p, *a);
-                                }
-                            }
-                        }
-                        for (u, a) in acc.iter().enumerate().take(t) {
-                            for (c, a) in a.iter().enumerate() {
-                                _mm512_storeu_ps(out.add((dd + u) * w + 16 * c), *a);
-                            }
-                        }
-                        dd += t;
-                    }
+                    accumulate::<V, P>(s, pp, values, n, hd, w, out);
                     j0 += n;
                 }
                 // Divide by the sums (0 where every key was masked, as ggml) and write each row.
-                let mut inv = [0f32; 32];
+                let mut inv = [0f32; 64];
                 for (c, &lc) in l.iter().enumerate() {
                     let nz = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(lc, _mm512_setzero_ps());
                     _mm512_storeu_ps(
@@ -497,16 +923,17 @@ mod kernels {
     }
 }
 
-/// Never called: [`packed::kernels`] is none off x86-64, so no graph holds this op.
+/// Never called: [`packed::kernels`] is none off x86-64, so no graph holds these ops.
 #[cfg(not(target_arch = "x86_64"))]
 mod kernels {
     use crate::sys;
-    pub const LANES: usize = 32;
-    pub unsafe extern "C" fn attention(
+    pub const GROUPS: usize = 32;
+    pub unsafe extern "C" fn attention_f32(
         _: *mut sys::ggml_tensor,
         _: i32,
         _: i32,
         _: *mut std::ffi::c_void,
     ) {
     }
+    pub use attention_f32 as attention_bf16;
 }

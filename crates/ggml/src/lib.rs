@@ -12,7 +12,8 @@
 //! - [`quantize`] / [`to_f32`]: f32 rows to any ggml type and back.
 //! - [`packed`]: f16, bf16, q4_0, q8_0 and q4_K matrix products with AVX-512 VNNI or
 //!   AVX2, chosen when the program starts, on weights packed for them; [`Context::attention_cpu`]: attention over many queries
-//!   with AVX-512; [`Context::join_cpu`]: concatenation as one copy.
+//!   with AVX-512; [`Context::gelu_cpu`]: GELU (times a gate) in one pass;
+//!   [`Context::join_cpu`]: concatenation as one copy.
 //! - [`cpu_features`]: the CPU features ggml's own kernels use here.
 //!
 //! This crate and `ggml-sys` are the only ones in the workspace with `unsafe`.
@@ -22,10 +23,12 @@ mod backend;
 mod context;
 mod cpu;
 mod error;
+mod gelu;
 pub mod gguf;
 mod join;
 pub mod packed;
 mod quant;
+mod simd;
 mod store;
 mod types;
 

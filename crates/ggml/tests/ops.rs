@@ -216,22 +216,59 @@ fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044715 * x * x * x)).tanh())
 }
 
-#[test]
-fn gelu_precise_matches_formula() {
-    // Typical activations, then the extremes where a naive tanh or division would break.
-    let mut x: Vec<f32> = values(60, 9).iter().map(|v| v * 6.0).collect();
-    x.extend([0.0, -1e4, -40.0, 1e4]);
-    let ctx = Context::new(16, 256).unwrap();
-    let got = run(&ctx, |ctx, ins| {
-        let tx = input(ctx, ins, "x", &[64], &x)?;
-        ctx.gelu_precise(tx)
-    });
-    for ((&x, &g), w) in x.iter().zip(&got).zip(x.iter().map(|&v| gelu_tanh(v))) {
+/// Typical activations, then the extremes where a naive tanh or division would break,
+/// and a length that is not a whole number of vectors.
+fn gelu_inputs() -> Vec<f32> {
+    let mut x: Vec<f32> = values(63, 9).iter().map(|v| v * 6.0).collect();
+    x.extend([0.0, -1e4, -40.0, -9.5, 1e4, 3e-30, -3e-30]);
+    x
+}
+
+fn assert_gelu(x: &[f32], got: &[f32], times: &[f32]) {
+    for (((&x, &g), w), t) in x
+        .iter()
+        .zip(got)
+        .zip(x.iter().map(|&v| gelu_tanh(v)))
+        .zip(times)
+    {
+        let w = w * t;
         assert!(
             (g - w).abs() <= 1e-6 * w.abs().max(1.0),
-            "gelu({x}) = {g}, expected {w}"
+            "gelu({x}) * {t} = {g}, expected {w}"
         );
     }
+}
+
+#[test]
+fn gelu_precise_matches_formula() {
+    let x = gelu_inputs();
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let tx = input(ctx, ins, "x", &[x.len()], &x)?;
+        ctx.gelu_precise(tx)
+    });
+    assert_gelu(&x, &got, &vec![1.0; x.len()]);
+}
+
+#[test]
+fn gelu_in_one_pass_matches_formula() {
+    // Our op on AVX-512 CPUs (ggml's ops elsewhere), alone and times a gate, over
+    // several threads' shares.
+    let x = gelu_inputs();
+    let y: Vec<f32> = values(x.len(), 12).iter().map(|v| v * 3.0).collect();
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let tx = input(ctx, ins, "x", &[x.len()], &x)?;
+        ctx.gelu_cpu(tx, None)
+    });
+    assert_gelu(&x, &got, &vec![1.0; x.len()]);
+    let ctx = Context::new(16, 256).unwrap();
+    let got = run(&ctx, |ctx, ins| {
+        let tx = input(ctx, ins, "x", &[x.len()], &x)?;
+        let ty = input(ctx, ins, "y", &[x.len()], &y)?;
+        ctx.gelu_cpu(tx, Some(ty))
+    });
+    assert_gelu(&x, &got, &y);
 }
 
 #[test]

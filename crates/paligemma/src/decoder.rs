@@ -6,7 +6,7 @@ use crate::Result;
 use crate::config::{TextArch, TextConfig};
 use crate::format::names::*;
 use crate::kv_cache::{KvCache, Run};
-use crate::nn::{Attention, Linear, RmsNorm};
+use crate::nn::{CpuOps, Linear, RmsNorm};
 use crate::tensor_store::{LM_HEAD, WeightNames};
 use ggml::{Context, Graph, SharedStore, Tensor, TensorRef};
 
@@ -39,7 +39,7 @@ pub(crate) struct DecoderWeights {
     lm_head: Linear,
     layers: Vec<DecoderLayer>,
     output_norm: RmsNorm,
-    attention: Attention,
+    ops: CpuOps,
 }
 
 impl DecoderWeights {
@@ -88,7 +88,7 @@ impl DecoderWeights {
             },
             layers,
             output_norm: w.rms_norm(OUTPUT_NORM, eps)?,
-            attention: w.attention(),
+            ops: w.cpu_ops(&format!("{}.weight", text_layer(0, T_ATTN_Q)))?,
         })
     }
 }
@@ -173,11 +173,11 @@ pub(crate) fn build<'c>(
             )?;
             let mask = if layer.sliding { run.sliding } else { run.full };
             parts.push(
-                w.attention
-                    .forward(ctx, q, keys, values, mask, scale, softcap)?,
+                w.ops
+                    .attention(ctx, q, keys, values, mask, scale, softcap)?,
             ); // [hd, heads, len]
         }
-        let mut attn = ctx.reshape(w.attention.join(ctx, &parts)?, &[hd * heads, n])?;
+        let mut attn = ctx.reshape(w.ops.join(ctx, &parts)?, &[hd * heads, n])?;
         // After the last layer's attention (every row's K/V is in the cache by then)
         // only the output rows matter: its projection and MLP run on them alone, as in
         // llama.cpp (1/26 of a 3B prefill's matrix work).
@@ -192,9 +192,11 @@ pub(crate) fn build<'c>(
         x = ctx.add(x, o)?;
 
         let h = layer.ffn_norm.forward(ctx, store, x)?;
-        let gate = ctx.gelu_precise(layer.gate.forward(ctx, store, h)?)?;
+        let gate = layer.gate.forward(ctx, store, h)?;
         let up = layer.up.forward(ctx, store, h)?;
-        let mut down = layer.down.forward(ctx, store, ctx.mul(gate, up)?)?;
+        let mut down = layer
+            .down
+            .forward(ctx, store, w.ops.gelu(ctx, gate, Some(up))?)?;
         if let Some(norm) = &layer.post_ffn_norm {
             down = norm.forward(ctx, store, down)?;
         }

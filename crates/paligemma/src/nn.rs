@@ -4,17 +4,22 @@
 use crate::Result;
 use ggml::{Context, SharedStore, Tensor, TensorRef};
 
-/// Which ops compute attention: ggml's `flash_attn_ext` and `concat`, or on a CPU with
-/// AVX-512 our own kernel (`Context::attention_cpu`) and `Context::join_cpu`.
+/// Which ops compute attention, joins and GELU: ggml's (`flash_attn_ext`, `concat`,
+/// `gelu_precise`'s element-wise ops), or on a CPU with AVX-512 our own
+/// (`Context::attention_cpu`, `join_cpu`, `gelu_cpu`).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Attention {
-    pub cpu_kernel: bool,
+pub(crate) struct CpuOps {
+    pub own: bool,
+    /// Our attention may multiply in bf16 (on CPUs with AVX-512 BF16): the tower's
+    /// matrices are not f32, so they already round more than that (see
+    /// `ggml::Context::attention_cpu`). An f32 model keeps f32 throughout.
+    pub bf16_attention: bool,
 }
 
-impl Attention {
+impl CpuOps {
     /// Attention of q [d, n_q, H, B] over k/v [d, n_kv, H_kv, B]; result [d, H, n_q, B].
     #[allow(clippy::too_many_arguments)]
-    pub fn forward<'c>(
+    pub fn attention<'c>(
         &self,
         ctx: &'c Context,
         q: Tensor<'_>,
@@ -24,8 +29,8 @@ impl Attention {
         scale: f32,
         softcap: f32,
     ) -> Result<Tensor<'c>> {
-        Ok(if self.cpu_kernel {
-            ctx.attention_cpu(q, k, v, mask, scale, softcap)?
+        Ok(if self.own {
+            ctx.attention_cpu(q, k, v, mask, scale, softcap, self.bf16_attention)?
         } else {
             ctx.flash_attn_ext(q, k, v, mask, scale, softcap)?
         })
@@ -33,7 +38,7 @@ impl Attention {
 
     /// The results of several sequences' attention [d, H, n_i] as one [d, H, sum n_i].
     pub fn join<'c>(&self, ctx: &'c Context, parts: &[Tensor<'c>]) -> Result<Tensor<'c>> {
-        if self.cpu_kernel {
+        if self.own {
             return Ok(ctx.join_cpu(parts, 2)?);
         }
         let (&first, rest) = parts
@@ -41,6 +46,23 @@ impl Attention {
             .ok_or_else(|| crate::Error::Invalid("an empty batch".into()))?;
         rest.iter()
             .try_fold(first, |joined, &part| Ok(ctx.concat(joined, part, 2)?))
+    }
+
+    /// GELU (tanh approximation, in f32) of `x`, times `times` if given.
+    pub fn gelu<'c>(
+        &self,
+        ctx: &'c Context,
+        x: Tensor<'_>,
+        times: Option<Tensor<'_>>,
+    ) -> Result<Tensor<'c>> {
+        if self.own {
+            return Ok(ctx.gelu_cpu(x, times)?);
+        }
+        let g = ctx.gelu_precise(x)?;
+        Ok(match times {
+            Some(y) => ctx.mul(g, y)?,
+            None => g,
+        })
     }
 }
 

@@ -4,10 +4,10 @@
 //! [`crate::decoder::DecoderWeights`], [`crate::segment::MaskDecoderWeights`]) resolved
 //! here once, so a missing tensor is a load error and a graph build looks nothing up.
 use crate::format::names::{POSITION_EMBD, TOKEN_EMBD};
-use crate::nn::{Attention, LayerNorm, Linear, RmsNorm};
+use crate::nn::{CpuOps, LayerNorm, Linear, RmsNorm};
 use crate::{Error, Result};
 use ggml::gguf::{GgufFile, TensorInfo};
-use ggml::{Backend, Buffer, Context, SharedStore, TensorRef, TensorStore, packed};
+use ggml::{Backend, Buffer, Context, SharedStore, TensorRef, TensorStore, Type, packed};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +45,7 @@ pub(crate) struct WeightNames<'a> {
 struct Weight {
     tensor: TensorRef,
     packed: bool,
+    ty: Type,
 }
 
 impl WeightStore {
@@ -161,12 +162,13 @@ impl WeightStore {
             buffer.set_weights_usage();
             buffers.push(buffer);
             let refs = store.insert(ctx);
-            for ((name, _), r) in infos.iter().zip(refs) {
+            for ((name, info), r) in infos.iter().zip(refs) {
                 by_name.insert(
                     name.clone(),
                     Weight {
                         tensor: r,
                         packed: g == packed_group,
+                        ty: info.ty,
                     },
                 );
             }
@@ -240,11 +242,13 @@ impl WeightNames<'_> {
         })
     }
 
-    /// The attention op, by the same choice as the matrices' (see `WeightOptions::repack`).
-    pub fn attention(&self) -> Attention {
-        Attention {
-            cpu_kernel: self.own_kernels,
-        }
+    /// Attention's, joins' and GELU's ops, by the same choice as the matrices' (see
+    /// `WeightOptions::repack`), for a tower whose matrices are of the type of `matrix`.
+    pub fn cpu_ops(&self, matrix: &str) -> Result<CpuOps> {
+        Ok(CpuOps {
+            own: self.own_kernels,
+            bf16_attention: self.weight(matrix)?.ty != Type::F32,
+        })
     }
 
     pub fn layer_norm(&self, prefix: &str, eps: f32) -> Result<LayerNorm> {

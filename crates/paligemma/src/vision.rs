@@ -4,7 +4,7 @@
 use crate::Result;
 use crate::config::VisionConfig;
 use crate::format::names::*;
-use crate::nn::{Attention, LayerNorm, Linear};
+use crate::nn::{CpuOps, LayerNorm, Linear};
 use crate::tensor_store::WeightNames;
 use ggml::{Context, SharedStore, Tensor, TensorRef};
 
@@ -30,7 +30,7 @@ pub(crate) struct VisionWeights {
     layers: Vec<EncoderLayer>,
     post_ln: LayerNorm,
     projector: Linear,
-    attention: Attention,
+    ops: CpuOps,
 }
 
 impl VisionWeights {
@@ -58,7 +58,7 @@ impl VisionWeights {
             layers,
             post_ln: w.layer_norm(VISION_POST_LN, eps)?,
             projector: w.linear(PROJECTOR, true)?,
-            attention: w.attention(),
+            ops: w.cpu_ops(&format!("{}.weight", vision_layer(0, V_ATTN_Q)))?,
         })
     }
 }
@@ -92,11 +92,11 @@ pub(crate) fn build<'c>(
         let q = heads_of(layer.q.forward(ctx, store, h)?)?;
         let k = heads_of(layer.k.forward(ctx, store, h)?)?;
         let v = heads_of(layer.v.forward(ctx, store, h)?)?;
-        let attn = w.attention.forward(ctx, q, k, v, None, scale, 0.0)?; // [hd, heads, n, images]
+        let attn = w.ops.attention(ctx, q, k, v, None, scale, 0.0)?; // [hd, heads, n, images]
         let attn = ctx.reshape(attn, &[d, n * images])?;
         x = ctx.add(x, layer.out.forward(ctx, store, attn)?)?;
         let h = layer.ln2.forward(ctx, store, x)?;
-        let h = ctx.gelu_precise(layer.up.forward(ctx, store, h)?)?;
+        let h = w.ops.gelu(ctx, layer.up.forward(ctx, store, h)?, None)?;
         x = ctx.add(x, layer.down.forward(ctx, store, h)?)?;
     }
     let vision = w.post_ln.forward(ctx, store, x)?;

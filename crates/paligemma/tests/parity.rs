@@ -2,6 +2,7 @@
 mod common;
 use common::*;
 use ggml::Type;
+use ggml::packed::Kernels;
 use paligemma::preprocess::PixelValues;
 use paligemma::{ContextOptions, Device, GenerateOptions, KvType, Model, WeightOptions, Weights};
 
@@ -384,7 +385,10 @@ fn batched_prompts_match_one_by_one() {
 /// another order than its in-place ones, 1e-7 of a product apart (`repacked_matmul_matches_in_place`
 /// in crates/ggml/tests/ops.rs), which these small random decoders amplify to 5.6e-2 of
 /// the logits' spread (pg2_gqa on aarch64, qemu cortex-a78ae): there the logits must
-/// agree in direction and the greedy ids exactly.
+/// agree in direction and the greedy ids exactly. So must they where our attention
+/// multiplies in bf16 (the `avx512bf16` set, for these q4_0 towers; projector 4.6e-2,
+/// logits 1.5e-1, cosine 0.99957 on pg2_gqa): `PALIGEMMA_CPU_KERNELS=avx512` keeps it in
+/// f32 and this test exact (4.4e-7 and 7.0e-7).
 #[test]
 fn repacked_weights_match_in_place() {
     if std::env::var("PALIGEMMA_TEST_DEVICE").is_ok_and(|d| d != "cpu") {
@@ -454,13 +458,13 @@ fn repacked_weights_match_in_place() {
         );
         assert_eq!(n_plain, 0);
         repacked_any |= n_repacked > 0;
-        let close = if ggml::packed::available() {
-            prefix < 1e-3
-        } else {
-            cos > 0.999
+        let close = match ggml::packed::kernels() {
+            Some(Kernels::Avx512Bf16) => vision < 1e-1 && cos > 0.999,
+            Some(_) => vision < 1e-3 && prefix < 1e-3,
+            None => vision < 1e-3 && cos > 0.999,
         };
         assert!(
-            vision < 1e-3 && close,
+            close,
             "{name}: repacked weights give other results ({vision:e}, {prefix:e}, cosine {cos})"
         );
         assert_eq!(tokens, plain_tokens, "{name}: greedy ids");
