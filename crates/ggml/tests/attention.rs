@@ -332,7 +332,7 @@ fn masks_match_the_exact_attention() {
 #[test]
 fn decoding_rows_and_other_cache_types() {
     // Decoding's one query per sequence (pairs of heads, one head, a batch of two
-    // sequences, the soft-cap) runs on the kernel with most lanes empty.
+    // sequences, the soft-cap) runs with the keys in the lanes.
     check(Case {
         n_q: 1,
         n_kv: 300,
@@ -353,6 +353,24 @@ fn decoding_rows_and_other_cache_types() {
         heads: 8,
         kv_heads: 1,
         mask: Some(|i, j| j > 68 + i),
+        ..base()
+    });
+    // Two queries of a pair of heads (four rows: keys in lanes), masked, and a head
+    // size off the vector width.
+    check(Case {
+        n_q: 2,
+        n_kv: 83,
+        softcap: 50.0,
+        mask: Some(|i, j| j > 81 + i || j % 7 == 3),
+        ..base()
+    });
+    check(Case {
+        hd: 72,
+        n_q: 1,
+        n_kv: 40,
+        heads: 3,
+        kv_heads: 3,
+        kv_type: Type::F32,
         ..base()
     });
     // A q8_0 cache goes to ggml's op, which gives the same answer.
