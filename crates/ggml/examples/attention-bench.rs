@@ -72,7 +72,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(f64::total_cmp);
-        println!("{name:>20}: {:8.1} ms (median of {reps})", times[reps / 2]);
+        println!("{name:>20}: {:9.3} ms (median of {reps})", times[reps / 2]);
     }
     Ok(())
 }

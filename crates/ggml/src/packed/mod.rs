@@ -137,7 +137,8 @@ pub enum Kernels {
     Avx512Vnni,
     /// The same with AVX-512 BF16: bf16 matrices meet activations rounded to bf16 in
     /// `vdpbf16ps`, two products per lane (as ggml and torch's bf16 do; the other sets
-    /// keep them f32, which is exact and half as fast).
+    /// keep them f32, which is exact and half as fast), and so does attention over
+    /// several queries where its caller allows (see `Context::attention_cpu`).
     Avx512Bf16,
 }
 
