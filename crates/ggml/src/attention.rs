@@ -9,31 +9,32 @@
 //! bf16 products, below: the heads that share a key/value head, times a block of
 //! queries), and each key's score for all of them is one to four vectors, computed as
 //! products of a broadcast key element with the item's queries transposed once
-//! (`[d][row]`). The online softmax (running maximum, rescale, exponentials, the
+//! (`[d][row]`). The online softmax (a reference maximum, rescales, exponentials, the
 //! soft-cap as `1 - 2 / (exp(2x) + 1)`) then works lane-wise with no horizontal sums,
-//! and the output accumulates transposed too, `out[d][row] += v[j][d] * p[j][row]`,
-//! from keys and values converted once per chunk of 32 keys for all of an item's rows.
-//! Rows of one item that a block does not fill repeat its last query and are not
-//! written.
+//! and the output accumulates transposed too, `out[d][row] += v[j][d] * p[j][row]`.
+//! Keys and values are converted once per head and thread where a head has several
+//! items, else chunk by chunk. Rows of one item that a block does not fill repeat its
+//! last query and are not written.
 //!
 //! Two precisions, by the caller's choice and the kernel set ([`packed::kernels`]):
-//! - **f32** (the `avx512` set, every single query, and callers that keep f32): FMAs on
+//! - **f32** (the `avx512` set, single queries, and callers that keep f32): FMAs on
 //!   f32, as ggml's tiled path; within a few ulp of the exact result.
-//! - **bf16 products** (asked for, the `avx512bf16` set, more than one query): `vdpbf16ps` on the
-//!   queries, keys, probabilities and values rounded to bf16, with f32 sums, the
-//!   softmax in f32 — two products per lane and instruction, as torch's bf16 attention
-//!   and ggml's (which rounds queries to f16) also round. Queries and keys pair up along
-//!   the head dimension; probabilities and values along the keys, so a chunk's values
-//!   are stored as pairs of rows interleaved. At 448 and 896 px, where SigLIP attends
-//!   over 1024 and 4096 patches in each of its 27 layers, attention is most of the
-//!   vision tower's time; this path halves its instructions.
+//! - **bf16 products** (asked for, the `avx512bf16` set, more than one query):
+//!   `vdpbf16ps` on the queries, keys, probabilities and values rounded to bf16, with
+//!   f32 sums and the softmax in f32: two products per lane and instruction, rounded as
+//!   torch's bf16 attention and ggml's (which rounds queries to f16) also round. Queries
+//!   and keys pair up along the head dimension; probabilities and values along the
+//!   keys, so values are stored as pairs of rows interleaved. At 448 and 896 px, where
+//!   SigLIP attends over 1024 and 4096 patches in each of its 27 layers, attention is
+//!   most of the vision tower's time; this path halves its instructions.
 //!
-//! Decoding's one query per sequence leaves most lanes empty (2 of 16 for a 3B model's
-//! pairs of heads), which costs little at decoding's few hundred keys: decode runs as
-//! fast as on ggml's op (18.5 against 17.5 tokens/s, 3 interleaved runs) and no longer
-//! depends on how ggml was compiled: in a portable `x86-64-v2` build, ggml's scalar f16
-//! attention took decode from 20 to 11-13 tokens/s. Key/value types other than f16 and
-//! f32 keep ggml's op.
+//! Decoding (one query of at most 4 heads per item) would leave most lanes empty in
+//! that layout (14 of 16 for a 3B model's pairs of heads: 4.0 ms per layer at 4100
+//! keys against ggml's 1.0-1.1), so such items put the keys in the lanes instead
+//! (`Job::few_rows`): 1.0-1.5 ms there, 0.041 ms against ggml's 0.085 at 300
+//! keys. Ours also does not depend on how ggml was compiled: in a portable `x86-64-v2`
+//! build, ggml's scalar f16 attention took decode from 20 to 11-13 tokens/s. Key/value
+//! types other than f16 and f32 keep ggml's op.
 use crate::error::shape;
 use crate::packed::Kernels;
 use crate::{Context, Result, Tensor, Type, packed};
@@ -217,6 +218,7 @@ mod kernels {
                 scale,
                 cap,
             };
+            // An item's sequence, key/value head and first query.
             let work = |item: usize| {
                 (
                     item / (kv_heads * blocks),
@@ -225,21 +227,16 @@ mod kernels {
                 )
             };
             match group * block {
-                rows if rows <= P::FEW_ROWS => {
-                    return match rows {
-                        1 => job.few_rows::<1>(ith, nth, items, work),
-                        2 => job.few_rows::<2>(ith, nth, items, work),
-                        3 => job.few_rows::<3>(ith, nth, items, work),
-                        _ => job.few_rows::<4>(ith, nth, items, work),
-                    };
-                }
-                _ => {}
-            }
-            match (group * block).div_ceil(16) {
-                1 => job.run::<1, P>(ith, nth, items, blocks),
-                2 => job.run::<2, P>(ith, nth, items, blocks),
-                3 => job.run::<3, P>(ith, nth, items, blocks),
-                _ => job.run::<4, P>(ith, nth, items, blocks),
+                1 if P::FEW_ROWS >= 1 => job.few_rows::<1>(ith, nth, items, work),
+                2 if P::FEW_ROWS >= 2 => job.few_rows::<2>(ith, nth, items, work),
+                3 if P::FEW_ROWS >= 3 => job.few_rows::<3>(ith, nth, items, work),
+                4 if P::FEW_ROWS >= 4 => job.few_rows::<4>(ith, nth, items, work),
+                rows => match rows.div_ceil(16) {
+                    1 => job.run::<1, P>(ith, nth, items, work),
+                    2 => job.run::<2, P>(ith, nth, items, work),
+                    3 => job.run::<3, P>(ith, nth, items, work),
+                    _ => job.run::<4, P>(ith, nth, items, work),
+                },
             }
         }
     }
@@ -328,7 +325,7 @@ mod kernels {
         const LANES: usize;
         /// Key or value elements per 32-bit word of the scratch.
         const PACK: usize;
-        /// Items of at most this many rows take [`Job::few_rows`] instead (keys in lanes).
+        /// Items of at most this many rows take `Job::few_rows` instead (keys in lanes).
         const FEW_ROWS: usize;
         /// Lane `r` of the transposed queries `qt` (`w` lanes) from a row of `hd` f32
         /// times `factor`.
@@ -663,7 +660,7 @@ mod kernels {
             ith: usize,
             nth: usize,
             items: usize,
-            blocks: usize,
+            work: impl Fn(usize) -> (usize, usize, usize),
         ) {
             let hd = self.k.ne[0] as usize;
             let n_kv = self.k.ne[1] as usize;
@@ -683,18 +680,11 @@ mod kernels {
                     // SAFETY: inside `scratch`.
                     at = unsafe { at.add(n) };
                 }
-                let kv_heads = self.k.ne[2] as usize;
                 // The head whose keys and values the scratch holds: a thread's items of one
                 // head follow each other, so each thread converts each head once.
                 let mut loaded = None;
-                let mut item = ith;
-                while item < items {
-                    let (b, kvh, qb) = (
-                        item / (kv_heads * blocks),
-                        item / blocks % kv_heads,
-                        item % blocks,
-                    );
-                    let first = qb * self.block;
+                for item in (ith..items).step_by(nth) {
+                    let (b, kvh, first) = work(item);
                     let load = loaded != Some((b, kvh));
                     loaded = Some((b, kvh));
                     // SAFETY: indices inside the tensors; scratch sized above; the bf16
@@ -706,7 +696,6 @@ mod kernels {
                             self.item_f32::<V, P>(b, kvh, first, load, parts)
                         }
                     }
-                    item += nth;
                 }
             });
         }
