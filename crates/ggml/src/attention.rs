@@ -140,7 +140,7 @@ impl Context {
 
 #[cfg(target_arch = "x86_64")]
 mod kernels {
-    use crate::simd::{exp, lanes};
+    use crate::simd::{exp, lanes, load16, row_bf16};
     use crate::{Context, sys};
     use std::arch::x86_64::*;
     use std::cell::RefCell;
@@ -237,21 +237,6 @@ mod kernels {
                     3 => job.run::<3, P>(ith, nth, items, work),
                     _ => job.run::<4, P>(ith, nth, items, work),
                 },
-            }
-        }
-    }
-
-    /// Elements `at..at + count` (count <= 16) of an f16 or f32 row as f32, the rest 0.
-    #[inline(always)]
-    unsafe fn load16(src: *const u8, f16: bool, at: usize, count: usize) -> __m512 {
-        // SAFETY: the row holds `at + count` elements; the masked lanes are not read.
-        unsafe {
-            if f16 {
-                let bits =
-                    _mm512_maskz_loadu_epi16(lanes(count) as u32, src.add(2 * at) as *const i16);
-                _mm512_cvtph_ps(_mm512_castsi512_si256(bits))
-            } else {
-                _mm512_maskz_loadu_ps(lanes(count), src.add(4 * at) as *const f32)
             }
         }
     }
@@ -534,19 +519,8 @@ mod kernels {
 
         #[inline(always)]
         unsafe fn key(src: *const u8, f16: bool, hd: usize, j: usize, keys: *mut f32) {
-            let row = (keys as *mut u16).wrapping_add(j * hd);
-            // SAFETY: `keys` holds a row of `hd` bf16 for every key; masked lanes are not written.
-            unsafe {
-                for at in (0..hd).step_by(16) {
-                    let count = (hd - at).min(16);
-                    let b = _mm512_cvtneps_pbh(load16(src, f16, at, count));
-                    _mm512_mask_storeu_epi16(
-                        row.add(at) as *mut i16,
-                        lanes(count) as u32,
-                        _mm512_castsi256_si512(std::mem::transmute::<__m256bh, __m256i>(b)),
-                    );
-                }
-            }
+            // SAFETY: `keys` holds a row of `hd` bf16 for every key.
+            unsafe { row_bf16(src, f16, hd, (keys as *mut u16).add(j * hd)) }
         }
 
         #[inline(always)]
@@ -812,11 +786,7 @@ mod kernels {
                 self.k.type_ == sys::GGML_TYPE_F16,
                 self.v.type_ == sys::GGML_TYPE_F16,
             );
-            let factor = if self.cap != 0.0 {
-                self.scale / self.cap
-            } else {
-                self.scale
-            };
+            let factor = self.query_factor();
             let parts = hd.div_ceil(16);
             // SAFETY: as `few_rows` promises; masked lanes are neither read nor written.
             unsafe {
@@ -920,6 +890,16 @@ mod kernels {
             }
         }
 
+        /// What the queries are multiplied by: the scale, and 1 / cap where a soft-cap
+        /// applies (to q.k * scale, as `cap * tanh(x / cap)`).
+        fn query_factor(&self) -> f32 {
+            if self.cap != 0.0 {
+                self.scale / self.cap
+            } else {
+                self.scale
+            }
+        }
+
         /// Lane `r`'s head and query.
         fn lane(&self, kvh: usize, first: usize, r: usize) -> (usize, usize) {
             let n_q = self.q.ne[1] as usize;
@@ -947,12 +927,8 @@ mod kernels {
             let queries = self.block.min(n_q - first);
             // SAFETY: as `run` promises.
             unsafe {
-                // The queries, transposed and scaled (by 1 / cap too: the cap applies to q.k * scale).
-                let factor = if self.cap != 0.0 {
-                    self.scale / self.cap
-                } else {
-                    self.scale
-                };
+                // The queries, transposed and scaled.
+                let factor = self.query_factor();
                 for r in 0..w {
                     let (h, i) = self.lane(kvh, first, r);
                     let row = Context::row_start(self.q, i, h, b) as *const f32;
@@ -1113,9 +1089,7 @@ mod kernels {
                     let (_, i) = self.lane(kvh, first, r);
                     let bits = Context::row_start(mk, i, 0, 0) as *const u16;
                     for j in 0..n {
-                        *maskt.add(j * w + r) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                            *bits.add(j0 + j) as i32,
-                        )));
+                        *maskt.add(j * w + r) = half_to_f32(*bits.add(j0 + j));
                     }
                 }
             }

@@ -526,8 +526,13 @@ impl Context {
     /// too coarse to match a reference to 1e-4; and its `tanh` is scalar libm. So it is
     /// written with ggml's vectorised SiLU: `0.5 (1 + tanh(u)) = sigmoid(2u)` and
     /// `x sigmoid(2u) = silu(2u) / d` with `d = 2u / x = 2 sqrt(2/pi) (1 + 0.044715 x^2)`,
-    /// which is never below 1.59, so the division is safe for every x.
-    pub fn gelu_precise<'s>(&'s self, x: Tensor<'_>) -> Result<Tensor<'s>> {
+    /// which is never below 1.59, so the division is safe for every x. Times `times`
+    /// (same shape) if given: Gemma's gated MLP.
+    pub fn gelu_precise<'s>(
+        &'s self,
+        x: Tensor<'_>,
+        times: Option<Tensor<'_>>,
+    ) -> Result<Tensor<'s>> {
         const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
         let x2 = self.sqr(x)?;
         self.room()?;
@@ -541,7 +546,11 @@ impl Context {
             )
         })?;
         let two_u = self.mul(x, d)?;
-        self.div(self.silu(two_u)?, d)
+        let g = self.div(self.silu(two_u)?, d)?;
+        match times {
+            Some(y) => self.mul(g, y),
+            None => Ok(g),
+        }
     }
 
     pub fn sqr<'s>(&'s self, a: Tensor<'_>) -> Result<Tensor<'s>> {

@@ -12,9 +12,9 @@ use crate::packed::{self, Kernels};
 use crate::{Context, Result, Tensor, Type};
 
 impl Context {
-    /// `gelu_precise(x)`, times `times` (same shape) if given, as one op on the CPUs our
-    /// AVX-512 kernels run on (see [`packed::kernels`]); elsewhere, or for tensors that
-    /// are not contiguous f32, ggml's ops. Only for graphs that run on the CPU.
+    /// `gelu_precise(x, times)` as one op on the CPUs our AVX-512 kernels run on (see
+    /// [`packed::kernels`]); elsewhere, or for tensors that are not contiguous f32,
+    /// ggml's ops. Only for graphs that run on the CPU.
     pub fn gelu_cpu<'s>(&'s self, x: Tensor<'_>, times: Option<Tensor<'_>>) -> Result<Tensor<'s>> {
         let fits = |t: Tensor<'_>| t.ty() == Type::F32 && t.is_contiguous() && t.ne() == x.ne();
         if packed::kernels() >= Some(Kernels::Avx512Vnni) && fits(x) && times.is_none_or(fits) {
@@ -22,11 +22,7 @@ impl Context {
             args.extend(times);
             return self.custom(Type::F32, x.ne(), &args, kernel::gelu, 0);
         }
-        let g = self.gelu_precise(x)?;
-        match times {
-            Some(y) => self.mul(g, y),
-            None => Ok(g),
-        }
+        self.gelu_precise(x, times)
     }
 }
 

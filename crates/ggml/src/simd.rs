@@ -11,6 +11,40 @@ pub(crate) fn lanes(count: usize) -> u16 {
     }
 }
 
+/// Elements `at..at + count` (count <= 16) of an f16 or f32 row as f32, the rest 0.
+#[inline(always)]
+pub(crate) unsafe fn load16(src: *const u8, f16: bool, at: usize, count: usize) -> __m512 {
+    // SAFETY: the row holds `at + count` elements; the masked lanes are not read (the
+    // caller enables AVX-512 F/BW and F16C).
+    unsafe {
+        if f16 {
+            let bits = _mm512_maskz_loadu_epi16(lanes(count) as u32, src.add(2 * at) as *const i16);
+            _mm512_cvtph_ps(_mm512_castsi512_si256(bits))
+        } else {
+            _mm512_maskz_loadu_ps(lanes(count), src.add(4 * at) as *const f32)
+        }
+    }
+}
+
+/// A row of `k` f16 or f32 elements rounded to bf16 (to nearest even, `vcvtneps2bf16`),
+/// 16 at a time.
+#[inline(always)]
+pub(crate) unsafe fn row_bf16(src: *const u8, f16: bool, k: usize, dst: *mut u16) {
+    // SAFETY: `src` holds `k` elements, `dst` room for `k` bf16; masked lanes are neither
+    // read nor written (the caller enables AVX-512 F/BW, F16C and BF16).
+    unsafe {
+        for at in (0..k).step_by(16) {
+            let count = (k - at).min(16);
+            let b = _mm512_cvtneps_pbh(load16(src, f16, at, count));
+            _mm512_mask_storeu_epi16(
+                dst.add(at) as *mut i16,
+                lanes(count) as u32,
+                _mm512_castsi256_si512(std::mem::transmute::<__m256bh, __m256i>(b)),
+            );
+        }
+    }
+}
+
 /// `exp(x)` lane-wise to about 1 ulp: `2^n exp(r)` with `|r| <= ln 2 / 2` and a degree-7
 /// Taylor polynomial. Lanes at or below -103 give exactly 0 (masked attention scores);
 /// at or above 88.7, `exp(88.7)` (finite).

@@ -81,8 +81,7 @@ fn vals(c: &Case) -> Vec<f32> {
 
 /// `x` rounded to bf16 (to nearest, ties to even).
 fn bf16(x: f32) -> f32 {
-    let b = x.to_bits();
-    f32::from_bits(b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
+    half::bf16::from_f32(x).to_f32()
 }
 
 /// The exact result [hd, heads, n_q, batch] on the stored (rounded) keys and values; with

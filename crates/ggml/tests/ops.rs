@@ -239,36 +239,35 @@ fn assert_gelu(x: &[f32], got: &[f32], times: &[f32]) {
     }
 }
 
+/// `gelu` alone and times a gate against the formula.
+fn check_gelu(gelu: for<'c> fn(&'c Context, Tensor<'c>, Option<Tensor<'c>>) -> Result<Tensor<'c>>) {
+    let x = gelu_inputs();
+    let y: Vec<f32> = values(x.len(), 12).iter().map(|v| v * 3.0).collect();
+    for gated in [false, true] {
+        let ctx = Context::new(16, 256).unwrap();
+        let got = run(&ctx, |ctx, ins| {
+            let tx = input(ctx, ins, "x", &[x.len()], &x)?;
+            let ty = if gated {
+                Some(input(ctx, ins, "y", &[x.len()], &y)?)
+            } else {
+                None
+            };
+            gelu(ctx, tx, ty)
+        });
+        let times = if gated { y.clone() } else { vec![1.0; x.len()] };
+        assert_gelu(&x, &got, &times);
+    }
+}
+
 #[test]
 fn gelu_precise_matches_formula() {
-    let x = gelu_inputs();
-    let ctx = Context::new(16, 256).unwrap();
-    let got = run(&ctx, |ctx, ins| {
-        let tx = input(ctx, ins, "x", &[x.len()], &x)?;
-        ctx.gelu_precise(tx)
-    });
-    assert_gelu(&x, &got, &vec![1.0; x.len()]);
+    check_gelu(|ctx, x, times| ctx.gelu_precise(x, times));
 }
 
 #[test]
 fn gelu_in_one_pass_matches_formula() {
-    // Our op on AVX-512 CPUs (ggml's ops elsewhere), alone and times a gate, over
-    // several threads' shares.
-    let x = gelu_inputs();
-    let y: Vec<f32> = values(x.len(), 12).iter().map(|v| v * 3.0).collect();
-    let ctx = Context::new(16, 256).unwrap();
-    let got = run(&ctx, |ctx, ins| {
-        let tx = input(ctx, ins, "x", &[x.len()], &x)?;
-        ctx.gelu_cpu(tx, None)
-    });
-    assert_gelu(&x, &got, &vec![1.0; x.len()]);
-    let ctx = Context::new(16, 256).unwrap();
-    let got = run(&ctx, |ctx, ins| {
-        let tx = input(ctx, ins, "x", &[x.len()], &x)?;
-        let ty = input(ctx, ins, "y", &[x.len()], &y)?;
-        ctx.gelu_cpu(tx, Some(ty))
-    });
-    assert_gelu(&x, &got, &y);
+    // Our op on AVX-512 CPUs (ggml's ops elsewhere), over several threads' shares.
+    check_gelu(|ctx, x, times| ctx.gelu_cpu(x, times));
 }
 
 #[test]

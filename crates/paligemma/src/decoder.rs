@@ -88,7 +88,7 @@ impl DecoderWeights {
             },
             layers,
             output_norm: w.rms_norm(OUTPUT_NORM, eps)?,
-            ops: w.cpu_ops(&format!("{}.weight", text_layer(0, T_ATTN_Q)))?,
+            ops: w.cpu_ops(&text_layer(0, T_ATTN_Q))?,
         })
     }
 }

@@ -55,13 +55,10 @@ impl CpuOps {
         x: Tensor<'_>,
         times: Option<Tensor<'_>>,
     ) -> Result<Tensor<'c>> {
-        if self.own {
-            return Ok(ctx.gelu_cpu(x, times)?);
-        }
-        let g = ctx.gelu_precise(x)?;
-        Ok(match times {
-            Some(y) => ctx.mul(g, y)?,
-            None => g,
+        Ok(if self.own {
+            ctx.gelu_cpu(x, times)?
+        } else {
+            ctx.gelu_precise(x, times)?
         })
     }
 }

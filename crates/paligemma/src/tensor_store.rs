@@ -243,11 +243,12 @@ impl WeightNames<'_> {
     }
 
     /// Attention's, joins' and GELU's ops, by the same choice as the matrices' (see
-    /// `WeightOptions::repack`), for a tower whose matrices are of the type of `matrix`.
-    pub fn cpu_ops(&self, matrix: &str) -> Result<CpuOps> {
+    /// `WeightOptions::repack`), for a tower whose matrices are of the type of
+    /// `{prefix}.weight`.
+    pub fn cpu_ops(&self, prefix: &str) -> Result<CpuOps> {
         Ok(CpuOps {
             own: self.own_kernels,
-            bf16_attention: self.weight(matrix)?.ty != Type::F32,
+            bf16_attention: self.weight(&format!("{prefix}.weight"))?.ty != Type::F32,
         })
     }
 

@@ -58,7 +58,7 @@ impl VisionWeights {
             layers,
             post_ln: w.layer_norm(VISION_POST_LN, eps)?,
             projector: w.linear(PROJECTOR, true)?,
-            ops: w.cpu_ops(&format!("{}.weight", vision_layer(0, V_ATTN_Q)))?,
+            ops: w.cpu_ops(&vision_layer(0, V_ATTN_Q))?,
         })
     }
 }

@@ -33,28 +33,10 @@ pub unsafe extern "C" fn round_rows_bf16(
 ///
 /// # Safety
 /// `src` holds `k` floats, `dst` room for `k` bf16; the CPU has AVX-512 BF16.
-#[target_feature(enable = "avx512f,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,f16c,avx512bf16")]
 unsafe fn round_row_bf16(src: *const f32, dst: *mut u8, k: usize) {
     // SAFETY: as the caller promises.
-    unsafe {
-        let whole = k / 16 * 16;
-        for i in (0..whole).step_by(16) {
-            let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(i)));
-            _mm256_storeu_si256(
-                dst.add(2 * i) as *mut __m256i,
-                std::mem::transmute::<__m256bh, __m256i>(v),
-            );
-        }
-        if whole < k {
-            let mask: __mmask16 = (1 << (k - whole)) - 1;
-            let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src.add(whole)));
-            _mm256_mask_storeu_epi16(
-                dst.add(2 * whole) as *mut i16,
-                mask,
-                std::mem::transmute::<__m256bh, __m256i>(v),
-            );
-        }
-    }
+    unsafe { crate::simd::row_bf16(src as *const u8, false, k, dst as *mut u16) }
 }
 
 /// bf16 weights by pairs of inputs times activations rounded to bf16: per pair, one
